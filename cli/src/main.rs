@@ -1,0 +1,104 @@
+//! `mycelctl`, the command line of Mycel. It owns user-facing commands (install, check, inspect)
+//! and the developer commands under `dev` that drive the local cluster harness of `mycel-e2e`.
+//! It must not hold logic the operator or proxy need: those live in their own crates.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mycel_e2e::local::LocalCluster;
+
+#[derive(Parser)]
+#[command(
+    name = "mycelctl",
+    version,
+    about = "Install, inspect and develop the Mycel service mesh"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Developer tools: the local Kubernetes cluster used by the demo and the tests.
+    Dev {
+        #[command(subcommand)]
+        command: DevCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevCmd {
+    /// The local cluster: real etcd, kube-apiserver, controller-manager, scheduler and a kwok node.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Start the cluster (or reuse the running one) and print how to reach it.
+    Up,
+    /// Stop the cluster and remove its state.
+    Down,
+    /// Print `export KUBECONFIG=…` and `PATH` lines for a running cluster (use with `eval`).
+    Env,
+    /// Say whether the cluster is running.
+    Status,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mycelctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let state = LocalCluster::default_state_dir();
+    match cli.command {
+        Cmd::Dev {
+            command: DevCmd::Cluster { command },
+        } => match command {
+            ClusterCmd::Up => {
+                let c = LocalCluster::ensure_up(&state).context("starting the local cluster")?;
+                println!("local cluster is up");
+                print_env(&c);
+            }
+            ClusterCmd::Down => {
+                LocalCluster::down(&state).context("stopping the local cluster")?;
+                println!(
+                    "local cluster stopped and its state removed ({})",
+                    state.display()
+                );
+            }
+            ClusterCmd::Env => {
+                let c = LocalCluster::running(&state).with_context(|| {
+                    format!("no local cluster is running in {}; start one with `mycelctl dev cluster up`", state.display())
+                })?;
+                print_env(&c);
+            }
+            ClusterCmd::Status => match LocalCluster::running(&state) {
+                Some(c) => println!(
+                    "running: API server https://127.0.0.1:{}, kubeconfig {}",
+                    c.info.api_port,
+                    c.kubeconfig().display()
+                ),
+                None => {
+                    println!("not running (state directory {})", state.display());
+                }
+            },
+        },
+    }
+    Ok(())
+}
+
+fn print_env(c: &LocalCluster) {
+    println!("export KUBECONFIG={}", c.kubeconfig().display());
+    println!("export PATH={}:$PATH", c.bin_dir().display());
+}

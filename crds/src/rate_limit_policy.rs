@@ -1,0 +1,104 @@
+//! `RateLimitPolicy`: request-rate limits and longer-window quotas on the selected workloads'
+//! inbound traffic, counted per proxy by token bucket, per a key (global, client IP, principal,
+//! or a header value).
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    common::{PolicyStatus, WorkloadSelector},
+    traffic_route::HttpMatch,
+};
+
+/// Limits how many requests the selected workloads accept.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "mycel.io",
+    version = "v1alpha1",
+    kind = "RateLimitPolicy",
+    namespaced,
+    status = "PolicyStatus",
+    shortname = "rlp",
+    category = "mycel",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitPolicySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    /// Every limit whose match applies is checked; the request is refused if any is exhausted.
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(validation = Rule::new("self.all(l, self.exists_one(m, m.name == l.name))")
+        .message("limit names must be unique"))]
+    pub limits: Vec<RateLimit>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.burst) || self.burst >= self.requests")
+    .message("burst must be at least requests").field_path(".burst"))]
+pub struct RateLimit {
+    /// Shown in metrics and in the `x-mycel-ratelimit` response header.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// Requests allowed per `unit` (a `day` unit makes it a daily quota).
+    #[schemars(range(min = 1, max = 1_000_000_000))]
+    pub requests: i64,
+    pub unit: RateUnit,
+    /// Bucket size: requests allowed in a burst (default: `requests`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000_000))]
+    pub burst: Option<i64>,
+    /// What is counted separately; one shared bucket if unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<LimitKey>,
+    /// Only requests matching this are counted; all if unset.
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub matches: Option<HttpMatch>,
+    /// HTTP status of refused requests (default 429).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 400, max = 599))]
+    pub status: Option<i32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RateUnit {
+    #[default]
+    Second,
+    Minute,
+    Hour,
+    Day,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.type == 'Header' ? has(self.header) : !has(self.header)")
+    .message("header is required when type is Header, and allowed only then")
+    .field_path(".header"))]
+pub struct LimitKey {
+    #[serde(rename = "type")]
+    pub kind: LimitKeyType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub header: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum LimitKeyType {
+    /// One bucket for all clients.
+    #[default]
+    Global,
+    /// One bucket per client IP.
+    SourceIP,
+    /// One bucket per peer identity (mTLS).
+    SourcePrincipal,
+    /// One bucket per value of a request header.
+    Header,
+}

@@ -1,0 +1,224 @@
+//! The local Kubernetes harness and helpers for Mycel's end-to-end tests.
+//!
+//! [`local::LocalCluster`] assembles a real cluster from real parts (etcd, kube-apiserver,
+//! kube-controller-manager, kube-scheduler, kwok) built from their Go modules and cached.
+//! [`TestCluster`] is what a test holds: the shared local cluster, or any existing cluster named
+//! by `MYCEL_E2E_KUBECONFIG` (kind, a cloud cluster), so one suite runs against either. This crate
+//! must not contain product logic: it only starts, reaches and inspects clusters.
+
+pub mod binaries;
+pub mod local;
+pub mod pki;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Client, Config,
+    api::{DeleteParams, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+
+/// Errors of the harness.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("certificate generation failed: {0}")]
+    Pki(String),
+    #[error("{0}")]
+    Command(String),
+    #[error("timed out waiting for {0}")]
+    Timeout(String),
+    #[error("JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("kubeconfig {path}: {message}")]
+    Kubeconfig { path: String, message: String },
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl Error {
+    /// Maps an I/O error to one that names the path it concerned.
+    pub fn io(path: impl AsRef<Path>) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.as_ref().display().to_string();
+        move |source| Error::Io { path, source }
+    }
+}
+
+/// A cluster for tests: the shared local cluster, or an existing one.
+#[derive(Clone, Debug)]
+pub struct TestCluster {
+    kubeconfig: PathBuf,
+    kubectl: PathBuf,
+    local: Option<local::LocalCluster>,
+}
+
+impl TestCluster {
+    /// The cluster named by `MYCEL_E2E_KUBECONFIG` if set, else the shared local cluster
+    /// (started on first use, reused after).
+    pub async fn shared() -> Result<TestCluster, Error> {
+        if let Some(path) = std::env::var_os("MYCEL_E2E_KUBECONFIG") {
+            return Ok(TestCluster {
+                kubeconfig: path.into(),
+                kubectl: "kubectl".into(),
+                local: None,
+            });
+        }
+        let state = local::LocalCluster::default_state_dir();
+        let c = tokio::task::spawn_blocking(move || local::LocalCluster::ensure_up(&state))
+            .await
+            .map_err(|e| Error::Command(format!("cluster start panicked: {e}")))??;
+        Ok(TestCluster {
+            kubeconfig: c.kubeconfig(),
+            kubectl: c.bin_dir().join("kubectl"),
+            local: Some(c),
+        })
+    }
+
+    /// The local cluster behind this handle, if it is one.
+    pub fn local(&self) -> Option<&local::LocalCluster> {
+        self.local.as_ref()
+    }
+
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// A new client (one per test: clients hold connections tied to the test's runtime).
+    pub async fn client(&self) -> Result<Client, Error> {
+        let kc = Kubeconfig::read_from(&self.kubeconfig).map_err(|e| Error::Kubeconfig {
+            path: self.kubeconfig.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| Error::Kubeconfig {
+                path: self.kubeconfig.display().to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(Client::try_from(config)?)
+    }
+
+    /// `kubectl --kubeconfig <this cluster>`.
+    pub fn kubectl(&self) -> Command {
+        let mut c = Command::new(&self.kubectl);
+        c.arg("--kubeconfig").arg(&self.kubeconfig);
+        c
+    }
+
+    /// Creates a namespace with a unique name starting with `prefix`.
+    pub async fn namespace(&self, prefix: &str) -> Result<TestNamespace, Error> {
+        let client = self.client().await?;
+        let name = format!("{prefix}-{}", unique_suffix());
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name, "labels": { "mycel.io/e2e": "true" } }
+        }))?;
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await?;
+        Ok(TestNamespace { name, client })
+    }
+}
+
+/// A namespace owned by one test; [`TestNamespace::delete`] removes it (left for inspection if
+/// the test fails before).
+pub struct TestNamespace {
+    pub name: String,
+    client: Client,
+}
+
+impl TestNamespace {
+    pub async fn delete(self) -> Result<(), Error> {
+        Api::<Namespace>::all(self.client)
+            .delete(&self.name, &DeleteParams::background())
+            .await?;
+        Ok(())
+    }
+}
+
+fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{:x}{:x}{}",
+        std::process::id() % 4096,
+        nanos % 65536,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl TestCluster {
+    /// Runs kubectl with `args` (and `stdin`, if given); returns stdout, or an error carrying
+    /// stderr when kubectl fails.
+    pub fn kubectl_run(&self, args: &[&str], stdin: Option<&str>) -> Result<String, Error> {
+        use std::io::Write;
+        use std::process::Stdio;
+        let mut child = self
+            .kubectl()
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(Error::io(&self.kubectl))?;
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(input.as_bytes())
+                .map_err(Error::io("kubectl stdin"))?;
+        }
+        let out = child.wait_with_output().map_err(Error::io(&self.kubectl))?;
+        if !out.status.success() {
+            return Err(Error::Command(format!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The repository root (for `config/…` paths).
+    pub fn repo_root() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    }
+
+    /// Applies `config/crd` (server-side, idempotent) and waits until every CRD is Established.
+    pub fn install_crds(&self) -> Result<(), Error> {
+        let dir = Self::repo_root().join("config/crd");
+        let dir = dir.display().to_string();
+        self.kubectl_run(
+            &[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager=mycel-e2e",
+                "-k",
+                &dir,
+            ],
+            None,
+        )?;
+        let names: Vec<String> = mycel_crds::all_crds()
+            .into_iter()
+            .filter_map(|c| c.metadata.name)
+            .map(|n| format!("crd/{n}"))
+            .collect();
+        let mut args = vec!["wait", "--for=condition=Established", "--timeout=60s"];
+        args.extend(names.iter().map(String::as_str));
+        self.kubectl_run(&args, None)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,274 @@
+//! The local cluster harness itself: real components at the real version, pods scheduled and
+//! Running on the kwok node, Deployments Available, service-account tokens that TokenReview
+//! accepts, the whole install rendering and validating, and clean restarts after a crash.
+
+use std::time::Duration;
+
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    authentication::v1::TokenReview,
+    core::v1::{Pod, ServiceAccount},
+};
+use kube::{
+    Api,
+    api::{ListParams, PostParams},
+    runtime::wait::await_condition,
+};
+use mycel_e2e::{TestCluster, local::LocalCluster};
+
+#[tokio::test]
+async fn components_report_the_version_they_were_built_from() {
+    let c = TestCluster::shared().await.unwrap();
+    let v = c.client().await.unwrap().apiserver_version().await.unwrap();
+    if c.local().is_some() {
+        assert_eq!(
+            v.git_version, "v1.34.4",
+            "kube-apiserver reports its module version"
+        );
+    }
+    let nodes = c
+        .kubectl_run(&["get", "nodes", "-o", "wide"], None)
+        .unwrap();
+    assert!(nodes.contains("Ready"), "{nodes}");
+}
+
+#[tokio::test]
+async fn deployments_become_available_with_running_pods() {
+    let c = TestCluster::shared().await.unwrap();
+    let ns = c.namespace("deploy").await.unwrap();
+    let client = c.client().await.unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let d: Deployment = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "echo" },
+        "spec": {
+            "replicas": 3,
+            "selector": { "matchLabels": { "app": "echo" } },
+            "template": {
+                "metadata": { "labels": { "app": "echo" } },
+                "spec": {
+                    "nodeSelector": { "type": "kwok" },
+                    "containers": [{ "name": "echo", "image": "docker.io/mycel/echo:test" }]
+                }
+            }
+        }
+    }))
+    .unwrap();
+    deployments
+        .create(&PostParams::default(), &d)
+        .await
+        .unwrap();
+    let available = |obj: Option<&Deployment>| {
+        obj.and_then(|d| d.status.as_ref())
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c.type_ == "Available" && c.status == "True")
+            })
+            && obj
+                .and_then(|d| d.status.as_ref())
+                .and_then(|s| s.available_replicas)
+                == Some(3)
+    };
+    tokio::time::timeout(
+        Duration::from_secs(90),
+        await_condition(deployments.clone(), "echo", available),
+    )
+    .await
+    .expect("Deployment Available within 90s")
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client, &ns.name);
+    let list = pods
+        .list(&ListParams::default().labels("app=echo"))
+        .await
+        .unwrap();
+    assert_eq!(list.items.len(), 3);
+    for p in &list.items {
+        let status = p.status.as_ref().unwrap();
+        assert_eq!(status.phase.as_deref(), Some("Running"));
+        assert!(status.pod_ip.is_some(), "pod has an IP");
+        assert!(
+            p.spec.as_ref().unwrap().node_name.is_some(),
+            "pod scheduled"
+        );
+    }
+    ns.delete().await.unwrap();
+}
+
+#[tokio::test]
+async fn service_account_tokens_pass_token_review() {
+    let c = TestCluster::shared().await.unwrap();
+    let ns = c.namespace("tokens").await.unwrap();
+    let client = c.client().await.unwrap();
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns.name);
+    let sa: ServiceAccount =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "app"}})).unwrap();
+    sas.create(&PostParams::default(), &sa).await.unwrap();
+    let token = c
+        .kubectl_run(
+            &[
+                "create",
+                "token",
+                "app",
+                "-n",
+                &ns.name,
+                "--audience=mycel-test",
+            ],
+            None,
+        )
+        .unwrap();
+    let review = |token: String| -> TokenReview {
+        serde_json::from_value(serde_json::json!({
+            "spec": { "token": token.trim(), "audiences": ["mycel-test"] }
+        }))
+        .unwrap()
+    };
+    let reviews: Api<TokenReview> = Api::all(client);
+    let ok = reviews
+        .create(&PostParams::default(), &review(token.clone()))
+        .await
+        .unwrap();
+    let status = ok.status.unwrap();
+    assert_eq!(status.authenticated, Some(true), "{status:?}");
+    assert_eq!(
+        status.user.unwrap().username.as_deref(),
+        Some(format!("system:serviceaccount:{}:app", ns.name).as_str())
+    );
+    // A token whose signature was tampered with is not accepted.
+    let mut forged = token.trim().to_string();
+    forged.pop();
+    forged.push(if token.trim().ends_with('A') {
+        'B'
+    } else {
+        'A'
+    });
+    let bad = reviews
+        .create(&PostParams::default(), &review(forged))
+        .await
+        .unwrap();
+    assert_ne!(bad.status.unwrap().authenticated, Some(true));
+    ns.delete().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_whole_install_applies_and_the_operator_deployment_becomes_available() {
+    let c = TestCluster::shared().await.unwrap();
+    c.install_crds().unwrap();
+    let dir = TestCluster::repo_root()
+        .join("config/default")
+        .display()
+        .to_string();
+    let rendered = c.kubectl_run(&["kustomize", &dir], None).unwrap();
+    for kind in [
+        "CustomResourceDefinition",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ServiceAccount",
+        "Deployment",
+        "Namespace",
+    ] {
+        assert!(
+            rendered.contains(&format!("kind: {kind}\n")),
+            "config/default lacks a {kind}"
+        );
+    }
+    // The whole install applies as a user (or Argo CD / Flux) would apply it, and the operator's
+    // Deployment is scheduled and becomes Available (on the kwok node).
+    let out = c
+        .kubectl_run(
+            &["apply", "--server-side", "--force-conflicts", "-k", &dir],
+            None,
+        )
+        .unwrap();
+    assert!(
+        out.contains("deployment.apps/mycel-operator serverside-applied"),
+        "{out}"
+    );
+    c.kubectl_run(
+        &[
+            "wait",
+            "-n",
+            "mycel-system",
+            "--for=condition=Available",
+            "--timeout=90s",
+            "deployment/mycel-operator",
+        ],
+        None,
+    )
+    .unwrap();
+    // Remove what this test installed except the CRDs, which other tests share.
+    for sub in ["config/operator", "config/rbac"] {
+        let d = TestCluster::repo_root().join(sub).display().to_string();
+        c.kubectl_run(
+            &["delete", "--ignore-not-found", "--wait=false", "-k", &d],
+            None,
+        )
+        .unwrap();
+    }
+}
+
+/// A start after a crash (here: the API server killed) stops the leftovers and comes up clean;
+/// `down` leaves no process and no state behind.
+#[tokio::test]
+async fn a_crashed_cluster_is_replaced_and_down_leaves_nothing() {
+    if TestCluster::shared().await.unwrap().local().is_none() {
+        return; // only meaningful for the local harness
+    }
+    let dir = std::env::temp_dir().join(format!("mycel-crash-test-{}", std::process::id()));
+    let d = dir.clone();
+    let first = tokio::task::spawn_blocking(move || LocalCluster::ensure_up(&d))
+        .await
+        .unwrap()
+        .unwrap();
+    let pids_of = |dir: &std::path::Path| -> Vec<i32> {
+        std::fs::read_to_string(dir.join("pids"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once(' ')?.1.trim().parse().ok())
+            .collect()
+    };
+    let before = pids_of(&dir);
+    assert_eq!(
+        before.len(),
+        5,
+        "etcd, apiserver, controller-manager, scheduler, kwok"
+    );
+    let apiserver = before[1];
+    // SAFETY: signalling a process this test started.
+    unsafe { libc::kill(apiserver, libc::SIGKILL) };
+    let d = dir.clone();
+    let second = tokio::task::spawn_blocking(move || LocalCluster::ensure_up(&d))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(
+        first.info.api_port, second.info.api_port,
+        "a new cluster, not the broken one"
+    );
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                !s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(false)
+    };
+    for pid in &before {
+        assert!(
+            !alive(*pid),
+            "leftover process {pid} of the crashed cluster still runs"
+        );
+    }
+    let after = pids_of(&dir);
+    let d = dir.clone();
+    tokio::task::spawn_blocking(move || LocalCluster::down(&d))
+        .await
+        .unwrap()
+        .unwrap();
+    for pid in &after {
+        assert!(!alive(*pid), "process {pid} survived `down`");
+    }
+    assert!(!dir.exists(), "state directory removed");
+}

@@ -1,0 +1,405 @@
+//! The CRDs on a real API server: they install, every sample applies, wrong resources are refused
+//! with a message naming the field, and `kubectl get` shows the printer columns.
+
+use kube::{
+    Api,
+    api::{DynamicObject, PostParams},
+    core::{ApiResource, GroupVersionKind},
+};
+use mycel_e2e::TestCluster;
+
+async fn cluster() -> TestCluster {
+    let c = TestCluster::shared().await.expect("local cluster");
+    c.install_crds().expect("CRDs install");
+    c
+}
+
+#[tokio::test]
+async fn every_sample_applies_and_kubectl_shows_ready_columns() {
+    let c = cluster().await;
+    let ns = c.namespace("samples").await.unwrap();
+    let samples = TestCluster::repo_root().join("config/samples");
+    let out = c
+        .kubectl_run(
+            &[
+                "apply",
+                "-n",
+                &ns.name,
+                "-k",
+                &samples.display().to_string(),
+            ],
+            None,
+        )
+        .expect("every sample is accepted");
+    for kind in [
+        "meshinstallation",
+        "trafficroute",
+        "destinationpolicy",
+        "peerauthentication",
+        "authorizationpolicy",
+        "ratelimitpolicy",
+    ] {
+        assert!(
+            out.contains(&format!("{kind}.mycel.io/")),
+            "{kind} missing in:\n{out}"
+        );
+    }
+
+    // The columns a user reads at a glance, for every kind.
+    for (kind, extra) in [
+        ("meshinstallations", vec!["REVISION", "PROFILE", "VERSION"]),
+        ("trafficroutes", vec!["HOSTS"]),
+        ("destinationpolicies", vec!["HOST"]),
+        ("peerauthentications", vec!["MODE"]),
+        ("authorizationpolicies", vec!["ACTION"]),
+        ("ratelimitpolicies", vec![]),
+    ] {
+        let table = c.kubectl_run(&["get", kind, "-n", &ns.name], None).unwrap();
+        let header = table.lines().next().unwrap_or_default();
+        for col in extra.iter().chain(&["NAME", "READY", "REASON", "AGE"]) {
+            assert!(
+                header.split_whitespace().any(|h| h == *col),
+                "{kind}: no {col} column in {header:?}"
+            );
+        }
+        assert_eq!(
+            table.lines().count(),
+            2,
+            "{kind}: one sample row expected:\n{table}"
+        );
+    }
+    let mi = c
+        .kubectl_run(&["get", "mi", "mesh", "-n", &ns.name], None)
+        .unwrap();
+    assert!(
+        mi.lines().nth(1).unwrap_or_default().contains("default"),
+        "revision shown:\n{mi}"
+    );
+
+    // Defaults are applied by the API server, so GitOps diffs and the operator see them.
+    let json = c
+        .kubectl_run(
+            &[
+                "get",
+                "trafficroute",
+                "reviews",
+                "-n",
+                &ns.name,
+                "-o",
+                "json",
+            ],
+            None,
+        )
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["spec"]["http"][1]["backends"][0]["weight"], 90);
+    let json = c
+        .kubectl_run(&["get", "mi", "mesh", "-n", &ns.name, "-o", "json"], None)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["spec"]["telemetry"]["metrics"]["enabled"], true);
+    ns.delete().await.unwrap();
+}
+
+#[tokio::test]
+async fn defaults_fill_an_empty_mesh_installation() {
+    let c = cluster().await;
+    let ns = c.namespace("defaults").await.unwrap();
+    let created = create(&c, &ns.name, "MeshInstallation", serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(created["spec"]["revision"], "default");
+    assert_eq!(created["spec"]["profile"], "default");
+    assert_eq!(created["spec"]["trustDomain"], "cluster.local");
+    ns.delete().await.unwrap();
+}
+
+/// Creates `kind` with `spec` and returns the stored object, or the API server's message.
+async fn create(
+    c: &TestCluster,
+    ns: &str,
+    kind: &str,
+    spec: serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    let gvk = GroupVersionKind::gvk("mycel.io", "v1alpha1", kind);
+    let plural = format!("{}s", kind.to_lowercase()).replace("policys", "policies");
+    let ar = ApiResource::from_gvk_with_plural(&gvk, &plural);
+    let api: Api<DynamicObject> = Api::namespaced_with(c.client().await.unwrap(), ns, &ar);
+    let obj: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "mycel.io/v1alpha1",
+        "kind": kind,
+        "metadata": { "generateName": "case-" },
+        "spec": spec,
+    }))
+    .unwrap();
+    match api.create(&PostParams::default(), &obj).await {
+        Ok(o) => Ok(serde_json::to_value(o).unwrap()),
+        Err(kube::Error::Api(status)) => Err(status.message),
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn wrong_resources_are_rejected_naming_the_field() {
+    use serde_json::json;
+    let c = cluster().await;
+    let ns = c.namespace("invalid").await.unwrap();
+    // (kind, spec, what the message must contain: the field path and the explanation)
+    let cases = [
+        // enums
+        (
+            "MeshInstallation",
+            json!({"profile": "huge"}),
+            vec!["spec.profile", "supported values"],
+        ),
+        (
+            "MeshInstallation",
+            json!({"mtls": {"mode": "strict"}}),
+            vec!["spec.mtls.mode", "STRICT"],
+        ),
+        (
+            "PeerAuthentication",
+            json!({"mtls": {"mode": "ON"}}),
+            vec!["spec.mtls.mode"],
+        ),
+        (
+            "AuthorizationPolicy",
+            json!({"action": "REJECT"}),
+            vec!["spec.action"],
+        ),
+        (
+            "DestinationPolicy",
+            json!({"host": "a", "loadBalancer": {"algorithm": "Fastest"}}),
+            vec!["spec.loadBalancer.algorithm"],
+        ),
+        (
+            "RateLimitPolicy",
+            json!({"limits": [{"name": "a", "requests": 1, "unit": "week"}]}),
+            vec!["spec.limits[0].unit"],
+        ),
+        // ranges, patterns, required fields
+        (
+            "MeshInstallation",
+            json!({"controlPlane": {"replicas": 0}}),
+            vec!["spec.controlPlane.replicas", "greater than or equal to 1"],
+        ),
+        (
+            "MeshInstallation",
+            json!({"revision": "Canary_1"}),
+            vec!["spec.revision"],
+        ),
+        (
+            "MeshInstallation",
+            json!({"telemetry": {"tracing": {"samplingPercent": 150}}}),
+            vec!["spec.telemetry.tracing.samplingPercent"],
+        ),
+        (
+            "TrafficRoute",
+            json!({"http": [{"backends": [{"service": "a"}]}]}),
+            vec!["spec.hosts", "Required"],
+        ),
+        (
+            "DestinationPolicy",
+            json!({}),
+            vec!["spec.host", "Required"],
+        ),
+        (
+            "RateLimitPolicy",
+            json!({"limits": []}),
+            vec!["spec.limits"],
+        ),
+        (
+            "TrafficRoute",
+            json!({"hosts": ["a"], "http": [{"backends": [{"service": "a", "port": 70000}]}]}),
+            vec!["spec.http[0].backends[0].port"],
+        ),
+        // CEL rules
+        (
+            "TrafficRoute",
+            json!({"hosts": ["reviews"], "http": [{"backends": [{"service": "a", "weight": 50}, {"service": "b", "weight": 20}]}]}),
+            vec!["spec.http[0].backends", "weights must add up to 100"],
+        ),
+        (
+            "TrafficRoute",
+            json!({"hosts": ["reviews"], "tcp": [{"backends": [{"service": "a", "weight": 60}, {"service": "b"}]}]}),
+            vec!["spec.tcp[0].backends", "weights must add up to 100"],
+        ),
+        (
+            "TrafficRoute",
+            json!({"hosts": ["reviews"]}),
+            vec!["spec", "at least one http or tcp rule"],
+        ),
+        (
+            "TrafficRoute",
+            json!({"hosts": ["r"], "http": [{"timeout": "0s", "backends": [{"service": "a"}]}]}),
+            vec!["spec.http[0].timeout", "positive duration"],
+        ),
+        (
+            "TrafficRoute",
+            json!({"hosts": ["r"], "http": [{"timeout": "5 minutes", "backends": [{"service": "a"}]}]}),
+            vec!["spec.http[0].timeout"],
+        ),
+        (
+            "TrafficRoute",
+            json!({"hosts": ["r"], "http": [{"match": [{"path": {"exact": "/a", "prefix": "/"}}], "backends": [{"service": "a"}]}]}),
+            vec![
+                "spec.http[0].match[0].path",
+                "exactly one of exact, prefix or regex",
+            ],
+        ),
+        (
+            "TrafficRoute",
+            json!({"hosts": ["r"], "http": [{"fault": {}, "backends": [{"service": "a"}]}]}),
+            vec!["spec.http[0].fault", "delay, an abort, or both"],
+        ),
+        (
+            "TrafficRoute",
+            json!({"hosts": ["r"], "http": [{"fault": {"abort": {"percent": 5}}, "backends": [{"service": "a"}]}]}),
+            vec![
+                "spec.http[0].fault.abort",
+                "exactly one of httpStatus or grpcStatus",
+            ],
+        ),
+        (
+            "PeerAuthentication",
+            json!({"selector": {"matchLabels": {}}}),
+            vec!["spec.selector.matchLabels", "at least one label"],
+        ),
+        (
+            "PeerAuthentication",
+            json!({"portLevelMtls": [{"port": 8080, "mode": "STRICT"}]}),
+            vec!["spec.portLevelMtls", "needs a selector"],
+        ),
+        (
+            "DestinationPolicy",
+            json!({"host": "a", "loadBalancer": {"algorithm": "ConsistentHash"}}),
+            vec![
+                "spec.loadBalancer.consistentHash",
+                "required when algorithm is ConsistentHash",
+            ],
+        ),
+        (
+            "DestinationPolicy",
+            json!({"host": "a", "loadBalancer": {"algorithm": "ConsistentHash", "consistentHash": {"header": "x", "sourceIp": true}}}),
+            vec![
+                "spec.loadBalancer.consistentHash",
+                "exactly one of header, cookie or sourceIp",
+            ],
+        ),
+        (
+            "DestinationPolicy",
+            json!({"host": "a", "subsets": [{"name": "v1", "labels": {"v": "1"}}, {"name": "v1", "labels": {"v": "2"}}]}),
+            vec!["spec.subsets", "subset names must be unique"],
+        ),
+        (
+            "DestinationPolicy",
+            json!({"host": "a", "failover": [{"from": "eu", "to": "us"}]}),
+            vec!["spec.failover", "needs outlierDetection"],
+        ),
+        (
+            "AuthorizationPolicy",
+            json!({"rules": [{"from": [{"source": {}}]}]}),
+            vec!["spec.rules[0].from[0].source", "at least one of principals"],
+        ),
+        (
+            "AuthorizationPolicy",
+            json!({"rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/33"]}}]}]}),
+            vec!["spec.rules[0].from[0].source.ipBlocks[0]", "CIDR"],
+        ),
+        (
+            "AuthorizationPolicy",
+            json!({"rules": [{"when": [{"key": "source.ip"}]}]}),
+            vec!["spec.rules[0].when[0]", "values or notValues"],
+        ),
+        (
+            "MeshInstallation",
+            json!({"telemetry": {"tracing": {"samplingPercent": 10}}}),
+            vec![
+                "spec.telemetry.tracing.otlpEndpoint",
+                "otlpEndpoint is required",
+            ],
+        ),
+        (
+            "MeshInstallation",
+            json!({"telemetry": {"tracing": {"otlpEndpoint": "collector:4317"}}}),
+            vec!["spec.telemetry.tracing.otlpEndpoint", "http:// or https://"],
+        ),
+        (
+            "MeshInstallation",
+            json!({"ca": {"workloadCertTTL": "1m"}}),
+            vec!["spec.ca.workloadCertTTL", "between 10m and 2160h"],
+        ),
+        (
+            "RateLimitPolicy",
+            json!({"limits": [{"name": "a", "requests": 10, "unit": "second", "burst": 5}]}),
+            vec!["spec.limits[0].burst", "at least requests"],
+        ),
+        (
+            "RateLimitPolicy",
+            json!({"limits": [{"name": "a", "requests": 10, "unit": "second", "key": {"type": "Header"}}]}),
+            vec!["spec.limits[0].key.header", "required when type is Header"],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (kind, spec, wanted) in cases {
+        match create(&c, &ns.name, kind, spec.clone()).await {
+            Ok(_) => failures.push(format!("{kind} {spec} was accepted")),
+            Err(msg) => {
+                if let Some(w) = wanted.iter().find(|w| !msg.contains(**w)) {
+                    failures.push(format!("{kind} {spec}: message lacks {w:?}: {msg}"));
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+
+    // A misspelt field is refused by kubectl (strict field validation), not silently dropped.
+    let err = c
+        .kubectl_run(
+            &["apply", "-n", &ns.name, "-f", "-"],
+            Some("apiVersion: mycel.io/v1alpha1\nkind: MeshInstallation\nmetadata: {name: typo}\nspec:\n  proxyDefaults: {logLevel: debug}\n"),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(r#"unknown field "spec.proxyDefaults""#),
+        "{err}"
+    );
+
+    // Revision is immutable once created.
+    let created = create(
+        &c,
+        &ns.name,
+        "MeshInstallation",
+        json!({"revision": "canary"}),
+    )
+    .await
+    .unwrap();
+    let name = created["metadata"]["name"].as_str().unwrap();
+    let err = c
+        .kubectl_run(
+            &[
+                "patch",
+                "mi",
+                name,
+                "-n",
+                &ns.name,
+                "--type=merge",
+                "-p",
+                r#"{"spec":{"revision":"stable"}}"#,
+            ],
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("spec.revision") && err.contains("revision is immutable"),
+        "{err}"
+    );
+    ns.delete().await.unwrap();
+}
