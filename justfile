@@ -1,0 +1,26 @@
+# Developer shortcuts; each recipe is a thin wrapper so that nothing here is needed to build.
+
+# Run every test (unit, drift, lint, e2e on the local cluster).
+test:
+    scripts/test
+
+# Start the local cluster (or reuse it) and print how to reach it.
+cluster:
+    cargo run -q -p mycelctl -- dev cluster up
+
+# Stop the local cluster and remove its state.
+cluster-down:
+    cargo run -q -p mycelctl -- dev cluster down
+
+# Regenerate config/crd from the Rust types in crds/.
+crds:
+    cargo run -q -p mycel-crds --bin crdgen
+
+# The demo: local cluster, CRDs and samples.
+demo:
+    scripts/demo
+
+# Format and lint.
+lint:
+    cargo fmt --all
+    cargo clippy --workspace --all-targets -- -D warnings
