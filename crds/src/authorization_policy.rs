@@ -13,6 +13,7 @@ use crate::common::{PolicyStatus, WorkloadSelector};
     group = "mycel.io",
     version = "v1alpha1",
     kind = "AuthorizationPolicy",
+    doc = "Allows, denies or audits requests to the selected workloads by peer identity and request properties.",
     namespaced,
     status = "PolicyStatus",
     shortname = "authz",

@@ -18,6 +18,7 @@ use crate::{
     group = "mycel.io",
     version = "v1alpha1",
     kind = "DestinationPolicy",
+    doc = "Load balancing, connection pools, circuit breaking, subsets and TLS for one destination Service.",
     namespaced,
     status = "PolicyStatus",
     shortname = "dp",

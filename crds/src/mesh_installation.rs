@@ -20,6 +20,7 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
     group = "mycel.io",
     version = "v1alpha1",
     kind = "MeshInstallation",
+    doc = "One revision of the Mycel control plane and the mesh-wide defaults of its proxies.",
     namespaced,
     status = "MeshInstallationStatus",
     shortname = "mi",

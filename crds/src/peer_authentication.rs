@@ -13,6 +13,7 @@ use crate::common::{PolicyStatus, WorkloadSelector};
     group = "mycel.io",
     version = "v1alpha1",
     kind = "PeerAuthentication",
+    doc = "Whether the selected workloads accept mutual TLS only, plaintext too, or plaintext only.",
     namespaced,
     status = "PolicyStatus",
     shortname = "pa",

@@ -17,6 +17,7 @@ use crate::{
     group = "mycel.io",
     version = "v1alpha1",
     kind = "RateLimitPolicy",
+    doc = "Request-rate limits and quotas on the selected workloads' inbound traffic.",
     namespaced,
     status = "PolicyStatus",
     shortname = "rlp",

@@ -14,6 +14,7 @@ use crate::common::{Duration, NamedMatch, PolicyStatus, StringMatch};
     group = "mycel.io",
     version = "v1alpha1",
     kind = "TrafficRoute",
+    doc = "Routes requests for a set of hosts to weighted backends, with timeouts, retries and fault injection.",
     namespaced,
     status = "PolicyStatus",
     shortname = "tr",
