@@ -204,6 +204,10 @@ fn start(state: &Path, bin_dir: PathBuf) -> Result<LocalCluster, Error> {
     let p = |name: &str| pki_dir.join(name).display().to_string();
     let s = |name: &str| state.join(name).display().to_string();
 
+    // No packet for the cluster's virtual ranges may leave this machine: the default route would
+    // otherwise carry them out (e.g. the API server calling a webhook whose pod kwok faked).
+    blackhole_routes(true);
+
     // --- etcd
     let mut etcd = spawn(
         state,
@@ -614,6 +618,31 @@ fn stop_processes(state: &Path) {
         unsafe { libc::kill(p.pid, libc::SIGKILL) };
     }
     let _ = fs::remove_file(state.join("pids"));
+    blackhole_routes(false);
+}
+
+/// Adds (or removes) blackhole routes for the Service and fake-pod CIDRs. Needs root; without it
+/// the harness still works, and says once that the safety net is missing.
+fn blackhole_routes(add: bool) {
+    for cidr in [SERVICE_CIDR, FAKE_POD_CIDR] {
+        let args = if add {
+            ["route", "replace", "blackhole", cidr]
+        } else {
+            ["route", "del", "blackhole", cidr]
+        };
+        let ok = Command::new("ip")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if add && !ok {
+            eprintln!(
+                "mycel: could not add a blackhole route for {cidr} (not root?); traffic to it would follow the default route"
+            );
+        }
+    }
 }
 
 /// An exclusive lock on `<state_dir>.lock`, held while a cluster is started or stopped.

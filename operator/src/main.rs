@@ -3,7 +3,12 @@
 //! certificate authority, webhooks). It owns everything that runs in the cluster's control
 //! plane; it must not contain data-path code, which lives in `mycel-proxy`.
 
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use mycel_operator::{admin, installation, metrics::Metrics};
+use tracing_subscriber::{EnvFilter, fmt};
 
 #[derive(Parser)]
 #[command(
@@ -12,6 +17,9 @@ use clap::{Parser, Subcommand};
     about = "The Mycel operator and control plane"
 )]
 struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true, env = "MYCEL_LOG_JSON")]
+    log_json: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -19,15 +27,41 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the operator: reconcile MeshInstallation resources into control-plane revisions.
-    Run,
+    Run {
+        /// Only reconcile installations in this namespace (default: all namespaces).
+        #[arg(long, env = "MYCEL_WATCH_NAMESPACE")]
+        namespace: Option<String>,
+        /// Address of /healthz, /readyz and /metrics.
+        #[arg(long, default_value = "0.0.0.0:8080", env = "MYCEL_ADMIN_ADDR")]
+        admin_addr: SocketAddr,
+        /// Registry prefix of the control-plane and proxy images.
+        #[arg(long, default_value = "docker.io/mycel", env = "MYCEL_IMAGE_REGISTRY")]
+        image_registry: String,
+        /// Image tag installed when a MeshInstallation names no version.
+        #[arg(long, default_value = concat!("v", env!("CARGO_PKG_VERSION")), env = "MYCEL_IMAGE_VERSION")]
+        image_version: String,
+    },
     /// Run one control-plane revision: config stream and CA on 15012, webhooks on 15017.
-    ControlPlane,
+    ControlPlane {
+        #[arg(long, default_value = "default")]
+        revision: String,
+        #[arg(long)]
+        mesh_config: Option<std::path::PathBuf>,
+    },
     /// Print the CustomResourceDefinitions this operator serves, as YAML.
     Crds,
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if cli.log_json {
+        fmt().json().with_env_filter(filter).init();
+    } else {
+        fmt().with_env_filter(filter).init();
+    }
+    match cli.command {
         Cmd::Crds => {
             for (_, yaml) in mycel_crds::render_manifests()
                 .into_iter()
@@ -37,10 +71,53 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Run | Cmd::ControlPlane => {
-            anyhow::bail!(
-                "not built yet: this command arrives with the operator and control-plane issues"
-            )
+        Cmd::Run {
+            namespace,
+            admin_addr,
+            image_registry,
+            image_version,
+        } => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API")?;
+            let metrics = Arc::new(Metrics::default());
+            let health = Arc::new(admin::Health::default());
+            let admin_task =
+                tokio::spawn(admin::serve(admin_addr, health.clone(), metrics.clone()));
+            health
+                .ready
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            let images = installation::render::ImageDefaults {
+                registry: image_registry,
+                version: image_version,
+            };
+            tracing::info!(
+                namespace = namespace.as_deref().unwrap_or("<all>"),
+                "operator starting"
+            );
+            installation::run(client, namespace, images, metrics, shutdown_signal()).await;
+            admin_task.abort();
+            tracing::info!("operator stopped");
+            Ok(())
         }
+        Cmd::ControlPlane { .. } => {
+            anyhow::bail!("not built yet: the control plane arrives with the control-plane issue")
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {},
+        _ = tokio::signal::ctrl_c() => {},
     }
 }

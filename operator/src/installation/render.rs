@@ -1,0 +1,693 @@
+//! From a `MeshInstallation` to the objects of its control-plane revision. Pure functions: the
+//! profile and the spec resolve into one [`Effective`] configuration, which renders into the
+//! desired objects. No I/O here, so every rule about names, labels and defaults is testable alone.
+
+use std::collections::BTreeMap;
+
+use kube::core::{ApiResource, GroupVersionKind};
+use mycel_crds::common::LogLevel;
+use mycel_crds::mesh_installation::{
+    AccessLogFormat, FailurePolicy, MeshInstallation, MtlsMode, Profile, PullPolicy, ServiceType,
+};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+/// Field manager of every write the operator makes.
+pub const MANAGER: &str = "mycel-operator";
+/// Name of the generated root CA Secret, shared by every revision in the root namespace.
+pub const CA_SECRET: &str = "mycel-ca";
+pub const LABEL_REV: &str = "mycel.io/rev";
+pub const LABEL_INSTALLATION: &str = "mycel.io/installation";
+pub const LABEL_INSTALLATION_NS: &str = "mycel.io/installation-namespace";
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+
+/// Ports fixed by the architecture.
+pub const PORT_XDS: i32 = 15012;
+pub const PORT_WEBHOOK: i32 = 15017;
+pub const PORT_MONITORING: i32 = 15014;
+
+/// Images the operator deploys unless the installation overrides them.
+#[derive(Clone, Debug)]
+pub struct ImageDefaults {
+    pub registry: String,
+    pub version: String,
+}
+
+impl Default for ImageDefaults {
+    fn default() -> Self {
+        ImageDefaults {
+            registry: "docker.io/mycel".into(),
+            version: format!("v{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
+/// The installation after profile defaults and overrides: what the objects are rendered from and
+/// what the control plane reads from the mesh ConfigMap.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Effective {
+    pub name: String,
+    pub namespace: String,
+    pub revision: String,
+    pub profile: Profile,
+    pub version: String,
+    pub control_plane_image: String,
+    pub proxy_image: String,
+    pub pull_policy: PullPolicy,
+    pub control_plane_replicas: i32,
+    pub control_plane_resources: Value,
+    pub control_plane_log_level: LogLevel,
+    pub proxy_resources: Value,
+    pub proxy_log_level: LogLevel,
+    pub proxy_concurrency: i32,
+    pub proxy_drain_duration: String,
+    pub mtls_mode: MtlsMode,
+    pub trust_domain: String,
+    pub ca_secret: Option<String>,
+    pub workload_cert_ttl: String,
+    pub metrics_enabled: bool,
+    pub tracing_sampling_percent: f64,
+    pub otlp_endpoint: Option<String>,
+    pub access_log_enabled: bool,
+    pub access_log_format: AccessLogFormat,
+    pub gateway: Option<Gateway>,
+    pub webhook_failure_policy: FailurePolicy,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Gateway {
+    pub replicas: i32,
+    pub service_type: ServiceType,
+    pub resources: Value,
+}
+
+impl Effective {
+    /// Applies the profile's defaults, then the spec's explicit values.
+    pub fn resolve(mi: &MeshInstallation, images: &ImageDefaults) -> Effective {
+        let spec = &mi.spec;
+        let profile = spec.profile;
+        let version = spec
+            .version
+            .clone()
+            .unwrap_or_else(|| images.version.clone());
+        let imgs = spec.images.clone().unwrap_or_default();
+        let registry = imgs.registry.unwrap_or_else(|| images.registry.clone());
+        let cp = spec.control_plane.clone().unwrap_or_default();
+        let proxy = spec.proxy.clone().unwrap_or_default();
+        let telemetry = spec.telemetry.clone().unwrap_or_default();
+        let tracing = telemetry.tracing.clone().unwrap_or_default();
+        let access_log = telemetry.access_log.clone();
+        let gw = spec.ingress_gateway.clone().unwrap_or_default();
+        let demo = profile == Profile::Demo;
+        let to_value = |r: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+                        default: Value| {
+            r.map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
+                .unwrap_or(default)
+        };
+        Effective {
+            name: mi.metadata.name.clone().unwrap_or_default(),
+            namespace: mi.metadata.namespace.clone().unwrap_or_default(),
+            revision: spec.revision.clone(),
+            profile,
+            control_plane_image: imgs.control_plane.unwrap_or_else(|| format!("{registry}/operator:{version}")),
+            proxy_image: imgs.proxy.unwrap_or_else(|| format!("{registry}/proxy:{version}")),
+            version,
+            pull_policy: imgs.pull_policy.unwrap_or(PullPolicy::IfNotPresent),
+            control_plane_replicas: cp.replicas.unwrap_or(1),
+            control_plane_resources: to_value(
+                cp.resources,
+                json!({"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}}),
+            ),
+            control_plane_log_level: cp.log_level.unwrap_or_default(),
+            proxy_resources: to_value(
+                proxy.resources,
+                json!({"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "256Mi"}}),
+            ),
+            proxy_log_level: proxy.log_level.unwrap_or_default(),
+            proxy_concurrency: proxy.concurrency.unwrap_or(2),
+            proxy_drain_duration: proxy.drain_duration.map(|d| d.0).unwrap_or_else(|| "5s".into()),
+            mtls_mode: spec.mtls.clone().map(|m| m.mode).unwrap_or_default(),
+            trust_domain: spec.trust_domain.clone(),
+            ca_secret: spec.ca.clone().and_then(|c| c.secret_name),
+            workload_cert_ttl: spec
+                .ca
+                .clone()
+                .and_then(|c| c.workload_cert_ttl)
+                .map(|d| d.0)
+                .unwrap_or_else(|| "24h".into()),
+            metrics_enabled: telemetry.metrics.map(|m| m.enabled).unwrap_or(profile != Profile::Minimal),
+            tracing_sampling_percent: tracing.sampling_percent.unwrap_or(
+                if demo && tracing.otlp_endpoint.is_some() { 100.0 } else { 0.0 },
+            ),
+            otlp_endpoint: tracing.otlp_endpoint,
+            access_log_enabled: access_log.as_ref().map(|a| a.enabled).unwrap_or(demo),
+            access_log_format: access_log.map(|a| a.format).unwrap_or_default(),
+            gateway: gw.enabled.unwrap_or(demo).then(|| Gateway {
+                replicas: gw.replicas.unwrap_or(1),
+                service_type: gw.service_type.unwrap_or(ServiceType::ClusterIP),
+                resources: to_value(
+                    gw.resources,
+                    json!({"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "256Mi"}}),
+                ),
+            }),
+            webhook_failure_policy: spec.webhook.clone().map(|w| w.failure_policy).unwrap_or_default(),
+        }
+    }
+
+    pub fn control_plane_name(&self) -> String {
+        format!("mycel-control-plane-{}", self.revision)
+    }
+    /// Cluster-scoped objects carry the namespace too: two root namespaces never collide.
+    pub fn cluster_scoped_name(&self, what: &str) -> String {
+        format!("mycel-{what}-{}-{}", self.namespace, self.revision)
+    }
+    pub fn gateway_name(&self) -> String {
+        format!("mycel-ingressgateway-{}", self.revision)
+    }
+    pub fn mesh_config_name(&self) -> String {
+        format!("mycel-mesh-{}", self.revision)
+    }
+    pub fn webhook_secret_name(&self) -> String {
+        format!("mycel-webhook-tls-{}", self.revision)
+    }
+    /// DNS names the webhook serving certificate must carry.
+    pub fn webhook_dns_names(&self) -> Vec<String> {
+        let svc = self.control_plane_name();
+        vec![
+            format!("{svc}.{}.svc", self.namespace),
+            format!("{svc}.{}.svc.cluster.local", self.namespace),
+        ]
+    }
+
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
+            ("app.kubernetes.io/part-of".to_string(), "mycel".to_string()),
+            (LABEL_REV.to_string(), self.revision.clone()),
+            (LABEL_INSTALLATION.to_string(), self.name.clone()),
+            (LABEL_INSTALLATION_NS.to_string(), self.namespace.clone()),
+        ])
+    }
+
+    /// Namespace selector of the injection webhook: the default revision serves
+    /// `mycel.io/inject=enabled` namespaces (without a `mycel.io/rev` label); every revision serves
+    /// `mycel.io/rev=<revision>`.
+    pub fn injection_namespace_selectors(&self) -> Vec<Value> {
+        let mut v = vec![json!({"matchExpressions": [
+            {"key": LABEL_REV, "operator": "In", "values": [self.revision]},
+            {"key": "mycel.io/inject", "operator": "NotIn", "values": ["disabled"]}
+        ]})];
+        if self.revision == mycel_crds::mesh_installation::DEFAULT_REVISION {
+            v.push(json!({"matchExpressions": [
+                {"key": "mycel.io/inject", "operator": "In", "values": ["enabled"]},
+                {"key": LABEL_REV, "operator": "DoesNotExist"}
+            ]}));
+        }
+        v
+    }
+}
+
+/// One object the installation wants, ready for server-side apply.
+#[derive(Clone, Debug)]
+pub struct Desired {
+    pub resource: ApiResource,
+    pub namespaced: bool,
+    pub name: String,
+    pub body: Value,
+}
+
+fn ar(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
+}
+
+pub fn deployment_resource() -> ApiResource {
+    ar("apps", "v1", "Deployment", "deployments")
+}
+pub fn mutating_webhook_resource() -> ApiResource {
+    ar(
+        "admissionregistration.k8s.io",
+        "v1",
+        "MutatingWebhookConfiguration",
+        "mutatingwebhookconfigurations",
+    )
+}
+pub fn validating_webhook_resource() -> ApiResource {
+    ar(
+        "admissionregistration.k8s.io",
+        "v1",
+        "ValidatingWebhookConfiguration",
+        "validatingwebhookconfigurations",
+    )
+}
+/// Every cluster-scoped kind the operator creates (cleaned up by the finalizer).
+pub fn cluster_scoped_resources() -> Vec<ApiResource> {
+    vec![
+        ar(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "ClusterRole",
+            "clusterroles",
+        ),
+        ar(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "ClusterRoleBinding",
+            "clusterrolebindings",
+        ),
+        mutating_webhook_resource(),
+        validating_webhook_resource(),
+    ]
+}
+
+/// Everything one revision consists of, in the order it is applied. `owner` is the
+/// installation's owner reference (namespaced objects only); `ca_bundle_pem` what webhook
+/// clients must trust.
+pub fn render(eff: &Effective, owner: &Value, ca_bundle_pem: &str) -> Vec<Desired> {
+    use base64::Engine;
+    let ns = &eff.namespace;
+    let cp = eff.control_plane_name();
+    let labels = eff.labels();
+    let mut cp_labels = labels.clone();
+    cp_labels.insert("app".into(), "mycel-control-plane".into());
+    let selector = json!({"app": "mycel-control-plane", LABEL_REV: eff.revision});
+    let ca_bundle = base64::engine::general_purpose::STANDARD.encode(ca_bundle_pem);
+    let meta = |name: &str, namespaced: bool, labels: &BTreeMap<String, String>| {
+        let mut m = json!({"name": name, "labels": labels});
+        if namespaced {
+            m["namespace"] = json!(ns);
+            m["ownerReferences"] = json!([owner]);
+        }
+        m
+    };
+    let mut out = Vec::new();
+    let mut push = |resource: ApiResource, namespaced: bool, name: String, mut body: Value| {
+        body["apiVersion"] = json!(resource.api_version);
+        body["kind"] = json!(resource.kind);
+        out.push(Desired {
+            resource,
+            namespaced,
+            name,
+            body,
+        });
+    };
+
+    push(
+        ar("", "v1", "ServiceAccount", "serviceaccounts"),
+        true,
+        cp.clone(),
+        json!({"metadata": meta(&cp, true, &labels)}),
+    );
+
+    // What the control plane reads and writes, nothing more.
+    let cluster_role = eff.cluster_scoped_name("control-plane");
+    push(
+        ar(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "ClusterRole",
+            "clusterroles",
+        ),
+        false,
+        cluster_role.clone(),
+        json!({
+            "metadata": meta(&cluster_role, false, &labels),
+            "rules": [
+                {"apiGroups": [""], "resources": ["services", "pods", "namespaces", "nodes", "endpoints"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["mycel.io"], "resources": ["meshinstallations", "trafficroutes", "destinationpolicies", "peerauthentications", "authorizationpolicies", "ratelimitpolicies"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["mycel.io"], "resources": ["trafficroutes/status", "destinationpolicies/status", "peerauthentications/status", "authorizationpolicies/status", "ratelimitpolicies/status"], "verbs": ["get", "patch", "update"]},
+                {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+            ]
+        }),
+    );
+    push(
+        ar(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "ClusterRoleBinding",
+            "clusterrolebindings",
+        ),
+        false,
+        cluster_role.clone(),
+        json!({
+            "metadata": meta(&cluster_role, false, &labels),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
+            "subjects": [{"kind": "ServiceAccount", "name": cp, "namespace": ns}]
+        }),
+    );
+    push(
+        ar("rbac.authorization.k8s.io", "v1", "Role", "roles"),
+        true,
+        cp.clone(),
+        json!({
+            "metadata": meta(&cp, true, &labels),
+            "rules": [
+                {"apiGroups": [""], "resources": ["secrets", "configmaps"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},
+            ]
+        }),
+    );
+    push(
+        ar(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "RoleBinding",
+            "rolebindings",
+        ),
+        true,
+        cp.clone(),
+        json!({
+            "metadata": meta(&cp, true, &labels),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": cp},
+            "subjects": [{"kind": "ServiceAccount", "name": cp, "namespace": ns}]
+        }),
+    );
+
+    let mesh_json = serde_json::to_string_pretty(eff).unwrap_or_default();
+    push(
+        ar("", "v1", "ConfigMap", "configmaps"),
+        true,
+        eff.mesh_config_name(),
+        json!({"metadata": meta(&eff.mesh_config_name(), true, &labels), "data": {"mesh.json": mesh_json}}),
+    );
+
+    let ca_secret = eff
+        .ca_secret
+        .clone()
+        .unwrap_or_else(|| CA_SECRET.to_string());
+    // The pod template changes when the configuration does, so a change rolls the control plane.
+    let config_hash = fnv1a(mesh_json.as_bytes());
+    push(
+        deployment_resource(),
+        true,
+        cp.clone(),
+        json!({
+            "metadata": meta(&cp, true, &cp_labels),
+            "spec": {
+                "replicas": eff.control_plane_replicas,
+                "selector": {"matchLabels": selector},
+                // Old pods keep serving (webhooks, config) until new ones are ready.
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+                "template": {
+                    "metadata": {
+                        "labels": cp_labels,
+                        "annotations": {"mycel.io/config-hash": format!("{config_hash:016x}")}
+                    },
+                    "spec": {
+                        "serviceAccountName": cp,
+                        "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+                        "containers": [{
+                            "name": "control-plane",
+                            "image": eff.control_plane_image,
+                            "imagePullPolicy": pull_policy(eff.pull_policy),
+                            "args": ["control-plane", "--revision", eff.revision, "--mesh-config", "/etc/mycel/mesh/mesh.json"],
+                            "env": [
+                                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                                {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                                {"name": "RUST_LOG", "value": log_level(eff.control_plane_log_level)},
+                            ],
+                            "ports": [
+                                {"name": "grpc-xds", "containerPort": PORT_XDS},
+                                {"name": "https-webhook", "containerPort": PORT_WEBHOOK},
+                                {"name": "http-monitoring", "containerPort": PORT_MONITORING},
+                            ],
+                            "readinessProbe": {"httpGet": {"path": "/ready", "port": PORT_MONITORING}, "periodSeconds": 3},
+                            "resources": eff.control_plane_resources,
+                            "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}},
+                            "volumeMounts": [
+                                {"name": "mesh", "mountPath": "/etc/mycel/mesh", "readOnly": true},
+                                {"name": "ca", "mountPath": "/etc/mycel/ca", "readOnly": true},
+                                {"name": "webhook-tls", "mountPath": "/etc/mycel/webhook", "readOnly": true},
+                            ]
+                        }],
+                        "volumes": [
+                            {"name": "mesh", "configMap": {"name": eff.mesh_config_name()}},
+                            {"name": "ca", "secret": {"secretName": ca_secret}},
+                            {"name": "webhook-tls", "secret": {"secretName": eff.webhook_secret_name()}},
+                        ]
+                    }
+                }
+            }
+        }),
+    );
+    push(
+        ar("", "v1", "Service", "services"),
+        true,
+        cp.clone(),
+        json!({
+            "metadata": meta(&cp, true, &cp_labels),
+            "spec": {
+                "selector": selector,
+                "ports": [
+                    {"name": "grpc-xds", "port": PORT_XDS, "targetPort": PORT_XDS},
+                    {"name": "https-webhook", "port": 443, "targetPort": PORT_WEBHOOK},
+                    {"name": "http-monitoring", "port": PORT_MONITORING, "targetPort": PORT_MONITORING},
+                ]
+            }
+        }),
+    );
+
+    let injector = eff.cluster_scoped_name("sidecar-injector");
+    let webhooks: Vec<Value> = eff
+        .injection_namespace_selectors()
+        .into_iter()
+        .enumerate()
+        .map(|(i, ns_selector)| {
+            json!({
+                "name": format!("{}.sidecar-injector.mycel.io", ["rev", "default"][i.min(1)]),
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "failurePolicy": failure_policy(eff.webhook_failure_policy),
+                "reinvocationPolicy": "Never",
+                "timeoutSeconds": 10,
+                "clientConfig": {"service": {"name": cp, "namespace": ns, "path": "/inject", "port": 443}, "caBundle": ca_bundle},
+                "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"], "scope": "Namespaced"}],
+                "namespaceSelector": ns_selector,
+                "objectSelector": {"matchExpressions": [{"key": "mycel.io/inject", "operator": "NotIn", "values": ["false"]}]}
+            })
+        })
+        .collect();
+    push(
+        mutating_webhook_resource(),
+        false,
+        injector.clone(),
+        json!({"metadata": meta(&injector, false, &labels), "webhooks": webhooks}),
+    );
+    let validator = eff.cluster_scoped_name("validator");
+    push(
+        validating_webhook_resource(),
+        false,
+        validator.clone(),
+        json!({
+            "metadata": meta(&validator, false, &labels),
+            "webhooks": [{
+                "name": "validation.mycel.io",
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                // Schema and CEL rules already guard every field; this webhook adds cross-object
+                // checks and must never block the API while a revision is starting.
+                "failurePolicy": "Ignore",
+                "timeoutSeconds": 5,
+                "clientConfig": {"service": {"name": cp, "namespace": ns, "path": "/validate", "port": 443}, "caBundle": ca_bundle},
+                "rules": [{
+                    "apiGroups": ["mycel.io"], "apiVersions": ["v1alpha1"], "operations": ["CREATE", "UPDATE"],
+                    "resources": ["trafficroutes", "destinationpolicies", "peerauthentications", "authorizationpolicies", "ratelimitpolicies"]
+                }],
+                "objectSelector": {"matchExpressions": [{"key": LABEL_REV, "operator": "In", "values": [eff.revision]}]}
+            }]
+        }),
+    );
+
+    if let Some(gw) = &eff.gateway {
+        let name = eff.gateway_name();
+        let mut gw_labels = labels.clone();
+        gw_labels.insert("app".into(), "mycel-ingressgateway".into());
+        let gw_selector = json!({"app": "mycel-ingressgateway", LABEL_REV: eff.revision});
+        push(
+            deployment_resource(),
+            true,
+            name.clone(),
+            json!({
+                "metadata": meta(&name, true, &gw_labels),
+                "spec": {
+                    "replicas": gw.replicas,
+                    "selector": {"matchLabels": gw_selector},
+                    "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+                    "template": {
+                        "metadata": {"labels": gw_labels},
+                        "spec": {
+                            "serviceAccountName": cp,
+                            "containers": [{
+                                "name": "gateway",
+                                "image": eff.proxy_image,
+                                "imagePullPolicy": pull_policy(eff.pull_policy),
+                                "args": ["run", "--mode", "gateway"],
+                                "env": [
+                                    {"name": "MYCEL_CONTROL_PLANE", "value": format!("{cp}.{ns}.svc:{PORT_XDS}")},
+                                    {"name": "RUST_LOG", "value": log_level(eff.proxy_log_level)},
+                                ],
+                                "ports": [
+                                    {"name": "http", "containerPort": 8080},
+                                    {"name": "https", "containerPort": 8443},
+                                    {"name": "http-admin", "containerPort": 15020},
+                                ],
+                                "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": 15020}},
+                                "resources": gw.resources,
+                            }]
+                        }
+                    }
+                }
+            }),
+        );
+        push(
+            ar("", "v1", "Service", "services"),
+            true,
+            name.clone(),
+            json!({
+                "metadata": meta(&name, true, &gw_labels),
+                "spec": {
+                    "type": service_type(gw.service_type),
+                    "selector": gw_selector,
+                    "ports": [
+                        {"name": "http", "port": 80, "targetPort": 8080},
+                        {"name": "https", "port": 443, "targetPort": 8443},
+                    ]
+                }
+            }),
+        );
+    }
+    out
+}
+
+fn pull_policy(p: PullPolicy) -> &'static str {
+    match p {
+        PullPolicy::Always => "Always",
+        PullPolicy::IfNotPresent => "IfNotPresent",
+        PullPolicy::Never => "Never",
+    }
+}
+
+fn failure_policy(p: FailurePolicy) -> &'static str {
+    match p {
+        FailurePolicy::Fail => "Fail",
+        FailurePolicy::Ignore => "Ignore",
+    }
+}
+
+fn service_type(t: ServiceType) -> &'static str {
+    match t {
+        ServiceType::ClusterIP => "ClusterIP",
+        ServiceType::NodePort => "NodePort",
+        ServiceType::LoadBalancer => "LoadBalancer",
+    }
+}
+
+fn log_level(l: LogLevel) -> &'static str {
+    match l {
+        LogLevel::Trace => "trace",
+        LogLevel::Debug => "debug",
+        LogLevel::Info => "info",
+        LogLevel::Warn => "warn",
+        LogLevel::Error => "error",
+    }
+}
+
+/// A stable 64-bit hash (FNV-1a): the same input gives the same annotation in every process.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mi(spec: Value) -> MeshInstallation {
+        serde_json::from_value(json!({
+            "apiVersion": "mycel.io/v1alpha1", "kind": "MeshInstallation",
+            "metadata": {"name": "mesh", "namespace": "mycel-system", "uid": "u1"},
+            "spec": spec
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn profiles_choose_defaults_that_the_spec_overrides() {
+        let images = ImageDefaults::default();
+        let minimal = Effective::resolve(
+            &mi(
+                json!({"profile": "minimal", "revision": "default", "trustDomain": "cluster.local"}),
+            ),
+            &images,
+        );
+        assert!(
+            !minimal.metrics_enabled && minimal.gateway.is_none() && !minimal.access_log_enabled
+        );
+        let demo = Effective::resolve(
+            &mi(json!({"profile": "demo", "revision": "default", "trustDomain": "cluster.local"})),
+            &images,
+        );
+        assert!(demo.metrics_enabled && demo.gateway.is_some() && demo.access_log_enabled);
+        let overridden = Effective::resolve(
+            &mi(
+                json!({"profile": "demo", "revision": "default", "trustDomain": "cluster.local", "ingressGateway": {"enabled": false}, "version": "v9"}),
+            ),
+            &images,
+        );
+        assert!(overridden.gateway.is_none());
+        assert_eq!(
+            overridden.control_plane_image,
+            "docker.io/mycel/operator:v9"
+        );
+    }
+
+    #[test]
+    fn the_default_revision_also_serves_the_inject_label() {
+        let images = ImageDefaults::default();
+        let def = Effective::resolve(
+            &mi(json!({"revision": "default", "trustDomain": "cluster.local"})),
+            &images,
+        );
+        assert_eq!(def.injection_namespace_selectors().len(), 2);
+        let canary = Effective::resolve(
+            &mi(json!({"revision": "canary", "trustDomain": "cluster.local"})),
+            &images,
+        );
+        let sel = canary.injection_namespace_selectors();
+        assert_eq!(sel.len(), 1);
+        assert_eq!(sel[0]["matchExpressions"][0]["values"][0], "canary");
+    }
+
+    #[test]
+    fn rendering_is_deterministic_and_complete() {
+        let images = ImageDefaults::default();
+        let eff = Effective::resolve(
+            &mi(json!({"revision": "default", "trustDomain": "cluster.local"})),
+            &images,
+        );
+        let a = render(&eff, &json!({}), "CA");
+        let b = render(&eff, &json!({}), "CA");
+        assert_eq!(
+            a.iter().map(|d| &d.body).collect::<Vec<_>>(),
+            b.iter().map(|d| &d.body).collect::<Vec<_>>()
+        );
+        let kinds: Vec<&str> = a.iter().map(|d| d.resource.kind.as_str()).collect();
+        for k in [
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+            "ConfigMap",
+            "Deployment",
+            "Service",
+            "MutatingWebhookConfiguration",
+            "ValidatingWebhookConfiguration",
+        ] {
+            assert!(kinds.contains(&k), "{k} missing");
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! The mesh CA as the operator handles it: generating the root once, loading a user-supplied CA
+//! from a Secret (with errors that say what is wrong with it), and issuing the webhook serving
+//! certificate. Signing workload certificates is the control plane's job, not this module's.
+
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+/// Keys of a CA Secret (the layout cert-manager writes).
+pub const TLS_CRT: &str = "tls.crt";
+pub const TLS_KEY: &str = "tls.key";
+pub const CA_CRT: &str = "ca.crt";
+
+/// What is wrong with a CA Secret, in words a user can act on.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CaError {
+    #[error("has no {0:?} entry; a CA Secret needs tls.crt and tls.key (PEM)")]
+    MissingKey(&'static str),
+    #[error("{0:?} is not a PEM certificate: {1}")]
+    BadCertificate(&'static str, String),
+    #[error("tls.key is not a PEM private key: {0}")]
+    BadKey(String),
+    #[error("tls.crt is not a CA certificate (basicConstraints CA:TRUE is required)")]
+    NotACa,
+    #[error("tls.key does not belong to the certificate in tls.crt")]
+    KeyMismatch,
+    #[error("the certificate in tls.crt expired")]
+    Expired,
+    #[error("certificate generation failed: {0}")]
+    Generate(String),
+}
+
+/// A CA able to sign, with the PEM bundle that clients must trust.
+pub struct Ca {
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// Roots (and intermediates) to trust: `ca.crt` if the Secret has it, else `tls.crt`.
+    pub trust_bundle_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+fn gen_err(e: rcgen::Error) -> CaError {
+    CaError::Generate(e.to_string())
+}
+
+impl Ca {
+    /// A new self-signed root for `trust_domain`, valid ten years.
+    pub fn generate_root(trust_domain: &str) -> Result<Ca, CaError> {
+        let key = KeyPair::generate().map_err(gen_err)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, trust_domain);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "mycel root CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.not_before = time_now() - Duration::from_secs(3600);
+        params.not_after = time_now() + Duration::from_secs(10 * 365 * 24 * 3600);
+        let cert = params.self_signed(&key).map_err(gen_err)?;
+        let cert_pem = cert.pem();
+        Ok(Ca {
+            trust_bundle_pem: cert_pem.clone(),
+            cert_pem,
+            key_pem: key.serialize_pem(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads and checks a CA from a Secret's data.
+    pub fn from_secret_data(get: impl Fn(&str) -> Option<Vec<u8>>) -> Result<Ca, CaError> {
+        let cert = get(TLS_CRT).ok_or(CaError::MissingKey(TLS_CRT))?;
+        let key = get(TLS_KEY).ok_or(CaError::MissingKey(TLS_KEY))?;
+        let cert_pem =
+            String::from_utf8(cert).map_err(|e| CaError::BadCertificate(TLS_CRT, e.to_string()))?;
+        let key_pem = String::from_utf8(key).map_err(|e| CaError::BadKey(e.to_string()))?;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+            .map_err(|e| CaError::BadCertificate(TLS_CRT, e.to_string()))?;
+        let x509 = pem
+            .parse_x509()
+            .map_err(|e| CaError::BadCertificate(TLS_CRT, e.to_string()))?;
+        if !x509.is_ca() {
+            return Err(CaError::NotACa);
+        }
+        if !x509.validity().is_valid() {
+            return Err(CaError::Expired);
+        }
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::BadKey(e.to_string()))?;
+        if key.public_key_raw() != x509.public_key().subject_public_key.data.as_ref() {
+            return Err(CaError::KeyMismatch);
+        }
+        let trust_bundle_pem = match get(CA_CRT) {
+            Some(ca) => {
+                let ca = String::from_utf8(ca)
+                    .map_err(|e| CaError::BadCertificate(CA_CRT, e.to_string()))?;
+                x509_parser::pem::parse_x509_pem(ca.as_bytes())
+                    .map_err(|e| CaError::BadCertificate(CA_CRT, e.to_string()))?;
+                ca
+            }
+            None => cert_pem.clone(),
+        };
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
+            .map_err(|e| CaError::BadCertificate(TLS_CRT, e.to_string()))?;
+        Ok(Ca {
+            cert_pem,
+            key_pem,
+            trust_bundle_pem,
+            issuer,
+        })
+    }
+
+    /// A serving certificate for `dns_names`, valid for `ttl`.
+    pub fn issue_serving(
+        &self,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate().map_err(gen_err)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(
+            DnType::CommonName,
+            dns_names.first().cloned().unwrap_or_default(),
+        );
+        for d in dns_names {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(d.clone().try_into().map_err(gen_err)?));
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.not_before = time_now() - Duration::from_secs(300);
+        params.not_after = time_now() + ttl;
+        let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+fn time_now() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+}
+
+/// Whether `cert_pem` names every one of `dns_names` and stays valid for at least `margin`.
+pub fn serving_cert_fresh(cert_pem: &[u8], dns_names: &[String], margin: Duration) -> bool {
+    let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(cert_pem) else {
+        return false;
+    };
+    let Ok(x509) = pem.parse_x509() else {
+        return false;
+    };
+    let Some(remaining) = x509.validity().time_to_expiration() else {
+        return false;
+    };
+    if remaining.whole_seconds() < margin.as_secs() as i64 {
+        return false;
+    }
+    let names: Vec<String> = x509
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    dns_names.iter().all(|d| names.contains(d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data<'a>(pairs: &'a [(&'static str, String)]) -> impl Fn(&str) -> Option<Vec<u8>> + 'a {
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.as_bytes().to_vec())
+        }
+    }
+
+    #[test]
+    fn a_generated_root_loads_back_and_signs() {
+        let root = Ca::generate_root("cluster.local").unwrap();
+        let loaded = Ca::from_secret_data(data(&[
+            (TLS_CRT, root.cert_pem.clone()),
+            (TLS_KEY, root.key_pem.clone()),
+        ]))
+        .unwrap();
+        let names = vec!["mycel-control-plane-default.mycel-system.svc".to_string()];
+        let (cert, _) = loaded
+            .issue_serving(&names, Duration::from_secs(3600 * 24 * 365))
+            .unwrap();
+        assert!(serving_cert_fresh(
+            cert.as_bytes(),
+            &names,
+            Duration::from_secs(3600 * 24 * 30)
+        ));
+        assert!(!serving_cert_fresh(
+            cert.as_bytes(),
+            &["other.svc".to_string()],
+            Duration::ZERO
+        ));
+        assert!(!serving_cert_fresh(
+            cert.as_bytes(),
+            &names,
+            Duration::from_secs(3600 * 24 * 400)
+        ));
+    }
+
+    #[test]
+    fn bad_ca_secrets_are_explained() {
+        let root = Ca::generate_root("cluster.local").unwrap();
+        let other = Ca::generate_root("cluster.local").unwrap();
+        let err =
+            |pairs: &[(&'static str, String)]| Ca::from_secret_data(data(pairs)).err().unwrap();
+        assert_eq!(
+            err(&[(TLS_KEY, root.key_pem.clone())]),
+            CaError::MissingKey(TLS_CRT)
+        );
+        assert_eq!(
+            err(&[(TLS_CRT, root.cert_pem.clone())]),
+            CaError::MissingKey(TLS_KEY)
+        );
+        assert!(matches!(
+            err(&[(TLS_CRT, "garbage".into()), (TLS_KEY, root.key_pem.clone())]),
+            CaError::BadCertificate(..)
+        ));
+        assert!(matches!(
+            err(&[
+                (TLS_CRT, root.cert_pem.clone()),
+                (TLS_KEY, "garbage".into())
+            ]),
+            CaError::BadKey(_)
+        ));
+        assert_eq!(
+            err(&[
+                (TLS_CRT, root.cert_pem.clone()),
+                (TLS_KEY, other.key_pem.clone())
+            ]),
+            CaError::KeyMismatch
+        );
+        let (leaf, leaf_key) = root
+            .issue_serving(&["a.svc".into()], Duration::from_secs(3600))
+            .unwrap();
+        assert_eq!(
+            err(&[(TLS_CRT, leaf), (TLS_KEY, leaf_key)]),
+            CaError::NotACa
+        );
+    }
+}
