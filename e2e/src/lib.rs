@@ -7,8 +7,10 @@
 //! must not contain product logic: it only starts, reaches and inspects clusters.
 
 pub mod binaries;
+pub mod kstatus;
 pub mod local;
 pub mod pki;
+pub mod process;
 
 use std::{
     path::{Path, PathBuf},

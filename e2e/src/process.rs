@@ -1,0 +1,99 @@
+//! Mycel's own binaries run as local processes against a test cluster (until they run as pods
+//! on the real node), stopped when the handle is dropped.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+};
+
+use crate::{Error, TestCluster};
+
+/// `target/<profile>/<name>`, next to the running test binary (`target/<profile>/deps/…`).
+/// `scripts/test` builds every binary first; so does `cargo test --workspace`, through each
+/// binary's own CLI tests.
+pub fn workspace_binary(name: &str) -> Result<PathBuf, Error> {
+    let exe = std::env::current_exe().map_err(Error::io("current_exe"))?;
+    let dir = exe.parent().and_then(|deps| deps.parent()).ok_or_else(|| {
+        Error::Command(format!(
+            "cannot locate the target directory from {}",
+            exe.display()
+        ))
+    })?;
+    let bin = dir.join(name);
+    if !bin.exists() {
+        return Err(Error::Command(format!(
+            "{} is not built; run `cargo build --workspace` (scripts/test does) first",
+            bin.display()
+        )));
+    }
+    Ok(bin)
+}
+
+/// A running `mycel-operator run`, killed on drop. Its log is kept in a file for failures.
+pub struct OperatorProcess {
+    child: Child,
+    pub admin_port: u16,
+    pub log: PathBuf,
+}
+
+impl OperatorProcess {
+    /// Starts the operator reconciling only `namespace`.
+    pub fn start(cluster: &TestCluster, namespace: &str) -> Result<OperatorProcess, Error> {
+        let bin = workspace_binary("mycel-operator")?;
+        let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(Error::io("127.0.0.1:0"))?
+            .port();
+        let log = std::env::temp_dir().join(format!("mycel-operator-{namespace}.log"));
+        let out = std::fs::File::create(&log).map_err(Error::io(&log))?;
+        let err = out.try_clone().map_err(Error::io(&log))?;
+        let child = Command::new(bin)
+            .args([
+                "run",
+                "--namespace",
+                namespace,
+                "--admin-addr",
+                &format!("127.0.0.1:{admin_port}"),
+            ])
+            .env("KUBECONFIG", cluster.kubeconfig())
+            .env("RUST_LOG", "info,kube=warn")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(Error::io("mycel-operator"))?;
+        Ok(OperatorProcess {
+            child,
+            admin_port,
+            log,
+        })
+    }
+
+    /// GET `path` on the operator's admin port.
+    pub fn admin_get(&self, path: &str) -> Result<String, Error> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.admin_port))
+            .map_err(Error::io("admin port"))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .map_err(Error::io("admin port"))?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)
+            .map_err(Error::io("admin port"))?;
+        Ok(body)
+    }
+
+    /// The log so far (for assertion messages).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
