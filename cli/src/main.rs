@@ -9,11 +9,7 @@ use clap::{Parser, Subcommand};
 use mycel_e2e::local::LocalCluster;
 
 #[derive(Parser)]
-#[command(
-    name = "mycelctl",
-    version,
-    about = "Install, inspect and develop the Mycel service mesh"
-)]
+#[command(name = "mycelctl", version, about = "Install, inspect and develop the Mycel service mesh")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -62,9 +58,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let state = LocalCluster::default_state_dir();
     match cli.command {
-        Cmd::Dev {
-            command: DevCmd::Cluster { command },
-        } => match command {
+        Cmd::Dev { command: DevCmd::Cluster { command } } => match command {
             ClusterCmd::Up => {
                 let c = LocalCluster::ensure_up(&state).context("starting the local cluster")?;
                 println!("local cluster is up");
@@ -72,14 +66,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             ClusterCmd::Down => {
                 LocalCluster::down(&state).context("stopping the local cluster")?;
-                println!(
-                    "local cluster stopped and its state removed ({})",
-                    state.display()
-                );
+                println!("local cluster stopped and its state removed ({})", state.display());
             }
             ClusterCmd::Env => {
                 let c = LocalCluster::running(&state).with_context(|| {
-                    format!("no local cluster is running in {}; start one with `mycelctl dev cluster up`", state.display())
+                    format!(
+                        "no local cluster is running in {}; start one with `mycelctl dev cluster up`",
+                        state.display()
+                    )
                 })?;
                 print_env(&c);
             }

@@ -7,21 +7,12 @@ fn help_version_and_a_helpful_error() {
     let bin = env!("CARGO_BIN_EXE_mycelctl");
     let v = Command::new(bin).arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&v.stdout).starts_with("mycelctl "));
-    let h = Command::new(bin)
-        .args(["dev", "cluster", "--help"])
-        .output()
-        .unwrap();
+    let h = Command::new(bin).args(["dev", "cluster", "--help"]).output().unwrap();
     let h = String::from_utf8_lossy(&h.stdout);
-    assert!(
-        h.contains("up") && h.contains("down") && h.contains("env"),
-        "{h}"
-    );
+    assert!(h.contains("up") && h.contains("down") && h.contains("env"), "{h}");
     let dir = std::env::temp_dir().join(format!("mycelctl-nocluster-{}", std::process::id()));
-    let e = Command::new(bin)
-        .args(["dev", "cluster", "env"])
-        .env("MYCEL_CLUSTER_DIR", &dir)
-        .output()
-        .unwrap();
+    let e =
+        Command::new(bin).args(["dev", "cluster", "env"]).env("MYCEL_CLUSTER_DIR", &dir).output().unwrap();
     assert!(!e.status.success());
     let msg = String::from_utf8_lossy(&e.stderr);
     assert!(msg.contains("mycelctl dev cluster up"), "{msg}");

@@ -107,21 +107,14 @@ pub struct Source {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(transparent)]
 pub struct Principal(
-    #[schemars(
-        length(min = 1, max = 512),
-        regex(pattern = r"^(\*|\*?[A-Za-z0-9._~/:%-]+\*?)$")
-    )]
-    pub String,
+    #[schemars(length(min = 1, max = 512), regex(pattern = r"^(\*|\*?[A-Za-z0-9._~/:%-]+\*?)$"))] pub String,
 );
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(transparent)]
 pub struct NamespaceName(
-    #[schemars(
-        length(min = 1, max = 63),
-        regex(pattern = r"^(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$")
-    )]
-    pub String,
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$"))]
+    pub  String,
 );
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

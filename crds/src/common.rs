@@ -121,9 +121,7 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, DurationError> {
     let mut total = 0f64;
     let mut rest = s;
     while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(err)?;
+        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(err)?;
         if num_len == 0 {
             return Err(err());
         }
@@ -176,10 +174,7 @@ pub struct StringMatch {
 ).message("set exactly one of exact, prefix, regex or present"))]
 pub struct NamedMatch {
     /// The header or query parameter name (case-insensitive for headers).
-    #[schemars(
-        length(min = 1, max = 256),
-        regex(pattern = r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$")
-    )]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$"))]
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]

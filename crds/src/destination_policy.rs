@@ -169,11 +169,7 @@ pub struct HttpPool {
 #[serde(rename_all = "camelCase")]
 pub struct OutlierDetection {
     /// Consecutive 5xx responses that eject an endpoint (0 turns this check off).
-    #[serde(
-        default,
-        rename = "consecutive5xxErrors",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, rename = "consecutive5xxErrors", skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
     pub consecutive_5xx_errors: Option<i32>,
     /// Consecutive 502/503/504 and connect failures that eject an endpoint.
@@ -216,10 +212,7 @@ pub enum ClientTlsMode {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Subset {
-    #[schemars(
-        length(min = 1, max = 63),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: String,
     /// Endpoints whose pods carry all these labels belong to the subset.
     #[x_kube(validation = Rule::new("self.size() > 0").message("a subset needs at least one label"))]

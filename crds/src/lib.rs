@@ -53,9 +53,8 @@ pub fn render_manifests() -> Vec<(String, String)> {
         files.push((file.clone(), format!("{HEADER}{yaml}")));
         resources.push(file);
     }
-    let mut kustomization = format!(
-        "{HEADER}apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n"
-    );
+    let mut kustomization =
+        format!("{HEADER}apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n");
     for r in resources {
         kustomization.push_str(&format!("- {r}\n"));
     }

@@ -41,20 +41,14 @@ pub struct MeshInstallationSpec {
     /// Name of this control-plane revision. Namespaces choose it with `mycel.io/rev=<revision>`;
     /// the revision `default` also serves `mycel.io/inject=enabled`. Immutable.
     #[serde(default = "default_revision")]
-    #[schemars(
-        length(min = 1, max = 32),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 32), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     #[x_kube(validation = Rule::new("self == oldSelf").message(
         "revision is immutable: create a second MeshInstallation with the new revision and move namespaces to it"
     ))]
     pub revision: String,
     /// Version (image tag) of the control plane and proxies; the operator's own version if unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(
-        length(min = 1, max = 128),
-        regex(pattern = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-    )]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"))]
     pub version: Option<String>,
     /// Image overrides, e.g. for a private registry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -192,17 +186,10 @@ pub struct CaSpec {
     /// or intermediate CA to sign workload certificates with, e.g. one issued by cert-manager.
     /// When unset the operator generates a self-signed root once and never overwrites it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(
-        length(min = 1, max = 253),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
     pub secret_name: Option<String>,
     /// Lifetime of workload certificates (default 24h); proxies rotate them at half-life.
-    #[serde(
-        default,
-        rename = "workloadCertTTL",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, rename = "workloadCertTTL", skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new(
         "duration(self) >= duration('10m') && duration(self) <= duration('2160h')"
     ).message("workloadCertTTL must be between 10m and 2160h (90 days)"))]

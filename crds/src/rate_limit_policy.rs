@@ -43,10 +43,7 @@ pub struct RateLimitPolicySpec {
     .message("burst must be at least requests").field_path(".burst"))]
 pub struct RateLimit {
     /// Shown in metrics and in the `x-mycel-ratelimit` response header.
-    #[schemars(
-        length(min = 1, max = 63),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: String,
     /// Requests allowed per `unit` (a `day` unit makes it a daily quota).
     #[schemars(range(min = 1, max = 1_000_000_000))]

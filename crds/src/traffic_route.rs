@@ -59,10 +59,7 @@ pub struct Host(
 pub struct HttpRoute {
     /// Name shown in metrics and logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(
-        length(min = 1, max = 63),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: Option<String>,
     /// Any one of these matches selects the rule; no match list selects every request.
     #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
@@ -137,10 +134,7 @@ pub struct Backend {
     pub port: Option<i32>,
     /// A subset defined by the DestinationPolicy of that Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(
-        length(min = 1, max = 63),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub subset: Option<String>,
     /// Share of traffic, 0–100; the weights of a rule's backends add up to 100.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -22,23 +22,12 @@ fn every_kind_has_status_and_ready_columns() {
         let name = crd.metadata.name.clone().unwrap_or_default();
         let v = &crd.spec.versions[0];
         assert!(
-            v.subresources
-                .as_ref()
-                .and_then(|s| s.status.as_ref())
-                .is_some(),
+            v.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(),
             "{name}: status subresource"
         );
-        let cols: Vec<_> = v
-            .additional_printer_columns
-            .iter()
-            .flatten()
-            .map(|c| c.name.as_str())
-            .collect();
+        let cols: Vec<_> = v.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
         for want in ["Ready", "Reason", "Age"] {
-            assert!(
-                cols.contains(&want),
-                "{name} lacks printer column {want}: {cols:?}"
-            );
+            assert!(cols.contains(&want), "{name} lacks printer column {want}: {cols:?}");
         }
     }
 }

@@ -10,9 +10,7 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("MYCEL_CACHE_DIR") {
         return PathBuf::from(d);
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
     home.join(".cache").join("mycel")
 }
 
@@ -37,17 +35,9 @@ pub fn ensure() -> Result<PathBuf, Error> {
             out.status
         )));
     }
-    let dir = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .trim()
-        .to_string();
+    let dir = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim().to_string();
     if dir.is_empty() {
-        return Err(Error::Command(format!(
-            "{} printed no directory",
-            script.display()
-        )));
+        return Err(Error::Command(format!("{} printed no directory", script.display())));
     }
     Ok(PathBuf::from(dir))
 }

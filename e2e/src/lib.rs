@@ -28,10 +28,7 @@ use kube::{
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("certificate generation failed: {0}")]
     Pki(String),
     #[error("{0}")]
@@ -67,21 +64,13 @@ impl TestCluster {
     /// (started on first use, reused after).
     pub async fn shared() -> Result<TestCluster, Error> {
         if let Some(path) = std::env::var_os("MYCEL_E2E_KUBECONFIG") {
-            return Ok(TestCluster {
-                kubeconfig: path.into(),
-                kubectl: "kubectl".into(),
-                local: None,
-            });
+            return Ok(TestCluster { kubeconfig: path.into(), kubectl: "kubectl".into(), local: None });
         }
         let state = local::LocalCluster::default_state_dir();
         let c = tokio::task::spawn_blocking(move || local::LocalCluster::ensure_up(&state))
             .await
             .map_err(|e| Error::Command(format!("cluster start panicked: {e}")))??;
-        Ok(TestCluster {
-            kubeconfig: c.kubeconfig(),
-            kubectl: c.bin_dir().join("kubectl"),
-            local: Some(c),
-        })
+        Ok(TestCluster { kubeconfig: c.kubeconfig(), kubectl: c.bin_dir().join("kubectl"), local: Some(c) })
     }
 
     /// The local cluster behind this handle, if it is one.
@@ -99,11 +88,9 @@ impl TestCluster {
             path: self.kubeconfig.display().to_string(),
             message: e.to_string(),
         })?;
-        let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-            .await
-            .map_err(|e| Error::Kubeconfig {
-                path: self.kubeconfig.display().to_string(),
-                message: e.to_string(),
+        let config =
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.map_err(|e| {
+                Error::Kubeconfig { path: self.kubeconfig.display().to_string(), message: e.to_string() }
             })?;
         Ok(Client::try_from(config)?)
     }
@@ -122,9 +109,7 @@ impl TestCluster {
         let ns: Namespace = serde_json::from_value(serde_json::json!({
             "metadata": { "name": name, "labels": { "mycel.io/e2e": "true" } }
         }))?;
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &ns)
-            .await?;
+        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
         Ok(TestNamespace { name, client })
     }
 }
@@ -138,9 +123,7 @@ pub struct TestNamespace {
 
 impl TestNamespace {
     pub async fn delete(self) -> Result<(), Error> {
-        Api::<Namespace>::all(self.client)
-            .delete(&self.name, &DeleteParams::background())
-            .await?;
+        Api::<Namespace>::all(self.client).delete(&self.name, &DeleteParams::background()).await?;
         Ok(())
     }
 }
@@ -152,12 +135,7 @@ fn unique_suffix() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!(
-        "{:x}{:x}{}",
-        std::process::id() % 4096,
-        nanos % 65536,
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{:x}{:x}{}", std::process::id() % 4096, nanos % 65536, N.fetch_add(1, Ordering::Relaxed))
 }
 
 impl TestCluster {
@@ -169,18 +147,13 @@ impl TestCluster {
         let mut child = self
             .kubectl()
             .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(Error::io(&self.kubectl))?;
         if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(input.as_bytes())
-                .map_err(Error::io("kubectl stdin"))?;
+            pipe.write_all(input.as_bytes()).map_err(Error::io("kubectl stdin"))?;
         }
         let out = child.wait_with_output().map_err(Error::io(&self.kubectl))?;
         if !out.status.success() {
@@ -203,14 +176,7 @@ impl TestCluster {
         let dir = Self::repo_root().join("config/crd");
         let dir = dir.display().to_string();
         self.kubectl_run(
-            &[
-                "apply",
-                "--server-side",
-                "--force-conflicts",
-                "--field-manager=mycel-e2e",
-                "-k",
-                &dir,
-            ],
+            &["apply", "--server-side", "--force-conflicts", "--field-manager=mycel-e2e", "-k", &dir],
             None,
         )?;
         let names: Vec<String> = mycel_crds::all_crds()

@@ -101,10 +101,7 @@ impl LocalCluster {
         if procs.is_empty() || !procs.iter().all(|p| p.alive()) {
             return None;
         }
-        let c = LocalCluster {
-            state_dir: state_dir.to_path_buf(),
-            info,
-        };
+        let c = LocalCluster { state_dir: state_dir.to_path_buf(), info };
         c.api_ready().then_some(c)
     }
 
@@ -170,11 +167,7 @@ fn start(state: &Path, bin_dir: PathBuf) -> Result<LocalCluster, Error> {
     let server = format!("https://127.0.0.1:{api_port}");
     let clients = [
         ("admin", "kubernetes-admin", vec!["system:masters"]),
-        (
-            "controller-manager",
-            "system:kube-controller-manager",
-            vec![],
-        ),
+        ("controller-manager", "system:kube-controller-manager", vec![]),
         ("scheduler", "system:kube-scheduler", vec![]),
         ("kwok", "kwok-controller", vec!["system:masters"]),
     ];
@@ -197,10 +190,7 @@ fn start(state: &Path, bin_dir: PathBuf) -> Result<LocalCluster, Error> {
             .map(|d| d.as_secs())
             .unwrap_or(0),
     };
-    let cluster = LocalCluster {
-        state_dir: state.to_path_buf(),
-        info,
-    };
+    let cluster = LocalCluster { state_dir: state.to_path_buf(), info };
     let p = |name: &str| pki_dir.join(name).display().to_string();
     let s = |name: &str| state.join(name).display().to_string();
 
@@ -226,9 +216,7 @@ fn start(state: &Path, bin_dir: PathBuf) -> Result<LocalCluster, Error> {
             "--log-level=warn".into(),
         ],
     )?;
-    wait_for_proc(state, "etcd", &mut etcd, Duration::from_secs(30), || {
-        port_open(etcd_port)
-    })?;
+    wait_for_proc(state, "etcd", &mut etcd, Duration::from_secs(30), || port_open(etcd_port))?;
 
     // --- kube-apiserver
     let mut apiserver = spawn(
@@ -255,13 +243,7 @@ fn start(state: &Path, bin_dir: PathBuf) -> Result<LocalCluster, Error> {
             "--v=1".into(),
         ],
     )?;
-    wait_for_proc(
-        state,
-        "kube-apiserver",
-        &mut apiserver,
-        Duration::from_secs(90),
-        || cluster.api_ready(),
-    )?;
+    wait_for_proc(state, "kube-apiserver", &mut apiserver, Duration::from_secs(90), || cluster.api_ready())?;
 
     // --- controller manager, scheduler, kwok
     let kcm_port = free_port()?;
@@ -271,14 +253,8 @@ fn start(state: &Path, bin_dir: PathBuf) -> Result<LocalCluster, Error> {
         &bin_dir.join("kube-controller-manager"),
         &[
             format!("--kubeconfig={}", s("controller-manager.kubeconfig")),
-            format!(
-                "--authentication-kubeconfig={}",
-                s("controller-manager.kubeconfig")
-            ),
-            format!(
-                "--authorization-kubeconfig={}",
-                s("controller-manager.kubeconfig")
-            ),
+            format!("--authentication-kubeconfig={}", s("controller-manager.kubeconfig")),
+            format!("--authorization-kubeconfig={}", s("controller-manager.kubeconfig")),
             "--bind-address=127.0.0.1".into(),
             format!("--secure-port={kcm_port}"),
             format!("--service-account-private-key-file={}", p("sa.key")),
@@ -324,11 +300,8 @@ fn start(state: &Path, bin_dir: PathBuf) -> Result<LocalCluster, Error> {
         ],
     )?;
 
-    fs::write(
-        state.join("cluster.json"),
-        serde_json::to_vec_pretty(&cluster.info)?,
-    )
-    .map_err(Error::io(state))?;
+    fs::write(state.join("cluster.json"), serde_json::to_vec_pretty(&cluster.info)?)
+        .map_err(Error::io(state))?;
 
     // The fake node, and proof that the controllers work: the node turns Ready and the
     // service-account controller populates the default namespace.
@@ -336,36 +309,14 @@ fn start(state: &Path, bin_dir: PathBuf) -> Result<LocalCluster, Error> {
     wait_for("the kwok node to be Ready", Duration::from_secs(60), || {
         kubectl_out(
             &cluster,
-            &[
-                "get",
-                "node",
-                FAKE_NODE,
-                "-o",
-                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
-            ],
+            &["get", "node", FAKE_NODE, "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"],
         )
         .map(|s| s == "True")
         .unwrap_or(false)
     })?;
-    wait_for(
-        "the default service account",
-        Duration::from_secs(60),
-        || {
-            kubectl_out(
-                &cluster,
-                &[
-                    "get",
-                    "serviceaccount",
-                    "default",
-                    "-n",
-                    "default",
-                    "-o",
-                    "name",
-                ],
-            )
-            .is_ok()
-        },
-    )?;
+    wait_for("the default service account", Duration::from_secs(60), || {
+        kubectl_out(&cluster, &["get", "serviceaccount", "default", "-n", "default", "-o", "name"]).is_ok()
+    })?;
     Ok(cluster)
 }
 
@@ -437,9 +388,7 @@ fn kubectl_apply(c: &LocalCluster, manifest: &str) -> Result<(), Error> {
         .spawn()
         .map_err(Error::io("kubectl"))?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(manifest.as_bytes())
-            .map_err(Error::io("kubectl stdin"))?;
+        stdin.write_all(manifest.as_bytes()).map_err(Error::io("kubectl stdin"))?;
     }
     let out = child.wait_with_output().map_err(Error::io("kubectl"))?;
     if !out.status.success() {
@@ -452,15 +401,9 @@ fn kubectl_apply(c: &LocalCluster, manifest: &str) -> Result<(), Error> {
 }
 
 fn kubectl_out(c: &LocalCluster, args: &[&str]) -> Result<String, Error> {
-    let out = c
-        .kubectl()
-        .args(args)
-        .output()
-        .map_err(Error::io("kubectl"))?;
+    let out = c.kubectl().args(args).output().map_err(Error::io("kubectl"))?;
     if !out.status.success() {
-        return Err(Error::Command(
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ));
+        return Err(Error::Command(String::from_utf8_lossy(&out.stderr).into_owned()));
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -498,16 +441,8 @@ fn wait_for_proc(
     if r.is_ok() && exited.is_none() {
         return Ok(());
     }
-    let log =
-        fs::read_to_string(state.join("logs").join(format!("{name}.log"))).unwrap_or_default();
-    let tail: Vec<&str> = log
-        .lines()
-        .rev()
-        .take(8)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
+    let log = fs::read_to_string(state.join("logs").join(format!("{name}.log"))).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect();
     Err(Error::Command(format!(
         "{name} {} (log {}):\n{}",
         match exited {
@@ -526,10 +461,7 @@ fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Resu
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(Error::Timeout(format!(
-                "{what} (after {}s)",
-                timeout.as_secs()
-            )));
+            return Err(Error::Timeout(format!("{what} (after {}s)", timeout.as_secs())));
         }
         sleep(Duration::from_millis(200));
     }
@@ -552,11 +484,7 @@ impl Proc {
             return false;
         };
         // A zombie (state Z) has exited; only its parent has not reaped it yet.
-        let zombie = stat
-            .rsplit(')')
-            .next()
-            .map(|r| r.trim_start().starts_with('Z'))
-            .unwrap_or(true);
+        let zombie = stat.rsplit(')').next().map(|r| r.trim_start().starts_with('Z')).unwrap_or(true);
         let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
         !zombie && String::from_utf8_lossy(argv0).ends_with(&self.name)
     }
@@ -590,21 +518,14 @@ fn read_pids(state: &Path) -> Vec<Proc> {
         .lines()
         .filter_map(|l| {
             let (name, pid) = l.split_once(' ')?;
-            Some(Proc {
-                name: name.to_string(),
-                pid: pid.trim().parse().ok()?,
-            })
+            Some(Proc { name: name.to_string(), pid: pid.trim().parse().ok()? })
         })
         .collect()
 }
 
 /// SIGTERM to every recorded process (newest first), SIGKILL to those still there after 10 s.
 fn stop_processes(state: &Path) {
-    let procs: Vec<Proc> = read_pids(state)
-        .into_iter()
-        .rev()
-        .filter(|p| p.alive())
-        .collect();
+    let procs: Vec<Proc> = read_pids(state).into_iter().rev().filter(|p| p.alive()).collect();
     for p in &procs {
         // SAFETY: plain syscall on a pid we verified belongs to our program.
         unsafe { libc::kill(p.pid, libc::SIGTERM) };
@@ -625,11 +546,8 @@ fn stop_processes(state: &Path) {
 /// the harness still works, and says once that the safety net is missing.
 fn blackhole_routes(add: bool) {
     for cidr in [SERVICE_CIDR, FAKE_POD_CIDR] {
-        let args = if add {
-            ["route", "replace", "blackhole", cidr]
-        } else {
-            ["route", "del", "blackhole", cidr]
-        };
+        let args =
+            if add { ["route", "replace", "blackhole", cidr] } else { ["route", "del", "blackhole", cidr] };
         let ok = Command::new("ip")
             .args(args)
             .stdout(Stdio::null())

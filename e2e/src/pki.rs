@@ -5,8 +5,8 @@
 use std::{net::IpAddr, path::Path};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, SanType,
 };
 
 use crate::Error;
@@ -32,24 +32,13 @@ impl Ca {
         let key = KeyPair::generate().map_err(rc)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
+        params.distinguished_name.push(DnType::CommonName, common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let cert = params.self_signed(&key).map_err(rc)?;
-        let pem = Pem {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-        };
-        Ok(Ca {
-            pem,
-            issuer: Issuer::new(params, key),
-        })
+        let pem = Pem { cert: cert.pem(), key: key.serialize_pem() };
+        Ok(Ca { pem, issuer: Issuer::new(params, key) })
     }
 
     /// A client certificate for `CN=<user>, O=<groups…>` as the API server reads it.
@@ -61,10 +50,7 @@ impl Ca {
             params.distinguished_name.push(DnType::OrganizationName, *g);
         }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         self.sign(params)
     }
 
@@ -72,35 +58,23 @@ impl Ca {
     pub fn server(&self, common_name: &str, dns: &[&str], ips: &[IpAddr]) -> Result<Pem, Error> {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
+        params.distinguished_name.push(DnType::CommonName, common_name);
         for d in dns {
-            params
-                .subject_alt_names
-                .push(SanType::DnsName((*d).try_into().map_err(rc)?));
+            params.subject_alt_names.push(SanType::DnsName((*d).try_into().map_err(rc)?));
         }
         for ip in ips {
             params.subject_alt_names.push(SanType::IpAddress(*ip));
         }
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         self.sign(params)
     }
 
     fn sign(&self, params: CertificateParams) -> Result<Pem, Error> {
         let key = KeyPair::generate().map_err(rc)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(rc)?;
-        Ok(Pem {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-        })
+        Ok(Pem { cert: cert.pem(), key: key.serialize_pem() })
     }
 }
 

@@ -14,10 +14,7 @@ use crate::{Error, TestCluster};
 pub fn workspace_binary(name: &str) -> Result<PathBuf, Error> {
     let exe = std::env::current_exe().map_err(Error::io("current_exe"))?;
     let dir = exe.parent().and_then(|deps| deps.parent()).ok_or_else(|| {
-        Error::Command(format!(
-            "cannot locate the target directory from {}",
-            exe.display()
-        ))
+        Error::Command(format!("cannot locate the target directory from {}", exe.display()))
     })?;
     let bin = dir.join(name);
     if !bin.exists() {
@@ -37,24 +34,29 @@ pub struct OperatorProcess {
 }
 
 impl OperatorProcess {
-    /// Starts the operator reconciling only `namespace`.
+    /// Starts the operator reconciling only `namespace` (and holding its Lease there, with a
+    /// 4 s lease renewed every second, so that failover tests are quick).
     pub fn start(cluster: &TestCluster, namespace: &str) -> Result<OperatorProcess, Error> {
+        Self::start_with(cluster, namespace, &["--lease-duration-secs", "4", "--lease-renew-secs", "1"])
+    }
+
+    /// Like [`OperatorProcess::start`], with extra arguments to `run`.
+    pub fn start_with(
+        cluster: &TestCluster,
+        namespace: &str,
+        extra: &[&str],
+    ) -> Result<OperatorProcess, Error> {
         let bin = workspace_binary("mycel-operator")?;
         let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(Error::io("127.0.0.1:0"))?
             .port();
-        let log = std::env::temp_dir().join(format!("mycel-operator-{namespace}.log"));
+        let log = std::env::temp_dir().join(format!("mycel-operator-{namespace}-{admin_port}.log"));
         let out = std::fs::File::create(&log).map_err(Error::io(&log))?;
         let err = out.try_clone().map_err(Error::io(&log))?;
         let child = Command::new(bin)
-            .args([
-                "run",
-                "--namespace",
-                namespace,
-                "--admin-addr",
-                &format!("127.0.0.1:{admin_port}"),
-            ])
+            .args(["run", "--namespace", namespace, "--admin-addr", &format!("127.0.0.1:{admin_port}")])
+            .args(extra)
             .env("KUBECONFIG", cluster.kubeconfig())
             .env("RUST_LOG", "info,kube=warn")
             .stdin(Stdio::null())
@@ -62,27 +64,29 @@ impl OperatorProcess {
             .stderr(err)
             .spawn()
             .map_err(Error::io("mycel-operator"))?;
-        Ok(OperatorProcess {
-            child,
-            admin_port,
-            log,
-        })
+        Ok(OperatorProcess { child, admin_port, log })
     }
 
     /// GET `path` on the operator's admin port.
     pub fn admin_get(&self, path: &str) -> Result<String, Error> {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.admin_port))
+        let mut s =
+            std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).map_err(Error::io("admin port"))?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             .map_err(Error::io("admin port"))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )
-        .map_err(Error::io("admin port"))?;
         let mut body = String::new();
-        s.read_to_string(&mut body)
-            .map_err(Error::io("admin port"))?;
+        s.read_to_string(&mut body).map_err(Error::io("admin port"))?;
         Ok(body)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the process at once (no graceful shutdown, no lease release): a crash.
+    pub fn crash(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// The log so far (for assertion messages).

@@ -21,14 +21,9 @@ async fn components_report_the_version_they_were_built_from() {
     let c = TestCluster::shared().await.unwrap();
     let v = c.client().await.unwrap().apiserver_version().await.unwrap();
     if c.local().is_some() {
-        assert_eq!(
-            v.git_version, "v1.34.4",
-            "kube-apiserver reports its module version"
-        );
+        assert_eq!(v.git_version, "v1.34.4", "kube-apiserver reports its module version");
     }
-    let nodes = c
-        .kubectl_run(&["get", "nodes", "-o", "wide"], None)
-        .unwrap();
+    let nodes = c.kubectl_run(&["get", "nodes", "-o", "wide"], None).unwrap();
     assert!(nodes.contains("Ready"), "{nodes}");
 }
 
@@ -53,43 +48,25 @@ async fn deployments_become_available_with_running_pods() {
         }
     }))
     .unwrap();
-    deployments
-        .create(&PostParams::default(), &d)
-        .await
-        .unwrap();
+    deployments.create(&PostParams::default(), &d).await.unwrap();
     let available = |obj: Option<&Deployment>| {
         obj.and_then(|d| d.status.as_ref())
             .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| c.type_ == "Available" && c.status == "True")
-            })
-            && obj
-                .and_then(|d| d.status.as_ref())
-                .and_then(|s| s.available_replicas)
-                == Some(3)
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Available" && c.status == "True"))
+            && obj.and_then(|d| d.status.as_ref()).and_then(|s| s.available_replicas) == Some(3)
     };
-    tokio::time::timeout(
-        Duration::from_secs(90),
-        await_condition(deployments.clone(), "echo", available),
-    )
-    .await
-    .expect("Deployment Available within 90s")
-    .unwrap();
-    let pods: Api<Pod> = Api::namespaced(client, &ns.name);
-    let list = pods
-        .list(&ListParams::default().labels("app=echo"))
+    tokio::time::timeout(Duration::from_secs(90), await_condition(deployments.clone(), "echo", available))
         .await
+        .expect("Deployment Available within 90s")
         .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client, &ns.name);
+    let list = pods.list(&ListParams::default().labels("app=echo")).await.unwrap();
     assert_eq!(list.items.len(), 3);
     for p in &list.items {
         let status = p.status.as_ref().unwrap();
         assert_eq!(status.phase.as_deref(), Some("Running"));
         assert!(status.pod_ip.is_some(), "pod has an IP");
-        assert!(
-            p.spec.as_ref().unwrap().node_name.is_some(),
-            "pod scheduled"
-        );
+        assert!(p.spec.as_ref().unwrap().node_name.is_some(), "pod scheduled");
     }
     ns.delete().await.unwrap();
 }
@@ -103,19 +80,8 @@ async fn service_account_tokens_pass_token_review() {
     let sa: ServiceAccount =
         serde_json::from_value(serde_json::json!({"metadata": {"name": "app"}})).unwrap();
     sas.create(&PostParams::default(), &sa).await.unwrap();
-    let token = c
-        .kubectl_run(
-            &[
-                "create",
-                "token",
-                "app",
-                "-n",
-                &ns.name,
-                "--audience=mycel-test",
-            ],
-            None,
-        )
-        .unwrap();
+    let token =
+        c.kubectl_run(&["create", "token", "app", "-n", &ns.name, "--audience=mycel-test"], None).unwrap();
     let review = |token: String| -> TokenReview {
         serde_json::from_value(serde_json::json!({
             "spec": { "token": token.trim(), "audiences": ["mycel-test"] }
@@ -123,10 +89,7 @@ async fn service_account_tokens_pass_token_review() {
         .unwrap()
     };
     let reviews: Api<TokenReview> = Api::all(client);
-    let ok = reviews
-        .create(&PostParams::default(), &review(token.clone()))
-        .await
-        .unwrap();
+    let ok = reviews.create(&PostParams::default(), &review(token.clone())).await.unwrap();
     let status = ok.status.unwrap();
     assert_eq!(status.authenticated, Some(true), "{status:?}");
     assert_eq!(
@@ -136,15 +99,8 @@ async fn service_account_tokens_pass_token_review() {
     // A token whose signature was tampered with is not accepted.
     let mut forged = token.trim().to_string();
     forged.pop();
-    forged.push(if token.trim().ends_with('A') {
-        'B'
-    } else {
-        'A'
-    });
-    let bad = reviews
-        .create(&PostParams::default(), &review(forged))
-        .await
-        .unwrap();
+    forged.push(if token.trim().ends_with('A') { 'B' } else { 'A' });
+    let bad = reviews.create(&PostParams::default(), &review(forged)).await.unwrap();
     assert_ne!(bad.status.unwrap().authenticated, Some(true));
     ns.delete().await.unwrap();
 }
@@ -153,10 +109,7 @@ async fn service_account_tokens_pass_token_review() {
 async fn the_whole_install_applies_and_the_operator_deployment_becomes_available() {
     let c = TestCluster::shared().await.unwrap();
     c.install_crds().unwrap();
-    let dir = TestCluster::repo_root()
-        .join("config/default")
-        .display()
-        .to_string();
+    let dir = TestCluster::repo_root().join("config/default").display().to_string();
     let rendered = c.kubectl_run(&["kustomize", &dir], None).unwrap();
     for kind in [
         "CustomResourceDefinition",
@@ -166,23 +119,12 @@ async fn the_whole_install_applies_and_the_operator_deployment_becomes_available
         "Deployment",
         "Namespace",
     ] {
-        assert!(
-            rendered.contains(&format!("kind: {kind}\n")),
-            "config/default lacks a {kind}"
-        );
+        assert!(rendered.contains(&format!("kind: {kind}\n")), "config/default lacks a {kind}");
     }
     // The whole install applies as a user (or Argo CD / Flux) would apply it, and the operator's
     // Deployment is scheduled and becomes Available (on the kwok node).
-    let out = c
-        .kubectl_run(
-            &["apply", "--server-side", "--force-conflicts", "-k", &dir],
-            None,
-        )
-        .unwrap();
-    assert!(
-        out.contains("deployment.apps/mycel-operator serverside-applied"),
-        "{out}"
-    );
+    let out = c.kubectl_run(&["apply", "--server-side", "--force-conflicts", "-k", &dir], None).unwrap();
+    assert!(out.contains("deployment.apps/mycel-operator serverside-applied"), "{out}");
     c.kubectl_run(
         &[
             "wait",
@@ -198,11 +140,7 @@ async fn the_whole_install_applies_and_the_operator_deployment_becomes_available
     // Remove what this test installed except the CRDs, which other tests share.
     for sub in ["config/operator", "config/rbac"] {
         let d = TestCluster::repo_root().join(sub).display().to_string();
-        c.kubectl_run(
-            &["delete", "--ignore-not-found", "--wait=false", "-k", &d],
-            None,
-        )
-        .unwrap();
+        c.kubectl_run(&["delete", "--ignore-not-found", "--wait=false", "-k", &d], None).unwrap();
     }
 }
 
@@ -215,10 +153,7 @@ async fn a_crashed_cluster_is_replaced_and_down_leaves_nothing() {
     }
     let dir = std::env::temp_dir().join(format!("mycel-crash-test-{}", std::process::id()));
     let d = dir.clone();
-    let first = tokio::task::spawn_blocking(move || LocalCluster::ensure_up(&d))
-        .await
-        .unwrap()
-        .unwrap();
+    let first = tokio::task::spawn_blocking(move || LocalCluster::ensure_up(&d)).await.unwrap().unwrap();
     let pids_of = |dir: &std::path::Path| -> Vec<i32> {
         std::fs::read_to_string(dir.join("pids"))
             .unwrap_or_default()
@@ -227,46 +162,24 @@ async fn a_crashed_cluster_is_replaced_and_down_leaves_nothing() {
             .collect()
     };
     let before = pids_of(&dir);
-    assert_eq!(
-        before.len(),
-        5,
-        "etcd, apiserver, controller-manager, scheduler, kwok"
-    );
+    assert_eq!(before.len(), 5, "etcd, apiserver, controller-manager, scheduler, kwok");
     let apiserver = before[1];
     // SAFETY: signalling a process this test started.
     unsafe { libc::kill(apiserver, libc::SIGKILL) };
     let d = dir.clone();
-    let second = tokio::task::spawn_blocking(move || LocalCluster::ensure_up(&d))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_ne!(
-        first.info.api_port, second.info.api_port,
-        "a new cluster, not the broken one"
-    );
+    let second = tokio::task::spawn_blocking(move || LocalCluster::ensure_up(&d)).await.unwrap().unwrap();
+    assert_ne!(first.info.api_port, second.info.api_port, "a new cluster, not the broken one");
     let alive = |pid: i32| {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| {
-                !s.rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start()
-                    .starts_with('Z')
-            })
+            .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
             .unwrap_or(false)
     };
     for pid in &before {
-        assert!(
-            !alive(*pid),
-            "leftover process {pid} of the crashed cluster still runs"
-        );
+        assert!(!alive(*pid), "leftover process {pid} of the crashed cluster still runs");
     }
     let after = pids_of(&dir);
     let d = dir.clone();
-    tokio::task::spawn_blocking(move || LocalCluster::down(&d))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::task::spawn_blocking(move || LocalCluster::down(&d)).await.unwrap().unwrap();
     for pid in &after {
         assert!(!alive(*pid), "process {pid} survived `down`");
     }

@@ -20,16 +20,7 @@ async fn every_sample_applies_and_kubectl_shows_ready_columns() {
     let ns = c.namespace("samples").await.unwrap();
     let samples = TestCluster::repo_root().join("config/samples");
     let out = c
-        .kubectl_run(
-            &[
-                "apply",
-                "-n",
-                &ns.name,
-                "-k",
-                &samples.display().to_string(),
-            ],
-            None,
-        )
+        .kubectl_run(&["apply", "-n", &ns.name, "-k", &samples.display().to_string()], None)
         .expect("every sample is accepted");
     for kind in [
         "meshinstallation",
@@ -39,10 +30,7 @@ async fn every_sample_applies_and_kubectl_shows_ready_columns() {
         "authorizationpolicy",
         "ratelimitpolicy",
     ] {
-        assert!(
-            out.contains(&format!("{kind}.mycel.io/")),
-            "{kind} missing in:\n{out}"
-        );
+        assert!(out.contains(&format!("{kind}.mycel.io/")), "{kind} missing in:\n{out}");
     }
 
     // The columns a user reads at a glance, for every kind.
@@ -57,45 +45,19 @@ async fn every_sample_applies_and_kubectl_shows_ready_columns() {
         let table = c.kubectl_run(&["get", kind, "-n", &ns.name], None).unwrap();
         let header = table.lines().next().unwrap_or_default();
         for col in extra.iter().chain(&["NAME", "READY", "REASON", "AGE"]) {
-            assert!(
-                header.split_whitespace().any(|h| h == *col),
-                "{kind}: no {col} column in {header:?}"
-            );
+            assert!(header.split_whitespace().any(|h| h == *col), "{kind}: no {col} column in {header:?}");
         }
-        assert_eq!(
-            table.lines().count(),
-            2,
-            "{kind}: one sample row expected:\n{table}"
-        );
+        assert_eq!(table.lines().count(), 2, "{kind}: one sample row expected:\n{table}");
     }
-    let mi = c
-        .kubectl_run(&["get", "mi", "mesh", "-n", &ns.name], None)
-        .unwrap();
-    assert!(
-        mi.lines().nth(1).unwrap_or_default().contains("default"),
-        "revision shown:\n{mi}"
-    );
+    let mi = c.kubectl_run(&["get", "mi", "mesh", "-n", &ns.name], None).unwrap();
+    assert!(mi.lines().nth(1).unwrap_or_default().contains("default"), "revision shown:\n{mi}");
 
     // Defaults are applied by the API server, so GitOps diffs and the operator see them.
-    let json = c
-        .kubectl_run(
-            &[
-                "get",
-                "trafficroute",
-                "reviews",
-                "-n",
-                &ns.name,
-                "-o",
-                "json",
-            ],
-            None,
-        )
-        .unwrap();
+    let json =
+        c.kubectl_run(&["get", "trafficroute", "reviews", "-n", &ns.name, "-o", "json"], None).unwrap();
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["spec"]["http"][1]["backends"][0]["weight"], 90);
-    let json = c
-        .kubectl_run(&["get", "mi", "mesh", "-n", &ns.name, "-o", "json"], None)
-        .unwrap();
+    let json = c.kubectl_run(&["get", "mi", "mesh", "-n", &ns.name, "-o", "json"], None).unwrap();
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["spec"]["telemetry"]["metrics"]["enabled"], true);
     ns.delete().await.unwrap();
@@ -105,9 +67,7 @@ async fn every_sample_applies_and_kubectl_shows_ready_columns() {
 async fn defaults_fill_an_empty_mesh_installation() {
     let c = cluster().await;
     let ns = c.namespace("defaults").await.unwrap();
-    let created = create(&c, &ns.name, "MeshInstallation", serde_json::json!({}))
-        .await
-        .unwrap();
+    let created = create(&c, &ns.name, "MeshInstallation", serde_json::json!({})).await.unwrap();
     assert_eq!(created["spec"]["revision"], "default");
     assert_eq!(created["spec"]["profile"], "default");
     assert_eq!(created["spec"]["trustDomain"], "cluster.local");
@@ -147,26 +107,10 @@ async fn wrong_resources_are_rejected_naming_the_field() {
     // (kind, spec, what the message must contain: the field path and the explanation)
     let cases = [
         // enums
-        (
-            "MeshInstallation",
-            json!({"profile": "huge"}),
-            vec!["spec.profile", "supported values"],
-        ),
-        (
-            "MeshInstallation",
-            json!({"mtls": {"mode": "strict"}}),
-            vec!["spec.mtls.mode", "STRICT"],
-        ),
-        (
-            "PeerAuthentication",
-            json!({"mtls": {"mode": "ON"}}),
-            vec!["spec.mtls.mode"],
-        ),
-        (
-            "AuthorizationPolicy",
-            json!({"action": "REJECT"}),
-            vec!["spec.action"],
-        ),
+        ("MeshInstallation", json!({"profile": "huge"}), vec!["spec.profile", "supported values"]),
+        ("MeshInstallation", json!({"mtls": {"mode": "strict"}}), vec!["spec.mtls.mode", "STRICT"]),
+        ("PeerAuthentication", json!({"mtls": {"mode": "ON"}}), vec!["spec.mtls.mode"]),
+        ("AuthorizationPolicy", json!({"action": "REJECT"}), vec!["spec.action"]),
         (
             "DestinationPolicy",
             json!({"host": "a", "loadBalancer": {"algorithm": "Fastest"}}),
@@ -183,31 +127,15 @@ async fn wrong_resources_are_rejected_naming_the_field() {
             json!({"controlPlane": {"replicas": 0}}),
             vec!["spec.controlPlane.replicas", "greater than or equal to 1"],
         ),
-        (
-            "MeshInstallation",
-            json!({"revision": "Canary_1"}),
-            vec!["spec.revision"],
-        ),
+        ("MeshInstallation", json!({"revision": "Canary_1"}), vec!["spec.revision"]),
         (
             "MeshInstallation",
             json!({"telemetry": {"tracing": {"samplingPercent": 150}}}),
             vec!["spec.telemetry.tracing.samplingPercent"],
         ),
-        (
-            "TrafficRoute",
-            json!({"http": [{"backends": [{"service": "a"}]}]}),
-            vec!["spec.hosts", "Required"],
-        ),
-        (
-            "DestinationPolicy",
-            json!({}),
-            vec!["spec.host", "Required"],
-        ),
-        (
-            "RateLimitPolicy",
-            json!({"limits": []}),
-            vec!["spec.limits"],
-        ),
+        ("TrafficRoute", json!({"http": [{"backends": [{"service": "a"}]}]}), vec!["spec.hosts", "Required"]),
+        ("DestinationPolicy", json!({}), vec!["spec.host", "Required"]),
+        ("RateLimitPolicy", json!({"limits": []}), vec!["spec.limits"]),
         (
             "TrafficRoute",
             json!({"hosts": ["a"], "http": [{"backends": [{"service": "a", "port": 70000}]}]}),
@@ -224,11 +152,7 @@ async fn wrong_resources_are_rejected_naming_the_field() {
             json!({"hosts": ["reviews"], "tcp": [{"backends": [{"service": "a", "weight": 60}, {"service": "b"}]}]}),
             vec!["spec.tcp[0].backends", "weights must add up to 100"],
         ),
-        (
-            "TrafficRoute",
-            json!({"hosts": ["reviews"]}),
-            vec!["spec", "at least one http or tcp rule"],
-        ),
+        ("TrafficRoute", json!({"hosts": ["reviews"]}), vec!["spec", "at least one http or tcp rule"]),
         (
             "TrafficRoute",
             json!({"hosts": ["r"], "http": [{"timeout": "0s", "backends": [{"service": "a"}]}]}),
@@ -242,10 +166,7 @@ async fn wrong_resources_are_rejected_naming_the_field() {
         (
             "TrafficRoute",
             json!({"hosts": ["r"], "http": [{"match": [{"path": {"exact": "/a", "prefix": "/"}}], "backends": [{"service": "a"}]}]}),
-            vec![
-                "spec.http[0].match[0].path",
-                "exactly one of exact, prefix or regex",
-            ],
+            vec!["spec.http[0].match[0].path", "exactly one of exact, prefix or regex"],
         ),
         (
             "TrafficRoute",
@@ -255,10 +176,7 @@ async fn wrong_resources_are_rejected_naming_the_field() {
         (
             "TrafficRoute",
             json!({"hosts": ["r"], "http": [{"fault": {"abort": {"percent": 5}}, "backends": [{"service": "a"}]}]}),
-            vec![
-                "spec.http[0].fault.abort",
-                "exactly one of httpStatus or grpcStatus",
-            ],
+            vec!["spec.http[0].fault.abort", "exactly one of httpStatus or grpcStatus"],
         ),
         (
             "PeerAuthentication",
@@ -273,18 +191,12 @@ async fn wrong_resources_are_rejected_naming_the_field() {
         (
             "DestinationPolicy",
             json!({"host": "a", "loadBalancer": {"algorithm": "ConsistentHash"}}),
-            vec![
-                "spec.loadBalancer.consistentHash",
-                "required when algorithm is ConsistentHash",
-            ],
+            vec!["spec.loadBalancer.consistentHash", "required when algorithm is ConsistentHash"],
         ),
         (
             "DestinationPolicy",
             json!({"host": "a", "loadBalancer": {"algorithm": "ConsistentHash", "consistentHash": {"header": "x", "sourceIp": true}}}),
-            vec![
-                "spec.loadBalancer.consistentHash",
-                "exactly one of header, cookie or sourceIp",
-            ],
+            vec!["spec.loadBalancer.consistentHash", "exactly one of header, cookie or sourceIp"],
         ),
         (
             "DestinationPolicy",
@@ -314,10 +226,7 @@ async fn wrong_resources_are_rejected_naming_the_field() {
         (
             "MeshInstallation",
             json!({"telemetry": {"tracing": {"samplingPercent": 10}}}),
-            vec![
-                "spec.telemetry.tracing.otlpEndpoint",
-                "otlpEndpoint is required",
-            ],
+            vec!["spec.telemetry.tracing.otlpEndpoint", "otlpEndpoint is required"],
         ),
         (
             "MeshInstallation",
@@ -351,12 +260,7 @@ async fn wrong_resources_are_rejected_naming_the_field() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} case(s) failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n"));
 
     // A misspelt field is refused by kubectl (strict field validation), not silently dropped.
     let err = c
@@ -366,40 +270,18 @@ async fn wrong_resources_are_rejected_naming_the_field() {
         )
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains(r#"unknown field "spec.proxyDefaults""#),
-        "{err}"
-    );
+    assert!(err.contains(r#"unknown field "spec.proxyDefaults""#), "{err}");
 
     // Revision is immutable once created.
-    let created = create(
-        &c,
-        &ns.name,
-        "MeshInstallation",
-        json!({"revision": "canary"}),
-    )
-    .await
-    .unwrap();
+    let created = create(&c, &ns.name, "MeshInstallation", json!({"revision": "canary"})).await.unwrap();
     let name = created["metadata"]["name"].as_str().unwrap();
     let err = c
         .kubectl_run(
-            &[
-                "patch",
-                "mi",
-                name,
-                "-n",
-                &ns.name,
-                "--type=merge",
-                "-p",
-                r#"{"spec":{"revision":"stable"}}"#,
-            ],
+            &["patch", "mi", name, "-n", &ns.name, "--type=merge", "-p", r#"{"spec":{"revision":"stable"}}"#],
             None,
         )
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("spec.revision") && err.contains("revision is immutable"),
-        "{err}"
-    );
+    assert!(err.contains("spec.revision") && err.contains("revision is immutable"), "{err}");
     ns.delete().await.unwrap();
 }

@@ -44,21 +44,9 @@ const NAMESPACED: &[(&str, &str, &str)] = &[
 ];
 const CLUSTER: &[(&str, &str, &str)] = &[
     ("rbac.authorization.k8s.io", "ClusterRole", "clusterroles"),
-    (
-        "rbac.authorization.k8s.io",
-        "ClusterRoleBinding",
-        "clusterrolebindings",
-    ),
-    (
-        "admissionregistration.k8s.io",
-        "MutatingWebhookConfiguration",
-        "mutatingwebhookconfigurations",
-    ),
-    (
-        "admissionregistration.k8s.io",
-        "ValidatingWebhookConfiguration",
-        "validatingwebhookconfigurations",
-    ),
+    ("rbac.authorization.k8s.io", "ClusterRoleBinding", "clusterrolebindings"),
+    ("admissionregistration.k8s.io", "MutatingWebhookConfiguration", "mutatingwebhookconfigurations"),
+    ("admissionregistration.k8s.io", "ValidatingWebhookConfiguration", "validatingwebhookconfigurations"),
 ];
 
 struct Setup {
@@ -76,13 +64,7 @@ async fn setup(prefix: &str) -> Setup {
     let client = cluster.client().await.unwrap();
     let mis = Api::namespaced_with(client.clone(), &ns.name, &mi_resource());
     let operator = OperatorProcess::start(&cluster, &ns.name).unwrap();
-    Setup {
-        cluster,
-        client,
-        ns,
-        mis,
-        operator,
-    }
+    Setup { cluster, client, ns, mis, operator }
 }
 
 fn revision_for(ns: &str) -> String {
@@ -100,17 +82,13 @@ async fn create_mi(mis: &Api<DynamicObject>, name: &str, spec: Value) -> Dynamic
 }
 
 fn condition(obj: &DynamicObject, t: &str) -> Option<(String, String, String)> {
-    obj.data["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == t)
-        .map(|c| {
-            (
-                c["status"].as_str().unwrap_or_default().to_string(),
-                c["reason"].as_str().unwrap_or_default().to_string(),
-                c["message"].as_str().unwrap_or_default().to_string(),
-            )
-        })
+    obj.data["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == t).map(|c| {
+        (
+            c["status"].as_str().unwrap_or_default().to_string(),
+            c["reason"].as_str().unwrap_or_default().to_string(),
+            c["message"].as_str().unwrap_or_default().to_string(),
+        )
+    })
 }
 
 /// Watches `name` until `done` holds; returns the object and every kstatus seen on the way.
@@ -140,11 +118,7 @@ async fn wait_for(
         Ok(obj) => (obj, seen),
         Err(_) => panic!(
             "{name} did not reach the expected state in {timeout:?}; kstatus seen {seen:?}; current: {:#}\noperator log:\n{}",
-            s.mis
-                .get(name)
-                .await
-                .map(|o| o.data["status"].clone())
-                .unwrap_or_default(),
+            s.mis.get(name).await.map(|o| o.data["status"].clone()).unwrap_or_default(),
             s.operator.log_text()
         ),
     }
@@ -156,13 +130,8 @@ fn is_ready(o: &DynamicObject) -> bool {
 }
 
 /// resourceVersion of every object the installation owns, keyed by kind/name.
-async fn managed_versions(
-    client: &Client,
-    ns: &str,
-    installation: &str,
-) -> BTreeMap<String, String> {
-    let selector =
-        format!("mycel.io/installation={installation},mycel.io/installation-namespace={ns}");
+async fn managed_versions(client: &Client, ns: &str, installation: &str) -> BTreeMap<String, String> {
+    let selector = format!("mycel.io/installation={installation},mycel.io/installation-namespace={ns}");
     let mut out = BTreeMap::new();
     for (group, kind, plural) in NAMESPACED.iter().chain(CLUSTER) {
         let r = ar(group, kind, plural);
@@ -171,15 +140,8 @@ async fn managed_versions(
         } else {
             Api::all_with(client.clone(), &r)
         };
-        for o in api
-            .list(&ListParams::default().labels(&selector))
-            .await
-            .unwrap()
-        {
-            out.insert(
-                format!("{kind}/{}", o.name_any()),
-                o.resource_version().unwrap_or_default(),
-            );
+        for o in api.list(&ListParams::default().labels(&selector)).await.unwrap() {
+            out.insert(format!("{kind}/{}", o.name_any()), o.resource_version().unwrap_or_default());
         }
     }
     out
@@ -198,22 +160,11 @@ async fn an_installation_becomes_ready_and_an_idle_reconcile_writes_nothing() {
     let s = setup("install").await;
     let rev = revision_for(&s.ns.name);
     let started = Instant::now();
-    create_mi(
-        &s.mis,
-        "mesh",
-        json!({"revision": rev, "profile": "default"}),
-    )
-    .await;
+    create_mi(&s.mis, "mesh", json!({"revision": rev, "profile": "default"})).await;
     let (mi, seen) = wait_for(&s, "mesh", Duration::from_secs(90), is_ready).await;
-    eprintln!(
-        "install reached Ready in {:.1}s; kstatus seen: {seen:?}",
-        started.elapsed().as_secs_f64()
-    );
+    eprintln!("install reached Ready in {:.1}s; kstatus seen: {seen:?}", started.elapsed().as_secs_f64());
     assert_eq!(seen.last(), Some(&KStatus::Current));
-    assert!(
-        seen.contains(&KStatus::InProgress),
-        "kstatus passes through InProgress: {seen:?}"
-    );
+    assert!(seen.contains(&KStatus::InProgress), "kstatus passes through InProgress: {seen:?}");
     let st = &mi.data["status"];
     assert_eq!(st["revision"], rev.as_str());
     assert_eq!(st["version"], format!("v{}", env!("CARGO_PKG_VERSION")));
@@ -235,49 +186,26 @@ async fn an_installation_becomes_ready_and_an_idle_reconcile_writes_nothing() {
         format!("Secret/mycel-webhook-tls-{rev}"),
         format!("ClusterRole/mycel-control-plane-{}-{rev}", s.ns.name),
         format!("ClusterRoleBinding/mycel-control-plane-{}-{rev}", s.ns.name),
-        format!(
-            "MutatingWebhookConfiguration/mycel-sidecar-injector-{}-{rev}",
-            s.ns.name
-        ),
-        format!(
-            "ValidatingWebhookConfiguration/mycel-validator-{}-{rev}",
-            s.ns.name
-        ),
+        format!("MutatingWebhookConfiguration/mycel-sidecar-injector-{}-{rev}", s.ns.name),
+        format!("ValidatingWebhookConfiguration/mycel-validator-{}-{rev}", s.ns.name),
     ] {
-        assert!(
-            versions.contains_key(&want),
-            "{want} missing; have {versions:?}"
-        );
+        assert!(versions.contains_key(&want), "{want} missing; have {versions:?}");
     }
     let hooks: Api<DynamicObject> = Api::all_with(
         s.client.clone(),
-        &ar(
-            "admissionregistration.k8s.io",
-            "MutatingWebhookConfiguration",
-            "mutatingwebhookconfigurations",
-        ),
+        &ar("admissionregistration.k8s.io", "MutatingWebhookConfiguration", "mutatingwebhookconfigurations"),
     );
-    let hook = hooks
-        .get(&format!("mycel-sidecar-injector-{}-{rev}", s.ns.name))
-        .await
-        .unwrap();
+    let hook = hooks.get(&format!("mycel-sidecar-injector-{}-{rev}", s.ns.name)).await.unwrap();
     let w = &hook.data["webhooks"][0];
     assert_eq!(
         w["namespaceSelector"]["matchExpressions"][0]["values"][0],
         rev.as_str(),
         "selects mycel.io/rev={rev}"
     );
-    assert!(
-        w["clientConfig"]["caBundle"]
-            .as_str()
-            .is_some_and(|b| b.len() > 100)
-    );
+    assert!(w["clientConfig"]["caBundle"].as_str().is_some_and(|b| b.len() > 100));
     let ca: Api<DynamicObject> =
         Api::namespaced_with(s.client.clone(), &s.ns.name, &ar("", "Secret", "secrets"));
-    assert!(
-        ca.get_opt("mycel-ca").await.unwrap().is_some(),
-        "root CA generated"
-    );
+    assert!(ca.get_opt("mycel-ca").await.unwrap().is_some(), "root CA generated");
 
     // An idle reconcile (triggered by an annotation nobody reconciles on) writes nothing.
     let before_count = reconcile_count(&s.operator);
@@ -292,35 +220,20 @@ async fn an_installation_becomes_ready_and_an_idle_reconcile_writes_nothing() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while reconcile_count(&s.operator) <= before_count {
-        assert!(
-            Instant::now() < deadline,
-            "the touch did not trigger a reconcile"
-        );
+        assert!(Instant::now() < deadline, "the touch did not trigger a reconcile");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = managed_versions(&s.client, &s.ns.name, "mesh").await;
-    let changed: Vec<_> = after
-        .iter()
-        .filter(|(k, v)| versions.get(*k) != Some(v))
-        .map(|(k, _)| k.clone())
-        .collect();
+    let changed: Vec<_> =
+        after.iter().filter(|(k, v)| versions.get(*k) != Some(v)).map(|(k, _)| k.clone()).collect();
     assert!(changed.is_empty(), "an idle reconcile wrote {changed:?}");
     let mi_now = s.mis.get("mesh").await.unwrap();
-    assert_eq!(
-        mi_now.resource_version(),
-        touched.resource_version(),
-        "status not rewritten"
-    );
+    assert_eq!(mi_now.resource_version(), touched.resource_version(), "status not rewritten");
     eprintln!("idle reconcile: 0 writes to {} objects", after.len());
 
     // Metrics and health are served.
-    assert!(
-        s.operator
-            .admin_get("/healthz")
-            .unwrap()
-            .starts_with("HTTP/1.1 200")
-    );
+    assert!(s.operator.admin_get("/healthz").unwrap().starts_with("HTTP/1.1 200"));
     assert!(
         s.operator
             .admin_get("/metrics")
@@ -340,11 +253,8 @@ async fn drift_is_repaired_and_other_managers_fields_stay() {
     let cp = format!("mycel-control-plane-{rev}");
     let services: Api<DynamicObject> =
         Api::namespaced_with(s.client.clone(), &s.ns.name, &ar("", "Service", "services"));
-    let deployments: Api<DynamicObject> = Api::namespaced_with(
-        s.client.clone(),
-        &s.ns.name,
-        &ar("apps", "Deployment", "deployments"),
-    );
+    let deployments: Api<DynamicObject> =
+        Api::namespaced_with(s.client.clone(), &s.ns.name, &ar("apps", "Deployment", "deployments"));
     let hooks: Api<DynamicObject> = Api::all_with(
         s.client.clone(),
         &ar(
@@ -368,22 +278,12 @@ async fn drift_is_repaired_and_other_managers_fields_stay() {
         .await
         .unwrap();
     // Drift: a deleted Service, an edited replica count, a deleted webhook configuration.
-    services
-        .delete(&cp, &DeleteParams::default())
-        .await
-        .unwrap();
+    services.delete(&cp, &DeleteParams::default()).await.unwrap();
     deployments
-        .patch(
-            &cp,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"replicas": 3}})),
-        )
+        .patch(&cp, &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 3}})))
         .await
         .unwrap();
-    hooks
-        .delete(&hook_name, &DeleteParams::default())
-        .await
-        .unwrap();
+    hooks.delete(&hook_name, &DeleteParams::default()).await.unwrap();
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -392,19 +292,13 @@ async fn drift_is_repaired_and_other_managers_fields_stay() {
         let hook = hooks.get_opt(&hook_name).await.unwrap();
         if svc.is_some() && dep.data["spec"]["replicas"] == 1 && hook.is_some() {
             assert_eq!(
-                dep.annotations()
-                    .get("example.com/owner")
-                    .map(String::as_str),
+                dep.annotations().get("example.com/owner").map(String::as_str),
                 Some("team-a"),
                 "other manager's field kept"
             );
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "drift not repaired within 60s:\n{}",
-            s.operator.log_text()
-        );
+        assert!(Instant::now() < deadline, "drift not repaired within 60s:\n{}", s.operator.log_text());
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     drop(s.operator);
@@ -434,28 +328,12 @@ async fn a_bad_ca_secret_degrades_and_leaves_the_running_revision_alone() {
                 && o.data["status"]["observedGeneration"].as_i64() == o.metadata.generation
         }
     };
-    let (mi, seen) = wait_for(
-        &s,
-        "mesh",
-        Duration::from_secs(60),
-        degraded("CASecretNotFound"),
-    )
-    .await;
+    let (mi, seen) = wait_for(&s, "mesh", Duration::from_secs(60), degraded("CASecretNotFound")).await;
     let (status, reason, message) = condition(&mi, "Ready").unwrap();
-    assert_eq!(
-        (status.as_str(), reason.as_str()),
-        ("False", "CASecretNotFound")
-    );
-    assert!(
-        message.contains("spec.ca.secretName") && message.contains("corp-ca"),
-        "{message}"
-    );
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "CASecretNotFound"));
+    assert!(message.contains("spec.ca.secretName") && message.contains("corp-ca"), "{message}");
     assert_eq!(seen.last(), Some(&KStatus::Failed), "kstatus: {seen:?}");
-    assert_eq!(
-        managed_versions(&s.client, &s.ns.name, "mesh").await,
-        before,
-        "nothing touched"
-    );
+    assert_eq!(managed_versions(&s.client, &s.ns.name, "mesh").await, before, "nothing touched");
 
     // A malformed one.
     let secrets: Api<DynamicObject> =
@@ -474,33 +352,14 @@ async fn a_bad_ca_secret_degrades_and_leaves_the_running_revision_alone() {
         )
         .await
         .unwrap();
-    let (mi, _) = wait_for(
-        &s,
-        "mesh",
-        Duration::from_secs(60),
-        degraded("CASecretInvalid"),
-    )
-    .await;
+    let (mi, _) = wait_for(&s, "mesh", Duration::from_secs(60), degraded("CASecretInvalid")).await;
     let message = condition(&mi, "Degraded").unwrap().2;
-    assert!(
-        message.contains("spec.ca.secretName") && message.contains("tls.crt"),
-        "{message}"
-    );
-    assert_eq!(
-        managed_versions(&s.client, &s.ns.name, "mesh").await,
-        before,
-        "nothing touched"
-    );
+    assert!(message.contains("spec.ca.secretName") && message.contains("tls.crt"), "{message}");
+    assert_eq!(managed_versions(&s.client, &s.ns.name, "mesh").await, before, "nothing touched");
 
     // Events say what happened.
-    let events = s
-        .cluster
-        .kubectl_run(&["get", "events", "-n", &s.ns.name, "-o", "json"], None)
-        .unwrap();
-    assert!(
-        events.contains("CASecretNotFound") && events.contains("CASecretInvalid"),
-        "events: {events}"
-    );
+    let events = s.cluster.kubectl_run(&["get", "events", "-n", &s.ns.name, "-o", "json"], None).unwrap();
+    assert!(events.contains("CASecretNotFound") && events.contains("CASecretInvalid"), "events: {events}");
 
     // Fixed: back to Ready.
     s.mis
@@ -535,22 +394,13 @@ async fn revisions_coexist_a_second_claim_is_refused_and_deletion_cleans_up() {
     })
     .await;
     let msg = condition(&dup, "Degraded").unwrap().2;
-    assert!(
-        msg.contains("spec.revision") && msg.contains(&format!("{}/stable", s.ns.name)),
-        "{msg}"
-    );
-    assert!(
-        is_ready(&s.mis.get("stable").await.unwrap()),
-        "the holder stays Ready"
-    );
+    assert!(msg.contains("spec.revision") && msg.contains(&format!("{}/stable", s.ns.name)), "{msg}");
+    assert!(is_ready(&s.mis.get("stable").await.unwrap()), "the holder stays Ready");
     s.mis.delete("dup", &DeleteParams::default()).await.unwrap();
 
     // Deleting the canary leaves the stable revision intact and nothing of the canary behind.
     let stable_before = managed_versions(&s.client, &s.ns.name, "stable").await;
-    s.mis
-        .delete("canary", &DeleteParams::default())
-        .await
-        .unwrap();
+    s.mis.delete("canary", &DeleteParams::default()).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let gone = s.mis.get_opt("canary").await.unwrap().is_none();
@@ -558,18 +408,10 @@ async fn revisions_coexist_a_second_claim_is_refused_and_deletion_cleans_up() {
         if gone && leftovers.is_empty() {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "canary leftovers: {leftovers:?}\n{}",
-            s.operator.log_text()
-        );
+        assert!(Instant::now() < deadline, "canary leftovers: {leftovers:?}\n{}", s.operator.log_text());
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert_eq!(
-        managed_versions(&s.client, &s.ns.name, "stable").await,
-        stable_before,
-        "stable untouched"
-    );
+    assert_eq!(managed_versions(&s.client, &s.ns.name, "stable").await, stable_before, "stable untouched");
     assert!(is_ready(&s.mis.get("stable").await.unwrap()));
     let ca: Api<DynamicObject> =
         Api::namespaced_with(s.client.clone(), &s.ns.name, &ar("", "Secret", "secrets"));
@@ -577,6 +419,64 @@ async fn revisions_coexist_a_second_claim_is_refused_and_deletion_cleans_up() {
         ca.get_opt("mycel-ca").await.unwrap().is_some(),
         "the shared root CA survives a revision's deletion"
     );
+    drop(s.operator);
+    s.ns.delete().await.unwrap();
+}
+
+#[tokio::test]
+async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
+    let mut s = setup("leader").await;
+    let second = OperatorProcess::start(&s.cluster, &s.ns.name).unwrap();
+    let rev = revision_for(&s.ns.name);
+    create_mi(&s.mis, "mesh", json!({"revision": rev})).await;
+    wait_for(&s, "mesh", Duration::from_secs(90), is_ready).await;
+
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(s.client.clone(), &s.ns.name);
+    let holder = || async {
+        leases.get("mycel-operator").await.ok().and_then(|l| l.spec?.holder_identity).unwrap_or_default()
+    };
+    let first_holder = holder().await;
+    let (leader_is_first, standby_pid) = if first_holder.ends_with(&format!("-{}", s.operator.pid())) {
+        (true, second.pid())
+    } else {
+        assert!(
+            first_holder.ends_with(&format!("-{}", second.pid())),
+            "holder {first_holder:?} is one of ours"
+        );
+        (false, s.operator.pid())
+    };
+    let (leader_count, standby_count) = if leader_is_first {
+        (reconcile_count(&s.operator), reconcile_count(&second))
+    } else {
+        (reconcile_count(&second), reconcile_count(&s.operator))
+    };
+    assert!(leader_count > 0, "the leader reconciled");
+    assert_eq!(standby_count, 0, "the standby did not reconcile while the leader lived");
+
+    // Crash the leader (no release), then cause drift: the standby must repair it.
+    let mut second = second;
+    if leader_is_first {
+        s.operator.crash();
+    } else {
+        second.crash();
+    }
+    let killed = Instant::now();
+    let services: Api<DynamicObject> =
+        Api::namespaced_with(s.client.clone(), &s.ns.name, &ar("", "Service", "services"));
+    let cp = format!("mycel-control-plane-{rev}");
+    services.delete(&cp, &DeleteParams::default()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while services.get_opt(&cp).await.unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the standby did not take over");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "failover: the standby repaired drift {:.1}s after the leader died (lease 4s)",
+        killed.elapsed().as_secs_f64()
+    );
+    assert!(holder().await.ends_with(&format!("-{standby_pid}")), "the lease moved to the standby");
+    drop(second);
     drop(s.operator);
     s.ns.delete().await.unwrap();
 }

@@ -24,11 +24,7 @@ pub struct Health {
 }
 
 /// Serves until the task is dropped.
-pub async fn serve(
-    addr: SocketAddr,
-    health: Arc<Health>,
-    metrics: Arc<Metrics>,
-) -> std::io::Result<()> {
+pub async fn serve(addr: SocketAddr, health: Arc<Health>, metrics: Arc<Metrics>) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, "admin server listening");
     loop {
@@ -55,9 +51,7 @@ pub async fn serve(
                     )
                 }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod installation;
+pub mod leader;
 pub mod metrics;
 pub mod pki;
 

@@ -7,15 +7,13 @@ use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use mycel_operator::{admin, installation, metrics::Metrics};
+use std::time::Duration;
+
+use mycel_operator::{admin, installation, leader, metrics::Metrics};
 use tracing_subscriber::{EnvFilter, fmt};
 
 #[derive(Parser)]
-#[command(
-    name = "mycel-operator",
-    version,
-    about = "The Mycel operator and control plane"
-)]
+#[command(name = "mycel-operator", version, about = "The Mycel operator and control plane")]
 struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long, global = true, env = "MYCEL_LOG_JSON")]
@@ -40,6 +38,18 @@ enum Cmd {
         /// Image tag installed when a MeshInstallation names no version.
         #[arg(long, default_value = concat!("v", env!("CARGO_PKG_VERSION")), env = "MYCEL_IMAGE_VERSION")]
         image_version: String,
+        /// Elect a leader among replicas through a Lease; only the leader reconciles.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        leader_elect: bool,
+        /// Namespace of the Lease (default: --namespace, else $POD_NAMESPACE, else mycel-system).
+        #[arg(long)]
+        lease_namespace: Option<String>,
+        /// Seconds without renewal after which a standby takes the lease over.
+        #[arg(long, default_value_t = 15)]
+        lease_duration_secs: u64,
+        /// Seconds between renewals by the leader (and tries by standbys).
+        #[arg(long, default_value_t = 5)]
+        lease_renew_secs: u64,
     },
     /// Run one control-plane revision: config stream and CA on 15012, webhooks on 15017.
     ControlPlane {
@@ -63,9 +73,8 @@ async fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Cmd::Crds => {
-            for (_, yaml) in mycel_crds::render_manifests()
-                .into_iter()
-                .filter(|(n, _)| n.starts_with("bases/"))
+            for (_, yaml) in
+                mycel_crds::render_manifests().into_iter().filter(|(n, _)| n.starts_with("bases/"))
             {
                 println!("---\n{yaml}");
             }
@@ -76,27 +85,68 @@ async fn main() -> anyhow::Result<()> {
             admin_addr,
             image_registry,
             image_version,
+            leader_elect,
+            lease_namespace,
+            lease_duration_secs,
+            lease_renew_secs,
         } => {
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to the Kubernetes API")?;
+            let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
             let metrics = Arc::new(Metrics::default());
             let health = Arc::new(admin::Health::default());
-            let admin_task =
-                tokio::spawn(admin::serve(admin_addr, health.clone(), metrics.clone()));
-            health
-                .ready
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            let images = installation::render::ImageDefaults {
-                registry: image_registry,
-                version: image_version,
+            let admin_task = tokio::spawn(admin::serve(admin_addr, health.clone(), metrics.clone()));
+            // A standby is healthy and ready: it is waiting to take over.
+            health.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+            let images =
+                installation::render::ImageDefaults { registry: image_registry, version: image_version };
+            tracing::info!(namespace = namespace.as_deref().unwrap_or("<all>"), "operator starting");
+
+            let lease = leader::Config {
+                namespace: lease_namespace
+                    .or_else(|| namespace.clone())
+                    .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                    .unwrap_or_else(|| "mycel-system".into()),
+                name: "mycel-operator".into(),
+                identity: std::env::var("POD_NAME")
+                    .unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id())),
+                duration: Duration::from_secs(lease_duration_secs),
+                renew: Duration::from_secs(lease_renew_secs),
             };
-            tracing::info!(
-                namespace = namespace.as_deref().unwrap_or("<all>"),
-                "operator starting"
-            );
-            installation::run(client, namespace, images, metrics, shutdown_signal()).await;
+            let (lost_tx, lost_rx) = tokio::sync::oneshot::channel();
+            if leader_elect {
+                let (leading_tx, mut leading_rx) = tokio::sync::watch::channel(false);
+                let (client, lease) = (client.clone(), lease.clone());
+                tokio::spawn(async move {
+                    let _ = lost_tx.send(leader::campaign(client, lease, leading_tx).await);
+                });
+                tracing::info!("waiting to become leader");
+                tokio::select! {
+                    _ = leading_rx.wait_for(|l| *l) => {}
+                    _ = shutdown_signal() => {
+                        admin_task.abort();
+                        return Ok(());
+                    }
+                }
+            }
+            let lost = Arc::new(std::sync::Mutex::new(None));
+            let lost_slot = lost.clone();
+            let stop = async move {
+                tokio::select! {
+                    _ = shutdown_signal() => {}
+                    Ok(why) = lost_rx => {
+                        if let Ok(mut slot) = lost_slot.lock() {
+                            *slot = Some(why);
+                        }
+                    }
+                }
+            };
+            installation::run(client.clone(), namespace, images, metrics, stop).await;
             admin_task.abort();
+            if let Some(why) = lost.lock().ok().and_then(|mut l| l.take()) {
+                anyhow::bail!("stopped reconciling: {why}");
+            }
+            if leader_elect {
+                leader::release(client, &lease).await;
+            }
             tracing::info!("operator stopped");
             Ok(())
         }
@@ -104,6 +154,12 @@ async fn main() -> anyhow::Result<()> {
             anyhow::bail!("not built yet: the control plane arrives with the control-plane issue")
         }
     }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "operator".into())
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

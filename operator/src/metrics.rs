@@ -26,27 +26,10 @@ impl Default for Metrics {
         let reconciles = Counter::default();
         let failures = Family::<ErrorLabels, Counter>::default();
         let duration = Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
-        registry.register(
-            "reconciles",
-            "Reconciles of MeshInstallations",
-            reconciles.clone(),
-        );
-        registry.register(
-            "reconcile_errors",
-            "Failed reconciles by error kind",
-            failures.clone(),
-        );
-        registry.register(
-            "reconcile_duration_seconds",
-            "Time spent in one reconcile",
-            duration.clone(),
-        );
-        Metrics {
-            registry: Mutex::new(registry),
-            reconciles,
-            failures,
-            duration,
-        }
+        registry.register("reconciles", "Reconciles of MeshInstallations", reconciles.clone());
+        registry.register("reconcile_errors", "Failed reconciles by error kind", failures.clone());
+        registry.register("reconcile_duration_seconds", "Time spent in one reconcile", duration.clone());
+        Metrics { registry: Mutex::new(registry), reconciles, failures, duration }
     }
 }
 
@@ -57,11 +40,7 @@ impl Metrics {
     }
 
     pub fn failed(&self, e: &crate::Error) {
-        self.failures
-            .get_or_create(&ErrorLabels {
-                error: e.label().to_string(),
-            })
-            .inc();
+        self.failures.get_or_create(&ErrorLabels { error: e.label().to_string() }).inc();
     }
 
     /// The Prometheus text exposition.

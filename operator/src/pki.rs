@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, SanType,
 };
 
 /// Keys of a CA Secret (the layout cert-manager writes).
@@ -52,18 +52,11 @@ impl Ca {
         let key = KeyPair::generate().map_err(gen_err)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, trust_domain);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "mycel root CA");
+        params.distinguished_name.push(DnType::OrganizationName, trust_domain);
+        params.distinguished_name.push(DnType::CommonName, "mycel root CA");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         params.not_before = time_now() - Duration::from_secs(3600);
         params.not_after = time_now() + Duration::from_secs(10 * 365 * 24 * 3600);
         let cert = params.self_signed(&key).map_err(gen_err)?;
@@ -85,9 +78,7 @@ impl Ca {
         let key_pem = String::from_utf8(key).map_err(|e| CaError::BadKey(e.to_string()))?;
         let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
             .map_err(|e| CaError::BadCertificate(TLS_CRT, e.to_string()))?;
-        let x509 = pem
-            .parse_x509()
-            .map_err(|e| CaError::BadCertificate(TLS_CRT, e.to_string()))?;
+        let x509 = pem.parse_x509().map_err(|e| CaError::BadCertificate(TLS_CRT, e.to_string()))?;
         if !x509.is_ca() {
             return Err(CaError::NotACa);
         }
@@ -100,8 +91,7 @@ impl Ca {
         }
         let trust_bundle_pem = match get(CA_CRT) {
             Some(ca) => {
-                let ca = String::from_utf8(ca)
-                    .map_err(|e| CaError::BadCertificate(CA_CRT, e.to_string()))?;
+                let ca = String::from_utf8(ca).map_err(|e| CaError::BadCertificate(CA_CRT, e.to_string()))?;
                 x509_parser::pem::parse_x509_pem(ca.as_bytes())
                     .map_err(|e| CaError::BadCertificate(CA_CRT, e.to_string()))?;
                 ca
@@ -110,37 +100,20 @@ impl Ca {
         };
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
             .map_err(|e| CaError::BadCertificate(TLS_CRT, e.to_string()))?;
-        Ok(Ca {
-            cert_pem,
-            key_pem,
-            trust_bundle_pem,
-            issuer,
-        })
+        Ok(Ca { cert_pem, key_pem, trust_bundle_pem, issuer })
     }
 
     /// A serving certificate for `dns_names`, valid for `ttl`.
-    pub fn issue_serving(
-        &self,
-        dns_names: &[String],
-        ttl: Duration,
-    ) -> Result<(String, String), CaError> {
+    pub fn issue_serving(&self, dns_names: &[String], ttl: Duration) -> Result<(String, String), CaError> {
         let key = KeyPair::generate().map_err(gen_err)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(
-            DnType::CommonName,
-            dns_names.first().cloned().unwrap_or_default(),
-        );
+        params.distinguished_name.push(DnType::CommonName, dns_names.first().cloned().unwrap_or_default());
         for d in dns_names {
-            params
-                .subject_alt_names
-                .push(SanType::DnsName(d.clone().try_into().map_err(gen_err)?));
+            params.subject_alt_names.push(SanType::DnsName(d.clone().try_into().map_err(gen_err)?));
         }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.not_before = time_now() - Duration::from_secs(300);
         params.not_after = time_now() + ttl;
         let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
@@ -189,81 +162,42 @@ mod tests {
     use super::*;
 
     fn data<'a>(pairs: &'a [(&'static str, String)]) -> impl Fn(&str) -> Option<Vec<u8>> + 'a {
-        move |k| {
-            pairs
-                .iter()
-                .find(|(n, _)| *n == k)
-                .map(|(_, v)| v.as_bytes().to_vec())
-        }
+        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.as_bytes().to_vec())
     }
 
     #[test]
     fn a_generated_root_loads_back_and_signs() {
         let root = Ca::generate_root("cluster.local").unwrap();
-        let loaded = Ca::from_secret_data(data(&[
-            (TLS_CRT, root.cert_pem.clone()),
-            (TLS_KEY, root.key_pem.clone()),
-        ]))
-        .unwrap();
+        let loaded =
+            Ca::from_secret_data(data(&[(TLS_CRT, root.cert_pem.clone()), (TLS_KEY, root.key_pem.clone())]))
+                .unwrap();
         let names = vec!["mycel-control-plane-default.mycel-system.svc".to_string()];
-        let (cert, _) = loaded
-            .issue_serving(&names, Duration::from_secs(3600 * 24 * 365))
-            .unwrap();
-        assert!(serving_cert_fresh(
-            cert.as_bytes(),
-            &names,
-            Duration::from_secs(3600 * 24 * 30)
-        ));
-        assert!(!serving_cert_fresh(
-            cert.as_bytes(),
-            &["other.svc".to_string()],
-            Duration::ZERO
-        ));
-        assert!(!serving_cert_fresh(
-            cert.as_bytes(),
-            &names,
-            Duration::from_secs(3600 * 24 * 400)
-        ));
+        let (cert, _) = loaded.issue_serving(&names, Duration::from_secs(3600 * 24 * 365)).unwrap();
+        assert!(serving_cert_fresh(cert.as_bytes(), &names, Duration::from_secs(3600 * 24 * 30)));
+        assert!(!serving_cert_fresh(cert.as_bytes(), &["other.svc".to_string()], Duration::ZERO));
+        assert!(!serving_cert_fresh(cert.as_bytes(), &names, Duration::from_secs(3600 * 24 * 400)));
     }
 
     #[test]
     fn bad_ca_secrets_are_explained() {
         let root = Ca::generate_root("cluster.local").unwrap();
         let other = Ca::generate_root("cluster.local").unwrap();
-        let err =
-            |pairs: &[(&'static str, String)]| Ca::from_secret_data(data(pairs)).err().unwrap();
-        assert_eq!(
-            err(&[(TLS_KEY, root.key_pem.clone())]),
-            CaError::MissingKey(TLS_CRT)
-        );
-        assert_eq!(
-            err(&[(TLS_CRT, root.cert_pem.clone())]),
-            CaError::MissingKey(TLS_KEY)
-        );
+        let err = |pairs: &[(&'static str, String)]| Ca::from_secret_data(data(pairs)).err().unwrap();
+        assert_eq!(err(&[(TLS_KEY, root.key_pem.clone())]), CaError::MissingKey(TLS_CRT));
+        assert_eq!(err(&[(TLS_CRT, root.cert_pem.clone())]), CaError::MissingKey(TLS_KEY));
         assert!(matches!(
             err(&[(TLS_CRT, "garbage".into()), (TLS_KEY, root.key_pem.clone())]),
             CaError::BadCertificate(..)
         ));
         assert!(matches!(
-            err(&[
-                (TLS_CRT, root.cert_pem.clone()),
-                (TLS_KEY, "garbage".into())
-            ]),
+            err(&[(TLS_CRT, root.cert_pem.clone()), (TLS_KEY, "garbage".into())]),
             CaError::BadKey(_)
         ));
         assert_eq!(
-            err(&[
-                (TLS_CRT, root.cert_pem.clone()),
-                (TLS_KEY, other.key_pem.clone())
-            ]),
+            err(&[(TLS_CRT, root.cert_pem.clone()), (TLS_KEY, other.key_pem.clone())]),
             CaError::KeyMismatch
         );
-        let (leaf, leaf_key) = root
-            .issue_serving(&["a.svc".into()], Duration::from_secs(3600))
-            .unwrap();
-        assert_eq!(
-            err(&[(TLS_CRT, leaf), (TLS_KEY, leaf_key)]),
-            CaError::NotACa
-        );
+        let (leaf, leaf_key) = root.issue_serving(&["a.svc".into()], Duration::from_secs(3600)).unwrap();
+        assert_eq!(err(&[(TLS_CRT, leaf), (TLS_KEY, leaf_key)]), CaError::NotACa);
     }
 }

@@ -5,11 +5,7 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "mycel-proxy",
-    version,
-    about = "The Mycel sidecar and gateway proxy"
-)]
+#[command(name = "mycel-proxy", version, about = "The Mycel sidecar and gateway proxy")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,

@@ -78,15 +78,11 @@ pub async fn run(
         }
     }
     let installations: Api<MeshInstallation> = scoped(&client, &namespace);
-    let managed =
-        watcher::Config::default().labels(&format!("{}={MANAGER}", render::LABEL_MANAGED_BY));
+    let managed = watcher::Config::default().labels(&format!("{}={MANAGER}", render::LABEL_MANAGED_BY));
     let ctx = Arc::new(Context {
         recorder: Recorder::new(
             client.clone(),
-            Reporter {
-                controller: MANAGER.into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
+            Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() },
         ),
         client: client.clone(),
         images,
@@ -96,10 +92,7 @@ pub async fn run(
     // their labels lead back to it.
     let by_labels = |obj: DynamicObject| {
         let labels = obj.labels();
-        match (
-            labels.get(render::LABEL_INSTALLATION),
-            labels.get(render::LABEL_INSTALLATION_NS),
-        ) {
+        match (labels.get(render::LABEL_INSTALLATION), labels.get(render::LABEL_INSTALLATION_NS)) {
             (Some(name), Some(ns)) => Some(ObjectRef::<MeshInstallation>::new(name).within(ns)),
             _ => None,
         }
@@ -108,10 +101,7 @@ pub async fn run(
         .owns(scoped::<Deployment>(&client, &namespace), managed.clone())
         .owns(scoped::<Service>(&client, &namespace), managed.clone())
         .owns(scoped::<ConfigMap>(&client, &namespace), managed.clone())
-        .owns(
-            scoped::<ServiceAccount>(&client, &namespace),
-            managed.clone(),
-        )
+        .owns(scoped::<ServiceAccount>(&client, &namespace), managed.clone())
         .owns(scoped::<Secret>(&client, &namespace), managed.clone())
         .owns(scoped::<Role>(&client, &namespace), managed.clone())
         .owns(scoped::<RoleBinding>(&client, &namespace), managed.clone());
@@ -160,30 +150,19 @@ async fn apply(mi: &MeshInstallation, ctx: &Context) -> Result<Action, Error> {
         Ok(outcome) => outcome,
         Err(invalid) => invalid,
     };
-    let new_status = status::compute(
-        mi.status.as_ref(),
-        mi.metadata.generation,
-        &eff.revision,
-        &eff.version,
-        &outcome,
-    );
+    let new_status =
+        status::compute(mi.status.as_ref(), mi.metadata.generation, &eff.revision, &eff.version, &outcome);
     if mi.status.as_ref() != Some(&new_status) {
         let api: Api<MeshInstallation> = Api::namespaced(ctx.client.clone(), &eff.namespace);
-        let patch = json!({"apiVersion": "mycel.io/v1alpha1", "kind": "MeshInstallation", "status": new_status});
-        api.patch_status(
-            &eff.name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(patch),
-        )
-        .await?;
+        let patch =
+            json!({"apiVersion": "mycel.io/v1alpha1", "kind": "MeshInstallation", "status": new_status});
+        api.patch_status(&eff.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch)).await?;
     }
     // Events for transitions a person wants to see in `kubectl describe`.
     let reference = mi.object_ref(&());
     let ready = outcome.ready();
     let event = match (&outcome, previous_ready, ready) {
-        (Outcome::Invalid { reason, message }, _, _)
-            if degraded_reason(mi) != Some(reason.to_string()) =>
-        {
+        (Outcome::Invalid { reason, message }, _, _) if degraded_reason(mi) != Some(reason.to_string()) => {
             Some(Event {
                 type_: EventType::Warning,
                 reason: reason.to_string(),
@@ -195,10 +174,7 @@ async fn apply(mi: &MeshInstallation, ctx: &Context) -> Result<Action, Error> {
         (Outcome::Applied { .. }, false, true) => Some(Event {
             type_: EventType::Normal,
             reason: "Ready".into(),
-            note: Some(format!(
-                "revision {} ({}) is ready",
-                eff.revision, eff.version
-            )),
+            note: Some(format!("revision {} ({}) is ready", eff.revision, eff.version)),
             action: "Install".into(),
             secondary: None,
         }),
@@ -224,11 +200,7 @@ async fn apply(mi: &MeshInstallation, ctx: &Context) -> Result<Action, Error> {
 }
 
 fn is_ready(mi: &MeshInstallation) -> bool {
-    mi.status.as_ref().is_some_and(|s| {
-        s.conditions
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
-    })
+    mi.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 fn degraded_reason(mi: &MeshInstallation) -> Option<String> {
@@ -276,44 +248,50 @@ async fn install(
         let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &eff.namespace);
         let services: Api<Service> = Api::namespaced(ctx.client.clone(), &eff.namespace);
         ignore_not_found(
-            deployments
-                .delete(&eff.gateway_name(), &DeleteParams::background())
-                .await
-                .map(|_| ()),
+            deployments.delete(&eff.gateway_name(), &DeleteParams::background()).await.map(|_| ()),
         )?;
         ignore_not_found(
-            services
-                .delete(&eff.gateway_name(), &DeleteParams::background())
-                .await
-                .map(|_| ()),
+            services.delete(&eff.gateway_name(), &DeleteParams::background()).await.map(|_| ()),
         )?;
     }
     Ok(Ok(observe(eff, &ca.trust_bundle_pem, ctx).await?))
 }
 
-/// Revisions are cluster-wide (they select namespaces by label): the oldest claim wins.
+/// Revisions are cluster-wide (they select namespaces by label). An installation that already
+/// holds the revision keeps it; between newcomers the oldest claim wins.
 async fn revision_conflict(
     mi: &MeshInstallation,
     eff: &Effective,
     ctx: &Context,
 ) -> Result<Option<Outcome>, Error> {
     let all: Api<MeshInstallation> = Api::all(ctx.client.clone());
+    let holds = |m: &MeshInstallation| {
+        m.status.as_ref().is_some_and(|s| {
+            s.revision.as_deref() == Some(eff.revision.as_str())
+                && !s
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Degraded" && c.status == "True" && c.reason == "RevisionConflict")
+        })
+    };
+    // Sorts holders first, then by age, then by name.
     let key = |m: &MeshInstallation| {
         (
+            !holds(m),
             m.metadata.creation_timestamp.clone().map(|t| t.0),
             m.namespace().unwrap_or_default(),
             m.name_any(),
         )
     };
     let mine = key(mi);
-    let older = all
+    let winner = all
         .list(&ListParams::default())
         .await?
         .into_iter()
         .filter(|o| o.metadata.deletion_timestamp.is_none() && o.spec.revision == eff.revision)
         .filter(|o| key(o) < mine)
         .min_by_key(key);
-    Ok(older.map(|o| Outcome::Invalid {
+    Ok(winner.map(|o| Outcome::Invalid {
         reason: "RevisionConflict",
         message: format!(
             "spec.revision: revision {:?} is already installed by {}/{}; choose another revision for this installation",
@@ -332,11 +310,7 @@ async fn load_or_create_ca(eff: &Effective, ctx: &Context) -> Result<Result<Ca, 
         Some(n) => (n.clone(), true),
         None => (CA_SECRET.to_string(), false),
     };
-    let field = if user_supplied {
-        "spec.ca.secretName"
-    } else {
-        "the generated CA"
-    };
+    let field = if user_supplied { "spec.ca.secretName" } else { "the generated CA" };
     match secrets.get_opt(&name).await? {
         Some(s) => {
             let data = s.data.unwrap_or_default();
@@ -367,13 +341,7 @@ async fn load_or_create_ca(eff: &Effective, ctx: &Context) -> Result<Result<Ca, 
                 }
             }))?;
             match secrets
-                .create(
-                    &PostParams {
-                        field_manager: Some(MANAGER.into()),
-                        ..Default::default()
-                    },
-                    &secret,
-                )
+                .create(&PostParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &secret)
                 .await
             {
                 Ok(_) => {
@@ -381,9 +349,7 @@ async fn load_or_create_ca(eff: &Effective, ctx: &Context) -> Result<Result<Ca, 
                     Ok(Ok(ca))
                 }
                 // Another revision created it meanwhile: use theirs.
-                Err(kube::Error::Api(s)) if s.code == 409 => {
-                    Box::pin(load_or_create_ca(eff, ctx)).await
-                }
+                Err(kube::Error::Api(s)) if s.code == 409 => Box::pin(load_or_create_ca(eff, ctx)).await,
                 Err(e) => Err(e.into()),
             }
         }
@@ -402,11 +368,10 @@ async fn ensure_webhook_cert(
     let names = eff.webhook_dns_names();
     if let Some(s) = secrets.get_opt(&name).await? {
         let data = s.data.unwrap_or_default();
-        let same_ca =
-            data.get(pki::CA_CRT).map(|b| b.0.as_slice()) == Some(ca.trust_bundle_pem.as_bytes());
-        let fresh = data.get(pki::TLS_CRT).is_some_and(|c| {
-            pki::serving_cert_fresh(&c.0, &names, Duration::from_secs(30 * 24 * 3600))
-        });
+        let same_ca = data.get(pki::CA_CRT).map(|b| b.0.as_slice()) == Some(ca.trust_bundle_pem.as_bytes());
+        let fresh = data
+            .get(pki::TLS_CRT)
+            .is_some_and(|c| pki::serving_cert_fresh(&c.0, &names, Duration::from_secs(30 * 24 * 3600)));
         if same_ca && fresh {
             return Ok(());
         }
@@ -420,13 +385,7 @@ async fn ensure_webhook_cert(
         "type": "kubernetes.io/tls",
         "stringData": {pki::TLS_CRT: cert, pki::TLS_KEY: key, pki::CA_CRT: ca.trust_bundle_pem},
     });
-    secrets
-        .patch(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(body),
-        )
-        .await?;
+    secrets.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(body)).await?;
     info!(secret = %name, "issued the webhook serving certificate");
     Ok(())
 }
@@ -436,9 +395,7 @@ async fn observe(eff: &Effective, ca_bundle_pem: &str, ctx: &Context) -> Result<
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &eff.namespace);
     let control_plane = deployment_status(deployments.get_opt(&eff.control_plane_name()).await?);
     let gateway = match &eff.gateway {
-        Some(_) => Some(deployment_status(
-            deployments.get_opt(&eff.gateway_name()).await?,
-        )),
+        Some(_) => Some(deployment_status(deployments.get_opt(&eff.gateway_name()).await?)),
         None => None,
     };
     use base64::Engine;
@@ -452,54 +409,33 @@ async fn observe(eff: &Effective, ca_bundle_pem: &str, ctx: &Context) -> Result<
         let name = eff.cluster_scoped_name(what);
         let ok = api.get_opt(&name).await?.is_some_and(|o| {
             o.data["webhooks"].as_array().is_some_and(|ws| {
-                !ws.is_empty()
-                    && ws
-                        .iter()
-                        .all(|w| w["clientConfig"]["caBundle"] == bundle.as_str())
+                !ws.is_empty() && ws.iter().all(|w| w["clientConfig"]["caBundle"] == bundle.as_str())
             })
         });
         if !ok {
-            missing.push(format!(
-                "{} {name} is missing or lacks the CA bundle",
-                ar.kind
-            ));
+            missing.push(format!("{} {name} is missing or lacks the CA bundle", ar.kind));
         }
     }
     let webhooks = ComponentStatus {
         ready: missing.is_empty(),
         message: (!missing.is_empty()).then(|| missing.join("; ")),
     };
-    Ok(Outcome::Applied {
-        control_plane,
-        webhooks,
-        gateway,
-    })
+    Ok(Outcome::Applied { control_plane, webhooks, gateway })
 }
 
 fn deployment_status(d: Option<Deployment>) -> ComponentStatus {
     let Some(d) = d else {
-        return ComponentStatus {
-            ready: false,
-            message: Some("Deployment not found".into()),
-        };
+        return ComponentStatus { ready: false, message: Some("Deployment not found".into()) };
     };
     let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
     let st = d.status.unwrap_or_default();
     let current = st.observed_generation >= d.metadata.generation;
     let updated = st.updated_replicas.unwrap_or(0);
     let available = st.available_replicas.unwrap_or(0);
-    let rolled_out =
-        current && updated >= want && available >= want && st.replicas.unwrap_or(0) <= want;
-    let available_cond = st
-        .conditions
-        .unwrap_or_default()
-        .into_iter()
-        .find(|c| c.type_ == "Available");
+    let rolled_out = current && updated >= want && available >= want && st.replicas.unwrap_or(0) <= want;
+    let available_cond = st.conditions.unwrap_or_default().into_iter().find(|c| c.type_ == "Available");
     if rolled_out && available_cond.as_ref().is_some_and(|c| c.status == "True") {
-        return ComponentStatus {
-            ready: true,
-            message: None,
-        };
+        return ComponentStatus { ready: true, message: None };
     }
     let mut msg = format!("{available}/{want} replicas available, {updated}/{want} updated");
     if let Some(c) = available_cond.filter(|c| c.status != "True")
@@ -507,10 +443,7 @@ fn deployment_status(d: Option<Deployment>) -> ComponentStatus {
     {
         msg.push_str(&format!(": {m}"));
     }
-    ComponentStatus {
-        ready: false,
-        message: Some(msg),
-    }
+    ComponentStatus { ready: false, message: Some(msg) }
 }
 
 /// Deletes the cluster-scoped objects of this installation (namespaced ones follow their owner).
@@ -525,11 +458,7 @@ async fn cleanup(mi: &MeshInstallation, ctx: &Context) -> Result<Action, Error> 
     for ar in render::cluster_scoped_resources() {
         let api: Api<DynamicObject> = Api::all_with(ctx.client.clone(), &ar);
         for obj in api.list(&ListParams::default().labels(&selector)).await? {
-            ignore_not_found(
-                api.delete(&obj.name_any(), &DeleteParams::background())
-                    .await
-                    .map(|_| ()),
-            )?;
+            ignore_not_found(api.delete(&obj.name_any(), &DeleteParams::background()).await.map(|_| ()))?;
         }
     }
     let _ = ctx

@@ -88,10 +88,7 @@ impl Effective {
     pub fn resolve(mi: &MeshInstallation, images: &ImageDefaults) -> Effective {
         let spec = &mi.spec;
         let profile = spec.profile;
-        let version = spec
-            .version
-            .clone()
-            .unwrap_or_else(|| images.version.clone());
+        let version = spec.version.clone().unwrap_or_else(|| images.version.clone());
         let imgs = spec.images.clone().unwrap_or_default();
         let registry = imgs.registry.unwrap_or_else(|| images.registry.clone());
         let cp = spec.control_plane.clone().unwrap_or_default();
@@ -101,17 +98,17 @@ impl Effective {
         let access_log = telemetry.access_log.clone();
         let gw = spec.ingress_gateway.clone().unwrap_or_default();
         let demo = profile == Profile::Demo;
-        let to_value = |r: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
-                        default: Value| {
-            r.map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
-                .unwrap_or(default)
+        let to_value = |r: Option<k8s_openapi::api::core::v1::ResourceRequirements>, default: Value| {
+            r.map(|r| serde_json::to_value(r).unwrap_or(Value::Null)).unwrap_or(default)
         };
         Effective {
             name: mi.metadata.name.clone().unwrap_or_default(),
             namespace: mi.metadata.namespace.clone().unwrap_or_default(),
             revision: spec.revision.clone(),
             profile,
-            control_plane_image: imgs.control_plane.unwrap_or_else(|| format!("{registry}/operator:{version}")),
+            control_plane_image: imgs
+                .control_plane
+                .unwrap_or_else(|| format!("{registry}/operator:{version}")),
             proxy_image: imgs.proxy.unwrap_or_else(|| format!("{registry}/proxy:{version}")),
             version,
             pull_policy: imgs.pull_policy.unwrap_or(PullPolicy::IfNotPresent),
@@ -138,9 +135,9 @@ impl Effective {
                 .map(|d| d.0)
                 .unwrap_or_else(|| "24h".into()),
             metrics_enabled: telemetry.metrics.map(|m| m.enabled).unwrap_or(profile != Profile::Minimal),
-            tracing_sampling_percent: tracing.sampling_percent.unwrap_or(
-                if demo && tracing.otlp_endpoint.is_some() { 100.0 } else { 0.0 },
-            ),
+            tracing_sampling_percent: tracing
+                .sampling_percent
+                .unwrap_or(if demo && tracing.otlp_endpoint.is_some() { 100.0 } else { 0.0 }),
             otlp_endpoint: tracing.otlp_endpoint,
             access_log_enabled: access_log.as_ref().map(|a| a.enabled).unwrap_or(demo),
             access_log_format: access_log.map(|a| a.format).unwrap_or_default(),
@@ -175,10 +172,7 @@ impl Effective {
     /// DNS names the webhook serving certificate must carry.
     pub fn webhook_dns_names(&self) -> Vec<String> {
         let svc = self.control_plane_name();
-        vec![
-            format!("{svc}.{}.svc", self.namespace),
-            format!("{svc}.{}.svc.cluster.local", self.namespace),
-        ]
+        vec![format!("{svc}.{}.svc", self.namespace), format!("{svc}.{}.svc.cluster.local", self.namespace)]
     }
 
     pub fn labels(&self) -> BTreeMap<String, String> {
@@ -226,12 +220,7 @@ pub fn deployment_resource() -> ApiResource {
     ar("apps", "v1", "Deployment", "deployments")
 }
 pub fn mutating_webhook_resource() -> ApiResource {
-    ar(
-        "admissionregistration.k8s.io",
-        "v1",
-        "MutatingWebhookConfiguration",
-        "mutatingwebhookconfigurations",
-    )
+    ar("admissionregistration.k8s.io", "v1", "MutatingWebhookConfiguration", "mutatingwebhookconfigurations")
 }
 pub fn validating_webhook_resource() -> ApiResource {
     ar(
@@ -244,18 +233,8 @@ pub fn validating_webhook_resource() -> ApiResource {
 /// Every cluster-scoped kind the operator creates (cleaned up by the finalizer).
 pub fn cluster_scoped_resources() -> Vec<ApiResource> {
     vec![
-        ar(
-            "rbac.authorization.k8s.io",
-            "v1",
-            "ClusterRole",
-            "clusterroles",
-        ),
-        ar(
-            "rbac.authorization.k8s.io",
-            "v1",
-            "ClusterRoleBinding",
-            "clusterrolebindings",
-        ),
+        ar("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles"),
+        ar("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings"),
         mutating_webhook_resource(),
         validating_webhook_resource(),
     ]
@@ -285,12 +264,7 @@ pub fn render(eff: &Effective, owner: &Value, ca_bundle_pem: &str) -> Vec<Desire
     let mut push = |resource: ApiResource, namespaced: bool, name: String, mut body: Value| {
         body["apiVersion"] = json!(resource.api_version);
         body["kind"] = json!(resource.kind);
-        out.push(Desired {
-            resource,
-            namespaced,
-            name,
-            body,
-        });
+        out.push(Desired { resource, namespaced, name, body });
     };
 
     push(
@@ -303,12 +277,7 @@ pub fn render(eff: &Effective, owner: &Value, ca_bundle_pem: &str) -> Vec<Desire
     // What the control plane reads and writes, nothing more.
     let cluster_role = eff.cluster_scoped_name("control-plane");
     push(
-        ar(
-            "rbac.authorization.k8s.io",
-            "v1",
-            "ClusterRole",
-            "clusterroles",
-        ),
+        ar("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles"),
         false,
         cluster_role.clone(),
         json!({
@@ -323,12 +292,7 @@ pub fn render(eff: &Effective, owner: &Value, ca_bundle_pem: &str) -> Vec<Desire
         }),
     );
     push(
-        ar(
-            "rbac.authorization.k8s.io",
-            "v1",
-            "ClusterRoleBinding",
-            "clusterrolebindings",
-        ),
+        ar("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings"),
         false,
         cluster_role.clone(),
         json!({
@@ -350,12 +314,7 @@ pub fn render(eff: &Effective, owner: &Value, ca_bundle_pem: &str) -> Vec<Desire
         }),
     );
     push(
-        ar(
-            "rbac.authorization.k8s.io",
-            "v1",
-            "RoleBinding",
-            "rolebindings",
-        ),
+        ar("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings"),
         true,
         cp.clone(),
         json!({
@@ -373,10 +332,7 @@ pub fn render(eff: &Effective, owner: &Value, ca_bundle_pem: &str) -> Vec<Desire
         json!({"metadata": meta(&eff.mesh_config_name(), true, &labels), "data": {"mesh.json": mesh_json}}),
     );
 
-    let ca_secret = eff
-        .ca_secret
-        .clone()
-        .unwrap_or_else(|| CA_SECRET.to_string());
+    let ca_secret = eff.ca_secret.clone().unwrap_or_else(|| CA_SECRET.to_string());
     // The pod template changes when the configuration does, so a change rolls the control plane.
     let config_hash = fnv1a(mesh_json.as_bytes());
     push(
@@ -596,9 +552,7 @@ fn log_level(l: LogLevel) -> &'static str {
 
 /// A stable 64-bit hash (FNV-1a): the same input gives the same annotation in every process.
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
-    })
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
 }
 
 #[cfg(test)]
@@ -618,14 +572,10 @@ mod tests {
     fn profiles_choose_defaults_that_the_spec_overrides() {
         let images = ImageDefaults::default();
         let minimal = Effective::resolve(
-            &mi(
-                json!({"profile": "minimal", "revision": "default", "trustDomain": "cluster.local"}),
-            ),
+            &mi(json!({"profile": "minimal", "revision": "default", "trustDomain": "cluster.local"})),
             &images,
         );
-        assert!(
-            !minimal.metrics_enabled && minimal.gateway.is_none() && !minimal.access_log_enabled
-        );
+        assert!(!minimal.metrics_enabled && minimal.gateway.is_none() && !minimal.access_log_enabled);
         let demo = Effective::resolve(
             &mi(json!({"profile": "demo", "revision": "default", "trustDomain": "cluster.local"})),
             &images,
@@ -638,24 +588,17 @@ mod tests {
             &images,
         );
         assert!(overridden.gateway.is_none());
-        assert_eq!(
-            overridden.control_plane_image,
-            "docker.io/mycel/operator:v9"
-        );
+        assert_eq!(overridden.control_plane_image, "docker.io/mycel/operator:v9");
     }
 
     #[test]
     fn the_default_revision_also_serves_the_inject_label() {
         let images = ImageDefaults::default();
-        let def = Effective::resolve(
-            &mi(json!({"revision": "default", "trustDomain": "cluster.local"})),
-            &images,
-        );
+        let def =
+            Effective::resolve(&mi(json!({"revision": "default", "trustDomain": "cluster.local"})), &images);
         assert_eq!(def.injection_namespace_selectors().len(), 2);
-        let canary = Effective::resolve(
-            &mi(json!({"revision": "canary", "trustDomain": "cluster.local"})),
-            &images,
-        );
+        let canary =
+            Effective::resolve(&mi(json!({"revision": "canary", "trustDomain": "cluster.local"})), &images);
         let sel = canary.injection_namespace_selectors();
         assert_eq!(sel.len(), 1);
         assert_eq!(sel[0]["matchExpressions"][0]["values"][0], "canary");
@@ -664,10 +607,8 @@ mod tests {
     #[test]
     fn rendering_is_deterministic_and_complete() {
         let images = ImageDefaults::default();
-        let eff = Effective::resolve(
-            &mi(json!({"revision": "default", "trustDomain": "cluster.local"})),
-            &images,
-        );
+        let eff =
+            Effective::resolve(&mi(json!({"revision": "default", "trustDomain": "cluster.local"})), &images);
         let a = render(&eff, &json!({}), "CA");
         let b = render(&eff, &json!({}), "CA");
         assert_eq!(

@@ -12,26 +12,17 @@ use mycel_crds::{
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
     /// The objects are applied; the components are as observed.
-    Applied {
-        control_plane: ComponentStatus,
-        webhooks: ComponentStatus,
-        gateway: Option<ComponentStatus>,
-    },
+    Applied { control_plane: ComponentStatus, webhooks: ComponentStatus, gateway: Option<ComponentStatus> },
     /// The spec cannot be installed as it is; nothing was changed.
-    Invalid {
-        reason: &'static str,
-        message: String,
-    },
+    Invalid { reason: &'static str, message: String },
 }
 
 impl Outcome {
     pub fn ready(&self) -> bool {
         match self {
-            Outcome::Applied {
-                control_plane,
-                webhooks,
-                gateway,
-            } => control_plane.ready && webhooks.ready && gateway.as_ref().is_none_or(|g| g.ready),
+            Outcome::Applied { control_plane, webhooks, gateway } => {
+                control_plane.ready && webhooks.ready && gateway.as_ref().is_none_or(|g| g.ready)
+            }
             Outcome::Invalid { .. } => false,
         }
     }
@@ -45,9 +36,7 @@ pub fn compute(
     version: &str,
     outcome: &Outcome,
 ) -> MeshInstallationStatus {
-    let prev_conditions = previous
-        .map(|p| p.conditions.as_slice())
-        .unwrap_or_default();
+    let prev_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
     let mut conds = Vec::new();
     let mut set = |type_: &str, status: bool, reason: &str, message: String| {
         let status = if status { "True" } else { "False" }.to_string();
@@ -71,37 +60,24 @@ pub fn compute(
         ..Default::default()
     };
     match outcome {
-        Outcome::Applied {
-            control_plane,
-            webhooks,
-            gateway,
-        } => {
+        Outcome::Applied { control_plane, webhooks, gateway } => {
             let mut waiting = Vec::new();
             let mut reason = "Installed";
             if !control_plane.ready {
                 reason = "ControlPlaneNotReady";
-                waiting.push(format!(
-                    "control plane: {}",
-                    control_plane.message.clone().unwrap_or_default()
-                ));
+                waiting.push(format!("control plane: {}", control_plane.message.clone().unwrap_or_default()));
             }
             if !webhooks.ready {
                 if reason == "Installed" {
                     reason = "WebhooksNotConfigured";
                 }
-                waiting.push(format!(
-                    "webhooks: {}",
-                    webhooks.message.clone().unwrap_or_default()
-                ));
+                waiting.push(format!("webhooks: {}", webhooks.message.clone().unwrap_or_default()));
             }
             if let Some(g) = gateway.as_ref().filter(|g| !g.ready) {
                 if reason == "Installed" {
                     reason = "GatewayNotReady";
                 }
-                waiting.push(format!(
-                    "ingress gateway: {}",
-                    g.message.clone().unwrap_or_default()
-                ));
+                waiting.push(format!("ingress gateway: {}", g.message.clone().unwrap_or_default()));
             }
             let ready = waiting.is_empty();
             let summary = if ready {
@@ -110,30 +86,10 @@ pub fn compute(
                 format!("waiting for {}", waiting.join("; "))
             };
             set("Ready", ready, reason, summary.clone());
-            set(
-                "Progressing",
-                !ready,
-                if ready { "Installed" } else { "RollingOut" },
-                summary.clone(),
-            );
-            set(
-                "Degraded",
-                false,
-                "AsExpected",
-                "the installation is valid".into(),
-            );
-            set(
-                "Reconciling",
-                !ready,
-                if ready { "Installed" } else { "RollingOut" },
-                summary,
-            );
-            set(
-                "Stalled",
-                false,
-                "AsExpected",
-                "the installation is valid".into(),
-            );
+            set("Progressing", !ready, if ready { "Installed" } else { "RollingOut" }, summary.clone());
+            set("Degraded", false, "AsExpected", "the installation is valid".into());
+            set("Reconciling", !ready, if ready { "Installed" } else { "RollingOut" }, summary);
+            set("Stalled", false, "AsExpected", "the installation is valid".into());
             if control_plane.ready {
                 status.version = Some(version.to_string());
             } else {
@@ -147,19 +103,9 @@ pub fn compute(
         }
         Outcome::Invalid { reason, message } => {
             set("Ready", false, reason, message.clone());
-            set(
-                "Progressing",
-                false,
-                reason,
-                "nothing is changed until the spec is fixed".into(),
-            );
+            set("Progressing", false, reason, "nothing is changed until the spec is fixed".into());
             set("Degraded", true, reason, message.clone());
-            set(
-                "Reconciling",
-                false,
-                reason,
-                "nothing is changed until the spec is fixed".into(),
-            );
+            set("Reconciling", false, reason, "nothing is changed until the spec is fixed".into());
             set("Stalled", true, reason, message.clone());
             status.version = previous.and_then(|p| p.version.clone());
             status.components = previous.and_then(|p| p.components.clone());
@@ -174,46 +120,26 @@ mod tests {
     use super::*;
 
     fn comp(ready: bool) -> ComponentStatus {
-        ComponentStatus {
-            ready,
-            message: (!ready).then(|| "0/1 replicas available".into()),
-        }
+        ComponentStatus { ready, message: (!ready).then(|| "0/1 replicas available".into()) }
     }
 
     #[test]
     fn ready_only_when_every_component_is() {
-        let out = Outcome::Applied {
-            control_plane: comp(true),
-            webhooks: comp(false),
-            gateway: None,
-        };
+        let out = Outcome::Applied { control_plane: comp(true), webhooks: comp(false), gateway: None };
         let s = compute(None, Some(1), "default", "v1", &out);
         let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
-        assert_eq!(
-            (ready.status.as_str(), ready.reason.as_str()),
-            ("False", "WebhooksNotConfigured")
-        );
-        let out = Outcome::Applied {
-            control_plane: comp(true),
-            webhooks: comp(true),
-            gateway: Some(comp(true)),
-        };
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "WebhooksNotConfigured"));
+        let out =
+            Outcome::Applied { control_plane: comp(true), webhooks: comp(true), gateway: Some(comp(true)) };
         let s2 = compute(Some(&s), Some(1), "default", "v1", &out);
         let ready = s2.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
-        assert_eq!(
-            (ready.status.as_str(), ready.reason.as_str()),
-            ("True", "Installed")
-        );
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "Installed"));
         assert_eq!(s2.version.as_deref(), Some("v1"));
     }
 
     #[test]
     fn transition_times_move_only_on_change() {
-        let out = Outcome::Applied {
-            control_plane: comp(true),
-            webhooks: comp(true),
-            gateway: None,
-        };
+        let out = Outcome::Applied { control_plane: comp(true), webhooks: comp(true), gateway: None };
         let s1 = compute(None, Some(1), "default", "v1", &out);
         let s2 = compute(Some(&s1), Some(1), "default", "v1", &out);
         assert_eq!(s1, s2, "an unchanged outcome gives an identical status");
@@ -221,25 +147,11 @@ mod tests {
 
     #[test]
     fn invalid_specs_are_degraded_and_stalled_and_keep_components() {
-        let ok = Outcome::Applied {
-            control_plane: comp(true),
-            webhooks: comp(true),
-            gateway: None,
-        };
+        let ok = Outcome::Applied { control_plane: comp(true), webhooks: comp(true), gateway: None };
         let s1 = compute(None, Some(1), "default", "v1", &ok);
-        let bad = Outcome::Invalid {
-            reason: "CASecretNotFound",
-            message: "spec.ca.secretName: …".into(),
-        };
+        let bad = Outcome::Invalid { reason: "CASecretNotFound", message: "spec.ca.secretName: …".into() };
         let s2 = compute(Some(&s1), Some(2), "default", "v1", &bad);
-        let get = |t: &str| {
-            s2.conditions
-                .iter()
-                .find(|c| c.type_ == t)
-                .unwrap()
-                .status
-                .clone()
-        };
+        let get = |t: &str| s2.conditions.iter().find(|c| c.type_ == t).unwrap().status.clone();
         assert_eq!(
             (get("Ready"), get("Degraded"), get("Stalled")),
             ("False".into(), "True".into(), "True".into())
