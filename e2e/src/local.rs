@@ -109,6 +109,11 @@ impl LocalCluster {
     pub fn down(state_dir: &Path) -> Result<(), Error> {
         let _lock = StateLock::acquire(state_dir)?;
         stop_processes(state_dir);
+        // The routes are machine-wide: keep them while the default cluster still runs.
+        let default = Self::default_state_dir();
+        if state_dir == default || Self::running(&default).is_none() {
+            blackhole_routes(false);
+        }
         if state_dir.exists() {
             fs::remove_dir_all(state_dir).map_err(Error::io(state_dir))?;
         }
@@ -539,7 +544,6 @@ fn stop_processes(state: &Path) {
         unsafe { libc::kill(p.pid, libc::SIGKILL) };
     }
     let _ = fs::remove_file(state.join("pids"));
-    blackhole_routes(false);
 }
 
 /// Adds (or removes) blackhole routes for the Service and fake-pod CIDRs. Needs root; without it
