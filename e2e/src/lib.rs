@@ -190,3 +190,22 @@ impl TestCluster {
         Ok(())
     }
 }
+
+/// Polls `check` every 200 ms until it returns `Ok`, and returns that value; after `timeout`
+/// panics with `what` and the last `Err` it returned (which should say what is still wrong).
+pub async fn eventually<T, F, Fut>(what: &str, timeout: std::time::Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(why) if std::time::Instant::now() >= deadline => {
+                panic!("{what}: not within {timeout:?}: {why}")
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+        }
+    }
+}

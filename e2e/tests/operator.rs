@@ -15,7 +15,7 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use mycel_e2e::{
-    TestCluster, TestNamespace,
+    TestCluster, TestNamespace, eventually,
     kstatus::{self, KStatus},
     process::OperatorProcess,
 };
@@ -218,11 +218,10 @@ async fn an_installation_becomes_ready_and_an_idle_reconcile_writes_nothing() {
         )
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while reconcile_count(&s.operator) <= before_count {
-        assert!(Instant::now() < deadline, "the touch did not trigger a reconcile");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually("the touch triggers a reconcile", Duration::from_secs(30), || async {
+        (reconcile_count(&s.operator) > before_count).then_some(()).ok_or("no reconcile counted".to_string())
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = managed_versions(&s.client, &s.ns.name, "mesh").await;
     let changed: Vec<_> =
@@ -285,22 +284,28 @@ async fn drift_is_repaired_and_other_managers_fields_stay() {
         .unwrap();
     hooks.delete(&hook_name, &DeleteParams::default()).await.unwrap();
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let dep = eventually("drift repaired", Duration::from_secs(60), || async {
         let svc = services.get_opt(&cp).await.unwrap();
         let dep = deployments.get(&cp).await.unwrap();
         let hook = hooks.get_opt(&hook_name).await.unwrap();
         if svc.is_some() && dep.data["spec"]["replicas"] == 1 && hook.is_some() {
-            assert_eq!(
-                dep.annotations().get("example.com/owner").map(String::as_str),
-                Some("team-a"),
-                "other manager's field kept"
-            );
-            break;
+            Ok(dep)
+        } else {
+            Err(format!(
+                "service {}, replicas {}, webhook {}\n{}",
+                svc.is_some(),
+                dep.data["spec"]["replicas"],
+                hook.is_some(),
+                s.operator.log_text()
+            ))
         }
-        assert!(Instant::now() < deadline, "drift not repaired within 60s:\n{}", s.operator.log_text());
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    })
+    .await;
+    assert_eq!(
+        dep.annotations().get("example.com/owner").map(String::as_str),
+        Some("team-a"),
+        "other manager's field kept"
+    );
     drop(s.operator);
     s.ns.delete().await.unwrap();
 }
@@ -401,16 +406,16 @@ async fn revisions_coexist_a_second_claim_is_refused_and_deletion_cleans_up() {
     // Deleting the canary leaves the stable revision intact and nothing of the canary behind.
     let stable_before = managed_versions(&s.client, &s.ns.name, "stable").await;
     s.mis.delete("canary", &DeleteParams::default()).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    eventually("the canary is gone with everything it owned", Duration::from_secs(60), || async {
         let gone = s.mis.get_opt("canary").await.unwrap().is_none();
         let leftovers = managed_versions(&s.client, &s.ns.name, "canary").await;
         if gone && leftovers.is_empty() {
-            break;
+            Ok(())
+        } else {
+            Err(format!("installation gone: {gone}, leftovers: {leftovers:?}\n{}", s.operator.log_text()))
         }
-        assert!(Instant::now() < deadline, "canary leftovers: {leftovers:?}\n{}", s.operator.log_text());
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    })
+    .await;
     assert_eq!(managed_versions(&s.client, &s.ns.name, "stable").await, stable_before, "stable untouched");
     assert!(is_ready(&s.mis.get("stable").await.unwrap()));
     let ca: Api<DynamicObject> =
@@ -466,11 +471,10 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
         Api::namespaced_with(s.client.clone(), &s.ns.name, &ar("", "Service", "services"));
     let cp = format!("mycel-control-plane-{rev}");
     services.delete(&cp, &DeleteParams::default()).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while services.get_opt(&cp).await.unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the standby did not take over");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually("the standby takes over and restores the Service", Duration::from_secs(60), || async {
+        services.get_opt(&cp).await.unwrap().map(|_| ()).ok_or("Service still missing".to_string())
+    })
+    .await;
     eprintln!(
         "failover: the standby repaired drift {:.1}s after the leader died (lease 4s)",
         killed.elapsed().as_secs_f64()
