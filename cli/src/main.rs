@@ -43,6 +43,9 @@ enum ClusterCmd {
     Env,
     /// Say whether the cluster is running.
     Status,
+    /// List what a stopped cluster left on this machine (processes, mounts, bridge, routes,
+    /// iptables chains, cgroups, state); fails if anything is left.
+    Leftovers,
 }
 
 fn main() -> ExitCode {
@@ -76,6 +79,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     )
                 })?;
                 print_env(&c);
+            }
+            ClusterCmd::Leftovers => {
+                let found = mycel_e2e::node::leftovers(&state, mycel_e2e::local::SERVICE_CIDR);
+                if !found.is_empty() {
+                    anyhow::bail!(
+                        "the local cluster left {} thing(s) behind:\n  {}",
+                        found.len(),
+                        found.join("\n  ")
+                    );
+                }
+                println!("nothing left behind by the local cluster");
             }
             ClusterCmd::Status => match LocalCluster::running(&state) {
                 Some(c) => println!(

@@ -7,8 +7,10 @@
 //! must not contain product logic: it only starts, reaches and inspects clusters.
 
 pub mod binaries;
+pub mod images;
 pub mod kstatus;
 pub mod local;
+pub mod node;
 pub mod pki;
 pub mod process;
 
@@ -104,14 +106,38 @@ impl TestCluster {
 
     /// Creates a namespace with a unique name starting with `prefix`.
     pub async fn namespace(&self, prefix: &str) -> Result<TestNamespace, Error> {
+        self.create_namespace(prefix, serde_json::json!({})).await
+    }
+
+    /// Like [`TestCluster::namespace`], but its pods go to the kwok node (through the
+    /// PodNodeSelector and PodTolerationRestriction admission plugins): for tests that need many
+    /// cheap "Running" pods and no real containers.
+    pub async fn fake_node_namespace(&self, prefix: &str) -> Result<TestNamespace, Error> {
+        self.create_namespace(prefix, fake_node_annotations()).await
+    }
+
+    async fn create_namespace(
+        &self,
+        prefix: &str,
+        annotations: serde_json::Value,
+    ) -> Result<TestNamespace, Error> {
         let client = self.client().await?;
         let name = format!("{prefix}-{}", unique_suffix());
         let ns: Namespace = serde_json::from_value(serde_json::json!({
-            "metadata": { "name": name, "labels": { "mycel.io/e2e": "true" } }
+            "metadata": { "name": name, "labels": { "mycel.io/e2e": "true" }, "annotations": annotations }
         }))?;
         Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
         Ok(TestNamespace { name, client })
     }
+}
+
+/// Namespace annotations that place every pod of the namespace on the kwok node.
+pub fn fake_node_annotations() -> serde_json::Value {
+    serde_json::json!({
+        "scheduler.alpha.kubernetes.io/node-selector": "type=kwok",
+        "scheduler.alpha.kubernetes.io/defaultTolerations":
+            r#"[{"key":"kwok.x-k8s.io/node","operator":"Equal","value":"fake","effect":"NoSchedule"}]"#
+    })
 }
 
 /// A namespace owned by one test; [`TestNamespace::delete`] removes it (left for inspection if

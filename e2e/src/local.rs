@@ -19,7 +19,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, binaries, pki};
+use crate::{Error, binaries, images, node, pki};
 
 /// Name of the kwok-managed fake node.
 pub const FAKE_NODE: &str = "kwok-node-0";
@@ -32,9 +32,36 @@ pub const FAKE_POD_CIDR: &str = "10.244.250.0/24";
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct ClusterInfo {
     pub api_port: u16,
+    /// Address the API server listens on: loopback, or the node address when there is a node.
+    #[serde(default = "loopback")]
+    pub api_host: String,
+    /// Whether a real kubelet node is part of the cluster.
+    #[serde(default)]
+    pub real_node: bool,
     pub etcd_port: u16,
     pub bin_dir: PathBuf,
     pub started_at_unix: u64,
+}
+
+fn loopback() -> String {
+    "127.0.0.1".into()
+}
+
+/// What kind of cluster to start.
+#[derive(Clone, Copy, Debug)]
+pub struct ClusterOptions {
+    /// Add the real node (containerd, kubelet, kube-proxy, CoreDNS). Needs root; at most one
+    /// cluster on a machine can have it.
+    pub real_node: bool,
+}
+
+impl Default for ClusterOptions {
+    /// The real node when running as root, unless `MYCEL_REAL_NODE=0`.
+    fn default() -> Self {
+        // SAFETY: getuid has no preconditions.
+        let root = unsafe { libc::getuid() } == 0;
+        ClusterOptions { real_node: root && std::env::var("MYCEL_REAL_NODE").as_deref() != Ok("0") }
+    }
 }
 
 /// A handle on a running local cluster.
@@ -66,21 +93,27 @@ impl LocalCluster {
     /// Returns the running cluster in `state_dir`, starting one (and building the binaries on
     /// first use) if none is healthy there.
     pub fn ensure_up(state_dir: &Path) -> Result<LocalCluster, Error> {
+        Self::ensure_up_with(state_dir, ClusterOptions::default())
+    }
+
+    /// [`LocalCluster::ensure_up`] with explicit options.
+    pub fn ensure_up_with(state_dir: &Path, options: ClusterOptions) -> Result<LocalCluster, Error> {
         let _lock = StateLock::acquire(state_dir)?;
         if let Some(c) = Self::running(state_dir) {
             return Ok(c);
         }
-        stop_processes(state_dir);
-        if state_dir.exists() {
-            fs::remove_dir_all(state_dir).map_err(Error::io(state_dir))?;
-        }
         let bin_dir = binaries::ensure()?;
+        clean(state_dir, &bin_dir)?;
         let started = Instant::now();
-        let cluster = match start(state_dir, bin_dir) {
+        let cluster = match start(state_dir, bin_dir.clone(), options) {
             Ok(c) => c,
             Err(e) => {
-                // Leave the logs for reading but no process behind.
+                // Leave the logs for reading but no process or network change behind.
                 stop_processes(state_dir);
+                if state_dir.join("node").exists() {
+                    node::remove_containers(state_dir);
+                    node::teardown(state_dir, &bin_dir, SERVICE_CIDR);
+                }
                 return Err(e);
             }
         };
@@ -108,14 +141,16 @@ impl LocalCluster {
     /// Stops every process of the cluster in `state_dir` and removes its state.
     pub fn down(state_dir: &Path) -> Result<(), Error> {
         let _lock = StateLock::acquire(state_dir)?;
-        stop_processes(state_dir);
+        let bin_dir = fs::read(state_dir.join("cluster.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<ClusterInfo>(&b).ok())
+            .map(|i| i.bin_dir)
+            .unwrap_or_default();
+        clean(state_dir, &bin_dir)?;
         // The routes are machine-wide: keep them while the default cluster still runs.
         let default = Self::default_state_dir();
         if state_dir == default || Self::running(&default).is_none() {
-            blackhole_routes(false);
-        }
-        if state_dir.exists() {
-            fs::remove_dir_all(state_dir).map_err(Error::io(state_dir))?;
+            blackhole_routes(false, true);
         }
         Ok(())
     }
@@ -138,7 +173,24 @@ impl LocalCluster {
     }
 }
 
-fn start(state: &Path, bin_dir: PathBuf) -> Result<LocalCluster, Error> {
+/// Stops the processes of the cluster in `state`, tears its node down (containers first, while
+/// containerd still answers), and removes the state directory.
+fn clean(state: &Path, bin_dir: &Path) -> Result<(), Error> {
+    let has_node = state.join("node").exists();
+    if has_node {
+        node::remove_containers(state);
+    }
+    stop_processes(state);
+    if has_node {
+        node::teardown(state, bin_dir, SERVICE_CIDR);
+    }
+    if state.exists() {
+        fs::remove_dir_all(state).map_err(Error::io(state))?;
+    }
+    Ok(())
+}
+
+fn start(state: &Path, bin_dir: PathBuf, options: ClusterOptions) -> Result<LocalCluster, Error> {
     let pki_dir = state.join("pki");
     let logs = state.join("logs");
     for d in [&pki_dir, &logs, &state.join("etcd")] {
@@ -148,6 +200,8 @@ fn start(state: &Path, bin_dir: PathBuf) -> Result<LocalCluster, Error> {
     // --- certificates and kubeconfigs
     let ca = pki::Ca::generate("mycel-local-ca")?;
     pki::write(&pki_dir, "ca", &ca.pem)?;
+    let api_host = if options.real_node { node::NODE_IP.to_string() } else { loopback() };
+    let node_ip: IpAddr = node::NODE_IP.parse().map_err(|_| Error::Command("bad node IP".into()))?;
     let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let service_ip = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1));
     let serving = ca.server(
@@ -159,7 +213,7 @@ fn start(state: &Path, bin_dir: PathBuf) -> Result<LocalCluster, Error> {
             "kubernetes.default.svc",
             "kubernetes.default.svc.cluster.local",
         ],
-        &[loopback, service_ip],
+        &[loopback, service_ip, node_ip],
     )?;
     pki::write(&pki_dir, "apiserver", &serving)?;
     let (sa_key, sa_pub) = pki::signing_key()?;
@@ -169,12 +223,14 @@ fn start(state: &Path, bin_dir: PathBuf) -> Result<LocalCluster, Error> {
     let etcd_port = free_port()?;
     let etcd_peer = free_port()?;
     let api_port = free_port()?;
-    let server = format!("https://127.0.0.1:{api_port}");
+    let server = format!("https://{api_host}:{api_port}");
     let clients = [
         ("admin", "kubernetes-admin", vec!["system:masters"]),
         ("controller-manager", "system:kube-controller-manager", vec![]),
         ("scheduler", "system:kube-scheduler", vec![]),
         ("kwok", "kwok-controller", vec!["system:masters"]),
+        ("kubelet", "system:node:mycel-node-0", vec!["system:nodes"]),
+        ("kube-proxy", "system:kube-proxy", vec![]),
     ];
     for (file, user, groups) in &clients {
         let pem = ca.client(user, groups)?;
@@ -186,8 +242,22 @@ fn start(state: &Path, bin_dir: PathBuf) -> Result<LocalCluster, Error> {
         write_kubeconfig(&path, &server, &ca.pem.cert, &pem)?;
     }
 
+    // The API server's client identity towards kubelets (logs, exec, port-forward).
+    pki::write(
+        &pki_dir,
+        "apiserver-kubelet-client",
+        &ca.client("kube-apiserver-kubelet-client", &["system:masters"])?,
+    )?;
+    pki::write(
+        &pki_dir,
+        "kubelet-serving",
+        &ca.server(node::NODE_NAME, &[node::NODE_NAME, "localhost"], &[node_ip, loopback])?,
+    )?;
+
     let info = ClusterInfo {
         api_port,
+        api_host: api_host.clone(),
+        real_node: options.real_node,
         etcd_port,
         bin_dir: bin_dir.clone(),
         started_at_unix: std::time::SystemTime::now()
@@ -201,7 +271,10 @@ fn start(state: &Path, bin_dir: PathBuf) -> Result<LocalCluster, Error> {
 
     // No packet for the cluster's virtual ranges may leave this machine: the default route would
     // otherwise carry them out (e.g. the API server calling a webhook whose pod kwok faked).
-    blackhole_routes(true);
+    blackhole_routes(true, !options.real_node);
+    if options.real_node {
+        node::setup_network(SERVICE_CIDR)?;
+    }
 
     // --- etcd
     let mut etcd = spawn(
@@ -221,7 +294,7 @@ fn start(state: &Path, bin_dir: PathBuf) -> Result<LocalCluster, Error> {
             "--log-level=warn".into(),
         ],
     )?;
-    wait_for_proc(state, "etcd", &mut etcd, Duration::from_secs(30), || port_open(etcd_port))?;
+    wait_for_proc(state, "etcd", &mut etcd, Duration::from_secs(30), || port_open("127.0.0.1", etcd_port))?;
 
     // --- kube-apiserver
     let mut apiserver = spawn(
@@ -230,8 +303,13 @@ fn start(state: &Path, bin_dir: PathBuf) -> Result<LocalCluster, Error> {
         &bin_dir.join("kube-apiserver"),
         &[
             format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
+            format!("--bind-address={api_host}"),
+            format!("--advertise-address={api_host}"),
+            format!("--kubelet-client-certificate={}", p("apiserver-kubelet-client.crt")),
+            format!("--kubelet-client-key={}", p("apiserver-kubelet-client.key")),
+            "--kubelet-preferred-address-types=InternalIP".into(),
+            // Namespaces can pin their pods to a kind of node (tests use it for the kwok node).
+            "--enable-admission-plugins=PodNodeSelector,PodTolerationRestriction".into(),
             format!("--secure-port={api_port}"),
             format!("--cert-dir={}", s("pki")),
             format!("--tls-cert-file={}", p("apiserver.crt")),
@@ -322,7 +400,128 @@ fn start(state: &Path, bin_dir: PathBuf) -> Result<LocalCluster, Error> {
     wait_for("the default service account", Duration::from_secs(60), || {
         kubectl_out(&cluster, &["get", "serviceaccount", "default", "-n", "default", "-o", "name"]).is_ok()
     })?;
+    if options.real_node {
+        start_node(state, &bin_dir, &cluster)?;
+    }
     Ok(cluster)
+}
+
+/// containerd, images, the kubelet, kube-proxy, then CoreDNS on the node.
+fn start_node(state: &Path, bin_dir: &Path, cluster: &LocalCluster) -> Result<(), Error> {
+    let dir = state.join("node");
+    let cd = dir.join("containerd");
+    let cni = dir.join("cni/net.d");
+    let image_dir = dir.join("images");
+    for d in [&cd, &cni, &dir.join("kubelet"), &image_dir] {
+        fs::create_dir_all(d).map_err(Error::io(d))?;
+    }
+    let write = |path: PathBuf, content: String| fs::write(&path, content).map_err(Error::io(&path));
+    write(cni.join("10-mycel.conflist"), node::cni_conflist(&dir.join("cni/ipam")))?;
+    write(cd.join("config.toml"), node::containerd_config(&cd, &cni, images::PAUSE_IMAGE))?;
+    let socket = node::containerd_socket(&cd);
+    let mut containerd = spawn(
+        state,
+        "containerd",
+        Path::new("containerd"),
+        &["--config".into(), cd.join("config.toml").display().to_string()],
+    )?;
+    wait_for_proc(state, "containerd", &mut containerd, Duration::from_secs(30), || {
+        socket.exists()
+            && Command::new("ctr")
+                .arg("--address")
+                .arg(&socket)
+                .arg("version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+    })?;
+
+    let mut archives = Vec::new();
+    let mut specs = images::base_images(&binaries::cache_dir().join("images"), bin_dir)?;
+    match images::testapp_image() {
+        Ok(spec) => specs.push(spec),
+        // `cargo build --workspace` makes it; without it only the test-app image is missing.
+        Err(e) => eprintln!("mycel: no {} image: {e}", images::TESTAPP_IMAGE),
+    }
+    for (i, spec) in specs.iter().enumerate() {
+        let path = image_dir.join(format!("{i}.tar"));
+        images::write_archive(spec, &path)?;
+        archives.push(path);
+    }
+    images::import(&socket, &archives)?;
+
+    let pki_dir = state.join("pki");
+    let resolv = dir.join("resolv.conf");
+    // Pods with dnsPolicy Default get this: no resolver outside the cluster exists here.
+    write(resolv.clone(), "options ndots:1\n".into())?;
+    let (ca, cert, key) =
+        (pki_dir.join("ca.crt"), pki_dir.join("kubelet-serving.crt"), pki_dir.join("kubelet-serving.key"));
+    let paths = node::KubeletPaths {
+        ca: &ca,
+        cert: &cert,
+        key: &key,
+        containerd_socket: &socket,
+        resolv_conf: &resolv,
+    };
+    write(dir.join("kubelet.yaml"), node::kubelet_config(&paths, free_port()?, free_port()?))?;
+    let d = |p: &str| dir.join(p).display().to_string();
+    spawn(
+        state,
+        "kubelet",
+        &bin_dir.join("kubelet"),
+        &[
+            format!("--config={}", d("kubelet.yaml")),
+            format!("--kubeconfig={}", state.join("kubelet.kubeconfig").display()),
+            format!("--root-dir={}", d("kubelet")),
+            format!("--cert-dir={}", d("kubelet/pki")),
+            format!("--hostname-override={}", node::NODE_NAME),
+            format!("--node-ip={}", node::NODE_IP),
+            "--node-labels=mycel.io/node=real".into(),
+            "--v=1".into(),
+        ],
+    )?;
+    write(
+        dir.join("kube-proxy.yaml"),
+        node::kube_proxy_config(&state.join("kube-proxy.kubeconfig"), free_port()?, free_port()?),
+    )?;
+    spawn(
+        state,
+        "kube-proxy",
+        &bin_dir.join("kube-proxy"),
+        &[format!("--config={}", d("kube-proxy.yaml")), "--v=1".into()],
+    )?;
+    wait_for("the real node to be Ready", Duration::from_secs(120), || {
+        kubectl_out(
+            cluster,
+            &[
+                "get",
+                "node",
+                node::NODE_NAME,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+            ],
+        )
+        .map(|s| s == "True")
+        .unwrap_or(false)
+    })?;
+    kubectl_apply(cluster, &node::coredns_manifest(&images::coredns_image()))?;
+    wait_for("CoreDNS to be Available", Duration::from_secs(120), || {
+        kubectl_out(
+            cluster,
+            &[
+                "get",
+                "deployment",
+                "coredns",
+                "-n",
+                "kube-system",
+                "-o",
+                "jsonpath={.status.availableReplicas}",
+            ],
+        )
+        .map(|s| s == "1")
+        .unwrap_or(false)
+    })
 }
 
 fn fake_node_manifest() -> String {
@@ -340,7 +539,10 @@ metadata:
     kubernetes.io/arch: amd64
     node-role.kubernetes.io/agent: ""
     type: kwok
-spec: {{}}
+spec:
+  # Only pods that ask for a fake node land here (see TestCluster::fake_node_namespace).
+  taints:
+  - {{key: kwok.x-k8s.io/node, value: fake, effect: NoSchedule}}
 "#
     )
 }
@@ -418,12 +620,10 @@ fn free_port() -> Result<u16, Error> {
     Ok(l.local_addr().map_err(Error::io("127.0.0.1:0"))?.port())
 }
 
-fn port_open(port: u16) -> bool {
-    std::net::TcpStream::connect_timeout(
-        &std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-        Duration::from_millis(200),
-    )
-    .is_ok()
+fn port_open(host: &str, port: u16) -> bool {
+    let Ok(ip) = host.parse::<IpAddr>() else { return false };
+    std::net::TcpStream::connect_timeout(&std::net::SocketAddr::from((ip, port)), Duration::from_millis(200))
+        .is_ok()
 }
 
 /// Like [`wait_for`], but gives up at once when the process `name` has exited, and puts the end
@@ -548,10 +748,11 @@ fn stop_processes(state: &Path) {
 
 /// Adds (or removes) blackhole routes for the Service and fake-pod CIDRs. Needs root; without it
 /// the harness still works, and says once that the safety net is missing.
-fn blackhole_routes(add: bool) {
-    for cidr in [SERVICE_CIDR, FAKE_POD_CIDR] {
+fn blackhole_routes(add: bool, service_cidr_too: bool) {
+    let cidrs: &[&str] = if service_cidr_too { &[SERVICE_CIDR, FAKE_POD_CIDR] } else { &[FAKE_POD_CIDR] };
+    for cidr in cidrs {
         let args =
-            if add { ["route", "replace", "blackhole", cidr] } else { ["route", "del", "blackhole", cidr] };
+            if add { ["route", "replace", "blackhole", *cidr] } else { ["route", "del", "blackhole", *cidr] };
         let ok = Command::new("ip")
             .args(args)
             .stdout(Stdio::null())

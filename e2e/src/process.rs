@@ -8,14 +8,16 @@ use std::{
 
 use crate::{Error, TestCluster};
 
-/// `target/<profile>/<name>`, next to the running test binary (`target/<profile>/deps/…`).
+/// `target/<profile>/<name>`, found from the running binary (a test binary or `mycelctl`).
 /// `scripts/test` builds every binary first; so does `cargo test --workspace`, through each
 /// binary's own CLI tests.
 pub fn workspace_binary(name: &str) -> Result<PathBuf, Error> {
     let exe = std::env::current_exe().map_err(Error::io("current_exe"))?;
-    let dir = exe.parent().and_then(|deps| deps.parent()).ok_or_else(|| {
-        Error::Command(format!("cannot locate the target directory from {}", exe.display()))
-    })?;
+    // Test binaries live in target/<profile>/deps, other binaries in target/<profile>.
+    let dir =
+        exe.parent().map(|d| if d.ends_with("deps") { d.parent().unwrap_or(d) } else { d }).ok_or_else(
+            || Error::Command(format!("cannot locate the target directory from {}", exe.display())),
+        )?;
     let bin = dir.join(name);
     if !bin.exists() {
         return Err(Error::Command(format!(

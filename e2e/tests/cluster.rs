@@ -14,7 +14,10 @@ use kube::{
     api::{ListParams, PostParams},
     runtime::wait::await_condition,
 };
-use mycel_e2e::{TestCluster, local::LocalCluster};
+use mycel_e2e::{
+    TestCluster,
+    local::{ClusterOptions, LocalCluster},
+};
 
 #[tokio::test]
 async fn components_report_the_version_they_were_built_from() {
@@ -30,7 +33,7 @@ async fn components_report_the_version_they_were_built_from() {
 #[tokio::test]
 async fn deployments_become_available_with_running_pods() {
     let c = TestCluster::shared().await.unwrap();
-    let ns = c.namespace("deploy").await.unwrap();
+    let ns = c.fake_node_namespace("deploy").await.unwrap();
     let client = c.client().await.unwrap();
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     let d: Deployment = serde_json::from_value(serde_json::json!({
@@ -41,7 +44,6 @@ async fn deployments_become_available_with_running_pods() {
             "template": {
                 "metadata": { "labels": { "app": "echo" } },
                 "spec": {
-                    "nodeSelector": { "type": "kwok" },
                     "containers": [{ "name": "echo", "image": "docker.io/mycel/echo:test" }]
                 }
             }
@@ -124,7 +126,19 @@ async fn the_whole_install_applies_and_the_operator_deployment_becomes_available
         assert!(rendered.contains(&format!("kind: {kind}\n")), "config/default lacks a {kind}");
     }
     // The whole install applies as a user (or Argo CD / Flux) would apply it, and the operator's
-    // Deployment is scheduled and becomes Available (on the kwok node).
+    // Deployment is scheduled and becomes Available. Its image is not built yet, so its pod is
+    // placed on the kwok node: the namespace exists first, with the fake-node annotations.
+    // (Created through the API, not `kubectl apply`: kubectl's server-side apply would take over
+    // and drop annotations that its client-side apply had set.)
+    let ns: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "mycel-system", "annotations": mycel_e2e::fake_node_annotations()}}))
+    .unwrap();
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(c.client().await.unwrap());
+    match namespaces.create(&PostParams::default(), &ns).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("creating mycel-system: {e}"),
+    }
     let out = c.kubectl_run(&["apply", "--server-side", "--force-conflicts", "-k", &dir], None).unwrap();
     assert!(out.contains("deployment.apps/mycel-operator serverside-applied"), "{out}");
     c.kubectl_run(
@@ -154,8 +168,13 @@ async fn a_crashed_cluster_is_replaced_and_down_leaves_nothing() {
         return; // only meaningful for the local harness
     }
     let dir = std::env::temp_dir().join(format!("mycel-crash-test-{}", std::process::id()));
+    // A second cluster on the machine: loopback only, the real node belongs to the shared one.
+    let no_node = ClusterOptions { real_node: false };
     let d = dir.clone();
-    let first = tokio::task::spawn_blocking(move || LocalCluster::ensure_up(&d)).await.unwrap().unwrap();
+    let first = tokio::task::spawn_blocking(move || LocalCluster::ensure_up_with(&d, no_node))
+        .await
+        .unwrap()
+        .unwrap();
     let pids_of = |dir: &std::path::Path| -> Vec<i32> {
         std::fs::read_to_string(dir.join("pids"))
             .unwrap_or_default()
@@ -169,7 +188,10 @@ async fn a_crashed_cluster_is_replaced_and_down_leaves_nothing() {
     // SAFETY: signalling a process this test started.
     unsafe { libc::kill(apiserver, libc::SIGKILL) };
     let d = dir.clone();
-    let second = tokio::task::spawn_blocking(move || LocalCluster::ensure_up(&d)).await.unwrap().unwrap();
+    let second = tokio::task::spawn_blocking(move || LocalCluster::ensure_up_with(&d, no_node))
+        .await
+        .unwrap()
+        .unwrap();
     assert_ne!(first.info.api_port, second.info.api_port, "a new cluster, not the broken one");
     let alive = |pid: i32| {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))

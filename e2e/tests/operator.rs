@@ -60,7 +60,8 @@ struct Setup {
 async fn setup(prefix: &str) -> Setup {
     let cluster = TestCluster::shared().await.unwrap();
     cluster.install_crds().unwrap();
-    let ns = cluster.namespace(prefix).await.unwrap();
+    // The control-plane pods are faked by kwok: the operator, not the images, is under test here.
+    let ns = cluster.fake_node_namespace(prefix).await.unwrap();
     let client = cluster.client().await.unwrap();
     let mis = Api::namespaced_with(client.clone(), &ns.name, &mi_resource());
     let operator = OperatorProcess::start(&cluster, &ns.name).unwrap();

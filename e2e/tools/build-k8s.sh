@@ -12,13 +12,16 @@ set -euo pipefail
 K8S_VERSION=${K8S_VERSION:-v1.34.4}
 ETCD_VERSION=${ETCD_VERSION:-v3.6.7}
 KWOK_VERSION=${KWOK_VERSION:-v0.7.0}
+COREDNS_VERSION=${COREDNS_VERSION:-v1.14.7}
 CACHE=${MYCEL_CACHE_DIR:-$HOME/.cache/mycel}
 BIN="$CACHE/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION/bin"
 JOBS=${GO_BUILD_JOBS:-2}
 
-want=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl etcd kwok)
+want=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl etcd kwok coredns)
 missing=0
 for b in "${want[@]}"; do [ -x "$BIN/$b" ] || missing=1; done
+# CoreDNS is not part of the directory's name: a changed version rebuilds it alone.
+[ "$(cat "$BIN/coredns.version" 2>/dev/null)" = "$COREDNS_VERSION" ] || { rm -f "$BIN/coredns"; missing=1; }
 if [ "$missing" = 0 ]; then echo "$BIN"; exit 0; fi
 
 mkdir -p "$BIN"
@@ -83,6 +86,18 @@ if [ ! -x "$BIN/kwok" ]; then
   printf '//go:build tools\n\npackage tools\n\nimport _ "sigs.k8s.io/kwok/cmd/kwok"\n' > tools.go
   go mod tidy >&2
   go build -p "$JOBS" -trimpath -ldflags "-s -w" -o "$BIN/kwok" sigs.k8s.io/kwok/cmd/kwok >&2
+fi
+
+# --- CoreDNS ---------------------------------------------------------------------------------------
+if [ ! -x "$BIN/coredns" ]; then
+  log "building CoreDNS $COREDNS_VERSION"
+  mkdir -p "$work/coredns" && cd "$work/coredns"
+  go mod init mycel.local/coredns-build >/dev/null 2>&1
+  echo "require github.com/coredns/coredns $COREDNS_VERSION" >> go.mod
+  printf '//go:build tools\n\npackage tools\n\nimport _ "github.com/coredns/coredns"\n' > tools.go
+  go mod tidy >&2
+  go build -p "$JOBS" -trimpath -ldflags "-s -w" -o "$BIN/coredns" github.com/coredns/coredns >&2
+  echo "$COREDNS_VERSION" > "$BIN/coredns.version"
 fi
 
 echo "$BIN"

@@ -1,0 +1,142 @@
+//! `mycel-testapp`: the small workloads of the e2e tests and the demo, in one binary.
+//! `http-echo` answers every request with a JSON description of it and of the pod that served it;
+//! `tcp-echo` echoes bytes (and honours half-close); `get` is an HTTP client that fetches a URL a
+//! number of times and prints each body, failing on any error.
+
+use std::{convert::Infallible, net::SocketAddr, time::Duration};
+
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+#[derive(Parser)]
+#[command(name = "mycel-testapp", version, about = "Test workloads for Mycel's e2e tests and demo")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve HTTP/1.1 on PORT, answering with JSON: pod name, method, path, headers.
+    HttpEcho {
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+    /// Echo TCP bytes on PORT; after the client half-closes, finish and close.
+    TcpEcho {
+        #[arg(long, default_value_t = 9000)]
+        port: u16,
+    },
+    /// GET each URL COUNT times (in turn), printing each response body on one line.
+    Get {
+        #[arg(required = true)]
+        urls: Vec<String>,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Per-request timeout in seconds.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+        /// Open a new connection for every request (so that L4 balancing shows).
+        #[arg(long)]
+        no_reuse: bool,
+    },
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::HttpEcho { port } => http_echo(port).await,
+        Cmd::TcpEcho { port } => tcp_echo(port).await,
+        Cmd::Get { urls, count, timeout, no_reuse } => {
+            get(&urls, count, Duration::from_secs(timeout), no_reuse).await
+        }
+    }
+}
+
+fn pod_name() -> String {
+    std::env::var("POD_NAME")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+async fn http_echo(port: u16) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?;
+    let pod = pod_name();
+    eprintln!("http-echo on :{port} as {pod}");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => r?,
+            _ = term.recv() => return Ok(()),
+        };
+        let pod = pod.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let pod = pod.clone();
+                async move {
+                    let headers: serde_json::Map<String, serde_json::Value> = req
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+                        .collect();
+                    let body = serde_json::json!({
+                        "pod": pod, "method": req.method().as_str(), "path": req.uri().to_string(),
+                        "peer": peer.to_string(), "headers": headers,
+                    });
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body.to_string()))))
+                }
+            });
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
+async fn tcp_echo(port: u16) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?;
+    eprintln!("tcp-echo on :{port}");
+    loop {
+        let (mut stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if stream.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+async fn get(urls: &[String], count: u32, timeout: Duration, no_reuse: bool) -> anyhow::Result<()> {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(if no_reuse { 0 } else { usize::MAX })
+        .build_http::<Full<Bytes>>();
+    for i in 0..count {
+        for url in urls {
+            let req = Request::get(url.parse::<hyper::Uri>()?).body(Full::new(Bytes::new()))?;
+            let resp = tokio::time::timeout(timeout, client.request(req))
+                .await
+                .map_err(|_| anyhow::anyhow!("request {i} to {url} timed out after {timeout:?}"))?
+                .map_err(|e| anyhow::anyhow!("request {i} to {url}: {e:?}"))?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await?.to_bytes();
+            if !status.is_success() {
+                anyhow::bail!("request {i} to {url}: status {status}: {}", String::from_utf8_lossy(&body));
+            }
+            println!("{}", String::from_utf8_lossy(&body).trim_end());
+        }
+    }
+    Ok(())
+}
