@@ -1,0 +1,159 @@
+//! The proxy's one typed configuration model: listeners, and the clusters (endpoint sets) they
+//! send to. Loaded from YAML or JSON (later also streamed by the control plane), validated as a
+//! whole; a config that fails validation is rejected with an error naming the field, and the
+//! proxy keeps the last good one.
+
+use std::{collections::BTreeSet, net::SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// Address of the admin server (`/healthz/ready`, `/config_dump`, `/metrics`).
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub clusters: Vec<Cluster>,
+}
+
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15020))
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Listener {
+    pub name: String,
+    pub address: SocketAddr,
+    pub protocol: Protocol,
+    /// The cluster every connection or request goes to.
+    pub cluster: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1, proxied request by request.
+    Http,
+    /// Opaque TCP, proxied byte for byte (half-close included).
+    Tcp,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Cluster {
+    pub name: String,
+    #[serde(default)]
+    pub endpoints: Vec<SocketAddr>,
+    /// Connect timeout in milliseconds (default 1000).
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+}
+
+fn default_connect_timeout() -> u64 {
+    1000
+}
+
+/// Why a configuration was rejected.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("cannot parse the configuration: {0}")]
+    Parse(String),
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+impl Config {
+    /// Parses YAML (JSON is YAML too) and validates.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let c: Config = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks what types cannot: unique names and addresses, references that resolve.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: String, message: String| Err(ConfigError::Invalid { field, message });
+        let mut cluster_names = BTreeSet::new();
+        for (i, c) in self.clusters.iter().enumerate() {
+            if c.name.is_empty() {
+                return invalid(format!("clusters[{i}].name"), "must not be empty".into());
+            }
+            if !cluster_names.insert(c.name.as_str()) {
+                return invalid(
+                    format!("clusters[{i}].name"),
+                    format!("{:?} is used by another cluster", c.name),
+                );
+            }
+            if c.connect_timeout_ms == 0 {
+                return invalid(format!("clusters[{i}].connectTimeoutMs"), "must be above 0".into());
+            }
+        }
+        let mut names = BTreeSet::new();
+        let mut addresses = BTreeSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.name.is_empty() {
+                return invalid(format!("listeners[{i}].name"), "must not be empty".into());
+            }
+            if !names.insert(l.name.as_str()) {
+                return invalid(
+                    format!("listeners[{i}].name"),
+                    format!("{:?} is used by another listener", l.name),
+                );
+            }
+            if l.address.port() != 0 && !addresses.insert(l.address) {
+                return invalid(
+                    format!("listeners[{i}].address"),
+                    format!("{} is used by another listener", l.address),
+                );
+            }
+            if !cluster_names.contains(l.cluster.as_str()) {
+                let known: Vec<&str> = cluster_names.iter().copied().collect();
+                return invalid(
+                    format!("listeners[{i}].cluster"),
+                    format!("no cluster named {:?}; defined clusters: [{}]", l.cluster, known.join(", ")),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_valid_config_parses() {
+        let c = Config::parse(
+            "listeners:\n- {name: web, address: '127.0.0.1:0', protocol: http, cluster: backend}\nclusters:\n- {name: backend, endpoints: ['127.0.0.1:8080']}\n",
+        )
+        .unwrap();
+        assert_eq!(c.listeners[0].protocol, Protocol::Http);
+        assert_eq!(c.admin.port(), 15020);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = Config::parse("listeners:\n- {name: web, address: '127.0.0.1:0', protocol: http, cluster: nope}\nclusters:\n- {name: backend}\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "listeners[0].cluster: no cluster named \"nope\"; defined clusters: [backend]");
+        let e = Config::parse("clusters:\n- {name: a}\n- {name: a}\n").unwrap_err().to_string();
+        assert!(e.starts_with("clusters[1].name:"), "{e}");
+        let e = Config::parse("listeners:\n- {name: web, address: 'nowhere', protocol: http, cluster: a}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listeners[0]") && e.contains("address"), "{e}");
+        let e = Config::parse("listners: []\n").unwrap_err().to_string();
+        assert!(e.contains("unknown field `listners`"), "{e}");
+        let e =
+            Config::parse("listeners:\n- {name: web, address: '127.0.0.1:0', protocol: udp, cluster: a}\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("protocol") && e.contains("udp"), "{e}");
+    }
+}

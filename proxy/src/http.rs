@@ -1,0 +1,156 @@
+//! HTTP/1.1 proxying, request by request: each request goes to an endpoint chosen for it, over a
+//! pooled connection; hop-by-hop headers are dropped (RFC 9110 §7.6.1). Failures become a 503
+//! with an `x-mycel-error` header that says why, never a hang.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
+
+use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
+use hyper::{
+    HeaderMap, Request, Response, StatusCode, Uri,
+    body::{Bytes, Incoming},
+    header::{self, HeaderName, HeaderValue},
+};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+
+use crate::{
+    Shared,
+    balance::Endpoints,
+    metrics::{ListenerLabels, RequestLabels},
+};
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The upstream connection pool shared by all HTTP listeners.
+pub type UpstreamClient = Client<HttpConnector, Body>;
+
+pub fn client() -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(std::time::Duration::from_secs(1)));
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// Header that names the reason of a response the proxy made itself.
+pub const ERROR_HEADER: &str = "x-mycel-error";
+
+fn error_response(status: StatusCode, why: &str) -> Response<Body> {
+    let mut r =
+        Response::new(Full::new(Bytes::from(format!("{why}\n"))).map_err(|never| match never {}).boxed());
+    *r.status_mut() = status;
+    if let Ok(v) = HeaderValue::from_str(why) {
+        r.headers_mut().insert(ERROR_HEADER, v);
+    }
+    r
+}
+
+/// Removes the hop-by-hop headers: the fixed set, and any the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for h in ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"]
+    {
+        headers.remove(h);
+    }
+}
+
+pub async fn handle(
+    req: Request<Incoming>,
+    listener: &str,
+    cluster: &Arc<Endpoints>,
+    shared: &Arc<Shared>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let resp = forward(req, cluster, shared).await;
+    let code = resp.status().as_u16();
+    shared
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            direction: "outbound".into(),
+            listener: listener.into(),
+            cluster: cluster.cluster.clone(),
+            code,
+        })
+        .inc();
+    shared
+        .metrics
+        .request_duration
+        .get_or_create(&ListenerLabels {
+            direction: "outbound".into(),
+            listener: listener.into(),
+            protocol: "http".into(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    Ok(resp)
+}
+
+async fn forward(req: Request<Incoming>, cluster: &Endpoints, shared: &Shared) -> Response<Body> {
+    let order = cluster.order();
+    if order.is_empty() {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("no endpoints for cluster {}", cluster.cluster),
+        );
+    }
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    // A request without a body can be sent again to the next endpoint when one refuses the
+    // connection; one with a body only goes to the first (its body cannot be replayed).
+    let replayable = hyper::body::Body::is_end_stream(&body);
+    let mut body = Some(body.boxed());
+    let mut last_error = String::new();
+    for addr in order {
+        let b = match body.take() {
+            Some(b) => b,
+            None if replayable => Empty::new().map_err(|never| match never {}).boxed(),
+            None => break,
+        };
+        let mut req = Request::from_parts(parts.clone(), b);
+        *req.uri_mut() = upstream_uri(&parts.uri, addr);
+        match shared.client.request(req).await {
+            Ok(resp) => {
+                let (mut rparts, rbody) = resp.into_parts();
+                strip_hop_by_hop(&mut rparts.headers);
+                return Response::from_parts(rparts, rbody.boxed());
+            }
+            Err(e) if e.is_connect() => {
+                cluster.eject(addr);
+                last_error = format!("connect to {addr} failed");
+            }
+            Err(e) => {
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("upstream {addr}: {}", error_chain(&e)),
+                );
+            }
+        }
+    }
+    error_response(StatusCode::SERVICE_UNAVAILABLE, &last_error)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn upstream_uri(original: &Uri, addr: SocketAddr) -> Uri {
+    let path = original.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    format!("http://{addr}{path}").parse().unwrap_or_else(|_| Uri::from_static("/"))
+}

@@ -1,0 +1,79 @@
+//! The proxy's Prometheus metrics, labelled by listener, cluster and outcome.
+
+use std::sync::Mutex;
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub direction: String,
+    pub listener: String,
+    pub cluster: String,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub direction: String,
+    pub listener: String,
+    pub protocol: String,
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<ListenerLabels, Histogram>,
+    pub connections: Family<ListenerLabels, Counter>,
+    pub active_connections: Family<ListenerLabels, Gauge>,
+    pub bytes_received: Family<ListenerLabels, Counter>,
+    pub bytes_sent: Family<ListenerLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("mycel_proxy");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_duration = Family::<ListenerLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ])
+        });
+        let connections = Family::<ListenerLabels, Counter>::default();
+        let active_connections = Family::<ListenerLabels, Gauge>::default();
+        let bytes_received = Family::<ListenerLabels, Counter>::default();
+        let bytes_sent = Family::<ListenerLabels, Counter>::default();
+        registry.register("requests", "HTTP requests by response code", requests.clone());
+        registry.register(
+            "request_duration_seconds",
+            "Time to the response's head",
+            request_duration.clone(),
+        );
+        registry.register("connections", "Accepted downstream connections", connections.clone());
+        registry.register("active_connections", "Open downstream connections", active_connections.clone());
+        registry.register("received_bytes", "Bytes read from downstream (TCP)", bytes_received.clone());
+        registry.register("sent_bytes", "Bytes written to downstream (TCP)", bytes_sent.clone());
+        Metrics {
+            registry: Mutex::new(registry),
+            requests,
+            request_duration,
+            connections,
+            active_connections,
+            bytes_received,
+            bytes_sent,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Ok(r) = self.registry.lock() {
+            let _ = encode(&mut out, &r);
+        }
+        out
+    }
+}

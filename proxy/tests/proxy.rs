@@ -1,0 +1,256 @@
+//! The proxy with real clients and servers on loopback: HTTP/1.1 keep-alive and chunked bodies,
+//! hop-by-hop headers, balancing with a dead endpoint, no endpoints, TCP half-close, a
+//! server-first protocol, the admin endpoint, and draining on shutdown.
+
+use std::{convert::Infallible, net::SocketAddr, time::Duration};
+
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::{
+    Request, Response,
+    body::{Bytes, Frame, Incoming},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use mycel_proxy::config::Config;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+/// An HTTP server answering `<name> <method> <path> <body length>`, plus the request headers it
+/// saw as `x-seen-*` response headers; `/slow` waits 500 ms first.
+async fn http_server(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| async move {
+                    let (parts, body) = req.into_parts();
+                    if parts.uri.path() == "/slow" {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    let mut resp = Response::new(Full::new(Bytes::from(format!(
+                        "{name} {} {} {}",
+                        parts.method,
+                        parts.uri.path(),
+                        body.len()
+                    ))));
+                    for (k, v) in &parts.headers {
+                        if let Ok(n) = hyper::header::HeaderName::from_bytes(format!("x-seen-{k}").as_bytes())
+                        {
+                            resp.headers_mut().insert(n, v.clone());
+                        }
+                    }
+                    Ok::<_, Infallible>(resp)
+                });
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+            });
+        }
+    });
+    addr
+}
+
+fn config(protocol: &str, endpoints: &[SocketAddr]) -> Config {
+    let eps: Vec<String> = endpoints.iter().map(|e| format!("'{e}'")).collect();
+    Config::parse(&format!(
+        "admin: '127.0.0.1:0'\nlisteners:\n- {{name: front, address: '127.0.0.1:0', protocol: {protocol}, cluster: back}}\nclusters:\n- {{name: back, endpoints: [{}]}}\n",
+        eps.join(", ")
+    ))
+    .unwrap()
+}
+
+/// A keep-alive HTTP/1.1 client connection to `addr`.
+async fn connect(
+    addr: SocketAddr,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::combinators::BoxBody<Bytes, Infallible>> {
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+fn empty() -> http_body_util::combinators::BoxBody<Bytes, Infallible> {
+    Full::new(Bytes::new()).boxed()
+}
+
+async fn text(resp: Response<Incoming>) -> String {
+    String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned()
+}
+
+#[tokio::test]
+async fn http_keep_alive_chunked_bodies_and_hop_by_hop_headers() {
+    let up = http_server("a").await;
+    let proxy = mycel_proxy::start(config("http", &[up])).await.unwrap();
+    let front = proxy.listeners["front"];
+    let mut client = connect(front).await;
+    // Many requests over one downstream connection.
+    for i in 0..50 {
+        client.ready().await.unwrap();
+        let resp = client
+            .send_request(Request::get(format!("/r{i}")).header("host", "svc").body(empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(text(resp).await, format!("a GET /r{i} 0"));
+    }
+    // A chunked request body streamed in pieces arrives whole.
+    let chunks: Vec<Result<Frame<Bytes>, Infallible>> =
+        (0..10).map(|i| Ok(Frame::data(Bytes::from(vec![b'x'; 1000 + i])))).collect();
+    let body = StreamBody::new(futures::stream::iter(chunks)).boxed();
+    client.ready().await.unwrap();
+    let resp = client
+        .send_request(
+            Request::post("/upload")
+                .header("host", "svc")
+                .header("connection", "x-private")
+                .header("x-private", "secret")
+                .header("keep-alive", "timeout=5")
+                .header("x-kept", "yes")
+                .body(body)
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let headers = resp.headers().clone();
+    assert_eq!(text(resp).await, format!("a POST /upload {}", (0..10).map(|i| 1000 + i).sum::<usize>()));
+    assert_eq!(headers.get("x-seen-x-kept").map(|v| v.as_bytes()), Some(&b"yes"[..]));
+    assert_eq!(headers.get("x-seen-host").map(|v| v.as_bytes()), Some(&b"svc"[..]), "Host is kept");
+    for hop in ["x-seen-x-private", "x-seen-keep-alive"] {
+        assert!(headers.get(hop).is_none(), "hop-by-hop header forwarded: {hop}");
+    }
+    proxy.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn requests_are_balanced_and_a_dead_endpoint_is_skipped() {
+    let a = http_server("a").await;
+    let b = http_server("b").await;
+    let dead = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap() // dropped: nothing listens here any more
+    };
+    let proxy = mycel_proxy::start(config("http", &[a, dead, b])).await.unwrap();
+    let front = proxy.listeners["front"];
+    let (mut seen_a, mut seen_b) = (0, 0);
+    for _ in 0..30 {
+        let mut c = connect(front).await;
+        let resp =
+            c.send_request(Request::get("/").header("host", "svc").body(empty()).unwrap()).await.unwrap();
+        assert_eq!(resp.status(), 200, "no request fails because of the dead endpoint");
+        let t = text(resp).await;
+        if t.starts_with("a ") {
+            seen_a += 1;
+        } else if t.starts_with("b ") {
+            seen_b += 1;
+        }
+    }
+    assert_eq!(seen_a + seen_b, 30);
+    assert!(seen_a >= 10 && seen_b >= 10, "both live endpoints serve: a={seen_a} b={seen_b}");
+    proxy.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn no_endpoints_is_a_503_that_says_why() {
+    let proxy = mycel_proxy::start(config("http", &[])).await.unwrap();
+    let mut c = connect(proxy.listeners["front"]).await;
+    let resp = tokio::time::timeout(
+        Duration::from_secs(2),
+        c.send_request(Request::get("/").header("host", "svc").body(empty()).unwrap()),
+    )
+    .await
+    .expect("an answer, not a hang")
+    .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()[mycel_proxy::http::ERROR_HEADER], "no endpoints for cluster back");
+    proxy.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn tcp_half_close_and_a_server_that_speaks_first() {
+    // Upstream: greets first (like SMTP or MySQL), then reads until the client half-closes,
+    // then answers with how much it got and closes.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                s.write_all(b"220 hello\r\n").await.unwrap();
+                let mut got = Vec::new();
+                s.read_to_end(&mut got).await.unwrap();
+                s.write_all(format!("got {} bytes", got.len()).as_bytes()).await.unwrap();
+                s.shutdown().await.unwrap();
+            });
+        }
+    });
+    let proxy = mycel_proxy::start(config("tcp", &[up])).await.unwrap();
+    let mut c = TcpStream::connect(proxy.listeners["front"]).await.unwrap();
+    let mut greeting = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(2), c.read_exact(&mut greeting))
+        .await
+        .expect("the server's greeting arrives before the client says anything")
+        .unwrap();
+    assert_eq!(&greeting, b"220 hello\r\n");
+    let payload = vec![7u8; 300_000];
+    c.write_all(&payload).await.unwrap();
+    c.shutdown().await.unwrap(); // half-close: we still read
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).await.unwrap();
+    assert_eq!(answer, "got 300000 bytes");
+    proxy.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn admin_reports_readiness_config_and_metrics() {
+    let up = http_server("a").await;
+    let proxy = mycel_proxy::start(config("http", &[up])).await.unwrap();
+    for _ in 0..3 {
+        let mut c = connect(proxy.listeners["front"]).await;
+        c.send_request(Request::get("/").header("host", "svc").body(empty()).unwrap()).await.unwrap();
+    }
+    let mut admin = connect(proxy.admin).await;
+    let get = |path: &'static str| Request::get(path).header("host", "admin").body(empty()).unwrap();
+    let ready = admin.send_request(get("/healthz/ready")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    admin.ready().await.unwrap();
+    let dump = text(admin.send_request(get("/config_dump")).await.unwrap()).await;
+    let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(v["clusters"][0]["endpoints"][0], up.to_string());
+    admin.ready().await.unwrap();
+    let metrics = text(admin.send_request(get("/metrics")).await.unwrap()).await;
+    assert!(
+        metrics.contains(
+            r#"mycel_proxy_requests_total{direction="outbound",listener="front",cluster="back",code="200"} 3"#
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("mycel_proxy_request_duration_seconds_bucket"));
+    proxy.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn shutdown_finishes_the_request_in_flight() {
+    let up = http_server("a").await;
+    let proxy = mycel_proxy::start(config("http", &[up])).await.unwrap();
+    let front = proxy.listeners["front"];
+    let mut c = connect(front).await;
+    let inflight = tokio::spawn(async move {
+        let resp =
+            c.send_request(Request::get("/slow").header("host", "svc").body(empty()).unwrap()).await.unwrap();
+        (resp.status(), resp.headers().get("connection").cloned(), text(resp).await)
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.shutdown(Duration::from_secs(5)).await;
+    let (status, connection, body) = inflight.await.unwrap();
+    assert_eq!((status.as_u16(), body.as_str()), (200, "a GET /slow 0"), "the slow request completed");
+    assert_eq!(
+        connection.as_ref().map(|v| v.as_bytes()),
+        Some(&b"close"[..]),
+        "and the connection is closed after it"
+    );
+    assert!(TcpStream::connect(front).await.is_err(), "no longer accepting");
+}
