@@ -84,6 +84,8 @@ state = "{state}"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{pause_image}"
   restrict_oom_score_adj = true
+  # Pod network namespaces live under our state directory, so tear-down finds them.
+  netns_mounts_under_state_dir = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
@@ -434,7 +436,11 @@ pub fn leftovers(state: &Path, service_cidr: &str) -> Vec<String> {
         }
     }
     if let Ok(mounts) = fs::read_to_string("/proc/self/mountinfo") {
-        for m in mounts.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&needle)) {
+        for m in mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&needle) || m.starts_with("/run/netns/cni-"))
+        {
             found.push(format!("mount {m}"));
         }
     }

@@ -30,7 +30,33 @@ pub struct Listener {
     pub address: SocketAddr,
     pub protocol: Protocol,
     /// The cluster every connection or request goes to.
-    pub cluster: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// Instead of a cluster: where each connection was addressed before the capture rules
+    /// redirected it here (inbound: that port on loopback, where the app listens).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub original_destination: bool,
+    #[serde(default)]
+    pub direction: Direction,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Traffic the workload sends.
+    #[default]
+    Outbound,
+    /// Traffic addressed to the workload.
+    Inbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,12 +136,21 @@ impl Config {
                     format!("{} is used by another listener", l.address),
                 );
             }
-            if !cluster_names.contains(l.cluster.as_str()) {
-                let known: Vec<&str> = cluster_names.iter().copied().collect();
-                return invalid(
-                    format!("listeners[{i}].cluster"),
-                    format!("no cluster named {:?}; defined clusters: [{}]", l.cluster, known.join(", ")),
-                );
+            match (&l.cluster, l.original_destination) {
+                (Some(_), true) | (None, false) => {
+                    return invalid(
+                        format!("listeners[{i}]"),
+                        "set exactly one of cluster or originalDestination: true".into(),
+                    );
+                }
+                (Some(c), false) if !cluster_names.contains(c.as_str()) => {
+                    let known: Vec<&str> = cluster_names.iter().copied().collect();
+                    return invalid(
+                        format!("listeners[{i}].cluster"),
+                        format!("no cluster named {c:?}; defined clusters: [{}]", known.join(", ")),
+                    );
+                }
+                _ => {}
             }
         }
         Ok(())
@@ -142,6 +177,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(e, "listeners[0].cluster: no cluster named \"nope\"; defined clusters: [backend]");
+        let e = Config::parse("listeners:\n- {name: web, address: '127.0.0.1:0', protocol: tcp}\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "listeners[0]: set exactly one of cluster or originalDestination: true");
         let e = Config::parse("clusters:\n- {name: a}\n- {name: a}\n").unwrap_err().to_string();
         assert!(e.starts_with("clusters[1].name:"), "{e}");
         let e = Config::parse("listeners:\n- {name: web, address: 'nowhere', protocol: http, cluster: a}\n")

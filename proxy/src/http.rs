@@ -67,6 +67,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub async fn handle(
     req: Request<Incoming>,
     listener: &str,
+    direction: crate::config::Direction,
     cluster: &Arc<Endpoints>,
     shared: &Arc<Shared>,
 ) -> Result<Response<Body>, Infallible> {
@@ -77,7 +78,7 @@ pub async fn handle(
         .metrics
         .requests
         .get_or_create(&RequestLabels {
-            direction: "outbound".into(),
+            direction: direction.as_str().into(),
             listener: listener.into(),
             cluster: cluster.cluster.clone(),
             code,
@@ -87,7 +88,7 @@ pub async fn handle(
         .metrics
         .request_duration
         .get_or_create(&ListenerLabels {
-            direction: "outbound".into(),
+            direction: direction.as_str().into(),
             listener: listener.into(),
             protocol: "http".into(),
         })

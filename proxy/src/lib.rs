@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod balance;
+pub mod capture;
 pub mod config;
 pub mod http;
 pub mod metrics;
@@ -89,10 +90,16 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
     for l in &config.listeners {
         let socket = TcpListener::bind(l.address).await?;
         listeners.insert(l.name.clone(), socket.local_addr()?);
-        let Some(cluster) = clusters.get(&l.cluster).cloned() else {
-            // validate() guarantees the reference; stay safe if it was skipped.
-            warn!(listener = %l.name, cluster = %l.cluster, "unknown cluster; listener not started");
-            continue;
+        let cluster = match &l.cluster {
+            Some(name) => match clusters.get(name) {
+                Some(c) => Some(c.clone()),
+                None => {
+                    // validate() guarantees the reference; stay safe if it was skipped.
+                    warn!(listener = %l.name, cluster = %name, "unknown cluster; listener not started");
+                    continue;
+                }
+            },
+            None => None,
         };
         info!(listener = %l.name, address = %socket.local_addr()?, protocol = ?l.protocol, "listening");
         tasks.spawn(accept_loop(socket, l.clone(), cluster, shared.clone(), stop.clone()));
@@ -104,12 +111,12 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
 async fn accept_loop(
     socket: TcpListener,
     listener: config::Listener,
-    cluster: Arc<Endpoints>,
+    cluster: Option<Arc<Endpoints>>,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
     let labels = ListenerLabels {
-        direction: "outbound".into(),
+        direction: listener.direction.as_str().into(),
         listener: listener.name.clone(),
         protocol: protocol_name(&listener),
     };
@@ -122,6 +129,16 @@ async fn accept_loop(
             },
             _ = stop.changed() => break,
         };
+        let cluster = match &cluster {
+            Some(c) => c.clone(),
+            None => match original_destination(&stream, &listener) {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(listener = %listener.name, error = %e, "cannot tell where the connection was going; closing it");
+                    continue;
+                }
+            },
+        };
         shared.metrics.connections.get_or_create(&labels).inc();
         let active = shared.metrics.active_connections.get_or_create(&labels).clone();
         active.inc();
@@ -129,12 +146,13 @@ async fn accept_loop(
             (listener.clone(), cluster.clone(), shared.clone(), stop.clone());
         conns.spawn(async move {
             match listener.protocol {
-                config::Protocol::Tcp => tcp::serve(stream, listener.name.clone(), cluster, shared).await,
+                config::Protocol::Tcp => tcp::serve(stream, labels_for(&listener), cluster, shared).await,
                 config::Protocol::Http => {
                     let name = listener.name.clone();
+                    let direction = listener.direction;
                     let svc = service_fn(move |req| {
                         let (name, cluster, shared) = (name.clone(), cluster.clone(), shared.clone());
-                        async move { http::handle(req, &name, &cluster, &shared).await }
+                        async move { http::handle(req, &name, direction, &cluster, &shared).await }
                     });
                     let _ = stream.set_nodelay(true);
                     let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
@@ -154,6 +172,35 @@ async fn accept_loop(
         while conns.try_join_next().is_some() {}
     }
     while conns.join_next().await.is_some() {}
+}
+
+/// The one-endpoint "cluster" of a captured connection: its original destination, or for
+/// inbound traffic that port on loopback (where the app listens).
+fn original_destination(
+    stream: &tokio::net::TcpStream,
+    l: &config::Listener,
+) -> std::io::Result<Arc<Endpoints>> {
+    let mut dst = capture::original_destination(stream)?;
+    let local = stream.local_addr()?;
+    if dst == local {
+        return Err(std::io::Error::other("addressed to the proxy itself (not redirected)"));
+    }
+    if l.direction == config::Direction::Inbound {
+        dst.set_ip(if dst.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    Ok(Arc::new(Endpoints::new("original-destination", vec![dst], Duration::from_secs(1))))
+}
+
+fn labels_for(l: &config::Listener) -> ListenerLabels {
+    ListenerLabels {
+        direction: l.direction.as_str().into(),
+        listener: l.name.clone(),
+        protocol: protocol_name(l),
+    }
 }
 
 fn protocol_name(l: &config::Listener) -> String {

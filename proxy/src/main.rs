@@ -26,7 +26,24 @@ enum Cmd {
         drain_secs: u64,
     },
     /// Install the iptables rules that capture the pod's traffic, then exit.
-    Init,
+    Init {
+        /// User id the proxy runs as: its own connections are never captured.
+        #[arg(long, default_value_t = 1337, env = "MYCEL_PROXY_UID")]
+        proxy_uid: u32,
+        #[arg(long, default_value_t = 15001)]
+        outbound_port: u16,
+        #[arg(long, default_value_t = 15006)]
+        inbound_port: u16,
+        /// Inbound ports left alone, e.g. `8081,9090`.
+        #[arg(long, value_delimiter = ',', env = "MYCEL_EXCLUDE_INBOUND_PORTS")]
+        exclude_inbound_ports: Vec<u16>,
+        /// Outbound ports left alone.
+        #[arg(long, value_delimiter = ',', env = "MYCEL_EXCLUDE_OUTBOUND_PORTS")]
+        exclude_outbound_ports: Vec<u16>,
+        /// Outbound destinations left alone, e.g. `10.0.0.0/8,fd00::/8`.
+        #[arg(long, value_delimiter = ',', env = "MYCEL_EXCLUDE_OUTBOUND_CIDRS")]
+        exclude_outbound_cidrs: Vec<String>,
+    },
 }
 
 #[tokio::main]
@@ -53,6 +70,27 @@ async fn main() -> anyhow::Result<()> {
             running.shutdown(Duration::from_secs(drain_secs)).await;
             Ok(())
         }
-        Cmd::Init => anyhow::bail!("not built yet: traffic capture arrives with the proxy's capture step"),
+        Cmd::Init {
+            proxy_uid,
+            outbound_port,
+            inbound_port,
+            exclude_inbound_ports,
+            exclude_outbound_ports,
+            exclude_outbound_cidrs,
+        } => {
+            let opts = mycel_proxy::capture::CaptureOptions {
+                proxy_uid,
+                outbound_port,
+                inbound_port,
+                exclude_inbound_ports,
+                exclude_outbound_ports,
+                exclude_outbound_cidrs,
+            };
+            for note in mycel_proxy::capture::install(&opts).map_err(anyhow::Error::msg)? {
+                tracing::warn!("{note}");
+            }
+            tracing::info!(outbound = outbound_port, inbound = inbound_port, "traffic capture installed");
+            Ok(())
+        }
     }
 }

@@ -31,11 +31,10 @@ pub async fn connect(endpoints: &Endpoints) -> Result<TcpStream, String> {
 
 pub async fn serve(
     mut downstream: TcpStream,
-    listener: String,
+    labels: ListenerLabels,
     cluster: Arc<Endpoints>,
     shared: Arc<Shared>,
 ) {
-    let labels = ListenerLabels { direction: "outbound".into(), listener, protocol: "tcp".into() };
     let mut upstream = match connect(&cluster).await {
         Ok(s) => s,
         Err(e) => {

@@ -1,0 +1,181 @@
+//! Transparent capture: the iptables rules `mycel-proxy init` installs in a pod's network
+//! namespace, and recovering a redirected connection's original destination (`SO_ORIGINAL_DST`).
+//!
+//! Outbound TCP from the app is redirected to the outbound port (15001), inbound TCP arriving at
+//! the pod to the inbound port (15006). The proxy's own traffic (its user id, 1337) is never
+//! captured, nor traffic to loopback, nor excluded ports and CIDRs. Rules go in with
+//! `iptables-restore --noflush`, all at once, for IPv4 and IPv6.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd,
+    process::{Command, Stdio},
+};
+
+/// What `init` installs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CaptureOptions {
+    pub proxy_uid: u32,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    /// Inbound ports never redirected (besides the proxy's own ports and 15020).
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Outbound ports never redirected.
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Outbound destinations never redirected, as `ip/prefix` (either family).
+    pub exclude_outbound_cidrs: Vec<String>,
+}
+
+impl Default for CaptureOptions {
+    fn default() -> Self {
+        CaptureOptions {
+            proxy_uid: 1337,
+            outbound_port: 15001,
+            inbound_port: 15006,
+            exclude_inbound_ports: vec![],
+            exclude_outbound_ports: vec![],
+            exclude_outbound_cidrs: vec![],
+        }
+    }
+}
+
+/// The admin port: probes reach it directly.
+pub const ADMIN_PORT: u16 = 15020;
+
+/// The `nat` table rules for one family, in `iptables-restore` format.
+pub fn rules(o: &CaptureOptions, ipv6: bool) -> String {
+    let loopback = if ipv6 { "::1/128" } else { "127.0.0.1/32" };
+    let mut r = String::from("*nat\n");
+    for chain in ["MYCEL_INBOUND", "MYCEL_IN_REDIRECT", "MYCEL_OUTPUT", "MYCEL_REDIRECT"] {
+        r.push_str(&format!(":{chain} - [0:0]\n"));
+    }
+    r.push_str(&format!("-A MYCEL_IN_REDIRECT -p tcp -j REDIRECT --to-ports {}\n", o.inbound_port));
+    r.push_str(&format!("-A MYCEL_REDIRECT -p tcp -j REDIRECT --to-ports {}\n", o.outbound_port));
+    // Inbound: everything but the proxy's own ports and the excluded ones.
+    r.push_str("-A PREROUTING -p tcp -j MYCEL_INBOUND\n");
+    let mut skip_in = vec![o.outbound_port, o.inbound_port, ADMIN_PORT];
+    skip_in.extend(&o.exclude_inbound_ports);
+    for p in skip_in {
+        r.push_str(&format!("-A MYCEL_INBOUND -p tcp --dport {p} -j RETURN\n"));
+    }
+    r.push_str("-A MYCEL_INBOUND -p tcp -j MYCEL_IN_REDIRECT\n");
+    // Outbound: not the proxy's own connections, not loopback, not excluded ports or CIDRs.
+    r.push_str("-A OUTPUT -p tcp -j MYCEL_OUTPUT\n");
+    r.push_str(&format!("-A MYCEL_OUTPUT -m owner --uid-owner {} -j RETURN\n", o.proxy_uid));
+    r.push_str(&format!("-A MYCEL_OUTPUT -d {loopback} -j RETURN\n"));
+    for p in &o.exclude_outbound_ports {
+        r.push_str(&format!("-A MYCEL_OUTPUT -p tcp --dport {p} -j RETURN\n"));
+    }
+    for c in o.exclude_outbound_cidrs.iter().filter(|c| c.contains(':') == ipv6) {
+        r.push_str(&format!("-A MYCEL_OUTPUT -d {c} -j RETURN\n"));
+    }
+    r.push_str("-A MYCEL_OUTPUT -j MYCEL_REDIRECT\n");
+    r.push_str("COMMIT\n");
+    r
+}
+
+/// Installs the rules for both families. IPv6 is skipped (with a note) where the namespace has
+/// no IPv6 tables.
+pub fn install(o: &CaptureOptions) -> Result<Vec<String>, String> {
+    for cidr in &o.exclude_outbound_cidrs {
+        let (ip, prefix) =
+            cidr.split_once('/').unwrap_or((cidr, if cidr.contains(':') { "128" } else { "32" }));
+        let ok = ip.parse::<IpAddr>().is_ok() && prefix.parse::<u8>().is_ok_and(|p| p <= 128);
+        if !ok {
+            return Err(format!("--exclude-outbound-cidrs: {cidr:?} is not a CIDR such as 10.0.0.0/8"));
+        }
+    }
+    let mut notes = Vec::new();
+    for (tool, ipv6) in [("iptables-restore", false), ("ip6tables-restore", true)] {
+        let mut child = Command::new(tool)
+            .arg("--noflush")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("{tool}: {e} (is iptables installed?)"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            use std::io::Write;
+            stdin.write_all(rules(o, ipv6).as_bytes()).map_err(|e| format!("{tool}: {e}"))?;
+        }
+        let out = child.wait_with_output().map_err(|e| format!("{tool}: {e}"))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            if ipv6 {
+                notes.push(format!("IPv6 capture not installed: {err}"));
+                continue;
+            }
+            return Err(format!("{tool} failed: {err} (the init container needs NET_ADMIN)"));
+        }
+    }
+    Ok(notes)
+}
+
+/// The destination a redirected connection was originally addressed to.
+pub fn original_destination(stream: &tokio::net::TcpStream) -> std::io::Result<SocketAddr> {
+    let fd = stream.as_raw_fd();
+    const SO_ORIGINAL_DST: libc::c_int = 80;
+    let local = stream.local_addr()?;
+    if local.is_ipv4() {
+        // SAFETY: getsockopt fills at most `len` bytes of a zeroed sockaddr_in we own.
+        let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_IP,
+                SO_ORIGINAL_DST,
+                &mut addr as *mut _ as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
+        Ok(SocketAddr::new(IpAddr::V4(ip), u16::from_be(addr.sin_port)))
+    } else {
+        // SAFETY: as above, for sockaddr_in6 (IP6T_SO_ORIGINAL_DST is also 80).
+        let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_IPV6,
+                SO_ORIGINAL_DST,
+                &mut addr as *mut _ as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ip = Ipv6Addr::from(addr.sin6_addr.s6_addr);
+        Ok(SocketAddr::new(IpAddr::V6(ip), u16::from_be(addr.sin6_port)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_exclude_the_proxy_loopback_and_what_was_asked() {
+        let o = CaptureOptions {
+            exclude_inbound_ports: vec![8081],
+            exclude_outbound_ports: vec![5432],
+            exclude_outbound_cidrs: vec!["10.0.0.0/8".into(), "fd00::/8".into()],
+            ..Default::default()
+        };
+        let v4 = rules(&o, false);
+        assert!(v4.contains("-A MYCEL_OUTPUT -m owner --uid-owner 1337 -j RETURN"));
+        assert!(v4.contains("-A MYCEL_OUTPUT -d 127.0.0.1/32 -j RETURN"));
+        assert!(v4.contains("-A MYCEL_INBOUND -p tcp --dport 8081 -j RETURN"));
+        assert!(v4.contains("-A MYCEL_OUTPUT -p tcp --dport 5432 -j RETURN"));
+        assert!(v4.contains("-A MYCEL_OUTPUT -d 10.0.0.0/8 -j RETURN") && !v4.contains("fd00::/8"));
+        let v6 = rules(&o, true);
+        assert!(v6.contains("-d ::1/128") && v6.contains("-d fd00::/8") && !v6.contains("10.0.0.0/8"));
+        // The redirect is the last outbound rule: every exclusion comes before it.
+        assert!(v4.find("-A MYCEL_OUTPUT -j MYCEL_REDIRECT").unwrap() > v4.find("--dport 5432").unwrap());
+    }
+}
