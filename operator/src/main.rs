@@ -67,9 +67,9 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     if cli.log_json {
-        fmt().json().with_env_filter(filter).init();
+        fmt().json().with_writer(std::io::stderr).with_env_filter(filter).init();
     } else {
-        fmt().with_env_filter(filter).init();
+        fmt().with_writer(std::io::stderr).with_env_filter(filter).init();
     }
     match cli.command {
         Cmd::Crds => {

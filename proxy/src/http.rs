@@ -46,6 +46,11 @@ fn error_response(status: StatusCode, why: &str) -> Response<Body> {
     r
 }
 
+/// The answer when a listener's cluster disappeared in a reload.
+pub fn no_cluster(name: &str) -> Response<Body> {
+    error_response(StatusCode::SERVICE_UNAVAILABLE, &format!("no cluster named {name}"))
+}
+
 /// Removes the hop-by-hop headers: the fixed set, and any the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers

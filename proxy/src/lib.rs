@@ -23,103 +23,205 @@ use std::{
 
 use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tokio::{
+    net::TcpListener,
+    sync::{Mutex, watch},
+    task::{JoinHandle, JoinSet},
+};
 use tracing::{info, warn};
 
-use crate::{balance::Endpoints, config::Config, metrics::ListenerLabels};
+use crate::{
+    balance::Endpoints,
+    config::{Config, ConfigError},
+    metrics::ListenerLabels,
+};
 
-/// State every connection can reach.
+/// State every connection can reach. Listeners and requests look their configuration up here
+/// each time, so that a new configuration applies to new connections and requests at once while
+/// those in flight finish as they started.
 pub struct Shared {
     pub config: RwLock<Config>,
+    clusters: RwLock<BTreeMap<String, Arc<Endpoints>>>,
     pub metrics: metrics::Metrics,
     pub client: http::UpstreamClient,
     pub ready: AtomicBool,
 }
 
-/// A started proxy: where it listens, and how to stop it.
+impl Shared {
+    fn cluster(&self, name: &str) -> Option<Arc<Endpoints>> {
+        self.clusters.read().ok()?.get(name).cloned()
+    }
+
+    fn listener(&self, name: &str) -> Option<config::Listener> {
+        self.config.read().ok()?.listeners.iter().find(|l| l.name == name).cloned()
+    }
+}
+
+struct ListenerHandle {
+    address: SocketAddr,
+    configured: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// A started proxy: where it listens, how to reconfigure it, and how to stop it.
 pub struct Running {
-    /// Bound address of each listener, by name (useful when the config asked for port 0).
-    pub listeners: BTreeMap<String, SocketAddr>,
     pub admin: SocketAddr,
     pub shared: Arc<Shared>,
-    shutdown: watch::Sender<bool>,
-    tasks: JoinSet<()>,
-    admin_task: tokio::task::JoinHandle<()>,
+    listeners: Mutex<BTreeMap<String, ListenerHandle>>,
+    /// Listeners removed by a reload, finishing their connections.
+    retired: Mutex<JoinSet<()>>,
+    admin_task: JoinHandle<()>,
+}
+
+/// Why a new configuration was not applied (the previous one keeps serving).
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+    #[error("listeners[{index}].address: cannot listen on {address}: {source}")]
+    Bind { index: usize, address: SocketAddr, source: std::io::Error },
 }
 
 impl Running {
+    /// Bound address of a listener (useful when its configuration asked for port 0).
+    pub async fn listener(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners.lock().await.get(name).map(|h| h.address)
+    }
+
+    /// Applies a new configuration whole, or not at all. Listeners whose address is unchanged
+    /// keep their socket; new ones are bound before anything changes; removed ones stop
+    /// accepting and let their connections finish.
+    pub async fn apply(&self, new: Config) -> Result<(), ApplyError> {
+        new.validate()?;
+        let mut listeners = self.listeners.lock().await;
+        // Bind first: a port in use fails the reload before it changed anything.
+        let mut bound = Vec::new();
+        for (index, l) in new.listeners.iter().enumerate() {
+            let keep = listeners.get(&l.name).is_some_and(|h| h.configured == l.address);
+            if !keep {
+                let socket = TcpListener::bind(l.address).await.map_err(|source| ApplyError::Bind {
+                    index,
+                    address: l.address,
+                    source,
+                })?;
+                bound.push((l.clone(), socket));
+            }
+        }
+        self.shared.install(&new);
+        let mut retired = self.retired.lock().await;
+        let wanted: Vec<&str> = new.listeners.iter().map(|l| l.name.as_str()).collect();
+        let moving: Vec<String> = bound.iter().map(|(l, _)| l.name.clone()).collect();
+        let stale: Vec<String> = listeners
+            .keys()
+            .filter(|n| !wanted.contains(&n.as_str()) || moving.contains(n))
+            .cloned()
+            .collect();
+        for name in stale {
+            if let Some(h) = listeners.remove(&name) {
+                let _ = h.stop.send(true);
+                retired.spawn(async move {
+                    let _ = h.task.await;
+                });
+            }
+        }
+        for (l, socket) in bound {
+            let h = spawn_listener(l.clone(), socket, self.shared.clone());
+            listeners.insert(l.name.clone(), h);
+        }
+        info!(listeners = listeners.len(), "configuration applied");
+        Ok(())
+    }
+
     /// Stops accepting, then waits up to `drain` for connections in flight to finish.
-    pub async fn shutdown(mut self, drain: Duration) {
+    pub async fn shutdown(self, drain: Duration) {
         self.shared.ready.store(false, std::sync::atomic::Ordering::Release);
-        let _ = self.shutdown.send(true);
-        let _ = tokio::time::timeout(drain, async { while self.tasks.join_next().await.is_some() {} }).await;
-        self.tasks.abort_all();
+        let mut all = self.retired.into_inner();
+        for (_, h) in self.listeners.into_inner() {
+            let _ = h.stop.send(true);
+            all.spawn(async move {
+                let _ = h.task.await;
+            });
+        }
+        let _ = tokio::time::timeout(drain, async { while all.join_next().await.is_some() {} }).await;
+        all.abort_all();
         self.admin_task.abort();
     }
 }
 
+impl Shared {
+    /// Makes `config` the one in force. Endpoint sets that did not change keep their state
+    /// (round-robin position, ejections).
+    fn install(&self, config: &Config) {
+        let old = self.clusters.read().map(|c| c.clone()).unwrap_or_default();
+        let clusters = config
+            .clusters
+            .iter()
+            .map(|c| {
+                let timeout = Duration::from_millis(c.connect_timeout_ms);
+                let endpoints = match old.get(&c.name) {
+                    Some(e) if e.addrs == c.endpoints && e.connect_timeout == timeout => e.clone(),
+                    _ => Arc::new(Endpoints::new(&c.name, c.endpoints.clone(), timeout)),
+                };
+                (c.name.clone(), endpoints)
+            })
+            .collect();
+        if let Ok(mut c) = self.clusters.write() {
+            *c = clusters;
+        }
+        if let Ok(mut c) = self.config.write() {
+            *c = config.clone();
+        }
+    }
+}
+
 /// Binds every listener and the admin server, then serves in the background.
-pub async fn start(config: Config) -> std::io::Result<Running> {
+pub async fn start(config: Config) -> Result<Running, ApplyError> {
+    config.validate()?;
     let shared = Arc::new(Shared {
-        config: RwLock::new(config.clone()),
+        config: RwLock::new(Config { listeners: vec![], ..config.clone() }),
+        clusters: RwLock::new(BTreeMap::new()),
         metrics: metrics::Metrics::default(),
         client: http::client(),
         ready: AtomicBool::new(false),
     });
-    let (shutdown, stop) = watch::channel(false);
-    let mut tasks = JoinSet::new();
-    let admin_listener = TcpListener::bind(config.admin).await?;
-    let admin = admin_listener.local_addr()?;
+    let admin_listener = TcpListener::bind(config.admin).await.map_err(|source| ApplyError::Bind {
+        index: usize::MAX,
+        address: config.admin,
+        source,
+    })?;
+    let admin = admin_listener.local_addr().map_err(|source| ApplyError::Bind {
+        index: usize::MAX,
+        address: config.admin,
+        source,
+    })?;
     let admin_task = tokio::spawn(admin::serve(admin_listener, shared.clone()));
-
-    let clusters: BTreeMap<String, Arc<Endpoints>> = config
-        .clusters
-        .iter()
-        .map(|c| {
-            (
-                c.name.clone(),
-                Arc::new(Endpoints::new(
-                    &c.name,
-                    c.endpoints.clone(),
-                    Duration::from_millis(c.connect_timeout_ms),
-                )),
-            )
-        })
-        .collect();
-    let mut listeners = BTreeMap::new();
-    for l in &config.listeners {
-        let socket = TcpListener::bind(l.address).await?;
-        listeners.insert(l.name.clone(), socket.local_addr()?);
-        let cluster = match &l.cluster {
-            Some(name) => match clusters.get(name) {
-                Some(c) => Some(c.clone()),
-                None => {
-                    // validate() guarantees the reference; stay safe if it was skipped.
-                    warn!(listener = %l.name, cluster = %name, "unknown cluster; listener not started");
-                    continue;
-                }
-            },
-            None => None,
-        };
-        info!(listener = %l.name, address = %socket.local_addr()?, protocol = ?l.protocol, "listening");
-        tasks.spawn(accept_loop(socket, l.clone(), cluster, shared.clone(), stop.clone()));
-    }
+    let running = Running {
+        admin,
+        shared: shared.clone(),
+        listeners: Mutex::new(BTreeMap::new()),
+        retired: Mutex::new(JoinSet::new()),
+        admin_task,
+    };
+    running.apply(config).await?;
     shared.ready.store(true, std::sync::atomic::Ordering::Release);
-    Ok(Running { listeners, admin, shared, shutdown, tasks, admin_task })
+    Ok(running)
+}
+
+fn spawn_listener(l: config::Listener, socket: TcpListener, shared: Arc<Shared>) -> ListenerHandle {
+    let address = socket.local_addr().unwrap_or(l.address);
+    info!(listener = %l.name, %address, protocol = ?l.protocol, "listening");
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(accept_loop(socket, l.name.clone(), shared, stopped));
+    ListenerHandle { address, configured: l.address, stop, task }
 }
 
 async fn accept_loop(
     socket: TcpListener,
-    listener: config::Listener,
-    cluster: Option<Arc<Endpoints>>,
+    name: String,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let labels = ListenerLabels {
-        direction: listener.direction.as_str().into(),
-        listener: listener.name.clone(),
-        protocol: protocol_name(&listener),
-    };
     let mut conns = JoinSet::new();
     loop {
         let (stream, _peer) = tokio::select! {
@@ -129,12 +231,15 @@ async fn accept_loop(
             },
             _ = stop.changed() => break,
         };
-        let cluster = match &cluster {
-            Some(c) => c.clone(),
+        // The listener's settings as configured now (a reload may have changed them).
+        let Some(listener) = shared.listener(&name) else { break };
+        let labels = labels_for(&listener);
+        let target = match &listener.cluster {
+            Some(c) => Target::Cluster(c.clone()),
             None => match original_destination(&stream, &listener) {
-                Ok(c) => c,
+                Ok(e) => Target::Fixed(e),
                 Err(e) => {
-                    warn!(listener = %listener.name, error = %e, "cannot tell where the connection was going; closing it");
+                    warn!(listener = %name, error = %e, "cannot tell where the connection was going; closing it");
                     continue;
                 }
             },
@@ -142,17 +247,26 @@ async fn accept_loop(
         shared.metrics.connections.get_or_create(&labels).inc();
         let active = shared.metrics.active_connections.get_or_create(&labels).clone();
         active.inc();
-        let (listener, cluster, shared, mut stop) =
-            (listener.clone(), cluster.clone(), shared.clone(), stop.clone());
+        let (shared, mut stop) = (shared.clone(), stop.clone());
         conns.spawn(async move {
             match listener.protocol {
-                config::Protocol::Tcp => tcp::serve(stream, labels_for(&listener), cluster, shared).await,
+                config::Protocol::Tcp => {
+                    if let Some(endpoints) = target.resolve(&shared) {
+                        tcp::serve(stream, labels, endpoints, shared).await;
+                    }
+                }
                 config::Protocol::Http => {
-                    let name = listener.name.clone();
-                    let direction = listener.direction;
+                    let (name, direction) = (listener.name.clone(), listener.direction);
                     let svc = service_fn(move |req| {
-                        let (name, cluster, shared) = (name.clone(), cluster.clone(), shared.clone());
-                        async move { http::handle(req, &name, direction, &cluster, &shared).await }
+                        let (name, target, shared) = (name.clone(), target.clone(), shared.clone());
+                        async move {
+                            match target.resolve(&shared) {
+                                Some(endpoints) => {
+                                    http::handle(req, &name, direction, &endpoints, &shared).await
+                                }
+                                None => Ok(http::no_cluster(&target.name())),
+                            }
+                        }
                     });
                     let _ = stream.set_nodelay(true);
                     let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
@@ -172,6 +286,30 @@ async fn accept_loop(
         while conns.try_join_next().is_some() {}
     }
     while conns.join_next().await.is_some() {}
+}
+
+/// Where a connection's traffic goes: a named cluster (looked up per request, so that a reload
+/// applies to open connections too), or a fixed endpoint (a captured original destination).
+#[derive(Clone)]
+enum Target {
+    Cluster(String),
+    Fixed(Arc<Endpoints>),
+}
+
+impl Target {
+    fn resolve(&self, shared: &Shared) -> Option<Arc<Endpoints>> {
+        match self {
+            Target::Cluster(name) => shared.cluster(name),
+            Target::Fixed(e) => Some(e.clone()),
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Target::Cluster(name) => name.clone(),
+            Target::Fixed(e) => e.cluster.clone(),
+        }
+    }
 }
 
 /// The one-endpoint "cluster" of a captured connection: its original destination, or for

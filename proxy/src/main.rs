@@ -46,28 +46,80 @@ enum Cmd {
     },
 }
 
+fn load(path: &std::path::Path) -> anyhow::Result<Config> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Config::parse(&text).with_context(|| format!("{} is not a valid configuration", path.display()))
+}
+
+async fn watch_file(path: PathBuf, running: std::sync::Arc<mycel_proxy::Running>) {
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last = modified(&path);
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        let forced = tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+            Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+        };
+        let now = modified(&path);
+        if !forced && now == last {
+            continue;
+        }
+        last = now;
+        let result = match load(&path) {
+            Ok(cfg) => running.apply(cfg).await.map_err(anyhow::Error::from),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                running
+                    .shared
+                    .metrics
+                    .reloads
+                    .get_or_create(&mycel_proxy::metrics::ReloadLabels { result: "applied".into() })
+                    .inc();
+                tracing::info!(file = %path.display(), "configuration reloaded");
+            }
+            Err(e) => {
+                running
+                    .shared
+                    .metrics
+                    .reloads
+                    .get_or_create(&mycel_proxy::metrics::ReloadLabels { result: "rejected".into() })
+                    .inc();
+                tracing::error!(file = %path.display(), "configuration rejected, the previous one stays: {e:#}");
+            }
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     match Cli::parse().command {
         Cmd::Run { config, drain_secs } => {
-            let text =
-                std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
-            let cfg = Config::parse(&text)
-                .with_context(|| format!("{} is not a valid configuration", config.display()))?;
-            let running = mycel_proxy::start(cfg).await.context("binding the listeners")?;
+            let cfg = load(&config)?;
+            let running = std::sync::Arc::new(mycel_proxy::start(cfg).await.context("starting the proxy")?);
             tracing::info!(admin = %running.admin, "proxy ready");
+            // Reload when the file changes (checked every second) or on SIGHUP; a file that does
+            // not parse or validate is refused with the reason, and the running config stays.
+            let watcher = tokio::spawn(watch_file(config.clone(), running.clone()));
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
+            watcher.abort();
+            let _ = watcher.await;
             tracing::info!("draining");
-            running.shutdown(Duration::from_secs(drain_secs)).await;
+            match std::sync::Arc::try_unwrap(running) {
+                Ok(r) => r.shutdown(Duration::from_secs(drain_secs)).await,
+                Err(_) => tracing::warn!("could not drain: the proxy is still shared"),
+            }
             Ok(())
         }
         Cmd::Init {

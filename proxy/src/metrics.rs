@@ -23,7 +23,13 @@ pub struct ListenerLabels {
     pub protocol: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub result: String,
+}
+
 pub struct Metrics {
+    pub reloads: Family<ReloadLabels, Counter>,
     registry: Mutex<Registry>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<ListenerLabels, Histogram>,
@@ -46,6 +52,8 @@ impl Default for Metrics {
         let active_connections = Family::<ListenerLabels, Gauge>::default();
         let bytes_received = Family::<ListenerLabels, Counter>::default();
         let bytes_sent = Family::<ListenerLabels, Counter>::default();
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register("config_reloads", "Configuration reloads, applied or rejected", reloads.clone());
         registry.register("requests", "HTTP requests by response code", requests.clone());
         registry.register(
             "request_duration_seconds",
@@ -57,6 +65,7 @@ impl Default for Metrics {
         registry.register("received_bytes", "Bytes read from downstream (TCP)", bytes_received.clone());
         registry.register("sent_bytes", "Bytes written to downstream (TCP)", bytes_sent.clone());
         Metrics {
+            reloads,
             registry: Mutex::new(registry),
             requests,
             request_duration,

@@ -85,7 +85,7 @@ async fn text(resp: Response<Incoming>) -> String {
 async fn http_keep_alive_chunked_bodies_and_hop_by_hop_headers() {
     let up = http_server("a").await;
     let proxy = mycel_proxy::start(config("http", &[up])).await.unwrap();
-    let front = proxy.listeners["front"];
+    let front = proxy.listener("front").await.unwrap();
     let mut client = connect(front).await;
     // Many requests over one downstream connection.
     for i in 0..50 {
@@ -134,7 +134,7 @@ async fn requests_are_balanced_and_a_dead_endpoint_is_skipped() {
         l.local_addr().unwrap() // dropped: nothing listens here any more
     };
     let proxy = mycel_proxy::start(config("http", &[a, dead, b])).await.unwrap();
-    let front = proxy.listeners["front"];
+    let front = proxy.listener("front").await.unwrap();
     let (mut seen_a, mut seen_b) = (0, 0);
     for _ in 0..30 {
         let mut c = connect(front).await;
@@ -156,7 +156,7 @@ async fn requests_are_balanced_and_a_dead_endpoint_is_skipped() {
 #[tokio::test]
 async fn no_endpoints_is_a_503_that_says_why() {
     let proxy = mycel_proxy::start(config("http", &[])).await.unwrap();
-    let mut c = connect(proxy.listeners["front"]).await;
+    let mut c = connect(proxy.listener("front").await.unwrap()).await;
     let resp = tokio::time::timeout(
         Duration::from_secs(2),
         c.send_request(Request::get("/").header("host", "svc").body(empty()).unwrap()),
@@ -188,7 +188,7 @@ async fn tcp_half_close_and_a_server_that_speaks_first() {
         }
     });
     let proxy = mycel_proxy::start(config("tcp", &[up])).await.unwrap();
-    let mut c = TcpStream::connect(proxy.listeners["front"]).await.unwrap();
+    let mut c = TcpStream::connect(proxy.listener("front").await.unwrap()).await.unwrap();
     let mut greeting = [0u8; 11];
     tokio::time::timeout(Duration::from_secs(2), c.read_exact(&mut greeting))
         .await
@@ -209,7 +209,7 @@ async fn admin_reports_readiness_config_and_metrics() {
     let up = http_server("a").await;
     let proxy = mycel_proxy::start(config("http", &[up])).await.unwrap();
     for _ in 0..3 {
-        let mut c = connect(proxy.listeners["front"]).await;
+        let mut c = connect(proxy.listener("front").await.unwrap()).await;
         c.send_request(Request::get("/").header("host", "svc").body(empty()).unwrap()).await.unwrap();
     }
     let mut admin = connect(proxy.admin).await;
@@ -236,7 +236,7 @@ async fn admin_reports_readiness_config_and_metrics() {
 async fn shutdown_finishes_the_request_in_flight() {
     let up = http_server("a").await;
     let proxy = mycel_proxy::start(config("http", &[up])).await.unwrap();
-    let front = proxy.listeners["front"];
+    let front = proxy.listener("front").await.unwrap();
     let mut c = connect(front).await;
     let inflight = tokio::spawn(async move {
         let resp =

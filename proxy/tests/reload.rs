@@ -1,0 +1,163 @@
+//! A new configuration applies without dropping anything in flight; an invalid one is refused
+//! with the field named and the old one keeps serving — through the API and through the file.
+
+use std::{convert::Infallible, net::SocketAddr, process::Stdio, time::Duration};
+
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use mycel_proxy::config::Config;
+use tokio::net::{TcpListener, TcpStream};
+
+async fn server(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req| async move {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(name))))
+                });
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+            });
+        }
+    });
+    addr
+}
+
+fn config_text(admin: &str, listen: &str, endpoint: SocketAddr) -> String {
+    format!(
+        "admin: '{admin}'\nlisteners:\n- {{name: front, address: '{listen}', protocol: http, cluster: back}}\nclusters:\n- {{name: back, endpoints: ['{endpoint}']}}\n"
+    )
+}
+
+/// GET / over a keep-alive connection until `until`, returning every body; panics on any failure.
+async fn load(front: SocketAddr, until: tokio::time::Instant) -> Vec<String> {
+    let s = TcpStream::connect(front).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(s)).await.unwrap();
+    tokio::spawn(conn);
+    let mut seen = Vec::new();
+    while tokio::time::Instant::now() < until {
+        send.ready().await.unwrap();
+        let resp = send
+            .send_request(Request::get("/").header("host", "svc").body(Full::new(Bytes::new())).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "no request fails during reloads");
+        seen.push(
+            String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned(),
+        );
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloading_under_load_drops_no_request_and_refuses_a_bad_config() {
+    let (a, b) = (server("a").await, server("b").await);
+    let proxy = mycel_proxy::start(Config::parse(&config_text("127.0.0.1:0", "127.0.0.1:0", a)).unwrap())
+        .await
+        .unwrap();
+    let front = proxy.listener("front").await.unwrap();
+    let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+    let clients: Vec<_> = (0..4).map(|_| tokio::spawn(load(front, until))).collect();
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Same listener address: the socket stays, open connections go on, the cluster changes.
+    proxy.apply(Config::parse(&config_text("127.0.0.1:0", "127.0.0.1:0", b)).unwrap()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let bad = Config {
+        listeners: vec![mycel_proxy::config::Listener {
+            name: "front".into(),
+            address: "127.0.0.1:0".parse().unwrap(),
+            protocol: mycel_proxy::config::Protocol::Http,
+            cluster: Some("gone".into()),
+            original_destination: false,
+            direction: Default::default(),
+        }],
+        ..Config::parse(&config_text("127.0.0.1:0", "127.0.0.1:0", b)).unwrap()
+    };
+    let err = proxy.apply(bad).await.unwrap_err().to_string();
+    assert!(err.starts_with("listeners[0].cluster: no cluster named \"gone\""), "{err}");
+
+    let mut total = 0;
+    for c in clients {
+        let seen = c.await.unwrap();
+        total += seen.len();
+        let first_b = seen.iter().position(|s| s == "b").expect("the new endpoint served");
+        assert!(
+            seen[..first_b].iter().all(|s| s == "a") && seen[first_b..].iter().all(|s| s == "b"),
+            "{seen:?}"
+        );
+        assert!(first_b > 0, "the old endpoint served before the reload");
+    }
+    eprintln!("{total} requests over 4 keep-alive connections, 0 failed, across 2 reloads");
+    assert!(
+        proxy.shared.config.read().unwrap().clusters[0].endpoints == vec![b],
+        "the bad config was not applied"
+    );
+    proxy.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_reloads_its_file_and_keeps_the_last_good_config() {
+    let (a, b) = (server("a").await, server("b").await);
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (admin, listen) = (free(), free());
+    let dir = std::env::temp_dir().join(format!("mycel-proxy-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("proxy.yaml");
+    std::fs::write(&file, config_text(&admin.to_string(), &listen.to_string(), a)).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mycel-proxy"))
+        .args(["run", "--config"])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let get = |addr: SocketAddr, path: &'static str| async move {
+        let s = TcpStream::connect(addr).await.ok()?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(s)).await.ok()?;
+        tokio::spawn(conn);
+        let resp = send
+            .send_request(Request::get(path).header("host", "x").body(Full::new(Bytes::new())).unwrap())
+            .await
+            .ok()?;
+        Some(String::from_utf8_lossy(&resp.into_body().collect().await.ok()?.to_bytes()).into_owned())
+    };
+    let wait_for = |want: &'static str| async move {
+        for _ in 0..100 {
+            if get(listen, "/").await.as_deref() == Some(want) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the proxy never answered {want:?}");
+    };
+    wait_for("a").await;
+    // Make sure the new file has another modification time.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::write(&file, config_text(&admin.to_string(), &listen.to_string(), b)).unwrap();
+    wait_for("b").await;
+    std::fs::write(&file, "listeners:\n- {name: front, address: 'nowhere', protocol: http, cluster: back}\n")
+        .unwrap();
+    let mut rejected = false;
+    for _ in 0..50 {
+        let metrics = get(admin, "/metrics").await.unwrap_or_default();
+        if metrics.contains(r#"mycel_proxy_config_reloads_total{result="rejected"} 1"#) {
+            rejected = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(rejected, "the invalid file was noticed and refused");
+    assert_eq!(get(listen, "/").await.as_deref(), Some("b"), "the last good config keeps serving");
+    child.start_kill().unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("configuration rejected") && log.contains("listeners[0]"), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
