@@ -23,14 +23,27 @@ use crate::{
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// The upstream connection pool shared by all HTTP listeners.
-pub type UpstreamClient = Client<HttpConnector, Body>;
+/// Upstream connection pools shared by all HTTP listeners: HTTP/1.1, and HTTP/2 (prior
+/// knowledge) for requests that arrived as HTTP/2 — gRPC among them.
+pub struct UpstreamClient {
+    http1: Client<HttpConnector, Body>,
+    http2: Client<HttpConnector, Body>,
+}
 
 pub fn client() -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(std::time::Duration::from_secs(1)));
-    Client::builder(TokioExecutor::new()).build(connector)
+    UpstreamClient {
+        http1: Client::builder(TokioExecutor::new()).build(connector.clone()),
+        http2: Client::builder(TokioExecutor::new()).http2_only(true).build(connector),
+    }
+}
+
+impl UpstreamClient {
+    fn for_version(&self, v: hyper::Version) -> &Client<HttpConnector, Body> {
+        if v == hyper::Version::HTTP_2 { &self.http2 } else { &self.http1 }
+    }
 }
 
 /// Header that names the reason of a response the proxy made itself.
@@ -63,9 +76,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
+    // `TE: trailers` is the one TE value HTTP/2 allows, and gRPC needs it end to end.
+    let te_trailers = headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for h in ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"]
     {
         headers.remove(h);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
@@ -124,7 +142,7 @@ async fn forward(req: Request<Incoming>, cluster: &Endpoints, shared: &Shared) -
         };
         let mut req = Request::from_parts(parts.clone(), b);
         *req.uri_mut() = upstream_uri(&parts.uri, addr);
-        match shared.client.request(req).await {
+        match shared.client.for_version(parts.version).request(req).await {
             Ok(resp) => {
                 let (mut rparts, rbody) = resp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);

@@ -21,8 +21,11 @@ use std::{
     time::Duration,
 };
 
-use hyper::{server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::service::service_fn;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
 use tokio::{
     net::TcpListener,
     sync::{Mutex, watch},
@@ -269,7 +272,9 @@ async fn accept_loop(
                         }
                     });
                     let _ = stream.set_nodelay(true);
-                    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+                    // HTTP/1.1, or HTTP/2 with prior knowledge (the connection preface tells).
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
                     tokio::pin!(conn);
                     tokio::select! {
                         _ = conn.as_mut() => {}
