@@ -12,7 +12,7 @@ use hyper::{
 };
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
+    rt::{TokioExecutor, TokioIo},
 };
 
 use crate::{
@@ -119,7 +119,27 @@ pub async fn handle(
     Ok(resp)
 }
 
-async fn forward(req: Request<Incoming>, cluster: &Endpoints, shared: &Shared) -> Response<Body> {
+/// An HTTP/1.1 protocol switch (WebSocket and other `Upgrade`s) or a `CONNECT` tunnel.
+fn is_upgrade(method: &hyper::Method, headers: &HeaderMap) -> bool {
+    method == hyper::Method::CONNECT
+        || (headers.contains_key(header::UPGRADE)
+            && headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+}
+
+/// Once both sides switched protocols, bytes flow through until either closes.
+fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        let (Ok(down), Ok(up)) = (downstream.await, upstream.await) else { return };
+        let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+    });
+}
+
+async fn forward(mut req: Request<Incoming>, cluster: &Endpoints, shared: &Shared) -> Response<Body> {
     let order = cluster.order();
     if order.is_empty() {
         return error_response(
@@ -127,8 +147,15 @@ async fn forward(req: Request<Incoming>, cluster: &Endpoints, shared: &Shared) -
             &format!("no endpoints for cluster {}", cluster.cluster),
         );
     }
+    let downstream_upgrade = is_upgrade(req.method(), req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    let upgrade_header = parts.headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut parts.headers);
+    if let Some(u) = upgrade_header.filter(|_| downstream_upgrade.is_some()) {
+        // The switch itself must reach the upstream: keep the two headers that ask for it.
+        parts.headers.insert(header::UPGRADE, u);
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
     // A request without a body can be sent again to the next endpoint when one refuses the
     // connection; one with a body only goes to the first (its body cannot be replayed).
     let replayable = hyper::body::Body::is_end_stream(&body);
@@ -143,9 +170,20 @@ async fn forward(req: Request<Incoming>, cluster: &Endpoints, shared: &Shared) -
         let mut req = Request::from_parts(parts.clone(), b);
         *req.uri_mut() = upstream_uri(&parts.uri, addr);
         match shared.client.for_version(parts.version).request(req).await {
-            Ok(resp) => {
+            Ok(mut resp) => {
+                let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                    || (parts.method == hyper::Method::CONNECT && resp.status().is_success());
+                let upstream_upgrade = switched.then(|| hyper::upgrade::on(&mut resp));
                 let (mut rparts, rbody) = resp.into_parts();
+                let upgrade_header = rparts.headers.get(header::UPGRADE).cloned();
                 strip_hop_by_hop(&mut rparts.headers);
+                if let (Some(down), Some(up)) = (downstream_upgrade, upstream_upgrade) {
+                    if let Some(u) = upgrade_header {
+                        rparts.headers.insert(header::UPGRADE, u);
+                        rparts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    }
+                    tunnel(down, up);
+                }
                 return Response::from_parts(rparts, rbody.boxed());
             }
             Err(e) if e.is_connect() => {

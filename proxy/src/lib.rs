@@ -274,7 +274,7 @@ async fn accept_loop(
                     let _ = stream.set_nodelay(true);
                     // HTTP/1.1, or HTTP/2 with prior knowledge (the connection preface tells).
                     let builder = auto::Builder::new(TokioExecutor::new());
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     tokio::pin!(conn);
                     tokio::select! {
                         _ = conn.as_mut() => {}

@@ -1,0 +1,103 @@
+//! Protocol switches through the proxy: a WebSocket echo (tungstenite on both ends), and a bare
+//! HTTP/1.1 `Upgrade` whose bytes flow both ways after the 101.
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use mycel_proxy::config::Config;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tokio_tungstenite::tungstenite::Message;
+
+async fn proxy_to(upstream: std::net::SocketAddr) -> (mycel_proxy::Running, std::net::SocketAddr) {
+    let proxy = mycel_proxy::start(
+        Config::parse(&format!(
+            "admin: '127.0.0.1:0'\nlisteners:\n- {{name: front, address: '127.0.0.1:0', protocol: http, cluster: back}}\nclusters:\n- {{name: back, endpoints: ['{upstream}']}}\n"
+        ))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let front = proxy.listener("front").await.unwrap();
+    (proxy, front)
+}
+
+#[tokio::test]
+async fn a_websocket_echo_crosses_the_proxy() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut ws = tokio_tungstenite::accept_async(s).await.unwrap();
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_text() || m.is_binary() {
+                        ws.send(m).await.unwrap();
+                    }
+                }
+            });
+        }
+    });
+    let (proxy, front) = proxy_to(upstream).await;
+    let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{front}/chat")).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    for i in 0..20 {
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(2), ws.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(back.into_text().unwrap().as_str(), format!("hello {i}"));
+    }
+    ws.send(Message::binary(vec![0u8, 1, 2, 255])).await.unwrap();
+    let back = ws.next().await.unwrap().unwrap();
+    assert_eq!(back.into_data().as_ref(), &[0u8, 1, 2, 255]);
+    ws.close(None).await.unwrap();
+    proxy.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_bare_upgrade_tunnels_bytes_both_ways() {
+    // Upstream: answers `Upgrade: echo` with 101, then echoes bytes in upper case.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).await.unwrap();
+            head.push(b[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_lowercase();
+        assert!(head.contains("upgrade: echo") && head.contains("connection: upgrade"), "{head}");
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: echo\r\nconnection: upgrade\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            s.write_all(&buf[..n].to_ascii_uppercase()).await.unwrap();
+        }
+    });
+    let (proxy, front) = proxy_to(upstream).await;
+    let mut c = TcpStream::connect(front).await.unwrap();
+    c.write_all(b"GET /raw HTTP/1.1\r\nhost: x\r\nupgrade: echo\r\nconnection: upgrade\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        c.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101") && head.contains("upgrade: echo"), "{head}");
+    c.write_all(b"ping over the tunnel").await.unwrap();
+    let mut answer = [0u8; 20];
+    tokio::time::timeout(Duration::from_secs(2), c.read_exact(&mut answer)).await.unwrap().unwrap();
+    assert_eq!(&answer, b"PING OVER THE TUNNEL");
+    proxy.shutdown(Duration::from_secs(1)).await;
+}
