@@ -38,6 +38,13 @@ pub struct Listener {
     pub original_destination: bool,
     #[serde(default)]
     pub direction: Direction,
+    /// How long `auto` waits for the client's first bytes (default 500 ms).
+    #[serde(default = "default_detect_timeout")]
+    pub detect_timeout_ms: u64,
+}
+
+fn default_detect_timeout() -> u64 {
+    500
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -62,7 +69,10 @@ impl Direction {
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
-    /// HTTP/1.1, proxied request by request.
+    /// Told from the first bytes: HTTP/1.1 or HTTP/2 is proxied as HTTP, anything else (TLS
+    /// included) as opaque TCP. Server-first protocols wait `detectTimeoutMs`, then go opaque.
+    Auto,
+    /// HTTP/1.1 or HTTP/2 (prior knowledge), proxied request by request.
     Http,
     /// Opaque TCP, proxied byte for byte (half-close included).
     Tcp,

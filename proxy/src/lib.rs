@@ -10,6 +10,7 @@ pub mod admin;
 pub mod balance;
 pub mod capture;
 pub mod config;
+pub mod detect;
 pub mod http;
 pub mod metrics;
 pub mod tcp;
@@ -247,50 +248,69 @@ async fn accept_loop(
                 }
             },
         };
-        shared.metrics.connections.get_or_create(&labels).inc();
-        let active = shared.metrics.active_connections.get_or_create(&labels).clone();
-        active.inc();
-        let (shared, mut stop) = (shared.clone(), stop.clone());
-        conns.spawn(async move {
-            match listener.protocol {
-                config::Protocol::Tcp => {
-                    if let Some(endpoints) = target.resolve(&shared) {
-                        tcp::serve(stream, labels, endpoints, shared).await;
-                    }
-                }
-                config::Protocol::Http => {
-                    let (name, direction) = (listener.name.clone(), listener.direction);
-                    let svc = service_fn(move |req| {
-                        let (name, target, shared) = (name.clone(), target.clone(), shared.clone());
-                        async move {
-                            match target.resolve(&shared) {
-                                Some(endpoints) => {
-                                    http::handle(req, &name, direction, &endpoints, &shared).await
-                                }
-                                None => Ok(http::no_cluster(&target.name())),
-                            }
-                        }
-                    });
-                    let _ = stream.set_nodelay(true);
-                    // HTTP/1.1, or HTTP/2 with prior knowledge (the connection preface tells).
-                    let builder = auto::Builder::new(TokioExecutor::new());
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    tokio::pin!(conn);
-                    tokio::select! {
-                        _ = conn.as_mut() => {}
-                        // Draining: finish the request in flight, then close (`Connection: close`).
-                        _ = stop.changed() => {
-                            conn.as_mut().graceful_shutdown();
-                            let _ = conn.await;
-                        }
-                    }
-                }
-            }
-            active.dec();
-        });
+        let (shared, stop) = (shared.clone(), stop.clone());
+        conns.spawn(serve_connection(stream, listener, target, labels, shared, stop));
         while conns.try_join_next().is_some() {}
     }
     while conns.join_next().await.is_some() {}
+}
+
+/// One accepted connection, from protocol detection to its end.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    listener: config::Listener,
+    target: Target,
+    mut labels: ListenerLabels,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let http = match listener.protocol {
+        config::Protocol::Http => true,
+        config::Protocol::Tcp => false,
+        config::Protocol::Auto => {
+            let detected = detect::detect(&stream, Duration::from_millis(listener.detect_timeout_ms)).await;
+            if let detect::Detected::Tls { sni, alpn } = &detected {
+                tracing::debug!(listener = %listener.name, sni = ?sni, alpn = ?alpn, "TLS ClientHello; passing through");
+            }
+            labels.protocol = detected.label().into();
+            matches!(detected, detect::Detected::Http1 | detect::Detected::Http2)
+        }
+    };
+    shared.metrics.connections.get_or_create(&labels).inc();
+    let active = shared.metrics.active_connections.get_or_create(&labels).clone();
+    active.inc();
+    if !http {
+        if let Some(endpoints) = target.resolve(&shared) {
+            tcp::serve(stream, labels, endpoints, shared).await;
+        }
+        active.dec();
+        return;
+    }
+    let (name, direction) = (listener.name.clone(), listener.direction);
+    let svc = service_fn(move |req| {
+        let (name, target, shared) = (name.clone(), target.clone(), shared.clone());
+        async move {
+            match target.resolve(&shared) {
+                Some(endpoints) => http::handle(req, &name, direction, &endpoints, &shared).await,
+                None => Ok(http::no_cluster(&target.name())),
+            }
+        }
+    });
+    let _ = stream.set_nodelay(true);
+    // HTTP/1.1, or HTTP/2 with prior knowledge (the connection preface tells).
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        // Draining: finish the requests in flight, then close (`Connection: close` on
+        // HTTP/1.1, GOAWAY on HTTP/2).
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+    active.dec();
 }
 
 /// Where a connection's traffic goes: a named cluster (looked up per request, so that a reload
@@ -348,6 +368,7 @@ fn labels_for(l: &config::Listener) -> ListenerLabels {
 
 fn protocol_name(l: &config::Listener) -> String {
     match l.protocol {
+        config::Protocol::Auto => "auto".into(),
         config::Protocol::Http => "http".into(),
         config::Protocol::Tcp => "tcp".into(),
     }

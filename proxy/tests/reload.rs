@@ -75,6 +75,7 @@ async fn reloading_under_load_drops_no_request_and_refuses_a_bad_config() {
             cluster: Some("gone".into()),
             original_destination: false,
             direction: Default::default(),
+            detect_timeout_ms: 500,
         }],
         ..Config::parse(&config_text("127.0.0.1:0", "127.0.0.1:0", b)).unwrap()
     };
