@@ -87,6 +87,35 @@ pub struct Cluster {
     /// Connect timeout in milliseconds (default 1000).
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_ms: u64,
+    #[serde(default)]
+    pub lb: LoadBalancer,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancer {
+    #[serde(default)]
+    pub algorithm: LbAlgorithm,
+    /// What `ConsistentHash` hashes: exactly one of these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_cookie: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hash_source_ip: bool,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LbAlgorithm {
+    /// Power of two choices on peak-EWMA latency × requests in flight.
+    #[default]
+    PeakEwma,
+    RoundRobin,
+    /// Power of two choices on requests in flight.
+    LeastRequest,
+    Random,
+    /// Maglev consistent hashing on a header, a cookie or the client's IP.
+    ConsistentHash,
 }
 
 fn default_connect_timeout() -> u64 {
@@ -122,6 +151,22 @@ impl Config {
                 return invalid(
                     format!("clusters[{i}].name"),
                     format!("{:?} is used by another cluster", c.name),
+                );
+            }
+            let hash_keys = [c.lb.hash_header.is_some(), c.lb.hash_cookie.is_some(), c.lb.hash_source_ip]
+                .iter()
+                .filter(|x| **x)
+                .count();
+            if c.lb.algorithm == LbAlgorithm::ConsistentHash && hash_keys != 1 {
+                return invalid(
+                    format!("clusters[{i}].lb"),
+                    "ConsistentHash needs exactly one of hashHeader, hashCookie or hashSourceIp: true".into(),
+                );
+            }
+            if c.lb.algorithm != LbAlgorithm::ConsistentHash && hash_keys != 0 {
+                return invalid(
+                    format!("clusters[{i}].lb"),
+                    "hash settings need algorithm: ConsistentHash".into(),
                 );
             }
             if c.connect_timeout_ms == 0 {

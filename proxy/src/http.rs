@@ -91,11 +91,12 @@ pub async fn handle(
     req: Request<Incoming>,
     listener: &str,
     direction: crate::config::Direction,
+    peer: Option<SocketAddr>,
     cluster: &Arc<Endpoints>,
     shared: &Arc<Shared>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
-    let resp = forward(req, cluster, shared).await;
+    let resp = forward(req, peer, cluster, shared).await;
     let code = resp.status().as_u16();
     shared
         .metrics
@@ -139,8 +140,13 @@ fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpg
     });
 }
 
-async fn forward(mut req: Request<Incoming>, cluster: &Endpoints, shared: &Shared) -> Response<Body> {
-    let order = cluster.order();
+async fn forward(
+    mut req: Request<Incoming>,
+    peer: Option<SocketAddr>,
+    cluster: &Endpoints,
+    shared: &Shared,
+) -> Response<Body> {
+    let order = cluster.order(crate::balance::request_key(&cluster.lb, req.headers(), peer));
     if order.is_empty() {
         return error_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -169,7 +175,10 @@ async fn forward(mut req: Request<Incoming>, cluster: &Endpoints, shared: &Share
         };
         let mut req = Request::from_parts(parts.clone(), b);
         *req.uri_mut() = upstream_uri(&parts.uri, addr);
-        match shared.client.for_version(parts.version).request(req).await {
+        let in_flight = cluster.start(addr);
+        let result = shared.client.for_version(parts.version).request(req).await;
+        drop(in_flight);
+        match result {
             Ok(mut resp) => {
                 let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
                     || (parts.method == hyper::Method::CONNECT && resp.status().is_success());

@@ -164,8 +164,10 @@ impl Shared {
             .map(|c| {
                 let timeout = Duration::from_millis(c.connect_timeout_ms);
                 let endpoints = match old.get(&c.name) {
-                    Some(e) if e.addrs == c.endpoints && e.connect_timeout == timeout => e.clone(),
-                    _ => Arc::new(Endpoints::new(&c.name, c.endpoints.clone(), timeout)),
+                    Some(e) if e.addrs == c.endpoints && e.connect_timeout == timeout && e.lb == c.lb => {
+                        e.clone()
+                    }
+                    _ => Arc::new(Endpoints::with_lb(&c.name, c.endpoints.clone(), timeout, c.lb.clone())),
                 };
                 (c.name.clone(), endpoints)
             })
@@ -286,12 +288,12 @@ async fn serve_connection(
         active.dec();
         return;
     }
-    let (name, direction) = (listener.name.clone(), listener.direction);
+    let (name, direction, peer) = (listener.name.clone(), listener.direction, stream.peer_addr().ok());
     let svc = service_fn(move |req| {
         let (name, target, shared) = (name.clone(), target.clone(), shared.clone());
         async move {
             match target.resolve(&shared) {
-                Some(endpoints) => http::handle(req, &name, direction, &endpoints, &shared).await,
+                Some(endpoints) => http::handle(req, &name, direction, peer, &endpoints, &shared).await,
                 None => Ok(http::no_cluster(&target.name())),
             }
         }

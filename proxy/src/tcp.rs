@@ -9,8 +9,8 @@ use tracing::debug;
 use crate::{Shared, balance::Endpoints, metrics::ListenerLabels};
 
 /// Connects to an endpoint of `endpoints`, skipping (and ejecting) those that fail.
-pub async fn connect(endpoints: &Endpoints) -> Result<TcpStream, String> {
-    let order = endpoints.order();
+pub async fn connect(endpoints: &Endpoints, key: Option<u64>) -> Result<TcpStream, String> {
+    let order = endpoints.order(key);
     if order.is_empty() {
         return Err(format!("cluster {:?} has no endpoints", endpoints.cluster));
     }
@@ -35,7 +35,8 @@ pub async fn serve(
     cluster: Arc<Endpoints>,
     shared: Arc<Shared>,
 ) {
-    let mut upstream = match connect(&cluster).await {
+    let key = crate::balance::connection_key(&cluster.lb, downstream.peer_addr().ok());
+    let mut upstream = match connect(&cluster, key).await {
         Ok(s) => s,
         Err(e) => {
             debug!(error = %e, "tcp: no upstream");

@@ -57,7 +57,7 @@ async fn http_server(name: &'static str) -> SocketAddr {
 fn config(protocol: &str, endpoints: &[SocketAddr]) -> Config {
     let eps: Vec<String> = endpoints.iter().map(|e| format!("'{e}'")).collect();
     Config::parse(&format!(
-        "admin: '127.0.0.1:0'\nlisteners:\n- {{name: front, address: '127.0.0.1:0', protocol: {protocol}, cluster: back}}\nclusters:\n- {{name: back, endpoints: [{}]}}\n",
+        "admin: '127.0.0.1:0'\nlisteners:\n- {{name: front, address: '127.0.0.1:0', protocol: {protocol}, cluster: back}}\nclusters:\n- {{name: back, lb: {{algorithm: RoundRobin}}, endpoints: [{}]}}\n",
         eps.join(", ")
     ))
     .unwrap()

@@ -1,0 +1,120 @@
+//! Load balancing with real servers: consistent hashing keeps a user on one endpoint (by header
+//! and by cookie), and peak-EWMA sends most requests to the faster of two endpoints.
+
+use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, time::Duration};
+
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use mycel_proxy::config::Config;
+use tokio::net::{TcpListener, TcpStream};
+
+async fn server(name: String, delay: Duration) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let name = name.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req| {
+                    let name = name.clone();
+                    async move {
+                        tokio::time::sleep(delay).await;
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(name))))
+                    }
+                });
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn start(lb: &str, endpoints: &[SocketAddr]) -> (mycel_proxy::Running, SocketAddr) {
+    let eps: Vec<String> = endpoints.iter().map(|e| format!("'{e}'")).collect();
+    let proxy = mycel_proxy::start(
+        Config::parse(&format!(
+            "admin: '127.0.0.1:0'\nlisteners:\n- {{name: front, address: '127.0.0.1:0', protocol: http, cluster: back}}\nclusters:\n- {{name: back, lb: {lb}, endpoints: [{}]}}\n",
+            eps.join(", ")
+        ))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let front = proxy.listener("front").await.unwrap();
+    (proxy, front)
+}
+
+async fn get(front: SocketAddr, header: (&str, String)) -> String {
+    let s = TcpStream::connect(front).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(s)).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/")
+        .header("host", "svc")
+        .header(header.0, header.1)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hashing_keeps_each_user_on_one_endpoint() {
+    let mut eps = Vec::new();
+    for i in 0..4 {
+        eps.push(server(format!("e{i}"), Duration::ZERO).await);
+    }
+    for (lb, header) in [
+        ("{algorithm: ConsistentHash, hashHeader: x-user}", "x-user"),
+        ("{algorithm: ConsistentHash, hashCookie: session}", "cookie"),
+    ] {
+        let (proxy, front) = start(lb, &eps).await;
+        let mut owner: BTreeMap<u32, String> = BTreeMap::new();
+        for round in 0..3 {
+            for user in 0..40u32 {
+                let value = if header == "cookie" {
+                    format!("theme=dark; session=s{user}")
+                } else {
+                    format!("u{user}")
+                };
+                let got = get(front, (header, value)).await;
+                let first = owner.entry(user).or_insert_with(|| got.clone());
+                assert_eq!(*first, got, "{lb}: user {user} moved in round {round}");
+            }
+        }
+        let used: std::collections::BTreeSet<_> = owner.values().collect();
+        assert!(used.len() >= 3, "{lb}: users spread over the endpoints: {used:?}");
+        proxy.shutdown(Duration::from_secs(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_ewma_favours_the_faster_endpoint() {
+    let fast = server("fast".into(), Duration::from_millis(1)).await;
+    let slow = server("slow".into(), Duration::from_millis(40)).await;
+    let (proxy, front) = start("{algorithm: PeakEwma}", &[fast, slow]).await;
+    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+    // Four clients in parallel, 50 requests each.
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                for _ in 0..50 {
+                    seen.push(get(front, ("x-any", "1".into())).await);
+                }
+                seen
+            })
+        })
+        .collect();
+    for c in clients {
+        for s in c.await.unwrap() {
+            *counts.entry(s).or_default() += 1;
+        }
+    }
+    let fast_share = counts.get("fast").copied().unwrap_or(0);
+    eprintln!("peak-EWMA: {counts:?}");
+    assert!(fast_share >= 160, "most of 200 requests went to the fast endpoint: {counts:?}");
+    proxy.shutdown(Duration::from_secs(1)).await;
+}
