@@ -39,8 +39,12 @@ pub struct Endpoints {
     pub algorithm: LbAlgorithm,
     pub lb: LoadBalancer,
     stats: Vec<Stats>,
+    /// `host:port` of each endpoint, parsed once (requests reuse it for their URI).
+    pub authorities: Vec<hyper::http::uri::Authority>,
     next: AtomicUsize,
     ejected: Mutex<Vec<(SocketAddr, Instant)>>,
+    /// Entries in `ejected` (possibly expired): zero lets the hot path skip the lock.
+    ejected_count: AtomicUsize,
     maglev: Vec<u32>,
 }
 
@@ -74,8 +78,16 @@ impl Endpoints {
             })
             .collect();
         let maglev = if algorithm == LbAlgorithm::ConsistentHash { maglev_table(&addrs) } else { Vec::new() };
+        let authorities = addrs
+            .iter()
+            .map(|a| {
+                a.to_string().parse().unwrap_or_else(|_| hyper::http::uri::Authority::from_static("invalid"))
+            })
+            .collect();
         Endpoints {
             cluster: cluster.into(),
+            authorities,
+            ejected_count: AtomicUsize::new(0),
             addrs,
             connect_timeout,
             algorithm,
@@ -88,14 +100,31 @@ impl Endpoints {
     }
 
     fn ejected_now(&self) -> Vec<SocketAddr> {
+        if self.ejected_count.load(Ordering::Relaxed) == 0 {
+            return Vec::new();
+        }
         let now = Instant::now();
         self.ejected
             .lock()
             .map(|mut e| {
                 e.retain(|(_, until)| *until > now);
+                self.ejected_count.store(e.len(), Ordering::Relaxed);
                 e.iter().map(|(a, _)| *a).collect()
             })
             .unwrap_or_default()
+    }
+
+    /// The algorithm's choice alone (the hot path): no list of fallbacks is built.
+    pub fn pick(&self, key: Option<u64>) -> Option<SocketAddr> {
+        if self.addrs.len() == 1 && self.ejected_count.load(Ordering::Relaxed) == 0 {
+            return Some(self.addrs[0]);
+        }
+        self.order(key).into_iter().next()
+    }
+
+    /// The authority of `addr` for an upstream URI.
+    pub fn authority(&self, addr: SocketAddr) -> Option<&hyper::http::uri::Authority> {
+        self.index(addr).map(|i| &self.authorities[i])
     }
 
     /// Endpoints in the order to try them: the algorithm's choice first, then the other healthy
@@ -202,6 +231,7 @@ impl Endpoints {
         if let Ok(mut e) = self.ejected.lock() {
             e.retain(|(a, _)| *a != addr);
             e.push((addr, Instant::now() + EJECTION));
+            self.ejected_count.store(e.len(), Ordering::Relaxed);
         }
     }
 }

@@ -35,7 +35,8 @@ pub fn client() -> UpstreamClient {
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(std::time::Duration::from_secs(1)));
     UpstreamClient {
-        http1: Client::builder(TokioExecutor::new()).build(connector.clone()),
+        // Idle upstream connections kept per endpoint: enough for bursts, bounded for memory.
+        http1: Client::builder(TokioExecutor::new()).pool_max_idle_per_host(64).build(connector.clone()),
         http2: Client::builder(TokioExecutor::new()).http2_only(true).build(connector),
     }
 }
@@ -87,36 +88,66 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Metric handles of one downstream connection: a request updates them without building labels.
+pub struct ConnMetrics {
+    direction: crate::config::Direction,
+    listener: String,
+    duration: prometheus_client::metrics::histogram::Histogram,
+    /// (cluster, response code) → counter; a handful of entries per connection.
+    counters: std::sync::Mutex<Vec<(String, u16, prometheus_client::metrics::counter::Counter)>>,
+}
+
+impl ConnMetrics {
+    pub fn new(shared: &Shared, listener: &str, direction: crate::config::Direction) -> Self {
+        let duration = shared
+            .metrics
+            .request_duration
+            .get_or_create(&ListenerLabels {
+                direction: direction.as_str().into(),
+                listener: listener.into(),
+                protocol: "http".into(),
+            })
+            .clone();
+        ConnMetrics {
+            direction,
+            listener: listener.into(),
+            duration,
+            counters: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn count(&self, shared: &Shared, cluster: &str, code: u16) {
+        let Ok(mut cache) = self.counters.lock() else { return };
+        if let Some((_, _, c)) = cache.iter().find(|(cl, co, _)| *co == code && cl == cluster) {
+            c.inc();
+            return;
+        }
+        let c = shared
+            .metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                direction: self.direction.as_str().into(),
+                listener: self.listener.clone(),
+                cluster: cluster.into(),
+                code,
+            })
+            .clone();
+        c.inc();
+        cache.push((cluster.into(), code, c));
+    }
+}
+
 pub async fn handle(
     req: Request<Incoming>,
-    listener: &str,
-    direction: crate::config::Direction,
+    metrics: &ConnMetrics,
     peer: Option<SocketAddr>,
     cluster: &Arc<Endpoints>,
     shared: &Arc<Shared>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let resp = forward(req, peer, cluster, shared).await;
-    let code = resp.status().as_u16();
-    shared
-        .metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            direction: direction.as_str().into(),
-            listener: listener.into(),
-            cluster: cluster.cluster.clone(),
-            code,
-        })
-        .inc();
-    shared
-        .metrics
-        .request_duration
-        .get_or_create(&ListenerLabels {
-            direction: direction.as_str().into(),
-            listener: listener.into(),
-            protocol: "http".into(),
-        })
-        .observe(started.elapsed().as_secs_f64());
+    metrics.count(shared, &cluster.cluster, resp.status().as_u16());
+    metrics.duration.observe(started.elapsed().as_secs_f64());
     Ok(resp)
 }
 
@@ -140,20 +171,27 @@ fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpg
     });
 }
 
+enum Attempt {
+    Done(Response<Body>),
+    /// The endpoint refused the connection; the request was not sent.
+    Refused,
+}
+
 async fn forward(
     mut req: Request<Incoming>,
     peer: Option<SocketAddr>,
     cluster: &Endpoints,
     shared: &Shared,
 ) -> Response<Body> {
-    let order = cluster.order(crate::balance::request_key(&cluster.lb, req.headers(), peer));
-    if order.is_empty() {
+    let key = crate::balance::request_key(&cluster.lb, req.headers(), peer);
+    let Some(first) = cluster.pick(key) else {
         return error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             &format!("no endpoints for cluster {}", cluster.cluster),
         );
-    }
-    let downstream_upgrade = is_upgrade(req.method(), req.headers()).then(|| hyper::upgrade::on(&mut req));
+    };
+    let mut downstream_upgrade =
+        is_upgrade(req.method(), req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let upgrade_header = parts.headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut parts.headers);
@@ -162,52 +200,70 @@ async fn forward(
         parts.headers.insert(header::UPGRADE, u);
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    // A request without a body can be sent again to the next endpoint when one refuses the
-    // connection; one with a body only goes to the first (its body cannot be replayed).
-    let replayable = hyper::body::Body::is_end_stream(&body);
-    let mut body = Some(body.boxed());
-    let mut last_error = String::new();
-    for addr in order {
-        let b = match body.take() {
-            Some(b) => b,
-            None if replayable => Empty::new().map_err(|never| match never {}).boxed(),
-            None => break,
+    // A request without a body can go to the next endpoint when one refuses the connection (its
+    // head is kept for that, only when there is a next endpoint); one with a body cannot be
+    // replayed and only goes to the first.
+    let retry = (hyper::body::Body::is_end_stream(&body) && cluster.addrs.len() > 1).then(|| parts.clone());
+    let mut last_error =
+        match send(parts, body.boxed(), first, &mut downstream_upgrade, cluster, shared).await {
+            Ok(Attempt::Done(resp)) => return resp,
+            Ok(Attempt::Refused) => format!("connect to {first} failed"),
+            Err(resp) => return resp,
         };
-        let mut req = Request::from_parts(parts.clone(), b);
-        *req.uri_mut() = upstream_uri(&parts.uri, addr);
-        let in_flight = cluster.start(addr);
-        let result = shared.client.for_version(parts.version).request(req).await;
-        drop(in_flight);
-        match result {
-            Ok(mut resp) => {
-                let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                    || (parts.method == hyper::Method::CONNECT && resp.status().is_success());
-                let upstream_upgrade = switched.then(|| hyper::upgrade::on(&mut resp));
-                let (mut rparts, rbody) = resp.into_parts();
-                let upgrade_header = rparts.headers.get(header::UPGRADE).cloned();
-                strip_hop_by_hop(&mut rparts.headers);
-                if let (Some(down), Some(up)) = (downstream_upgrade, upstream_upgrade) {
-                    if let Some(u) = upgrade_header {
-                        rparts.headers.insert(header::UPGRADE, u);
-                        rparts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                    }
-                    tunnel(down, up);
-                }
-                return Response::from_parts(rparts, rbody.boxed());
-            }
-            Err(e) if e.is_connect() => {
-                cluster.eject(addr);
-                last_error = format!("connect to {addr} failed");
-            }
-            Err(e) => {
-                return error_response(
-                    StatusCode::BAD_GATEWAY,
-                    &format!("upstream {addr}: {}", error_chain(&e)),
-                );
+    if let Some(parts) = retry {
+        for addr in cluster.order(key).into_iter().filter(|a| *a != first) {
+            let empty = Empty::new().map_err(|never| match never {}).boxed();
+            match send(parts.clone(), empty, addr, &mut downstream_upgrade, cluster, shared).await {
+                Ok(Attempt::Done(resp)) => return resp,
+                Ok(Attempt::Refused) => last_error = format!("connect to {addr} failed"),
+                Err(resp) => return resp,
             }
         }
     }
     error_response(StatusCode::SERVICE_UNAVAILABLE, &last_error)
+}
+
+/// One try at one endpoint. `Err` is a response to give the client as it is (a 502).
+async fn send(
+    mut parts: hyper::http::request::Parts,
+    body: Body,
+    addr: SocketAddr,
+    downstream_upgrade: &mut Option<hyper::upgrade::OnUpgrade>,
+    cluster: &Endpoints,
+    shared: &Shared,
+) -> Result<Attempt, Response<Body>> {
+    let version = parts.version;
+    let is_connect = parts.method == hyper::Method::CONNECT;
+    parts.uri = upstream_uri(&parts.uri, cluster.authority(addr));
+    let req = Request::from_parts(parts, body);
+    let in_flight = cluster.start(addr);
+    let result = shared.client.for_version(version).request(req).await;
+    drop(in_flight);
+    match result {
+        Ok(mut resp) => {
+            let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                || (is_connect && resp.status().is_success());
+            let upstream_upgrade = switched.then(|| hyper::upgrade::on(&mut resp));
+            let (mut rparts, rbody) = resp.into_parts();
+            let upgrade_header = rparts.headers.get(header::UPGRADE).cloned();
+            strip_hop_by_hop(&mut rparts.headers);
+            if let (Some(up), Some(down)) = (upstream_upgrade, downstream_upgrade.take()) {
+                if let Some(u) = upgrade_header {
+                    rparts.headers.insert(header::UPGRADE, u);
+                    rparts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                }
+                tunnel(down, up);
+            }
+            Ok(Attempt::Done(Response::from_parts(rparts, rbody.boxed())))
+        }
+        Err(e) if e.is_connect() => {
+            cluster.eject(addr);
+            Ok(Attempt::Refused)
+        }
+        Err(e) => {
+            Err(error_response(StatusCode::BAD_GATEWAY, &format!("upstream {addr}: {}", error_chain(&e))))
+        }
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -221,7 +277,15 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn upstream_uri(original: &Uri, addr: SocketAddr) -> Uri {
-    let path = original.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    format!("http://{addr}{path}").parse().unwrap_or_else(|_| Uri::from_static("/"))
+/// `http://<endpoint><path?query>`, from the endpoint's pre-parsed authority (no formatting).
+fn upstream_uri(original: &Uri, authority: Option<&hyper::http::uri::Authority>) -> Uri {
+    let pq = original
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
+    let mut b = Uri::builder().scheme("http").path_and_query(pq);
+    if let Some(a) = authority {
+        b = b.authority(a.clone());
+    }
+    b.build().unwrap_or_else(|_| Uri::from_static("/"))
 }

@@ -288,12 +288,13 @@ async fn serve_connection(
         active.dec();
         return;
     }
-    let (name, direction, peer) = (listener.name.clone(), listener.direction, stream.peer_addr().ok());
+    let peer = stream.peer_addr().ok();
+    let metrics = Arc::new(http::ConnMetrics::new(&shared, &listener.name, listener.direction));
     let svc = service_fn(move |req| {
-        let (name, target, shared) = (name.clone(), target.clone(), shared.clone());
+        let (metrics, target, shared) = (metrics.clone(), target.clone(), shared.clone());
         async move {
             match target.resolve(&shared) {
-                Some(endpoints) => http::handle(req, &name, direction, peer, &endpoints, &shared).await,
+                Some(endpoints) => http::handle(req, &metrics, peer, &endpoints, &shared).await,
                 None => Ok(http::no_cluster(&target.name())),
             }
         }

@@ -24,6 +24,9 @@ enum Cmd {
         /// How long a SIGTERM waits for requests in flight before closing.
         #[arg(long, default_value_t = 5)]
         drain_secs: u64,
+        /// Worker threads; 0 means one per CPU.
+        #[arg(long, default_value_t = 2, env = "MYCEL_PROXY_CONCURRENCY")]
+        concurrency: usize,
     },
     /// Install the iptables rules that capture the pod's traffic, then exit.
     Init {
@@ -92,16 +95,29 @@ async fn watch_file(path: PathBuf, running: std::sync::Arc<mycel_proxy::Running>
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let threads = match &cli.command {
+        Cmd::Run { concurrency, .. } if *concurrency > 0 => *concurrency,
+        Cmd::Run { .. } => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        Cmd::Init { .. } => 1,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()?
+        .block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    match Cli::parse().command {
-        Cmd::Run { config, drain_secs } => {
+    match cli.command {
+        Cmd::Run { config, drain_secs, .. } => {
             let cfg = load(&config)?;
             let running = std::sync::Arc::new(mycel_proxy::start(cfg).await.context("starting the proxy")?);
             tracing::info!(admin = %running.admin, "proxy ready");

@@ -44,7 +44,7 @@ pub async fn serve(
         }
     };
     let _ = downstream.set_nodelay(true);
-    match tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, 16 * 1024, 16 * 1024).await
+    match tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, 64 * 1024, 64 * 1024).await
     {
         Ok((from_client, to_client)) => {
             shared.metrics.bytes_received.get_or_create(&labels).inc_by(from_client);

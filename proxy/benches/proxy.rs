@@ -1,0 +1,589 @@
+//! Proxy benchmark, side by side in one run: a direct connection, one `mycel-proxy` hop, two
+//! hops (client sidecar → server sidecar), nginx and HAProxy, against one HTTP/1.1 server
+//! answering 1 KiB. Open-loop constant-rate load with coordinated-omission correction (latency
+//! counts from when a request was due, not when it was sent), saturation throughput per proxy
+//! CPU second, memory, and TCP throughput.
+//!
+//! Run: `cargo bench -p mycel-proxy --bench proxy` (or `just bench-proxy`). Every proxy gets one
+//! worker. `MYCEL_BENCH_SECONDS` (default 5) sets each measurement's length. Results are printed
+//! and written to `docs/benchmarks/proxy.md` and `docs/benchmarks/proxy.json`.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+const BODY: usize = 1024;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    // Helper roles of this same binary, run as separate processes.
+    if let Some(pos) = args.iter().position(|a| a == "--role") {
+        let role = args.get(pos + 1).map(String::as_str).unwrap_or("");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        match role {
+            "http-server" => rt.block_on(http_server()),
+            "tcp-sink" => rt.block_on(tcp_sink()),
+            _ => panic!("unknown role {role}"),
+        }
+        return;
+    }
+    if args.iter().any(|a| a == "--list") {
+        return; // `cargo bench -- --list`
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(run());
+}
+
+// --- helper processes --------------------------------------------------------------------------
+
+async fn http_server() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    println!("{}", l.local_addr().unwrap());
+    let body = Bytes::from(vec![b'x'; BODY]);
+    loop {
+        let (s, _) = l.accept().await.unwrap();
+        let _ = s.set_nodelay(true);
+        let body = body.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |_req| {
+                let body = body.clone();
+                async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+            });
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+        });
+    }
+}
+
+async fn tcp_sink() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    println!("{}", l.local_addr().unwrap());
+    loop {
+        let (mut s, _) = l.accept().await.unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut total = 0u64;
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n as u64,
+                }
+            }
+            let _ = s.write_all(format!("{total}").as_bytes()).await;
+        });
+    }
+}
+
+struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_role(role: &str) -> (Proc, SocketAddr) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--role", role])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    (Proc { child }, line.trim().parse().unwrap())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn wait_port(addr: SocketAddr) {
+    for _ in 0..200 {
+        if TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("nothing listens on {addr}");
+}
+
+fn dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mycel-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+async fn mycel(name: &str, protocol: &str, upstream: SocketAddr) -> (Proc, SocketAddr) {
+    let port = free_port();
+    let cfg = dir().join(format!("{name}.yaml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "admin: '127.0.0.1:{}'\nlisteners:\n- {{name: front, address: '127.0.0.1:{port}', protocol: {protocol}, cluster: back}}\nclusters:\n- {{name: back, lb: {{algorithm: RoundRobin}}, endpoints: ['{upstream}']}}\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_mycel-proxy"))
+        .args(["run", "--concurrency", "1", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_port(addr).await;
+    (Proc { child }, addr)
+}
+
+async fn nginx(upstream: SocketAddr) -> Option<(Proc, SocketAddr)> {
+    let bin = which("nginx")?;
+    let port = free_port();
+    let d = dir().join("nginx");
+    std::fs::create_dir_all(d.join("logs")).ok()?;
+    let conf = d.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 1;\ndaemon off;\npid {pid};\nerror_log {err} warn;\nevents {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n  keepalive_requests 10000000;\n  upstream b {{ server {upstream}; keepalive 256; keepalive_requests 10000000; }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
+            pid = d.join("nginx.pid").display(),
+            err = d.join("logs/error.log").display()
+        ),
+    )
+    .ok()?;
+    let child = Command::new(bin)
+        .arg("-p")
+        .arg(&d)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_port(addr).await;
+    // The worker does the proxying: measure it, not the master.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Some((Proc { child }, addr))
+}
+
+async fn haproxy(mode: &str, upstream: SocketAddr) -> Option<(Proc, SocketAddr)> {
+    let bin = which("haproxy")?;
+    let port = free_port();
+    let cfg = dir().join(format!("haproxy-{mode}.cfg"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode {mode}\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n{reuse}listen front\n  bind 127.0.0.1:{port}\n  server s1 {upstream}\n",
+            reuse = if mode == "http" { "  http-reuse always\n" } else { "" }
+        ),
+    )
+    .ok()?;
+    let child = Command::new(bin)
+        .arg("-db")
+        .arg("-f")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_port(addr).await;
+    Some((Proc { child }, addr))
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    ["/usr/sbin", "/usr/bin", "/sbin", "/bin"].iter().map(|d| Path::new(d).join(name)).find(|p| p.exists())
+}
+
+/// The process doing the proxying: nginx's worker is the master's only child.
+fn worker_pid(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()
+        .and_then(|c| c.split_whitespace().next()?.parse().ok())
+        .unwrap_or(pid)
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc_sysconf_clk_tck() }
+}
+
+unsafe fn libc_sysconf_clk_tck() -> f64 {
+    unsafe extern "C" {
+        fn sysconf(name: i32) -> i64;
+    }
+    const SC_CLK_TCK: i32 = 2;
+    unsafe { sysconf(SC_CLK_TCK) as f64 }
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+// --- load --------------------------------------------------------------------------------------
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> Sender {
+    let s = TcpStream::connect(addr).await.unwrap();
+    let _ = s.set_nodelay(true);
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+async fn request(send: &mut Sender) -> bool {
+    if send.ready().await.is_err() {
+        return false;
+    }
+    let req = Request::get("/").header("host", "bench").body(Full::new(Bytes::new())).unwrap();
+    match send.send_request(req).await {
+        Ok(r) => {
+            r.status().is_success()
+                && r.into_body().collect().await.map(|b| b.to_bytes().len() == BODY).unwrap_or(false)
+        }
+        Err(_) => false,
+    }
+}
+
+struct Run {
+    hist: Histogram<u64>,
+    done: u64,
+    errors: u64,
+    elapsed: Duration,
+}
+
+/// Open loop: `conns` connections share `rate` requests/s; each request's latency counts from
+/// the moment it was due.
+async fn open_loop(addr: SocketAddr, rate: f64, secs: f64, conns: usize) -> Run {
+    let interval = Duration::from_secs_f64(conns as f64 / rate);
+    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    let end = start + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let mut send = connect(addr).await;
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+            let (mut done, mut errors) = (0u64, 0u64);
+            let offset = interval.mul_f64(c as f64 / conns as f64);
+            let mut i = 0u32;
+            let mut prev_done = start;
+            loop {
+                let due = start + offset + interval * i;
+                if due >= end {
+                    break;
+                }
+                tokio::time::sleep_until(due).await;
+                // Coordinated omission: when the previous response came late, this request was
+                // held up by the system and its latency counts from when it was due. When the
+                // connection was idle in time, the delay until now is only the timer's (1 ms
+                // granularity), and the latency counts from the actual send.
+                let sent = tokio::time::Instant::now();
+                let from = if prev_done > due { due } else { sent };
+                if request(&mut send).await {
+                    done += 1;
+                    let _ = hist.record(from.elapsed().as_micros().max(1) as u64);
+                } else {
+                    errors += 1;
+                }
+                prev_done = tokio::time::Instant::now();
+                i += 1;
+            }
+            (hist, done, errors)
+        }));
+    }
+    let mut run = Run {
+        hist: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
+        done: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+    };
+    for t in tasks {
+        let (h, d, e) = t.await.unwrap();
+        run.hist.add(h).unwrap();
+        run.done += d;
+        run.errors += e;
+    }
+    run.elapsed = Duration::from_secs_f64(secs);
+    run
+}
+
+/// Closed loop with `conns` connections as fast as they go.
+async fn closed_loop(addr: SocketAddr, secs: f64, conns: usize) -> (u64, Duration) {
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let mut send = connect(addr).await;
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < end {
+                if request(&mut send).await {
+                    n += 1;
+                }
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    (total, started.elapsed())
+}
+
+async fn tcp_throughput(addr: SocketAddr, bytes: u64) -> f64 {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let chunk = vec![7u8; 256 * 1024];
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        s.write_all(&chunk).await.unwrap();
+        sent += chunk.len() as u64;
+    }
+    s.shutdown().await.unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    assert_eq!(answer.parse::<u64>().unwrap(), sent, "every byte arrived");
+    sent as f64 / started.elapsed().as_secs_f64() / 1e6
+}
+
+// --- the run -----------------------------------------------------------------------------------
+
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    /// Processes whose CPU and memory count (the proxies).
+    pids: Vec<u32>,
+    _procs: Vec<Proc>,
+}
+
+async fn run() {
+    let secs: f64 = std::env::var("MYCEL_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5.0);
+    let (_server, upstream) = spawn_role("http-server");
+    let mut targets = vec![Target { name: "direct", addr: upstream, pids: vec![], _procs: vec![] }];
+    let (p1, a1) = mycel("one-hop", "http", upstream).await;
+    targets.push(Target { name: "mycel (1 hop)", addr: a1, pids: vec![p1.pid()], _procs: vec![p1] });
+    let (inner, ai) = mycel("server-sidecar", "http", upstream).await;
+    let (outer, ao) = mycel("client-sidecar", "http", ai).await;
+    targets.push(Target {
+        name: "mycel (2 hops)",
+        addr: ao,
+        pids: vec![outer.pid(), inner.pid()],
+        _procs: vec![outer, inner],
+    });
+    if let Some((p, a)) = nginx(upstream).await {
+        let w = worker_pid(p.pid());
+        targets.push(Target { name: "nginx", addr: a, pids: vec![w], _procs: vec![p] });
+    } else {
+        eprintln!("nginx not installed: apt-get install nginx-light to compare");
+    }
+    if let Some((p, a)) = haproxy("http", upstream).await {
+        targets.push(Target { name: "haproxy", addr: a, pids: vec![p.pid()], _procs: vec![p] });
+    } else {
+        eprintln!("haproxy not installed: apt-get install haproxy to compare");
+    }
+
+    let idle_rss: Vec<(String, u64)> = targets
+        .iter()
+        .filter(|t| !t.pids.is_empty())
+        .map(|t| (t.name.to_string(), rss_kib(t.pids[0], "VmRSS:")))
+        .collect();
+
+    let mut results = Vec::new();
+    let mut md = String::new();
+    let machine = format!(
+        "{} CPUs ({}), {}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split(':').nth(1))
+            .unwrap_or("?")
+            .trim(),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()
+    );
+    println!("machine: {machine}; {secs} s per measurement");
+
+    // Latency at fixed rates.
+    md.push_str("## Latency at a constant rate (HTTP/1.1, 1 KiB responses, 32 keep-alive connections)\n\n");
+    md.push_str("| rate (req/s) | target | achieved | p50 µs | p90 µs | p99 µs | p99.9 µs | errors |\n|---|---|---|---|---|---|---|---|\n");
+    let mut direct_p99 = std::collections::BTreeMap::new();
+    for rate in [1000.0, 5000.0, 20000.0] {
+        for t in &targets {
+            let r = open_loop(t.addr, rate, secs, 32).await;
+            let q = |p: f64| r.hist.value_at_quantile(p);
+            let achieved = r.done as f64 / r.elapsed.as_secs_f64();
+            if t.name == "direct" {
+                direct_p99.insert(rate as u64, q(0.99));
+            }
+            let line = format!(
+                "| {rate} | {} | {achieved:.0} | {} | {} | {} | {} | {} |",
+                t.name,
+                q(0.5),
+                q(0.9),
+                q(0.99),
+                q(0.999),
+                r.errors
+            );
+            println!("{line}");
+            md.push_str(&line);
+            md.push('\n');
+            let rss = t.pids.first().map(|p| rss_kib(*p, "VmHWM:")).unwrap_or(0);
+            results.push(json!({
+                "name": format!("http1-1k-{}", t.name), "target": t.name, "rate": rate, "rps": achieved,
+                "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999), "errors": r.errors, "rss_kib": rss,
+            }));
+        }
+    }
+    md.push_str(
+        "\nAdded p99 latency per hop (target p99 − direct p99; the 2-hop figure halved):\n\n| rate | ",
+    );
+    let proxies: Vec<&Target> = targets.iter().filter(|t| t.name != "direct").collect();
+    md.push_str(&proxies.iter().map(|t| t.name).collect::<Vec<_>>().join(" | "));
+    md.push_str(" |\n|---|");
+    md.push_str(&"---|".repeat(proxies.len()));
+    md.push('\n');
+    for rate in [1000u64, 5000, 20000] {
+        md.push_str(&format!("| {rate} |"));
+        for t in &proxies {
+            let p99 = results
+                .iter()
+                .find(|r| r["target"] == t.name && r["rate"].as_f64() == Some(rate as f64))
+                .and_then(|r| r["p99"].as_u64())
+                .unwrap_or(0);
+            let hops = if t.name.contains("2 hops") { 2 } else { 1 };
+            let added = (p99 as i64 - *direct_p99.get(&rate).unwrap_or(&0) as i64) / hops;
+            md.push_str(&format!(" {added} µs |"));
+        }
+        md.push('\n');
+    }
+
+    // Saturation.
+    md.push_str("\n## Saturation (closed loop, 64 connections)\n\n| target | req/s | proxy CPU s/s | req/s per proxy core |\n|---|---|---|---|\n");
+    for t in &targets {
+        let cpu0: f64 = t.pids.iter().map(|p| cpu_seconds(*p)).sum();
+        let (n, took) = closed_loop(t.addr, secs, 64).await;
+        let cpu = t.pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu0;
+        let rps = n as f64 / took.as_secs_f64();
+        let cores = cpu / took.as_secs_f64();
+        let per_core = if cores > 0.0 { rps / cores } else { 0.0 };
+        let line = format!(
+            "| {} | {rps:.0} | {} | {} |",
+            t.name,
+            if t.pids.is_empty() { "—".into() } else { format!("{cores:.2}") },
+            if t.pids.is_empty() { "—".into() } else { format!("{per_core:.0}") }
+        );
+        println!("{line}");
+        md.push_str(&line);
+        md.push('\n');
+        results.push(json!({"name": format!("saturation-{}", t.name), "target": t.name, "rps": rps, "cpu_cores": cores, "rps_per_core": per_core}));
+    }
+
+    // Memory.
+    md.push_str("\n## Memory (RSS)\n\n| target | idle KiB | peak after load KiB | with 1000 open connections KiB |\n|---|---|---|---|\n");
+    for t in targets.iter().filter(|t| !t.pids.is_empty() && !t.name.contains("2 hops")) {
+        let pid = t.pids[0];
+        let mut open = Vec::new();
+        for _ in 0..1000 {
+            let mut s = connect(t.addr).await;
+            request(&mut s).await;
+            open.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let with_conns = rss_kib(pid, "VmRSS:");
+        drop(open);
+        let idle = idle_rss.iter().find(|(n, _)| n == t.name).map(|(_, r)| *r).unwrap_or(0);
+        let line = format!("| {} | {idle} | {} | {with_conns} |", t.name, rss_kib(pid, "VmHWM:"));
+        println!("{line}");
+        md.push_str(&line);
+        md.push('\n');
+        results.push(json!({"name": format!("memory-{}", t.name), "target": t.name, "idle_rss_kib": idle, "rss_1000_conns_kib": with_conns}));
+    }
+
+    // TCP throughput.
+    md.push_str("\n## TCP throughput (1 GiB through one connection)\n\n| target | MB/s | vs direct |\n|---|---|---|\n");
+    let (_sink, sink) = spawn_role("tcp-sink");
+    let mut tcp_targets: Vec<(&str, SocketAddr, Vec<Proc>)> = vec![("direct", sink, vec![])];
+    let (p, a) = mycel("tcp", "tcp", sink).await;
+    tcp_targets.push(("mycel (1 hop)", a, vec![p]));
+    if let Some((p, a)) = haproxy("tcp", sink).await {
+        tcp_targets.push(("haproxy", a, vec![p]));
+    }
+    let mut direct_mbps = 0.0;
+    for (name, addr, _p) in &tcp_targets {
+        let mbps = tcp_throughput(*addr, 1 << 30).await;
+        if *name == "direct" {
+            direct_mbps = mbps;
+        }
+        let line = format!("| {name} | {mbps:.0} | {:.0} % |", mbps / direct_mbps * 100.0);
+        println!("{line}");
+        md.push_str(&line);
+        md.push('\n');
+        results.push(json!({"name": format!("tcp-{name}"), "target": name, "mbps": mbps}));
+    }
+
+    let date = Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let header = format!(
+        "# Proxy benchmark\n\nMachine: {machine}. Date: {date}. Command: `cargo bench -p mycel-proxy --bench proxy` \
+         ({secs} s per measurement). Every proxy runs one worker; the load generator (one thread), the \
+         server (one thread) and the proxies share the machine's cores, so absolute figures are \
+         modest: read the ratios between targets measured in the same run.\n\n"
+    );
+    let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    std::fs::write(out_dir.join("proxy.md"), format!("{header}{md}")).unwrap();
+    std::fs::write(
+        out_dir.join("proxy.json"),
+        serde_json::to_string_pretty(
+            &json!({"machine": machine, "date": date, "seconds": secs, "scenarios": results}),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    println!("written to {}", out_dir.join("proxy.md").display());
+    let _ = std::fs::remove_dir_all(dir());
+    let _ = Arc::new(());
+}
