@@ -24,3 +24,12 @@ demo:
 lint:
     cargo fmt --all
     cargo clippy --workspace --all-targets -- -D warnings
+
+# The proxy benchmark: direct, mycel (1 and 2 hops), nginx and HAProxy side by side; writes
+# docs/benchmarks/proxy.{md,json}. Installs nginx and HAProxy when missing (root).
+bench-proxy:
+    command -v nginx >/dev/null || apt-get install -y -qq nginx-light haproxy
+    cargo bench -p mycel-proxy --bench proxy
+
+# Every benchmark.
+bench: bench-proxy
