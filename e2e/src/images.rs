@@ -302,6 +302,62 @@ pub fn testapp_image() -> Result<ImageSpec, Error> {
     })
 }
 
+/// Version tag of the operator and proxy images: what a MeshInstallation installs by default.
+pub fn mycel_version() -> String {
+    format!("v{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// The operator image (also the control plane), from the workspace build.
+pub fn operator_image() -> Result<ImageSpec, Error> {
+    let bin = crate::process::workspace_binary("mycel-operator")?;
+    let mut entries = with_libs("/usr/local/bin/mycel-operator", &bin)?;
+    entries.extend(glibc_name_service()?);
+    entries.push(Entry::Dir { path: "/tmp".into(), mode: 0o1777 });
+    Ok(ImageSpec {
+        reference: format!("docker.io/mycel/operator:{}", mycel_version()),
+        entries,
+        entrypoint: vec!["/usr/local/bin/mycel-operator".into()],
+        cmd: vec![],
+        env: vec!["PATH=/usr/local/bin".into()],
+    })
+}
+
+/// The proxy image, with iptables (nft backend, its extensions) for `mycel-proxy init`.
+pub fn proxy_image() -> Result<ImageSpec, Error> {
+    let bin = crate::process::workspace_binary("mycel-proxy")?;
+    let mut entries = with_libs("/usr/local/bin/mycel-proxy", &bin)?;
+    entries.extend(glibc_name_service()?);
+    let xtables = Path::new("/usr/sbin/xtables-nft-multi");
+    if !xtables.exists() {
+        return Err(Error::Command(
+            "iptables (xtables-nft-multi) not installed: scripts/setup installs it".into(),
+        ));
+    }
+    entries.extend(with_libs("/usr/sbin/xtables-nft-multi", xtables)?);
+    for tool in
+        ["iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip6tables-restore"]
+    {
+        entries.push(Entry::Link { path: format!("/usr/sbin/{tool}"), target: "xtables-nft-multi".into() });
+    }
+    let ext = Path::new("/usr/lib/x86_64-linux-gnu/xtables");
+    for e in fs::read_dir(ext).map_err(Error::io(ext))?.flatten() {
+        entries.push(Entry::File {
+            path: format!("{}/{}", ext.display(), e.file_name().to_string_lossy()),
+            from: e.path(),
+            mode: 0o644,
+        });
+    }
+    entries.push(Entry::Dir { path: "/run".into(), mode: 0o755 });
+    entries.push(Entry::Dir { path: "/tmp".into(), mode: 0o1777 });
+    Ok(ImageSpec {
+        reference: format!("docker.io/mycel/proxy:{}", mycel_version()),
+        entries,
+        entrypoint: vec!["/usr/local/bin/mycel-proxy".into()],
+        cmd: vec![],
+        env: vec!["PATH=/usr/local/bin:/usr/sbin".into()],
+    })
+}
+
 /// The CoreDNS image reference (its tag is the version it was built from).
 pub fn coredns_image() -> String {
     "docker.io/mycel/coredns:local".into()

@@ -439,10 +439,17 @@ fn start_node(state: &Path, bin_dir: &Path, cluster: &LocalCluster) -> Result<()
 
     let mut archives = Vec::new();
     let mut specs = images::base_images(&binaries::cache_dir().join("images"), bin_dir)?;
-    match images::testapp_image() {
-        Ok(spec) => specs.push(spec),
-        // `cargo build --workspace` makes it; without it only the test-app image is missing.
-        Err(e) => eprintln!("mycel: no {} image: {e}", images::TESTAPP_IMAGE),
+    // Images of the workspace's own binaries: `cargo build --workspace` makes them; one that is
+    // missing only leaves its image out.
+    for (what, spec) in [
+        ("test-app", images::testapp_image()),
+        ("operator", images::operator_image()),
+        ("proxy", images::proxy_image()),
+    ] {
+        match spec {
+            Ok(spec) => specs.push(spec),
+            Err(e) => eprintln!("mycel: no {what} image: {e}"),
+        }
     }
     for (i, spec) in specs.iter().enumerate() {
         let path = image_dir.join(format!("{i}.tar"));

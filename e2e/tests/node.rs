@@ -279,3 +279,98 @@ async fn a_projected_service_account_token_in_a_pod_passes_token_review() {
     );
     ns.delete().await.unwrap();
 }
+
+/// A pod with the proxy as a native sidecar, set up by hand (the injector will do this): the
+/// `mycel-proxy init` init container installs capture rules in the pod's network namespace, and
+/// the app's outbound and inbound TCP then go through the sidecar.
+#[tokio::test]
+async fn a_hand_made_sidecar_captures_a_pods_traffic() {
+    let Some((c, client)) = node_cluster().await else { return };
+    let ns = c.namespace("node-sidecar").await.unwrap();
+    let proxy_image = format!("docker.io/mycel/proxy:{}", mycel_e2e::images::mycel_version());
+    apply(&c, &ns, &web_app(1)).await;
+    let manifest = format!(
+        r#"apiVersion: v1
+kind: ConfigMap
+metadata: {{name: sidecar}}
+data:
+  proxy.yaml: |
+    admin: 0.0.0.0:15020
+    listeners:
+    - {{name: outbound, address: '0.0.0.0:15001', protocol: tcp, originalDestination: true}}
+    - {{name: inbound, address: '0.0.0.0:15006', protocol: tcp, originalDestination: true, direction: inbound}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: meshed, labels: {{app: meshed}}}}
+spec:
+  initContainers:
+  - name: mycel-init
+    image: {proxy_image}
+    args: [init]
+    securityContext: {{runAsUser: 0, capabilities: {{add: [NET_ADMIN, NET_RAW]}}}}
+  - name: mycel-proxy
+    image: {proxy_image}
+    restartPolicy: Always
+    args: [run, --config, /etc/mycel/proxy.yaml]
+    securityContext: {{runAsUser: 1337, runAsGroup: 1337}}
+    readinessProbe: {{httpGet: {{path: /healthz/ready, port: 15020}}, periodSeconds: 1}}
+    volumeMounts: [{{name: config, mountPath: /etc/mycel}}]
+  containers:
+  - name: app
+    image: {TESTAPP_IMAGE}
+    args: [http-echo, --port, "8080"]
+  volumes: [{{name: config, configMap: {{name: sidecar}}}}]
+"#
+    );
+    apply(&c, &ns, &manifest).await;
+    c.kubectl_run(&["wait", "-n", &ns.name, "--for=condition=Ready", "--timeout=120s", "pod/meshed"], None)
+        .unwrap();
+    c.kubectl_run(
+        &["wait", "-n", &ns.name, "--for=condition=Available", "--timeout=120s", "deployment/web"],
+        None,
+    )
+    .unwrap();
+    let init_log = c.kubectl_run(&["logs", "-n", &ns.name, "meshed", "-c", "mycel-init"], None).unwrap();
+    assert!(init_log.contains("traffic capture installed"), "{init_log}");
+
+    let exec = |args: &[&str]| {
+        let mut full = vec!["exec", "-n", ns.name.as_str(), "meshed", "-c", "app", "--", "mycel-testapp"];
+        full.extend(args);
+        c.kubectl_run(&full, None)
+    };
+    let connections = |listener: &str| {
+        let metrics = exec(&["get", "http://127.0.0.1:15020/metrics"]).unwrap();
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("mycel_proxy_connections_total{")
+                    && l.contains(&format!("listener=\"{listener}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Outbound: the app calls a Service by name; the sidecar carries the connection.
+    let before = connections("outbound");
+    let body = exec(&["get", &format!("http://web.{}/", ns.name)]).unwrap();
+    assert!(body.starts_with("web-"), "{body}");
+    assert_eq!(connections("outbound"), before + 1, "the app's outbound connection went through the sidecar");
+
+    // Inbound: another pod calls the meshed pod; the app sees the sidecar (loopback) as its peer.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let ip = pods.get("meshed").await.unwrap().status.and_then(|s| s.pod_ip).unwrap();
+    let job: Job = serde_json::from_value(json!({
+        "metadata": {"name": "caller"},
+        "spec": {"backoffLimit": 0, "template": {"spec": {"restartPolicy": "Never",
+            "containers": [{"name": "c", "image": TESTAPP_IMAGE, "args": ["get", format!("http://{ip}:8080/")]}]}}}
+    }))
+    .unwrap();
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+    jobs.create(&PostParams::default(), &job).await.unwrap();
+    c.kubectl_run(&["wait", "-n", &ns.name, "--for=condition=Complete", "--timeout=60s", "job/caller"], None)
+        .unwrap();
+    let answer = c.kubectl_run(&["logs", "-n", &ns.name, "job/caller"], None).unwrap();
+    assert!(answer.contains(r#""peer":"127.0.0.1:"#), "the app was called through the sidecar: {answer}");
+    assert!(connections("inbound") >= 1);
+    ns.delete().await.unwrap();
+}
