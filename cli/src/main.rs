@@ -43,6 +43,8 @@ enum ClusterCmd {
     Env,
     /// Say whether the cluster is running.
     Status,
+    /// Rebuild the images of Mycel's binaries (after `cargo build`) and load them into the node.
+    LoadImages,
     /// List what a stopped cluster left on this machine (processes, mounts, bridge, routes,
     /// iptables chains, cgroups, state); fails if anything is left.
     Leftovers,
@@ -79,6 +81,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     )
                 })?;
                 print_env(&c);
+            }
+            ClusterCmd::LoadImages => {
+                let c = LocalCluster::running(&state).with_context(|| {
+                    format!(
+                        "no local cluster is running in {}; start one with `mycelctl dev cluster up`",
+                        state.display()
+                    )
+                })?;
+                c.load_images().context("loading images")?;
+                println!("images loaded into the node");
             }
             ClusterCmd::Leftovers => {
                 let found = mycel_e2e::node::leftovers(&state, mycel_e2e::local::SERVICE_CIDR);

@@ -406,13 +406,51 @@ fn start(state: &Path, bin_dir: PathBuf, options: ClusterOptions) -> Result<Loca
     Ok(cluster)
 }
 
+/// Builds every image (base images, and those of the workspace's binaries) and imports them into
+/// the node's containerd, replacing older ones of the same name.
+fn load_images(state: &Path, bin_dir: &Path) -> Result<(), Error> {
+    let image_dir = state.join("node/images");
+    fs::create_dir_all(&image_dir).map_err(Error::io(&image_dir))?;
+    let socket = node::containerd_socket(&state.join("node/containerd"));
+    let mut archives = Vec::new();
+    let mut specs = images::base_images(&binaries::cache_dir().join("images"), bin_dir)?;
+    // Images of the workspace's own binaries: `cargo build --workspace` makes them; one that is
+    // missing only leaves its image out.
+    for (what, spec) in [
+        ("test-app", images::testapp_image()),
+        ("operator", images::operator_image()),
+        ("proxy", images::proxy_image()),
+    ] {
+        match spec {
+            Ok(spec) => specs.push(spec),
+            Err(e) => eprintln!("mycel: no {what} image: {e}"),
+        }
+    }
+    for (i, spec) in specs.iter().enumerate() {
+        let path = image_dir.join(format!("{i}.tar"));
+        images::write_archive(spec, &path)?;
+        archives.push(path);
+    }
+    images::import(&socket, &archives)?;
+    Ok(())
+}
+
+impl LocalCluster {
+    /// Re-imports the images of the workspace's binaries (after a rebuild) into the real node.
+    pub fn load_images(&self) -> Result<(), Error> {
+        if !self.info.real_node {
+            return Err(Error::Command("this cluster has no real node to load images into".into()));
+        }
+        load_images(&self.state_dir, &self.info.bin_dir)
+    }
+}
+
 /// containerd, images, the kubelet, kube-proxy, then CoreDNS on the node.
 fn start_node(state: &Path, bin_dir: &Path, cluster: &LocalCluster) -> Result<(), Error> {
     let dir = state.join("node");
     let cd = dir.join("containerd");
     let cni = dir.join("cni/net.d");
-    let image_dir = dir.join("images");
-    for d in [&cd, &cni, &dir.join("kubelet"), &image_dir] {
+    for d in [&cd, &cni, &dir.join("kubelet")] {
         fs::create_dir_all(d).map_err(Error::io(d))?;
     }
     let write = |path: PathBuf, content: String| fs::write(&path, content).map_err(Error::io(&path));
@@ -437,26 +475,7 @@ fn start_node(state: &Path, bin_dir: &Path, cluster: &LocalCluster) -> Result<()
                 .is_ok_and(|s| s.success())
     })?;
 
-    let mut archives = Vec::new();
-    let mut specs = images::base_images(&binaries::cache_dir().join("images"), bin_dir)?;
-    // Images of the workspace's own binaries: `cargo build --workspace` makes them; one that is
-    // missing only leaves its image out.
-    for (what, spec) in [
-        ("test-app", images::testapp_image()),
-        ("operator", images::operator_image()),
-        ("proxy", images::proxy_image()),
-    ] {
-        match spec {
-            Ok(spec) => specs.push(spec),
-            Err(e) => eprintln!("mycel: no {what} image: {e}"),
-        }
-    }
-    for (i, spec) in specs.iter().enumerate() {
-        let path = image_dir.join(format!("{i}.tar"));
-        images::write_archive(spec, &path)?;
-        archives.push(path);
-    }
-    images::import(&socket, &archives)?;
+    load_images(state, bin_dir)?;
 
     let pki_dir = state.join("pki");
     let resolv = dir.join("resolv.conf");
