@@ -140,6 +140,28 @@ async fn a_deployment_answers_through_its_service_by_dns_and_cluster_ip_and_a_jo
             "the Service balanced over both pods; {n} never answered:\n{logs}"
         );
     }
+    // Processes on the host — the API server calling a webhook Service among them — reach
+    // Services by ClusterIP too (routed to the bridge, turned into a pod address by kube-proxy).
+    let from_host = eventually("the host reaches the Service's ClusterIP", Duration::from_secs(30), || {
+        let svc = svc.clone();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s =
+                tokio::net::TcpStream::connect((svc.as_str(), 80)).await.map_err(|e| e.to_string())?;
+            s.write_all(b"GET / HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n")
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.map_err(|e| e.to_string())?;
+            Ok(out)
+        }
+    })
+    .await;
+    assert!(
+        from_host.starts_with("HTTP/1.1 200") && names.iter().any(|n| from_host.contains(n.as_str())),
+        "{from_host}"
+    );
+
     // exec goes through the API server to the kubelet.
     let host = c.kubectl_run(&["exec", "-n", &ns.name, &names[0], "--", "hostname"], None).unwrap();
     assert_eq!(host.trim(), names[0]);
@@ -372,5 +394,56 @@ spec:
     let answer = c.kubectl_run(&["logs", "-n", &ns.name, "job/caller"], None).unwrap();
     assert!(answer.contains(r#""peer":"127.0.0.1:"#), "the app was called through the sidecar: {answer}");
     assert!(connections("inbound") >= 1);
+    ns.delete().await.unwrap();
+}
+
+/// The gRPC and WebSocket test apps serve and call each other across pods through a Service.
+#[tokio::test]
+async fn grpc_and_websocket_test_apps_talk_across_pods() {
+    let Some((c, _client)) = node_cluster().await else { return };
+    let ns = c.namespace("node-apps").await.unwrap();
+    let manifest = format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: servers, labels: {{app: servers}}}}
+spec:
+  containers:
+  - {{name: grpc, image: {TESTAPP_IMAGE}, args: [grpc-echo, --port, "9090"]}}
+  - {{name: ws, image: {TESTAPP_IMAGE}, args: [ws-echo, --port, "8081"]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: servers}}
+spec:
+  selector: {{app: servers}}
+  ports: [{{name: grpc, port: 9090}}, {{name: ws, port: 8081}}]
+"#
+    );
+    apply(&c, &ns, &manifest).await;
+    c.kubectl_run(&["wait", "-n", &ns.name, "--for=condition=Ready", "--timeout=60s", "pod/servers"], None)
+        .unwrap();
+    for (job, args) in [
+        ("grpc", vec!["grpc-check", "http://servers:9090", "--count", "3"]),
+        ("ws", vec!["ws-send", "ws://servers:8081/", "hello", "mesh"]),
+    ] {
+        let args: Vec<String> = args.into_iter().map(String::from).collect();
+        let manifest = serde_json::json!({
+            "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": job},
+            "spec": {"backoffLimit": 2, "template": {"spec": {"restartPolicy": "Never",
+                "containers": [{"name": job, "image": TESTAPP_IMAGE, "args": args}]}}}
+        });
+        apply(&c, &ns, &manifest.to_string()).await;
+    }
+    for job in ["grpc", "ws"] {
+        c.kubectl_run(
+            &["wait", "-n", &ns.name, "--for=condition=Complete", "--timeout=90s", &format!("job/{job}")],
+            None,
+        )
+        .unwrap();
+    }
+    let grpc = c.kubectl_run(&["logs", "-n", &ns.name, "job/grpc"], None).unwrap();
+    assert_eq!(grpc.lines().filter(|l| *l == "Serving").count(), 3, "{grpc}");
+    let ws = c.kubectl_run(&["logs", "-n", &ns.name, "job/ws"], None).unwrap();
+    assert_eq!(ws.lines().collect::<Vec<_>>(), vec!["hello", "mesh"], "{ws}");
     ns.delete().await.unwrap();
 }

@@ -1,7 +1,9 @@
 //! `mycel-testapp`: the small workloads of the e2e tests and the demo, in one binary.
 //! `http-echo` answers every request with a JSON description of it and of the pod that served it;
 //! `tcp-echo` echoes bytes (and honours half-close); `get` is an HTTP client that fetches a URL a
-//! number of times and prints each body, failing on any error.
+//! number of times and prints each body, failing on any error; `grpc-echo` serves the gRPC health
+//! service (unary and server-streaming calls) and `grpc-check` calls it; `ws-echo` echoes WebSocket
+//! messages and `ws-send` sends some and prints the echoes.
 
 use std::{convert::Infallible, net::SocketAddr, time::Duration};
 
@@ -33,6 +35,24 @@ enum Cmd {
         #[arg(long, default_value_t = 9000)]
         port: u16,
     },
+    /// Serve gRPC (the standard health service, reporting SERVING) on PORT.
+    GrpcEcho {
+        #[arg(long, default_value_t = 9090)]
+        port: u16,
+    },
+    /// Call the gRPC health service at URL COUNT times; print each status.
+    GrpcCheck {
+        url: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
+    /// Echo WebSocket messages on PORT.
+    WsEcho {
+        #[arg(long, default_value_t = 8081)]
+        port: u16,
+    },
+    /// Send each MESSAGE over one WebSocket to URL and print the echoes.
+    WsSend { url: String, messages: Vec<String> },
     /// GET each URL COUNT times (in turn), printing each response body on one line.
     Get {
         #[arg(required = true)]
@@ -53,6 +73,10 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::HttpEcho { port } => http_echo(port).await,
         Cmd::TcpEcho { port } => tcp_echo(port).await,
+        Cmd::GrpcEcho { port } => grpc_echo(port).await,
+        Cmd::GrpcCheck { url, count } => grpc_check(url, count).await,
+        Cmd::WsEcho { port } => ws_echo(port).await,
+        Cmd::WsSend { url, messages } => ws_send(&url, &messages).await,
         Cmd::Get { urls, count, timeout, no_reuse } => {
             get(&urls, count, Duration::from_secs(timeout), no_reuse).await
         }
@@ -138,5 +162,57 @@ async fn get(urls: &[String], count: u32, timeout: Duration, no_reuse: bool) -> 
             println!("{}", String::from_utf8_lossy(&body).trim_end());
         }
     }
+    Ok(())
+}
+
+async fn grpc_echo(port: u16) -> anyhow::Result<()> {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?;
+    eprintln!("grpc-echo on :{port}");
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .await?;
+    Ok(())
+}
+
+async fn grpc_check(url: String, count: u32) -> anyhow::Result<()> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let channel = tonic::transport::Channel::from_shared(url)?.connect().await?;
+    let mut client = HealthClient::new(channel);
+    for _ in 0..count {
+        let r = client.check(HealthCheckRequest { service: String::new() }).await?;
+        println!("{:?}", r.into_inner().status());
+    }
+    Ok(())
+}
+
+async fn ws_echo(port: u16) -> anyhow::Result<()> {
+    use futures::{SinkExt, StreamExt};
+    let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?;
+    eprintln!("ws-echo on :{port}");
+    loop {
+        let (s, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else { return };
+            while let Some(Ok(m)) = ws.next().await {
+                if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+async fn ws_send(url: &str, messages: &[String]) -> anyhow::Result<()> {
+    use futures::{SinkExt, StreamExt};
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    for m in messages {
+        ws.send(tokio_tungstenite::tungstenite::Message::text(m.clone())).await?;
+        let back = ws.next().await.ok_or_else(|| anyhow::anyhow!("connection closed"))??;
+        println!("{}", back.into_text()?);
+    }
+    ws.close(None).await?;
     Ok(())
 }
