@@ -777,6 +777,16 @@ fn stop_processes(state: &Path) {
 fn blackhole_routes(add: bool, service_cidr_too: bool) {
     let cidrs: &[&str] = if service_cidr_too { &[SERVICE_CIDR, FAKE_POD_CIDR] } else { &[FAKE_POD_CIDR] };
     for cidr in cidrs {
+        // Never replace the real node's route for the Service range (a second, loopback-only
+        // cluster starting beside it would otherwise cut its Services off).
+        let current = Command::new("ip")
+            .args(["route", "show", "exact", cidr])
+            .output()
+            .map(|o| o.stdout)
+            .unwrap_or_default();
+        if add && String::from_utf8_lossy(&current).contains(&format!("dev {}", node::BRIDGE)) {
+            continue;
+        }
         let args =
             if add { ["route", "replace", "blackhole", *cidr] } else { ["route", "del", "blackhole", *cidr] };
         let ok = Command::new("ip")
