@@ -1,5 +1,6 @@
 //! The admin server (15020 in a pod): `/healthz/ready` (200 once every listener is bound),
-//! `/config_dump` (the config in force, JSON), `/metrics` (Prometheus text).
+//! `/config_dump` (the config in force, JSON), `/metrics` (Prometheus text), and `/logging`
+//! (`GET`: the log filter; `POST /logging?level=debug` or `?level=info,mycel_proxy=trace`: change it).
 
 use std::{convert::Infallible, sync::Arc};
 
@@ -17,15 +18,16 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(req.uri().path(), &shared)) }
+                async move { Ok::<_, Infallible>(route(req.method(), req.uri(), &shared)) }
             });
             let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }
 
-fn route(path: &str, shared: &Shared) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = match path {
+fn route(method: &hyper::Method, uri: &hyper::Uri, shared: &Shared) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match uri.path() {
+        "/logging" => logging(method, uri.query(), shared),
         "/healthz/ready" if shared.ready.load(std::sync::atomic::Ordering::Acquire) => {
             (StatusCode::OK, "text/plain", "ready\n".to_string())
         }
@@ -42,4 +44,45 @@ fn route(path: &str, shared: &Shared) -> Response<Full<Bytes>> {
         .header("content-type", content_type)
         .body(Full::new(Bytes::from(body)))
         .unwrap_or_default()
+}
+
+fn logging(
+    method: &hyper::Method,
+    query: Option<&str>,
+    shared: &Shared,
+) -> (StatusCode, &'static str, String) {
+    let Ok(control) = shared.log_control.read() else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "log control unavailable\n".into());
+    };
+    let Some(control) = control.as_ref() else {
+        return (
+            StatusCode::NOT_IMPLEMENTED,
+            "text/plain",
+            "log levels cannot be changed in this process\n".into(),
+        );
+    };
+    let level = query
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "level")
+        .map(|(_, v)| v.replace("%2C", ",").replace("%3D", "="));
+    let result = match (method, level) {
+        (&hyper::Method::GET, _) => control(None),
+        (&hyper::Method::POST | &hyper::Method::PUT, Some(level)) => control(Some(&level)),
+        (&hyper::Method::POST | &hyper::Method::PUT, None) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                "give the new filter as ?level=…, e.g. ?level=debug\n".into(),
+            );
+        }
+        _ => {
+            return (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET, or POST with ?level=…\n".into());
+        }
+    };
+    match result {
+        Ok(current) => (StatusCode::OK, "text/plain", format!("{current}\n")),
+        Err(why) => (StatusCode::BAD_REQUEST, "text/plain", format!("{why}\n")),
+    }
 }

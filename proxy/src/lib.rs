@@ -43,8 +43,13 @@ use crate::{
 /// State every connection can reach. Listeners and requests look their configuration up here
 /// each time, so that a new configuration applies to new connections and requests at once while
 /// those in flight finish as they started.
+/// Reads (`None`) or sets (`Some(filter)`) the log filter; returns the filter now in force, or
+/// why the new one was refused. The binary installs it; the library only serves `/logging`.
+pub type LogControl = Box<dyn Fn(Option<&str>) -> Result<String, String> + Send + Sync>;
+
 pub struct Shared {
     pub config: RwLock<Config>,
+    pub log_control: RwLock<Option<LogControl>>,
     clusters: RwLock<BTreeMap<String, Arc<Endpoints>>>,
     pub metrics: metrics::Metrics,
     pub client: http::UpstreamClient,
@@ -186,6 +191,7 @@ pub async fn start(config: Config) -> Result<Running, ApplyError> {
     config.validate()?;
     let shared = Arc::new(Shared {
         config: RwLock::new(Config { listeners: vec![], ..config.clone() }),
+        log_control: RwLock::new(None),
         clusters: RwLock::new(BTreeMap::new()),
         metrics: metrics::Metrics::default(),
         client: http::client(),

@@ -110,16 +110,29 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+    use tracing_subscriber::{EnvFilter, layer::SubscriberExt, reload, util::SubscriberInitExt};
+    let (filter, handle) =
+        reload::Layer::new(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .init();
+    let log_control: mycel_proxy::LogControl = Box::new(move |new: Option<&str>| {
+        if let Some(f) = new {
+            let parsed = EnvFilter::try_new(f).map_err(|e| format!("invalid log filter {f:?}: {e}"))?;
+            handle.reload(parsed).map_err(|e| e.to_string())?;
+            tracing::info!(filter = %f, "log filter changed");
+        }
+        handle.with_current(|f| f.to_string()).map_err(|e| e.to_string())
+    });
+    let mut log_control = Some(log_control);
     match cli.command {
         Cmd::Run { config, drain_secs, .. } => {
             let cfg = load(&config)?;
             let running = std::sync::Arc::new(mycel_proxy::start(cfg).await.context("starting the proxy")?);
+            if let Ok(mut slot) = running.shared.log_control.write() {
+                *slot = log_control.take();
+            }
             tracing::info!(admin = %running.admin, "proxy ready");
             // Reload when the file changes (checked every second) or on SIGHUP; a file that does
             // not parse or validate is refused with the reason, and the running config stays.

@@ -156,9 +156,36 @@ async fn the_binary_reloads_its_file_and_keeps_the_last_good_config() {
     }
     assert!(rejected, "the invalid file was noticed and refused");
     assert_eq!(get(listen, "/").await.as_deref(), Some("b"), "the last good config keeps serving");
+    // Log levels change at run time through the admin endpoint; a bad filter is refused.
+    let send = |method: &'static str, path: String| async move {
+        let s = TcpStream::connect(admin).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(s)).await.unwrap();
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "x")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        (
+            status,
+            String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).trim().to_string(),
+        )
+    };
+    assert_eq!(send("GET", "/logging".into()).await, (200, "info".to_string()));
+    assert_eq!(send("POST", "/logging?level=debug".into()).await, (200, "debug".to_string()));
+    assert_eq!(send("GET", "/logging".into()).await, (200, "debug".to_string()));
+    let (status, body) = send("POST", "/logging?level=[bad".into()).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("invalid log filter"), "{body}");
+    assert_eq!(send("GET", "/logging".into()).await.1, "debug", "a refused filter changes nothing");
     child.start_kill().unwrap();
     let out = child.wait_with_output().await.unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("configuration rejected") && log.contains("listeners[0]"), "{log}");
+    assert!(log.contains("log filter changed"), "{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
