@@ -1,7 +1,17 @@
 //! The contract between the control plane and the proxies: the config stream (modelled on xDS's
-//! delta protocol) and certificate signing, as protobuf with generated tonic/prost code built
-//! without a system `protoc`. It owns message shapes and their documentation only — no policy.
-//! The messages arrive with the control-plane issue; until then this crate fixes the name.
+//! delta protocol) and certificate signing, as protobuf (`proto/`) with tonic/prost code generated
+//! at build time by protox — no system `protoc`. It owns message shapes and their documentation
+//! only — no policy. The protocol's rules are in `api/README.md`.
 
 /// Version of the wire contract; bumped on any incompatible change.
-pub const CONTRACT_VERSION: u32 = 0;
+pub const CONTRACT_VERSION: u32 = 1;
+
+/// Resource type of clusters in the config stream.
+pub const CLUSTER_TYPE: &str = "mycel.io/Cluster";
+/// Resource type of listeners in the config stream.
+pub const LISTENER_TYPE: &str = "mycel.io/Listener";
+
+#[allow(clippy::all, missing_docs)]
+pub mod v1alpha1 {
+    tonic::include_proto!("mycel.v1alpha1");
+}

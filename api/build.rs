@@ -1,0 +1,9 @@
+//! Compiles the protobuf contract with protox (pure Rust), so no system `protoc` is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["proto/mycel/v1alpha1/config.proto", "proto/mycel/v1alpha1/ca.proto"];
+    let fds = protox::compile(files, ["proto"])?;
+    tonic_prost_build::configure().build_transport(false).compile_fds(fds)?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}
