@@ -485,3 +485,94 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
     drop(s.operator);
     s.ns.delete().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_leader_shutting_down_hands_over_at_once() {
+    let mut s = setup("handover").await;
+    // A long lease: a standby could only take over this fast if the leader released it.
+    let slow = ["--lease-duration-secs", "30", "--lease-renew-secs", "1"];
+    drop(std::mem::replace(
+        &mut s.operator,
+        OperatorProcess::start_with(&s.cluster, &s.ns.name, &slow).unwrap(),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut standby = OperatorProcess::start_with(&s.cluster, &s.ns.name, &slow).unwrap();
+    let rev = revision_for(&s.ns.name);
+    create_mi(&s.mis, "mesh", json!({"revision": rev})).await;
+    wait_for(&s, "mesh", Duration::from_secs(90), is_ready).await;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(s.client.clone(), &s.ns.name);
+    let holder = || async {
+        leases.get("mycel-operator").await.ok().and_then(|l| l.spec?.holder_identity).unwrap_or_default()
+    };
+    let (leader, other) = if holder().await.ends_with(&format!("-{}", s.operator.pid())) {
+        (&mut s.operator, &mut standby)
+    } else {
+        (&mut standby, &mut s.operator)
+    };
+    let other_pid = other.pid();
+    assert!(leader.terminate(), "the leader exits cleanly on SIGTERM:\n{}", leader.log_text());
+    let stopped = Instant::now();
+    eventually("the standby holds the lease", Duration::from_secs(10), || async {
+        let h = holder().await;
+        h.ends_with(&format!("-{other_pid}")).then_some(()).ok_or(h)
+    })
+    .await;
+    let took = stopped.elapsed();
+    eprintln!("hand-over after SIGTERM: {:.1}s (lease 30s)", took.as_secs_f64());
+    assert!(took < Duration::from_secs(10), "released, not expired");
+    drop(standby);
+    drop(s.operator);
+    s.ns.delete().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_version_change_rolls_the_control_plane_without_losing_availability() {
+    let s = setup("rollout").await;
+    let rev = revision_for(&s.ns.name);
+    create_mi(&s.mis, "mesh", json!({"revision": rev, "controlPlane": {"replicas": 2}})).await;
+    wait_for(&s, "mesh", Duration::from_secs(90), is_ready).await;
+    let cp = format!("mycel-control-plane-{rev}");
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(s.client.clone(), &s.ns.name);
+    // Watch availability while the new version rolls out.
+    let watch_deps = deployments.clone();
+    let cp_name = cp.clone();
+    let min_available = tokio::spawn(async move {
+        let mut min = i32::MAX;
+        let cfg = watcher::Config::default().fields(&format!("metadata.name={cp_name}"));
+        let mut stream = watcher(watch_deps, cfg).applied_objects().boxed();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while let Ok(Some(Ok(d))) = tokio::time::timeout_at(deadline, stream.next()).await {
+            let st = d.status.clone().unwrap_or_default();
+            min = min.min(st.available_replicas.unwrap_or(0));
+            let image =
+                d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).map(|p| p.containers[0].image.clone());
+            let done = image.flatten().is_some_and(|i| i.ends_with(":v9.9.9"))
+                && st.updated_replicas == Some(2)
+                && st.available_replicas == Some(2)
+                && st.replicas == Some(2)
+                && st.observed_generation == d.metadata.generation;
+            if done {
+                break;
+            }
+        }
+        min
+    });
+    s.mis
+        .patch("mesh", &PatchParams::default(), &Patch::Merge(json!({"spec": {"version": "v9.9.9"}})))
+        .await
+        .unwrap();
+    let (mi, _) = wait_for(&s, "mesh", Duration::from_secs(90), |o| {
+        is_ready(o) && o.data["status"]["version"] == "v9.9.9"
+    })
+    .await;
+    assert_eq!(mi.data["status"]["version"], "v9.9.9");
+    let min = min_available.await.unwrap();
+    assert_eq!(min, 2, "the old pods kept serving until new ones were ready (maxUnavailable 0)");
+    let d = deployments.get(&cp).await.unwrap();
+    let image = d.spec.unwrap().template.spec.unwrap().containers[0].image.clone().unwrap();
+    assert_eq!(image, "docker.io/mycel/operator:v9.9.9");
+    drop(s.operator);
+    s.ns.delete().await.unwrap();
+}
