@@ -110,7 +110,7 @@ async fn service_account_tokens_pass_token_review() {
 }
 
 #[tokio::test]
-async fn the_whole_install_applies_and_the_operator_deployment_becomes_available() {
+async fn the_whole_install_runs_the_operator_which_installs_a_mesh() {
     let c = TestCluster::shared().await.unwrap();
     c.install_crds().unwrap();
     let dir = TestCluster::repo_root().join("config/default").display().to_string();
@@ -125,34 +125,78 @@ async fn the_whole_install_applies_and_the_operator_deployment_becomes_available
     ] {
         assert!(rendered.contains(&format!("kind: {kind}\n")), "config/default lacks a {kind}");
     }
-    // The whole install applies as a user (or Argo CD / Flux) would apply it, and the operator's
-    // Deployment is scheduled and becomes Available. Its image is not built yet, so its pod is
-    // placed on the kwok node: the namespace exists first, with the fake-node annotations.
-    // (Created through the API, not `kubectl apply`: kubectl's server-side apply would take over
-    // and drop annotations that its client-side apply had set.)
-    let ns: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "mycel-system", "annotations": mycel_e2e::fake_node_annotations()}}))
-    .unwrap();
+    // The whole install applies as a user (or Argo CD / Flux) would apply it. With a real node
+    // the operator runs from its image, with the RBAC of config/rbac, and installs a mesh; without
+    // one its pod is placed on the kwok node (the namespace is created first with the fake-node
+    // annotations — through the API, since kubectl's server-side apply would drop annotations its
+    // client-side apply had set).
+    let real = c.local().is_some_and(|l| l.info.real_node);
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(c.client().await.unwrap());
-    match namespaces.create(&PostParams::default(), &ns).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
-        Err(e) => panic!("creating mycel-system: {e}"),
+    if !real {
+        let ns: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "mycel-system", "annotations": mycel_e2e::fake_node_annotations()}}))
+        .unwrap();
+        match namespaces.create(&PostParams::default(), &ns).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => panic!("creating mycel-system: {e}"),
+        }
     }
     let out = c.kubectl_run(&["apply", "--server-side", "--force-conflicts", "-k", &dir], None).unwrap();
     assert!(out.contains("deployment.apps/mycel-operator serverside-applied"), "{out}");
+    // The mesh goes in a namespace of its own whose control-plane pods kwok fakes (the
+    // control-plane command is not built yet); the operator is told to reconcile only there, so
+    // that it does not meet the operators other tests run.
+    let mesh_ns = c.fake_node_namespace("installed").await.unwrap();
+    if real {
+        c.kubectl_run(
+            &[
+                "set",
+                "env",
+                "-n",
+                "mycel-system",
+                "deployment/mycel-operator",
+                &format!("MYCEL_WATCH_NAMESPACE={}", mesh_ns.name),
+            ],
+            None,
+        )
+        .unwrap();
+    }
     c.kubectl_run(
-        &[
-            "wait",
-            "-n",
-            "mycel-system",
-            "--for=condition=Available",
-            "--timeout=90s",
-            "deployment/mycel-operator",
-        ],
+        &["rollout", "status", "-n", "mycel-system", "--timeout=120s", "deployment/mycel-operator"],
         None,
     )
     .unwrap();
+    if real {
+        let rev = format!("i{}", &mesh_ns.name[mesh_ns.name.len() - 6..]).replace('-', "");
+        let mi = format!(
+            "apiVersion: mycel.io/v1alpha1\nkind: MeshInstallation\nmetadata: {{name: mesh, namespace: {}}}\nspec: {{revision: {rev}}}\n",
+            mesh_ns.name
+        );
+        c.kubectl_run(&["apply", "-f", "-"], Some(&mi)).unwrap();
+        let waited = c.kubectl_run(
+            &[
+                "wait",
+                "-n",
+                &mesh_ns.name,
+                "--for=condition=Ready",
+                "--timeout=120s",
+                "meshinstallation/mesh",
+            ],
+            None,
+        );
+        let logs = c
+            .kubectl_run(&["logs", "-n", "mycel-system", "deployment/mycel-operator"], None)
+            .unwrap_or_default();
+        waited.unwrap_or_else(|e| panic!("{e}\noperator log:\n{logs}"));
+        assert!(logs.contains("became leader"), "the in-cluster operator leads:\n{logs}");
+        // Deleting it goes through the in-cluster operator's finalizer.
+        c.kubectl_run(&["delete", "-n", &mesh_ns.name, "meshinstallation/mesh", "--timeout=60s"], None)
+            .unwrap();
+        let hooks = c.kubectl_run(&["get", "mutatingwebhookconfigurations", "-o", "name"], None).unwrap();
+        assert!(!hooks.contains(&mesh_ns.name), "cluster-scoped objects removed: {hooks}");
+    }
+    mesh_ns.delete().await.unwrap();
     // Remove what this test installed except the CRDs, which other tests share.
     for sub in ["config/operator", "config/rbac"] {
         let d = TestCluster::repo_root().join(sub).display().to_string();
