@@ -125,6 +125,12 @@ async fn wait_for(
     }
 }
 
+/// Creates installation `name` with `spec` and waits until it is Ready.
+async fn installed(s: &Setup, name: &str, spec: Value) -> DynamicObject {
+    create_mi(&s.mis, name, spec).await;
+    wait_for(s, name, Duration::from_secs(90), is_ready).await.0
+}
+
 fn is_ready(o: &DynamicObject) -> bool {
     condition(o, "Ready").is_some_and(|c| c.0 == "True")
         && o.data["status"]["observedGeneration"].as_i64() == o.metadata.generation
@@ -248,8 +254,7 @@ async fn an_installation_becomes_ready_and_an_idle_reconcile_writes_nothing() {
 async fn drift_is_repaired_and_other_managers_fields_stay() {
     let s = setup("drift").await;
     let rev = revision_for(&s.ns.name);
-    create_mi(&s.mis, "mesh", json!({"revision": rev})).await;
-    wait_for(&s, "mesh", Duration::from_secs(90), is_ready).await;
+    installed(&s, "mesh", json!({"revision": rev})).await;
     let cp = format!("mycel-control-plane-{rev}");
     let services: Api<DynamicObject> =
         Api::namespaced_with(s.client.clone(), &s.ns.name, &ar("", "Service", "services"));
@@ -315,8 +320,7 @@ async fn drift_is_repaired_and_other_managers_fields_stay() {
 async fn a_bad_ca_secret_degrades_and_leaves_the_running_revision_alone() {
     let s = setup("badca").await;
     let rev = revision_for(&s.ns.name);
-    create_mi(&s.mis, "mesh", json!({"revision": rev})).await;
-    wait_for(&s, "mesh", Duration::from_secs(90), is_ready).await;
+    installed(&s, "mesh", json!({"revision": rev})).await;
     let before = managed_versions(&s.client, &s.ns.name, "mesh").await;
 
     // A CA Secret that does not exist.
@@ -388,10 +392,8 @@ async fn revisions_coexist_a_second_claim_is_refused_and_deletion_cleans_up() {
     let s = setup("revs").await;
     let rev = revision_for(&s.ns.name);
     let canary = format!("{rev}c");
-    create_mi(&s.mis, "stable", json!({"revision": rev})).await;
-    wait_for(&s, "stable", Duration::from_secs(90), is_ready).await;
-    create_mi(&s.mis, "canary", json!({"revision": canary})).await;
-    wait_for(&s, "canary", Duration::from_secs(90), is_ready).await;
+    installed(&s, "stable", json!({"revision": rev})).await;
+    installed(&s, "canary", json!({"revision": canary})).await;
 
     // A third installation claiming the stable revision is refused, naming the holder.
     create_mi(&s.mis, "dup", json!({"revision": rev})).await;
@@ -434,8 +436,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
     let mut s = setup("leader").await;
     let second = OperatorProcess::start(&s.cluster, &s.ns.name).unwrap();
     let rev = revision_for(&s.ns.name);
-    create_mi(&s.mis, "mesh", json!({"revision": rev})).await;
-    wait_for(&s, "mesh", Duration::from_secs(90), is_ready).await;
+    installed(&s, "mesh", json!({"revision": rev})).await;
 
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(s.client.clone(), &s.ns.name);
@@ -498,8 +499,7 @@ async fn a_leader_shutting_down_hands_over_at_once() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut standby = OperatorProcess::start_with(&s.cluster, &s.ns.name, &slow).unwrap();
     let rev = revision_for(&s.ns.name);
-    create_mi(&s.mis, "mesh", json!({"revision": rev})).await;
-    wait_for(&s, "mesh", Duration::from_secs(90), is_ready).await;
+    installed(&s, "mesh", json!({"revision": rev})).await;
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(s.client.clone(), &s.ns.name);
     let holder = || async {
@@ -530,8 +530,7 @@ async fn a_leader_shutting_down_hands_over_at_once() {
 async fn a_version_change_rolls_the_control_plane_without_losing_availability() {
     let s = setup("rollout").await;
     let rev = revision_for(&s.ns.name);
-    create_mi(&s.mis, "mesh", json!({"revision": rev, "controlPlane": {"replicas": 2}})).await;
-    wait_for(&s, "mesh", Duration::from_secs(90), is_ready).await;
+    installed(&s, "mesh", json!({"revision": rev, "controlPlane": {"replicas": 2}})).await;
     let cp = format!("mycel-control-plane-{rev}");
     let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
         Api::namespaced(s.client.clone(), &s.ns.name);

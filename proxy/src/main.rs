@@ -72,24 +72,11 @@ async fn watch_file(path: PathBuf, running: std::sync::Arc<mycel_proxy::Running>
             Ok(cfg) => running.apply(cfg).await.map_err(anyhow::Error::from),
             Err(e) => Err(e),
         };
+        running.shared.metrics.reloaded(result.is_ok());
         match result {
-            Ok(()) => {
-                running
-                    .shared
-                    .metrics
-                    .reloads
-                    .get_or_create(&mycel_proxy::metrics::ReloadLabels { result: "applied".into() })
-                    .inc();
-                tracing::info!(file = %path.display(), "configuration reloaded");
-            }
+            Ok(()) => tracing::info!(file = %path.display(), "configuration reloaded"),
             Err(e) => {
-                running
-                    .shared
-                    .metrics
-                    .reloads
-                    .get_or_create(&mycel_proxy::metrics::ReloadLabels { result: "rejected".into() })
-                    .inc();
-                tracing::error!(file = %path.display(), "configuration rejected, the previous one stays: {e:#}");
+                tracing::error!(file = %path.display(), "configuration rejected, the previous one stays: {e:#}")
             }
         }
     }

@@ -78,6 +78,12 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts a configuration reload, applied or rejected.
+    pub fn reloaded(&self, applied: bool) {
+        let result = if applied { "applied" } else { "rejected" };
+        self.reloads.get_or_create(&ReloadLabels { result: result.into() }).inc();
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         if let Ok(r) = self.registry.lock() {
