@@ -167,8 +167,11 @@ async fn an_installation_becomes_ready_and_an_idle_reconcile_writes_nothing() {
     let s = setup("install").await;
     let rev = revision_for(&s.ns.name);
     let started = Instant::now();
-    create_mi(&s.mis, "mesh", json!({"revision": rev, "profile": "default"})).await;
-    let (mi, seen) = wait_for(&s, "mesh", Duration::from_secs(90), is_ready).await;
+    // Watch from before the installation exists, so that every status it goes through is seen.
+    let ((mi, seen), _) = tokio::join!(wait_for(&s, "mesh", Duration::from_secs(90), is_ready), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        create_mi(&s.mis, "mesh", json!({"revision": rev, "profile": "default"})).await
+    });
     eprintln!("install reached Ready in {:.1}s; kstatus seen: {seen:?}", started.elapsed().as_secs_f64());
     assert_eq!(seen.last(), Some(&KStatus::Current));
     assert!(seen.contains(&KStatus::InProgress), "kstatus passes through InProgress: {seen:?}");
