@@ -20,6 +20,7 @@ struct Netns {
     name: String,
     host_ip: String,
     ns_ip: String,
+    host_ip6: String,
     children: Vec<Child>,
     dir: PathBuf,
 }
@@ -35,14 +36,17 @@ impl Netns {
         let name = format!("mycel-cap-{}", std::process::id());
         let (host_if, ns_if) = (format!("mcap{n}h"), format!("mcap{n}n"));
         let (host_ip, ns_ip) = (format!("10.201.{n}.1"), format!("10.201.{n}.2"));
+        let (host_ip6, ns_ip6) = (format!("fd00:201:{n:x}::1"), format!("fd00:201:{n:x}::2"));
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         sh(&["ip", "netns", "add", &name]);
         sh(&["ip", "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if]);
         sh(&["ip", "link", "set", &ns_if, "netns", &name]);
         sh(&["ip", "addr", "add", &format!("{host_ip}/30"), "dev", &host_if]);
+        sh(&["ip", "-6", "addr", "add", &format!("{host_ip6}/64"), "dev", &host_if, "nodad"]);
         sh(&["ip", "link", "set", &host_if, "up"]);
         for c in [
             vec!["ip", "addr", "add", &format!("{ns_ip}/30"), "dev", &ns_if],
+            vec!["ip", "-6", "addr", "add", &format!("{ns_ip6}/64"), "dev", &ns_if, "nodad"],
             vec!["ip", "link", "set", &ns_if, "up"],
             vec!["ip", "link", "set", "lo", "up"],
         ] {
@@ -58,7 +62,7 @@ impl Netns {
         }
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        Netns { name, host_ip, ns_ip, children: Vec::new(), dir }
+        Netns { name, host_ip, ns_ip, host_ip6, children: Vec::new(), dir }
     }
 
     fn bin(&self, name: &str) -> String {
@@ -101,7 +105,9 @@ fn write_config(dir: &Path) -> String {
         &path,
         "admin: 127.0.0.1:15020\nlisteners:\n\
          - {name: outbound, address: '0.0.0.0:15001', protocol: tcp, originalDestination: true}\n\
-         - {name: inbound, address: '0.0.0.0:15006', protocol: tcp, originalDestination: true, direction: inbound}\n",
+         - {name: inbound, address: '0.0.0.0:15006', protocol: tcp, originalDestination: true, direction: inbound}\n\
+         - {name: outbound6, address: '[::]:15001', protocol: tcp, originalDestination: true}\n\
+         - {name: inbound6, address: '[::]:15006', protocol: tcp, originalDestination: true, direction: inbound}\n",
     )
     .unwrap();
     path.display().to_string()
@@ -109,7 +115,7 @@ fn write_config(dir: &Path) -> String {
 
 /// An HTTP responder on the host side of the veth that says who called it.
 async fn host_server(ip: &str) -> SocketAddr {
-    let l = TcpListener::bind(format!("{ip}:0")).await.unwrap();
+    let l = TcpListener::bind((ip.parse::<std::net::IpAddr>().unwrap(), 0)).await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -185,6 +191,13 @@ async fn outbound_and_inbound_tcp_go_through_the_proxy_except_excluded_ports() {
     assert!(out.starts_with("host saw "), "{out}");
     let (_, metrics) = ns.output(&[&app, "get", metrics_url]);
     assert_eq!(metric(&metrics, "outbound"), 1, "the outbound connection went through the proxy:\n{metrics}");
+
+    // The same over IPv6 (ip6tables rules, SO_ORIGINAL_DST for IPv6).
+    let server6 = host_server(&ns.host_ip6).await;
+    let (ok, out) = ns.output(&[&app, "get", &format!("http://{server6}/")]);
+    assert!(ok && out.starts_with("host saw "), "IPv6 outbound request failed: {out}");
+    let (_, metrics) = ns.output(&[&app, "get", metrics_url]);
+    assert_eq!(metric(&metrics, "outbound6"), 1, "the IPv6 connection went through the proxy:\n{metrics}");
 
     // Inbound: a client outside calls the app; the proxy accepts it and the app sees loopback.
     let inbound = Command::new(&app).args(["get", &format!("http://{}:8080/", ns.ns_ip)]).output().unwrap();

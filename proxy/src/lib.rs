@@ -109,7 +109,7 @@ impl Running {
         for (index, l) in new.listeners.iter().enumerate() {
             let keep = listeners.get(&l.name).is_some_and(|h| h.configured == l.address);
             if !keep {
-                let socket = TcpListener::bind(l.address).await.map_err(|source| ApplyError::Bind {
+                let socket = bind(l.address).map_err(|source| ApplyError::Bind {
                     index,
                     address: l.address,
                     source,
@@ -186,6 +186,22 @@ impl Shared {
     }
 }
 
+/// A listening socket. An IPv6 one is IPv6-only, so that `0.0.0.0:p` and `[::]:p` can both be
+/// bound (capture needs both families; each connection's original destination is read with
+/// its own family's option).
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
+}
+
 /// Binds every listener and the admin server, then serves in the background.
 pub async fn start(config: Config) -> Result<Running, ApplyError> {
     config.validate()?;
@@ -197,7 +213,7 @@ pub async fn start(config: Config) -> Result<Running, ApplyError> {
         client: http::client(),
         ready: AtomicBool::new(false),
     });
-    let admin_listener = TcpListener::bind(config.admin).await.map_err(|source| ApplyError::Bind {
+    let admin_listener = bind(config.admin).map_err(|source| ApplyError::Bind {
         index: usize::MAX,
         address: config.admin,
         source,
