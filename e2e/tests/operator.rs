@@ -68,6 +68,14 @@ async fn setup(prefix: &str) -> Setup {
     Setup { cluster, client, ns, mis, operator }
 }
 
+impl Setup {
+    /// Stops the operator, then removes the test's namespace.
+    async fn finish(self) {
+        drop(self.operator);
+        self.ns.delete().await.unwrap();
+    }
+}
+
 fn revision_for(ns: &str) -> String {
     // Revisions are cluster-wide; each test claims its own.
     format!("r{}", &ns[ns.len().saturating_sub(8)..]).replace('-', "")
@@ -259,8 +267,7 @@ async fn an_installation_becomes_ready_and_an_idle_reconcile_writes_nothing() {
             .unwrap()
             .contains("mycel_operator_reconcile_duration_seconds_bucket")
     );
-    drop(s.operator);
-    s.ns.delete().await.unwrap();
+    s.finish().await;
 }
 
 #[tokio::test]
@@ -325,8 +332,7 @@ async fn drift_is_repaired_and_other_managers_fields_stay() {
         Some("team-a"),
         "other manager's field kept"
     );
-    drop(s.operator);
-    s.ns.delete().await.unwrap();
+    s.finish().await;
 }
 
 #[tokio::test]
@@ -396,8 +402,7 @@ async fn a_bad_ca_secret_degrades_and_leaves_the_running_revision_alone() {
         .await
         .unwrap();
     wait_for(&s, "mesh", Duration::from_secs(60), is_ready).await;
-    drop(s.operator);
-    s.ns.delete().await.unwrap();
+    s.finish().await;
 }
 
 #[tokio::test]
@@ -440,8 +445,7 @@ async fn revisions_coexist_a_second_claim_is_refused_and_deletion_cleans_up() {
         ca.get_opt("mycel-ca").await.unwrap().is_some(),
         "the shared root CA survives a revision's deletion"
     );
-    drop(s.operator);
-    s.ns.delete().await.unwrap();
+    s.finish().await;
 }
 
 #[tokio::test]
@@ -496,8 +500,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
     );
     assert!(holder().await.ends_with(&format!("-{standby_pid}")), "the lease moved to the standby");
     drop(second);
-    drop(s.operator);
-    s.ns.delete().await.unwrap();
+    s.finish().await;
 }
 
 #[tokio::test]
@@ -535,8 +538,7 @@ async fn a_leader_shutting_down_hands_over_at_once() {
     eprintln!("hand-over after SIGTERM: {:.1}s (lease 30s)", took.as_secs_f64());
     assert!(took < Duration::from_secs(10), "released, not expired");
     drop(standby);
-    drop(s.operator);
-    s.ns.delete().await.unwrap();
+    s.finish().await;
 }
 
 #[tokio::test]
@@ -585,6 +587,5 @@ async fn a_version_change_rolls_the_control_plane_without_losing_availability() 
     let d = deployments.get(&cp).await.unwrap();
     let image = d.spec.unwrap().template.spec.unwrap().containers[0].image.clone().unwrap();
     assert_eq!(image, "docker.io/mycel/operator:v9.9.9");
-    drop(s.operator);
-    s.ns.delete().await.unwrap();
+    s.finish().await;
 }
