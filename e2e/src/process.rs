@@ -110,3 +110,82 @@ impl Drop for OperatorProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A free port on loopback (bound, then released for a process to take).
+pub fn free_port() -> Result<u16, Error> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(Error::io("127.0.0.1:0"))
+}
+
+/// Any of the workspace's binaries as a child process with its log in a file, killed on drop.
+pub struct Process {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Process {
+    /// Starts `bin args…` with the cluster's kubeconfig; `tag` names the log file.
+    pub fn start(
+        cluster: &TestCluster,
+        bin: &str,
+        tag: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Result<Process, Error> {
+        let path = workspace_binary(bin)?;
+        let log = std::env::temp_dir().join(format!("{bin}-{tag}.log"));
+        let out =
+            std::fs::OpenOptions::new().create(true).append(true).open(&log).map_err(Error::io(&log))?;
+        let err = out.try_clone().map_err(Error::io(&log))?;
+        let child = Command::new(path)
+            .args(args)
+            .env("KUBECONFIG", cluster.kubeconfig())
+            .env("RUST_LOG", "info,kube=warn")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(Error::io(bin))?;
+        Ok(Process { child, log })
+    }
+
+    /// Kills it at once (no graceful shutdown): a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether it has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// The log so far (for assertion messages).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// GET `path` on `addr` over plain HTTP/1.1 (one connection, closed after); (status, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String), Error> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.map_err(Error::io(addr.to_string()))?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .map_err(Error::io(addr.to_string()))?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.map_err(Error::io(addr.to_string()))?;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}

@@ -3,6 +3,7 @@
 //! and webhooks. Data-path code does not belong here: it lives in `mycel-proxy`.
 
 pub mod admin;
+pub mod controlplane;
 pub mod installation;
 pub mod leader;
 pub mod metrics;

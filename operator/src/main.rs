@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::time::Duration;
 
-use mycel_operator::{admin, installation, leader, metrics::Metrics};
+use mycel_operator::{admin, controlplane, installation, leader, metrics::Metrics};
 use tracing_subscriber::{EnvFilter, fmt};
 
 #[derive(Parser)]
@@ -53,10 +53,32 @@ enum Cmd {
     },
     /// Run one control-plane revision: config stream and CA on 15012, webhooks on 15017.
     ControlPlane {
-        #[arg(long, default_value = "default")]
-        revision: String,
-        #[arg(long)]
+        /// The operator's mesh ConfigMap (mesh.json); its values are the defaults of the flags
+        /// below.
+        #[arg(long, env = "MYCEL_MESH_CONFIG")]
         mesh_config: Option<std::path::PathBuf>,
+        #[arg(long)]
+        revision: Option<String>,
+        /// Namespace of the installation (where the CA Secret is).
+        #[arg(long, env = "POD_NAMESPACE")]
+        namespace: Option<String>,
+        #[arg(long)]
+        trust_domain: Option<String>,
+        /// Secret holding the CA (tls.crt, tls.key, optional ca.crt).
+        #[arg(long)]
+        ca_secret: Option<String>,
+        /// Lifetime of workload certificates, e.g. 24h or 90m.
+        #[arg(long)]
+        workload_cert_ttl: Option<String>,
+        #[arg(long, default_value = "0.0.0.0:15012")]
+        grpc_addr: SocketAddr,
+        #[arg(long, default_value = "0.0.0.0:15014")]
+        monitor_addr: SocketAddr,
+        #[arg(long, default_value = "cluster.local")]
+        cluster_domain: String,
+        /// Quiet time that ends a burst of changes before they are pushed.
+        #[arg(long, default_value_t = 10)]
+        debounce_ms: u64,
     },
     /// Print the CustomResourceDefinitions this operator serves, as YAML.
     Crds,
@@ -150,8 +172,57 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!("operator stopped");
             Ok(())
         }
-        Cmd::ControlPlane { .. } => {
-            anyhow::bail!("not built yet: the control plane arrives with the control-plane issue")
+        Cmd::ControlPlane {
+            mesh_config,
+            revision,
+            namespace,
+            trust_domain,
+            ca_secret,
+            workload_cert_ttl,
+            grpc_addr,
+            monitor_addr,
+            cluster_domain,
+            debounce_ms,
+        } => {
+            let mesh: controlplane::MeshFile = match &mesh_config {
+                Some(p) => {
+                    let text =
+                        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                    serde_json::from_str(&text)
+                        .with_context(|| format!("{} is not a mesh config", p.display()))?
+                }
+                None => Default::default(),
+            };
+            let pick = |flag: Option<String>, file: String, default: &str| {
+                flag.or(Some(file).filter(|s| !s.is_empty())).unwrap_or_else(|| default.to_string())
+            };
+            let ttl_text = workload_cert_ttl.or(mesh.workload_cert_ttl).unwrap_or_else(|| "24h".into());
+            let workload_cert_ttl = mycel_crds::common::parse_duration(&ttl_text)
+                .map_err(|e| anyhow::anyhow!("--workload-cert-ttl {ttl_text:?}: {e}"))?;
+            let trust_domain = pick(trust_domain, mesh.trust_domain, "cluster.local");
+            let settings = controlplane::Settings {
+                namespace: pick(namespace, mesh.namespace, "mycel-system"),
+                revision: pick(revision, mesh.revision, "default"),
+                ca_secret: ca_secret
+                    .or(mesh.ca_secret)
+                    .unwrap_or_else(|| installation::render::CA_SECRET.into()),
+                workload_cert_ttl,
+                grpc_addr,
+                monitor_addr,
+                discovery: controlplane::model::Options {
+                    cluster_domain,
+                    trust_domain: trust_domain.clone(),
+                    debounce: Duration::from_millis(debounce_ms),
+                    debounce_max: Duration::from_millis(debounce_ms * 10),
+                },
+                trust_domain,
+            };
+            let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+            let handle = controlplane::start(client, settings).await?;
+            shutdown_signal().await;
+            handle.stop();
+            tracing::info!("control plane stopped");
+            Ok(())
         }
     }
 }

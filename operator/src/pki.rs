@@ -103,14 +103,18 @@ impl Ca {
         Ok(Ca { cert_pem, key_pem, trust_bundle_pem, issuer })
     }
 
-    /// A serving certificate for `dns_names`, valid for `ttl`.
+    /// A serving certificate for `dns_names` (and IP addresses among them), valid for `ttl`.
     pub fn issue_serving(&self, dns_names: &[String], ttl: Duration) -> Result<(String, String), CaError> {
         let key = KeyPair::generate().map_err(gen_err)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, dns_names.first().cloned().unwrap_or_default());
         for d in dns_names {
-            params.subject_alt_names.push(SanType::DnsName(d.clone().try_into().map_err(gen_err)?));
+            let san = match d.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(d.clone().try_into().map_err(gen_err)?),
+            };
+            params.subject_alt_names.push(san);
         }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
@@ -119,6 +123,78 @@ impl Ca {
         let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
         Ok((cert.pem(), key.serialize_pem()))
     }
+}
+
+/// Why a workload certificate was not signed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SignError {
+    #[error("csr_pem is not a valid PEM certificate signing request (or its signature is wrong)")]
+    BadCsr,
+    #[error("the CSR must carry exactly one URI SAN, {expected}; it carries [{found}]")]
+    WrongIdentity { expected: String, found: String },
+    #[error("certificate generation failed: {0}")]
+    Generate(String),
+}
+
+impl Ca {
+    /// Signs a workload certificate for `spiffe_id` over the CSR's public key, valid for `ttl`.
+    /// Nothing else of the request is trusted: the CA sets every field itself.
+    pub fn sign_workload(&self, csr_pem: &str, spiffe_id: &str, ttl: Duration) -> Result<String, SignError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|_| SignError::BadCsr)?;
+        let found: Vec<String> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .map(|san| match san {
+                SanType::URI(u) => u.as_str().to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        if found.len() != 1 || found[0] != spiffe_id {
+            return Err(SignError::WrongIdentity { expected: spiffe_id.into(), found: found.join(", ") });
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(
+            spiffe_id.to_string().try_into().map_err(|e: rcgen::Error| SignError::Generate(e.to_string()))?,
+        )];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        // A little slack for clocks that disagree.
+        params.not_before = time_now() - Duration::from_secs(60);
+        params.not_after = time_now() + ttl;
+        let signed = rcgen::CertificateSigningRequestParams { params, public_key: csr.public_key }
+            .signed_by(&self.issuer)
+            .map_err(|e| SignError::Generate(e.to_string()))?;
+        Ok(signed.pem())
+    }
+
+    /// Certificates between a leaf and the roots: the signing certificate itself when it is an
+    /// intermediate (not self-signed), with whatever else `tls.crt` holds.
+    pub fn intermediates_pem(&self) -> Vec<String> {
+        let blocks = pem_blocks(&self.cert_pem);
+        let self_signed = x509_parser::pem::parse_x509_pem(self.cert_pem.as_bytes())
+            .ok()
+            .and_then(|(_, p)| p.parse_x509().ok().map(|c| c.subject() == c.issuer()))
+            .unwrap_or(true);
+        if self_signed { Vec::new() } else { blocks }
+    }
+
+    /// The roots (and any intermediates) peers must trust, one PEM per certificate.
+    pub fn trust_bundle(&self) -> Vec<String> {
+        pem_blocks(&self.trust_bundle_pem)
+    }
+}
+
+/// Splits concatenated PEM certificates.
+pub fn pem_blocks(text: &str) -> Vec<String> {
+    const END: &str = "-----END CERTIFICATE-----";
+    text.split_inclusive(END)
+        .filter_map(|b| b.find("-----BEGIN CERTIFICATE-----").map(|i| format!("{}\n", &b[i..])))
+        .collect()
 }
 
 fn time_now() -> time::OffsetDateTime {
@@ -176,6 +252,38 @@ mod tests {
         assert!(serving_cert_fresh(cert.as_bytes(), &names, Duration::from_secs(3600 * 24 * 30)));
         assert!(!serving_cert_fresh(cert.as_bytes(), &["other.svc".to_string()], Duration::ZERO));
         assert!(!serving_cert_fresh(cert.as_bytes(), &names, Duration::from_secs(3600 * 24 * 400)));
+    }
+
+    #[test]
+    fn workload_certificates_carry_only_the_asked_identity() {
+        let root = Ca::generate_root("cluster.local").unwrap();
+        let key = KeyPair::generate().unwrap();
+        let csr = |ids: &[&str]| {
+            let mut p = CertificateParams::default();
+            p.subject_alt_names =
+                ids.iter().map(|i| SanType::URI(i.to_string().try_into().unwrap())).collect();
+            p.serialize_request(&key).unwrap().pem().unwrap()
+        };
+        let id = "spiffe://cluster.local/ns/a/sa/web";
+        let pem = root.sign_workload(&csr(&[id]), id, Duration::from_secs(600)).unwrap();
+        let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let cert = p.parse_x509().unwrap();
+        assert!(!cert.is_ca());
+        let life = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        assert_eq!(life, 660, "ttl plus one minute of backdating");
+        assert_eq!(cert.public_key().subject_public_key.data.as_ref(), key.public_key_raw());
+        let e =
+            root.sign_workload(&csr(&["spiffe://cluster.local/ns/a/sa/admin"]), id, Duration::from_secs(60));
+        assert!(matches!(e, Err(SignError::WrongIdentity { .. })), "{e:?}");
+        let e = root.sign_workload(
+            &csr(&[id, "spiffe://cluster.local/ns/a/sa/admin"]),
+            id,
+            Duration::from_secs(60),
+        );
+        assert!(matches!(e, Err(SignError::WrongIdentity { .. })), "{e:?}");
+        assert_eq!(root.sign_workload("garbage", id, Duration::from_secs(60)), Err(SignError::BadCsr));
+        assert!(root.intermediates_pem().is_empty());
+        assert_eq!(root.trust_bundle().len(), 1);
     }
 
     #[test]

@@ -17,6 +17,10 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     #[serde(default)]
     pub clusters: Vec<Cluster>,
+    /// Set when clusters also arrive from the control plane: a listener may then name one that
+    /// has not arrived yet (its requests get 503 until it does).
+    #[serde(skip)]
+    pub streamed: bool,
 }
 
 fn default_admin() -> SocketAddr {
@@ -89,6 +93,10 @@ pub struct Cluster {
     pub connect_timeout_ms: u64,
     #[serde(default)]
     pub lb: LoadBalancer,
+    /// Virtual addresses (a Service's ClusterIP and port): a captured outbound connection to
+    /// one of them is balanced over `endpoints` instead of going where it was addressed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<SocketAddr>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
@@ -134,7 +142,14 @@ pub enum ConfigError {
 impl Config {
     /// Parses YAML (JSON is YAML too) and validates.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let c: Config = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        Self::parse_with(text, false)
+    }
+
+    /// Parses and validates, for a proxy whose clusters also arrive from the control plane
+    /// when `streamed` is set.
+    pub fn parse_with(text: &str, streamed: bool) -> Result<Config, ConfigError> {
+        let mut c: Config = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        c.streamed = streamed;
         c.validate()?;
         Ok(c)
     }
@@ -143,6 +158,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field: String, message: String| Err(ConfigError::Invalid { field, message });
         let mut cluster_names = BTreeSet::new();
+        let mut vips = std::collections::BTreeMap::new();
         for (i, c) in self.clusters.iter().enumerate() {
             if c.name.is_empty() {
                 return invalid(format!("clusters[{i}].name"), "must not be empty".into());
@@ -172,6 +188,14 @@ impl Config {
             if c.connect_timeout_ms == 0 {
                 return invalid(format!("clusters[{i}].connectTimeoutMs"), "must be above 0".into());
             }
+            for (j, a) in c.addresses.iter().enumerate() {
+                if let Some(other) = vips.insert(*a, c.name.as_str()) {
+                    return invalid(
+                        format!("clusters[{i}].addresses[{j}]"),
+                        format!("{a} is already an address of cluster {other:?}"),
+                    );
+                }
+            }
         }
         let mut names = BTreeSet::new();
         let mut addresses = BTreeSet::new();
@@ -198,7 +222,7 @@ impl Config {
                         "set exactly one of cluster or originalDestination: true".into(),
                     );
                 }
-                (Some(c), false) if !cluster_names.contains(c.as_str()) => {
+                (Some(c), false) if !self.streamed && !cluster_names.contains(c.as_str()) => {
                     let known: Vec<&str> = cluster_names.iter().copied().collect();
                     return invalid(
                         format!("listeners[{i}].cluster"),

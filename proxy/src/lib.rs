@@ -12,8 +12,10 @@ pub mod capture;
 pub mod config;
 pub mod detect;
 pub mod http;
+pub mod identity;
 pub mod metrics;
 pub mod tcp;
+pub mod xds;
 
 use std::{
     collections::BTreeMap,
@@ -51,6 +53,8 @@ pub struct Shared {
     pub config: RwLock<Config>,
     pub log_control: RwLock<Option<LogControl>>,
     clusters: RwLock<BTreeMap<String, Arc<Endpoints>>>,
+    /// Virtual address → cluster, for captured outbound connections.
+    vips: RwLock<std::collections::HashMap<SocketAddr, String>>,
     pub metrics: metrics::Metrics,
     pub client: http::UpstreamClient,
     pub ready: AtomicBool,
@@ -177,8 +181,13 @@ impl Shared {
                 (c.name.clone(), endpoints)
             })
             .collect();
+        let vips =
+            config.clusters.iter().flat_map(|c| c.addresses.iter().map(|a| (*a, c.name.clone()))).collect();
         if let Ok(mut c) = self.clusters.write() {
             *c = clusters;
+        }
+        if let Ok(mut v) = self.vips.write() {
+            *v = vips;
         }
         if let Ok(mut c) = self.config.write() {
             *c = config.clone();
@@ -209,6 +218,7 @@ pub async fn start(config: Config) -> Result<Running, ApplyError> {
         config: RwLock::new(Config { listeners: vec![], ..config.clone() }),
         log_control: RwLock::new(None),
         clusters: RwLock::new(BTreeMap::new()),
+        vips: RwLock::new(Default::default()),
         metrics: metrics::Metrics::default(),
         client: http::client(),
         ready: AtomicBool::new(false),
@@ -264,8 +274,8 @@ async fn accept_loop(
         let labels = labels_for(&listener);
         let target = match &listener.cluster {
             Some(c) => Target::Cluster(c.clone()),
-            None => match original_destination(&stream, &listener) {
-                Ok(e) => Target::Fixed(e),
+            None => match original_destination(&stream, &listener, &shared) {
+                Ok(t) => t,
                 Err(e) => {
                     warn!(listener = %name, error = %e, "cannot tell where the connection was going; closing it");
                     continue;
@@ -362,16 +372,23 @@ impl Target {
     }
 }
 
-/// The one-endpoint "cluster" of a captured connection: its original destination, or for
-/// inbound traffic that port on loopback (where the app listens).
+/// Where a captured connection goes: outbound to a cluster's virtual address, that cluster;
+/// otherwise the one-endpoint "cluster" of its original destination, or for inbound traffic that
+/// port on loopback (where the app listens).
 fn original_destination(
     stream: &tokio::net::TcpStream,
     l: &config::Listener,
-) -> std::io::Result<Arc<Endpoints>> {
+    shared: &Shared,
+) -> std::io::Result<Target> {
     let mut dst = capture::original_destination(stream)?;
     let local = stream.local_addr()?;
     if dst == local {
         return Err(std::io::Error::other("addressed to the proxy itself (not redirected)"));
+    }
+    if l.direction == config::Direction::Outbound
+        && let Some(cluster) = shared.vips.read().ok().and_then(|v| v.get(&dst).cloned())
+    {
+        return Ok(Target::Cluster(cluster));
     }
     if l.direction == config::Direction::Inbound {
         dst.set_ip(if dst.is_ipv4() {
@@ -380,7 +397,7 @@ fn original_destination(
             std::net::Ipv6Addr::LOCALHOST.into()
         });
     }
-    Ok(Arc::new(Endpoints::new("original-destination", vec![dst], Duration::from_secs(1))))
+    Ok(Target::Fixed(Arc::new(Endpoints::new("original-destination", vec![dst], Duration::from_secs(1)))))
 }
 
 fn labels_for(l: &config::Listener) -> ListenerLabels {

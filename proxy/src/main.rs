@@ -6,7 +6,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use mycel_proxy::config::Config;
+use mycel_proxy::{config::Config, xds::Layered};
 
 #[derive(Parser)]
 #[command(name = "mycel-proxy", version, about = "The Mycel sidecar and gateway proxy")]
@@ -17,10 +17,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the proxy from a configuration file (listeners and clusters, YAML or JSON).
+    /// Run the proxy: from a configuration file (listeners and clusters, YAML or JSON), from the
+    /// control plane's config stream, or both (the file's part is static, the stream adds to it).
     Run {
         #[arg(long, env = "MYCEL_PROXY_CONFIG")]
-        config: PathBuf,
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        mesh: Box<MeshArgs>,
         /// How long a SIGTERM waits for requests in flight before closing.
         #[arg(long, default_value_t = 5)]
         drain_secs: u64,
@@ -49,12 +52,105 @@ enum Cmd {
     },
 }
 
-fn load(path: &std::path::Path) -> anyhow::Result<Config> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Config::parse(&text).with_context(|| format!("{} is not a valid configuration", path.display()))
+/// How the proxy joins the mesh. With `--control-plane` it gets a certificate and its config
+/// from there; the rest describes the pod (the injector sets these from the downward API).
+#[derive(clap::Args, Debug)]
+struct MeshArgs {
+    /// The control plane's gRPC address, `host:port`.
+    #[arg(long, env = "MYCEL_CONTROL_PLANE")]
+    control_plane: Option<String>,
+    /// Name the control plane's certificate must carry (default: the host of --control-plane).
+    #[arg(long, env = "MYCEL_CONTROL_PLANE_NAME")]
+    control_plane_name: Option<String>,
+    /// PEM roots to trust for the control plane until the first certificate brings the bundle.
+    #[arg(long, env = "MYCEL_CA_ROOTS", default_value = "/etc/mycel/ca/root-cert.pem")]
+    ca_roots: PathBuf,
+    /// Projected service-account token (audience mycel-ca), read anew at every renewal.
+    #[arg(long, env = "MYCEL_TOKEN_PATH", default_value = "/var/run/secrets/tokens/mycel-token")]
+    token: PathBuf,
+    #[arg(long, env = "MYCEL_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    #[arg(long, env = "POD_NAME", default_value = "")]
+    pod_name: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pod_namespace: String,
+    #[arg(long, env = "SERVICE_ACCOUNT", default_value = "default")]
+    service_account: String,
+    #[arg(long, env = "MYCEL_REVISION", default_value = "default")]
+    revision: String,
+    /// The pod's IPs, comma-separated.
+    #[arg(long, env = "INSTANCE_IPS", value_delimiter = ',')]
+    instance_ips: Vec<String>,
+    /// Certificate lifetime to ask for, in seconds (default: the CA's).
+    #[arg(long, env = "MYCEL_CERT_TTL_SECS")]
+    cert_ttl_secs: Option<u64>,
+    /// Sidecar mode: listen on 15001 (outbound) and 15006 (inbound) for captured traffic, and
+    /// serve admin on 0.0.0.0:15020 (for the kubelet's probes).
+    #[arg(long, env = "MYCEL_SIDECAR")]
+    sidecar: bool,
 }
 
-async fn watch_file(path: PathBuf, running: std::sync::Arc<mycel_proxy::Running>) {
+impl MeshArgs {
+    fn bootstrap(&self) -> anyhow::Result<Option<mycel_proxy::xds::Bootstrap>> {
+        let Some(cp) = &self.control_plane else { return Ok(None) };
+        let host = cp.rsplit_once(':').map(|(h, _)| h).unwrap_or(cp).trim_matches(['[', ']']);
+        Ok(Some(mycel_proxy::xds::Bootstrap {
+            control_plane: cp.clone(),
+            server_name: self.control_plane_name.clone().unwrap_or_else(|| host.to_string()),
+            ca_roots: mycel_proxy::xds::Bootstrap::read_roots(&self.ca_roots)?,
+            token_path: self.token.clone(),
+            trust_domain: self.trust_domain.clone(),
+            node: mycel_api::v1alpha1::Node {
+                pod: self.pod_name.clone(),
+                namespace: self.pod_namespace.clone(),
+                service_account: self.service_account.clone(),
+                revision: self.revision.clone(),
+                proxy_version: env!("CARGO_PKG_VERSION").into(),
+                ips: self.instance_ips.clone(),
+            },
+            cert_ttl: self.cert_ttl_secs.map(Duration::from_secs),
+        }))
+    }
+
+    /// The static layer: the file's configuration, plus the capture listeners in sidecar mode.
+    fn base(&self, file: Option<Config>) -> anyhow::Result<Config> {
+        let mut c = match file {
+            Some(c) => c,
+            None => Config::parse("{}")?,
+        };
+        c.streamed = self.control_plane.is_some();
+        if self.sidecar {
+            use mycel_proxy::config::{Direction, Listener, Protocol};
+            c.admin = "0.0.0.0:15020".parse()?;
+            for (name, addr, direction) in [
+                ("outbound", "0.0.0.0:15001", Direction::Outbound),
+                ("outbound-ipv6", "[::]:15001", Direction::Outbound),
+                ("inbound", "0.0.0.0:15006", Direction::Inbound),
+                ("inbound-ipv6", "[::]:15006", Direction::Inbound),
+            ] {
+                c.listeners.push(Listener {
+                    name: name.into(),
+                    address: addr.parse()?,
+                    protocol: Protocol::Auto,
+                    cluster: None,
+                    original_destination: true,
+                    direction,
+                    detect_timeout_ms: 500,
+                });
+            }
+        }
+        Ok(c)
+    }
+}
+
+fn load(path: &std::path::Path, streamed: bool) -> anyhow::Result<Config> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Config::parse_with(&text, streamed)
+        .with_context(|| format!("{} is not a valid configuration", path.display()))
+}
+
+async fn watch_file(path: PathBuf, layered: std::sync::Arc<Layered>, mesh: std::sync::Arc<MeshArgs>) {
+    let running = layered.running.clone();
     let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut last = modified(&path);
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
@@ -68,8 +164,8 @@ async fn watch_file(path: PathBuf, running: std::sync::Arc<mycel_proxy::Running>
             continue;
         }
         last = now;
-        let result = match load(&path) {
-            Ok(cfg) => running.apply(cfg).await.map_err(anyhow::Error::from),
+        let result = match load(&path, mesh.control_plane.is_some()).and_then(|c| mesh.base(Some(c))) {
+            Ok(cfg) => layered.set_base(cfg).await.map_err(anyhow::Error::from),
             Err(e) => Err(e),
         };
         running.shared.metrics.reloaded(result.is_ok());
@@ -114,23 +210,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     });
     let mut log_control = Some(log_control);
     match cli.command {
-        Cmd::Run { config, drain_secs, .. } => {
-            let cfg = load(&config)?;
-            let running = std::sync::Arc::new(mycel_proxy::start(cfg).await.context("starting the proxy")?);
+        Cmd::Run { config, mesh, drain_secs, .. } => {
+            if config.is_none() && mesh.control_plane.is_none() {
+                anyhow::bail!("nothing to run: give --config FILE, --control-plane HOST:PORT, or both");
+            }
+            let boot = mesh.bootstrap()?;
+            let file = config.as_deref().map(|p| load(p, mesh.control_plane.is_some())).transpose()?;
+            let base = mesh.base(file)?;
+            let running =
+                std::sync::Arc::new(mycel_proxy::start(base.clone()).await.context("starting the proxy")?);
             if let Ok(mut slot) = running.shared.log_control.write() {
                 *slot = log_control.take();
             }
             tracing::info!(admin = %running.admin, "proxy ready");
+            let layered = std::sync::Arc::new(Layered::new(running.clone(), base));
+            let mesh: std::sync::Arc<MeshArgs> = std::sync::Arc::from(mesh);
+            let mut tasks = Vec::new();
+            if let Some(boot) = boot {
+                let boot = std::sync::Arc::new(boot);
+                let (id_tx, id_rx) = tokio::sync::watch::channel(None);
+                tasks.push(tokio::spawn(mycel_proxy::identity::maintain(
+                    boot.clone(),
+                    id_tx,
+                    running.shared.clone(),
+                )));
+                tasks.push(tokio::spawn(mycel_proxy::xds::run(boot, layered.clone(), id_rx)));
+            }
             // Reload when the file changes (checked every second) or on SIGHUP; a file that does
             // not parse or validate is refused with the reason, and the running config stays.
-            let watcher = tokio::spawn(watch_file(config.clone(), running.clone()));
+            if let Some(config) = config {
+                tasks.push(tokio::spawn(watch_file(config, layered.clone(), mesh.clone())));
+            }
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
-            watcher.abort();
-            let _ = watcher.await;
+            for t in tasks {
+                t.abort();
+                let _ = t.await;
+            }
+            drop(layered);
             tracing::info!("draining");
             match std::sync::Arc::try_unwrap(running) {
                 Ok(r) => r.shutdown(Duration::from_secs(drain_secs)).await,

@@ -30,6 +30,10 @@ pub struct ReloadLabels {
 
 pub struct Metrics {
     pub reloads: Family<ReloadLabels, Counter>,
+    pub certificates: Family<ReloadLabels, Counter>,
+    pub certificate_expiry: Gauge,
+    pub control_plane_connected: Gauge,
+    pub config_updates: Family<ReloadLabels, Counter>,
     registry: Mutex<Registry>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<ListenerLabels, Histogram>,
@@ -53,6 +57,30 @@ impl Default for Metrics {
         let bytes_received = Family::<ListenerLabels, Counter>::default();
         let bytes_sent = Family::<ListenerLabels, Counter>::default();
         let reloads = Family::<ReloadLabels, Counter>::default();
+        let certificates = Family::<ReloadLabels, Counter>::default();
+        let certificate_expiry = Gauge::default();
+        let control_plane_connected = Gauge::default();
+        let config_updates = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "certificate_requests",
+            "Workload certificate requests, issued or failed",
+            certificates.clone(),
+        );
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When the workload certificate in use expires (Unix time)",
+            certificate_expiry.clone(),
+        );
+        registry.register(
+            "control_plane_connected",
+            "1 while the config stream is open",
+            control_plane_connected.clone(),
+        );
+        registry.register(
+            "config_updates",
+            "Updates from the control plane, applied or rejected",
+            config_updates.clone(),
+        );
         registry.register("config_reloads", "Configuration reloads, applied or rejected", reloads.clone());
         registry.register("requests", "HTTP requests by response code", requests.clone());
         registry.register(
@@ -66,6 +94,10 @@ impl Default for Metrics {
         registry.register("sent_bytes", "Bytes written to downstream (TCP)", bytes_sent.clone());
         Metrics {
             reloads,
+            certificates,
+            certificate_expiry,
+            control_plane_connected,
+            config_updates,
             registry: Mutex::new(registry),
             requests,
             request_duration,
@@ -82,6 +114,21 @@ impl Metrics {
     pub fn reloaded(&self, applied: bool) {
         let result = if applied { "applied" } else { "rejected" };
         self.reloads.get_or_create(&ReloadLabels { result: result.into() }).inc();
+    }
+
+    /// Counts a certificate request; on success records the new expiry.
+    pub fn certificate(&self, issued: bool, not_after: std::time::SystemTime) {
+        let result = if issued { "issued" } else { "failed" };
+        self.certificates.get_or_create(&ReloadLabels { result: result.into() }).inc();
+        if issued && let Ok(d) = not_after.duration_since(std::time::UNIX_EPOCH) {
+            self.certificate_expiry.set(d.as_secs() as i64);
+        }
+    }
+
+    /// Counts an update from the control plane, applied or rejected.
+    pub fn config_update(&self, applied: bool) {
+        let result = if applied { "applied" } else { "rejected" };
+        self.config_updates.get_or_create(&ReloadLabels { result: result.into() }).inc();
     }
 
     pub fn render(&self) -> String {

@@ -1,0 +1,291 @@
+//! The control plane of one revision: discovery ([`model`]), the config stream and the CA
+//! ([`server`]) on the gRPC port over TLS ([`tls`]), and monitoring on 15014.
+//!
+//! It reads its CA from the Secret the operator manages (re-read every few seconds, so a
+//! rotated or replaced CA is picked up without a restart), serves with a certificate that CA
+//! signs for the revision's Service names, and checks proxies' client certificates against the
+//! same trust bundle.
+
+pub mod metrics;
+pub mod model;
+pub mod server;
+pub mod tls;
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client};
+use mycel_api::v1alpha1::{
+    certificates_server::CertificatesServer, config_discovery_server::ConfigDiscoveryServer,
+};
+use serde::Deserialize;
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tracing::{info, warn};
+
+use crate::pki::Ca;
+use metrics::CpMetrics;
+use model::Snapshot;
+use server::{Discovery, Registry, SharedCa, Signer};
+
+/// Lifetime of the control plane's own serving certificate (renewed at half of it).
+const SERVING_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How often the CA Secret is read again.
+const CA_POLL: Duration = Duration::from_secs(5);
+
+/// Everything one control plane needs to know.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The installation's namespace, where the CA Secret lives.
+    pub namespace: String,
+    pub revision: String,
+    pub trust_domain: String,
+    pub ca_secret: String,
+    /// Lifetime of workload certificates, and the longest a proxy may ask for.
+    pub workload_cert_ttl: Duration,
+    pub grpc_addr: SocketAddr,
+    pub monitor_addr: SocketAddr,
+    pub discovery: model::Options,
+}
+
+impl Settings {
+    /// Names the serving certificate is valid for: the revision's Service in every spelling,
+    /// and loopback (for port-forwards and local runs).
+    pub fn server_names(&self) -> Vec<String> {
+        let svc = format!("mycel-control-plane-{}", self.revision);
+        let ns = &self.namespace;
+        vec![
+            format!("{svc}.{ns}.svc"),
+            svc.clone(),
+            format!("{svc}.{ns}"),
+            format!("{svc}.{ns}.svc.{}", self.discovery.cluster_domain),
+            "localhost".into(),
+            "127.0.0.1".into(),
+        ]
+    }
+}
+
+/// The parts of the operator's mesh ConfigMap (`mesh.json`) the control plane reads.
+#[derive(Deserialize, Debug, Default)]
+#[serde(rename_all = "camelCase", default)]
+pub struct MeshFile {
+    pub namespace: String,
+    pub revision: String,
+    pub trust_domain: String,
+    pub ca_secret: Option<String>,
+    pub workload_cert_ttl: Option<String>,
+}
+
+/// A running control plane.
+pub struct Handle {
+    pub grpc_addr: SocketAddr,
+    pub monitor_addr: SocketAddr,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<CpMetrics>,
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Handle {
+    /// Stops serving: every stream ends, so proxies reconnect elsewhere.
+    pub fn stop(self) {
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The CA and the TLS server configuration built from it.
+struct Keys {
+    ca: SharedCa,
+    tls: tls::ServerTls,
+    secret_data: BTreeMapBytes,
+    serving_issued: Instant,
+}
+
+type BTreeMapBytes = std::collections::BTreeMap<String, Vec<u8>>;
+
+async fn read_ca(secrets: &Api<Secret>, name: &str) -> anyhow::Result<(Ca, BTreeMapBytes)> {
+    let secret = secrets.get_opt(name).await?.with_context(|| {
+        format!("CA Secret {name:?} not found (the operator creates it; is the installation reconciled?)")
+    })?;
+    let data: BTreeMapBytes = secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+    let ca = Ca::from_secret_data(|k| data.get(k).cloned()).with_context(|| format!("CA Secret {name:?}"))?;
+    Ok((ca, data))
+}
+
+fn build_tls(ca: &Ca, settings: &Settings) -> anyhow::Result<rustls::ServerConfig> {
+    let (leaf, key) = ca.issue_serving(&settings.server_names(), SERVING_CERT_TTL)?;
+    let mut chain = leaf;
+    for i in ca.intermediates_pem() {
+        chain.push_str(&i);
+    }
+    tls::server_config(&chain, &key, &ca.trust_bundle())
+}
+
+impl Keys {
+    async fn load(secrets: &Api<Secret>, settings: &Settings) -> anyhow::Result<Keys> {
+        let (ca, data) = read_ca(secrets, &settings.ca_secret).await?;
+        let config = build_tls(&ca, settings)?;
+        Ok(Keys {
+            ca: Arc::new(RwLock::new(Arc::new(ca))),
+            tls: Arc::new(RwLock::new(Arc::new(config))),
+            secret_data: data,
+            serving_issued: Instant::now(),
+        })
+    }
+
+    /// Picks up a changed CA Secret and renews the serving certificate at half its life.
+    async fn refresh(&mut self, secrets: &Api<Secret>, settings: &Settings) -> anyhow::Result<()> {
+        let (ca, data) = read_ca(secrets, &settings.ca_secret).await?;
+        let rotated = data != self.secret_data;
+        if !rotated && self.serving_issued.elapsed() < SERVING_CERT_TTL / 2 {
+            return Ok(());
+        }
+        let config = build_tls(&ca, settings)?;
+        if let Ok(mut t) = self.tls.write() {
+            *t = Arc::new(config);
+        }
+        if rotated {
+            info!(secret = %settings.ca_secret, "CA changed; signing with the new one");
+            if let Ok(mut c) = self.ca.write() {
+                *c = Arc::new(ca);
+            }
+        }
+        self.secret_data = data;
+        self.serving_issued = Instant::now();
+        Ok(())
+    }
+}
+
+/// Starts discovery, the gRPC server and the monitoring server.
+pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Handle> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
+    let mut keys = Keys::load(&secrets, &settings).await?;
+    let metrics = Arc::new(CpMetrics::default());
+    let registry = Arc::new(Registry::default());
+    let snapshots = model::start(client.clone(), settings.discovery.clone());
+
+    let grpc = TcpListener::bind(settings.grpc_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (gRPC)", settings.grpc_addr))?;
+    let grpc_addr = grpc.local_addr()?;
+    let monitor = TcpListener::bind(settings.monitor_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (monitoring)", settings.monitor_addr))?;
+    let monitor_addr = monitor.local_addr()?;
+
+    let discovery = Discovery {
+        snapshots: snapshots.clone(),
+        registry: registry.clone(),
+        metrics: metrics.clone(),
+        trust_domain: settings.trust_domain.clone(),
+    };
+    let signer = Signer {
+        client,
+        ca: keys.ca.clone(),
+        trust_domain: settings.trust_domain.clone(),
+        default_ttl: settings.workload_cert_ttl,
+        max_ttl: settings.workload_cert_ttl,
+        metrics: metrics.clone(),
+    };
+    let incoming = tls::incoming(grpc, keys.tls.clone());
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(ConfigDiscoveryServer::new(discovery).max_decoding_message_size(16 << 20))
+            .add_service(CertificatesServer::new(signer))
+            .serve_with_incoming(incoming)
+            .await;
+        if let Err(e) = result {
+            warn!(error = %e, "gRPC server ended");
+        }
+    }));
+    let settings2 = settings.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(CA_POLL).await;
+            if let Err(e) = keys.refresh(&secrets, &settings2).await {
+                warn!("keeping the current CA: {e:#}");
+            }
+        }
+    }));
+    let mut snaps = snapshots.clone();
+    let m = metrics.clone();
+    tasks.push(tokio::spawn(async move {
+        while snaps.changed().await.is_ok() {
+            let s = snaps.borrow_and_update().clone();
+            m.config_version.set(s.version as i64);
+            m.clusters.set(s.clusters.len() as i64);
+        }
+    }));
+    tasks.push(tokio::spawn(serve_monitor(monitor, snapshots.clone(), registry.clone(), metrics.clone())));
+    info!(grpc = %grpc_addr, monitor = %monitor_addr, revision = %settings.revision, "control plane serving");
+    Ok(Handle { grpc_addr, monitor_addr, registry, metrics, snapshots, tasks })
+}
+
+/// `/healthz`, `/ready` (the mesh model is complete), `/metrics`, `/debug/proxies` (JSON: who
+/// is connected, what each accepted or rejected) and `/debug/clusters` (names and versions).
+async fn serve_monitor(
+    listener: TcpListener,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    registry: Arc<Registry>,
+    metrics: Arc<CpMetrics>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (snapshots, registry, metrics) = (snapshots.clone(), registry.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (snapshots, registry, metrics) = (snapshots.clone(), registry.clone(), metrics.clone());
+                async move {
+                    let snap = snapshots.borrow().clone();
+                    let (status, body) = match req.uri().path() {
+                        "/healthz" => (StatusCode::OK, "ok".to_string()),
+                        "/ready" | "/readyz" if snap.synced => (StatusCode::OK, "ready".to_string()),
+                        "/ready" | "/readyz" => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "discovery has not listed everything yet".to_string(),
+                        ),
+                        "/metrics" => (StatusCode::OK, metrics.render()),
+                        "/debug/proxies" => (
+                            StatusCode::OK,
+                            serde_json::to_string_pretty(&registry.list()).unwrap_or_default(),
+                        ),
+                        "/debug/clusters" => {
+                            let mut v: Vec<(&String, &String)> =
+                                snap.clusters.iter().map(|(n, e)| (n, &e.version)).collect();
+                            v.sort();
+                            let map: std::collections::BTreeMap<_, _> = v.into_iter().collect();
+                            (
+                                StatusCode::OK,
+                                serde_json::to_string_pretty(
+                                    &serde_json::json!({"version": snap.version, "clusters": map}),
+                                )
+                                .unwrap_or_default(),
+                            )
+                        }
+                        _ => (StatusCode::NOT_FOUND, "not found".to_string()),
+                    };
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .status(status)
+                            .body(Full::new(Bytes::from(body)))
+                            .unwrap_or_default(),
+                    )
+                }
+            });
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}

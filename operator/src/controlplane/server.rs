@@ -1,0 +1,483 @@
+//! The config stream and the certificate authority, as tonic services.
+//!
+//! Each proxy stream is its own task: it reads the newest [`Snapshot`], sends what differs from
+//! what the proxy has (at most one unacknowledged response per type), and records ACKs and
+//! NACKs in the [`Registry`] that `/debug/proxies` and `mycelctl proxy-status` show.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    pin::Pin,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::Stream;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::{Api, Client, api::PostParams};
+use mycel_api::v1alpha1::{
+    self as pb, certificates_server::Certificates, config_discovery_server::ConfigDiscovery,
+};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use super::{metrics::CpMetrics, model::Snapshot, tls::Peer};
+use crate::pki::{Ca, SignError};
+
+/// Audience the proxies' projected tokens are minted for.
+pub const TOKEN_AUDIENCE: &str = "mycel-ca";
+
+/// What `proxy-status` shows of one type on one stream.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TypeStatus {
+    /// System version of the last response sent.
+    pub sent: Option<u64>,
+    /// System version of the last response the proxy accepted.
+    pub acked: Option<u64>,
+    pub resources: usize,
+    pub pushes: u64,
+    pub last_nack: Option<Nack>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Nack {
+    pub version: u64,
+    pub field: String,
+    pub message: String,
+    pub at: String,
+}
+
+/// One connected proxy.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyStatus {
+    pub pod: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub identity: String,
+    pub revision: String,
+    pub proxy_version: String,
+    pub remote: String,
+    pub connected_at: String,
+    pub types: BTreeMap<String, TypeStatus>,
+}
+
+/// Connected proxies, by stream id.
+#[derive(Default)]
+pub struct Registry {
+    proxies: Mutex<HashMap<u64, ProxyStatus>>,
+    next: AtomicU64,
+}
+
+impl Registry {
+    pub fn list(&self) -> Vec<ProxyStatus> {
+        let mut v: Vec<ProxyStatus> =
+            self.proxies.lock().map(|p| p.values().cloned().collect()).unwrap_or_default();
+        v.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)));
+        v
+    }
+
+    fn update(&self, id: u64, f: impl FnOnce(&mut ProxyStatus)) {
+        if let Ok(mut p) = self.proxies.lock()
+            && let Some(s) = p.get_mut(&id)
+        {
+            f(s);
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+/// The config-stream service.
+#[derive(Clone)]
+pub struct Discovery {
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<CpMetrics>,
+    pub trust_domain: String,
+}
+
+/// Per-type state of one stream.
+struct TypeState {
+    wildcard: bool,
+    names: std::collections::HashSet<String>,
+    /// name → version the proxy has or was just sent.
+    known: HashMap<String, String>,
+    /// Snapshot version the proxy was last brought up to.
+    synced: u64,
+    first_sent: bool,
+    /// Nonce and system version of the unacknowledged response.
+    pending: Option<(String, u64)>,
+}
+
+type DeltaStream = Pin<Box<dyn Stream<Item = Result<pb::DeltaResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ConfigDiscovery for Discovery {
+    type StreamStream = DeltaStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<pb::DeltaRequest>>,
+    ) -> Result<Response<DeltaStream>, Status> {
+        let peer = request.extensions().get::<Peer>().cloned();
+        let Some(identity) = peer.as_ref().and_then(|p| p.spiffe_id.clone()) else {
+            return Err(Status::unauthenticated(
+                "the config stream needs a client certificate: sign one with Certificates.Sign first",
+            ));
+        };
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the stream ended before its first request"))?;
+        let node = first.node.clone().ok_or_else(|| {
+            Status::invalid_argument("node: the first request must say which proxy this is")
+        })?;
+        let claimed =
+            format!("spiffe://{}/ns/{}/sa/{}", self.trust_domain, node.namespace, node.service_account);
+        if claimed != identity {
+            return Err(Status::permission_denied(format!(
+                "node: namespace {:?} and service account {:?} do not match the certificate's identity {identity}",
+                node.namespace, node.service_account
+            )));
+        }
+        let id = self.registry.next.fetch_add(1, Ordering::Relaxed);
+        let status = ProxyStatus {
+            pod: node.pod.clone(),
+            namespace: node.namespace.clone(),
+            service_account: node.service_account.clone(),
+            identity,
+            revision: node.revision.clone(),
+            proxy_version: node.proxy_version.clone(),
+            remote: peer.and_then(|p| p.remote).map(|r| r.to_string()).unwrap_or_default(),
+            connected_at: now_rfc3339(),
+            types: BTreeMap::new(),
+        };
+        if let Ok(mut p) = self.registry.proxies.lock() {
+            p.insert(id, status);
+        }
+        self.metrics.connected.inc();
+        info!(pod = %node.pod, namespace = %node.namespace, "proxy connected");
+        let (tx, rx) = mpsc::channel(4);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let pod = format!("{}/{}", node.namespace, node.pod);
+            if let Err(e) = this.serve(id, first, inbound, tx).await {
+                debug!(%pod, error = %e, "stream ended");
+            }
+            if let Ok(mut p) = this.registry.proxies.lock() {
+                p.remove(&id);
+            }
+            this.metrics.connected.dec();
+            info!(%pod, "proxy disconnected");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl Discovery {
+    async fn serve(
+        &self,
+        id: u64,
+        first: pb::DeltaRequest,
+        mut inbound: Streaming<pb::DeltaRequest>,
+        tx: mpsc::Sender<Result<pb::DeltaResponse, Status>>,
+    ) -> Result<(), Status> {
+        let mut snapshots = self.snapshots.clone();
+        let mut types: BTreeMap<String, TypeState> = BTreeMap::new();
+        let mut nonce = 0u64;
+        let mut next = Some(first);
+        loop {
+            if let Some(req) = next.take() {
+                self.on_request(id, req, &mut types)?;
+            }
+            // Push wherever nothing is waiting for an acknowledgement.
+            let snap = snapshots.borrow_and_update().clone();
+            if snap.synced {
+                for (type_url, ts) in types.iter_mut() {
+                    if ts.pending.is_some() {
+                        continue;
+                    }
+                    if let Some(resp) = self.delta(type_url, ts, &snap, &mut nonce) {
+                        let bytes = prost::Message::encoded_len(&resp) as u64;
+                        self.metrics.pushed(type_url, bytes);
+                        let (count, version) = (ts.known.len(), snap.version);
+                        self.registry.update(id, |s| {
+                            let t = s.types.entry(type_url.clone()).or_default();
+                            t.sent = Some(version);
+                            t.pushes += 1;
+                            t.resources = count;
+                        });
+                        if tx.send(Ok(resp)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            let waiting = types.values().all(|t| t.pending.is_some());
+            tokio::select! {
+                req = inbound.message() => match req? {
+                    Some(r) => next = Some(r),
+                    None => return Ok(()),
+                },
+                changed = snapshots.changed(), if !waiting => {
+                    if changed.is_err() {
+                        return Err(Status::unavailable("the control plane is shutting down"));
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_request(
+        &self,
+        id: u64,
+        req: pb::DeltaRequest,
+        types: &mut BTreeMap<String, TypeState>,
+    ) -> Result<(), Status> {
+        if req.type_url != mycel_api::CLUSTER_TYPE && req.type_url != mycel_api::LISTENER_TYPE {
+            return Err(Status::invalid_argument(format!(
+                "type_url: unknown resource type {:?}; use {} or {}",
+                req.type_url,
+                mycel_api::CLUSTER_TYPE,
+                mycel_api::LISTENER_TYPE
+            )));
+        }
+        let ts = types.entry(req.type_url.clone()).or_insert_with(|| TypeState {
+            wildcard: false,
+            names: Default::default(),
+            known: req.initial_versions.clone(),
+            synced: 0,
+            first_sent: false,
+            pending: None,
+        });
+        if !req.response_nonce.is_empty() {
+            match &ts.pending {
+                Some((n, version)) if *n == req.response_nonce => {
+                    let version = *version;
+                    ts.pending = None;
+                    match req.error_detail {
+                        None => {
+                            self.metrics.acked(&req.type_url);
+                            self.registry.update(id, |s| {
+                                s.types.entry(req.type_url.clone()).or_default().acked = Some(version);
+                            });
+                        }
+                        Some(e) => {
+                            warn!(field = %e.field, message = %e.message, version, "proxy rejected an update");
+                            self.metrics.nacked(&req.type_url);
+                            self.registry.update(id, |s| {
+                                s.types.entry(req.type_url.clone()).or_default().last_nack = Some(Nack {
+                                    version,
+                                    field: e.field,
+                                    message: e.message,
+                                    at: now_rfc3339(),
+                                });
+                            });
+                        }
+                    }
+                }
+                // An answer to a response that was superseded: nothing to do.
+                _ => {}
+            }
+        }
+        for name in req.subscribe {
+            if name == "*" {
+                ts.wildcard = true;
+            } else {
+                ts.names.insert(name);
+            }
+            // Anything newly subscribed must be compared again.
+            ts.first_sent = false;
+        }
+        for name in req.unsubscribe {
+            if name == "*" {
+                ts.wildcard = false;
+            } else {
+                ts.names.remove(&name);
+            }
+            ts.known.remove(&name);
+        }
+        Ok(())
+    }
+
+    /// The response that brings the proxy from what it has to `snap`, if there is anything to
+    /// send (the first response of a subscription is sent even when empty: it tells the proxy
+    /// it is in sync).
+    fn delta(
+        &self,
+        type_url: &str,
+        ts: &mut TypeState,
+        snap: &Snapshot,
+        nonce: &mut u64,
+    ) -> Option<pb::DeltaResponse> {
+        if ts.first_sent && ts.synced == snap.version {
+            return None;
+        }
+        let empty = HashMap::new();
+        let resources = if type_url == mycel_api::CLUSTER_TYPE { &*snap.clusters } else { &empty };
+        let wanted = |n: &str| ts.wildcard || ts.names.contains(n);
+        let mut added = Vec::new();
+        let mut removed = Vec::new();
+        let mut consider = |name: &str, ts_known: &HashMap<String, String>| match resources.get(name) {
+            Some(e) if wanted(name) => {
+                if ts_known.get(name) != Some(&e.version) {
+                    added.push(e.clone());
+                }
+            }
+            _ => {
+                if ts_known.contains_key(name) {
+                    removed.push(name.to_string());
+                }
+            }
+        };
+        match snap.changed_since(ts.synced).filter(|_| ts.first_sent) {
+            Some(names) => {
+                for n in names {
+                    consider(n, &ts.known);
+                }
+            }
+            None => {
+                for n in resources.keys() {
+                    consider(n, &ts.known);
+                }
+                for n in ts.known.keys() {
+                    if !resources.contains_key(n) {
+                        consider(n, &ts.known);
+                    }
+                }
+            }
+        }
+        ts.synced = snap.version;
+        if added.is_empty() && removed.is_empty() && ts.first_sent {
+            return None;
+        }
+        ts.first_sent = true;
+        for e in &added {
+            ts.known.insert(e.resource.name.clone(), e.version.clone());
+        }
+        for n in &removed {
+            ts.known.remove(n);
+        }
+        *nonce += 1;
+        let n = nonce.to_string();
+        ts.pending = Some((n.clone(), snap.version));
+        added.sort_by(|a, b| a.resource.name.cmp(&b.resource.name));
+        removed.sort();
+        Some(pb::DeltaResponse {
+            type_url: type_url.to_string(),
+            system_version: snap.version.to_string(),
+            nonce: n,
+            resources: added.iter().map(|e| e.resource.clone()).collect(),
+            removed,
+        })
+    }
+}
+
+/// The CA in force, replaced whole when its Secret changes.
+pub type SharedCa = Arc<RwLock<Arc<Ca>>>;
+
+/// The certificate-signing service.
+#[derive(Clone)]
+pub struct Signer {
+    pub client: Client,
+    pub ca: SharedCa,
+    pub trust_domain: String,
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+    pub metrics: Arc<CpMetrics>,
+}
+
+impl Signer {
+    /// The service account a token proves, as (namespace, name).
+    async fn review(&self, token: &str) -> Result<(String, String, Option<String>), Status> {
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_string()),
+                audiences: Some(vec![TOKEN_AUDIENCE.into()]),
+            },
+            ..Default::default()
+        };
+        let api: Api<TokenReview> = Api::all(self.client.clone());
+        let result = api
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot review the token with the API server: {e}")))?;
+        let status = result.status.unwrap_or_default();
+        if !status.authenticated.unwrap_or(false) {
+            let why = status.error.unwrap_or_else(|| "not authenticated".into());
+            return Err(Status::unauthenticated(format!(
+                "the token was refused ({why}); send a projected service-account token with audience {TOKEN_AUDIENCE:?}"
+            )));
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        let Some(rest) = username.strip_prefix("system:serviceaccount:") else {
+            return Err(Status::permission_denied(format!("{username:?} is not a service account")));
+        };
+        let (ns, sa) = rest
+            .split_once(':')
+            .ok_or_else(|| Status::permission_denied(format!("{username:?} is not a service account")))?;
+        let pod = user
+            .extra
+            .and_then(|e| e.get("authentication.kubernetes.io/pod-name").and_then(|v| v.first().cloned()));
+        Ok((ns.to_string(), sa.to_string(), pod))
+    }
+}
+
+#[tonic::async_trait]
+impl Certificates for Signer {
+    async fn sign(&self, request: Request<pb::SignRequest>) -> Result<Response<pb::SignResponse>, Status> {
+        let result = self.sign_inner(request).await;
+        self.metrics.signed(result.as_ref().err().map(|s| s.code()));
+        result
+    }
+}
+
+impl Signer {
+    async fn sign_inner(
+        &self,
+        request: Request<pb::SignRequest>,
+    ) -> Result<Response<pb::SignResponse>, Status> {
+        let token = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_string)
+            .ok_or_else(|| {
+                Status::unauthenticated(format!(
+                    "authorization: send the pod's projected service-account token (audience {TOKEN_AUDIENCE:?}) as \"Bearer <token>\""
+                ))
+            })?;
+        let (ns, sa, pod) = self.review(&token).await?;
+        let req = request.into_inner();
+        let ttl = match req.ttl_seconds {
+            s if s > 0 => Duration::from_secs(s as u64).min(self.max_ttl),
+            _ => self.default_ttl,
+        };
+        let spiffe = format!("spiffe://{}/ns/{ns}/sa/{sa}", self.trust_domain);
+        let ca = self.ca.read().map(|c| c.clone()).map_err(|_| Status::internal("CA lock poisoned"))?;
+        let leaf = ca.sign_workload(&req.csr_pem, &spiffe, ttl).map_err(|e| match e {
+            SignError::BadCsr => Status::invalid_argument(format!("csr_pem: {e}")),
+            SignError::WrongIdentity { .. } => {
+                Status::permission_denied(format!("csr_pem: the token proves {spiffe}, but {e}"))
+            }
+            SignError::Generate(_) => Status::internal(e.to_string()),
+        })?;
+        info!(identity = %spiffe, pod = pod.as_deref().unwrap_or("-"), ttl_s = ttl.as_secs(), "signed a workload certificate");
+        let mut chain = vec![leaf];
+        chain.extend(ca.intermediates_pem());
+        Ok(Response::new(pb::SignResponse { cert_chain_pem: chain, trust_bundle_pem: ca.trust_bundle() }))
+    }
+}
