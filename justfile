@@ -31,5 +31,11 @@ bench-proxy:
     command -v nginx >/dev/null || apt-get install -y -qq nginx-light haproxy
     cargo bench -p mycel-proxy --bench proxy
 
+# The control-plane benchmark on the local cluster: 1000 Services, 100/1000/5000 simulated
+# proxies; writes docs/benchmarks/control-plane.{md,json}.
+bench-control-plane:
+    cargo build --release -j2 -p mycel-operator
+    cargo bench -p mycel-e2e --bench control_plane
+
 # Every benchmark.
-bench: bench-proxy
+bench: bench-proxy bench-control-plane

@@ -17,6 +17,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Which proxies are connected to a control plane, and whether each has accepted its latest
+    /// config (or what it rejected, and why).
+    ProxyStatus {
+        /// The control plane's monitoring address, e.g. http://127.0.0.1:15014 (default: through
+        /// the API server to the revision's Service).
+        #[arg(long)]
+        control_plane: Option<String>,
+        /// Namespace of the installation.
+        #[arg(long, short = 'n', default_value = "mycel-system")]
+        namespace: String,
+        #[arg(long, default_value = "default")]
+        revision: String,
+        /// Print the control plane's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Developer tools: the local Kubernetes cluster used by the demo and the tests.
     Dev {
         #[command(subcommand)]
@@ -63,6 +79,17 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let state = LocalCluster::default_state_dir();
     match cli.command {
+        Cmd::ProxyStatus { control_plane, namespace, revision, json } => {
+            let body = match control_plane {
+                Some(url) => http_get(&url, "/debug/proxies")?,
+                None => through_api_server(&namespace, &revision)?,
+            };
+            if json {
+                println!("{body}");
+            } else {
+                print!("{}", proxy_status_table(&body)?);
+            }
+        }
         Cmd::Dev { command: DevCmd::Cluster { command } } => match command {
             ClusterCmd::Up => {
                 let c = LocalCluster::ensure_up(&state).context("starting the local cluster")?;
@@ -121,4 +148,74 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn print_env(c: &LocalCluster) {
     println!("export KUBECONFIG={}", c.kubeconfig().display());
     println!("export PATH={}:$PATH", c.bin_dir().display());
+}
+
+/// GET on a plain-HTTP base URL such as `http://127.0.0.1:15014`.
+fn http_get(base: &str, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let host = base
+        .strip_prefix("http://")
+        .with_context(|| format!("--control-plane {base:?}: use http://host:port"))?;
+    let host = host.trim_end_matches('/');
+    let mut s = std::net::TcpStream::connect(host).with_context(|| format!("connecting to {host}"))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{host}{path}: {}", head.lines().next().unwrap_or(""));
+    Ok(body.to_string())
+}
+
+/// The control plane's `/debug/proxies` through the API server's service proxy.
+fn through_api_server(namespace: &str, revision: &str) -> anyhow::Result<String> {
+    let path = format!(
+        "/api/v1/namespaces/{namespace}/services/http:mycel-control-plane-{revision}:15014/proxy/debug/proxies"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+        let req = http::Request::get(&path).body(Vec::new())?;
+        client.request_text(req).await.with_context(|| {
+            format!("asking control plane revision {revision:?} in namespace {namespace:?} (is it installed and ready?)")
+        })
+    })
+}
+
+/// One line per proxy: who, its identity, whether its clusters are in sync, its last rejection.
+fn proxy_status_table(json: &str) -> anyhow::Result<String> {
+    let proxies: Vec<serde_json::Value> = serde_json::from_str(json).context("the control plane's answer")?;
+    let mut rows =
+        vec![["NAME", "IDENTITY", "CLUSTERS", "LAST REJECTION", "VERSION"].map(String::from).to_vec()];
+    for p in &proxies {
+        let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+        let t = &p["types"]["mycel.io/Cluster"];
+        let state = match (t["sent"].as_u64(), t["acked"].as_u64()) {
+            (None, _) => "NOT SENT".to_string(),
+            (Some(sent), Some(acked)) if acked == sent => format!("SYNCED ({})", t["resources"]),
+            (Some(sent), acked) => format!(
+                "STALE (sent {sent}, accepted {})",
+                acked.map(|a| a.to_string()).unwrap_or("-".into())
+            ),
+        };
+        let nack = match t.get("lastNack").filter(|n| !n.is_null()) {
+            Some(n) => format!("v{} {}: {}", n["version"], s(&n["field"]), s(&n["message"])),
+            None => "-".into(),
+        };
+        rows.push(vec![
+            format!("{}.{}", s(&p["pod"]), s(&p["namespace"])),
+            s(&p["identity"]),
+            state,
+            nack,
+            s(&p["proxyVersion"]),
+        ]);
+    }
+    let widths: Vec<usize> = (0..5).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> =
+            r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        out.push_str(line.join("   ").trim_end());
+        out.push('\n');
+    }
+    Ok(out)
 }

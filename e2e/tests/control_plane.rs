@@ -101,6 +101,8 @@ impl ControlPlane {
             &format!("127.0.0.1:{grpc}"),
             "--monitor-addr",
             &format!("127.0.0.1:{monitor}"),
+            "--webhook-addr",
+            "none",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -242,6 +244,19 @@ async fn a_proxy_gets_an_identity_and_follows_the_mesh() {
     })
     .await;
     assert!(cp.metric("mycel_control_plane_nacks_total").await >= 1.0);
+    let out = std::process::Command::new(mycel_e2e::process::workspace_binary("mycelctl").unwrap())
+        .args(["proxy-status", "--control-plane", &format!("http://{}", cp.monitor)])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
+    let row =
+        table.lines().find(|l| l.starts_with(&format!("web-0.{n} "))).unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.contains(&format!("clusters[{other}].name: a cluster of the static configuration")),
+        "{table}"
+    );
+    assert!(row.contains("STALE (sent "), "{table}");
     assert_eq!(answer().await.map(|(_, b)| b), Some("backend-2".to_string()));
     let text = http_get(admin, "/metrics").await.unwrap().1;
     assert!(text.contains("mycel_proxy_config_updates_total{result=\"rejected\"}"), "{text}");

@@ -74,6 +74,9 @@ enum Cmd {
         grpc_addr: SocketAddr,
         #[arg(long, default_value = "0.0.0.0:15014")]
         monitor_addr: SocketAddr,
+        /// Injection and validation webhooks; `none` to serve none.
+        #[arg(long, default_value = "0.0.0.0:15017")]
+        webhook_addr: String,
         #[arg(long, default_value = "cluster.local")]
         cluster_domain: String,
         /// Quiet time that ends a burst of changes before they are pushed.
@@ -181,6 +184,7 @@ async fn main() -> anyhow::Result<()> {
             workload_cert_ttl,
             grpc_addr,
             monitor_addr,
+            webhook_addr,
             cluster_domain,
             debounce_ms,
         } => {
@@ -193,6 +197,15 @@ async fn main() -> anyhow::Result<()> {
                 }
                 None => Default::default(),
             };
+            let proxy: controlplane::inject::ProxySettings = match &mesh_config {
+                Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?)
+                    .with_context(|| format!("{}: proxy settings", p.display()))?,
+                None => Default::default(),
+            };
+            let webhook_addr = match webhook_addr.as_str() {
+                "none" => None,
+                a => Some(a.parse().with_context(|| format!("--webhook-addr {a:?}"))?),
+            };
             let pick = |flag: Option<String>, file: String, default: &str| {
                 flag.or(Some(file).filter(|s| !s.is_empty())).unwrap_or_else(|| default.to_string())
             };
@@ -200,7 +213,7 @@ async fn main() -> anyhow::Result<()> {
             let workload_cert_ttl = mycel_crds::common::parse_duration(&ttl_text)
                 .map_err(|e| anyhow::anyhow!("--workload-cert-ttl {ttl_text:?}: {e}"))?;
             let trust_domain = pick(trust_domain, mesh.trust_domain, "cluster.local");
-            let settings = controlplane::Settings {
+            let mut settings = controlplane::Settings {
                 namespace: pick(namespace, mesh.namespace, "mycel-system"),
                 revision: pick(revision, mesh.revision, "default"),
                 ca_secret: ca_secret
@@ -209,6 +222,8 @@ async fn main() -> anyhow::Result<()> {
                 workload_cert_ttl,
                 grpc_addr,
                 monitor_addr,
+                webhook_addr,
+                proxy,
                 discovery: controlplane::model::Options {
                     cluster_domain,
                     trust_domain: trust_domain.clone(),
@@ -217,6 +232,10 @@ async fn main() -> anyhow::Result<()> {
                 },
                 trust_domain,
             };
+            // The injector points sidecars at this revision, whatever the file said.
+            settings.proxy.namespace = settings.namespace.clone();
+            settings.proxy.revision = settings.revision.clone();
+            settings.proxy.trust_domain = settings.trust_domain.clone();
             let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
             let handle = controlplane::start(client, settings).await?;
             shutdown_signal().await;

@@ -58,6 +58,8 @@ pub struct Shared {
     pub metrics: metrics::Metrics,
     pub client: http::UpstreamClient,
     pub ready: AtomicBool,
+    /// The app's probes, by `/app-health/<container>/<kind>` path (set at injection).
+    pub app_probes: RwLock<std::collections::HashMap<String, serde_json::Value>>,
 }
 
 impl Shared {
@@ -222,6 +224,7 @@ pub async fn start(config: Config) -> Result<Running, ApplyError> {
         metrics: metrics::Metrics::default(),
         client: http::client(),
         ready: AtomicBool::new(false),
+        app_probes: RwLock::new(Default::default()),
     });
     let admin_listener = bind(config.admin).map_err(|source| ApplyError::Bind {
         index: usize::MAX,

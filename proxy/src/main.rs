@@ -222,7 +222,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Ok(mut slot) = running.shared.log_control.write() {
                 *slot = log_control.take();
             }
-            tracing::info!(admin = %running.admin, "proxy ready");
+            if let Ok(probes) = std::env::var("MYCEL_APP_PROBES") {
+                let parsed: std::collections::HashMap<String, serde_json::Value> =
+                    serde_json::from_str(&probes)
+                        .context("MYCEL_APP_PROBES is not the JSON the injector writes")?;
+                if let Ok(mut p) = running.shared.app_probes.write() {
+                    *p = parsed;
+                }
+            }
+            if boot.is_some() {
+                // Ready once the control plane's first config is in.
+                running.shared.ready.store(false, std::sync::atomic::Ordering::Release);
+            }
+            tracing::info!(admin = %running.admin, "proxy started");
             let layered = std::sync::Arc::new(Layered::new(running.clone(), base));
             let mesh: std::sync::Arc<MeshArgs> = std::sync::Arc::from(mesh);
             let mut tasks = Vec::new();

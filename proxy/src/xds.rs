@@ -321,6 +321,9 @@ async fn session(
     {
         backoff.reset();
         let (next, rejected) = apply_response(&resp, accepted, layered).await;
+        if !layered.running.shared.ready.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            info!(clusters = next.len(), "first config from the control plane is in; ready");
+        }
         metrics.config_update(rejected.is_empty());
         let error_detail = match rejected.first() {
             None => {

@@ -6,10 +6,12 @@
 //! signs for the revision's Service names, and checks proxies' client certificates against the
 //! same trust bundle.
 
+pub mod inject;
 pub mod metrics;
 pub mod model;
 pub mod server;
 pub mod tls;
+pub mod webhook;
 
 use std::{
     convert::Infallible,
@@ -53,6 +55,10 @@ pub struct Settings {
     pub workload_cert_ttl: Duration,
     pub grpc_addr: SocketAddr,
     pub monitor_addr: SocketAddr,
+    /// The injection and validation webhooks (`None`: not served).
+    pub webhook_addr: Option<SocketAddr>,
+    /// What the injector gives each sidecar.
+    pub proxy: inject::ProxySettings,
     pub discovery: model::Options,
 }
 
@@ -107,6 +113,7 @@ impl Handle {
 struct Keys {
     ca: SharedCa,
     tls: tls::ServerTls,
+    webhook_tls: tls::ServerTls,
     secret_data: BTreeMapBytes,
     serving_issued: Instant,
 }
@@ -122,22 +129,35 @@ async fn read_ca(secrets: &Api<Secret>, name: &str) -> anyhow::Result<(Ca, BTree
     Ok((ca, data))
 }
 
-fn build_tls(ca: &Ca, settings: &Settings) -> anyhow::Result<rustls::ServerConfig> {
+/// The gRPC port's TLS (client certificates optional) and the webhooks' (none; HTTP/1.1).
+fn build_tls(ca: &Ca, settings: &Settings) -> anyhow::Result<(rustls::ServerConfig, rustls::ServerConfig)> {
     let (leaf, key) = ca.issue_serving(&settings.server_names(), SERVING_CERT_TTL)?;
     let mut chain = leaf;
     for i in ca.intermediates_pem() {
         chain.push_str(&i);
     }
-    tls::server_config(&chain, &key, &ca.trust_bundle())
+    let grpc = tls::server_config(&chain, &key, &ca.trust_bundle())?;
+    let mut webhook =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(
+                rustls::pki_types::pem::PemObject::pem_slice_iter(chain.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()?,
+                rustls::pki_types::pem::PemObject::from_pem_slice(key.as_bytes())?,
+            )?;
+    webhook.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok((grpc, webhook))
 }
 
 impl Keys {
     async fn load(secrets: &Api<Secret>, settings: &Settings) -> anyhow::Result<Keys> {
         let (ca, data) = read_ca(secrets, &settings.ca_secret).await?;
-        let config = build_tls(&ca, settings)?;
+        let (config, webhook) = build_tls(&ca, settings)?;
         Ok(Keys {
             ca: Arc::new(RwLock::new(Arc::new(ca))),
             tls: Arc::new(RwLock::new(Arc::new(config))),
+            webhook_tls: Arc::new(RwLock::new(Arc::new(webhook))),
             secret_data: data,
             serving_issued: Instant::now(),
         })
@@ -150,9 +170,12 @@ impl Keys {
         if !rotated && self.serving_issued.elapsed() < SERVING_CERT_TTL / 2 {
             return Ok(());
         }
-        let config = build_tls(&ca, settings)?;
+        let (config, webhook) = build_tls(&ca, settings)?;
         if let Ok(mut t) = self.tls.write() {
             *t = Arc::new(config);
+        }
+        if let Ok(mut t) = self.webhook_tls.write() {
+            *t = Arc::new(webhook);
         }
         if rotated {
             info!(secret = %settings.ca_secret, "CA changed; signing with the new one");
@@ -190,7 +213,7 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Handle>
         trust_domain: settings.trust_domain.clone(),
     };
     let signer = Signer {
-        client,
+        client: client.clone(),
         ca: keys.ca.clone(),
         trust_domain: settings.trust_domain.clone(),
         default_ttl: settings.workload_cert_ttl,
@@ -199,6 +222,20 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Handle>
     };
     let incoming = tls::incoming(grpc, keys.tls.clone());
     let mut tasks = Vec::new();
+    if let Some(addr) = settings.webhook_addr {
+        let listener =
+            TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (webhooks)"))?;
+        tasks.push(tokio::spawn(webhook::serve(
+            listener,
+            keys.webhook_tls.clone(),
+            Arc::new(settings.proxy.clone()),
+        )));
+        tasks.push(tokio::spawn(webhook::publish_roots(
+            client.clone(),
+            settings.revision.clone(),
+            keys.ca.clone(),
+        )));
+    }
     tasks.push(tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))

@@ -288,6 +288,8 @@ pub fn render(eff: &Effective, owner: &Value, ca_bundle_pem: &str) -> Vec<Desire
                 {"apiGroups": ["mycel.io"], "resources": ["meshinstallations", "trafficroutes", "destinationpolicies", "peerauthentications", "authorizationpolicies", "ratelimitpolicies"], "verbs": ["get", "list", "watch"]},
                 {"apiGroups": ["mycel.io"], "resources": ["trafficroutes/status", "destinationpolicies/status", "peerauthentications/status", "authorizationpolicies/status", "ratelimitpolicies/status"], "verbs": ["get", "patch", "update"]},
                 {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+                // The mesh's root certificate, published into every injected namespace.
+                {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "patch", "update"]},
             ]
         }),
     );

@@ -1,0 +1,383 @@
+//! Control-plane benchmark on the local cluster: N Services × M endpoints in the real API
+//! server, the control plane as its own process (`mycel-operator control-plane`), and P
+//! simulated proxies in this process — each its own TLS connection and config stream with a
+//! real workload certificate, acknowledging every response as a proxy does.
+//!
+//! For each P it reports: the time from one endpoint change (an EndpointSlice patch sent to the
+//! API server) to each proxy's acknowledgement (p50/p99/max over all proxies and changes), the
+//! control plane's RSS and CPU time, the bytes it pushed per change (all proxies, and per
+//! proxy) next to the bytes of a full sync, and the time to bring P new proxies in sync.
+//!
+//! Run: `just bench-control-plane` (builds release binaries). `MYCEL_BENCH_PROXIES` (default
+//! `100,1000,5000`), `MYCEL_BENCH_SERVICES` (1000), `MYCEL_BENCH_ENDPOINTS` (5) and
+//! `MYCEL_BENCH_CHANGES` (20) size it. Results are printed and written to
+//! `docs/benchmarks/control-plane.{md,json}`.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{Secret, Service, ServiceAccount},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams, PostParams},
+};
+use mycel_api::v1alpha1::{self as pb, config_discovery_client::ConfigDiscoveryClient};
+use mycel_e2e::{
+    TestCluster, pki,
+    process::{Process, free_port, http_get},
+};
+use mycel_proxy::{identity::Identity, xds::Bootstrap};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+const NS: &str = "mycel-bench-cp";
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn endpoint_ip(svc: usize, ep: usize, generation: usize) -> String {
+    format!("10.{}.{}.{}", 100 + generation % 100, svc % 256, (svc / 256) * 50 + ep + 1)
+}
+
+fn slice(svc: usize, endpoints: usize, generation: usize) -> EndpointSlice {
+    serde_json::from_value(json!({
+        "metadata": {"name": format!("svc-{svc}-1"), "labels": {"kubernetes.io/service-name": format!("svc-{svc}")}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080}],
+        "endpoints": (0..endpoints).map(|e| json!({"addresses": [endpoint_ip(svc, e, generation)], "conditions": {"ready": true}})).collect::<Vec<_>>(),
+    }))
+    .unwrap()
+}
+
+/// Creates what is missing of N Services with one M-endpoint slice each.
+async fn load(client: &Client, services: usize, endpoints: usize) {
+    let svcs: Api<Service> = Api::namespaced(client.clone(), NS);
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
+    let started = Instant::now();
+    futures::stream::iter(0..services)
+        .map(|i| {
+            let (svcs, slices) = (svcs.clone(), slices.clone());
+            async move {
+                let name = format!("svc-{i}");
+                if svcs.get_opt(&name).await.unwrap().is_none() {
+                    let s: Service = serde_json::from_value(json!({
+                        "metadata": {"name": name},
+                        "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+                    }))
+                    .unwrap();
+                    svcs.create(&PostParams::default(), &s).await.unwrap();
+                }
+                let pp = PatchParams::apply("mycel-bench").force();
+                let mut s = slice(i, endpoints, 0);
+                s.metadata.managed_fields = None;
+                let mut v = serde_json::to_value(&s).unwrap();
+                v["apiVersion"] = json!("discovery.k8s.io/v1");
+                v["kind"] = json!("EndpointSlice");
+                slices.patch(&format!("svc-{i}-1"), &pp, &Patch::Apply(&v)).await.unwrap();
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    println!("loaded {services} services × {endpoints} endpoints in {:.1}s", started.elapsed().as_secs_f64());
+}
+
+struct Event {
+    proxy: usize,
+    at: Instant,
+    first: Option<String>,
+}
+
+/// One simulated proxy: opens its stream, acknowledges everything, reports each response.
+async fn simulated_proxy(
+    i: usize,
+    boot: Arc<Bootstrap>,
+    id: Arc<Identity>,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let ch = match mycel_proxy::xds::channel(&boot, &id.trust_bundle_pem, Some(&id)).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("proxy {i}: {e:#}");
+            return;
+        }
+    };
+    let (tx, rx) = mpsc::channel(4);
+    let mut node = boot.node.clone();
+    node.pod = format!("sim-{i}");
+    let _ = tx
+        .send(pb::DeltaRequest {
+            node: Some(node),
+            type_url: mycel_api::CLUSTER_TYPE.into(),
+            subscribe: vec!["*".into()],
+            ..Default::default()
+        })
+        .await;
+    let Ok(resp) = ConfigDiscoveryClient::new(ch)
+        .max_decoding_message_size(256 << 20)
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    else {
+        eprintln!("proxy {i}: stream refused");
+        return;
+    };
+    let mut resp = resp.into_inner();
+    while let Ok(Some(r)) = resp.message().await {
+        let ack = pb::DeltaRequest {
+            type_url: r.type_url.clone(),
+            response_nonce: r.nonce.clone(),
+            ..Default::default()
+        };
+        if tx.send(ack).await.is_err() {
+            return;
+        }
+        let first = (r.resources.len() == 1).then(|| r.resources[0].name.clone());
+        let _ = events.send(Event { proxy: i, at: Instant::now(), first });
+    }
+}
+
+/// (RSS MiB, CPU seconds) of a process.
+fn usage(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0.0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (rss_kib / 1024.0, ticks / hz)
+}
+
+async fn metric(monitor: std::net::SocketAddr, name: &str) -> f64 {
+    let text = http_get(monitor, "/metrics").await.map(|(_, b)| b).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+#[tokio::main]
+async fn main() {
+    let proxies: Vec<usize> = std::env::var("MYCEL_BENCH_PROXIES")
+        .unwrap_or_else(|_| "100,1000,5000".into())
+        .split(',')
+        .filter_map(|p| p.trim().parse().ok())
+        .collect();
+    let services: usize = env_or("MYCEL_BENCH_SERVICES", 1000);
+    let endpoints: usize = env_or("MYCEL_BENCH_ENDPOINTS", 5);
+    let changes: usize = env_or("MYCEL_BENCH_CHANGES", 20);
+
+    let cluster = TestCluster::shared().await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let _ = cluster.kubectl_run(&["create", "namespace", NS], None);
+    let ca = pki::Ca::generate("mycel bench root").unwrap();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let _ = secrets.delete("mycel-ca", &Default::default()).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "mycel-ca"}, "stringData": {"tls.crt": ca.pem.cert, "tls.key": ca.pem.key}
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &secret).await.unwrap();
+    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "bench"}})).unwrap();
+    let _ = Api::<ServiceAccount>::namespaced(client.clone(), NS).create(&PostParams::default(), &sa).await;
+    load(&client, services, endpoints).await;
+
+    let dir = std::env::temp_dir().join("mycel-bench-cp");
+    std::fs::create_dir_all(&dir).unwrap();
+    let token_req: k8s_openapi::api::authentication::v1::TokenRequest =
+        serde_json::from_value(json!({"spec": {"audiences": ["mycel-ca"], "expirationSeconds": 7200}}))
+            .unwrap();
+    let token: k8s_openapi::api::authentication::v1::TokenRequest =
+        Api::<ServiceAccount>::namespaced(client.clone(), NS)
+            .create_subresource("token", "bench", &PostParams::default(), &token_req)
+            .await
+            .unwrap();
+    std::fs::write(dir.join("token"), token.status.unwrap().token).unwrap();
+
+    let mut results = Vec::new();
+    for &p in &proxies {
+        let (grpc, monitor_port) = (free_port().unwrap(), free_port().unwrap());
+        let monitor: std::net::SocketAddr = ([127, 0, 0, 1], monitor_port).into();
+        let args: Vec<String> = ["control-plane", "--namespace", NS, "--revision", "bench", "--grpc-addr"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([format!("127.0.0.1:{grpc}"), "--monitor-addr".into(), monitor.to_string()])
+            .chain(["--webhook-addr".into(), "none".into()])
+            .collect();
+        let mut cp =
+            Process::start(&cluster, "mycel-operator", "bench", &args, &[("RUST_LOG", "warn")]).unwrap();
+        let pid = cp.pid();
+        let start = Instant::now();
+        while !matches!(http_get(monitor, "/ready").await, Ok((200, _))) {
+            assert!(start.elapsed() < Duration::from_secs(60), "control plane not ready:\n{}", cp.log_text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (rss_idle, _) = usage(pid);
+        let boot = Arc::new(Bootstrap {
+            control_plane: format!("127.0.0.1:{grpc}"),
+            server_name: format!("mycel-control-plane-bench.{NS}.svc"),
+            ca_roots: vec![ca.pem.cert.clone()],
+            token_path: dir.join("token"),
+            trust_domain: "cluster.local".into(),
+            node: pb::Node { namespace: NS.into(), service_account: "bench".into(), ..Default::default() },
+            cert_ttl: None,
+        });
+        let id = Arc::new(mycel_proxy::identity::request(&boot, &boot.ca_roots).await.unwrap());
+
+        // P proxies connect and sync.
+        let (_, cpu0) = usage(pid);
+        let (etx, mut erx) = mpsc::unbounded_channel();
+        let sync_start = Instant::now();
+        let mut tasks = Vec::new();
+        for i in 0..p {
+            tasks.push(tokio::spawn(simulated_proxy(i, boot.clone(), id.clone(), etx.clone())));
+            if i % 200 == 199 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let mut synced = vec![false; p];
+        let mut n_synced = 0;
+        while n_synced < p {
+            let e = tokio::time::timeout(Duration::from_secs(120), erx.recv())
+                .await
+                .expect("initial sync")
+                .unwrap();
+            if !synced[e.proxy] {
+                synced[e.proxy] = true;
+                n_synced += 1;
+            }
+        }
+        let sync_s = sync_start.elapsed().as_secs_f64();
+        let full_bytes = metric(monitor, "mycel_control_plane_push_bytes_total").await / p as f64;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        while erx.try_recv().is_ok() {}
+
+        // One endpoint change at a time; every proxy must acknowledge it.
+        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
+        let bytes0 = metric(monitor, "mycel_control_plane_push_bytes_total").await;
+        let mut latencies = Vec::with_capacity(p * changes);
+        for k in 0..changes {
+            let svc = (k * 37 + p) % services;
+            let name = format!("svc-{svc}.{NS}.svc.cluster.local:80");
+            let patch = json!({"endpoints": (0..endpoints).map(|e| json!({"addresses": [endpoint_ip(svc, e, k + 1 + p)], "conditions": {"ready": true}})).collect::<Vec<_>>()});
+            let t0 = Instant::now();
+            slices
+                .patch(&format!("svc-{svc}-1"), &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .unwrap();
+            let mut seen = vec![false; p];
+            let mut n = 0;
+            while n < p {
+                let e = tokio::time::timeout(Duration::from_secs(60), erx.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("change {k}: only {n} of {p} proxies acknowledged"))
+                    .unwrap();
+                if e.first.as_deref() == Some(name.as_str()) && !seen[e.proxy] {
+                    seen[e.proxy] = true;
+                    n += 1;
+                    latencies.push(e.at.duration_since(t0).as_secs_f64() * 1000.0);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            while erx.try_recv().is_ok() {}
+        }
+        let bytes = metric(monitor, "mycel_control_plane_push_bytes_total").await - bytes0;
+        let (rss, cpu1) = usage(pid);
+        latencies.sort_by(|a, b| a.total_cmp(b));
+        let r = json!({
+            "proxies": p,
+            "services": services,
+            "endpoints_per_service": endpoints,
+            "changes": changes,
+            "p50_ms": (percentile(&latencies, 0.50) * 10.0).round() / 10.0,
+            "p99_ms": (percentile(&latencies, 0.99) * 10.0).round() / 10.0,
+            "max_ms": (latencies.last().copied().unwrap_or(f64::NAN) * 10.0).round() / 10.0,
+            "rss_mib": (rss * 10.0).round() / 10.0,
+            "rss_idle_mib": (rss_idle * 10.0).round() / 10.0,
+            "cpu_s": ((cpu1 - cpu0) * 100.0).round() / 100.0,
+            "bytes_per_change": (bytes / changes as f64).round(),
+            "bytes_per_change_per_proxy": (bytes / changes as f64 / p as f64).round(),
+            "full_sync_bytes_per_proxy": full_bytes.round(),
+            "initial_sync_s": (sync_s * 100.0).round() / 100.0,
+        });
+        println!("{r}");
+        results.push(r);
+        for t in tasks {
+            t.abort();
+        }
+        cp.kill();
+    }
+
+    let _ = cluster.kubectl_run(&["delete", "namespace", NS, "--wait=false"], None);
+    write_report(&results, services, endpoints, changes);
+}
+
+fn write_report(results: &[serde_json::Value], services: usize, endpoints: usize, changes: usize) {
+    let root = TestCluster::repo_root().join("docs/benchmarks");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("control-plane.json"), serde_json::to_string_pretty(results).unwrap() + "\n")
+        .unwrap();
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut md = format!(
+        "# Control-plane benchmark\n\nProduced by `just bench-control-plane` on {} ({cpus} CPUs), against the local cluster: \
+{services} Services × {endpoints} endpoints in the API server, the control plane as its own process, and P simulated \
+proxies (each its own TLS connection and stream with a workload certificate, acknowledging every response). Each \
+scenario makes {changes} single-endpoint changes (an EndpointSlice patch) one after the other; latency runs from \
+sending the patch to the API server until a proxy has acknowledged the update, over every proxy and change. The \
+simulated proxies share the machine's cores with the control plane and the API server.\n\n\
+| proxies | p50 ms | p99 ms | max ms | CP RSS MiB (idle) | CP CPU s | bytes/change (all proxies) | bytes/change/proxy | full sync bytes/proxy | initial sync s |\n\
+|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        time_now()
+    );
+    for r in results {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} ({}) | {} | {} | {} | {} | {} |\n",
+            r["proxies"],
+            r["p50_ms"],
+            r["p99_ms"],
+            r["max_ms"],
+            r["rss_mib"],
+            r["rss_idle_mib"],
+            r["cpu_s"],
+            r["bytes_per_change"],
+            r["bytes_per_change_per_proxy"],
+            r["full_sync_bytes_per_proxy"],
+            r["initial_sync_s"]
+        ));
+    }
+    md.push_str(
+        "\nCPU is the control plane's user+system time over the scenario (connecting and syncing P proxies, then the \
+changes). Bytes are protobuf bytes of the responses the control plane sent (`mycel_control_plane_push_bytes_total`).\n",
+    );
+    std::fs::write(root.join("control-plane.md"), md).unwrap();
+    println!("wrote {}", root.join("control-plane.md").display());
+}
+
+fn time_now() -> String {
+    std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}

@@ -1,0 +1,257 @@
+//! The whole mesh on the real node: the operator installs a control-plane revision, which runs
+//! as a pod; a namespace labelled for it gets sidecars injected; pods talk through their
+//! sidecars (captured, balanced by the proxy from the streamed config). Skipped (with a message)
+//! when the cluster has no real node.
+
+use std::time::Duration;
+
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    batch::v1::Job,
+    core::v1::{Namespace, Pod},
+};
+use kube::{
+    Api, Client,
+    api::{DynamicObject, ListParams, LogParams, Patch, PatchParams, PostParams},
+    core::{ApiResource, GroupVersionKind},
+    runtime::wait::await_condition,
+};
+use mycel_e2e::{TestCluster, eventually, images::TESTAPP_IMAGE, process::OperatorProcess};
+use serde_json::json;
+
+async fn node_cluster() -> Option<(TestCluster, Client)> {
+    let c = TestCluster::shared().await.unwrap();
+    if c.local().is_some_and(|l| !l.info.real_node) {
+        eprintln!("skipping: the local cluster has no real node (not root, or MYCEL_REAL_NODE=0)");
+        return None;
+    }
+    let client = c.client().await.unwrap();
+    Some((c, client))
+}
+
+fn mi_api(client: &Client, ns: &str) -> Api<DynamicObject> {
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("mycel.io", "v1alpha1", "MeshInstallation"),
+        "meshinstallations",
+    );
+    Api::namespaced_with(client.clone(), ns, &ar)
+}
+
+/// A log of what the control plane said, for failure messages.
+async fn cp_logs(client: &Client, ns: &str) -> String {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let mut out = String::new();
+    for p in pods.list(&ListParams::default().labels("app=mycel-control-plane")).await.unwrap() {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let log = pods.logs(&name, &LogParams { tail_lines: Some(40), ..Default::default() }).await;
+        out.push_str(&format!(
+            "--- {name}: {:?}\n{}\n",
+            p.status.and_then(|s| s.phase),
+            log.unwrap_or_default()
+        ));
+    }
+    out
+}
+
+#[tokio::test]
+async fn injected_pods_talk_through_their_sidecars() {
+    let Some((c, client)) = node_cluster().await else { return };
+    c.install_crds().unwrap();
+    let root = c.namespace("mesh").await.unwrap();
+    let rev = format!("m{}", &root.name[root.name.len() - 7..]);
+    let operator = OperatorProcess::start(&c, &root.name).unwrap();
+    let mis = mi_api(&client, &root.name);
+    let mi: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "mycel.io/v1alpha1", "kind": "MeshInstallation",
+        "metadata": {"name": "mesh"}, "spec": {"revision": rev}
+    }))
+    .unwrap();
+    mis.create(&PostParams::default(), &mi).await.unwrap();
+    let ready = |o: &DynamicObject| {
+        o.data["status"]["conditions"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let o = mis.get("mesh").await.unwrap();
+        if ready(&o) {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!(
+                "the installation is not Ready: {:#}\n{}\noperator:\n{}",
+                o.data["status"],
+                cp_logs(&client, &root.name).await,
+                operator.log_text()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // An application namespace for this revision.
+    let app = c.namespace("app").await.unwrap();
+    let n = app.name.clone();
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            &n,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"mycel.io/rev": rev}}})),
+        )
+        .await
+        .unwrap();
+    let web = format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web}}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: web
+        image: {TESTAPP_IMAGE}
+        args: ["http-echo", "--port", "8080"]
+        env: [{{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}]
+        ports: [{{name: http, containerPort: 8080}}]
+        readinessProbe: {{httpGet: {{path: /, port: http}}, periodSeconds: 1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec:
+  selector: {{app: web}}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+"#
+    );
+    c.kubectl_run(&["apply", "-n", &n, "-f", "-"], Some(&web)).unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &n);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &n);
+    let available = tokio::time::timeout(
+        Duration::from_secs(120),
+        await_condition(deployments.clone(), "web", |d: Option<&Deployment>| {
+            d.and_then(|d| d.status.as_ref()).is_some_and(|s| s.available_replicas == Some(2))
+        }),
+    )
+    .await;
+    if available.is_err() {
+        let listed = pods.list(&ListParams::default()).await.unwrap();
+        let states: Vec<String> = listed
+            .items
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}: {:?}",
+                    p.metadata.name.clone().unwrap_or_default(),
+                    p.status.as_ref().map(|s| (&s.phase, &s.init_container_statuses, &s.container_statuses))
+                )
+            })
+            .collect();
+        let mut proxy_logs = String::new();
+        for p in &listed.items {
+            let name = p.metadata.name.clone().unwrap_or_default();
+            let lp = LogParams {
+                container: Some("mycel-proxy".into()),
+                tail_lines: Some(30),
+                ..Default::default()
+            };
+            proxy_logs
+                .push_str(&format!("--- {name}\n{}\n", pods.logs(&name, &lp).await.unwrap_or_default()));
+        }
+        panic!(
+            "web is not available:\n{}\nsidecars:\n{proxy_logs}\ncontrol plane:\n{}",
+            states.join("\n"),
+            cp_logs(&client, &root.name).await
+        );
+    }
+    let web_pods = pods.list(&ListParams::default().labels("app=web")).await.unwrap().items;
+    let names: Vec<String> = web_pods.iter().filter_map(|p| p.metadata.name.clone()).collect();
+    for p in &web_pods {
+        let spec = p.spec.as_ref().unwrap();
+        let inits: Vec<&str> = spec.init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
+        assert_eq!(inits, ["mycel-init", "mycel-proxy"], "injected");
+        let probe = spec.containers[0].readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(probe.path.as_deref(), Some("/app-health/web/readyz"), "probe rewritten to the sidecar");
+    }
+
+    // A Job calls the Service through its sidecar and completes (the native sidecar does not
+    // hold it back).
+    let job: Job = serde_json::from_value(json!({
+        "metadata": {"name": "client"},
+        "spec": {"backoffLimit": 0, "template": {"spec": {"restartPolicy": "Never",
+            "containers": [{"name": "client", "image": TESTAPP_IMAGE,
+                "args": ["get", "--no-reuse", "--count", "20", "http://web/", &format!("http://web.{n}.svc.cluster.local/")]}]}}}
+    }))
+    .unwrap();
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &n);
+    jobs.create(&PostParams::default(), &job).await.unwrap();
+    let finished = tokio::time::timeout(
+        Duration::from_secs(120),
+        await_condition(jobs.clone(), "client", |j: Option<&Job>| {
+            j.and_then(|j| j.status.as_ref())
+                .is_some_and(|s| s.succeeded == Some(1) || s.failed.unwrap_or(0) > 0)
+        }),
+    )
+    .await;
+    let client_pod =
+        pods.list(&ListParams::default().labels("job-name=client")).await.unwrap().items.remove(0);
+    let pod_name = client_pod.metadata.name.clone().unwrap();
+    let logs = pods
+        .logs(&pod_name, &LogParams { container: Some("client".into()), ..Default::default() })
+        .await
+        .unwrap_or_default();
+    let sidecar = pods
+        .logs(&pod_name, &LogParams { container: Some("mycel-proxy".into()), ..Default::default() })
+        .await
+        .unwrap_or_default();
+    assert!(finished.is_ok(), "the Job did not finish; client:\n{logs}\nsidecar:\n{sidecar}");
+    assert_eq!(
+        client_pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded"),
+        "client:\n{logs}\nsidecar:\n{sidecar}"
+    );
+    assert_eq!(logs.lines().count(), 40, "{logs}");
+    for name in &names {
+        assert!(
+            logs.contains(name.as_str()),
+            "the sidecar balanced over both pods; {name} never answered:\n{logs}"
+        );
+    }
+
+    // The server side saw the requests arrive through its sidecar.
+    let mut inbound = 0.0;
+    for name in &names {
+        let path = format!("/api/v1/namespaces/{n}/pods/{name}:15020/proxy/metrics");
+        let text = client.request_text(http::Request::get(path).body(Vec::new()).unwrap()).await.unwrap();
+        inbound += text
+            .lines()
+            .filter(|l| l.starts_with("mycel_proxy_requests_total{direction=\"inbound\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    assert!(inbound >= 40.0, "inbound requests counted by the web sidecars: {inbound}");
+
+    // An opted-out pod gets no sidecar.
+    let plain: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "plain", "annotations": {"mycel.io/inject": "false"}},
+        "spec": {"containers": [{"name": "c", "image": TESTAPP_IMAGE, "args": ["http-echo", "--port", "8080"]}]}
+    }))
+    .unwrap();
+    let plain = pods.create(&PostParams::default(), &plain).await.unwrap();
+    assert!(plain.spec.unwrap().init_containers.unwrap_or_default().is_empty());
+
+    app.delete().await.unwrap();
+    mis.delete("mesh", &Default::default()).await.unwrap();
+    eventually("the installation is gone", Duration::from_secs(60), || async {
+        match mis.get_opt("mesh").await.unwrap() {
+            None => Ok(()),
+            Some(_) => Err("still there".to_string()),
+        }
+    })
+    .await;
+    drop(operator);
+    root.delete().await.unwrap();
+}
