@@ -10,6 +10,8 @@ pub const CONTRACT_VERSION: u32 = 1;
 pub const CLUSTER_TYPE: &str = "mycel.io/Cluster";
 /// Resource type of listeners in the config stream.
 pub const LISTENER_TYPE: &str = "mycel.io/Listener";
+/// Resource type of the proxy's inbound mutual-TLS policy (one resource, `inbound`).
+pub const PEER_POLICY_TYPE: &str = "mycel.io/PeerPolicy";
 
 #[allow(clippy::all, missing_docs)]
 pub mod v1alpha1 {

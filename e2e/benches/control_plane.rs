@@ -187,6 +187,7 @@ async fn main() {
     let changes: usize = env_or("MYCEL_BENCH_CHANGES", 20);
 
     let cluster = TestCluster::shared().await.unwrap();
+    cluster.install_crds().unwrap();
     let client = cluster.client().await.unwrap();
     let _ = cluster.kubectl_run(&["create", "namespace", NS], None);
     let ca = pki::Ca::generate("mycel bench root").unwrap();

@@ -138,6 +138,7 @@ async fn a_proxy_gets_an_identity_and_follows_the_mesh() {
         eprintln!("skipping: backends need the local cluster's node bridge (not root, or MYCEL_REAL_NODE=0)");
         return;
     }
+    c.install_crds().unwrap();
     let client = c.client().await.unwrap();
     let ns = c.namespace("cp").await.unwrap();
     let n = ns.name.clone();

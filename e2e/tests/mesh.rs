@@ -53,6 +53,52 @@ async fn cp_logs(client: &Client, ns: &str) -> String {
     out
 }
 
+/// Runs a Job of the test app to its end; whether it succeeded, and its app's log.
+async fn run_job(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    sa: &str,
+    inject: bool,
+    args: &[String],
+) -> (bool, String) {
+    let job: Job = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"backoffLimit": 0, "template": {
+            "metadata": {"annotations": {"mycel.io/inject": if inject { "true" } else { "false" }}},
+            "spec": {"restartPolicy": "Never", "serviceAccountName": sa,
+                "containers": [{"name": "client", "image": TESTAPP_IMAGE, "args": args}]}}}
+    }))
+    .unwrap();
+    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
+    jobs.create(&PostParams::default(), &job).await.unwrap();
+    let finished = tokio::time::timeout(
+        Duration::from_secs(120),
+        await_condition(jobs.clone(), name, |j: Option<&Job>| {
+            j.and_then(|j| j.status.as_ref())
+                .is_some_and(|s| s.succeeded == Some(1) || s.failed.unwrap_or(0) > 0)
+        }),
+    )
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pod =
+        pods.list(&ListParams::default().labels(&format!("job-name={name}"))).await.unwrap().items.remove(0);
+    let pod_name = pod.metadata.name.clone().unwrap();
+    let logs = pods
+        .logs(&pod_name, &LogParams { container: Some("client".into()), ..Default::default() })
+        .await
+        .unwrap_or_default();
+    assert!(finished.is_ok(), "job {name} did not finish:\n{logs}");
+    let ok = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded");
+    (ok, logs)
+}
+
+/// GET through the API server's pod proxy.
+async fn pod_get(client: &Client, ns: &str, pod: &str, port_path: &str) -> String {
+    let path = format!("/api/v1/namespaces/{ns}/pods/{pod}:{port_path}");
+    client.request_text(http::Request::get(path).body(Vec::new()).unwrap()).await.unwrap_or_default()
+}
+
 #[tokio::test]
 async fn injected_pods_talk_through_their_sidecars() {
     let Some((c, client)) = node_cluster().await else { return };
@@ -220,6 +266,71 @@ spec:
             "the sidecar balanced over both pods; {name} never answered:\n{logs}"
         );
     }
+
+    // Sidecar to sidecar is mutual TLS: the server's sidecar hands the app the client's
+    // verified identity.
+    let sa: k8s_openapi::api::core::v1::ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "client"}})).unwrap();
+    Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), &n)
+        .create(&PostParams::default(), &sa)
+        .await
+        .unwrap();
+    let get = |count: &str| -> Vec<String> {
+        ["get", "--no-reuse", "--timeout", "3", "--count", count, "http://web/"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let (ok, logs) = run_job(&client, &n, "meshed", "client", true, &get("4")).await;
+    assert!(ok, "{logs}");
+    let xfcc = format!(
+        "\"x-forwarded-client-cert\":\"By=spiffe://cluster.local/ns/{n}/sa/default;URI=spiffe://cluster.local/ns/{n}/sa/client\""
+    );
+    assert_eq!(
+        logs.lines().filter(|l| l.contains(&xfcc)).count(),
+        4,
+        "every request over mutual TLS:\n{logs}"
+    );
+    // PERMISSIVE (the default): a client outside the mesh gets through in plaintext.
+    let (ok, logs) = run_job(&client, &n, "plain", "client", false, &get("2")).await;
+    assert!(ok && !logs.contains("x-forwarded-client-cert"), "{logs}");
+
+    // STRICT for the namespace: plaintext is refused, the mesh still gets through.
+    let pa: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "mycel.io/v1alpha1", "kind": "PeerAuthentication",
+        "metadata": {"name": "strict"}, "spec": {"mtls": {"mode": "STRICT"}}
+    }))
+    .unwrap();
+    let pa_ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("mycel.io", "v1alpha1", "PeerAuthentication"),
+        "peerauthentications",
+    );
+    Api::<DynamicObject>::namespaced_with(client.clone(), &n, &pa_ar)
+        .create(&PostParams::default(), &pa)
+        .await
+        .unwrap();
+    for name in &names {
+        eventually("the web sidecars apply STRICT", Duration::from_secs(20), || async {
+            let dump = pod_get(&client, &n, name, "15020/proxy/config_dump").await;
+            if dump.contains("\"STRICT\"") { Ok(()) } else { Err(dump) }
+        })
+        .await;
+    }
+    let (ok, logs) = run_job(&client, &n, "plain-strict", "client", false, &get("1")).await;
+    assert!(!ok, "a plaintext client got through STRICT:\n{logs}");
+    let (ok, logs) = run_job(&client, &n, "meshed-strict", "client", true, &get("4")).await;
+    assert!(ok, "{logs}");
+    assert_eq!(logs.lines().filter(|l| l.contains(&xfcc)).count(), 4, "{logs}");
+    let mut refused = 0.0;
+    for name in &names {
+        refused += pod_get(&client, &n, name, "15020/proxy/metrics")
+            .await
+            .lines()
+            .filter(|l| l.starts_with("mycel_proxy_refused_connections_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    assert!(refused >= 1.0, "the refusal is counted");
 
     // The server side saw the requests arrive through its sidecar.
     let mut inbound = 0.0;

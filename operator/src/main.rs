@@ -213,8 +213,9 @@ async fn main() -> anyhow::Result<()> {
             let workload_cert_ttl = mycel_crds::common::parse_duration(&ttl_text)
                 .map_err(|e| anyhow::anyhow!("--workload-cert-ttl {ttl_text:?}: {e}"))?;
             let trust_domain = pick(trust_domain, mesh.trust_domain, "cluster.local");
+            let namespace = pick(namespace, mesh.namespace, "mycel-system");
             let mut settings = controlplane::Settings {
-                namespace: pick(namespace, mesh.namespace, "mycel-system"),
+                namespace: namespace.clone(),
                 revision: pick(revision, mesh.revision, "default"),
                 ca_secret: ca_secret
                     .or(mesh.ca_secret)
@@ -226,6 +227,7 @@ async fn main() -> anyhow::Result<()> {
                 proxy,
                 discovery: controlplane::model::Options {
                     cluster_domain,
+                    root_namespace: namespace,
                     trust_domain: trust_domain.clone(),
                     debounce: Duration::from_millis(debounce_ms),
                     debounce_max: Duration::from_millis(debounce_ms * 10),

@@ -17,6 +17,10 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     #[serde(default)]
     pub clusters: Vec<Cluster>,
+    /// How inbound listeners accept connections from other sidecars (streamed by the control
+    /// plane from PeerAuthentication).
+    #[serde(default, skip_serializing_if = "InboundMtls::is_default")]
+    pub inbound_mtls: InboundMtls,
     /// Set when clusters also arrive from the control plane: a listener may then name one that
     /// has not arrived yet (its requests get 503 until it does).
     #[serde(skip)]
@@ -97,6 +101,42 @@ pub struct Cluster {
     /// one of them is balanced over `endpoints` instead of going where it was addressed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<SocketAddr>,
+    /// Endpoints reached over mutual TLS, with the SPIFFE ID each must prove.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub mtls_endpoints: std::collections::BTreeMap<SocketAddr, String>,
+}
+
+/// Inbound mutual TLS: a mode, and per destination port overrides.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InboundMtls {
+    #[serde(default)]
+    pub mode: MtlsMode,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub ports: std::collections::BTreeMap<u16, MtlsMode>,
+}
+
+impl InboundMtls {
+    fn is_default(&self) -> bool {
+        *self == InboundMtls::default()
+    }
+
+    /// The mode for connections to `port`.
+    pub fn mode_for(&self, port: u16) -> MtlsMode {
+        self.ports.get(&port).copied().unwrap_or(self.mode)
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MtlsMode {
+    /// Mutual TLS from sidecars and plaintext from anyone else, on the same port.
+    #[default]
+    Permissive,
+    /// Mutual TLS only: plaintext connections are closed.
+    Strict,
+    /// Plaintext only: mesh TLS is passed to the app untouched.
+    Disable,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]

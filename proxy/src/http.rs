@@ -11,39 +11,149 @@ use hyper::{
     header::{self, HeaderName, HeaderValue},
 };
 use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
+    client::legacy::{
+        Client,
+        connect::{Connected, Connection, HttpConnector},
+    },
     rt::{TokioExecutor, TokioIo},
 };
+use std::pin::Pin;
 
 use crate::{
     Shared,
     balance::Endpoints,
     metrics::{ListenerLabels, RequestLabels},
+    mtls::{Inner, MeshTls},
 };
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Upstream connection pools shared by all HTTP listeners: HTTP/1.1, and HTTP/2 (prior
-/// knowledge) for requests that arrived as HTTP/2 — gRPC among them.
+/// knowledge) for requests that arrived as HTTP/2 — gRPC among them; each in plaintext and over
+/// mutual TLS to mesh endpoints.
 pub struct UpstreamClient {
     http1: Client<HttpConnector, Body>,
     http2: Client<HttpConnector, Body>,
+    mesh1: Client<MeshConnector, Body>,
+    mesh2: Client<MeshConnector, Body>,
 }
 
-pub fn client() -> UpstreamClient {
+pub fn client(mesh: Arc<MeshTls>) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(std::time::Duration::from_secs(1)));
+    let mesh1 = MeshConnector { mesh: mesh.clone(), inner: Inner::Http1 };
+    let mesh2 = MeshConnector { mesh, inner: Inner::Http2 };
     UpstreamClient {
         // Idle upstream connections kept per endpoint: enough for bursts, bounded for memory.
         http1: Client::builder(TokioExecutor::new()).pool_max_idle_per_host(64).build(connector.clone()),
         http2: Client::builder(TokioExecutor::new()).http2_only(true).build(connector),
+        mesh1: Client::builder(TokioExecutor::new()).pool_max_idle_per_host(64).build(mesh1),
+        mesh2: Client::builder(TokioExecutor::new()).http2_only(true).build(mesh2),
     }
 }
 
 impl UpstreamClient {
-    fn for_version(&self, v: hyper::Version) -> &Client<HttpConnector, Body> {
-        if v == hyper::Version::HTTP_2 { &self.http2 } else { &self.http1 }
+    async fn request(
+        &self,
+        req: Request<Body>,
+        mtls: bool,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        match (req.version() == hyper::Version::HTTP_2, mtls) {
+            (false, false) => self.http1.request(req).await,
+            (true, false) => self.http2.request(req).await,
+            (false, true) => self.mesh1.request(req).await,
+            (true, true) => self.mesh2.request(req).await,
+        }
+    }
+}
+
+/// Connects to a mesh endpoint over mutual TLS (its identity looked up by address).
+#[derive(Clone)]
+pub struct MeshConnector {
+    mesh: Arc<MeshTls>,
+    inner: Inner,
+}
+
+/// A mutual-TLS connection as hyper's pool wants it.
+pub struct MeshStream(TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>);
+
+impl Connection for MeshStream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for MeshStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for MeshStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+}
+
+type ConnectFuture = Pin<Box<dyn std::future::Future<Output = std::io::Result<MeshStream>> + Send>>;
+
+impl tower::Service<Uri> for MeshConnector {
+    type Response = MeshStream;
+    type Error = std::io::Error;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let (mesh, inner) = (self.mesh.clone(), self.inner);
+        Box::pin(async move {
+            let addr: SocketAddr = uri
+                .authority()
+                .and_then(|a| a.as_str().parse().ok())
+                .ok_or_else(|| std::io::Error::other(format!("{uri} is not ip:port")))?;
+            let expected = mesh
+                .identity_of(&addr)
+                .ok_or_else(|| std::io::Error::other(format!("{addr} has no mesh identity")))?;
+            let tcp =
+                tokio::time::timeout(std::time::Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+            let _ = tcp.set_nodelay(true);
+            Ok(MeshStream(TokioIo::new(mesh.connect(tcp, &expected, inner).await?)))
+        })
     }
 }
 
@@ -232,12 +342,12 @@ async fn send(
     cluster: &Endpoints,
     shared: &Shared,
 ) -> Result<Attempt, Response<Body>> {
-    let version = parts.version;
     let is_connect = parts.method == hyper::Method::CONNECT;
     parts.uri = upstream_uri(&parts.uri, cluster.authority(addr));
     let req = Request::from_parts(parts, body);
     let in_flight = cluster.start(addr);
-    let result = shared.client.for_version(version).request(req).await;
+    let mtls = shared.mesh.identity_of(&addr).is_some();
+    let result = shared.client.request(req, mtls).await;
     drop(in_flight);
     match result {
         Ok(mut resp) => {

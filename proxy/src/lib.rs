@@ -14,6 +14,7 @@ pub mod detect;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod mtls;
 pub mod tcp;
 pub mod xds;
 
@@ -57,6 +58,8 @@ pub struct Shared {
     vips: RwLock<std::collections::HashMap<SocketAddr, String>>,
     pub metrics: metrics::Metrics,
     pub client: http::UpstreamClient,
+    /// Keys and endpoint identities for mutual TLS between sidecars.
+    pub mesh: Arc<mtls::MeshTls>,
     pub ready: AtomicBool,
     /// The app's probes, by `/app-health/<container>/<kind>` path (set at injection).
     pub app_probes: RwLock<std::collections::HashMap<String, serde_json::Value>>,
@@ -191,6 +194,13 @@ impl Shared {
         if let Ok(mut v) = self.vips.write() {
             *v = vips;
         }
+        self.mesh.set_endpoints(
+            config
+                .clusters
+                .iter()
+                .flat_map(|c| c.mtls_endpoints.iter().map(|(a, id)| (*a, id.clone())))
+                .collect(),
+        );
         if let Ok(mut c) = self.config.write() {
             *c = config.clone();
         }
@@ -216,13 +226,15 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Binds every listener and the admin server, then serves in the background.
 pub async fn start(config: Config) -> Result<Running, ApplyError> {
     config.validate()?;
+    let mesh = Arc::new(mtls::MeshTls::default());
     let shared = Arc::new(Shared {
         config: RwLock::new(Config { listeners: vec![], ..config.clone() }),
         log_control: RwLock::new(None),
         clusters: RwLock::new(BTreeMap::new()),
         vips: RwLock::new(Default::default()),
         metrics: metrics::Metrics::default(),
-        client: http::client(),
+        client: http::client(mesh.clone()),
+        mesh,
         ready: AtomicBool::new(false),
         app_probes: RwLock::new(Default::default()),
     });
@@ -299,34 +311,103 @@ async fn serve_connection(
     target: Target,
     mut labels: ListenerLabels,
     shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
+    let inbound = listener.direction == config::Direction::Inbound;
+    let mode = match (inbound, target.port()) {
+        (true, Some(port)) => shared.config.read().map(|c| c.inbound_mtls.mode_for(port)).unwrap_or_default(),
+        _ => config::MtlsMode::Permissive,
+    };
     let http = match listener.protocol {
         config::Protocol::Http => true,
         config::Protocol::Tcp => false,
         config::Protocol::Auto => {
             let detected = detect::detect(&stream, Duration::from_millis(listener.detect_timeout_ms)).await;
             if let detect::Detected::Tls { sni, alpn } = &detected {
+                if inbound && mode != config::MtlsMode::Disable && mtls::is_mesh_alpn(alpn) {
+                    labels.protocol = "mtls".into();
+                    return serve_mesh_inbound(stream, listener, target, labels, shared, stop).await;
+                }
                 tracing::debug!(listener = %listener.name, sni = ?sni, alpn = ?alpn, "TLS ClientHello; passing through");
             }
             labels.protocol = detected.label().into();
             matches!(detected, detect::Detected::Http1 | detect::Detected::Http2)
         }
     };
+    if inbound && mode == config::MtlsMode::Strict {
+        shared.metrics.refused.get_or_create(&labels).inc();
+        tracing::debug!(listener = %listener.name, peer = ?stream.peer_addr().ok(), "plaintext refused: mutual TLS is STRICT here");
+        return;
+    }
     shared.metrics.connections.get_or_create(&labels).inc();
     let active = shared.metrics.active_connections.get_or_create(&labels).clone();
     active.inc();
-    if !http {
-        if let Some(endpoints) = target.resolve(&shared) {
-            tcp::serve(stream, labels, endpoints, shared).await;
-        }
-        active.dec();
-        return;
-    }
     let peer = stream.peer_addr().ok();
+    let _ = stream.set_nodelay(true);
+    if http {
+        serve_http(stream, peer, listener, target, shared, stop, None).await;
+    } else if let Some(endpoints) = target.resolve(&shared) {
+        tcp::serve(Box::new(stream), peer, labels, endpoints, shared).await;
+    }
+    active.dec();
+}
+
+/// Mutual TLS from another sidecar: terminated here, then served by what rides inside (ALPN),
+/// with the peer's identity passed to HTTP apps in `x-forwarded-client-cert`.
+async fn serve_mesh_inbound(
+    stream: tokio::net::TcpStream,
+    listener: config::Listener,
+    target: Target,
+    labels: ListenerLabels,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+) {
+    let peer = stream.peer_addr().ok();
+    let _ = stream.set_nodelay(true);
+    let (tls, peer_id, inner) = match shared.mesh.accept(stream).await {
+        Ok(x) => x,
+        Err(e) => {
+            shared.metrics.refused.get_or_create(&labels).inc();
+            tracing::debug!(listener = %listener.name, ?peer, error = %e, "mutual TLS refused");
+            return;
+        }
+    };
+    shared.metrics.connections.get_or_create(&labels).inc();
+    let active = shared.metrics.active_connections.get_or_create(&labels).clone();
+    active.inc();
+    match inner {
+        mtls::Inner::Tcp => {
+            if let Some(endpoints) = target.resolve(&shared) {
+                tcp::serve(Box::new(tls), peer, labels, endpoints, shared).await;
+            }
+        }
+        mtls::Inner::Http1 | mtls::Inner::Http2 => {
+            let own = shared.mesh.own_id().unwrap_or_default();
+            let xfcc = hyper::header::HeaderValue::from_str(&format!("By={own};URI={peer_id}")).ok();
+            serve_http(tls, peer, listener, target, shared, stop, xfcc).await;
+        }
+    }
+    active.dec();
+}
+
+/// HTTP/1.1, or HTTP/2 with prior knowledge (the connection preface tells), over any stream.
+async fn serve_http<I>(
+    io: I,
+    peer: Option<SocketAddr>,
+    listener: config::Listener,
+    target: Target,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    xfcc: Option<hyper::header::HeaderValue>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let metrics = Arc::new(http::ConnMetrics::new(&shared, &listener.name, listener.direction));
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let (metrics, target, shared) = (metrics.clone(), target.clone(), shared.clone());
+        if let Some(v) = &xfcc {
+            req.headers_mut().insert("x-forwarded-client-cert", v.clone());
+        }
         async move {
             match target.resolve(&shared) {
                 Some(endpoints) => http::handle(req, &metrics, peer, &endpoints, &shared).await,
@@ -334,10 +415,8 @@ async fn serve_connection(
             }
         }
     });
-    let _ = stream.set_nodelay(true);
-    // HTTP/1.1, or HTTP/2 with prior knowledge (the connection preface tells).
     let builder = auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
@@ -348,7 +427,6 @@ async fn serve_connection(
             let _ = conn.await;
         }
     }
-    active.dec();
 }
 
 /// Where a connection's traffic goes: a named cluster (looked up per request, so that a reload
@@ -364,6 +442,14 @@ impl Target {
         match self {
             Target::Cluster(name) => shared.cluster(name),
             Target::Fixed(e) => Some(e.clone()),
+        }
+    }
+
+    /// The port of a fixed target (for inbound traffic: the port the app listens on).
+    fn port(&self) -> Option<u16> {
+        match self {
+            Target::Cluster(_) => None,
+            Target::Fixed(e) => e.addrs.first().map(|a| a.port()),
         }
     }
 

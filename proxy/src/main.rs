@@ -246,6 +246,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     id_tx,
                     running.shared.clone(),
                 )));
+                // Every new certificate becomes the mesh TLS identity (connections already open
+                // keep theirs).
+                let (mut ids, shared) = (id_rx.clone(), running.shared.clone());
+                tasks.push(tokio::spawn(async move {
+                    while ids.changed().await.is_ok() {
+                        let id = ids.borrow_and_update().clone();
+                        if let Some(id) = id
+                            && let Err(e) = shared.mesh.set_identity(&id)
+                        {
+                            tracing::error!("cannot use the new workload certificate for mutual TLS: {e:#}");
+                        }
+                    }
+                }));
                 tasks.push(tokio::spawn(mycel_proxy::xds::run(boot, layered.clone(), id_rx)));
             }
             // Reload when the file changes (checked every second) or on SIGHUP; a file that does

@@ -38,6 +38,7 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<ListenerLabels, Histogram>,
     pub connections: Family<ListenerLabels, Counter>,
+    pub refused: Family<ListenerLabels, Counter>,
     pub active_connections: Family<ListenerLabels, Gauge>,
     pub bytes_received: Family<ListenerLabels, Counter>,
     pub bytes_sent: Family<ListenerLabels, Counter>,
@@ -53,6 +54,12 @@ impl Default for Metrics {
             ])
         });
         let connections = Family::<ListenerLabels, Counter>::default();
+        let refused = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "refused_connections",
+            "Inbound connections refused by mutual-TLS policy (plaintext under STRICT, or a failed handshake)",
+            refused.clone(),
+        );
         let active_connections = Family::<ListenerLabels, Gauge>::default();
         let bytes_received = Family::<ListenerLabels, Counter>::default();
         let bytes_sent = Family::<ListenerLabels, Counter>::default();
@@ -102,6 +109,7 @@ impl Default for Metrics {
             requests,
             request_duration,
             connections,
+            refused,
             active_connections,
             bytes_received,
             bytes_sent,

@@ -141,16 +141,23 @@ pub async fn channel(
 /// control plane streamed. Either can change; the proxy always runs their union.
 pub struct Layered {
     pub running: Arc<Running>,
-    state: Mutex<(Config, BTreeMap<String, config::Cluster>)>,
+    state: Mutex<(Config, BTreeMap<String, config::Cluster>, Option<config::InboundMtls>)>,
 }
 
 impl Layered {
     pub fn new(running: Arc<Running>, base: Config) -> Layered {
-        Layered { running, state: Mutex::new((base, BTreeMap::new())) }
+        Layered { running, state: Mutex::new((base, BTreeMap::new(), None)) }
     }
 
-    fn compose(base: &Config, dynamic: &BTreeMap<String, config::Cluster>) -> Result<Config, ConfigError> {
+    fn compose(
+        base: &Config,
+        dynamic: &BTreeMap<String, config::Cluster>,
+        inbound: &Option<config::InboundMtls>,
+    ) -> Result<Config, ConfigError> {
         let mut c = base.clone();
+        if let Some(p) = inbound {
+            c.inbound_mtls = p.clone();
+        }
         for (name, cluster) in dynamic {
             if base.clusters.iter().any(|b| &b.name == name) {
                 return Err(ConfigError::Invalid {
@@ -166,16 +173,25 @@ impl Layered {
     /// Replaces the static layer.
     pub async fn set_base(&self, base: Config) -> Result<(), ApplyError> {
         let mut st = self.state.lock().await;
-        let composed = Self::compose(&base, &st.1)?;
+        let composed = Self::compose(&base, &st.1, &st.2)?;
         self.running.apply(composed).await?;
         st.0 = base;
+        Ok(())
+    }
+
+    /// Replaces the streamed inbound policy (`None`: the static one).
+    pub async fn set_inbound(&self, policy: Option<config::InboundMtls>) -> Result<(), ApplyError> {
+        let mut st = self.state.lock().await;
+        let composed = Self::compose(&st.0, &st.1, &policy)?;
+        self.running.apply(composed).await?;
+        st.2 = policy;
         Ok(())
     }
 
     /// Replaces the streamed layer; errors name streamed clusters by name.
     pub async fn set_dynamic(&self, dynamic: BTreeMap<String, config::Cluster>) -> Result<(), ApplyError> {
         let mut st = self.state.lock().await;
-        let composed = Self::compose(&st.0, &dynamic)?;
+        let composed = Self::compose(&st.0, &dynamic, &st.2)?;
         match self.running.apply(composed.clone()).await {
             Ok(()) => {
                 st.1 = dynamic;
@@ -206,6 +222,7 @@ fn name_indices(field: &str, c: &Config) -> String {
 pub fn convert_cluster(c: &pb::Cluster) -> Result<config::Cluster, ConfigError> {
     let invalid = |field: String, message: String| ConfigError::Invalid { field, message };
     let mut endpoints = Vec::new();
+    let mut mtls_endpoints = BTreeMap::new();
     for (i, e) in c.endpoints.iter().enumerate() {
         let addr: SocketAddr = e.address.parse().map_err(|_| {
             invalid(
@@ -213,6 +230,15 @@ pub fn convert_cluster(c: &pb::Cluster) -> Result<config::Cluster, ConfigError> 
                 format!("{:?} is not ip:port", e.address),
             )
         })?;
+        if e.mtls {
+            if !e.identity.starts_with("spiffe://") {
+                return Err(invalid(
+                    format!("clusters[{}].endpoints[{i}].identity", c.name),
+                    format!("mutual TLS needs a SPIFFE ID, not {:?}", e.identity),
+                ));
+            }
+            mtls_endpoints.insert(addr, e.identity.clone());
+        }
         if e.ready {
             endpoints.push(addr);
         }
@@ -256,6 +282,7 @@ pub fn convert_cluster(c: &pb::Cluster) -> Result<config::Cluster, ConfigError> 
         connect_timeout_ms: if c.connect_timeout_ms == 0 { 1000 } else { u64::from(c.connect_timeout_ms) },
         lb,
         addresses,
+        mtls_endpoints,
     })
 }
 
@@ -270,6 +297,7 @@ pub async fn run(
 ) {
     let metrics = &layered.running.shared.metrics;
     let mut accepted: Accepted = BTreeMap::new();
+    let mut policy: Option<(String, config::InboundMtls)> = None;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
     loop {
         let id = match identity.wait_for(|i| i.is_some()).await {
@@ -277,7 +305,7 @@ pub async fn run(
             Err(_) => return,
         };
         let Some(id) = id else { continue };
-        let result = session(&boot, &layered, &id, &mut accepted, &mut backoff).await;
+        let result = session(&boot, &layered, &id, &mut accepted, &mut policy, &mut backoff).await;
         metrics.control_plane_connected.set(0);
         let delay = backoff.next_delay();
         match result {
@@ -295,6 +323,7 @@ async fn session(
     layered: &Layered,
     id: &Identity,
     accepted: &mut Accepted,
+    policy: &mut Option<(String, config::InboundMtls)>,
     backoff: &mut Backoff,
 ) -> anyhow::Result<()> {
     let metrics = &layered.running.shared.metrics;
@@ -308,6 +337,13 @@ async fn session(
         ..Default::default()
     };
     tx.send(first).await?;
+    tx.send(pb::DeltaRequest {
+        type_url: mycel_api::PEER_POLICY_TYPE.into(),
+        subscribe: vec!["*".into()],
+        initial_versions: policy.iter().map(|(v, _)| ("inbound".to_string(), v.clone())).collect(),
+        ..Default::default()
+    })
+    .await?;
     let mut responses = ConfigDiscoveryClient::new(ch)
         .max_decoding_message_size(64 << 20)
         .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -320,6 +356,18 @@ async fn session(
         responses.message().await.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
     {
         backoff.reset();
+        if resp.type_url == mycel_api::PEER_POLICY_TYPE {
+            let error_detail = apply_policy(&resp, policy, layered).await;
+            metrics.config_update(error_detail.is_none());
+            tx.send(pb::DeltaRequest {
+                type_url: resp.type_url.clone(),
+                response_nonce: resp.nonce.clone(),
+                error_detail,
+                ..Default::default()
+            })
+            .await?;
+            continue;
+        }
         let (next, rejected) = apply_response(&resp, accepted, layered).await;
         if !layered.running.shared.ready.swap(true, std::sync::atomic::Ordering::AcqRel) {
             info!(clusters = next.len(), "first config from the control plane is in; ready");
@@ -352,6 +400,60 @@ async fn session(
         .await?;
     }
     Ok(())
+}
+
+/// The inbound mutual-TLS policy from its streamed form.
+pub fn convert_policy(p: &pb::PeerPolicy) -> Result<config::InboundMtls, ConfigError> {
+    let mode = |m: i32, field: String| match pb::MtlsMode::try_from(m) {
+        Ok(pb::MtlsMode::MtlsPermissive) => Ok(config::MtlsMode::Permissive),
+        Ok(pb::MtlsMode::MtlsStrict) => Ok(config::MtlsMode::Strict),
+        Ok(pb::MtlsMode::MtlsDisable) => Ok(config::MtlsMode::Disable),
+        Err(_) => Err(ConfigError::Invalid { field, message: format!("unknown mode {m}") }),
+    };
+    let mut ports = BTreeMap::new();
+    for (port, m) in &p.ports {
+        let field = format!("peerPolicy.ports[{port}]");
+        let port = u16::try_from(*port)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| ConfigError::Invalid { field: field.clone(), message: "not a TCP port".into() })?;
+        ports.insert(port, mode(*m, field)?);
+    }
+    Ok(config::InboundMtls { mode: mode(p.mode, "peerPolicy.mode".into())?, ports })
+}
+
+/// Applies a PeerPolicy response; the rejection, if any.
+async fn apply_policy(
+    resp: &pb::DeltaResponse,
+    policy: &mut Option<(String, config::InboundMtls)>,
+    layered: &Layered,
+) -> Option<pb::RejectReason> {
+    let next = match resp.resources.iter().find(|r| r.name == "inbound") {
+        Some(r) => match &r.kind {
+            Some(pb::resource::Kind::PeerPolicy(p)) => match convert_policy(p) {
+                Ok(c) => Some((r.version.clone(), c)),
+                Err(e) => return Some(pb::RejectReason { field: "inbound".into(), message: e.to_string() }),
+            },
+            _ => {
+                return Some(pb::RejectReason {
+                    field: "inbound".into(),
+                    message: "not a PeerPolicy".into(),
+                });
+            }
+        },
+        None if resp.removed.iter().any(|n| n == "inbound") => None,
+        None => policy.clone(),
+    };
+    match layered.set_inbound(next.as_ref().map(|(_, p)| p.clone())).await {
+        Ok(()) => {
+            if let Some((_, p)) = &next {
+                info!(mode = ?p.mode, ports = p.ports.len(), "inbound mutual-TLS policy applied");
+            }
+            *policy = next;
+            None
+        }
+        Err(e) => Some(pb::RejectReason { field: "inbound".into(), message: e.to_string() }),
+    }
 }
 
 /// The cluster a validation error is about, when it is one of `names`.

@@ -16,6 +16,7 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use mycel_api::v1alpha1 as pb;
+use mycel_crds::peer_authentication::{PeerAuthentication, PeerMtlsMode};
 use prost::Message;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -43,6 +44,11 @@ pub struct Snapshot {
     pub log: Arc<VecDeque<(u64, Arc<[String]>)>>,
     /// Whether every watch has listed once (before that the model is incomplete).
     pub synced: bool,
+    /// Pods, for each proxy's own inbound policy.
+    pub pods: Arc<HashMap<Key, Arc<PodInfo>>>,
+    pub peer_auths: Arc<Vec<PeerAuth>>,
+    /// The installation's namespace: its PeerAuthentications without a selector are mesh-wide.
+    pub root_namespace: String,
 }
 
 impl Snapshot {
@@ -70,6 +76,8 @@ impl Snapshot {
 #[derive(Clone, Debug)]
 pub struct Options {
     pub cluster_domain: String,
+    /// The installation's namespace (mesh-wide policies live there).
+    pub root_namespace: String,
     pub trust_domain: String,
     /// Quiet time that ends a burst of changes.
     pub debounce: Duration,
@@ -81,6 +89,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             cluster_domain: "cluster.local".into(),
+            root_namespace: "mycel-system".into(),
             trust_domain: "cluster.local".into(),
             debounce: Duration::from_millis(10),
             debounce_max: Duration::from_millis(100),
@@ -90,12 +99,62 @@ impl Default for Options {
 
 /// What discovery keeps of a pod.
 #[derive(Clone, Debug, PartialEq)]
-struct PodInfo {
-    service_account: String,
-    sidecar: bool,
+pub struct PodInfo {
+    pub service_account: String,
+    pub sidecar: bool,
+    pub labels: BTreeMap<String, String>,
 }
 
-type Key = (String, String);
+/// A PeerAuthentication, as policy resolution needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeerAuth {
+    pub namespace: String,
+    pub name: String,
+    pub selector: Option<BTreeMap<String, String>>,
+    pub mode: PeerMtlsMode,
+    pub ports: BTreeMap<u32, PeerMtlsMode>,
+}
+
+/// The inbound policy of one workload: the most specific PeerAuthentication wins (workload
+/// selector, then namespace, then mesh-wide in the root namespace); an unset mode inherits.
+/// Ties go to the alphabetically first name.
+pub fn peer_policy(
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    pas: &[PeerAuth],
+    root: &str,
+) -> pb::PeerPolicy {
+    let pick = |f: &dyn Fn(&PeerAuth) -> bool| pas.iter().filter(|p| f(p)).min_by(|a, b| a.name.cmp(&b.name));
+    let workload = pick(&|p| {
+        p.namespace == namespace
+            && p.selector.as_ref().is_some_and(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+    });
+    let ns = pick(&|p| p.namespace == namespace && p.selector.is_none());
+    let mesh = pick(&|p| p.namespace == root && p.selector.is_none());
+    let to_pb = |m: PeerMtlsMode| match m {
+        PeerMtlsMode::Strict => Some(pb::MtlsMode::MtlsStrict),
+        PeerMtlsMode::Permissive => Some(pb::MtlsMode::MtlsPermissive),
+        PeerMtlsMode::Disable => Some(pb::MtlsMode::MtlsDisable),
+        PeerMtlsMode::Unset => None,
+    };
+    let mode = [workload, ns, mesh]
+        .into_iter()
+        .flatten()
+        .find_map(|p| to_pb(p.mode))
+        .unwrap_or(pb::MtlsMode::MtlsPermissive);
+    let ports = workload
+        .map(|w| w.ports.iter().map(|(port, m)| (*port, to_pb(*m).unwrap_or(mode) as i32)).collect())
+        .unwrap_or_default();
+    pb::PeerPolicy { mode: mode as i32, ports }
+}
+
+/// The mode of one port under a policy.
+pub fn port_mode(p: &pb::PeerPolicy, port: u32) -> pb::MtlsMode {
+    let m = p.ports.get(&port).copied().unwrap_or(p.mode);
+    pb::MtlsMode::try_from(m).unwrap_or(pb::MtlsMode::MtlsPermissive)
+}
+
+pub type Key = (String, String);
 
 fn key_of<K: ResourceExt>(o: &K) -> Key {
     (o.namespace().unwrap_or_default(), o.name_any())
@@ -105,6 +164,7 @@ enum Change {
     Service(Box<watcher::Event<Service>>),
     Slice(Box<watcher::Event<EndpointSlice>>),
     Pod(Box<watcher::Event<Pod>>),
+    PeerAuth(Box<watcher::Event<PeerAuthentication>>),
 }
 
 /// A watched kind: live objects, plus the list being rebuilt while the watch relists.
@@ -189,7 +249,12 @@ struct Model {
     opts: Options,
     services: Kind<Svc>,
     slices: Kind<Slice>,
-    pods: Kind<PodInfo>,
+    pods: Kind<Arc<PodInfo>>,
+    peer_auths: Kind<PeerAuth>,
+    /// Pods or policies changed since the last snapshot: proxies' inbound policies may have.
+    policy_dirty: bool,
+    pods_snapshot: Arc<HashMap<Key, Arc<PodInfo>>>,
+    peer_auths_snapshot: Arc<Vec<PeerAuth>>,
     /// service key → slices of it
     slices_of: HashMap<Key, HashSet<Key>>,
     /// pod key → services whose endpoints it is
@@ -249,11 +314,28 @@ fn slice_info(s: EndpointSlice) -> Option<Slice> {
     Some(Slice { service, ports, endpoints })
 }
 
-fn pod_info(p: Pod) -> Option<PodInfo> {
+fn pod_info(p: Pod) -> Option<Arc<PodInfo>> {
     let spec = p.spec?;
-    let sidecar =
-        spec.containers.iter().chain(spec.init_containers.iter().flatten()).any(|c| c.name == "mycel-proxy");
-    Some(PodInfo { service_account: spec.service_account_name.unwrap_or_else(|| "default".into()), sidecar })
+    let sidecar = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .any(|c| c.name == super::inject::PROXY);
+    Some(Arc::new(PodInfo {
+        service_account: spec.service_account_name.unwrap_or_else(|| "default".into()),
+        sidecar,
+        labels: p.metadata.labels.unwrap_or_default(),
+    }))
+}
+
+fn peer_auth_info(p: PeerAuthentication) -> Option<PeerAuth> {
+    Some(PeerAuth {
+        namespace: p.metadata.namespace.clone().unwrap_or_default(),
+        name: p.metadata.name.clone().unwrap_or_default(),
+        selector: p.spec.selector.map(|s| s.match_labels),
+        mode: p.spec.mtls.map(|m| m.mode).unwrap_or_default(),
+        ports: p.spec.port_level_mtls.into_iter().map(|pm| (pm.port as u32, pm.mode)).collect(),
+    })
 }
 
 /// 64-bit FNV-1a, as hex: stable across processes (unlike `DefaultHasher`).
@@ -269,6 +351,10 @@ impl Model {
             services: Kind::default(),
             slices: Kind::default(),
             pods: Kind::default(),
+            peer_auths: Kind::default(),
+            policy_dirty: true,
+            pods_snapshot: Arc::new(HashMap::new()),
+            peer_auths_snapshot: Arc::new(Vec::new()),
             slices_of: HashMap::new(),
             services_of_pod: HashMap::new(),
             clusters_of: HashMap::new(),
@@ -279,7 +365,7 @@ impl Model {
     }
 
     fn synced(&self) -> bool {
-        self.services.synced && self.slices.synced && self.pods.synced
+        self.services.synced && self.slices.synced && self.pods.synced && self.peer_auths.synced
     }
 
     /// Applies a watch event; returns the services to recompute.
@@ -305,8 +391,17 @@ impl Model {
                 self.slices_of.retain(|_, s| !s.is_empty());
                 dirty
             }
+            Change::PeerAuth(e) => {
+                if self.peer_auths.apply(*e, peer_auth_info).is_empty() {
+                    return vec![];
+                }
+                // Endpoints' mutual TLS depends on their workloads' policies: recompute all.
+                self.policy_dirty = true;
+                self.services.live.keys().cloned().collect()
+            }
             Change::Pod(e) => {
                 let touched = self.pods.apply(*e, pod_info);
+                self.policy_dirty |= !touched.is_empty();
                 let dirty = touched
                     .iter()
                     .filter_map(|k| self.services_of_pod.get(k))
@@ -348,6 +443,18 @@ impl Model {
                     if let Some((k, _)) = pod {
                         self.services_of_pod.entry(k.clone()).or_default().insert(svc_key.clone());
                     }
+                    let mtls = pod.is_some_and(|((pns, _), p)| {
+                        p.sidecar
+                            && port_mode(
+                                &peer_policy(
+                                    pns,
+                                    &p.labels,
+                                    &self.peer_auths_snapshot,
+                                    &self.opts.root_namespace,
+                                ),
+                                *target as u32,
+                            ) != pb::MtlsMode::MtlsDisable
+                    });
                     for a in &e.addresses {
                         let address =
                             if a.contains(':') { format!("[{a}]:{target}") } else { format!("{a}:{target}") };
@@ -364,6 +471,7 @@ impl Model {
                             labels: Default::default(),
                             locality: e.zone.clone(),
                             ready: e.ready,
+                            mtls,
                         });
                     }
                 }
@@ -437,12 +545,28 @@ impl Model {
         changed
     }
 
+    /// Refreshes the pod and policy views streams read, when they changed.
+    fn refresh_policy_views(&mut self) -> bool {
+        if !self.policy_dirty {
+            return false;
+        }
+        self.policy_dirty = false;
+        self.pods_snapshot = Arc::new(self.pods.live.clone());
+        let mut pas: Vec<PeerAuth> = self.peer_auths.live.values().cloned().collect();
+        pas.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        self.peer_auths_snapshot = Arc::new(pas);
+        true
+    }
+
     fn snapshot(&self) -> Snapshot {
         Snapshot {
             version: self.version,
             clusters: self.clusters.clone(),
             log: Arc::new(self.log.clone()),
             synced: self.synced(),
+            pods: self.pods_snapshot.clone(),
+            peer_auths: self.peer_auths_snapshot.clone(),
+            root_namespace: self.opts.root_namespace.clone(),
         }
     }
 }
@@ -470,7 +594,8 @@ pub fn start(client: Client, opts: Options) -> watch::Receiver<Arc<Snapshot>> {
     let changes = futures::stream::select_all([
         events(Api::<Service>::all(client.clone()), |e| Change::Service(Box::new(e))),
         events(Api::<EndpointSlice>::all(client.clone()), |e| Change::Slice(Box::new(e))),
-        events(Api::<Pod>::all(client), |e| Change::Pod(Box::new(e))),
+        events(Api::<Pod>::all(client.clone()), |e| Change::Pod(Box::new(e))),
+        events(Api::<PeerAuthentication>::all(client), |e| Change::PeerAuth(Box::new(e))),
     ]);
     start_with(changes, opts)
 }
@@ -507,7 +632,7 @@ async fn run(
             change = changes.next() => {
                 let Some(change) = change else { return };
                 let keys = model.apply(change);
-                if !keys.is_empty() {
+                if !keys.is_empty() || model.policy_dirty {
                     dirty.extend(keys);
                     last_change = Instant::now();
                     first_dirty.get_or_insert(last_change);
@@ -524,8 +649,10 @@ async fn run(
                 }
                 let started = Instant::now();
                 let services = dirty.len();
+                // Policies first: endpoints' mutual TLS is computed from them.
+                let policies = model.refresh_policy_views();
                 let changed = model.rebuild(std::mem::take(&mut dirty));
-                if changed.is_empty() && was_synced {
+                if changed.is_empty() && !policies && was_synced {
                     continue;
                 }
                 model.version += 1;
@@ -617,6 +744,7 @@ mod tests {
             Change::Service(Box::new(watcher::Event::InitDone)),
             Change::Slice(Box::new(watcher::Event::InitDone)),
             Change::Pod(Box::new(watcher::Event::InitDone)),
+            Change::PeerAuth(Box::new(watcher::Event::InitDone)),
         ] {
             m.apply(c);
         }

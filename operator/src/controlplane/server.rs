@@ -26,7 +26,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use super::{metrics::CpMetrics, model::Snapshot, tls::Peer};
+use super::{
+    metrics::CpMetrics,
+    model::{Entry, Snapshot, content_version, peer_policy},
+    tls::Peer,
+};
 use crate::pki::{Ca, SignError};
 
 /// Audience the proxies' projected tokens are minted for.
@@ -196,6 +200,7 @@ impl Discovery {
         let mut snapshots = self.snapshots.clone();
         let mut types: BTreeMap<String, TypeState> = BTreeMap::new();
         let mut nonce = 0u64;
+        let node = first.node.clone().unwrap_or_default();
         let mut next = Some(first);
         loop {
             if let Some(req) = next.take() {
@@ -208,7 +213,7 @@ impl Discovery {
                     if ts.pending.is_some() {
                         continue;
                     }
-                    if let Some(resp) = self.delta(type_url, ts, &snap, &mut nonce) {
+                    if let Some(resp) = self.delta(type_url, ts, &snap, &node, &mut nonce) {
                         let bytes = prost::Message::encoded_len(&resp) as u64;
                         self.metrics.pushed(type_url, bytes);
                         let (count, version) = (ts.known.len(), snap.version);
@@ -245,12 +250,12 @@ impl Discovery {
         req: pb::DeltaRequest,
         types: &mut BTreeMap<String, TypeState>,
     ) -> Result<(), Status> {
-        if req.type_url != mycel_api::CLUSTER_TYPE && req.type_url != mycel_api::LISTENER_TYPE {
+        let known = [mycel_api::CLUSTER_TYPE, mycel_api::LISTENER_TYPE, mycel_api::PEER_POLICY_TYPE];
+        if !known.contains(&req.type_url.as_str()) {
             return Err(Status::invalid_argument(format!(
-                "type_url: unknown resource type {:?}; use {} or {}",
+                "type_url: unknown resource type {:?}; use one of {}",
                 req.type_url,
-                mycel_api::CLUSTER_TYPE,
-                mycel_api::LISTENER_TYPE
+                known.join(", ")
             )));
         }
         let ts = types.entry(req.type_url.clone()).or_insert_with(|| TypeState {
@@ -319,13 +324,26 @@ impl Discovery {
         type_url: &str,
         ts: &mut TypeState,
         snap: &Snapshot,
+        node: &pb::Node,
         nonce: &mut u64,
     ) -> Option<pb::DeltaResponse> {
         if ts.first_sent && ts.synced == snap.version {
             return None;
         }
-        let empty = HashMap::new();
-        let resources = if type_url == mycel_api::CLUSTER_TYPE { &*snap.clusters } else { &empty };
+        let computed;
+        let resources: &HashMap<String, Arc<Entry>> = match type_url {
+            mycel_api::CLUSTER_TYPE => &snap.clusters,
+            mycel_api::PEER_POLICY_TYPE => {
+                computed = policy_resource(snap, node);
+                &computed
+            }
+            _ => {
+                computed = HashMap::new();
+                &computed
+            }
+        };
+        // Only clusters have a change log; the rest is small enough to compare whole.
+        let use_log = type_url == mycel_api::CLUSTER_TYPE;
         let wanted = |n: &str| ts.wildcard || ts.names.contains(n);
         let mut added = Vec::new();
         let mut removed = Vec::new();
@@ -341,7 +359,7 @@ impl Discovery {
                 }
             }
         };
-        match snap.changed_since(ts.synced).filter(|_| ts.first_sent) {
+        match snap.changed_since(ts.synced).filter(|_| ts.first_sent && use_log) {
             Some(names) => {
                 for n in names {
                     consider(n, &ts.known);
@@ -382,6 +400,25 @@ impl Discovery {
             removed,
         })
     }
+}
+
+/// The one `inbound` PeerPolicy of a proxy, from its pod's labels and the PeerAuthentications.
+fn policy_resource(snap: &Snapshot, node: &pb::Node) -> HashMap<String, Arc<Entry>> {
+    let labels = snap
+        .pods
+        .get(&(node.namespace.clone(), node.pod.clone()))
+        .map(|p| p.labels.clone())
+        .unwrap_or_default();
+    let policy = peer_policy(&node.namespace, &labels, &snap.peer_auths, &snap.root_namespace);
+    let mut resource = pb::Resource {
+        name: "inbound".into(),
+        version: String::new(),
+        kind: Some(pb::resource::Kind::PeerPolicy(policy)),
+    };
+    let version = content_version(&prost::Message::encode_to_vec(&resource));
+    resource.version = version.clone();
+    let encoded_len = prost::Message::encoded_len(&resource);
+    HashMap::from([("inbound".to_string(), Arc::new(Entry { version, resource, encoded_len }))])
 }
 
 /// The CA in force, replaced whole when its Secret changes.

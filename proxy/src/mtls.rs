@@ -1,0 +1,265 @@
+//! Mutual TLS between sidecars. The outbound proxy opens TLS to the destination's sidecar with
+//! its workload certificate and checks that the peer's certificate chains to the mesh's trust
+//! bundle and carries the SPIFFE ID the control plane gave for that endpoint. The inbound proxy
+//! terminates it and checks the client's chain the same way. ALPN says what rides inside
+//! (`mycel/http1`, `mycel/h2`, `mycel/tcp`), so the inbound side needs no detection. Keys come
+//! from [`crate::identity`] and are swapped whole at each renewal; open connections keep theirs.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+};
+
+use rustls::{
+    ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, TrustAnchor, UnixTime, pem::PemObject},
+    server::WebPkiClientVerifier,
+};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
+
+use crate::identity::Identity;
+
+pub const ALPN_HTTP1: &[u8] = b"mycel/http1";
+pub const ALPN_H2: &[u8] = b"mycel/h2";
+pub const ALPN_TCP: &[u8] = b"mycel/tcp";
+
+/// What rides inside a mesh TLS connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inner {
+    Http1,
+    Http2,
+    Tcp,
+}
+
+impl Inner {
+    fn alpn(self) -> &'static [u8] {
+        match self {
+            Inner::Http1 => ALPN_HTTP1,
+            Inner::Http2 => ALPN_H2,
+            Inner::Tcp => ALPN_TCP,
+        }
+    }
+
+    pub fn from_alpn(p: &[u8]) -> Option<Inner> {
+        match p {
+            ALPN_HTTP1 => Some(Inner::Http1),
+            ALPN_H2 => Some(Inner::Http2),
+            ALPN_TCP => Some(Inner::Tcp),
+            _ => None,
+        }
+    }
+}
+
+/// Whether a ClientHello's ALPN list is the mesh's.
+pub fn is_mesh_alpn(alpn: &[String]) -> bool {
+    alpn.iter().any(|p| Inner::from_alpn(p.as_bytes()).is_some())
+}
+
+/// Checks a server's chain against the trust bundle, without host names: a SPIFFE certificate
+/// has none. The identity is checked after the handshake (see [`MeshTls::connect`]).
+struct ChainVerifier {
+    roots: Vec<TrustAnchor<'static>>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl fmt::Debug for ChainVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChainVerifier({} roots)", self.roots.len())
+    }
+}
+
+impl ServerCertVerifier for ChainVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| rustls::Error::General(format!("peer certificate: {e}")))?;
+        cert.verify_for_usage(
+            self.algs.all,
+            &self.roots,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| rustls::Error::General(format!("peer certificate not trusted: {e}")))?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// The SPIFFE ID (URI SAN) of a certificate.
+pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let san = x509.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => Some(u.to_string()),
+        _ => None,
+    })
+}
+
+/// Client and server configurations built from one identity.
+struct Keys {
+    own_id: String,
+    clients: [Arc<ClientConfig>; 3],
+    server: Arc<ServerConfig>,
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl Keys {
+    fn build(id: &Identity) -> anyhow::Result<Keys> {
+        let provider = provider();
+        let chain: Vec<CertificateDer<'static>> = id
+            .chain_pem
+            .iter()
+            .flat_map(|p| CertificateDer::pem_slice_iter(p.as_bytes()))
+            .collect::<Result<_, _>>()?;
+        let key = PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())?;
+        let mut roots = RootCertStore::empty();
+        let mut anchors = Vec::new();
+        for pem in &id.trust_bundle_pem {
+            for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                let c = c?;
+                anchors.push(webpki::anchor_from_trusted_cert(&c)?.to_owned());
+                roots.add(c)?;
+            }
+        }
+        let verifier =
+            Arc::new(ChainVerifier { roots: anchors, algs: provider.signature_verification_algorithms });
+        let client = |inner: Inner| -> anyhow::Result<Arc<ClientConfig>> {
+            let mut c = ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()?
+                .dangerous()
+                .with_custom_certificate_verifier(verifier.clone())
+                .with_client_auth_cert(chain.clone(), key.clone_key())?;
+            c.alpn_protocols = vec![inner.alpn().to_vec()];
+            Ok(Arc::new(c))
+        };
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(client_verifier)
+            .with_single_cert(chain.clone(), key.clone_key())?;
+        server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_TCP.to_vec()];
+        let clients = [client(Inner::Http1)?, client(Inner::Http2)?, client(Inner::Tcp)?];
+        Ok(Keys { own_id: id.spiffe_id.clone(), clients, server: Arc::new(server) })
+    }
+}
+
+/// The proxy's mesh TLS state: its keys, and the identity each mesh endpoint must prove.
+#[derive(Default)]
+pub struct MeshTls {
+    keys: RwLock<Option<Arc<Keys>>>,
+    endpoints: RwLock<HashMap<SocketAddr, String>>,
+}
+
+impl MeshTls {
+    /// Installs a new identity (at start and at each renewal).
+    pub fn set_identity(&self, id: &Identity) -> anyhow::Result<()> {
+        let keys = Arc::new(Keys::build(id)?);
+        if let Ok(mut k) = self.keys.write() {
+            *k = Some(keys);
+        }
+        Ok(())
+    }
+
+    /// Endpoint → SPIFFE ID of every endpoint reached over mutual TLS.
+    pub fn set_endpoints(&self, endpoints: HashMap<SocketAddr, String>) {
+        if let Ok(mut e) = self.endpoints.write() {
+            *e = endpoints;
+        }
+    }
+
+    /// The identity `addr` must prove, when it is reached over mutual TLS.
+    pub fn identity_of(&self, addr: &SocketAddr) -> Option<String> {
+        self.endpoints.read().ok()?.get(addr).cloned()
+    }
+
+    pub fn own_id(&self) -> Option<String> {
+        Some(self.keys.read().ok()?.as_ref()?.own_id.clone())
+    }
+
+    fn keys(&self) -> std::io::Result<Arc<Keys>> {
+        self.keys
+            .read()
+            .ok()
+            .and_then(|k| k.clone())
+            .ok_or_else(|| std::io::Error::other("no workload certificate yet"))
+    }
+
+    /// Opens mutual TLS over `tcp` to an endpoint that must prove `expected`.
+    pub async fn connect(
+        &self,
+        tcp: TcpStream,
+        expected: &str,
+        inner: Inner,
+    ) -> std::io::Result<client::TlsStream<TcpStream>> {
+        let keys = self.keys()?;
+        let config = keys.clients[inner as usize].clone();
+        // Not checked (the verifier ignores names); SNI carries the expected identity for logs.
+        let name = ServerName::try_from("mesh.mycel.invalid").map_err(std::io::Error::other)?;
+        let stream = TlsConnector::from(config).connect(name, tcp).await?;
+        let peer = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(spiffe_id);
+        if peer.as_deref() != Some(expected) {
+            return Err(std::io::Error::other(format!(
+                "the endpoint presented {} instead of {expected}",
+                peer.as_deref().unwrap_or("no SPIFFE identity")
+            )));
+        }
+        Ok(stream)
+    }
+
+    /// Terminates mutual TLS from another sidecar: the stream, the peer's SPIFFE ID and what
+    /// rides inside.
+    pub async fn accept(
+        &self,
+        tcp: TcpStream,
+    ) -> std::io::Result<(server::TlsStream<TcpStream>, String, Inner)> {
+        let keys = self.keys()?;
+        let stream = TlsAcceptor::from(keys.server.clone()).accept(tcp).await?;
+        let conn = stream.get_ref().1;
+        let peer = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(spiffe_id)
+            .ok_or_else(|| std::io::Error::other("the client certificate has no SPIFFE identity"))?;
+        let inner = conn.alpn_protocol().and_then(Inner::from_alpn).unwrap_or(Inner::Tcp);
+        Ok((stream, peer, inner))
+    }
+}
