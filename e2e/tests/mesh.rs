@@ -62,16 +62,37 @@ async fn run_job(
     inject: bool,
     args: &[String],
 ) -> (bool, String) {
+    run_jobs(client, ns, name, sa, inject, &[args.to_vec()], None).await
+}
+
+/// Like [`run_job`], with one container per argument list (the log is the first's), and
+/// `during` run while the Job does.
+async fn run_jobs(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    sa: &str,
+    inject: bool,
+    args: &[Vec<String>],
+    during: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>>,
+) -> (bool, String) {
+    let containers: Vec<serde_json::Value> = args
+        .iter()
+        .enumerate()
+        .map(|(i, a)| json!({"name": if i == 0 { "client".to_string() } else { format!("client{i}") }, "image": TESTAPP_IMAGE, "args": a}))
+        .collect();
     let job: Job = serde_json::from_value(json!({
         "metadata": {"name": name},
         "spec": {"backoffLimit": 0, "template": {
-            "metadata": {"annotations": {"mycel.io/inject": if inject { "true" } else { "false" }}},
-            "spec": {"restartPolicy": "Never", "serviceAccountName": sa,
-                "containers": [{"name": "client", "image": TESTAPP_IMAGE, "args": args}]}}}
+            "metadata": {"annotations": {"mycel.io/inject": if inject { "true" } else { "false" }, "mycel.io/cert-ttl-seconds": "20"}},
+            "spec": {"restartPolicy": "Never", "serviceAccountName": sa, "containers": containers}}}
     }))
     .unwrap();
     let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
     jobs.create(&PostParams::default(), &job).await.unwrap();
+    if let Some(during) = during {
+        during.await;
+    }
     let finished = tokio::time::timeout(
         Duration::from_secs(120),
         await_condition(jobs.clone(), name, |j: Option<&Job>| {
@@ -154,7 +175,7 @@ spec:
   replicas: 2
   selector: {{matchLabels: {{app: web}}}}
   template:
-    metadata: {{labels: {{app: web}}}}
+    metadata: {{labels: {{app: web}}, annotations: {{mycel.io/cert-ttl-seconds: "20"}}}}
     spec:
       terminationGracePeriodSeconds: 5
       containers:
@@ -267,6 +288,19 @@ spec:
         );
     }
 
+    // The server side saw the requests arrive through its sidecar.
+    let mut inbound = 0.0;
+    for name in &names {
+        let path = format!("/api/v1/namespaces/{n}/pods/{name}:15020/proxy/metrics");
+        let text = client.request_text(http::Request::get(path).body(Vec::new()).unwrap()).await.unwrap();
+        inbound += text
+            .lines()
+            .filter(|l| l.starts_with("mycel_proxy_requests_total{direction=\"inbound\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    assert!(inbound >= 40.0, "inbound requests counted by the web sidecars: {inbound}");
+
     // Sidecar to sidecar is mutual TLS: the server's sidecar hands the app the client's
     // verified identity.
     let sa: k8s_openapi::api::core::v1::ServiceAccount =
@@ -332,18 +366,118 @@ spec:
     }
     assert!(refused >= 1.0, "the refusal is counted");
 
-    // The server side saw the requests arrive through its sidecar.
-    let mut inbound = 0.0;
-    for name in &names {
-        let path = format!("/api/v1/namespaces/{n}/pods/{name}:15020/proxy/metrics");
-        let text = client.request_text(http::Request::get(path).body(Vec::new()).unwrap()).await.unwrap();
-        inbound += text
-            .lines()
-            .filter(|l| l.starts_with("mycel_proxy_requests_total{direction=\"inbound\""))
+    // gRPC (HTTP/2), WebSocket and opaque TCP cross two sidecars too, over mutual TLS.
+    let multi = format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: multi}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: multi}}}}
+  template:
+    metadata: {{labels: {{app: multi}}}}
+    spec:
+      containers:
+      - {{name: grpc, image: {TESTAPP_IMAGE}, args: ["grpc-echo", "--port", "9090"]}}
+      - {{name: ws, image: {TESTAPP_IMAGE}, args: ["ws-echo", "--port", "8081"]}}
+      - {{name: tcp, image: {TESTAPP_IMAGE}, args: ["tcp-echo", "--port", "9000"]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: multi}}
+spec:
+  selector: {{app: multi}}
+  ports: [{{name: grpc, port: 9090}}, {{name: http-ws, port: 8081}}, {{name: tcp, port: 9000}}]
+"#
+    );
+    c.kubectl_run(&["apply", "-n", &n, "-f", "-"], Some(&multi)).unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        await_condition(deployments.clone(), "multi", |d: Option<&Deployment>| {
+            d.and_then(|d| d.status.as_ref()).is_some_and(|s| s.available_replicas == Some(1))
+        }),
+    )
+    .await
+    .expect("multi available")
+    .unwrap();
+    let strs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let (ok, logs) = run_jobs(
+        &client,
+        &n,
+        "protocols",
+        "client",
+        true,
+        &[
+            strs(&["grpc-check", "--count", "3", "http://multi:9090"]),
+            strs(&["ws-send", "ws://multi:8081/", "one", "two"]),
+            strs(&["tcp-send", "multi:9000", "ping", "pong"]),
+        ],
+        None,
+    )
+    .await;
+    assert!(ok, "every protocol through two sidecars; gRPC said:\n{logs}");
+    assert_eq!(logs.lines().filter(|l| l.contains("Serving")).count(), 3, "{logs}");
+    let multi_pod = pods.list(&ListParams::default().labels("app=multi")).await.unwrap().items[0]
+        .metadata
+        .name
+        .clone()
+        .unwrap();
+    let metrics = pod_get(&client, &n, &multi_pod, "15020/proxy/metrics").await;
+    let mtls_conns: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("mycel_proxy_connections_total{")
+                && l.contains("direction=\"inbound\"")
+                && l.contains("protocol=\"mtls\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(mtls_conns >= 3.0, "gRPC, WebSocket and TCP arrived over mutual TLS:\n{metrics}");
+
+    // Under steady load, certificates renew (every ~10 s here) and a server pod is deleted:
+    // no request fails.
+    let issued = |text: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with("mycel_proxy_certificate_requests_total{result=\"issued\"}"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>();
-    }
-    assert!(inbound >= 40.0, "inbound requests counted by the web sidecars: {inbound}");
+            .sum()
+    };
+    let survivor = names[1].clone();
+    let before = issued(&pod_get(&client, &n, &survivor, "15020/proxy/metrics").await);
+    let victim = names[0].clone();
+    let pods2 = pods.clone();
+    let delete_midway = Box::pin(async move {
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        pods2.delete(&victim, &Default::default()).await.unwrap();
+    });
+    let (ok, logs) = run_jobs(
+        &client,
+        &n,
+        "load",
+        "client",
+        true,
+        &[strs(&[
+            "get",
+            "--no-reuse",
+            "--timeout",
+            "5",
+            "--count",
+            "120",
+            "--interval-ms",
+            "200",
+            "http://web/",
+        ])],
+        Some(delete_midway),
+    )
+    .await;
+    assert!(
+        ok,
+        "a request failed under rotation and pod deletion:\n{}",
+        logs.lines().rev().take(5).collect::<Vec<_>>().join("\n")
+    );
+    assert_eq!(logs.lines().count(), 120);
+    let after = issued(&pod_get(&client, &n, &survivor, "15020/proxy/metrics").await);
+    assert!(after >= before + 1.0, "the server's certificate renewed under load ({before} → {after})");
 
     // An opted-out pod gets no sidecar.
     let plain: Pod = serde_json::from_value(json!({

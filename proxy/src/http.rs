@@ -350,6 +350,19 @@ async fn send(
     let result = shared.client.request(req, mtls).await;
     drop(in_flight);
     match result {
+        // The peer sidecar could not reach its app (it is shutting down): the request never got
+        // there, so it may go to another endpoint.
+        Ok(resp)
+            if mtls
+                && resp.status() == StatusCode::SERVICE_UNAVAILABLE
+                && resp
+                    .headers()
+                    .get(ERROR_HEADER)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"connect to ")) =>
+        {
+            cluster.eject(addr);
+            Ok(Attempt::Refused)
+        }
         Ok(mut resp) => {
             let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
                 || (is_connect && resp.status().is_success());

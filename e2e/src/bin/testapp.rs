@@ -53,6 +53,9 @@ enum Cmd {
     },
     /// Send each MESSAGE over one WebSocket to URL and print the echoes.
     WsSend { url: String, messages: Vec<String> },
+    /// Send each MESSAGE over one TCP connection to ADDR (host:port), print each echo, then
+    /// half-close and expect the server to close too.
+    TcpSend { addr: String, messages: Vec<String> },
     /// GET each URL COUNT times (in turn), printing each response body on one line.
     Get {
         #[arg(required = true)]
@@ -65,6 +68,9 @@ enum Cmd {
         /// Open a new connection for every request (so that L4 balancing shows).
         #[arg(long)]
         no_reuse: bool,
+        /// Pause between rounds, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
     },
 }
 
@@ -77,9 +83,11 @@ async fn main() -> anyhow::Result<()> {
         Cmd::GrpcCheck { url, count } => grpc_check(url, count).await,
         Cmd::WsEcho { port } => ws_echo(port).await,
         Cmd::WsSend { url, messages } => ws_send(&url, &messages).await,
-        Cmd::Get { urls, count, timeout, no_reuse } => {
-            get(&urls, count, Duration::from_secs(timeout), no_reuse).await
+        Cmd::Get { urls, count, timeout, no_reuse, interval_ms } => {
+            get(&urls, count, Duration::from_secs(timeout), no_reuse, Duration::from_millis(interval_ms))
+                .await
         }
+        Cmd::TcpSend { addr, messages } => tcp_send(&addr, &messages).await,
     }
 }
 
@@ -143,7 +151,28 @@ async fn tcp_echo(port: u16) -> anyhow::Result<()> {
     }
 }
 
-async fn get(urls: &[String], count: u32, timeout: Duration, no_reuse: bool) -> anyhow::Result<()> {
+async fn tcp_send(addr: &str, messages: &[String]) -> anyhow::Result<()> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    for m in messages {
+        s.write_all(m.as_bytes()).await?;
+        let mut back = vec![0u8; m.len()];
+        s.read_exact(&mut back).await?;
+        println!("{}", String::from_utf8_lossy(&back));
+    }
+    s.shutdown().await?;
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await?;
+    anyhow::ensure!(rest.is_empty(), "unexpected bytes after the echoes: {rest:?}");
+    Ok(())
+}
+
+async fn get(
+    urls: &[String],
+    count: u32,
+    timeout: Duration,
+    no_reuse: bool,
+    interval: Duration,
+) -> anyhow::Result<()> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_max_idle_per_host(if no_reuse { 0 } else { usize::MAX })
         .build_http::<Full<Bytes>>();
@@ -160,6 +189,9 @@ async fn get(urls: &[String], count: u32, timeout: Duration, no_reuse: bool) -> 
                 anyhow::bail!("request {i} to {url}: status {status}: {}", String::from_utf8_lossy(&body));
             }
             println!("{}", String::from_utf8_lossy(&body).trim_end());
+        }
+        if !interval.is_zero() {
+            tokio::time::sleep(interval).await;
         }
     }
     Ok(())

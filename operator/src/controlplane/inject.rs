@@ -253,6 +253,13 @@ pub fn inject(pod: &Value, s: &ProxySettings) -> Result<Result<Value, Skip>, Bad
         env("MYCEL_TOKEN_PATH", json!({"value": "/var/run/secrets/tokens/mycel-token"})),
         env("RUST_LOG", json!({"value": log_level})),
     ];
+    if let Some(v) = ann("mycel.io/cert-ttl-seconds") {
+        let secs = v.parse::<u64>().ok().filter(|s| *s >= 10).ok_or_else(|| BadAnnotation {
+            annotation: "mycel.io/cert-ttl-seconds".into(),
+            message: format!("{v:?} is not a number of seconds of at least 10"),
+        })?;
+        proxy_env.push(env("MYCEL_CERT_TTL_SECS", json!({"value": secs.to_string()})));
+    }
     if !app_probes.is_empty() {
         proxy_env.push(env("MYCEL_APP_PROBES", json!({"value": Value::Object(app_probes).to_string()})));
     }
