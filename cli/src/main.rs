@@ -17,6 +17,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Add the sidecar to the workloads of YAML manifests, as the injection webhook would, and
+    /// print them (for GitOps repositories). Injecting twice changes nothing.
+    Inject {
+        /// Manifest file (`-` for standard input); several documents are fine.
+        #[arg(long, short = 'f')]
+        filename: String,
+        /// The installation's mesh config (`mesh.json` of ConfigMap mycel-mesh-<revision>), for
+        /// its proxy image, resources and log level.
+        #[arg(long)]
+        mesh_config: Option<std::path::PathBuf>,
+        #[arg(long, default_value = "default")]
+        revision: String,
+        /// Namespace of the installation.
+        #[arg(long, default_value = "mycel-system")]
+        namespace: String,
+    },
     /// Which proxies are connected to a control plane, and whether each has accepted its latest
     /// config (or what it rejected, and why).
     ProxyStatus {
@@ -79,6 +95,21 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let state = LocalCluster::default_state_dir();
     match cli.command {
+        Cmd::Inject { filename, mesh_config, revision, namespace } => {
+            let text = if filename == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(&filename).with_context(|| format!("reading {filename}"))?
+            };
+            let mut settings: mycel_operator::controlplane::inject::ProxySettings = match &mesh_config {
+                Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?)
+                    .with_context(|| format!("{} is not a mesh config", p.display()))?,
+                None => Default::default(),
+            };
+            settings.revision = revision;
+            settings.namespace = namespace;
+            print!("{}", inject_manifests(&text, &settings)?);
+        }
         Cmd::ProxyStatus { control_plane, namespace, revision, json } => {
             let body = match control_plane {
                 Some(url) => http_get(&url, "/debug/proxies")?,
@@ -218,4 +249,40 @@ fn proxy_status_table(json: &str) -> anyhow::Result<String> {
         out.push('\n');
     }
     Ok(out)
+}
+
+/// Injects every workload of a multi-document YAML stream; other documents pass unchanged.
+fn inject_manifests(
+    text: &str,
+    settings: &mycel_operator::controlplane::inject::ProxySettings,
+) -> anyhow::Result<String> {
+    use mycel_operator::controlplane::inject;
+    use serde::Deserialize;
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let mut v = serde_json::Value::deserialize(doc).with_context(|| format!("document {}", i + 1))?;
+        if v.is_null() {
+            continue;
+        }
+        let kind = v["kind"].as_str().unwrap_or("").to_string();
+        let name = v["metadata"]["name"].as_str().unwrap_or("").to_string();
+        let path = match kind.as_str() {
+            "Pod" => Some(""),
+            "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" | "ReplicationController" => {
+                Some("/spec/template")
+            }
+            "CronJob" => Some("/spec/jobTemplate/spec/template"),
+            _ => None,
+        };
+        if let Some(path) = path
+            && let Some(pod) = v.pointer_mut(path)
+        {
+            match inject::inject(pod, settings).map_err(|e| anyhow::anyhow!("{kind}/{name}: {e}"))? {
+                Ok(injected) => *pod = injected,
+                Err(skip) => eprintln!("mycelctl: {kind}/{name} left as it is ({skip:?})"),
+            }
+        }
+        out.push(serde_yaml::to_string(&v)?);
+    }
+    Ok(out.join("---\n"))
 }
