@@ -4,6 +4,8 @@
 
 use std::process::ExitCode;
 
+mod top;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mycel_e2e::local::LocalCluster;
@@ -17,6 +19,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Live traffic of a namespace's meshed workloads: request rate, success, latency
+    /// percentiles, mutual-TLS share and identity, and caller → Service edges.
+    Top {
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        /// How long to measure, in seconds.
+        #[arg(long, default_value_t = 5)]
+        window: u64,
+    },
     /// Add the sidecar to the workloads of YAML manifests, as the injection webhook would, and
     /// print them (for GitOps repositories). Injecting twice changes nothing.
     Inject {
@@ -95,6 +106,14 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let state = LocalCluster::default_state_dir();
     match cli.command {
+        Cmd::Top { namespace, window } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let out = rt.block_on(async {
+                let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+                top::top(client, &namespace, std::time::Duration::from_secs(window)).await
+            })?;
+            print!("{out}");
+        }
         Cmd::Inject { filename, mesh_config, revision, namespace } => {
             let text = if filename == "-" {
                 std::io::read_to_string(std::io::stdin())?

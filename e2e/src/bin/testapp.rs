@@ -45,6 +45,17 @@ enum Cmd {
         url: String,
         #[arg(long, default_value_t = 1)]
         count: u32,
+        /// Pause between calls, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
+    },
+    /// Serve HTTP on PORT; each request is answered by fetching TO (a service further down)
+    /// and wrapping its answer: a two-tier app for the demo.
+    HttpRelay {
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        #[arg(long)]
+        to: String,
     },
     /// Echo WebSocket messages on PORT.
     WsEcho {
@@ -55,7 +66,15 @@ enum Cmd {
     WsSend { url: String, messages: Vec<String> },
     /// Send each MESSAGE over one TCP connection to ADDR (host:port), print each echo, then
     /// half-close and expect the server to close too.
-    TcpSend { addr: String, messages: Vec<String> },
+    TcpSend {
+        addr: String,
+        messages: Vec<String>,
+        /// Connections to make, one after the other (0: forever).
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
+    },
     /// GET each URL COUNT times (in turn), printing each response body on one line.
     Get {
         #[arg(required = true)]
@@ -80,14 +99,25 @@ async fn main() -> anyhow::Result<()> {
         Cmd::HttpEcho { port } => http_echo(port).await,
         Cmd::TcpEcho { port } => tcp_echo(port).await,
         Cmd::GrpcEcho { port } => grpc_echo(port).await,
-        Cmd::GrpcCheck { url, count } => grpc_check(url, count).await,
+        Cmd::GrpcCheck { url, count, interval_ms } => {
+            grpc_check(url, count, Duration::from_millis(interval_ms)).await
+        }
+        Cmd::HttpRelay { port, to } => http_relay(port, to).await,
         Cmd::WsEcho { port } => ws_echo(port).await,
         Cmd::WsSend { url, messages } => ws_send(&url, &messages).await,
         Cmd::Get { urls, count, timeout, no_reuse, interval_ms } => {
             get(&urls, count, Duration::from_secs(timeout), no_reuse, Duration::from_millis(interval_ms))
                 .await
         }
-        Cmd::TcpSend { addr, messages } => tcp_send(&addr, &messages).await,
+        Cmd::TcpSend { addr, messages, repeat, interval_ms } => {
+            let mut n = 0u32;
+            while repeat == 0 || n < repeat {
+                tcp_send(&addr, &messages).await?;
+                n = n.saturating_add(1);
+                tokio::time::sleep(Duration::from_millis(interval_ms)).await;
+            }
+            Ok(())
+        }
     }
 }
 
@@ -176,6 +206,7 @@ async fn get(
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_max_idle_per_host(if no_reuse { 0 } else { usize::MAX })
         .build_http::<Full<Bytes>>();
+    let count = if count == 0 { u32::MAX } else { count };
     for i in 0..count {
         for url in urls {
             let req = Request::get(url.parse::<hyper::Uri>()?).body(Full::new(Bytes::new()))?;
@@ -209,15 +240,61 @@ async fn grpc_echo(port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn grpc_check(url: String, count: u32) -> anyhow::Result<()> {
+async fn grpc_check(url: String, count: u32, interval: Duration) -> anyhow::Result<()> {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let channel = tonic::transport::Channel::from_shared(url)?.connect().await?;
     let mut client = HealthClient::new(channel);
+    let count = if count == 0 { u32::MAX } else { count };
     for _ in 0..count {
         let r = client.check(HealthCheckRequest { service: String::new() }).await?;
         println!("{:?}", r.into_inner().status());
+        if !interval.is_zero() {
+            tokio::time::sleep(interval).await;
+        }
     }
     Ok(())
+}
+
+async fn http_relay(port: u16, to: String) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?;
+    let pod = pod_name();
+    let to: hyper::Uri = to.parse()?;
+    eprintln!("http-relay on :{port} as {pod}, to {to}");
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let (pod, to, client) = (pod.clone(), to.clone(), client.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (pod, to, client) = (pod.clone(), to.clone(), client.clone());
+                async move {
+                    let headers: serde_json::Map<String, serde_json::Value> = req
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+                        .collect();
+                    let down = async {
+                        let resp = client.request(Request::get(to).body(Full::new(Bytes::new()))?).await?;
+                        let ok = resp.status().is_success();
+                        let body = resp.into_body().collect().await?.to_bytes();
+                        anyhow::ensure!(ok, "downstream answered an error");
+                        Ok::<_, anyhow::Error>(serde_json::from_slice::<serde_json::Value>(&body)?)
+                    }
+                    .await;
+                    let (status, downstream) = match down {
+                        Ok(v) => (hyper::StatusCode::OK, v),
+                        Err(e) => (hyper::StatusCode::BAD_GATEWAY, serde_json::json!(e.to_string())),
+                    };
+                    let body = serde_json::json!({"pod": pod, "headers": headers, "downstream": downstream});
+                    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+                    *r.status_mut() = status;
+                    Ok::<_, Infallible>(r)
+                }
+            });
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
 }
 
 async fn ws_echo(port: u16) -> anyhow::Result<()> {
