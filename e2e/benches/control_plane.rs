@@ -102,11 +102,21 @@ async fn simulated_proxy(
     id: Arc<Identity>,
     events: mpsc::UnboundedSender<Event>,
 ) {
-    let ch = match mycel_proxy::xds::channel(&boot, &id.trust_bundle_pem, Some(&id)).await {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("proxy {i}: {e:#}");
-            return;
+    // Like a real proxy: retry with backoff when the control plane is busy accepting others.
+    let mut backoff = mycel_proxy::xds::Backoff::new(Duration::from_millis(200), Duration::from_secs(3));
+    let mut attempts = 0;
+    let ch = loop {
+        match mycel_proxy::xds::channel(&boot, &id.trust_bundle_pem, Some(&id)).await {
+            Ok(c) => break c,
+            Err(e) if attempts < 30 => {
+                attempts += 1;
+                let _ = e;
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => {
+                eprintln!("proxy {i}: {e:#}");
+                return;
+            }
         }
     };
     let (tx, rx) = mpsc::channel(4);
@@ -252,8 +262,9 @@ async fn main() {
         let mut tasks = Vec::new();
         for i in 0..p {
             tasks.push(tokio::spawn(simulated_proxy(i, boot.clone(), id.clone(), etx.clone())));
-            if i % 200 == 199 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            // Ramp up at 1 000 proxies a second, as a rollout would.
+            if i % 100 == 99 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
         let mut synced = vec![false; p];
@@ -261,7 +272,9 @@ async fn main() {
         while n_synced < p {
             let e = tokio::time::timeout(Duration::from_secs(120), erx.recv())
                 .await
-                .expect("initial sync")
+                .unwrap_or_else(|_| {
+                    panic!("initial sync: {n_synced} of {p} proxies in sync after 120 s without progress")
+                })
                 .unwrap();
             if !synced[e.proxy] {
                 synced[e.proxy] = true;

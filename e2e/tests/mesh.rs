@@ -488,6 +488,72 @@ spec:
     let plain = pods.create(&PostParams::default(), &plain).await.unwrap();
     assert!(plain.spec.unwrap().init_containers.unwrap_or_default().is_empty());
 
+    // A second revision beside the first; the namespace moves to it by relabelling: pods
+    // created after that join the new revision's control plane, older ones stay on the old one.
+    let rev_b = format!("{rev}b");
+    let mi_b: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "mycel.io/v1alpha1", "kind": "MeshInstallation",
+        "metadata": {"name": "mesh-b"}, "spec": {"revision": rev_b}
+    }))
+    .unwrap();
+    mis.create(&PostParams::default(), &mi_b).await.unwrap();
+    eventually("revision b is Ready", Duration::from_secs(120), || async {
+        let o = mis.get("mesh-b").await.unwrap();
+        if ready(&o) { Ok(()) } else { Err(format!("{:#}", o.data["status"])) }
+    })
+    .await;
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            &n,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"mycel.io/rev": rev_b}}})),
+        )
+        .await
+        .unwrap();
+    let moved: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "moved"},
+        "spec": {"containers": [{"name": "c", "image": TESTAPP_IMAGE, "args": ["http-echo", "--port", "8080"]}]}
+    }))
+    .unwrap();
+    let moved = pods.create(&PostParams::default(), &moved).await.unwrap();
+    let sidecar =
+        moved.spec.unwrap().init_containers.unwrap_or_default().into_iter().find(|c| c.name == "mycel-proxy");
+    let cp_env = sidecar
+        .and_then(|c| c.env)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|e| e.name == "MYCEL_CONTROL_PLANE")
+        .and_then(|e| e.value)
+        .unwrap_or_default();
+    assert!(cp_env.starts_with(&format!("mycel-control-plane-{rev_b}.")), "{cp_env}");
+    let proxies_of = |r: String| {
+        let (client, root_ns) = (client.clone(), root.name.clone());
+        async move {
+            let path = format!(
+                "/api/v1/namespaces/{root_ns}/services/http:mycel-control-plane-{r}:15014/proxy/debug/proxies"
+            );
+            client.request_text(http::Request::get(path).body(Vec::new()).unwrap()).await.unwrap_or_default()
+        }
+    };
+    eventually("the moved pod connects to revision b", Duration::from_secs(60), || async {
+        let b = proxies_of(rev_b.clone()).await;
+        if b.contains("\"pod\": \"moved\"") { Ok(()) } else { Err(b) }
+    })
+    .await;
+    let a = proxies_of(rev.clone()).await;
+    assert!(!a.contains("\"pod\": \"moved\"") && a.contains(&survivor), "older pods stay on revision a: {a}");
+    // Removing revision b leaves revision a serving.
+    mis.delete("mesh-b", &Default::default()).await.unwrap();
+    eventually("revision b is gone", Duration::from_secs(60), || async {
+        match mis.get_opt("mesh-b").await.unwrap() {
+            None => Ok(()),
+            Some(_) => Err("still there".to_string()),
+        }
+    })
+    .await;
+    assert!(ready(&mis.get("mesh").await.unwrap()), "revision a is still Ready");
+    assert!(proxies_of(rev.clone()).await.contains(&survivor));
+
     app.delete().await.unwrap();
     mis.delete("mesh", &Default::default()).await.unwrap();
     eventually("the installation is gone", Duration::from_secs(60), || async {

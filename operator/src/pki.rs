@@ -287,6 +287,45 @@ mod tests {
     }
 
     #[test]
+    fn an_intermediate_ca_signs_and_roots_can_overlap_in_a_rotation() {
+        let root = Ca::generate_root("cluster.local").unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, "mycel intermediate");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        let inter = p.signed_by(&key, &root.issuer).unwrap();
+        let next_root = Ca::generate_root("cluster.local").unwrap();
+        // The layout cert-manager writes for an intermediate: tls.crt/tls.key, roots in ca.crt
+        // (here the current root and the one replacing it).
+        let bundle = format!("{}{}", root.cert_pem, next_root.cert_pem);
+        let ca = Ca::from_secret_data(data(&[
+            (TLS_CRT, inter.pem()),
+            (TLS_KEY, key.serialize_pem()),
+            (CA_CRT, bundle),
+        ]))
+        .unwrap();
+        assert_eq!(ca.intermediates_pem().len(), 1, "workload chains carry the intermediate");
+        assert_eq!(ca.trust_bundle().len(), 2, "both roots are trusted during the overlap");
+        let leaf_key = KeyPair::generate().unwrap();
+        let mut lp = CertificateParams::default();
+        let id = "spiffe://cluster.local/ns/a/sa/web";
+        lp.subject_alt_names = vec![SanType::URI(id.to_string().try_into().unwrap())];
+        let csr = lp.serialize_request(&leaf_key).unwrap().pem().unwrap();
+        let leaf_pem = ca.sign_workload(&csr, id, Duration::from_secs(600)).unwrap();
+        let (_, leaf) = x509_parser::pem::parse_x509_pem(leaf_pem.as_bytes()).unwrap();
+        let leaf = leaf.parse_x509().unwrap();
+        let (_, inter_pem) = x509_parser::pem::parse_x509_pem(ca.intermediates_pem()[0].as_bytes()).unwrap();
+        let inter_cert = inter_pem.parse_x509().unwrap();
+        assert_eq!(leaf.issuer(), inter_cert.subject());
+        leaf.verify_signature(Some(inter_cert.public_key())).expect("signed by the intermediate");
+        let (_, root_pem) = x509_parser::pem::parse_x509_pem(ca.trust_bundle()[0].as_bytes()).unwrap();
+        inter_cert
+            .verify_signature(Some(root_pem.parse_x509().unwrap().public_key()))
+            .expect("which the root signed");
+    }
+
+    #[test]
     fn bad_ca_secrets_are_explained() {
         let root = Ca::generate_root("cluster.local").unwrap();
         let other = Ca::generate_root("cluster.local").unwrap();

@@ -211,6 +211,7 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Handle>
         registry: registry.clone(),
         metrics: metrics.clone(),
         trust_domain: settings.trust_domain.clone(),
+        full_syncs: Arc::new(tokio::sync::Semaphore::new(server::FULL_SYNCS)),
     };
     let signer = Signer {
         client: client.clone(),

@@ -108,14 +108,61 @@ pub struct Discovery {
     pub registry: Arc<Registry>,
     pub metrics: Arc<CpMetrics>,
     pub trust_domain: String,
+    /// Slots for full syncs in flight ([`FULL_SYNCS`]).
+    pub full_syncs: Arc<tokio::sync::Semaphore>,
+}
+
+/// How many full syncs may be unacknowledged at once.
+pub const FULL_SYNCS: usize = 32;
+
+/// What a proxy has (or was just sent) of one type, name → version. Right after a push to a
+/// wildcard subscriber it is exactly that snapshot's map, shared with every proxy at the same
+/// version: a proxy in sync costs a pointer, not a copy of the mesh.
+enum Known {
+    Shared(Arc<HashMap<String, Arc<Entry>>>),
+    Own(HashMap<String, String>),
+}
+
+impl Known {
+    fn version(&self, name: &str) -> Option<&str> {
+        match self {
+            Known::Shared(m) => m.get(name).map(|e| e.version.as_str()),
+            Known::Own(m) => m.get(name).map(String::as_str),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Known::Shared(m) => m.len(),
+            Known::Own(m) => m.len(),
+        }
+    }
+
+    fn names(&self) -> Vec<String> {
+        match self {
+            Known::Shared(m) => m.keys().cloned().collect(),
+            Known::Own(m) => m.keys().cloned().collect(),
+        }
+    }
+
+    fn own(&mut self) -> &mut HashMap<String, String> {
+        if let Known::Shared(m) = self {
+            *self = Known::Own(m.iter().map(|(n, e)| (n.clone(), e.version.clone())).collect());
+        }
+        match self {
+            Known::Own(m) => m,
+            Known::Shared(_) => unreachable!("just made own"),
+        }
+    }
 }
 
 /// Per-type state of one stream.
 struct TypeState {
     wildcard: bool,
     names: std::collections::HashSet<String>,
-    /// name → version the proxy has or was just sent.
-    known: HashMap<String, String>,
+    known: Known,
+    /// Held while a full sync of this stream is unacknowledged (see [`FULL_SYNCS`]).
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Snapshot version the proxy was last brought up to.
     synced: u64,
     first_sent: bool,
@@ -213,6 +260,14 @@ impl Discovery {
                     if ts.pending.is_some() {
                         continue;
                     }
+                    // A full sync (a new proxy, or one too far behind for the change log) waits
+                    // for one of a bounded number of slots, held until the proxy answers: a crowd
+                    // connecting at once is served a few at a time instead of all in memory.
+                    let full = type_url == mycel_api::CLUSTER_TYPE
+                        && !(ts.first_sent && snap.changed_since(ts.synced).is_some());
+                    if full && ts.permit.is_none() {
+                        ts.permit = self.full_syncs.clone().acquire_owned().await.ok();
+                    }
                     if let Some(resp) = self.delta(type_url, ts, &snap, &node, &mut nonce) {
                         let bytes = prost::Message::encoded_len(&resp) as u64;
                         self.metrics.pushed(type_url, bytes);
@@ -226,6 +281,8 @@ impl Discovery {
                         if tx.send(Ok(resp)).await.is_err() {
                             return Ok(());
                         }
+                    } else {
+                        ts.permit = None;
                     }
                 }
             }
@@ -261,7 +318,8 @@ impl Discovery {
         let ts = types.entry(req.type_url.clone()).or_insert_with(|| TypeState {
             wildcard: false,
             names: Default::default(),
-            known: req.initial_versions.clone(),
+            known: Known::Own(req.initial_versions.clone()),
+            permit: None,
             synced: 0,
             first_sent: false,
             pending: None,
@@ -271,6 +329,7 @@ impl Discovery {
                 Some((n, version)) if *n == req.response_nonce => {
                     let version = *version;
                     ts.pending = None;
+                    ts.permit = None;
                     match req.error_detail {
                         None => {
                             self.metrics.acked(&req.type_url);
@@ -311,7 +370,7 @@ impl Discovery {
             } else {
                 ts.names.remove(&name);
             }
-            ts.known.remove(&name);
+            ts.known.own().remove(&name);
         }
         Ok(())
     }
@@ -347,14 +406,14 @@ impl Discovery {
         let wanted = |n: &str| ts.wildcard || ts.names.contains(n);
         let mut added = Vec::new();
         let mut removed = Vec::new();
-        let mut consider = |name: &str, ts_known: &HashMap<String, String>| match resources.get(name) {
+        let mut consider = |name: &str, ts_known: &Known| match resources.get(name) {
             Some(e) if wanted(name) => {
-                if ts_known.get(name) != Some(&e.version) {
+                if ts_known.version(name) != Some(e.version.as_str()) {
                     added.push(e.clone());
                 }
             }
             _ => {
-                if ts_known.contains_key(name) {
+                if ts_known.version(name).is_some() {
                     removed.push(name.to_string());
                 }
             }
@@ -369,9 +428,9 @@ impl Discovery {
                 for n in resources.keys() {
                     consider(n, &ts.known);
                 }
-                for n in ts.known.keys() {
-                    if !resources.contains_key(n) {
-                        consider(n, &ts.known);
+                for n in ts.known.names() {
+                    if !resources.contains_key(&n) {
+                        consider(&n, &ts.known);
                     }
                 }
             }
@@ -381,11 +440,17 @@ impl Discovery {
             return None;
         }
         ts.first_sent = true;
-        for e in &added {
-            ts.known.insert(e.resource.name.clone(), e.version.clone());
-        }
-        for n in &removed {
-            ts.known.remove(n);
+        if type_url == mycel_api::CLUSTER_TYPE && ts.wildcard {
+            // After this response the proxy has exactly the snapshot.
+            ts.known = Known::Shared(snap.clusters.clone());
+        } else {
+            let known = ts.known.own();
+            for e in &added {
+                known.insert(e.resource.name.clone(), e.version.clone());
+            }
+            for n in &removed {
+                known.remove(n);
+            }
         }
         *nonce += 1;
         let n = nonce.to_string();
