@@ -93,6 +93,7 @@ struct Event {
     proxy: usize,
     at: Instant,
     first: Option<String>,
+    resources: usize,
 }
 
 /// One simulated proxy: opens its stream, acknowledges everything, reports each response.
@@ -149,7 +150,7 @@ async fn simulated_proxy(
             return;
         }
         let first = (r.resources.len() == 1).then(|| r.resources[0].name.clone());
-        let _ = events.send(Event { proxy: i, at: Instant::now(), first });
+        let _ = events.send(Event { proxy: i, at: Instant::now(), first, resources: r.resources.len() });
     }
 }
 
@@ -226,6 +227,8 @@ async fn main() {
     std::fs::write(dir.join("token"), token.status.unwrap().token).unwrap();
 
     let mut results = Vec::new();
+    // Every change in the run gets new addresses (a change to what is already there is none).
+    let mut generation = 0usize;
     for &p in &proxies {
         let (grpc, monitor_port) = (free_port().unwrap(), free_port().unwrap());
         let monitor: std::net::SocketAddr = ([127, 0, 0, 1], monitor_port).into();
@@ -267,6 +270,9 @@ async fn main() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+        // In sync once a proxy holds every cluster (a full sync comes in parts).
+        let clusters = metric(monitor, "mycel_control_plane_clusters").await as usize;
+        let mut held = vec![0usize; p];
         let mut synced = vec![false; p];
         let mut n_synced = 0;
         while n_synced < p {
@@ -276,7 +282,8 @@ async fn main() {
                     panic!("initial sync: {n_synced} of {p} proxies in sync after 120 s without progress")
                 })
                 .unwrap();
-            if !synced[e.proxy] {
+            held[e.proxy] += e.resources;
+            if !synced[e.proxy] && held[e.proxy] >= clusters {
                 synced[e.proxy] = true;
                 n_synced += 1;
             }
@@ -293,7 +300,8 @@ async fn main() {
         for k in 0..changes {
             let svc = (k * 37 + p) % services;
             let name = format!("svc-{svc}.{NS}.svc.cluster.local:80");
-            let patch = json!({"endpoints": (0..endpoints).map(|e| json!({"addresses": [endpoint_ip(svc, e, k + 1 + p)], "conditions": {"ready": true}})).collect::<Vec<_>>()});
+            generation += 1;
+            let patch = json!({"endpoints": (0..endpoints).map(|e| json!({"addresses": [endpoint_ip(svc, e, generation)], "conditions": {"ready": true}})).collect::<Vec<_>>()});
             let t0 = Instant::now();
             slices
                 .patch(&format!("svc-{svc}-1"), &PatchParams::default(), &Patch::Merge(&patch))

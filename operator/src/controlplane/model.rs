@@ -825,6 +825,39 @@ mod tests {
     }
 
     #[test]
+    fn the_most_specific_peer_authentication_wins_and_unset_inherits() {
+        let pa = |ns: &str,
+                  name: &str,
+                  sel: Option<(&str, &str)>,
+                  mode: PeerMtlsMode,
+                  ports: &[(u32, PeerMtlsMode)]| PeerAuth {
+            namespace: ns.into(),
+            name: name.into(),
+            selector: sel.map(|(k, v)| [(k.to_string(), v.to_string())].into()),
+            mode,
+            ports: ports.iter().copied().collect(),
+        };
+        let labels: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
+        let mode = |pas: &[PeerAuth]| {
+            pb::MtlsMode::try_from(peer_policy("shop", &labels, pas, "mycel-system").mode).unwrap()
+        };
+        assert_eq!(mode(&[]), pb::MtlsMode::MtlsPermissive, "the default");
+        let mesh = pa("mycel-system", "default", None, PeerMtlsMode::Strict, &[]);
+        assert_eq!(mode(std::slice::from_ref(&mesh)), pb::MtlsMode::MtlsStrict, "mesh-wide");
+        let other_ns = pa("elsewhere", "default", None, PeerMtlsMode::Disable, &[]);
+        assert_eq!(mode(&[mesh.clone(), other_ns]), pb::MtlsMode::MtlsStrict, "another namespace's policy");
+        let ns = pa("shop", "default", None, PeerMtlsMode::Permissive, &[]);
+        assert_eq!(mode(&[mesh.clone(), ns.clone()]), pb::MtlsMode::MtlsPermissive, "namespace over mesh");
+        let wl =
+            pa("shop", "web", Some(("app", "web")), PeerMtlsMode::Unset, &[(9100, PeerMtlsMode::Disable)]);
+        let p = peer_policy("shop", &labels, &[mesh.clone(), wl.clone()], "mycel-system");
+        assert_eq!(port_mode(&p, 8080), pb::MtlsMode::MtlsStrict, "unset inherits from the mesh");
+        assert_eq!(port_mode(&p, 9100), pb::MtlsMode::MtlsDisable, "port level");
+        let other_app = pa("shop", "api", Some(("app", "api")), PeerMtlsMode::Disable, &[]);
+        assert_eq!(mode(&[ns, other_app]), pb::MtlsMode::MtlsPermissive, "a selector for other pods");
+    }
+
+    #[test]
     fn the_change_log_answers_what_changed_since_a_version() {
         let log: VecDeque<(u64, Arc<[String]>)> =
             [(5, vec!["a".to_string()].into()), (6, vec!["b".to_string()].into())].into();

@@ -115,6 +115,10 @@ pub struct Discovery {
 /// How many full syncs may be unacknowledged at once.
 pub const FULL_SYNCS: usize = 32;
 
+/// Resources in one response at most: a full sync of a large mesh goes out in parts, one after
+/// the other's acknowledgement, so that no stream holds a buffer the size of the mesh.
+pub const MAX_RESOURCES_PER_RESPONSE: usize = 100;
+
 /// What a proxy has (or was just sent) of one type, name → version. Right after a push to a
 /// wildcard subscriber it is exactly that snapshot's map, shared with every proxy at the same
 /// version: a proxy in sync costs a pointer, not a copy of the mesh.
@@ -165,6 +169,9 @@ struct TypeState {
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Snapshot version the proxy was last brought up to.
     synced: u64,
+    /// The last response carried only part of what differed ([`MAX_RESOURCES_PER_RESPONSE`]):
+    /// the next one compares everything again.
+    incomplete: bool,
     first_sent: bool,
     /// Nonce and system version of the unacknowledged response.
     pending: Option<(String, u64)>,
@@ -264,7 +271,7 @@ impl Discovery {
                     // for one of a bounded number of slots, held until the proxy answers: a crowd
                     // connecting at once is served a few at a time instead of all in memory.
                     let full = type_url == mycel_api::CLUSTER_TYPE
-                        && !(ts.first_sent && snap.changed_since(ts.synced).is_some());
+                        && (ts.incomplete || !(ts.first_sent && snap.changed_since(ts.synced).is_some()));
                     if full && ts.permit.is_none() {
                         ts.permit = self.full_syncs.clone().acquire_owned().await.ok();
                     }
@@ -321,6 +328,7 @@ impl Discovery {
             known: Known::Own(req.initial_versions.clone()),
             permit: None,
             synced: 0,
+            incomplete: false,
             first_sent: false,
             pending: None,
         });
@@ -386,7 +394,7 @@ impl Discovery {
         node: &pb::Node,
         nonce: &mut u64,
     ) -> Option<pb::DeltaResponse> {
-        if ts.first_sent && ts.synced == snap.version {
+        if ts.first_sent && ts.synced == snap.version && !ts.incomplete {
             return None;
         }
         let computed;
@@ -418,7 +426,7 @@ impl Discovery {
                 }
             }
         };
-        match snap.changed_since(ts.synced).filter(|_| ts.first_sent && use_log) {
+        match snap.changed_since(ts.synced).filter(|_| ts.first_sent && use_log && !ts.incomplete) {
             Some(names) => {
                 for n in names {
                     consider(n, &ts.known);
@@ -440,7 +448,11 @@ impl Discovery {
             return None;
         }
         ts.first_sent = true;
-        if type_url == mycel_api::CLUSTER_TYPE && ts.wildcard {
+        added.sort_by(|a, b| a.resource.name.cmp(&b.resource.name));
+        let truncated = added.len() > MAX_RESOURCES_PER_RESPONSE;
+        added.truncate(MAX_RESOURCES_PER_RESPONSE);
+        ts.incomplete = truncated;
+        if type_url == mycel_api::CLUSTER_TYPE && ts.wildcard && !truncated {
             // After this response the proxy has exactly the snapshot.
             ts.known = Known::Shared(snap.clusters.clone());
         } else {
@@ -455,7 +467,6 @@ impl Discovery {
         *nonce += 1;
         let n = nonce.to_string();
         ts.pending = Some((n.clone(), snap.version));
-        added.sort_by(|a, b| a.resource.name.cmp(&b.resource.name));
         removed.sort();
         Some(pb::DeltaResponse {
             type_url: type_url.to_string(),
