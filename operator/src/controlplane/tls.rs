@@ -117,10 +117,16 @@ pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
 
 /// Accepts TCP connections and completes TLS handshakes concurrently (a slow client never holds
 /// up the others), yielding finished connections to tonic.
+/// TLS handshakes in progress at most: when thousands of proxies connect at once, the rest wait
+/// in the accept queue instead of all holding handshake buffers (memory the allocator keeps).
+const HANDSHAKES: usize = 64;
+
 pub fn incoming(listener: TcpListener, tls: ServerTls) -> ReceiverStream<Result<Conn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(128);
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(HANDSHAKES));
     tokio::spawn(async move {
         loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else { return };
             let (tcp, remote) = match listener.accept().await {
                 Ok(x) => x,
                 Err(e) => {
@@ -134,6 +140,7 @@ pub fn incoming(listener: TcpListener, tls: ServerTls) -> ReceiverStream<Result<
             let Ok(config) = config else { continue };
             let conns = tx.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let handshake = TlsAcceptor::from(config).accept(tcp);
                 match tokio::time::timeout(std::time::Duration::from_secs(10), handshake).await {
                     Ok(Ok(stream)) => {
