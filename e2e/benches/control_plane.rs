@@ -337,9 +337,9 @@ async fn main() {
             "rss_mib": (rss * 10.0).round() / 10.0,
             "rss_idle_mib": (rss_idle * 10.0).round() / 10.0,
             "cpu_s": ((cpu1 - cpu0) * 100.0).round() / 100.0,
-            "bytes_per_change": (bytes / changes as f64).round(),
-            "bytes_per_change_per_proxy": (bytes / changes as f64 / p as f64).round(),
-            "full_sync_bytes_per_proxy": full_bytes.round(),
+            "bytes_per_change": (bytes / changes as f64).round() as u64,
+            "bytes_per_change_per_proxy": (bytes / changes as f64 / p as f64).round() as u64,
+            "full_sync_bytes_per_proxy": full_bytes.round() as u64,
             "initial_sync_s": (sync_s * 100.0).round() / 100.0,
         });
         println!("{r}");
