@@ -515,7 +515,13 @@ spec:
         "spec": {"containers": [{"name": "c", "image": TESTAPP_IMAGE, "args": ["http-echo", "--port", "8080"]}]}
     }))
     .unwrap();
-    let moved = pods.create(&PostParams::default(), &moved).await.unwrap();
+    // Ready says the control plane runs; kube-proxy may take a moment more to route its new
+    // Service, and until then the webhook (failurePolicy Fail) refuses pods, as it should.
+    let moved =
+        eventually("the pod is admitted by revision b's webhook", Duration::from_secs(30), || async {
+            pods.create(&PostParams::default(), &moved).await.map_err(|e| e.to_string())
+        })
+        .await;
     let sidecar =
         moved.spec.unwrap().init_containers.unwrap_or_default().into_iter().find(|c| c.name == "mycel-proxy");
     let cp_env = sidecar
