@@ -493,7 +493,7 @@ spec:
     let rev_b = format!("{rev}b");
     let mi_b: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "mycel.io/v1alpha1", "kind": "MeshInstallation",
-        "metadata": {"name": "mesh-b"}, "spec": {"revision": rev_b}
+        "metadata": {"name": "mesh-b"}, "spec": {"revision": rev_b, "ingressGateway": {"enabled": true}}
     }))
     .unwrap();
     mis.create(&PostParams::default(), &mi_b).await.unwrap();

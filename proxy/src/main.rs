@@ -85,9 +85,13 @@ struct MeshArgs {
     #[arg(long, env = "MYCEL_CERT_TTL_SECS")]
     cert_ttl_secs: Option<u64>,
     /// Sidecar mode: listen on 15001 (outbound) and 15006 (inbound) for captured traffic, and
-    /// serve admin on 0.0.0.0:15020 (for the kubelet's probes).
+    /// serve admin on 0.0.0.0:15020 (for the kubelet's probes). Same as `--mode sidecar`.
     #[arg(long, env = "MYCEL_SIDECAR")]
     sidecar: bool,
+    /// `sidecar` (as --sidecar), or `gateway`: a proxy of its own in front of the mesh, with
+    /// admin on 0.0.0.0:15020 and no capture.
+    #[arg(long, env = "MYCEL_PROXY_MODE", value_parser = ["sidecar", "gateway"])]
+    mode: Option<String>,
 }
 
 impl MeshArgs {
@@ -119,7 +123,10 @@ impl MeshArgs {
             None => Config::parse("{}")?,
         };
         c.streamed = self.control_plane.is_some();
-        if self.sidecar {
+        if self.mode.as_deref() == Some("gateway") {
+            c.admin = "0.0.0.0:15020".parse()?;
+        }
+        if self.sidecar || self.mode.as_deref() == Some("sidecar") {
             use mycel_proxy::config::{Direction, Listener, Protocol};
             c.admin = "0.0.0.0:15020".parse()?;
             for (name, addr, direction) in [

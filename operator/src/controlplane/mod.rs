@@ -234,6 +234,7 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Handle>
         tasks.push(tokio::spawn(webhook::publish_roots(
             client.clone(),
             settings.revision.clone(),
+            settings.namespace.clone(),
             keys.ca.clone(),
         )));
     }

@@ -103,9 +103,10 @@ pub fn selects(labels: &BTreeMap<String, String>, revision: &str) -> bool {
     }
 }
 
-/// Keeps `mycel-ca-root-cert` in every namespace this revision injects, with the CA's current
-/// trust bundle (checked again whenever a namespace changes and every few seconds for the CA).
-pub async fn publish_roots(client: Client, revision: String, ca: SharedCa) {
+/// Keeps `mycel-ca-root-cert` in every namespace this revision injects, and in its own (for its
+/// gateway), with the CA's current trust bundle (checked again whenever a namespace changes and
+/// every few seconds for the CA).
+pub async fn publish_roots(client: Client, revision: String, own_namespace: String, ca: SharedCa) {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let mut events =
         watcher(namespaces, watcher::Config::default()).default_backoff().applied_objects().boxed();
@@ -118,7 +119,9 @@ pub async fn publish_roots(client: Client, revision: String, ca: SharedCa) {
             ev = events.next() => match ev {
                 Some(Ok(ns)) => {
                     let name = ns.name_any();
-                    if selects(ns.labels(), &revision) && ns.metadata.deletion_timestamp.is_none() {
+                    if (selects(ns.labels(), &revision) || name == own_namespace)
+                        && ns.metadata.deletion_timestamp.is_none()
+                    {
                         selected.insert(name, ());
                     } else {
                         selected.remove(&name);

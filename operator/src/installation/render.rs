@@ -484,7 +484,16 @@ pub fn render(eff: &Effective, owner: &Value, ca_bundle_pem: &str) -> Vec<Desire
                                 "args": ["run", "--mode", "gateway"],
                                 "env": [
                                     {"name": "MYCEL_CONTROL_PLANE", "value": format!("{cp}.{ns}.svc:{PORT_XDS}")},
+                                    {"name": "MYCEL_REVISION", "value": eff.revision},
+                                    {"name": "MYCEL_TRUST_DOMAIN", "value": eff.trust_domain},
+                                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                                    {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                                    {"name": "SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
                                     {"name": "RUST_LOG", "value": log_level(eff.proxy_log_level)},
+                                ],
+                                "volumeMounts": [
+                                    {"name": "mycel-token", "mountPath": "/var/run/secrets/tokens", "readOnly": true},
+                                    {"name": "mycel-ca-root", "mountPath": "/etc/mycel/ca", "readOnly": true},
                                 ],
                                 "ports": [
                                     {"name": "http", "containerPort": 8080},
@@ -493,7 +502,11 @@ pub fn render(eff: &Effective, owner: &Value, ca_bundle_pem: &str) -> Vec<Desire
                                 ],
                                 "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": 15020}},
                                 "resources": gw.resources,
-                            }]
+                            }],
+                            "volumes": [
+                                {"name": "mycel-token", "projected": {"sources": [{"serviceAccountToken": {"audience": "mycel-ca", "expirationSeconds": 43200, "path": "mycel-token"}}]}},
+                                {"name": "mycel-ca-root", "configMap": {"name": "mycel-ca-root-cert"}},
+                            ]
                         }
                     }
                 }
