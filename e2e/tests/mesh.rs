@@ -366,6 +366,36 @@ spec:
     }
     assert!(refused >= 1.0, "the refusal is counted");
 
+    // DISABLE for the web workload (a selector beats the namespace's STRICT): callers' sidecars
+    // stop using mutual TLS toward it, and plaintext gets through again.
+    let disable: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "mycel.io/v1alpha1", "kind": "PeerAuthentication",
+        "metadata": {"name": "web-plain"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}}, "mtls": {"mode": "DISABLE"}}
+    }))
+    .unwrap();
+    let pas = Api::<DynamicObject>::namespaced_with(client.clone(), &n, &pa_ar);
+    pas.create(&PostParams::default(), &disable).await.unwrap();
+    for name in &names {
+        eventually("the web sidecars apply DISABLE", Duration::from_secs(20), || async {
+            let dump = pod_get(&client, &n, name, "15020/proxy/config_dump").await;
+            if dump.contains("\"DISABLE\"") { Ok(()) } else { Err(dump) }
+        })
+        .await;
+    }
+    let (ok, logs) = run_job(&client, &n, "meshed-disable", "client", true, &get("2")).await;
+    assert!(ok && !logs.contains("x-forwarded-client-cert"), "plaintext from a meshed client:\n{logs}");
+    let (ok, logs) = run_job(&client, &n, "plain-disable", "client", false, &get("1")).await;
+    assert!(ok, "{logs}");
+    pas.delete("web-plain", &Default::default()).await.unwrap();
+    for name in &names {
+        eventually("the web sidecars are back to STRICT", Duration::from_secs(20), || async {
+            let dump = pod_get(&client, &n, name, "15020/proxy/config_dump").await;
+            if dump.contains("\"STRICT\"") { Ok(()) } else { Err(dump) }
+        })
+        .await;
+    }
+
     // gRPC (HTTP/2), WebSocket and opaque TCP cross two sidecars too, over mutual TLS.
     let multi = format!(
         r#"apiVersion: apps/v1
