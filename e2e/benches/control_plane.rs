@@ -200,6 +200,16 @@ async fn main() {
     let cluster = TestCluster::shared().await.unwrap();
     cluster.install_crds().unwrap();
     let client = cluster.client().await.unwrap();
+    // A previous run's namespace may still be terminating.
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let waited = Instant::now();
+    while let Some(ns) = namespaces.get_opt(NS).await.unwrap() {
+        if ns.metadata.deletion_timestamp.is_none() {
+            break;
+        }
+        assert!(waited.elapsed() < Duration::from_secs(300), "namespace {NS} is stuck terminating");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     let _ = cluster.kubectl_run(&["create", "namespace", NS], None);
     let ca = pki::Ca::generate("mycel bench root").unwrap();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
