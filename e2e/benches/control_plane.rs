@@ -248,8 +248,20 @@ async fn main() {
             .chain([format!("127.0.0.1:{grpc}"), "--monitor-addr".into(), monitor.to_string()])
             .chain(["--webhook-addr".into(), "none".into()])
             .collect();
-        let mut cp =
-            Process::start(&cluster, "mycel-operator", "bench", &args, &[("RUST_LOG", "warn")]).unwrap();
+        // MYCEL_BENCH_CP_WRAPPER="heaptrack -o /tmp/cp" profiles the control plane (its RSS
+        // and CPU figures are then the profiler's).
+        let wrapper: Vec<String> = std::env::var("MYCEL_BENCH_CP_WRAPPER")
+            .map(|w| w.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default();
+        let mut cp = Process::start_wrapped(
+            &cluster,
+            &wrapper,
+            "mycel-operator",
+            "bench",
+            &args,
+            &[("RUST_LOG", "warn")],
+        )
+        .unwrap();
         let pid = cp.pid();
         let start = Instant::now();
         while !matches!(http_get(monitor, "/ready").await, Ok((200, _))) {

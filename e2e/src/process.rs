@@ -134,12 +134,33 @@ impl Process {
         args: &[String],
         env: &[(&str, &str)],
     ) -> Result<Process, Error> {
+        Self::start_wrapped(cluster, &[], bin, tag, args, env)
+    }
+
+    /// Like [`Process::start`], run under `wrapper` (a profiler such as `heaptrack`) when it is
+    /// not empty.
+    pub fn start_wrapped(
+        cluster: &TestCluster,
+        wrapper: &[String],
+        bin: &str,
+        tag: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Result<Process, Error> {
         let path = workspace_binary(bin)?;
         let log = std::env::temp_dir().join(format!("{bin}-{tag}.log"));
         let out =
             std::fs::OpenOptions::new().create(true).append(true).open(&log).map_err(Error::io(&log))?;
         let err = out.try_clone().map_err(Error::io(&log))?;
-        let child = Command::new(path)
+        let mut command = match wrapper.split_first() {
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(&path);
+                c
+            }
+            None => Command::new(&path),
+        };
+        let child = command
             .args(args)
             .env("KUBECONFIG", cluster.kubeconfig())
             .env("RUST_LOG", "info,kube=warn")

@@ -117,7 +117,7 @@ pub const FULL_SYNCS: usize = 32;
 
 /// Resources in one response at most: a full sync of a large mesh goes out in parts, one after
 /// the other's acknowledgement, so that no stream holds a buffer the size of the mesh.
-pub const MAX_RESOURCES_PER_RESPONSE: usize = 100;
+pub const MAX_RESOURCES_PER_RESPONSE: usize = 32;
 
 /// What a proxy has (or was just sent) of one type, name → version. Right after a push to a
 /// wildcard subscriber it is exactly that snapshot's map, shared with every proxy at the same
@@ -165,7 +165,8 @@ struct TypeState {
     wildcard: bool,
     names: std::collections::HashSet<String>,
     known: Known,
-    /// Held while a full sync of this stream is unacknowledged (see [`FULL_SYNCS`]).
+    /// Held from the first part of a full sync until its last is acknowledged (see
+    /// [`FULL_SYNCS`]).
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Snapshot version the proxy was last brought up to.
     synced: u64,
@@ -337,7 +338,10 @@ impl Discovery {
                 Some((n, version)) if *n == req.response_nonce => {
                     let version = *version;
                     ts.pending = None;
-                    ts.permit = None;
+                    // A full sync in parts keeps its slot until the last part is answered.
+                    if !ts.incomplete {
+                        ts.permit = None;
+                    }
                     match req.error_detail {
                         None => {
                             self.metrics.acked(&req.type_url);
