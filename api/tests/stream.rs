@@ -56,6 +56,7 @@ impl ConfigDiscovery for Fake {
                             })),
                         }],
                         removed: vec![],
+                        partial: false,
                     };
                     if tx.send(Ok(resp)).is_err() {
                         break;

@@ -369,7 +369,8 @@ async fn session(
             continue;
         }
         let (next, rejected) = apply_response(&resp, accepted, layered).await;
-        if !layered.running.shared.ready.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        // In sync (and ready) once the last part of the first sync is in.
+        if !resp.partial && !layered.running.shared.ready.swap(true, std::sync::atomic::Ordering::AcqRel) {
             info!(clusters = next.len(), "first config from the control plane is in; ready");
         }
         metrics.config_update(rejected.is_empty());

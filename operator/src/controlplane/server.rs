@@ -478,6 +478,7 @@ impl Discovery {
             nonce: n,
             resources: added.iter().map(|e| e.resource.clone()).collect(),
             removed,
+            partial: truncated,
         })
     }
 }
