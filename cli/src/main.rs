@@ -259,15 +259,7 @@ fn proxy_status_table(json: &str) -> anyhow::Result<String> {
             s(&p["proxyVersion"]),
         ]);
     }
-    let widths: Vec<usize> = (0..5).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
-    let mut out = String::new();
-    for r in rows {
-        let line: Vec<String> =
-            r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
-        out.push_str(line.join("   ").trim_end());
-        out.push('\n');
-    }
-    Ok(out)
+    Ok(top::render(&rows))
 }
 
 /// Injects every workload of a multi-document YAML stream; other documents pass unchanged.

@@ -235,7 +235,8 @@ pub async fn top(client: Client, namespace: &str, window: Duration) -> anyhow::R
     Ok(out)
 }
 
-fn render(rows: &[Vec<String>]) -> String {
+/// Columns padded to their widest cell, two spaces apart.
+pub fn render(rows: &[Vec<String>]) -> String {
     let cols = rows.first().map(Vec::len).unwrap_or(0);
     let widths: Vec<usize> =
         (0..cols).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();

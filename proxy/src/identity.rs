@@ -42,6 +42,22 @@ impl std::fmt::Debug for Identity {
 }
 
 impl Identity {
+    /// The certificate chain and private key, parsed for rustls.
+    pub fn chain_and_key(
+        &self,
+    ) -> anyhow::Result<(
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )> {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+        let chain = self
+            .chain_pem
+            .iter()
+            .flat_map(|p| CertificateDer::pem_slice_iter(p.as_bytes()))
+            .collect::<Result<_, _>>()?;
+        Ok((chain, PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())?))
+    }
+
     /// When to renew: half-way through the life it had when it arrived, and never sooner than
     /// a second after that.
     pub fn renew_at(&self) -> SystemTime {

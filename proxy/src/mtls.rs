@@ -16,7 +16,7 @@ use rustls::{
     ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
-    pki_types::{CertificateDer, PrivateKeyDer, ServerName, TrustAnchor, UnixTime, pem::PemObject},
+    pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime, pem::PemObject},
     server::WebPkiClientVerifier,
 };
 use tokio::net::TcpStream;
@@ -144,12 +144,7 @@ fn provider() -> Arc<CryptoProvider> {
 impl Keys {
     fn build(id: &Identity) -> anyhow::Result<Keys> {
         let provider = provider();
-        let chain: Vec<CertificateDer<'static>> = id
-            .chain_pem
-            .iter()
-            .flat_map(|p| CertificateDer::pem_slice_iter(p.as_bytes()))
-            .collect::<Result<_, _>>()?;
-        let key = PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())?;
+        let (chain, key) = id.chain_and_key()?;
         let mut roots = RootCertStore::empty();
         let mut anchors = Vec::new();
         for pem in &id.trust_bundle_pem {

@@ -11,7 +11,7 @@ use hyper_util::rt::TokioIo;
 use mycel_api::v1alpha1::{self as pb, config_discovery_client::ConfigDiscoveryClient};
 use rustls::{
     ClientConfig, RootCertStore,
-    pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
+    pki_types::{CertificateDer, ServerName, pem::PemObject},
 };
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio_rustls::TlsConnector;
@@ -95,12 +95,7 @@ fn client_tls(trust: &[String], identity: Option<&Identity>) -> anyhow::Result<C
         .with_root_certificates(roots);
     let mut config = match identity {
         Some(id) => {
-            let chain: Vec<CertificateDer<'static>> = id
-                .chain_pem
-                .iter()
-                .flat_map(|p| CertificateDer::pem_slice_iter(p.as_bytes()))
-                .collect::<Result<_, _>>()?;
-            let key = PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())?;
+            let (chain, key) = id.chain_and_key()?;
             builder.with_client_auth_cert(chain, key)?
         }
         None => builder.with_no_client_auth(),
@@ -356,42 +351,13 @@ async fn session(
         responses.message().await.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
     {
         backoff.reset();
-        if resp.type_url == mycel_api::PEER_POLICY_TYPE {
-            let error_detail = apply_policy(&resp, policy, layered).await;
-            metrics.config_update(error_detail.is_none());
-            tx.send(pb::DeltaRequest {
-                type_url: resp.type_url.clone(),
-                response_nonce: resp.nonce.clone(),
-                error_detail,
-                ..Default::default()
-            })
-            .await?;
-            continue;
-        }
-        let (next, rejected) = apply_response(&resp, accepted, layered).await;
-        // In sync (and ready) once the last part of the first sync is in.
-        if !resp.partial && !layered.running.shared.ready.swap(true, std::sync::atomic::Ordering::AcqRel) {
-            info!(clusters = next.len(), "first config from the control plane is in; ready");
-        }
-        metrics.config_update(rejected.is_empty());
-        let error_detail = match rejected.first() {
-            None => {
-                debug!(version = %resp.system_version, changed = resp.resources.len(), removed = resp.removed.len(), "config update applied");
-                None
-            }
-            Some((field, message)) => {
-                for (field, message) in &rejected {
-                    warn!(version = %resp.system_version, %field, %message, "config rejected; the last good one stays");
-                }
-                let message = if rejected.len() > 1 {
-                    format!("{message} (and {} more rejected resources)", rejected.len() - 1)
-                } else {
-                    message.clone()
-                };
-                Some(pb::RejectReason { field: field.clone(), message })
-            }
+        let error_detail = if resp.type_url == mycel_api::PEER_POLICY_TYPE {
+            let e = apply_policy(&resp, policy, layered).await;
+            metrics.config_update(e.is_none());
+            e
+        } else {
+            apply_clusters(&resp, accepted, layered).await
         };
-        *accepted = next;
         tx.send(pb::DeltaRequest {
             type_url: resp.type_url.clone(),
             response_nonce: resp.nonce.clone(),
@@ -401,6 +367,40 @@ async fn session(
         .await?;
     }
     Ok(())
+}
+
+/// Applies a Cluster response (what it can of it); the rejection, if any.
+async fn apply_clusters(
+    resp: &pb::DeltaResponse,
+    accepted: &mut Accepted,
+    layered: &Layered,
+) -> Option<pb::RejectReason> {
+    let metrics = &layered.running.shared.metrics;
+    let (next, rejected) = apply_response(resp, accepted, layered).await;
+    // In sync (and ready) once the last part of the first sync is in.
+    if !resp.partial && !layered.running.shared.ready.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        info!(clusters = next.len(), "first config from the control plane is in; ready");
+    }
+    metrics.config_update(rejected.is_empty());
+    let error_detail = match rejected.first() {
+        None => {
+            debug!(version = %resp.system_version, changed = resp.resources.len(), removed = resp.removed.len(), "config update applied");
+            None
+        }
+        Some((field, message)) => {
+            for (field, message) in &rejected {
+                warn!(version = %resp.system_version, %field, %message, "config rejected; the last good one stays");
+            }
+            let message = if rejected.len() > 1 {
+                format!("{message} (and {} more rejected resources)", rejected.len() - 1)
+            } else {
+                message.clone()
+            };
+            Some(pb::RejectReason { field: field.clone(), message })
+        }
+    };
+    *accepted = next;
+    error_detail
 }
 
 /// The inbound mutual-TLS policy from its streamed form.
