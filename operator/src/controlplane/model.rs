@@ -44,6 +44,8 @@ pub struct Snapshot {
     pub log: Arc<VecDeque<(u64, Arc<[String]>)>>,
     /// Whether every watch has listed once (before that the model is incomplete).
     pub synced: bool,
+    /// Cluster names in order (full syncs go out in parts, in this order).
+    pub sorted: Arc<Vec<String>>,
     /// Pods, for each proxy's own inbound policy.
     pub pods: Arc<HashMap<Key, Arc<PodInfo>>>,
     pub peer_auths: Arc<Vec<PeerAuth>>,
@@ -262,6 +264,7 @@ struct Model {
     /// service key → names of the clusters it produced last time
     clusters_of: HashMap<Key, Vec<String>>,
     clusters: Arc<HashMap<String, Arc<Entry>>>,
+    sorted: Arc<Vec<String>>,
     log: VecDeque<(u64, Arc<[String]>)>,
     version: u64,
 }
@@ -359,6 +362,7 @@ impl Model {
             services_of_pod: HashMap::new(),
             clusters_of: HashMap::new(),
             clusters: Arc::new(HashMap::new()),
+            sorted: Arc::new(Vec::new()),
             log: VecDeque::new(),
             version: 0,
         }
@@ -538,6 +542,9 @@ impl Model {
             }
         }
         if let Some(map) = map {
+            let mut names: Vec<String> = map.keys().cloned().collect();
+            names.sort();
+            self.sorted = Arc::new(names);
             self.clusters = Arc::new(map);
         }
         // Forget pods that no longer back anything.
@@ -564,6 +571,7 @@ impl Model {
             clusters: self.clusters.clone(),
             log: Arc::new(self.log.clone()),
             synced: self.synced(),
+            sorted: self.sorted.clone(),
             pods: self.pods_snapshot.clone(),
             peer_auths: self.peer_auths_snapshot.clone(),
             root_namespace: self.opts.root_namespace.clone(),

@@ -173,6 +173,9 @@ struct TypeState {
     /// The last response carried only part of what differed ([`MAX_RESOURCES_PER_RESPONSE`]):
     /// the next one compares everything again.
     incomplete: bool,
+    /// Where the next part of a sync in progress starts: the snapshot version it was computed
+    /// from and the last name sent (parts go in name order).
+    cursor: Option<(u64, String)>,
     first_sent: bool,
     /// Nonce and system version of the unacknowledged response.
     pending: Option<(String, u64)>,
@@ -330,6 +333,7 @@ impl Discovery {
             permit: None,
             synced: 0,
             incomplete: false,
+            cursor: None,
             first_sent: false,
             pending: None,
         });
@@ -415,6 +419,9 @@ impl Discovery {
         };
         // Only clusters have a change log; the rest is small enough to compare whole.
         let use_log = type_url == mycel_api::CLUSTER_TYPE;
+        // The next part of a sync in progress, when nothing changed since the last part.
+        let cursor =
+            ts.cursor.take().filter(|(v, _)| ts.incomplete && use_log && ts.wildcard && *v == snap.version);
         let wanted = |n: &str| ts.wildcard || ts.names.contains(n);
         let mut added = Vec::new();
         let mut removed = Vec::new();
@@ -430,13 +437,28 @@ impl Discovery {
                 }
             }
         };
-        match snap.changed_since(ts.synced).filter(|_| ts.first_sent && use_log && !ts.incomplete) {
-            Some(names) => {
+        match (cursor, snap.changed_since(ts.synced).filter(|_| ts.first_sent && use_log && !ts.incomplete)) {
+            (Some((_, after)), _) => {
+                // Carry on after the last name sent: a sync costs one pass over the mesh,
+                // not one per part. One difference more than fits says more parts follow.
+                let start = snap.sorted.partition_point(|n| n.as_str() <= after.as_str());
+                let mut found = 0;
+                for n in &snap.sorted[start..] {
+                    if found > MAX_RESOURCES_PER_RESPONSE {
+                        break;
+                    }
+                    if resources.get(n).is_some_and(|e| ts.known.version(n) != Some(e.version.as_str())) {
+                        found += 1;
+                        consider(n, &ts.known);
+                    }
+                }
+            }
+            (None, Some(names)) => {
                 for n in names {
                     consider(n, &ts.known);
                 }
             }
-            None => {
+            (None, None) => {
                 for n in resources.keys() {
                     consider(n, &ts.known);
                 }
@@ -456,6 +478,8 @@ impl Discovery {
         let truncated = added.len() > MAX_RESOURCES_PER_RESPONSE;
         added.truncate(MAX_RESOURCES_PER_RESPONSE);
         ts.incomplete = truncated;
+        ts.cursor =
+            if truncated { added.last().map(|e| (snap.version, e.resource.name.clone())) } else { None };
         if type_url == mycel_api::CLUSTER_TYPE && ts.wildcard && !truncated {
             // After this response the proxy has exactly the snapshot.
             ts.known = Known::Shared(snap.clusters.clone());
