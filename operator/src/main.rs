@@ -188,20 +188,23 @@ async fn main() -> anyhow::Result<()> {
             cluster_domain,
             debounce_ms,
         } => {
-            let mesh: controlplane::MeshFile = match &mesh_config {
-                Some(p) => {
-                    let text =
-                        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-                    serde_json::from_str(&text)
-                        .with_context(|| format!("{} is not a mesh config", p.display()))?
-                }
-                None => Default::default(),
-            };
-            let proxy: controlplane::inject::ProxySettings = match &mesh_config {
-                Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?)
-                    .with_context(|| format!("{}: proxy settings", p.display()))?,
-                None => Default::default(),
-            };
+            // One file, read once, gives both the control plane's and the injector's settings.
+            let (mesh, proxy): (controlplane::MeshFile, controlplane::inject::ProxySettings) =
+                match &mesh_config {
+                    Some(p) => {
+                        let text =
+                            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                        let value: serde_json::Value = serde_json::from_str(&text)
+                            .with_context(|| format!("{} is not a mesh config", p.display()))?;
+                        (
+                            serde_json::from_value(value.clone())
+                                .with_context(|| format!("{} is not a mesh config", p.display()))?,
+                            serde_json::from_value(value)
+                                .with_context(|| format!("{}: proxy settings", p.display()))?,
+                        )
+                    }
+                    None => Default::default(),
+                };
             let webhook_addr = match webhook_addr.as_str() {
                 "none" => None,
                 a => Some(a.parse().with_context(|| format!("--webhook-addr {a:?}"))?),

@@ -32,7 +32,6 @@ pub struct Entry {
     /// the control plane too, so a proxy that reconnects with nothing changed receives nothing.
     pub version: String,
     pub resource: pb::Resource,
-    pub encoded_len: usize,
 }
 
 /// The mesh as proxies see it, at one version.
@@ -60,8 +59,7 @@ impl Snapshot {
         if since >= self.version {
             return Some(HashSet::new());
         }
-        let first = self.log.front()?.0;
-        if first > since + 1 {
+        if !self.log_reaches(since) {
             return None;
         }
         Some(
@@ -71,6 +69,11 @@ impl Snapshot {
                 .flat_map(|(_, names)| names.iter().map(String::as_str))
                 .collect(),
         )
+    }
+
+    /// Whether the change log still covers every version after `since`.
+    pub fn log_reaches(&self, since: u64) -> bool {
+        since >= self.version || self.log.front().is_some_and(|(first, _)| *first <= since + 1)
     }
 }
 
@@ -536,8 +539,7 @@ impl Model {
                     continue;
                 }
                 resource.version = version.clone();
-                let encoded_len = resource.encoded_len();
-                map.insert(name.clone(), Arc::new(Entry { version, resource, encoded_len }));
+                map.insert(name.clone(), Arc::new(Entry { version, resource }));
                 changed.push(name);
             }
         }

@@ -275,7 +275,7 @@ impl Discovery {
                     // for one of a bounded number of slots, held until the proxy answers: a crowd
                     // connecting at once is served a few at a time instead of all in memory.
                     let full = type_url == mycel_api::CLUSTER_TYPE
-                        && (ts.incomplete || !(ts.first_sent && snap.changed_since(ts.synced).is_some()));
+                        && (ts.incomplete || !(ts.first_sent && snap.log_reaches(ts.synced)));
                     if full && ts.permit.is_none() {
                         ts.permit = self.full_syncs.clone().acquire_owned().await.ok();
                     }
@@ -522,8 +522,7 @@ fn policy_resource(snap: &Snapshot, node: &pb::Node) -> HashMap<String, Arc<Entr
     };
     let version = content_version(&prost::Message::encode_to_vec(&resource));
     resource.version = version.clone();
-    let encoded_len = prost::Message::encoded_len(&resource);
-    HashMap::from([("inbound".to_string(), Arc::new(Entry { version, resource, encoded_len }))])
+    HashMap::from([("inbound".to_string(), Arc::new(Entry { version, resource }))])
 }
 
 /// The CA in force, replaced whole when its Secret changes.
