@@ -521,7 +521,14 @@ async fn a_leader_shutting_down_hands_over_at_once() {
     let holder = || async {
         leases.get("mycel-operator").await.ok().and_then(|l| l.spec?.holder_identity).unwrap_or_default()
     };
-    let (leader, other) = if holder().await.ends_with(&format!("-{}", s.operator.pid())) {
+    // The operator setup() started was killed, not stopped: its lease runs out first.
+    let live = [s.operator.pid(), standby.pid()];
+    let current = eventually("one of the two operators leads", Duration::from_secs(15), || async {
+        let h = holder().await;
+        live.iter().any(|p| h.ends_with(&format!("-{p}"))).then_some(h.clone()).ok_or(h)
+    })
+    .await;
+    let (leader, other) = if current.ends_with(&format!("-{}", s.operator.pid())) {
         (&mut s.operator, &mut standby)
     } else {
         (&mut standby, &mut s.operator)
