@@ -38,6 +38,14 @@ fn main() {
         match role {
             "http-server" => rt.block_on(http_server()),
             "tcp-sink" => rt.block_on(tcp_sink()),
+            // For profiling one target alone: `--role load <addr> <seconds>` (closed loop, 64
+            // connections) prints the request rate.
+            "load" => {
+                let addr: SocketAddr = args[pos + 2].parse().expect("--role load <addr> <seconds>");
+                let secs: f64 = args[pos + 3].parse().expect("--role load <addr> <seconds>");
+                let (n, took) = rt.block_on(closed_loop(addr, secs, 64));
+                println!("{:.0} req/s", n as f64 / took.as_secs_f64());
+            }
             _ => panic!("unknown role {role}"),
         }
         return;

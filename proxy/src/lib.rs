@@ -347,7 +347,7 @@ async fn serve_connection(
     if http {
         serve_http(stream, peer, listener, target, shared, stop, None).await;
     } else if let Some(endpoints) = target.resolve(&shared) {
-        tcp::serve(Box::new(stream), peer, labels, endpoints, shared).await;
+        tcp::serve(tcp::Stream::Plain(stream), peer, labels, endpoints, shared).await;
     }
     active.dec();
 }
@@ -378,7 +378,7 @@ async fn serve_mesh_inbound(
     match inner {
         mtls::Inner::Tcp => {
             if let Some(endpoints) = target.resolve(&shared) {
-                tcp::serve(Box::new(tls), peer, labels, endpoints, shared).await;
+                tcp::serve(tcp::Stream::Wrapped(Box::new(tls)), peer, labels, endpoints, shared).await;
             }
         }
         mtls::Inner::Http1 | mtls::Inner::Http2 => {

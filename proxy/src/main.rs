@@ -192,11 +192,16 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run { .. } => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         Cmd::Init { .. } => 1,
     };
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()?
-        .block_on(run(cli))
+    // One worker: the single-threaded scheduler, which skips the work-stealing machinery
+    // (atomics, cross-thread wakeups) that a lone worker never needs.
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    builder.enable_all().build()?.block_on(run(cli))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -205,6 +205,52 @@ async fn tcp_half_close_and_a_server_that_speaks_first() {
 }
 
 #[tokio::test]
+async fn tcp_moves_every_byte_both_ways_at_once_and_counts_them() {
+    // An echo server; the client writes 8 MiB of varied bytes while it reads the echo, so both
+    // directions (spliced in the kernel between plain sockets) are busy together.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (s, _) = l.accept().await.unwrap();
+        let (mut r, mut w) = s.into_split();
+        tokio::io::copy(&mut r, &mut w).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let proxy = mycel_proxy::start(config("tcp", &[up])).await.unwrap();
+    let c = TcpStream::connect(proxy.listener("front").await.unwrap()).await.unwrap();
+    let (mut r, mut w) = c.into_split();
+    let payload: Vec<u8> = (0..8u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let sent = payload.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in sent.chunks(100_003) {
+            w.write_all(chunk).await.unwrap();
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut echoed = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), r.read_to_end(&mut echoed)).await.unwrap().unwrap();
+    writer.await.unwrap();
+    assert!(echoed == payload, "echo differs: {} of {} bytes back", echoed.len(), payload.len());
+    // The counters are added when the connection ends, just after the client saw its end.
+    let wanted = ["mycel_proxy_received_bytes_total", "mycel_proxy_sent_bytes_total"]
+        .map(|name| format!(r#"{name}{{direction="outbound",listener="front",protocol="tcp"}} 8388608"#));
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        let mut admin = connect(proxy.admin).await;
+        let get = Request::get("/metrics").header("host", "admin").body(empty()).unwrap();
+        metrics = text(admin.send_request(get).await.unwrap()).await;
+        if wanted.iter().all(|w| metrics.contains(w)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    for line in &wanted {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
+    proxy.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
 async fn admin_reports_readiness_config_and_metrics() {
     let up = http_server("a").await;
     let proxy = mycel_proxy::start(config("http", &[up])).await.unwrap();
