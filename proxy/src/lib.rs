@@ -21,6 +21,7 @@ pub mod xds;
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
+    pin::Pin,
     sync::{Arc, RwLock, atomic::AtomicBool},
     time::Duration,
 };
@@ -318,20 +319,36 @@ async fn serve_connection(
         (true, Some(port)) => shared.config.read().map(|c| c.inbound_mtls.mode_for(port)).unwrap_or_default(),
         _ => config::MtlsMode::Permissive,
     };
+    // HTTP, and which version when the first bytes told it.
     let http = match listener.protocol {
-        config::Protocol::Http => true,
-        config::Protocol::Tcp => false,
+        // Declared HTTP: the first bytes only choose the version (hyper reads them itself when
+        // they do not tell).
+        config::Protocol::Http => {
+            match detect::detect(&stream, Duration::from_millis(listener.detect_timeout_ms)).await {
+                detect::Detected::Http1 => Some(Some(HttpVersion::Http1)),
+                detect::Detected::Http2 => Some(Some(HttpVersion::Http2)),
+                _ => Some(None),
+            }
+        }
+        config::Protocol::Tcp => None,
         config::Protocol::Auto => {
             let detected = detect::detect(&stream, Duration::from_millis(listener.detect_timeout_ms)).await;
             if let detect::Detected::Tls { sni, alpn } = &detected {
                 if inbound && mode != config::MtlsMode::Disable && mtls::is_mesh_alpn(alpn) {
                     labels.protocol = "mtls".into();
-                    return serve_mesh_inbound(stream, listener, target, labels, shared, stop).await;
+                    // Boxed, like the TCP path below: a task is as large as its largest state,
+                    // and plaintext HTTP connections, the most numerous, need neither.
+                    return Box::pin(serve_mesh_inbound(stream, listener, target, labels, shared, stop))
+                        .await;
                 }
                 tracing::debug!(listener = %listener.name, sni = ?sni, alpn = ?alpn, "TLS ClientHello; passing through");
             }
             labels.protocol = detected.label().into();
-            matches!(detected, detect::Detected::Http1 | detect::Detected::Http2)
+            match detected {
+                detect::Detected::Http1 => Some(Some(HttpVersion::Http1)),
+                detect::Detected::Http2 => Some(Some(HttpVersion::Http2)),
+                _ => None,
+            }
         }
     };
     if inbound && mode == config::MtlsMode::Strict {
@@ -344,10 +361,10 @@ async fn serve_connection(
     active.inc();
     let peer = stream.peer_addr().ok();
     let _ = stream.set_nodelay(true);
-    if http {
-        serve_http(stream, peer, listener, target, shared, stop, None).await;
+    if let Some(version) = http {
+        serve_http(stream, version, peer, listener, target, shared, stop, None).await;
     } else if let Some(endpoints) = target.resolve(&shared) {
-        tcp::serve(tcp::Stream::Plain(stream), peer, labels, endpoints, shared).await;
+        Box::pin(tcp::serve(tcp::Stream::Plain(stream), peer, labels, endpoints, shared)).await;
     }
     active.dec();
 }
@@ -384,20 +401,31 @@ async fn serve_mesh_inbound(
         mtls::Inner::Http1 | mtls::Inner::Http2 => {
             let own = shared.mesh.own_id().unwrap_or_default();
             let xfcc = hyper::header::HeaderValue::from_str(&format!("By={own};URI={peer_id}")).ok();
-            serve_http(tls, peer, listener, target, shared, stop, xfcc).await;
+            let version = if inner == mtls::Inner::Http2 { HttpVersion::Http2 } else { HttpVersion::Http1 };
+            serve_http(tls, Some(version), peer, listener, target, shared, stop, xfcc).await;
         }
     }
     active.dec();
 }
 
-/// HTTP/1.1, or HTTP/2 with prior knowledge (the connection preface tells), over any stream.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HttpVersion {
+    Http1,
+    /// With prior knowledge (the connection preface).
+    Http2,
+}
+
+/// HTTP/1.1, or HTTP/2 with prior knowledge, over any stream. The version is given when the
+/// connection's first bytes (or its ALPN) told it; otherwise hyper reads the preface to choose.
+#[allow(clippy::too_many_arguments)]
 async fn serve_http<I>(
     io: I,
+    version: Option<HttpVersion>,
     peer: Option<SocketAddr>,
     listener: config::Listener,
     target: Target,
     shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     xfcc: Option<hyper::header::HeaderValue>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -415,15 +443,37 @@ async fn serve_http<I>(
             }
         }
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    let io = TokioIo::new(io);
+    // Draining (`stop`): finish the requests in flight, then close (`Connection: close` on
+    // HTTP/1.1, GOAWAY on HTTP/2).
+    match version {
+        Some(HttpVersion::Http1) => {
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).with_upgrades();
+            drain_on_stop(conn, stop, |c| c.graceful_shutdown()).await
+        }
+        Some(HttpVersion::Http2) => {
+            let conn =
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, svc);
+            drain_on_stop(conn, stop, |c| c.graceful_shutdown()).await
+        }
+        None => {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(io, svc);
+            drain_on_stop(conn, stop, |c| c.graceful_shutdown()).await
+        }
+    }
+}
+
+/// Serves `conn` to its end; when `stop` fires first, asks it to shut down gracefully and waits.
+async fn drain_on_stop<C, O>(conn: C, mut stop: watch::Receiver<bool>, shutdown: impl FnOnce(Pin<&mut C>))
+where
+    C: std::future::Future<Output = O>,
+{
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
-        // Draining: finish the requests in flight, then close (`Connection: close` on
-        // HTTP/1.1, GOAWAY on HTTP/2).
         _ = stop.changed() => {
-            conn.as_mut().graceful_shutdown();
+            shutdown(conn.as_mut());
             let _ = conn.await;
         }
     }
