@@ -13,7 +13,6 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -38,6 +37,7 @@ fn main() {
         match role {
             "http-server" => rt.block_on(http_server()),
             "tcp-sink" => rt.block_on(tcp_sink()),
+            "grpc-server" => rt.block_on(grpc_server()),
             // For profiling one target alone: `--role load <addr> <seconds>` (closed loop, 64
             // connections) prints the request rate.
             "load" => {
@@ -208,8 +208,11 @@ async fn haproxy(mode: &str, upstream: SocketAddr) -> Option<(Proc, SocketAddr)>
     std::fs::write(
         &cfg,
         format!(
-            "global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode {mode}\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n{reuse}listen front\n  bind 127.0.0.1:{port}\n  server s1 {upstream}\n",
-            reuse = if mode == "http" { "  http-reuse always\n" } else { "" }
+            "global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode {}\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n{reuse}listen front\n  bind 127.0.0.1:{port}{h2}\n  server s1 {upstream}{h2}\n",
+            if mode == "tcp" { "tcp" } else { "http" },
+            reuse = if mode == "tcp" { "" } else { "  http-reuse always\n" },
+            // gRPC: HTTP/2 with prior knowledge on both sides.
+            h2 = if mode == "grpc" { " proto h2" } else { "" }
         ),
     )
     .ok()?;
@@ -568,6 +571,59 @@ async fn run() {
         results.push(json!({"name": format!("tcp-{name}"), "target": name, "mbps": mbps}));
     }
 
+    // gRPC.
+    md.push_str("\n## gRPC (1 KiB messages, one HTTP/2 connection from the client, closed loop)\n\n");
+    md.push_str("Unary: 32 calls in flight. Streaming: 16 bidirectional streams, each sending a message and waiting for its answer.\n\n");
+    md.push_str("| call | target | calls/s | p50 µs | p90 µs | p99 µs | p99.9 µs | errors | proxy CPU s/s | calls/s per proxy core |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    let (_grpc, gup) = spawn_role("grpc-server");
+    let mut grpc_targets: Vec<(&str, SocketAddr, Vec<u32>, Vec<Proc>)> =
+        vec![("direct", gup, vec![], vec![])];
+    let (p, a) = mycel("grpc-one-hop", "http", gup).await;
+    grpc_targets.push(("mycel (1 hop)", a, vec![p.pid()], vec![p]));
+    let (inner, ai) = mycel("grpc-server-sidecar", "http", gup).await;
+    let (outer, ao) = mycel("grpc-client-sidecar", "http", ai).await;
+    grpc_targets.push(("mycel (2 hops)", ao, vec![outer.pid(), inner.pid()], vec![outer, inner]));
+    if let Some((p, a)) = nginx_grpc(gup).await {
+        let w = worker_pid(p.pid());
+        grpc_targets.push(("nginx", a, vec![w], vec![p]));
+    }
+    if let Some((p, a)) = haproxy("grpc", gup).await {
+        grpc_targets.push(("haproxy", a, vec![p.pid()], vec![p]));
+    }
+    for kind in ["unary", "streaming"] {
+        for (name, addr, pids, _) in &grpc_targets {
+            let cpu0: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+            let r = if kind == "unary" {
+                grpc_unary(*addr, secs, 32).await
+            } else {
+                grpc_streaming(*addr, secs, 16).await
+            };
+            let cpu = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu0;
+            let rate = r.done as f64 / r.elapsed.as_secs_f64();
+            let cores = cpu / r.elapsed.as_secs_f64();
+            let q = |p: f64| r.hist.value_at_quantile(p);
+            let line = format!(
+                "| {kind} | {name} | {rate:.0} | {} | {} | {} | {} | {} | {} | {} |",
+                q(0.5),
+                q(0.9),
+                q(0.99),
+                q(0.999),
+                r.errors,
+                if pids.is_empty() { "—".into() } else { format!("{cores:.2}") },
+                if pids.is_empty() || cores <= 0.0 { "—".into() } else { format!("{:.0}", rate / cores) }
+            );
+            println!("{line}");
+            md.push_str(&line);
+            md.push('\n');
+            let rss = pids.first().map(|p| rss_kib(*p, "VmHWM:")).unwrap_or(0);
+            results.push(json!({
+                "name": format!("grpc-{kind}-{name}"), "target": name, "rps": rate, "p50": q(0.5), "p90": q(0.9),
+                "p99": q(0.99), "p999": q(0.999), "errors": r.errors, "cpu_cores": cores,
+                "rps_per_core": if cores > 0.0 { rate / cores } else { 0.0 }, "rss_kib": rss,
+            }));
+        }
+    }
+
     let date = Command::new("date")
         .arg("-u")
         .arg("+%Y-%m-%d")
@@ -592,6 +648,208 @@ async fn run() {
     )
     .unwrap();
     println!("written to {}", out_dir.join("proxy.md").display());
+    // Stop the proxies before their configuration files go.
+    drop((targets, tcp_targets, grpc_targets));
     let _ = std::fs::remove_dir_all(dir());
-    let _ = Arc::new(());
+}
+
+// --- gRPC ---------------------------------------------------------------------------------------
+
+/// The gRPC server of the benchmark, on any stable service of ours: `Certificates.Sign` answers
+/// a 1 KiB string (unary), and `ConfigDiscovery.Stream` answers every request with one 1 KiB
+/// response that echoes its nonce (bidirectional streaming).
+mod grpc {
+    use std::pin::Pin;
+
+    use futures::Stream;
+    use mycel_api::v1alpha1::{
+        self as pb, certificates_server::Certificates, config_discovery_server::ConfigDiscovery,
+    };
+    use tokio_stream::StreamExt;
+    use tonic::{Request, Response, Status, Streaming};
+
+    pub const PAYLOAD: usize = 1024;
+
+    pub struct Echo;
+
+    #[tonic::async_trait]
+    impl Certificates for Echo {
+        async fn sign(&self, r: Request<pb::SignRequest>) -> Result<Response<pb::SignResponse>, Status> {
+            let n = r.into_inner().csr_pem.len();
+            Ok(Response::new(pb::SignResponse {
+                cert_chain_pem: vec!["x".repeat(n)],
+                trust_bundle_pem: vec![],
+            }))
+        }
+    }
+
+    type Responses = Pin<Box<dyn Stream<Item = Result<pb::DeltaResponse, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl ConfigDiscovery for Echo {
+        type StreamStream = Responses;
+        async fn stream(
+            &self,
+            r: Request<Streaming<pb::DeltaRequest>>,
+        ) -> Result<Response<Responses>, Status> {
+            let body = "x".repeat(PAYLOAD);
+            let out = r.into_inner().map(move |req| {
+                req.map(|req| pb::DeltaResponse {
+                    nonce: req.response_nonce,
+                    system_version: body.clone(),
+                    ..Default::default()
+                })
+            });
+            Ok(Response::new(Box::pin(out)))
+        }
+    }
+}
+
+async fn grpc_server() {
+    use mycel_api::v1alpha1::{
+        certificates_server::CertificatesServer, config_discovery_server::ConfigDiscoveryServer,
+    };
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    println!("{}", l.local_addr().unwrap());
+    tonic::transport::Server::builder()
+        .add_service(CertificatesServer::new(grpc::Echo))
+        .add_service(ConfigDiscoveryServer::new(grpc::Echo))
+        .serve_with_incoming(tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(l),
+            |s| {
+                // As a real server would (and the proxies do): no Nagle delay on small answers.
+                s.inspect(|s| {
+                    let _ = s.set_nodelay(true);
+                })
+            },
+        ))
+        .await
+        .unwrap();
+}
+
+async fn grpc_channel(addr: SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
+}
+
+/// Closed loop: `calls` unary calls in flight at a time on one HTTP/2 connection.
+async fn grpc_unary(addr: SocketAddr, secs: f64, calls: usize) -> Run {
+    use mycel_api::v1alpha1::{SignRequest, certificates_client::CertificatesClient};
+    let client = CertificatesClient::new(grpc_channel(addr).await);
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..calls {
+        let mut c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+            let (mut done, mut errors) = (0u64, 0u64);
+            let csr = "c".repeat(grpc::PAYLOAD);
+            while Instant::now() < end {
+                let started = Instant::now();
+                match c.sign(SignRequest { csr_pem: csr.clone(), ttl_seconds: 0 }).await {
+                    Ok(r) if r.get_ref().cert_chain_pem[0].len() == grpc::PAYLOAD => {
+                        done += 1;
+                        let _ = hist.record(started.elapsed().as_micros().max(1) as u64);
+                    }
+                    _ => errors += 1,
+                }
+            }
+            (hist, done, errors)
+        }));
+    }
+    collect(tasks, secs).await
+}
+
+/// `streams` bidirectional streams on one connection, each sending a message and waiting for
+/// its answer before the next (every message crosses the proxy in both directions).
+async fn grpc_streaming(addr: SocketAddr, secs: f64, streams: usize) -> Run {
+    use mycel_api::v1alpha1::{DeltaRequest, config_discovery_client::ConfigDiscoveryClient};
+    let client = ConfigDiscoveryClient::new(grpc_channel(addr).await);
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..streams {
+        let mut c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+            let (mut done, mut errors) = (0u64, 0u64);
+            let (tx, rx) = tokio::sync::mpsc::channel::<DeltaRequest>(1);
+            let mut responses = match c.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+                Ok(r) => r.into_inner(),
+                Err(_) => return (hist, 0, 1),
+            };
+            let body = "r".repeat(grpc::PAYLOAD);
+            let mut i = 0u64;
+            while Instant::now() < end {
+                let started = Instant::now();
+                let nonce = i.to_string();
+                let req = DeltaRequest {
+                    response_nonce: nonce.clone(),
+                    type_url: body.clone(),
+                    ..Default::default()
+                };
+                if tx.send(req).await.is_err() {
+                    errors += 1;
+                    break;
+                }
+                match responses.message().await {
+                    Ok(Some(r)) if r.nonce == nonce => {
+                        done += 1;
+                        let _ = hist.record(started.elapsed().as_micros().max(1) as u64);
+                    }
+                    _ => {
+                        errors += 1;
+                        break;
+                    }
+                }
+                i += 1;
+            }
+            (hist, done, errors)
+        }));
+    }
+    collect(tasks, secs).await
+}
+
+async fn collect(tasks: Vec<tokio::task::JoinHandle<(Histogram<u64>, u64, u64)>>, secs: f64) -> Run {
+    let mut run = Run {
+        hist: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
+        done: 0,
+        errors: 0,
+        elapsed: Duration::from_secs_f64(secs),
+    };
+    for t in tasks {
+        let (h, d, e) = t.await.unwrap();
+        run.hist.add(h).unwrap();
+        run.done += d;
+        run.errors += e;
+    }
+    run
+}
+
+async fn nginx_grpc(upstream: SocketAddr) -> Option<(Proc, SocketAddr)> {
+    let bin = which("nginx")?;
+    let port = free_port();
+    let d = dir().join("nginx-grpc");
+    std::fs::create_dir_all(d.join("logs")).ok()?;
+    let conf = d.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 1;\ndaemon off;\npid {pid};\nerror_log {err} warn;\nevents {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n  keepalive_requests 10000000;\n  upstream g {{ server {upstream}; keepalive 64; keepalive_requests 10000000; }}\n  server {{\n    listen 127.0.0.1:{port} http2;\n    location / {{ grpc_pass grpc://g; }}\n  }}\n}}\n",
+            pid = d.join("nginx.pid").display(),
+            err = d.join("logs/error.log").display()
+        ),
+    )
+    .ok()?;
+    let child = Command::new(bin)
+        .arg("-p")
+        .arg(&d)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_port(addr).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Some((Proc { child }, addr))
 }
