@@ -10,152 +10,16 @@ use hyper::{
     body::{Bytes, Incoming},
     header::{self, HeaderName, HeaderValue},
 };
-use hyper_util::{
-    client::legacy::{
-        Client,
-        connect::{Connected, Connection, HttpConnector},
-    },
-    rt::{TokioExecutor, TokioIo},
-};
-use std::pin::Pin;
+use hyper_util::rt::TokioIo;
 
 use crate::{
     Shared,
     balance::Endpoints,
     metrics::{ListenerLabels, RequestLabels},
-    mtls::{Inner, MeshTls},
+    pool::SendError,
 };
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
-
-/// Upstream connection pools shared by all HTTP listeners: HTTP/1.1, and HTTP/2 (prior
-/// knowledge) for requests that arrived as HTTP/2 — gRPC among them; each in plaintext and over
-/// mutual TLS to mesh endpoints.
-pub struct UpstreamClient {
-    http1: Client<HttpConnector, Body>,
-    http2: Client<HttpConnector, Body>,
-    mesh1: Client<MeshConnector, Body>,
-    mesh2: Client<MeshConnector, Body>,
-}
-
-pub fn client(mesh: Arc<MeshTls>) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(std::time::Duration::from_secs(1)));
-    let mesh1 = MeshConnector { mesh: mesh.clone(), inner: Inner::Http1 };
-    let mesh2 = MeshConnector { mesh, inner: Inner::Http2 };
-    UpstreamClient {
-        // Idle upstream connections kept per endpoint: enough for bursts, bounded for memory.
-        http1: Client::builder(TokioExecutor::new()).pool_max_idle_per_host(64).build(connector.clone()),
-        http2: Client::builder(TokioExecutor::new()).http2_only(true).build(connector),
-        mesh1: Client::builder(TokioExecutor::new()).pool_max_idle_per_host(64).build(mesh1),
-        mesh2: Client::builder(TokioExecutor::new()).http2_only(true).build(mesh2),
-    }
-}
-
-impl UpstreamClient {
-    async fn request(
-        &self,
-        req: Request<Body>,
-        mtls: bool,
-    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-        match (req.version() == hyper::Version::HTTP_2, mtls) {
-            (false, false) => self.http1.request(req).await,
-            (true, false) => self.http2.request(req).await,
-            (false, true) => self.mesh1.request(req).await,
-            (true, true) => self.mesh2.request(req).await,
-        }
-    }
-}
-
-/// Connects to a mesh endpoint over mutual TLS (its identity looked up by address).
-#[derive(Clone)]
-pub struct MeshConnector {
-    mesh: Arc<MeshTls>,
-    inner: Inner,
-}
-
-/// A mutual-TLS connection as hyper's pool wants it.
-pub struct MeshStream(TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>);
-
-impl Connection for MeshStream {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl hyper::rt::Read for MeshStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for MeshStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-    fn poll_flush(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-}
-
-type ConnectFuture = Pin<Box<dyn std::future::Future<Output = std::io::Result<MeshStream>> + Send>>;
-
-impl tower::Service<Uri> for MeshConnector {
-    type Response = MeshStream;
-    type Error = std::io::Error;
-    type Future = ConnectFuture;
-
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let (mesh, inner) = (self.mesh.clone(), self.inner);
-        Box::pin(async move {
-            let addr: SocketAddr = uri
-                .authority()
-                .and_then(|a| a.as_str().parse().ok())
-                .ok_or_else(|| std::io::Error::other(format!("{uri} is not ip:port")))?;
-            let expected = mesh
-                .identity_of(&addr)
-                .ok_or_else(|| std::io::Error::other(format!("{addr} has no mesh identity")))?;
-            let tcp =
-                tokio::time::timeout(std::time::Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
-                    .await
-                    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-            let _ = tcp.set_nodelay(true);
-            Ok(MeshStream(TokioIo::new(mesh.connect(tcp, &expected, inner).await?)))
-        })
-    }
-}
 
 /// Header that names the reason of a response the proxy made itself.
 pub const ERROR_HEADER: &str = "x-mycel-error";
@@ -297,8 +161,10 @@ fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpg
 
 enum Attempt {
     Done(Response<Body>),
-    /// The endpoint refused the connection; the request was not sent.
-    Refused,
+    /// No connection to the endpoint could be opened: the request was not sent, here it is.
+    NotSent(Box<Request<Body>>),
+    /// The peer sidecar could not reach its app: the request went no further than that sidecar.
+    AppRefused,
 }
 
 async fn forward(
@@ -324,24 +190,35 @@ async fn forward(
         parts.headers.insert(header::UPGRADE, u);
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    // A request without a body can go to the next endpoint when one refuses the connection (its
-    // head is kept for that, only when there is a next endpoint); one with a body cannot be
-    // replayed and only goes to the first.
-    let retry = (hyper::body::Body::is_end_stream(&body) && cluster.addrs.len() > 1).then(|| parts.clone());
-    let mut last_error =
-        match send(parts, body.boxed(), first, &mut downstream_upgrade, cluster, shared).await {
-            Ok(Attempt::Done(resp)) => return resp,
-            Ok(Attempt::Refused) => format!("connect to {first} failed"),
-            Err(resp) => return resp,
+    // A request that could not be sent comes back and goes to the next endpoint as it is. One
+    // that reached a peer sidecar whose app refused it can only be sent again from a copy of its
+    // head, kept for that case alone: a mesh endpoint, no body, and another endpoint to try.
+    let copy = (hyper::body::Body::is_end_stream(&body)
+        && cluster.addrs.len() > 1
+        && shared.mesh.identity_of(&first).is_some())
+    .then(|| parts.clone());
+    let mut next = Some(Request::from_parts(parts, body.boxed()));
+    let mut last_error = String::new();
+    // The other endpoints are only asked for once the first failed (asking moves a round robin).
+    let rest = std::iter::once(()).flat_map(|_| cluster.order(key)).filter(|a| *a != first);
+    for addr in std::iter::once(first).chain(rest) {
+        let req = match next.take() {
+            Some(r) => r,
+            None => match &copy {
+                Some(parts) => {
+                    Request::from_parts(parts.clone(), Empty::new().map_err(|never| match never {}).boxed())
+                }
+                None => break,
+            },
         };
-    if let Some(parts) = retry {
-        for addr in cluster.order(key).into_iter().filter(|a| *a != first) {
-            let empty = Empty::new().map_err(|never| match never {}).boxed();
-            match send(parts.clone(), empty, addr, &mut downstream_upgrade, cluster, shared).await {
-                Ok(Attempt::Done(resp)) => return resp,
-                Ok(Attempt::Refused) => last_error = format!("connect to {addr} failed"),
-                Err(resp) => return resp,
+        match send(req, addr, &mut downstream_upgrade, cluster, shared).await {
+            Ok(Attempt::Done(resp)) => return resp,
+            Ok(Attempt::NotSent(req)) => {
+                last_error = format!("connect to {addr} failed");
+                next = Some(*req);
             }
+            Ok(Attempt::AppRefused) => last_error = format!("connect to {addr} failed"),
+            Err(resp) => return resp,
         }
     }
     error_response(StatusCode::SERVICE_UNAVAILABLE, &last_error)
@@ -349,19 +226,25 @@ async fn forward(
 
 /// One try at one endpoint. `Err` is a response to give the client as it is (a 502).
 async fn send(
-    mut parts: hyper::http::request::Parts,
-    body: Body,
+    req: Request<Body>,
     addr: SocketAddr,
     downstream_upgrade: &mut Option<hyper::upgrade::OnUpgrade>,
     cluster: &Endpoints,
     shared: &Shared,
 ) -> Result<Attempt, Response<Body>> {
+    let (mut parts, body) = req.into_parts();
     let is_connect = parts.method == hyper::Method::CONNECT;
-    parts.uri = upstream_uri(&parts.uri, cluster.authority(addr));
-    let req = Request::from_parts(parts, body);
+    let original_uri = parts.uri.clone();
+    parts.uri = upstream_uri(&parts.uri, parts.version, cluster.authority(addr));
+    if parts.version != hyper::Version::HTTP_2
+        && !parts.headers.contains_key(header::HOST)
+        && let Some(a) = cluster.authority(addr).and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        parts.headers.insert(header::HOST, a);
+    }
     let in_flight = cluster.start(addr);
     let mtls = shared.mesh.identity_of(&addr).is_some();
-    let result = shared.client.request(req, mtls).await;
+    let result = shared.pool.send(Request::from_parts(parts, body), addr, cluster.connect_timeout).await;
     drop(in_flight);
     match result {
         // The peer sidecar could not reach its app (it is shutting down): the request never got
@@ -375,7 +258,7 @@ async fn send(
                     .is_some_and(|v| v.as_bytes().starts_with(b"connect to ")) =>
         {
             cluster.eject(addr);
-            Ok(Attempt::Refused)
+            Ok(Attempt::AppRefused)
         }
         Ok(mut resp) => {
             let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -393,11 +276,13 @@ async fn send(
             }
             Ok(Attempt::Done(Response::from_parts(rparts, rbody.boxed())))
         }
-        Err(e) if e.is_connect() => {
+        Err(SendError::NotSent(e, mut req)) => {
+            tracing::debug!(%addr, error = %e, "upstream connection failed");
             cluster.eject(addr);
-            Ok(Attempt::Refused)
+            *req.uri_mut() = original_uri;
+            Ok(Attempt::NotSent(req))
         }
-        Err(e) => {
+        Err(SendError::Failed(e)) => {
             Err(error_response(StatusCode::BAD_GATEWAY, &format!("upstream {addr}: {}", error_chain(&e))))
         }
     }
@@ -414,12 +299,27 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// `http://<endpoint><path?query>`, from the endpoint's pre-parsed authority (no formatting).
-fn upstream_uri(original: &Uri, authority: Option<&hyper::http::uri::Authority>) -> Uri {
+/// The request target upstream: for HTTP/1.1 the origin form (`/path?query`; the `Host` header
+/// names the service), for HTTP/2 `http://<endpoint>/path?query` (the `:authority`), from the
+/// endpoint's pre-parsed authority (no formatting).
+fn upstream_uri(
+    original: &Uri,
+    version: hyper::Version,
+    authority: Option<&hyper::http::uri::Authority>,
+) -> Uri {
     let pq = original
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
+    if version != hyper::Version::HTTP_2 {
+        // A CONNECT's target is its authority.
+        if original.path_and_query().is_none()
+            && let Some(a) = original.authority()
+        {
+            return Uri::from(a.clone());
+        }
+        return Uri::from(pq);
+    }
     let mut b = Uri::builder().scheme("http").path_and_query(pq);
     if let Some(a) = authority {
         b = b.authority(a.clone());

@@ -15,6 +15,7 @@ pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod mtls;
+pub mod pool;
 pub mod tcp;
 pub mod xds;
 
@@ -58,7 +59,8 @@ pub struct Shared {
     /// Virtual address → cluster, for captured outbound connections.
     vips: RwLock<std::collections::HashMap<SocketAddr, String>>,
     pub metrics: metrics::Metrics,
-    pub client: http::UpstreamClient,
+    /// Upstream HTTP connections.
+    pub pool: pool::Pool,
     /// Keys and endpoint identities for mutual TLS between sidecars.
     pub mesh: Arc<mtls::MeshTls>,
     pub ready: AtomicBool,
@@ -234,7 +236,7 @@ pub async fn start(config: Config) -> Result<Running, ApplyError> {
         clusters: RwLock::new(BTreeMap::new()),
         vips: RwLock::new(Default::default()),
         metrics: metrics::Metrics::default(),
-        client: http::client(mesh.clone()),
+        pool: pool::Pool::new(mesh.clone()),
         mesh,
         ready: AtomicBool::new(false),
         app_probes: RwLock::new(Default::default()),

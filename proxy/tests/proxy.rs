@@ -154,6 +154,43 @@ async fn requests_are_balanced_and_a_dead_endpoint_is_skipped() {
 }
 
 #[tokio::test]
+async fn upstream_connections_are_reused_across_requests_and_clients() {
+    // The upstream counts the connections it accepts.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(req.uri().path().to_string()))))
+                });
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+            });
+        }
+    });
+    let proxy = mycel_proxy::start(config("http", &[up])).await.unwrap();
+    let front = proxy.listener("front").await.unwrap();
+    for i in 0..20 {
+        // A new client connection each time, one request after the other.
+        let mut c = connect(front).await;
+        let path = format!("/r{i}");
+        let resp =
+            c.send_request(Request::get(&path).header("host", "svc").body(empty()).unwrap()).await.unwrap();
+        assert_eq!(text(resp).await, path);
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "20 requests in a row share one upstream connection"
+    );
+    proxy.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
 async fn no_endpoints_is_a_503_that_says_why() {
     let proxy = mycel_proxy::start(config("http", &[])).await.unwrap();
     let mut c = connect(proxy.listener("front").await.unwrap()).await;
