@@ -13,6 +13,8 @@ pub const LISTENER_TYPE: &str = "mycel.io/Listener";
 /// Resource type of the proxy's inbound mutual-TLS policy (one resource, `inbound`).
 pub const PEER_POLICY_TYPE: &str = "mycel.io/PeerPolicy";
 
+pub mod codec;
+
 #[allow(clippy::all, missing_docs)]
 pub mod v1alpha1 {
     tonic::include_proto!("mycel.v1alpha1");
