@@ -5,7 +5,8 @@
 //! CPU second, memory, and TCP throughput.
 //!
 //! Run: `cargo bench -p mycel-proxy --bench proxy` (or `just bench-proxy`). Every proxy gets one
-//! worker. `MYCEL_BENCH_SECONDS` (default 5) sets each measurement's length. Results are printed
+//! worker. `MYCEL_BENCH_SECONDS` (default 5) sets each measurement's length, `MYCEL_BENCH_ROUNDS`
+//! (default 3) how many times each latency measurement is repeated. Results are printed
 //! and written to `docs/benchmarks/proxy.md` and `docs/benchmarks/proxy.json`.
 
 use std::{
@@ -40,6 +41,22 @@ fn main() {
             "grpc-server" => rt.block_on(grpc_server()),
             // For profiling one target alone: `--role load <addr> <seconds>` (closed loop, 64
             // connections) prints the request rate.
+            // `--role rate <addr> <req/s> <seconds>`: open loop, 32 connections; prints quantiles.
+            "rate" => {
+                let addr: SocketAddr = args[pos + 2].parse().expect("--role rate <addr> <req/s> <seconds>");
+                let rate: f64 = args[pos + 3].parse().expect("--role rate <addr> <req/s> <seconds>");
+                let secs: f64 = args[pos + 4].parse().expect("--role rate <addr> <req/s> <seconds>");
+                let r = rt.block_on(open_loop(addr, rate, secs, 32));
+                let q = |p: f64| r.hist.value_at_quantile(p);
+                println!(
+                    "p50 {} p90 {} p99 {} p999 {} errors {}",
+                    q(0.5),
+                    q(0.9),
+                    q(0.99),
+                    q(0.999),
+                    r.errors
+                );
+            }
             "load" => {
                 let addr: SocketAddr = args[pos + 2].parse().expect("--role load <addr> <seconds>");
                 let secs: f64 = args[pos + 3].parse().expect("--role load <addr> <seconds>");
@@ -108,6 +125,15 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // A killed nginx master leaves its workers running (still listening, and counting as
+        // load in the next measurements): kill the children first.
+        let pid = self.child.id();
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        for child in children.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+            // SAFETY: kill(2) with a pid read from /proc has no memory-safety preconditions.
+            unsafe { libc::kill(child, libc::SIGKILL) };
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -453,26 +479,42 @@ async fn run() {
     );
     println!("machine: {machine}; {secs} s per measurement");
 
-    // Latency at fixed rates.
-    md.push_str("## Latency at a constant rate (HTTP/1.1, 1 KiB responses, 32 keep-alive connections)\n\n");
-    md.push_str("| rate (req/s) | target | achieved | p50 µs | p90 µs | p99 µs | p99.9 µs | errors |\n|---|---|---|---|---|---|---|---|\n");
+    // Latency at fixed rates: every target once per round, rounds one after the other, so that a
+    // disturbance of the machine hits one round of every target rather than all of one target's;
+    // the round with the median p99 is reported, with the p99s of all rounds.
+    let rounds: usize = std::env::var("MYCEL_BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    md.push_str(&format!(
+        "## Latency at a constant rate (HTTP/1.1, 1 KiB responses, 32 keep-alive connections)\n\n\
+         Each target is measured {rounds} times, the targets taking turns; the row is the run with the median p99, \
+         and the last column lists every run's p99.\n\n"
+    ));
+    md.push_str("| rate (req/s) | target | achieved | p50 µs | p90 µs | p99 µs | p99.9 µs | errors | p99 of each run µs |\n|---|---|---|---|---|---|---|---|---|\n");
     let mut direct_p99 = std::collections::BTreeMap::new();
     for rate in [1000.0, 5000.0, 20000.0] {
-        for t in &targets {
-            let r = open_loop(t.addr, rate, secs, 32).await;
+        let mut runs: Vec<Vec<Run>> = targets.iter().map(|_| Vec::new()).collect();
+        for _ in 0..rounds {
+            for (i, t) in targets.iter().enumerate() {
+                runs[i].push(open_loop(t.addr, rate, secs, 32).await);
+            }
+        }
+        for (t, mut runs) in targets.iter().zip(runs) {
+            runs.sort_by_key(|r| r.hist.value_at_quantile(0.99));
+            let all: Vec<String> = runs.iter().map(|r| r.hist.value_at_quantile(0.99).to_string()).collect();
+            let r = &runs[runs.len() / 2];
             let q = |p: f64| r.hist.value_at_quantile(p);
             let achieved = r.done as f64 / r.elapsed.as_secs_f64();
             if t.name == "direct" {
                 direct_p99.insert(rate as u64, q(0.99));
             }
             let line = format!(
-                "| {rate} | {} | {achieved:.0} | {} | {} | {} | {} | {} |",
+                "| {rate} | {} | {achieved:.0} | {} | {} | {} | {} | {} | {} |",
                 t.name,
                 q(0.5),
                 q(0.9),
                 q(0.99),
                 q(0.999),
-                r.errors
+                r.errors,
+                all.join(", ")
             );
             println!("{line}");
             md.push_str(&line);
@@ -481,6 +523,7 @@ async fn run() {
             results.push(json!({
                 "name": format!("http1-1k-{}", t.name), "target": t.name, "rate": rate, "rps": achieved,
                 "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999), "errors": r.errors, "rss_kib": rss,
+                "p99_runs": runs.iter().map(|r| r.hist.value_at_quantile(0.99)).collect::<Vec<_>>(),
             }));
         }
     }

@@ -104,7 +104,9 @@ impl Pool {
                 },
             }
         }
-        let mut tx = match self.open_h1(key, connect_timeout).await {
+        // Boxed: opening a connection (TCP, maybe a TLS handshake) is a large future, and every
+        // downstream connection keeps room for its request's future while it lives.
+        let mut tx = match Box::pin(self.open_h1(key, connect_timeout)).await {
             Ok(tx) => tx,
             Err(e) => return Err(SendError::NotSent(e, Box::new(req))),
         };
@@ -124,7 +126,7 @@ impl Pool {
         let mut tx = match shared {
             Some(tx) => tx,
             None => {
-                let tx = match self.open_h2(key, connect_timeout).await {
+                let tx = match Box::pin(self.open_h2(key, connect_timeout)).await {
                     Ok(tx) => tx,
                     Err(e) => return Err(SendError::NotSent(e, Box::new(req))),
                 };
