@@ -230,7 +230,9 @@ impl ConfigDiscovery for Discovery {
         }
         self.metrics.connected.inc();
         info!(pod = %node.pod, namespace = %node.namespace, "proxy connected");
-        let (tx, rx) = mpsc::channel(4);
+        // Boxed responses: a channel allocates its slots 32 at a time, and one per proxy adds up
+        // (32 pointers instead of 32 responses).
+        let (tx, rx) = mpsc::channel::<Box<pb::DeltaResponse>>(4);
         let this = self.clone();
         tokio::spawn(async move {
             let pod = format!("{}/{}", node.namespace, node.pod);
@@ -243,7 +245,7 @@ impl ConfigDiscovery for Discovery {
             this.metrics.connected.dec();
             info!(%pod, "proxy disconnected");
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(futures::StreamExt::map(ReceiverStream::new(rx), |r| Ok(*r)))))
     }
 }
 
@@ -253,7 +255,7 @@ impl Discovery {
         id: u64,
         first: pb::DeltaRequest,
         mut inbound: Streaming<pb::DeltaRequest>,
-        tx: mpsc::Sender<Result<pb::DeltaResponse, Status>>,
+        tx: mpsc::Sender<Box<pb::DeltaResponse>>,
     ) -> Result<(), Status> {
         let mut snapshots = self.snapshots.clone();
         let mut types: BTreeMap<String, TypeState> = BTreeMap::new();
@@ -289,7 +291,7 @@ impl Discovery {
                             t.pushes += 1;
                             t.resources = count;
                         });
-                        if tx.send(Ok(resp)).await.is_err() {
+                        if tx.send(Box::new(resp)).await.is_err() {
                             return Ok(());
                         }
                     } else {
