@@ -876,7 +876,7 @@ async fn nginx_grpc(upstream: SocketAddr) -> Option<(Proc, SocketAddr)> {
     std::fs::write(
         &conf,
         format!(
-            "worker_processes 1;\ndaemon off;\npid {pid};\nerror_log {err} warn;\nevents {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n  keepalive_requests 10000000;\n  upstream g {{ server {upstream}; keepalive 64; keepalive_requests 10000000; }}\n  server {{\n    listen 127.0.0.1:{port} http2;\n    location / {{ grpc_pass grpc://g; }}\n  }}\n}}\n",
+            "worker_processes 1;\ndaemon off;\npid {pid};\nerror_log {err} warn;\nevents {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n  keepalive_requests 10000000;\n  client_max_body_size 0;\n  upstream g {{ server {upstream}; keepalive 64; keepalive_requests 10000000; }}\n  server {{\n    listen 127.0.0.1:{port} http2;\n    location / {{ grpc_pass grpc://g; }}\n  }}\n}}\n",
             pid = d.join("nginx.pid").display(),
             err = d.join("logs/error.log").display()
         ),
