@@ -120,6 +120,17 @@ async fn pod_get(client: &Client, ns: &str, pod: &str, port_path: &str) -> Strin
     client.request_text(http::Request::get(path).body(Vec::new()).unwrap()).await.unwrap_or_default()
 }
 
+/// Waits until every one of `pods`' sidecars holds inbound mutual-TLS mode `mode`.
+async fn sidecars_apply(client: &Client, ns: &str, pods: &[String], mode: &str) {
+    for name in pods {
+        eventually(&format!("the sidecar of {name} applies {mode}"), Duration::from_secs(20), || async {
+            let dump = pod_get(client, ns, name, "15020/proxy/config_dump").await;
+            if dump.contains(&format!("\"{mode}\"")) { Ok(()) } else { Err(dump) }
+        })
+        .await;
+    }
+}
+
 #[tokio::test]
 async fn injected_pods_talk_through_their_sidecars() {
     let Some((c, client)) = node_cluster().await else { return };
@@ -339,17 +350,9 @@ spec:
         &GroupVersionKind::gvk("mycel.io", "v1alpha1", "PeerAuthentication"),
         "peerauthentications",
     );
-    Api::<DynamicObject>::namespaced_with(client.clone(), &n, &pa_ar)
-        .create(&PostParams::default(), &pa)
-        .await
-        .unwrap();
-    for name in &names {
-        eventually("the web sidecars apply STRICT", Duration::from_secs(20), || async {
-            let dump = pod_get(&client, &n, name, "15020/proxy/config_dump").await;
-            if dump.contains("\"STRICT\"") { Ok(()) } else { Err(dump) }
-        })
-        .await;
-    }
+    let pas = Api::<DynamicObject>::namespaced_with(client.clone(), &n, &pa_ar);
+    pas.create(&PostParams::default(), &pa).await.unwrap();
+    sidecars_apply(&client, &n, &names, "STRICT").await;
     let (ok, logs) = run_job(&client, &n, "plain-strict", "client", false, &get("1")).await;
     assert!(!ok, "a plaintext client got through STRICT:\n{logs}");
     let (ok, logs) = run_job(&client, &n, "meshed-strict", "client", true, &get("4")).await;
@@ -374,27 +377,14 @@ spec:
         "spec": {"selector": {"matchLabels": {"app": "web"}}, "mtls": {"mode": "DISABLE"}}
     }))
     .unwrap();
-    let pas = Api::<DynamicObject>::namespaced_with(client.clone(), &n, &pa_ar);
     pas.create(&PostParams::default(), &disable).await.unwrap();
-    for name in &names {
-        eventually("the web sidecars apply DISABLE", Duration::from_secs(20), || async {
-            let dump = pod_get(&client, &n, name, "15020/proxy/config_dump").await;
-            if dump.contains("\"DISABLE\"") { Ok(()) } else { Err(dump) }
-        })
-        .await;
-    }
+    sidecars_apply(&client, &n, &names, "DISABLE").await;
     let (ok, logs) = run_job(&client, &n, "meshed-disable", "client", true, &get("2")).await;
     assert!(ok && !logs.contains("x-forwarded-client-cert"), "plaintext from a meshed client:\n{logs}");
     let (ok, logs) = run_job(&client, &n, "plain-disable", "client", false, &get("1")).await;
     assert!(ok, "{logs}");
     pas.delete("web-plain", &Default::default()).await.unwrap();
-    for name in &names {
-        eventually("the web sidecars are back to STRICT", Duration::from_secs(20), || async {
-            let dump = pod_get(&client, &n, name, "15020/proxy/config_dump").await;
-            if dump.contains("\"STRICT\"") { Ok(()) } else { Err(dump) }
-        })
-        .await;
-    }
+    sidecars_apply(&client, &n, &names, "STRICT").await;
 
     // gRPC (HTTP/2), WebSocket and opaque TCP cross two sidecars too, over mutual TLS.
     let multi = format!(

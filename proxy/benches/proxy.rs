@@ -196,16 +196,34 @@ async fn mycel(name: &str, protocol: &str, upstream: SocketAddr) -> (Proc, Socke
     (Proc { child }, addr)
 }
 
-async fn nginx(upstream: SocketAddr) -> Option<(Proc, SocketAddr)> {
+/// nginx with one worker in front of `upstream`: proxying HTTP/1.1 (`grpc` false) or gRPC
+/// (HTTP/2 with prior knowledge on both sides, `grpc_pass`).
+async fn nginx(upstream: SocketAddr, grpc: bool) -> Option<(Proc, SocketAddr)> {
     let bin = which("nginx")?;
     let port = free_port();
-    let d = dir().join("nginx");
+    let d = dir().join(if grpc { "nginx-grpc" } else { "nginx" });
     std::fs::create_dir_all(d.join("logs")).ok()?;
     let conf = d.join("nginx.conf");
+    let (upstream_block, server_block) = if grpc {
+        // A long gRPC stream is one request body: no size limit on it.
+        (
+            format!(
+                "client_max_body_size 0;\n  upstream b {{ server {upstream}; keepalive 64; keepalive_requests 10000000; }}"
+            ),
+            format!("listen 127.0.0.1:{port} http2;\n    location / {{ grpc_pass grpc://b; }}"),
+        )
+    } else {
+        (
+            format!("upstream b {{ server {upstream}; keepalive 256; keepalive_requests 10000000; }}"),
+            format!(
+                "listen 127.0.0.1:{port};\n    location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}"
+            ),
+        )
+    };
     std::fs::write(
         &conf,
         format!(
-            "worker_processes 1;\ndaemon off;\npid {pid};\nerror_log {err} warn;\nevents {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n  keepalive_requests 10000000;\n  upstream b {{ server {upstream}; keepalive 256; keepalive_requests 10000000; }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
+            "worker_processes 1;\ndaemon off;\npid {pid};\nerror_log {err} warn;\nevents {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n  keepalive_requests 10000000;\n  {upstream_block}\n  server {{\n    {server_block}\n  }}\n}}\n",
             pid = d.join("nginx.pid").display(),
             err = d.join("logs/error.log").display()
         ),
@@ -365,20 +383,7 @@ async fn open_loop(addr: SocketAddr, rate: f64, secs: f64, conns: usize) -> Run 
             (hist, done, errors)
         }));
     }
-    let mut run = Run {
-        hist: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
-        done: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-    };
-    for t in tasks {
-        let (h, d, e) = t.await.unwrap();
-        run.hist.add(h).unwrap();
-        run.done += d;
-        run.errors += e;
-    }
-    run.elapsed = Duration::from_secs_f64(secs);
-    run
+    collect(tasks, secs).await
 }
 
 /// Closed loop with `conns` connections as fast as they go.
@@ -445,7 +450,7 @@ async fn run() {
         pids: vec![outer.pid(), inner.pid()],
         _procs: vec![outer, inner],
     });
-    if let Some((p, a)) = nginx(upstream).await {
+    if let Some((p, a)) = nginx(upstream, false).await {
         let w = worker_pid(p.pid());
         targets.push(Target { name: "nginx", addr: a, pids: vec![w], _procs: vec![p] });
     } else {
@@ -626,7 +631,7 @@ async fn run() {
     let (inner, ai) = mycel("grpc-server-sidecar", "http", gup).await;
     let (outer, ao) = mycel("grpc-client-sidecar", "http", ai).await;
     grpc_targets.push(("mycel (2 hops)", ao, vec![outer.pid(), inner.pid()], vec![outer, inner]));
-    if let Some((p, a)) = nginx_grpc(gup).await {
+    if let Some((p, a)) = nginx(gup, true).await {
         let w = worker_pid(p.pid());
         grpc_targets.push(("nginx", a, vec![w], vec![p]));
     }
@@ -865,34 +870,4 @@ async fn collect(tasks: Vec<tokio::task::JoinHandle<(Histogram<u64>, u64, u64)>>
         run.errors += e;
     }
     run
-}
-
-async fn nginx_grpc(upstream: SocketAddr) -> Option<(Proc, SocketAddr)> {
-    let bin = which("nginx")?;
-    let port = free_port();
-    let d = dir().join("nginx-grpc");
-    std::fs::create_dir_all(d.join("logs")).ok()?;
-    let conf = d.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "worker_processes 1;\ndaemon off;\npid {pid};\nerror_log {err} warn;\nevents {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n  keepalive_requests 10000000;\n  client_max_body_size 0;\n  upstream g {{ server {upstream}; keepalive 64; keepalive_requests 10000000; }}\n  server {{\n    listen 127.0.0.1:{port} http2;\n    location / {{ grpc_pass grpc://g; }}\n  }}\n}}\n",
-            pid = d.join("nginx.pid").display(),
-            err = d.join("logs/error.log").display()
-        ),
-    )
-    .ok()?;
-    let child = Command::new(bin)
-        .arg("-p")
-        .arg(&d)
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    wait_port(addr).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    Some((Proc { child }, addr))
 }

@@ -193,10 +193,9 @@ async fn forward(
     // A request that could not be sent comes back and goes to the next endpoint as it is. One
     // that reached a peer sidecar whose app refused it can only be sent again from a copy of its
     // head, kept for that case alone: a mesh endpoint, no body, and another endpoint to try.
-    let copy = (hyper::body::Body::is_end_stream(&body)
-        && cluster.addrs.len() > 1
-        && shared.mesh.identity_of(&first).is_some())
-    .then(|| parts.clone());
+    let copy =
+        (hyper::body::Body::is_end_stream(&body) && cluster.addrs.len() > 1 && shared.mesh.is_mesh(&first))
+            .then(|| parts.clone());
     let mut next = Some(Request::from_parts(parts, body.boxed()));
     let mut last_error = String::new();
     // The other endpoints are only asked for once the first failed (asking moves a round robin).
@@ -243,8 +242,9 @@ async fn send(
         parts.headers.insert(header::HOST, a);
     }
     let in_flight = cluster.start(addr);
-    let mtls = shared.mesh.identity_of(&addr).is_some();
-    let result = shared.pool.send(Request::from_parts(parts, body), addr, cluster.connect_timeout).await;
+    let mtls = shared.mesh.is_mesh(&addr);
+    let result =
+        shared.pool.send(Request::from_parts(parts, body), addr, mtls, cluster.connect_timeout).await;
     drop(in_flight);
     match result {
         // The peer sidecar could not reach its app (it is shutting down): the request never got

@@ -325,13 +325,9 @@ async fn serve_connection(
     let http = match listener.protocol {
         // Declared HTTP: the first bytes only choose the version (hyper reads them itself when
         // they do not tell).
-        config::Protocol::Http => {
-            match detect::detect(&stream, Duration::from_millis(listener.detect_timeout_ms)).await {
-                detect::Detected::Http1 => Some(Some(HttpVersion::Http1)),
-                detect::Detected::Http2 => Some(Some(HttpVersion::Http2)),
-                _ => Some(None),
-            }
-        }
+        config::Protocol::Http => Some(HttpVersion::of(
+            &detect::detect(&stream, Duration::from_millis(listener.detect_timeout_ms)).await,
+        )),
         config::Protocol::Tcp => None,
         config::Protocol::Auto => {
             let detected = detect::detect(&stream, Duration::from_millis(listener.detect_timeout_ms)).await;
@@ -346,11 +342,7 @@ async fn serve_connection(
                 tracing::debug!(listener = %listener.name, sni = ?sni, alpn = ?alpn, "TLS ClientHello; passing through");
             }
             labels.protocol = detected.label().into();
-            match detected {
-                detect::Detected::Http1 => Some(Some(HttpVersion::Http1)),
-                detect::Detected::Http2 => Some(Some(HttpVersion::Http2)),
-                _ => None,
-            }
+            HttpVersion::of(&detected).map(Some)
         }
     };
     if inbound && mode == config::MtlsMode::Strict {
@@ -415,6 +407,17 @@ enum HttpVersion {
     Http1,
     /// With prior knowledge (the connection preface).
     Http2,
+}
+
+impl HttpVersion {
+    /// The version the first bytes told, if they were HTTP.
+    fn of(detected: &detect::Detected) -> Option<HttpVersion> {
+        match detected {
+            detect::Detected::Http1 => Some(HttpVersion::Http1),
+            detect::Detected::Http2 => Some(HttpVersion::Http2),
+            _ => None,
+        }
+    }
 }
 
 /// HTTP/1.1, or HTTP/2 with prior knowledge, over any stream. The version is given when the

@@ -28,6 +28,12 @@ pub const ALPN_HTTP1: &[u8] = b"mycel/http1";
 pub const ALPN_H2: &[u8] = b"mycel/h2";
 pub const ALPN_TCP: &[u8] = b"mycel/tcp";
 
+/// A connection to an endpoint, as [`MeshTls::dial`] opened it.
+pub enum Dialed {
+    Plain(TcpStream),
+    Tls(Box<client::TlsStream<TcpStream>>),
+}
+
 /// What rides inside a mesh TLS connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Inner {
@@ -204,6 +210,31 @@ impl MeshTls {
     /// The identity `addr` must prove, when it is reached over mutual TLS.
     pub fn identity_of(&self, addr: &SocketAddr) -> Option<String> {
         self.endpoints.read().ok()?.get(addr).cloned()
+    }
+
+    /// Whether `addr` is reached over mutual TLS (without copying its identity).
+    pub fn is_mesh(&self, addr: &SocketAddr) -> bool {
+        self.endpoints.read().is_ok_and(|e| e.contains_key(addr))
+    }
+
+    /// Connects to an endpoint: plain TCP, or mutual TLS carrying `inner` when the endpoint has
+    /// a mesh identity (which it must prove).
+    pub async fn dial(
+        &self,
+        addr: SocketAddr,
+        timeout: std::time::Duration,
+        inner: Inner,
+    ) -> std::io::Result<Dialed> {
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr)).await.map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, format!("timed out after {timeout:?}"))
+        })??;
+        let _ = tcp.set_nodelay(true);
+        let Some(expected) = self.identity_of(&addr) else { return Ok(Dialed::Plain(tcp)) };
+        let tls = self
+            .connect(tcp, &expected, inner)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("mutual TLS: {e}")))?;
+        Ok(Dialed::Tls(Box::new(tls)))
     }
 
     pub fn own_id(&self) -> Option<String> {

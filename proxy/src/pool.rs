@@ -21,14 +21,11 @@ use hyper::{
     client::conn::{http1, http2},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::{
     http::Body,
-    mtls::{Inner, MeshTls},
+    mtls::{Dialed, Inner, MeshTls},
 };
 
 /// Idle HTTP/1.1 connections kept per endpoint: enough for bursts, bounded for memory.
@@ -68,15 +65,17 @@ impl Pool {
         Pool { mesh, idle }
     }
 
-    /// Sends `req` to `addr` (its URI already in the form the version wants) and returns the
-    /// response; its body gives the connection back to the pool once read to the end.
+    /// Sends `req` to `addr` (its URI already in the form the version wants; over mutual TLS
+    /// when `mtls`) and returns the response; its body gives the connection back to the pool
+    /// once read to the end.
     pub async fn send(
         &self,
         req: Request<Body>,
         addr: SocketAddr,
+        mtls: bool,
         connect_timeout: Duration,
     ) -> Result<Response<PooledBody>, SendError> {
-        let key = (addr, self.mesh.identity_of(&addr).is_some());
+        let key = (addr, mtls);
         if req.version() == hyper::Version::HTTP_2 {
             self.send_h2(req, key, connect_timeout).await
         } else {
@@ -167,41 +166,20 @@ impl Pool {
     }
 
     async fn open_h1(&self, key: Key, timeout: Duration) -> std::io::Result<http1::SendRequest<Body>> {
-        match self.connect(key, Inner::Http1, timeout).await? {
-            Conn::Plain(io) => handshake_h1(io).await,
-            Conn::Tls(io) => handshake_h1(*io).await,
+        match self.mesh.dial(key.0, timeout, Inner::Http1).await? {
+            Dialed::Plain(io) => handshake_h1(io).await,
+            Dialed::Tls(io) => handshake_h1(*io).await,
         }
         .map_err(std::io::Error::other)
     }
 
     async fn open_h2(&self, key: Key, timeout: Duration) -> std::io::Result<http2::SendRequest<Body>> {
-        match self.connect(key, Inner::Http2, timeout).await? {
-            Conn::Plain(io) => handshake_h2(io).await,
-            Conn::Tls(io) => handshake_h2(*io).await,
+        match self.mesh.dial(key.0, timeout, Inner::Http2).await? {
+            Dialed::Plain(io) => handshake_h2(io).await,
+            Dialed::Tls(io) => handshake_h2(*io).await,
         }
         .map_err(std::io::Error::other)
     }
-
-    async fn connect(&self, key: Key, inner: Inner, timeout: Duration) -> std::io::Result<Conn> {
-        let (addr, mtls) = key;
-        let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-        let _ = tcp.set_nodelay(true);
-        if !mtls {
-            return Ok(Conn::Plain(tcp));
-        }
-        let expected = self
-            .mesh
-            .identity_of(&addr)
-            .ok_or_else(|| std::io::Error::other(format!("{addr} has no mesh identity")))?;
-        Ok(Conn::Tls(Box::new(self.mesh.connect(tcp, &expected, inner).await?)))
-    }
-}
-
-enum Conn {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 async fn handshake_h1<I>(io: I) -> hyper::Result<http1::SendRequest<Body>>

@@ -17,7 +17,7 @@ use crate::{
     Shared,
     balance::Endpoints,
     metrics::ListenerLabels,
-    mtls::{Inner, MeshTls},
+    mtls::{Dialed, Inner, MeshTls},
 };
 
 /// A byte stream: plain TCP, or TLS over it.
@@ -40,17 +40,10 @@ pub async fn connect(endpoints: &Endpoints, key: Option<u64>, mesh: &MeshTls) ->
     }
     let mut last = String::new();
     for addr in order {
-        match tokio::time::timeout(endpoints.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                let Some(identity) = mesh.identity_of(&addr) else { return Ok(Stream::Plain(s)) };
-                match mesh.connect(s, &identity, Inner::Tcp).await {
-                    Ok(tls) => return Ok(Stream::Wrapped(Box::new(tls))),
-                    Err(e) => last = format!("mutual TLS to {addr}: {e}"),
-                }
-            }
-            Ok(Err(e)) => last = format!("connect to {addr}: {e}"),
-            Err(_) => last = format!("connect to {addr}: timed out after {:?}", endpoints.connect_timeout),
+        match mesh.dial(addr, endpoints.connect_timeout, Inner::Tcp).await {
+            Ok(Dialed::Plain(s)) => return Ok(Stream::Plain(s)),
+            Ok(Dialed::Tls(tls)) => return Ok(Stream::Wrapped(tls)),
+            Err(e) => last = format!("connect to {addr}: {e}"),
         }
         endpoints.eject(addr);
     }
