@@ -42,3 +42,39 @@ where
         ProstCodec::<T, U>::raw_decoder(BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD))
     }
 }
+
+/// `message` as one gRPC length-prefixed frame (not compressed), in a buffer of exactly its size.
+///
+/// For a server that streams its responses without tonic's encoder, whose per-stream buffer
+/// keeps the capacity of the largest batch it ever encoded.
+pub fn grpc_frame(message: &impl prost::Message) -> tonic::codegen::Bytes {
+    let len = message.encoded_len();
+    let mut buf = Vec::with_capacity(5 + len);
+    buf.push(0);
+    buf.extend_from_slice(&(len as u32).to_be_bytes());
+    message.encode(&mut buf).expect("a Vec grows as needed");
+    buf.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::v1alpha1 as pb;
+
+    #[test]
+    fn a_frame_is_flag_length_and_message_in_an_exact_buffer() {
+        let msg = pb::DeltaResponse {
+            nonce: "7".into(),
+            system_version: "v1".into(),
+            removed: vec!["web".into()],
+            ..Default::default()
+        };
+        let frame = grpc_frame(&msg);
+        let len = prost::Message::encoded_len(&msg);
+        assert_eq!(frame.len(), 5 + len);
+        assert_eq!(frame[0], 0, "not compressed");
+        assert_eq!(u32::from_be_bytes(frame[1..5].try_into().unwrap()) as usize, len);
+        let back: pb::DeltaResponse = prost::Message::decode(&frame[5..]).unwrap();
+        assert_eq!(back, msg);
+    }
+}

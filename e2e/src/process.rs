@@ -138,7 +138,8 @@ impl Process {
     }
 
     /// Like [`Process::start`], run under `wrapper` (a profiler such as `heaptrack`) when it is
-    /// not empty.
+    /// not empty. The process gets its own process group, so that killing it also kills what a
+    /// wrapper started.
     pub fn start_wrapped(
         cluster: &TestCluster,
         wrapper: &[String],
@@ -160,7 +161,7 @@ impl Process {
             }
             None => Command::new(&path),
         };
-        let child = command
+        let child = std::os::unix::process::CommandExt::process_group(&mut command, 0)
             .args(args)
             .env("KUBECONFIG", cluster.kubeconfig())
             .env("RUST_LOG", "info,kube=warn")
@@ -173,8 +174,12 @@ impl Process {
         Ok(Process { child, log })
     }
 
-    /// Kills it at once (no graceful shutdown): a crash.
+    /// Kills it at once (no graceful shutdown): a crash. Its process group goes with it.
     pub fn kill(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // SAFETY: killpg has no memory preconditions; the group is the child's own.
+            unsafe { libc::killpg(self.child.id() as libc::pid_t, libc::SIGKILL) };
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -16,6 +16,7 @@ use k8s_openapi::api::{
     core::v1::{Secret, ServiceAccount},
 };
 use kube::{Api, Client, api::PostParams};
+use mycel_api::v1alpha1::{self as pb, config_discovery_client::ConfigDiscoveryClient};
 use mycel_e2e::{
     TestCluster, TestNamespace, eventually, pki,
     process::{Process, free_port, http_get},
@@ -300,6 +301,31 @@ async fn a_proxy_gets_an_identity_and_follows_the_mesh() {
     assert!(e.contains("/sa/other") && e.to_lowercase().contains("permission"), "{e}");
     let ok = mycel_proxy::identity::request(&boot("other", &other_token), &roots).await.unwrap();
     assert_eq!(ok.spiffe_id, format!("spiffe://cluster.local/ns/{n}/sa/other"));
+    //    A config stream is refused, with a status naming the field, when its node claims
+    //    another service account than its certificate's, or when it asks for a type that
+    //    does not exist.
+    let channel = mycel_proxy::xds::channel(&boot("other", &other_token), &roots, Some(&ok)).await.unwrap();
+    let refusal = |sa: &str, type_url: &str| {
+        let (channel, n) = (channel.clone(), n.clone());
+        let first = pb::DeltaRequest {
+            type_url: type_url.into(),
+            node: Some(pb::Node { namespace: n, service_account: sa.into(), ..Default::default() }),
+            ..Default::default()
+        };
+        async move {
+            let mut cd = ConfigDiscoveryClient::new(channel);
+            match cd.stream(futures::stream::iter([first])).await {
+                Err(status) => status,
+                Ok(mut r) => r.get_mut().message().await.expect_err("the stream ends with an error"),
+            }
+        }
+    };
+    let s = refusal("web", mycel_api::CLUSTER_TYPE).await;
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("node:") && s.message().contains("/sa/other"), "{s:?}");
+    let s = refusal("other", "mycel.io/Nonsense").await;
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("type_url") && s.message().contains(mycel_api::CLUSTER_TYPE), "{s:?}");
 
     // 5. The control plane goes away: traffic flows on. Back with nothing changed, it resumes
     //    the stream with an empty update instead of the whole mesh.

@@ -26,9 +26,7 @@ use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, ser
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
-use mycel_api::v1alpha1::{
-    certificates_server::CertificatesServer, config_discovery_server::ConfigDiscoveryServer,
-};
+use mycel_api::v1alpha1::certificates_server::CertificatesServer;
 use serde::Deserialize;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::{info, warn};
@@ -242,7 +240,7 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Handle>
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(ConfigDiscoveryServer::new(discovery).max_decoding_message_size(16 << 20))
+            .add_service(server::DiscoveryService(discovery))
             .add_service(CertificatesServer::new(signer))
             .serve_with_incoming(incoming)
             .await;

@@ -6,24 +6,32 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    convert::Infallible,
     pin::Pin,
     sync::{
         Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
     },
+    task::{Context, Poll},
     time::Duration,
 };
 
-use futures::Stream;
+use futures::future::BoxFuture;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::{Api, Client, api::PostParams};
-use mycel_api::v1alpha1::{
-    self as pb, certificates_server::Certificates, config_discovery_server::ConfigDiscovery,
+use mycel_api::{
+    codec::{SmallBufferCodec, grpc_frame},
+    v1alpha1::{self as pb, certificates_server::Certificates},
 };
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{
+    Request, Response, Status, Streaming,
+    codec::Codec,
+    codegen::{Bytes, Service, http},
+    metadata::GRPC_CONTENT_TYPE,
+    server::NamedService,
+};
 use tracing::{debug, info, warn};
 
 use super::{
@@ -181,23 +189,116 @@ struct TypeState {
     pending: Option<(String, u64)>,
 }
 
-type DeltaStream = Pin<Box<dyn Stream<Item = Result<pb::DeltaResponse, Status>> + Send>>;
+/// What a stream's task hands to its response body: a response, or the status that ends it.
+type Outgoing = Result<Box<pb::DeltaResponse>, Status>;
 
-#[tonic::async_trait]
-impl ConfigDiscovery for Discovery {
-    type StreamStream = DeltaStream;
+/// The `ConfigDiscovery` service, served without tonic's response encoder.
+///
+/// tonic encodes a stream's responses into one buffer per stream, and that buffer keeps the
+/// capacity of the largest response it ever held (16 KiB once a full sync went through) for the
+/// life of the stream. A control plane holds one stream per proxy: at 5 000 proxies that was
+/// 80 MiB of idle buffers. Here each response is encoded into a frame of exactly its size, freed
+/// once written. Requests are still decoded by tonic.
+#[derive(Clone)]
+pub struct DiscoveryService(pub Discovery);
 
-    async fn stream(
+impl NamedService for DiscoveryService {
+    const NAME: &'static str = pb::config_discovery_server::SERVICE_NAME;
+}
+
+/// The service's one method.
+const STREAM_PATH: &str = "/mycel.v1alpha1.ConfigDiscovery/Stream";
+/// Largest request message accepted.
+const MAX_REQUEST_BYTES: usize = 16 << 20;
+
+impl Service<http::Request<tonic::body::Body>> for DiscoveryService {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let this = self.0.clone();
+        Box::pin(async move {
+            if req.uri().path() != STREAM_PATH {
+                let msg = format!(
+                    "{} has no method {}",
+                    pb::config_discovery_server::SERVICE_NAME,
+                    req.uri().path()
+                );
+                return Ok(Status::unimplemented(msg).into_http());
+            }
+            if let Some(enc) = req.headers().get("grpc-encoding").filter(|e| *e != "identity") {
+                let msg =
+                    format!("grpc-encoding {enc:?}: the config stream is not compressed; send identity");
+                return Ok(Status::unimplemented(msg).into_http());
+            }
+            let peer = req.extensions().get::<Peer>().cloned();
+            let decoder = SmallBufferCodec::<pb::DeltaResponse, pb::DeltaRequest>::default().decoder();
+            let inbound = Streaming::new_request(decoder, req.into_body(), None, Some(MAX_REQUEST_BYTES));
+            Ok(match this.open(peer, inbound).await {
+                Ok(rx) => {
+                    let mut res = http::Response::new(tonic::body::Body::new(Responses { rx, done: false }));
+                    res.headers_mut().insert(http::header::CONTENT_TYPE, GRPC_CONTENT_TYPE);
+                    res
+                }
+                Err(status) => status.into_http(),
+            })
+        })
+    }
+}
+
+/// A stream's response body: each response its own gRPC frame, then the status as trailers.
+struct Responses {
+    rx: mpsc::Receiver<Outgoing>,
+    done: bool,
+}
+
+impl http_body::Body for Responses {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let status = match std::task::ready!(self.rx.poll_recv(cx)) {
+            Some(Ok(resp)) => return Poll::Ready(Some(Ok(http_body::Frame::data(grpc_frame(&*resp))))),
+            Some(Err(status)) => status,
+            None => Status::ok(""),
+        };
+        self.done = true;
+        let mut trailers = http::HeaderMap::new();
+        if status.add_header(&mut trailers).is_err() {
+            trailers.insert(Status::GRPC_STATUS, (status.code() as i32).into());
+        }
+        Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+impl Discovery {
+    /// Checks a new stream's first request against the client certificate, registers the proxy
+    /// and starts the task that serves it; the receiver yields what the task sends.
+    async fn open(
         &self,
-        request: Request<Streaming<pb::DeltaRequest>>,
-    ) -> Result<Response<DeltaStream>, Status> {
-        let peer = request.extensions().get::<Peer>().cloned();
+        peer: Option<Peer>,
+        mut inbound: Streaming<pb::DeltaRequest>,
+    ) -> Result<mpsc::Receiver<Outgoing>, Status> {
         let Some(identity) = peer.as_ref().and_then(|p| p.spiffe_id.clone()) else {
             return Err(Status::unauthenticated(
                 "the config stream needs a client certificate: sign one with Certificates.Sign first",
             ));
         };
-        let mut inbound = request.into_inner();
         let first = inbound
             .message()
             .await?
@@ -232,12 +333,13 @@ impl ConfigDiscovery for Discovery {
         info!(pod = %node.pod, namespace = %node.namespace, "proxy connected");
         // Boxed responses: a channel allocates its slots 32 at a time, and one per proxy adds up
         // (32 pointers instead of 32 responses).
-        let (tx, rx) = mpsc::channel::<Box<pb::DeltaResponse>>(4);
+        let (tx, rx) = mpsc::channel::<Outgoing>(4);
         let this = self.clone();
         tokio::spawn(async move {
             let pod = format!("{}/{}", node.namespace, node.pod);
-            if let Err(e) = this.serve(id, first, inbound, tx).await {
+            if let Err(e) = this.serve(id, first, inbound, &tx).await {
                 debug!(%pod, error = %e, "stream ended");
+                let _ = tx.send(Err(e)).await;
             }
             if let Ok(mut p) = this.registry.proxies.lock() {
                 p.remove(&id);
@@ -245,17 +347,15 @@ impl ConfigDiscovery for Discovery {
             this.metrics.connected.dec();
             info!(%pod, "proxy disconnected");
         });
-        Ok(Response::new(Box::pin(futures::StreamExt::map(ReceiverStream::new(rx), |r| Ok(*r)))))
+        Ok(rx)
     }
-}
 
-impl Discovery {
     async fn serve(
         &self,
         id: u64,
         first: pb::DeltaRequest,
         mut inbound: Streaming<pb::DeltaRequest>,
-        tx: mpsc::Sender<Box<pb::DeltaResponse>>,
+        tx: &mpsc::Sender<Outgoing>,
     ) -> Result<(), Status> {
         let mut snapshots = self.snapshots.clone();
         let mut types: BTreeMap<String, TypeState> = BTreeMap::new();
@@ -291,7 +391,7 @@ impl Discovery {
                             t.pushes += 1;
                             t.resources = count;
                         });
-                        if tx.send(Box::new(resp)).await.is_err() {
+                        if tx.send(Ok(Box::new(resp))).await.is_err() {
                             return Ok(());
                         }
                     } else {
