@@ -82,7 +82,9 @@ impl Backoff {
     }
 }
 
-fn client_tls(trust: &[String], identity: Option<&Identity>) -> anyhow::Result<ClientConfig> {
+/// TLS settings for the control plane: its trust bundle, ALPN h2, and the workload certificate when
+/// given one.
+pub fn client_tls(trust: &[String], identity: Option<&Identity>) -> anyhow::Result<ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
     for pem in trust {
