@@ -100,8 +100,9 @@ pub struct Running {
 pub enum ApplyError {
     #[error(transparent)]
     Invalid(#[from] ConfigError),
-    #[error("listeners[{index}].address: cannot listen on {address}: {source}")]
-    Bind { index: usize, address: SocketAddr, source: std::io::Error },
+    /// `field` is the setting that named the address: `listeners[i].address` or `admin`.
+    #[error("{field}: cannot listen on {address}: {source}; free that port or choose another address")]
+    Bind { field: String, address: SocketAddr, source: std::io::Error },
 }
 
 impl Running {
@@ -122,7 +123,7 @@ impl Running {
             let keep = listeners.get(&l.name).is_some_and(|h| h.configured == l.address);
             if !keep {
                 let socket = bind(l.address).map_err(|source| ApplyError::Bind {
-                    index,
+                    field: format!("listeners[{index}].address"),
                     address: l.address,
                     source,
                 })?;
@@ -242,12 +243,12 @@ pub async fn start(config: Config) -> Result<Running, ApplyError> {
         app_probes: RwLock::new(Default::default()),
     });
     let admin_listener = bind(config.admin).map_err(|source| ApplyError::Bind {
-        index: usize::MAX,
+        field: "admin".into(),
         address: config.admin,
         source,
     })?;
     let admin = admin_listener.local_addr().map_err(|source| ApplyError::Bind {
-        index: usize::MAX,
+        field: "admin".into(),
         address: config.admin,
         source,
     })?;

@@ -18,6 +18,14 @@ pub struct ResultLabels {
     pub result: String,
 }
 
+/// The counters of one resource type (handles to the same values the registry exports).
+pub struct TypeCounters {
+    pub pushes: Counter,
+    pub push_bytes: Counter,
+    pub acks: Counter,
+    pub nacks: Counter,
+}
+
 pub struct CpMetrics {
     registry: Mutex<Registry>,
     pub connected: Gauge,
@@ -70,18 +78,15 @@ impl CpMetrics {
         TypeLabels { resource: type_url.trim_start_matches("mycel.io/").to_string() }
     }
 
-    pub fn pushed(&self, type_url: &str, bytes: u64) {
+    /// One resource type's counters, looked up once per stream instead of on every response.
+    pub fn for_type(&self, type_url: &str) -> TypeCounters {
         let l = Self::labels(type_url);
-        self.pushes.get_or_create(&l).inc();
-        self.push_bytes.get_or_create(&l).inc_by(bytes);
-    }
-
-    pub fn acked(&self, type_url: &str) {
-        self.acks.get_or_create(&Self::labels(type_url)).inc();
-    }
-
-    pub fn nacked(&self, type_url: &str) {
-        self.nacks.get_or_create(&Self::labels(type_url)).inc();
+        TypeCounters {
+            pushes: self.pushes.get_or_create(&l).clone(),
+            push_bytes: self.push_bytes.get_or_create(&l).clone(),
+            acks: self.acks.get_or_create(&l).clone(),
+            nacks: self.nacks.get_or_create(&l).clone(),
+        }
     }
 
     pub fn signed(&self, error: Option<tonic::Code>) {

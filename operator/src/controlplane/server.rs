@@ -35,7 +35,7 @@ use tonic::{
 use tracing::{debug, info, warn};
 
 use super::{
-    metrics::CpMetrics,
+    metrics::{CpMetrics, TypeCounters},
     model::{Entry, Snapshot, content_version, peer_policy},
     tls::Peer,
 };
@@ -81,27 +81,39 @@ pub struct ProxyStatus {
     pub types: BTreeMap<String, TypeStatus>,
 }
 
-/// Connected proxies, by stream id.
+impl ProxyStatus {
+    /// The status of one type (the type name is copied only the first time).
+    fn of_type(&mut self, type_url: &str) -> &mut TypeStatus {
+        if !self.types.contains_key(type_url) {
+            self.types.insert(type_url.to_string(), TypeStatus::default());
+        }
+        self.types.get_mut(type_url).expect("inserted above")
+    }
+}
+
+/// Connected proxies, by stream id. Each stream updates its own entry; the registry's lock is
+/// only taken to connect, disconnect and list.
 #[derive(Default)]
 pub struct Registry {
-    proxies: Mutex<HashMap<u64, ProxyStatus>>,
+    proxies: Mutex<HashMap<u64, Arc<Mutex<ProxyStatus>>>>,
     next: AtomicU64,
 }
 
 impl Registry {
     pub fn list(&self) -> Vec<ProxyStatus> {
-        let mut v: Vec<ProxyStatus> =
+        let entries: Vec<Arc<Mutex<ProxyStatus>>> =
             self.proxies.lock().map(|p| p.values().cloned().collect()).unwrap_or_default();
+        let mut v: Vec<ProxyStatus> =
+            entries.iter().filter_map(|e| e.lock().ok().map(|s| s.clone())).collect();
         v.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)));
         v
     }
+}
 
-    fn update(&self, id: u64, f: impl FnOnce(&mut ProxyStatus)) {
-        if let Ok(mut p) = self.proxies.lock()
-            && let Some(s) = p.get_mut(&id)
-        {
-            f(s);
-        }
+/// Changes a stream's own entry in the [`Registry`].
+fn update(status: &Mutex<ProxyStatus>, f: impl FnOnce(&mut ProxyStatus)) {
+    if let Ok(mut s) = status.lock() {
+        f(&mut s);
     }
 }
 
@@ -187,10 +199,12 @@ struct TypeState {
     first_sent: bool,
     /// Nonce and system version of the unacknowledged response.
     pending: Option<(String, u64)>,
+    counters: TypeCounters,
 }
 
-/// What a stream's task hands to its response body: a response, or the status that ends it.
-type Outgoing = Result<Box<pb::DeltaResponse>, Status>;
+/// Boxed responses: a channel allocates its slots 32 at a time, and one per proxy adds up (32
+/// pointers instead of 32 responses).
+type Outgoing = Box<pb::DeltaResponse>;
 
 /// The `ConfigDiscovery` service, served without tonic's response encoder.
 ///
@@ -198,7 +212,8 @@ type Outgoing = Result<Box<pb::DeltaResponse>, Status>;
 /// capacity of the largest response it ever held (16 KiB once a full sync went through) for the
 /// life of the stream. A control plane holds one stream per proxy: at 5 000 proxies that was
 /// 80 MiB of idle buffers. Here each response is encoded into a frame of exactly its size, freed
-/// once written. Requests are still decoded by tonic.
+/// once written. Requests are still decoded by tonic. The response body also drives the stream
+/// (see [`Responses`]), so a stream costs no task of its own.
 #[derive(Clone)]
 pub struct DiscoveryService(pub Discovery);
 
@@ -240,8 +255,8 @@ impl Service<http::Request<tonic::body::Body>> for DiscoveryService {
             let decoder = SmallBufferCodec::<pb::DeltaResponse, pb::DeltaRequest>::default().decoder();
             let inbound = Streaming::new_request(decoder, req.into_body(), None, Some(MAX_REQUEST_BYTES));
             Ok(match this.open(peer, inbound).await {
-                Ok(rx) => {
-                    let mut res = http::Response::new(tonic::body::Body::new(Responses { rx, done: false }));
+                Ok(body) => {
+                    let mut res = http::Response::new(tonic::body::Body::new(body));
                     res.headers_mut().insert(http::header::CONTENT_TYPE, GRPC_CONTENT_TYPE);
                     res
                 }
@@ -251,10 +266,20 @@ impl Service<http::Request<tonic::body::Body>> for DiscoveryService {
     }
 }
 
-/// A stream's response body: each response its own gRPC frame, then the status as trailers.
+/// A stream's response body: each response its own gRPC frame, then the stream's status as
+/// trailers.
+///
+/// It drives the stream as well: polling it polls `driver` ([`Discovery::serve`]), which reads
+/// the proxy's requests, watches the snapshots and queues responses in `rx`. hyper already runs
+/// each HTTP/2 stream's body in a task of its own; a second task per proxy would only add a
+/// hand-off per response and its memory.
 struct Responses {
+    driver: Option<BoxFuture<'static, Result<(), Status>>>,
     rx: mpsc::Receiver<Outgoing>,
+    /// How the driver ended, once it has.
+    end: Option<Status>,
     done: bool,
+    connected: Connected,
 }
 
 impl http_body::Body for Responses {
@@ -268,11 +293,31 @@ impl http_body::Body for Responses {
         if self.done {
             return Poll::Ready(None);
         }
-        let status = match std::task::ready!(self.rx.poll_recv(cx)) {
-            Some(Ok(resp)) => return Poll::Ready(Some(Ok(http_body::Frame::data(grpc_frame(&*resp))))),
-            Some(Err(status)) => status,
-            None => Status::ok(""),
-        };
+        loop {
+            if let Poll::Ready(Some(resp)) = self.rx.poll_recv(cx) {
+                return Poll::Ready(Some(Ok(http_body::Frame::data(grpc_frame(&*resp)))));
+            }
+            let Some(driver) = self.driver.as_mut() else {
+                break;
+            };
+            match driver.as_mut().poll(cx) {
+                Poll::Ready(result) => {
+                    if let Err(e) = result {
+                        debug!(pod = %self.connected.pod, error = %e, "stream ended");
+                        self.end = Some(e);
+                    }
+                    // Its sender goes with it: what it queued is still read, then the channel ends.
+                    self.driver = None;
+                }
+                Poll::Pending => match self.rx.poll_recv(cx) {
+                    Poll::Ready(Some(resp)) => {
+                        return Poll::Ready(Some(Ok(http_body::Frame::data(grpc_frame(&*resp)))));
+                    }
+                    _ => return Poll::Pending,
+                },
+            }
+        }
+        let status = self.end.take().unwrap_or_else(|| Status::ok(""));
         self.done = true;
         let mut trailers = http::HeaderMap::new();
         if status.add_header(&mut trailers).is_err() {
@@ -286,14 +331,32 @@ impl http_body::Body for Responses {
     }
 }
 
+/// A registered proxy; dropping it (the stream ended or the proxy went away) unregisters it.
+struct Connected {
+    registry: Arc<Registry>,
+    metrics: Arc<CpMetrics>,
+    id: u64,
+    pod: String,
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.registry.proxies.lock() {
+            p.remove(&self.id);
+        }
+        self.metrics.connected.dec();
+        info!(pod = %self.pod, "proxy disconnected");
+    }
+}
+
 impl Discovery {
     /// Checks a new stream's first request against the client certificate, registers the proxy
-    /// and starts the task that serves it; the receiver yields what the task sends.
+    /// and returns the response body that serves it.
     async fn open(
         &self,
         peer: Option<Peer>,
         mut inbound: Streaming<pb::DeltaRequest>,
-    ) -> Result<mpsc::Receiver<Outgoing>, Status> {
+    ) -> Result<Responses, Status> {
         let Some(identity) = peer.as_ref().and_then(|p| p.spiffe_id.clone()) else {
             return Err(Status::unauthenticated(
                 "the config stream needs a client certificate: sign one with Certificates.Sign first",
@@ -326,33 +389,27 @@ impl Discovery {
             connected_at: now_rfc3339(),
             types: BTreeMap::new(),
         };
+        let status = Arc::new(Mutex::new(status));
         if let Ok(mut p) = self.registry.proxies.lock() {
-            p.insert(id, status);
+            p.insert(id, status.clone());
         }
         self.metrics.connected.inc();
         info!(pod = %node.pod, namespace = %node.namespace, "proxy connected");
-        // Boxed responses: a channel allocates its slots 32 at a time, and one per proxy adds up
-        // (32 pointers instead of 32 responses).
+        let connected = Connected {
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            id,
+            pod: format!("{}/{}", node.namespace, node.pod),
+        };
         let (tx, rx) = mpsc::channel::<Outgoing>(4);
         let this = self.clone();
-        tokio::spawn(async move {
-            let pod = format!("{}/{}", node.namespace, node.pod);
-            if let Err(e) = this.serve(id, first, inbound, &tx).await {
-                debug!(%pod, error = %e, "stream ended");
-                let _ = tx.send(Err(e)).await;
-            }
-            if let Ok(mut p) = this.registry.proxies.lock() {
-                p.remove(&id);
-            }
-            this.metrics.connected.dec();
-            info!(%pod, "proxy disconnected");
-        });
-        Ok(rx)
+        let driver = Box::pin(async move { this.serve(&status, first, inbound, &tx).await });
+        Ok(Responses { driver: Some(driver), rx, end: None, done: false, connected })
     }
 
     async fn serve(
         &self,
-        id: u64,
+        status: &Mutex<ProxyStatus>,
         first: pb::DeltaRequest,
         mut inbound: Streaming<pb::DeltaRequest>,
         tx: &mpsc::Sender<Outgoing>,
@@ -364,7 +421,7 @@ impl Discovery {
         let mut next = Some(first);
         loop {
             if let Some(req) = next.take() {
-                self.on_request(id, req, &mut types)?;
+                self.on_request(status, req, &mut types)?;
             }
             // Push wherever nothing is waiting for an acknowledgement.
             let snap = snapshots.borrow_and_update().clone();
@@ -383,15 +440,16 @@ impl Discovery {
                     }
                     if let Some(resp) = self.delta(type_url, ts, &snap, &node, &mut nonce) {
                         let bytes = prost::Message::encoded_len(&resp) as u64;
-                        self.metrics.pushed(type_url, bytes);
+                        ts.counters.pushes.inc();
+                        ts.counters.push_bytes.inc_by(bytes);
                         let (count, version) = (ts.known.len(), snap.version);
-                        self.registry.update(id, |s| {
-                            let t = s.types.entry(type_url.clone()).or_default();
+                        update(status, |s| {
+                            let t = s.of_type(type_url);
                             t.sent = Some(version);
                             t.pushes += 1;
                             t.resources = count;
                         });
-                        if tx.send(Ok(Box::new(resp))).await.is_err() {
+                        if tx.send(Box::new(resp)).await.is_err() {
                             return Ok(());
                         }
                     } else {
@@ -414,9 +472,25 @@ impl Discovery {
         }
     }
 
+    /// A stream's state for a type it subscribes to for the first time.
+    fn new_type_state(&self, req: &pb::DeltaRequest) -> TypeState {
+        TypeState {
+            wildcard: false,
+            names: Default::default(),
+            known: Known::Own(req.initial_versions.clone()),
+            permit: None,
+            synced: 0,
+            incomplete: false,
+            cursor: None,
+            first_sent: false,
+            pending: None,
+            counters: self.metrics.for_type(&req.type_url),
+        }
+    }
+
     fn on_request(
         &self,
-        id: u64,
+        status: &Mutex<ProxyStatus>,
         req: pb::DeltaRequest,
         types: &mut BTreeMap<String, TypeState>,
     ) -> Result<(), Status> {
@@ -428,17 +502,10 @@ impl Discovery {
                 known.join(", ")
             )));
         }
-        let ts = types.entry(req.type_url.clone()).or_insert_with(|| TypeState {
-            wildcard: false,
-            names: Default::default(),
-            known: Known::Own(req.initial_versions.clone()),
-            permit: None,
-            synced: 0,
-            incomplete: false,
-            cursor: None,
-            first_sent: false,
-            pending: None,
-        });
+        if !types.contains_key(&req.type_url) {
+            types.insert(req.type_url.clone(), self.new_type_state(&req));
+        }
+        let ts = types.get_mut(&req.type_url).expect("inserted above");
         if !req.response_nonce.is_empty() {
             match &ts.pending {
                 Some((n, version)) if *n == req.response_nonce => {
@@ -450,16 +517,16 @@ impl Discovery {
                     }
                     match req.error_detail {
                         None => {
-                            self.metrics.acked(&req.type_url);
-                            self.registry.update(id, |s| {
-                                s.types.entry(req.type_url.clone()).or_default().acked = Some(version);
+                            ts.counters.acks.inc();
+                            update(status, |s| {
+                                s.of_type(&req.type_url).acked = Some(version);
                             });
                         }
                         Some(e) => {
                             warn!(field = %e.field, message = %e.message, version, "proxy rejected an update");
-                            self.metrics.nacked(&req.type_url);
-                            self.registry.update(id, |s| {
-                                s.types.entry(req.type_url.clone()).or_default().last_nack = Some(Nack {
+                            ts.counters.nacks.inc();
+                            update(status, |s| {
+                                s.of_type(&req.type_url).last_nack = Some(Nack {
                                     version,
                                     field: e.field,
                                     message: e.message,
