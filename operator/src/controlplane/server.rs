@@ -293,29 +293,19 @@ impl http_body::Body for Responses {
         if self.done {
             return Poll::Ready(None);
         }
-        loop {
-            if let Poll::Ready(Some(resp)) = self.rx.poll_recv(cx) {
-                return Poll::Ready(Some(Ok(http_body::Frame::data(grpc_frame(&*resp)))));
+        // The stream first: it may read a request, queue a response or end.
+        if let Some(driver) = self.driver.as_mut()
+            && let Poll::Ready(result) = driver.as_mut().poll(cx)
+        {
+            if let Err(e) = result {
+                debug!(pod = %self.connected.pod, error = %e, "stream ended");
+                self.end = Some(e);
             }
-            let Some(driver) = self.driver.as_mut() else {
-                break;
-            };
-            match driver.as_mut().poll(cx) {
-                Poll::Ready(result) => {
-                    if let Err(e) = result {
-                        debug!(pod = %self.connected.pod, error = %e, "stream ended");
-                        self.end = Some(e);
-                    }
-                    // Its sender goes with it: what it queued is still read, then the channel ends.
-                    self.driver = None;
-                }
-                Poll::Pending => match self.rx.poll_recv(cx) {
-                    Poll::Ready(Some(resp)) => {
-                        return Poll::Ready(Some(Ok(http_body::Frame::data(grpc_frame(&*resp)))));
-                    }
-                    _ => return Poll::Pending,
-                },
-            }
+            // Its sender goes with it: what it queued is still read, then the channel ends.
+            self.driver = None;
+        }
+        if let Some(resp) = std::task::ready!(self.rx.poll_recv(cx)) {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(grpc_frame(&*resp)))));
         }
         let status = self.end.take().unwrap_or_else(|| Status::ok(""));
         self.done = true;
