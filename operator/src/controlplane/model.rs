@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use futures::{Stream, StreamExt, stream::BoxStream};
@@ -19,6 +19,7 @@ use mycel_api::v1alpha1 as pb;
 use mycel_crds::peer_authentication::{PeerAuthentication, PeerMtlsMode};
 use prost::Message;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 /// How many snapshots' change lists are kept, so that a stream a few versions behind gets a
@@ -628,13 +629,23 @@ async fn run(
     let mut dirty: HashSet<Key> = HashSet::new();
     let mut first_dirty: Option<Instant> = None;
     let mut last_change = Instant::now();
+    // When the last snapshot went out. A change that finds the model quiet for a debounce
+    // interval goes out at once (the leading edge); changes that follow within the interval are
+    // coalesced as a burst (quiet time, at most `debounce_max`).
+    let mut last_publish: Option<Instant> = None;
+    let mut leading = false;
     let mut was_synced = false;
     loop {
-        let deadline =
-            first_dirty.map(|first| (last_change + model.opts.debounce).min(first + model.opts.debounce_max));
+        let deadline = first_dirty.map(|first| {
+            if leading {
+                first
+            } else {
+                (last_change + model.opts.debounce).min(first + model.opts.debounce_max)
+            }
+        });
         let sleep = async {
             match deadline {
-                Some(d) => tokio::time::sleep_until(d.into()).await,
+                Some(d) => tokio::time::sleep_until(d).await,
                 None => std::future::pending().await,
             }
         };
@@ -645,7 +656,10 @@ async fn run(
                 if !keys.is_empty() || model.policy_dirty {
                     dirty.extend(keys);
                     last_change = Instant::now();
-                    first_dirty.get_or_insert(last_change);
+                    if first_dirty.is_none() {
+                        first_dirty = Some(last_change);
+                        leading = last_publish.is_none_or(|at| last_change - at >= model.opts.debounce);
+                    }
                 }
                 // Publish the first complete model at once.
                 if model.synced() && !was_synced {
@@ -665,6 +679,7 @@ async fn run(
                 if changed.is_empty() && !policies && was_synced {
                     continue;
                 }
+                last_publish = Some(Instant::now());
                 model.version += 1;
                 let version = model.version;
                 model.log.push_back((version, changed.clone().into()));
@@ -876,5 +891,49 @@ mod tests {
         assert_eq!(s.changed_since(5).unwrap(), HashSet::from(["b"]));
         assert_eq!(s.changed_since(4).unwrap(), HashSet::from(["a", "b"]));
         assert!(s.changed_since(3).is_none());
+    }
+
+    /// Time is paused: it advances only when every task waits, so "at once" is an elapsed
+    /// time of zero and a debounce wait is exactly the debounce.
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_change_goes_out_at_once_and_a_burst_is_coalesced() {
+        let debounce = Duration::from_secs(1);
+        let opts = Options { debounce, debounce_max: Duration::from_secs(10), ..Options::default() };
+        let (tx, changes) = futures::channel::mpsc::unbounded();
+        let mut rx = start_with(changes, opts);
+        let send = |c: Change| tx.unbounded_send(c).unwrap();
+        send(Change::Service(Box::new(watcher::Event::InitDone)));
+        send(Change::Slice(Box::new(watcher::Event::InitDone)));
+        send(Change::Pod(Box::new(watcher::Event::InitDone)));
+        send(Change::PeerAuth(Box::new(watcher::Event::InitDone)));
+        rx.changed().await.unwrap();
+        assert!(rx.borrow_and_update().synced);
+
+        // After a quiet interval, one change is published without waiting for the debounce.
+        tokio::time::sleep(debounce * 5).await;
+        let sent = Instant::now();
+        send(Change::Service(Box::new(watcher::Event::Apply(svc("a", "10.96.0.1")))));
+        rx.changed().await.unwrap();
+        assert_eq!(sent.elapsed(), Duration::ZERO, "a lone change waited");
+        let version = rx.borrow_and_update().version;
+
+        // Changes right behind it are a burst: one snapshot, a debounce after the last of them.
+        for (i, name) in ["b", "c", "d"].into_iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(debounce / 4).await;
+            }
+            send(Change::Service(Box::new(watcher::Event::Apply(svc(name, &format!("10.96.0.{}", i + 2))))));
+        }
+        let last = Instant::now();
+        rx.changed().await.unwrap();
+        assert_eq!(last.elapsed(), debounce, "the burst was not held for the quiet time");
+        let snap = rx.borrow_and_update().clone();
+        assert_eq!(snap.version, version + 1, "the burst went out as more than one snapshot");
+        let mut names: Vec<_> = snap.changed_since(version).unwrap().into_iter().collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["b.ns.svc.cluster.local:80", "c.ns.svc.cluster.local:80", "d.ns.svc.cluster.local:80"]
+        );
     }
 }
