@@ -1,5 +1,9 @@
 # Developer shortcuts; each recipe is a thin wrapper so that nothing here is needed to build.
 
+# This machine's target triple (a build for it with --target keeps RUSTFLAGS off build scripts
+# and proc macros, which cannot be static).
+host := `rustc -vV | sed -n 's/^host: //p'`
+
 # Run every test (unit, drift, lint, e2e on the local cluster).
 test:
     scripts/test
@@ -26,10 +30,12 @@ lint:
     cargo clippy --workspace --all-targets -- -D warnings
 
 # The proxy benchmark: direct, mycel (1 and 2 hops), nginx and HAProxy side by side; writes
-# docs/benchmarks/proxy.{md,json}. Installs nginx and HAProxy when missing (root).
+# docs/benchmarks/proxy.{md,json}. Installs nginx and HAProxy when missing (root). The proxy
+# measured is built as the Dockerfile builds it for the images: static, glibc linked in.
 bench-proxy:
     command -v nginx >/dev/null || apt-get install -y -qq nginx-light haproxy
-    cargo bench -p mycel-proxy --bench proxy
+    RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -j2 -p mycel-proxy --target {{host}}
+    MYCEL_BENCH_PROXY={{justfile_directory()}}/target/{{host}}/release/mycel-proxy cargo bench -p mycel-proxy --bench proxy
 
 # The control-plane benchmark on the local cluster: 1000 Services, 100/1000/5000 simulated
 # proxies; writes docs/benchmarks/control-plane.{md,json}.

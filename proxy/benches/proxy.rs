@@ -6,8 +6,10 @@
 //!
 //! Run: `cargo bench -p mycel-proxy --bench proxy` (or `just bench-proxy`). Every proxy gets one
 //! worker. `MYCEL_BENCH_SECONDS` (default 5) sets each measurement's length, `MYCEL_BENCH_ROUNDS`
-//! (default 3) how many times each latency measurement is repeated. Results are printed
-//! and written to `docs/benchmarks/proxy.md` and `docs/benchmarks/proxy.json`.
+//! (default 3) how many times each latency measurement is repeated. `MYCEL_BENCH_PROXY` names
+//! the proxy binary to measure: `just bench-proxy` sets it to a static build, the binary the
+//! images ship (see the Dockerfile); without it, the bench build of this package is measured.
+//! Results are printed and written to `docs/benchmarks/proxy.md` and `docs/benchmarks/proxy.json`.
 
 use std::{
     convert::Infallible,
@@ -183,7 +185,7 @@ async fn mycel(name: &str, protocol: &str, upstream: SocketAddr) -> (Proc, Socke
         ),
     )
     .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_mycel-proxy"))
+    let child = Command::new(proxy_binary())
         .args(["run", "--concurrency", "1", "--config"])
         .arg(&cfg)
         .env("RUST_LOG", "warn")
@@ -300,6 +302,14 @@ unsafe fn libc_sysconf_clk_tck() -> f64 {
     }
     const SC_CLK_TCK: i32 = 2;
     unsafe { sysconf(SC_CLK_TCK) as f64 }
+}
+
+/// The proxy binary under test.
+fn proxy_binary() -> PathBuf {
+    match std::env::var_os("MYCEL_BENCH_PROXY") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_mycel-proxy")),
+    }
 }
 
 fn rss_kib(pid: u32, field: &str) -> u64 {
@@ -678,9 +688,13 @@ async fn run() {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
+    let binary = match std::env::var_os("MYCEL_BENCH_PROXY") {
+        Some(_) => "static (glibc linked in, as the images ship it; `MYCEL_BENCH_PROXY`)",
+        None => "the bench build (dynamically linked)",
+    };
     let header = format!(
-        "# Proxy benchmark\n\nMachine: {machine}. Date: {date}. Command: `cargo bench -p mycel-proxy --bench proxy` \
-         ({secs} s per measurement). Every proxy runs one worker; the load generator (one thread), the \
+        "# Proxy benchmark\n\nMachine: {machine}. Date: {date}. Command: `just bench-proxy` \
+         ({secs} s per measurement). Proxy binary: {binary}. Every proxy runs one worker; the load generator (one thread), the \
          server (one thread) and the proxies share the machine's cores, so absolute figures are \
          modest: read the ratios between targets measured in the same run.\n\n"
     );
@@ -690,7 +704,7 @@ async fn run() {
     std::fs::write(
         out_dir.join("proxy.json"),
         serde_json::to_string_pretty(
-            &json!({"machine": machine, "date": date, "seconds": secs, "scenarios": results}),
+            &json!({"machine": machine, "date": date, "seconds": secs, "proxy_binary": binary, "scenarios": results}),
         )
         .unwrap(),
     )
