@@ -2,12 +2,12 @@
 //! pooled connection; hop-by-hop headers are dropped (RFC 9110 §7.6.1). Failures become a 503
 //! with an `x-mycel-error` header that says why, never a hang.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
 use hyper::{
     HeaderMap, Request, Response, StatusCode, Uri,
-    body::{Bytes, Incoming},
+    body::Bytes,
     header::{self, HeaderName, HeaderValue},
 };
 use hyper_util::rt::TokioIo;
@@ -125,18 +125,20 @@ impl ConnMetrics {
     }
 }
 
+/// Forwards one request to an endpoint of `cluster` and counts it. A protocol switch needs the
+/// request as hyper's server made it (it carries the connection's upgrade).
 pub async fn handle(
-    req: Request<Incoming>,
+    req: Request<Body>,
     metrics: &ConnMetrics,
     peer: Option<SocketAddr>,
     cluster: &Arc<Endpoints>,
     shared: &Arc<Shared>,
-) -> Result<Response<Body>, Infallible> {
+) -> Response<Body> {
     let started = Instant::now();
     let resp = forward(req, peer, cluster, shared).await;
     metrics.count(shared, &cluster.cluster, resp.status().as_u16());
     metrics.duration.observe(started.elapsed().as_secs_f64());
-    Ok(resp)
+    resp
 }
 
 /// An HTTP/1.1 protocol switch (WebSocket and other `Upgrade`s) or a `CONNECT` tunnel.
@@ -168,7 +170,7 @@ enum Attempt {
 }
 
 async fn forward(
-    mut req: Request<Incoming>,
+    mut req: Request<Body>,
     peer: Option<SocketAddr>,
     cluster: &Endpoints,
     shared: &Shared,
@@ -196,7 +198,7 @@ async fn forward(
     let copy =
         (hyper::body::Body::is_end_stream(&body) && cluster.addrs.len() > 1 && shared.mesh.is_mesh(&first))
             .then(|| parts.clone());
-    let mut next = Some(Request::from_parts(parts, body.boxed()));
+    let mut next = Some(Request::from_parts(parts, body));
     let mut last_error = String::new();
     // The other endpoints are only asked for once the first failed (asking moves a round robin).
     let rest = std::iter::once(()).flat_map(|_| cluster.order(key)).filter(|a| *a != first);

@@ -11,6 +11,7 @@ pub mod balance;
 pub mod capture;
 pub mod config;
 pub mod detect;
+pub mod h1;
 pub mod http;
 pub mod identity;
 pub mod metrics;
@@ -357,7 +358,13 @@ async fn serve_connection(
     let peer = stream.peer_addr().ok();
     let _ = stream.set_nodelay(true);
     if let Some(version) = http {
-        serve_http(stream, version, peer, listener, target, shared, stop, None).await;
+        let metrics = Arc::new(http::ConnMetrics::new(&shared, &listener.name, listener.direction));
+        if version == Some(HttpVersion::Http1) {
+            // Plaintext HTTP/1.1: the proxy's own server first, hyper's for what it hands over.
+            Box::pin(serve_http1_plain(stream, peer, metrics, target, shared, stop)).await;
+        } else {
+            serve_http(stream, version, peer, metrics, target, shared, stop, None).await;
+        }
     } else if let Some(endpoints) = target.resolve(&shared) {
         Box::pin(tcp::serve(tcp::Stream::Plain(stream), peer, labels, endpoints, shared)).await;
     }
@@ -397,7 +404,8 @@ async fn serve_mesh_inbound(
             let own = shared.mesh.own_id().unwrap_or_default();
             let xfcc = hyper::header::HeaderValue::from_str(&format!("By={own};URI={peer_id}")).ok();
             let version = if inner == mtls::Inner::Http2 { HttpVersion::Http2 } else { HttpVersion::Http1 };
-            serve_http(tls, Some(version), peer, listener, target, shared, stop, xfcc).await;
+            let metrics = Arc::new(http::ConnMetrics::new(&shared, &listener.name, listener.direction));
+            serve_http(tls, Some(version), peer, metrics, target, shared, stop, xfcc).await;
         }
     }
     active.dec();
@@ -428,7 +436,7 @@ async fn serve_http<I>(
     io: I,
     version: Option<HttpVersion>,
     peer: Option<SocketAddr>,
-    listener: config::Listener,
+    metrics: Arc<http::ConnMetrics>,
     target: Target,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
@@ -436,7 +444,6 @@ async fn serve_http<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let metrics = Arc::new(http::ConnMetrics::new(&shared, &listener.name, listener.direction));
     let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let (metrics, target, shared) = (metrics.clone(), target.clone(), shared.clone());
         if let Some(v) = &xfcc {
@@ -445,10 +452,9 @@ async fn serve_http<I>(
         // Boxed: hyper keeps room for a request's future in every connection, idle or not; a
         // pointer there instead of the whole forwarding state saves kilobytes per connection.
         Box::pin(async move {
-            match target.resolve(&shared) {
-                Some(endpoints) => http::handle(req, &metrics, peer, &endpoints, &shared).await,
-                None => Ok(http::no_cluster(&target.name())),
-            }
+            Ok::<_, std::convert::Infallible>(
+                respond(req.map(http_body_util::BodyExt::boxed), &metrics, peer, &target, &shared).await,
+            )
         })
     });
     let io = TokioIo::new(io);
@@ -469,6 +475,43 @@ async fn serve_http<I>(
             let conn = builder.serve_connection_with_upgrades(io, svc);
             drain_on_stop(conn, stop, |c| c.graceful_shutdown()).await
         }
+    }
+}
+
+/// A plaintext HTTP/1.1 connection: requests without a body are served by [`h1`], which holds
+/// no buffer while the connection is idle; from the first request it does not take, hyper serves
+/// the connection.
+async fn serve_http1_plain(
+    mut stream: tokio::net::TcpStream,
+    peer: Option<SocketAddr>,
+    metrics: Arc<http::ConnMetrics>,
+    target: Target,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let outcome = h1::serve(&mut stream, &mut stop, |req| {
+        // Boxed, as for hyper: the connection's task need not have room for a request's future.
+        Box::pin(respond(req, &metrics, peer, &target, &shared))
+    })
+    .await;
+    if let h1::Outcome::Handoff(read) = outcome {
+        let io = h1::Rewind::new(read, stream);
+        // Boxed: the connection's task keeps room for hyper's connection only when it is used.
+        Box::pin(serve_http(io, Some(HttpVersion::Http1), peer, metrics, target, shared, stop, None)).await;
+    }
+}
+
+/// One request's response: forwarded to the target's cluster, or a 503 when it has none.
+async fn respond(
+    req: hyper::Request<http::Body>,
+    metrics: &http::ConnMetrics,
+    peer: Option<SocketAddr>,
+    target: &Target,
+    shared: &Arc<Shared>,
+) -> hyper::Response<http::Body> {
+    match target.resolve(shared) {
+        Some(endpoints) => http::handle(req, metrics, peer, &endpoints, shared).await,
+        None => http::no_cluster(&target.name()),
     }
 }
 

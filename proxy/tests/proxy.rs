@@ -337,3 +337,141 @@ async fn shutdown_finishes_the_request_in_flight() {
     );
     assert!(TcpStream::connect(front).await.is_err(), "no longer accepting");
 }
+
+/// An upstream for the raw-socket test: `/stream` answers three chunks of unknown total length,
+/// anything else `ok <method> <path> <body length>`.
+async fn streaming_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let (parts, body) = req.into_parts();
+                    let len = body.collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+                    let body = if parts.uri.path() == "/stream" {
+                        let chunks: Vec<Result<Frame<Bytes>, Infallible>> = ["one,", "two,", "three"]
+                            .iter()
+                            .map(|c| Ok(Frame::data(Bytes::from(*c))))
+                            .collect();
+                        StreamBody::new(futures::stream::iter(chunks)).boxed()
+                    } else {
+                        Full::new(Bytes::from(format!("ok {} {} {len}", parts.method, parts.uri.path())))
+                            .boxed()
+                    };
+                    Ok::<_, Infallible>(Response::new(body))
+                });
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Reads one response from a raw connection: status, headers (names lowercase) and body, framed
+/// by content-length or chunked; none after HEAD. Bytes past it stay in `buf`.
+async fn read_response(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    head_only: bool,
+) -> (u16, Vec<(String, String)>, String) {
+    async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed in the middle of a response");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let (status, headers, n) = loop {
+        let mut hs = [httparse::EMPTY_HEADER; 32];
+        let mut r = httparse::Response::new(&mut hs);
+        if let httparse::Status::Complete(n) = r.parse(buf).unwrap() {
+            let headers: Vec<(String, String)> = r
+                .headers
+                .iter()
+                .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
+                .collect();
+            break (r.code.unwrap(), headers, n);
+        }
+        fill(s, buf).await;
+    };
+    buf.drain(..n);
+    let get = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let mut body = Vec::new();
+    if head_only {
+    } else if let Some(len) = get("content-length") {
+        let len: usize = len.parse().unwrap();
+        while buf.len() < len {
+            fill(s, buf).await;
+        }
+        body.extend(buf.drain(..len));
+    } else {
+        assert_eq!(get("transfer-encoding").as_deref(), Some("chunked"), "no framing: {headers:?}");
+        loop {
+            let line_end = loop {
+                if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                fill(s, buf).await;
+            };
+            let size = usize::from_str_radix(std::str::from_utf8(&buf[..line_end]).unwrap(), 16).unwrap();
+            while buf.len() < line_end + 2 + size + 2 {
+                fill(s, buf).await;
+            }
+            body.extend_from_slice(&buf[line_end + 2..line_end + 2 + size]);
+            buf.drain(..line_end + 2 + size + 2);
+            if size == 0 {
+                break;
+            }
+        }
+    }
+    (status, headers, String::from_utf8(body).unwrap())
+}
+
+/// Plaintext HTTP/1.1 requests without a body are served by the proxy's own HTTP/1 server; the
+/// first request it does not take (here one with a body) moves the connection to hyper's, with
+/// no byte lost, and the connection goes on. Framing seen by a raw client: content-length,
+/// chunked for a body of unknown length, none after HEAD, and `connection: close` honoured.
+#[tokio::test]
+async fn bodyless_requests_then_a_body_on_one_raw_connection() {
+    let up = streaming_server().await;
+    let proxy = mycel_proxy::start(config("http", &[up])).await.unwrap();
+    let front = proxy.listener("front").await.unwrap();
+    let mut s = TcpStream::connect(front).await.unwrap();
+    let mut buf = Vec::new();
+    let has = |headers: &[(String, String)], name: &str| headers.iter().any(|(k, _)| k == name);
+
+    s.write_all(b"GET /one HTTP/1.1\r\nHost: svc\r\n\r\n").await.unwrap();
+    let (status, headers, body) = read_response(&mut s, &mut buf, false).await;
+    assert_eq!((status, body.as_str()), (200, "ok GET /one 0"));
+    assert!(has(&headers, "content-length") && has(&headers, "date"), "{headers:?}");
+    assert!(!has(&headers, "connection"), "{headers:?}");
+
+    s.write_all(b"HEAD /two HTTP/1.1\r\nHost: svc\r\n\r\n").await.unwrap();
+    let (status, _, _) = read_response(&mut s, &mut buf, true).await;
+    assert_eq!(status, 200);
+
+    s.write_all(b"GET /stream HTTP/1.1\r\nHost: svc\r\n\r\n").await.unwrap();
+    let (status, headers, body) = read_response(&mut s, &mut buf, false).await;
+    assert_eq!((status, body.as_str()), (200, "one,two,three"), "{headers:?}");
+
+    // A body: hyper serves the connection from here, starting with the bytes already read.
+    s.write_all(b"POST /three HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\n\r\nhello").await.unwrap();
+    let (status, _, body) = read_response(&mut s, &mut buf, false).await;
+    assert_eq!((status, body.as_str()), (200, "ok POST /three 5"));
+    s.write_all(b"GET /four HTTP/1.1\r\nHost: svc\r\n\r\n").await.unwrap();
+    let (status, _, body) = read_response(&mut s, &mut buf, false).await;
+    assert_eq!((status, body.as_str()), (200, "ok GET /four 0"));
+    assert!(buf.is_empty(), "stray bytes after the responses: {:?}", String::from_utf8_lossy(&buf));
+
+    // `Connection: close`: the response says so and the proxy closes the connection.
+    let mut s = TcpStream::connect(front).await.unwrap();
+    s.write_all(b"GET /five HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n").await.unwrap();
+    let (status, headers, body) = read_response(&mut s, &mut buf, false).await;
+    assert_eq!((status, body.as_str()), (200, "ok GET /five 0"));
+    assert!(headers.iter().any(|(k, v)| k == "connection" && v == "close"), "{headers:?}");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await.unwrap().unwrap();
+    assert!(rest.is_empty() && buf.is_empty());
+    proxy.shutdown(Duration::from_secs(1)).await;
+}
