@@ -20,6 +20,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use futures::FutureExt;
 use http_body_util::{BodyExt, Empty};
 use hyper::{
     Method, Request, Response, StatusCode, Uri, Version,
@@ -146,25 +147,31 @@ fn parse(buf: &[u8]) -> Read {
     Read::Request { req, close, head_only }
 }
 
-/// Writes `resp` with HTTP/1.1 framing: its `content-length` if it has one, the body's exact
-/// size if known, chunked otherwise; no body after a `HEAD` or for 1xx, 204 and 304. An error
-/// means the connection cannot carry another response.
+/// Writes `resp` with HTTP/1.1 framing of this hop's own: `content-length` when the body's size
+/// is known, chunked otherwise, and no body after a `HEAD` or for 204 and 304 (whose
+/// `content-length`, if any, describes another response and is passed on for `HEAD` and 304).
+/// Never more bytes than announced. Whatever is ready goes out before waiting for more of the
+/// body, so a streamed response flows. An error means the connection cannot carry another
+/// response.
 async fn write_response(
     stream: &mut TcpStream,
     resp: Response<Body>,
     head_only: bool,
     close: bool,
 ) -> io::Result<()> {
-    let (parts, mut body) = resp.into_parts();
+    let (mut parts, mut body) = resp.into_parts();
+    if parts.status.is_informational() {
+        // Only a protocol switch has a 1xx as its last response, and this request asked for none.
+        let why =
+            format!("upstream answered {} to a request that asked for no protocol switch", parts.status);
+        (parts, body) = crate::http::error_response(StatusCode::BAD_GATEWAY, &why).into_parts();
+    }
     let status = parts.status;
-    let bodyless = head_only
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
-    let declared: Option<u64> =
-        parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.trim().parse().ok());
-    let hint = body.size_hint();
-    let mut out = Vec::with_capacity(256 + hint.exact().map_or(0, |n| n.min(COALESCE as u64) as usize));
+    let no_body = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let bodyless = head_only || no_body;
+    // The announced length; `None` is chunked.
+    let length = if bodyless { Some(0) } else { body.size_hint().exact() };
+    let mut out = Vec::with_capacity(256 + length.map_or(0, |n| n.min(COALESCE as u64) as usize));
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
@@ -177,6 +184,9 @@ async fn write_response(
     for (name, value) in &parts.headers {
         // Framing and connection management are this hop's own.
         if name == header::TRANSFER_ENCODING || name == header::CONNECTION {
+            continue;
+        }
+        if name == header::CONTENT_LENGTH && (!bodyless || status == StatusCode::NO_CONTENT) {
             continue;
         }
         put_header(&mut out, name.as_str(), value.as_bytes());
@@ -193,14 +203,10 @@ async fn write_response(
             put_header(&mut out, "date", value.as_bytes());
         });
     }
-    let mut chunked = false;
-    if !bodyless && declared.is_none() {
-        match hint.exact() {
+    if !bodyless {
+        match length {
             Some(n) => put_header(&mut out, "content-length", n.to_string().as_bytes()),
-            None => {
-                put_header(&mut out, "transfer-encoding", b"chunked");
-                chunked = true;
-            }
+            None => put_header(&mut out, "transfer-encoding", b"chunked"),
         }
     }
     if close {
@@ -211,16 +217,38 @@ async fn write_response(
         return stream.write_all(&out).await;
     }
     let mut sent = 0u64;
-    while let Some(frame) = body.frame().await {
-        // The upstream failed in the middle of the body: the client can only learn it from the
-        // connection closing before the body's end.
-        let frame = frame.map_err(io::Error::other)?;
+    loop {
+        let next = match body.frame().now_or_never() {
+            Some(next) => next,
+            None => {
+                // Nothing more yet: what is ready goes out first.
+                if !out.is_empty() {
+                    stream.write_all(&out).await?;
+                    out.clear();
+                }
+                body.frame().await
+            }
+        };
+        let Some(frame) = next else { break };
+        let frame = match frame {
+            Ok(frame) => frame,
+            // The upstream failed in the middle of the body: the client learns it from the
+            // connection closing before the announced end.
+            Err(e) => {
+                let _ = stream.write_all(&out).await;
+                return Err(io::Error::other(e));
+            }
+        };
         let Ok(mut data) = frame.into_data() else { continue };
         if !data.has_remaining() {
             continue;
         }
         sent += data.len() as u64;
-        if chunked {
+        if length.is_some_and(|n| sent > n) {
+            let _ = stream.write_all(&out).await;
+            return Err(io::Error::other("response body longer than its announced length"));
+        }
+        if length.is_none() {
             out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
         }
         if out.len() + data.len() <= COALESCE {
@@ -230,22 +258,22 @@ async fn write_response(
             out.clear();
             stream.write_all_buf(&mut data).await?;
         }
-        if chunked {
+        if length.is_none() {
             out.extend_from_slice(b"\r\n");
         }
-        if out.len() >= COALESCE / 2 {
+        if out.len() >= COALESCE {
             stream.write_all(&out).await?;
             out.clear();
         }
     }
-    if chunked {
+    if length.is_none() {
         out.extend_from_slice(b"0\r\n\r\n");
     }
     if !out.is_empty() {
         stream.write_all(&out).await?;
     }
-    match declared {
-        Some(n) if n != sent => Err(io::Error::other("response body length differs from its content-length")),
+    match length {
+        Some(n) if n != sent => Err(io::Error::other("response body shorter than its announced length")),
         _ => Ok(()),
     }
 }

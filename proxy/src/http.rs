@@ -24,7 +24,7 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 /// Header that names the reason of a response the proxy made itself.
 pub const ERROR_HEADER: &str = "x-mycel-error";
 
-fn error_response(status: StatusCode, why: &str) -> Response<Body> {
+pub(crate) fn error_response(status: StatusCode, why: &str) -> Response<Body> {
     let mut r =
         Response::new(Full::new(Bytes::from(format!("{why}\n"))).map_err(|never| match never {}).boxed());
     *r.status_mut() = status;
@@ -64,6 +64,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .collect();
     for n in named {
         headers.remove(n);
+    }
+    // A message framed by Transfer-Encoding had its Content-Length ignored; it must not reach the
+    // next hop, which would frame by it (RFC 9112 §6.1).
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
     }
     // `TE: trailers` is the one TE value HTTP/2 allows, and gRPC needs it end to end.
     let te_trailers = headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));

@@ -338,31 +338,88 @@ async fn shutdown_finishes_the_request_in_flight() {
     assert!(TcpStream::connect(front).await.is_err(), "no longer accepting");
 }
 
-/// An upstream for the raw-socket test: `/stream` answers three chunks of unknown total length,
-/// anything else `ok <method> <path> <body length>`.
-async fn streaming_server() -> SocketAddr {
+/// An upstream for the raw-socket tests: `/stream` answers three chunks of unknown total length,
+/// `/wait` answers `first,`, then `last` once `go` is notified; anything else
+/// `ok <method> <path> <body length>`.
+async fn streaming_server(go: std::sync::Arc<tokio::sync::Notify>) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
             let (s, _) = l.accept().await.unwrap();
+            let go = go.clone();
             tokio::spawn(async move {
-                let svc = service_fn(|req: Request<Incoming>| async move {
-                    let (parts, body) = req.into_parts();
-                    let len = body.collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
-                    let body = if parts.uri.path() == "/stream" {
-                        let chunks: Vec<Result<Frame<Bytes>, Infallible>> = ["one,", "two,", "three"]
-                            .iter()
-                            .map(|c| Ok(Frame::data(Bytes::from(*c))))
-                            .collect();
-                        StreamBody::new(futures::stream::iter(chunks)).boxed()
-                    } else {
-                        Full::new(Bytes::from(format!("ok {} {} {len}", parts.method, parts.uri.path())))
-                            .boxed()
-                    };
-                    Ok::<_, Infallible>(Response::new(body))
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let go = go.clone();
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let len = body.collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+                        let body = match parts.uri.path() {
+                            "/stream" => {
+                                let chunks: Vec<Result<Frame<Bytes>, Infallible>> = ["one,", "two,", "three"]
+                                    .iter()
+                                    .map(|c| Ok(Frame::data(Bytes::from(*c))))
+                                    .collect();
+                                StreamBody::new(futures::stream::iter(chunks)).boxed()
+                            }
+                            "/wait" => {
+                                let first = futures::stream::iter([Ok::<_, Infallible>(Frame::data(
+                                    Bytes::from("first,"),
+                                ))]);
+                                let last = futures::stream::once(async move {
+                                    go.notified().await;
+                                    Ok(Frame::data(Bytes::from("last")))
+                                });
+                                StreamBody::new(futures::StreamExt::chain(first, last)).boxed()
+                            }
+                            _ => Full::new(Bytes::from(format!(
+                                "ok {} {} {len}",
+                                parts.method,
+                                parts.uri.path()
+                            )))
+                            .boxed(),
+                        };
+                        Ok::<_, Infallible>(Response::new(body))
+                    }
                 });
                 let _ = http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream that breaks the rules, one way per path: a chunked body that also declares a
+/// (wrong) `Content-Length`, a 204 with a `Content-Length`, and a 101 nobody asked for.
+async fn misbehaving_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 1024];
+                    let Ok(n) = s.read(&mut chunk).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    let resp: &[u8] = match path.as_str() {
+                        "/te-and-cl" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\nb\r\nhello world\r\n0\r\n\r\n",
+                        "/no-content" => b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n",
+                        "/switch" => b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: nothing\r\nConnection: upgrade\r\n\r\n",
+                        _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                    };
+                    if s.write_all(resp).await.is_err() || path == "/switch" {
+                        return;
+                    }
+                }
             });
         }
     });
@@ -434,7 +491,8 @@ async fn read_response(
 /// chunked for a body of unknown length, none after HEAD, and `connection: close` honoured.
 #[tokio::test]
 async fn bodyless_requests_then_a_body_on_one_raw_connection() {
-    let up = streaming_server().await;
+    let go = std::sync::Arc::new(tokio::sync::Notify::new());
+    let up = streaming_server(go.clone()).await;
     let proxy = mycel_proxy::start(config("http", &[up])).await.unwrap();
     let front = proxy.listener("front").await.unwrap();
     let mut s = TcpStream::connect(front).await.unwrap();
@@ -455,6 +513,23 @@ async fn bodyless_requests_then_a_body_on_one_raw_connection() {
     let (status, headers, body) = read_response(&mut s, &mut buf, false).await;
     assert_eq!((status, body.as_str()), (200, "one,two,three"), "{headers:?}");
 
+    // A streamed response flows: its head and first chunk arrive while the upstream still holds
+    // the rest (it sends it only once the client has seen the first chunk).
+    s.write_all(b"GET /wait HTTP/1.1\r\nHost: svc\r\n\r\n").await.unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(5), async {
+        while !buf.windows(6).any(|w| w == b"first,") {
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    assert!(seen.is_ok(), "the first chunk was held back: {:?}", String::from_utf8_lossy(&buf));
+    go.notify_one();
+    let (status, _, body) = read_response(&mut s, &mut buf, false).await;
+    assert_eq!((status, body.as_str()), (200, "first,last"));
+
     // A body: hyper serves the connection from here, starting with the bytes already read.
     s.write_all(b"POST /three HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\n\r\nhello").await.unwrap();
     let (status, _, body) = read_response(&mut s, &mut buf, false).await;
@@ -474,4 +549,70 @@ async fn bodyless_requests_then_a_body_on_one_raw_connection() {
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await.unwrap().unwrap();
     assert!(rest.is_empty() && buf.is_empty());
     proxy.shutdown(Duration::from_secs(1)).await;
+}
+
+/// What goes to hyper's server mid-connection (a head split over two reads, pipelined requests,
+/// HTTP/1.0) is answered whole and in order; an upstream that breaks the framing rules does not
+/// desynchronise the client's connection; an idle connection is closed when the proxy drains.
+#[tokio::test]
+async fn handoffs_a_misbehaving_upstream_and_draining_an_idle_connection() {
+    let go = std::sync::Arc::new(tokio::sync::Notify::new());
+    let up = streaming_server(go).await;
+    let proxy = mycel_proxy::start(config("http", &[up])).await.unwrap();
+    let front = proxy.listener("front").await.unwrap();
+    let mut buf = Vec::new();
+
+    // A head in two writes (the proxy may read the first part alone), then two requests in one.
+    let mut s = TcpStream::connect(front).await.unwrap();
+    s.write_all(b"GET /split HTTP/1.1\r\nHo").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"st: svc\r\n\r\n").await.unwrap();
+    let (status, _, body) = read_response(&mut s, &mut buf, false).await;
+    assert_eq!((status, body.as_str()), (200, "ok GET /split 0"));
+    s.write_all(b"GET /p1 HTTP/1.1\r\nHost: svc\r\n\r\nGET /p2 HTTP/1.1\r\nHost: svc\r\n\r\n").await.unwrap();
+    let (_, _, first) = read_response(&mut s, &mut buf, false).await;
+    let (_, _, second) = read_response(&mut s, &mut buf, false).await;
+    assert_eq!((first.as_str(), second.as_str()), ("ok GET /p1 0", "ok GET /p2 0"));
+
+    // HTTP/1.0: answered, then closed.
+    let mut s10 = TcpStream::connect(front).await.unwrap();
+    s10.write_all(b"GET /ten HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s10.read_to_end(&mut all)).await.unwrap().unwrap();
+    let all = String::from_utf8_lossy(&all);
+    assert!(all.starts_with("HTTP/1.0 200") && all.ends_with("ok GET /ten 0"), "{all}");
+
+    // An idle connection (its last request served by the proxy's own server), closed on drain below.
+    let mut idle = TcpStream::connect(front).await.unwrap();
+    idle.write_all(b"GET /idle HTTP/1.1\r\nHost: svc\r\n\r\n").await.unwrap();
+    let mut idle_buf = Vec::new();
+    let (status, _, _) = read_response(&mut idle, &mut idle_buf, false).await;
+    assert_eq!(status, 200);
+
+    // The misbehaving upstream, through a second proxy.
+    let bad = mycel_proxy::start(config("http", &[misbehaving_server().await])).await.unwrap();
+    let mut b = TcpStream::connect(bad.listener("front").await.unwrap()).await.unwrap();
+    let mut bbuf = Vec::new();
+    b.write_all(b"GET /te-and-cl HTTP/1.1\r\nHost: svc\r\n\r\n").await.unwrap();
+    let (status, headers, body) = read_response(&mut b, &mut bbuf, false).await;
+    assert_eq!((status, body.as_str()), (200, "hello world"), "{headers:?}");
+    let framing = headers.iter().filter(|(k, _)| k == "content-length" || k == "transfer-encoding").count();
+    assert_eq!(framing, 1, "{headers:?}");
+    b.write_all(b"GET /no-content HTTP/1.1\r\nHost: svc\r\n\r\n").await.unwrap();
+    let (status, headers, _) = read_response(&mut b, &mut bbuf, true).await;
+    assert_eq!(status, 204);
+    assert!(!headers.iter().any(|(k, _)| k == "content-length" || k == "transfer-encoding"), "{headers:?}");
+    b.write_all(b"GET /switch HTTP/1.1\r\nHost: svc\r\n\r\n").await.unwrap();
+    let (status, headers, _) = read_response(&mut b, &mut bbuf, false).await;
+    assert_eq!(status, 502, "{headers:?}");
+    b.write_all(b"GET /after HTTP/1.1\r\nHost: svc\r\n\r\n").await.unwrap();
+    let (status, _, body) = read_response(&mut b, &mut bbuf, false).await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    assert!(bbuf.is_empty(), "stray bytes: {:?}", String::from_utf8_lossy(&bbuf));
+    bad.shutdown(Duration::from_secs(1)).await;
+
+    proxy.shutdown(Duration::from_secs(2)).await;
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest)).await.unwrap().unwrap();
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
 }
