@@ -14,7 +14,7 @@
 
 use std::{
     cell::RefCell,
-    io,
+    io::{self, Write as _},
     pin::Pin,
     task::{Context, Poll},
     time::{SystemTime, UNIX_EPOCH},
@@ -24,7 +24,7 @@ use futures::FutureExt;
 use http_body_util::{BodyExt, Empty};
 use hyper::{
     Method, Request, Response, StatusCode, Uri, Version,
-    body::{Body as _, Buf, Bytes},
+    body::{Body as _, Bytes},
     header::{self, HeaderMap, HeaderName, HeaderValue},
 };
 use tokio::{
@@ -205,7 +205,9 @@ async fn write_response(
     }
     if !bodyless {
         match length {
-            Some(n) => put_header(&mut out, "content-length", n.to_string().as_bytes()),
+            Some(n) => {
+                let _ = write!(out, "content-length: {n}\r\n");
+            }
             None => put_header(&mut out, "transfer-encoding", b"chunked"),
         }
     }
@@ -240,7 +242,7 @@ async fn write_response(
             }
         };
         let Ok(mut data) = frame.into_data() else { continue };
-        if !data.has_remaining() {
+        if data.is_empty() {
             continue;
         }
         sent += data.len() as u64;
@@ -249,7 +251,7 @@ async fn write_response(
             return Err(io::Error::other("response body longer than its announced length"));
         }
         if length.is_none() {
-            out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            let _ = write!(out, "{:x}\r\n", data.len());
         }
         if out.len() + data.len() <= COALESCE {
             out.extend_from_slice(&data);

@@ -633,11 +633,10 @@ async fn run(
     // interval goes out at once (the leading edge); changes that follow within the interval are
     // coalesced as a burst (quiet time, at most `debounce_max`).
     let mut last_publish: Option<Instant> = None;
-    let mut leading = false;
     let mut was_synced = false;
     loop {
         let deadline = first_dirty.map(|first| {
-            if leading {
+            if last_publish.is_none_or(|at| first - at >= model.opts.debounce) {
                 first
             } else {
                 (last_change + model.opts.debounce).min(first + model.opts.debounce_max)
@@ -656,10 +655,7 @@ async fn run(
                 if !keys.is_empty() || model.policy_dirty {
                     dirty.extend(keys);
                     last_change = Instant::now();
-                    if first_dirty.is_none() {
-                        first_dirty = Some(last_change);
-                        leading = last_publish.is_none_or(|at| last_change - at >= model.opts.debounce);
-                    }
+                    first_dirty.get_or_insert(last_change);
                 }
                 // Publish the first complete model at once.
                 if model.synced() && !was_synced {
