@@ -76,8 +76,8 @@ fn route(method: &hyper::Method, uri: &hyper::Uri, shared: &Shared) -> Response<
         }
         "/healthz/ready" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".to_string()),
         "/config_dump" => {
-            let config = shared.config.read().map(|c| serde_json::to_string_pretty(&*c).unwrap_or_default());
-            (StatusCode::OK, "application/json", config.unwrap_or_default())
+            let config = serde_json::to_string_pretty(&shared.state.load().config).unwrap_or_default();
+            (StatusCode::OK, "application/json", config)
         }
         "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", shared.metrics.render()),
         _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),

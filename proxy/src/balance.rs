@@ -15,7 +15,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::config::{LbAlgorithm, LoadBalancer};
+use std::sync::Arc;
+
+use crate::config::{self, LbAlgorithm, LoadBalancer};
 
 /// How long an endpoint that refused a connection is skipped.
 pub const EJECTION: Duration = Duration::from_secs(5);
@@ -41,6 +43,10 @@ pub struct Endpoints {
     stats: Vec<Stats>,
     /// `host:port` of each endpoint, parsed once (requests reuse it for their URI).
     pub authorities: Vec<hyper::http::uri::Authority>,
+    /// The SPIFFE ID each endpoint must prove, for those reached over mutual TLS: this
+    /// cluster's own, so that an address another cluster names for another identity is never
+    /// dialled expecting that one.
+    identities: Vec<Option<Arc<str>>>,
     next: AtomicUsize,
     ejected: Mutex<Vec<(SocketAddr, Instant)>>,
     /// Entries in `ejected` (possibly expired): zero lets the hot path skip the lock.
@@ -78,7 +84,7 @@ impl Endpoints {
             })
             .collect();
         let maglev = if algorithm == LbAlgorithm::ConsistentHash { maglev_table(&addrs) } else { Vec::new() };
-        let authorities = addrs
+        let authorities: Vec<hyper::http::uri::Authority> = addrs
             .iter()
             .map(|a| {
                 a.to_string().parse().unwrap_or_else(|_| hyper::http::uri::Authority::from_static("invalid"))
@@ -86,6 +92,7 @@ impl Endpoints {
             .collect();
         Endpoints {
             cluster: cluster.into(),
+            identities: vec![None; authorities.len()],
             authorities,
             ejected_count: AtomicUsize::new(0),
             addrs,
@@ -97,6 +104,32 @@ impl Endpoints {
             ejected: Mutex::new(Vec::new()),
             maglev,
         }
+    }
+
+    /// The endpoint set of a configured cluster, with its endpoints' identities.
+    pub fn from_config(c: &config::Cluster, connect_timeout: Duration) -> Self {
+        let mut e = Self::with_lb(&c.name, c.endpoints.clone(), connect_timeout, c.lb.clone());
+        e.identities =
+            e.addrs.iter().map(|a| c.mtls_endpoints.get(a).map(|id| Arc::from(id.as_str()))).collect();
+        e
+    }
+
+    /// Whether this set was built from a cluster configured as `c` is (so that it can be kept,
+    /// balancing state and all, across a configuration update).
+    pub fn same_as(&self, c: &config::Cluster, connect_timeout: Duration) -> bool {
+        self.addrs == c.endpoints
+            && self.connect_timeout == connect_timeout
+            && self.lb == c.lb
+            && self
+                .addrs
+                .iter()
+                .zip(&self.identities)
+                .all(|(a, id)| c.mtls_endpoints.get(a).map(String::as_str) == id.as_deref())
+    }
+
+    /// The identity `addr` must prove, when this cluster reaches it over mutual TLS.
+    pub fn identity(&self, addr: SocketAddr) -> Option<&Arc<str>> {
+        self.index(addr).and_then(|i| self.identities[i].as_ref())
     }
 
     fn ejected_now(&self) -> Vec<SocketAddr> {

@@ -24,8 +24,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::{
+    drain,
     http::Body,
-    mtls::{Dialed, Inner, MeshTls},
+    tls::mtls::{Dialed, Inner, MeshTls},
 };
 
 /// Idle HTTP/1.1 connections kept per endpoint: enough for bursts, bounded for memory.
@@ -33,8 +34,9 @@ const MAX_IDLE_PER_ENDPOINT: usize = 64;
 /// An idle connection unused this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Endpoint, and whether it is reached over mutual TLS.
-type Key = (SocketAddr, bool);
+/// Endpoint, and the identity it proved over mutual TLS (`None`: plaintext). A connection is
+/// reused only for the identity it was opened for.
+type Key = (SocketAddr, Option<Arc<str>>);
 
 #[derive(Default)]
 struct Idle {
@@ -45,6 +47,8 @@ struct Idle {
 pub struct Pool {
     mesh: Arc<MeshTls>,
     idle: Arc<Mutex<Idle>>,
+    /// Where connection tasks run, so that shutdown drains them.
+    tasks: Arc<drain::Tasks>,
 }
 
 /// Why a request got no response.
@@ -57,25 +61,32 @@ pub enum SendError {
 
 impl Pool {
     /// A pool; a background task closes connections idle for too long while the pool lives.
-    pub fn new(mesh: Arc<MeshTls>) -> Pool {
+    pub fn new(mesh: Arc<MeshTls>, tasks: Arc<drain::Tasks>) -> Pool {
         let idle = Arc::new(Mutex::new(Idle::default()));
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(sweep(Arc::downgrade(&idle)));
         }
-        Pool { mesh, idle }
+        Pool { mesh, idle, tasks }
+    }
+
+    /// Closes every idle connection (at shutdown: a connection no request holds ends at once).
+    pub fn close_idle(&self) {
+        if let Ok(mut i) = self.idle.lock() {
+            *i = Idle::default();
+        }
     }
 
     /// Sends `req` to `addr` (its URI already in the form the version wants; over mutual TLS
-    /// when `mtls`) and returns the response; its body gives the connection back to the pool
-    /// once read to the end.
+    /// to an endpoint that must prove `identity`, when given) and returns the response; its body
+    /// gives the connection back to the pool once read to the end.
     pub async fn send(
         &self,
         req: Request<Body>,
         addr: SocketAddr,
-        mtls: bool,
+        identity: Option<&Arc<str>>,
         connect_timeout: Duration,
     ) -> Result<Response<PooledBody>, SendError> {
-        let key = (addr, mtls);
+        let key = (addr, identity.cloned());
         if req.version() == hyper::Version::HTTP_2 {
             self.send_h2(req, key, connect_timeout).await
         } else {
@@ -90,7 +101,7 @@ impl Pool {
         connect_timeout: Duration,
     ) -> Result<Response<PooledBody>, SendError> {
         // Reuse: the most recently used connection first (the warmest, the least likely closed).
-        while let Some(mut tx) = self.pop_h1(key) {
+        while let Some(mut tx) = self.pop_h1(&key) {
             if tx.ready().await.is_err() {
                 continue;
             }
@@ -105,7 +116,7 @@ impl Pool {
         }
         // Boxed: opening a connection (TCP, maybe a TLS handshake) is a large future, and every
         // downstream connection keeps room for its request's future while it lives.
-        let mut tx = match Box::pin(self.open_h1(key, connect_timeout)).await {
+        let mut tx = match Box::pin(self.open_h1(&key, connect_timeout)).await {
             Ok(tx) => tx,
             Err(e) => return Err(SendError::NotSent(e, Box::new(req))),
         };
@@ -125,12 +136,12 @@ impl Pool {
         let mut tx = match shared {
             Some(tx) => tx,
             None => {
-                let tx = match Box::pin(self.open_h2(key, connect_timeout)).await {
+                let tx = match Box::pin(self.open_h2(&key, connect_timeout)).await {
                     Ok(tx) => tx,
                     Err(e) => return Err(SendError::NotSent(e, Box::new(req))),
                 };
                 if let Ok(mut i) = self.idle.lock() {
-                    i.h2.insert(key, tx.clone());
+                    i.h2.insert(key.clone(), tx.clone());
                 }
                 tx
             }
@@ -144,9 +155,9 @@ impl Pool {
         }
     }
 
-    fn pop_h1(&self, key: Key) -> Option<http1::SendRequest<Body>> {
+    fn pop_h1(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
         let mut idle = self.idle.lock().ok()?;
-        let list = idle.h1.get_mut(&key)?;
+        let list = idle.h1.get_mut(key)?;
         while let Some((tx, _)) = list.pop() {
             if !tx.is_closed() {
                 return Some(tx);
@@ -165,39 +176,44 @@ impl Pool {
         resp.map(|inner| PooledBody { inner, back })
     }
 
-    async fn open_h1(&self, key: Key, timeout: Duration) -> std::io::Result<http1::SendRequest<Body>> {
-        match self.mesh.dial(key.0, timeout, Inner::Http1).await? {
-            Dialed::Plain(io) => handshake_h1(io).await,
-            Dialed::Tls(io) => handshake_h1(*io).await,
+    async fn open_h1(&self, key: &Key, timeout: Duration) -> std::io::Result<http1::SendRequest<Body>> {
+        match self.mesh.dial(key.0, timeout, Inner::Http1, key.1.as_deref()).await? {
+            Dialed::Plain(io) => handshake_h1(io, &self.tasks).await,
+            Dialed::Tls(io) => handshake_h1(*io, &self.tasks).await,
         }
         .map_err(std::io::Error::other)
     }
 
-    async fn open_h2(&self, key: Key, timeout: Duration) -> std::io::Result<http2::SendRequest<Body>> {
-        match self.mesh.dial(key.0, timeout, Inner::Http2).await? {
-            Dialed::Plain(io) => handshake_h2(io).await,
-            Dialed::Tls(io) => handshake_h2(*io).await,
+    async fn open_h2(&self, key: &Key, timeout: Duration) -> std::io::Result<http2::SendRequest<Body>> {
+        match self.mesh.dial(key.0, timeout, Inner::Http2, key.1.as_deref()).await? {
+            Dialed::Plain(io) => handshake_h2(io, &self.tasks).await,
+            Dialed::Tls(io) => handshake_h2(*io, &self.tasks).await,
         }
         .map_err(std::io::Error::other)
     }
 }
 
-async fn handshake_h1<I>(io: I) -> hyper::Result<http1::SendRequest<Body>>
+async fn handshake_h1<I>(io: I, tasks: &drain::Tasks) -> hyper::Result<http1::SendRequest<Body>>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
     // With upgrades: a `101 Switching Protocols` hands the connection over to the tunnel.
-    tokio::spawn(conn.with_upgrades());
+    let conn = conn.with_upgrades();
+    tasks.spawn(async move {
+        let _ = conn.await;
+    });
     Ok(tx)
 }
 
-async fn handshake_h2<I>(io: I) -> hyper::Result<http2::SendRequest<Body>>
+async fn handshake_h2<I>(io: I, tasks: &drain::Tasks) -> hyper::Result<http2::SendRequest<Body>>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, conn) = http2::Builder::new(TokioExecutor::new()).handshake(TokioIo::new(io)).await?;
-    tokio::spawn(conn);
+    tasks.spawn(async move {
+        let _ = conn.await;
+    });
     Ok(tx)
 }
 

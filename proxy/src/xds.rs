@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use crate::{
     ApplyError, Running,
     config::{self, Config, ConfigError},
-    identity::Identity,
+    tls::identity::Identity,
 };
 
 /// What the proxy knows before the control plane tells it anything.

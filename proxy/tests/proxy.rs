@@ -202,7 +202,8 @@ async fn no_endpoints_is_a_503_that_says_why() {
     .expect("an answer, not a hang")
     .unwrap();
     assert_eq!(resp.status(), 503);
-    assert_eq!(resp.headers()[mycel_proxy::http::ERROR_HEADER], "no endpoints for cluster back");
+    assert_eq!(resp.headers()[mycel_proxy::error::ERROR_HEADER], "UH no_healthy_upstream");
+    assert_eq!(text(resp).await, "no endpoints for cluster back\n");
     proxy.shutdown(Duration::from_secs(1)).await;
 }
 

@@ -95,7 +95,7 @@ async fn reloading_under_load_drops_no_request_and_refuses_a_bad_config() {
     }
     eprintln!("{total} requests over 4 keep-alive connections, 0 failed, across 2 reloads");
     assert!(
-        proxy.shared.config.read().unwrap().clusters[0].endpoints == vec![b],
+        proxy.shared.state.load().config.clusters[0].endpoints == vec![b],
         "the bad config was not applied"
     );
     proxy.shutdown(Duration::from_secs(1)).await;

@@ -101,3 +101,37 @@ async fn a_bare_upgrade_tunnels_bytes_both_ways() {
     assert_eq!(&answer, b"PING OVER THE TUNNEL");
     proxy.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test]
+async fn shutdown_ends_an_open_tunnel_by_its_deadline() {
+    // Upstream: switches to a tunnel, then holds it open without a word.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).await;
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: hold\r\nconnection: upgrade\r\n\r\n")
+            .await
+            .unwrap();
+        // Reads until the proxy closes its side.
+        while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    });
+    let (proxy, front) = proxy_to(upstream).await;
+    let mut c = TcpStream::connect(front).await.unwrap();
+    c.write_all(b"GET /hold HTTP/1.1\r\nhost: x\r\nupgrade: hold\r\nconnection: upgrade\r\n\r\n").await.unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        c.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"));
+    tokio::time::timeout(Duration::from_secs(10), proxy.shutdown(Duration::from_millis(300)))
+        .await
+        .expect("shutdown keeps its deadline");
+    // The tunnel was ended with the proxy: the client's side sees its end, not silence.
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the tunnel outlived the proxy's shutdown: {read:?}");
+}

@@ -33,7 +33,7 @@ use tokio::{
     sync::watch,
 };
 
-use crate::http::Body;
+use crate::{error::ProxyError, http::Body};
 
 /// The largest head read in one go; a longer one is hyper's to read.
 const SCRATCH: usize = 16 * 1024;
@@ -164,7 +164,7 @@ async fn write_response(
         // Only a protocol switch has a 1xx as its last response, and this request asked for none.
         let why =
             format!("upstream answered {} to a request that asked for no protocol switch", parts.status);
-        (parts, body) = crate::http::error_response(StatusCode::BAD_GATEWAY, &why).into_parts();
+        (parts, body) = ProxyError::UpstreamProtocol { cause: why }.into_response().into_parts();
     }
     let status = parts.status;
     let no_body = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;

@@ -5,12 +5,9 @@
 //! (`mycel/http1`, `mycel/h2`, `mycel/tcp`), so the inbound side needs no detection. Keys come
 //! from [`crate::identity`] and are swapped whole at each renewal; open connections keep theirs.
 
-use std::{
-    collections::HashMap,
-    fmt,
-    net::SocketAddr,
-    sync::{Arc, RwLock},
-};
+use std::{fmt, net::SocketAddr, sync::Arc};
+
+use arc_swap::ArcSwapOption;
 
 use rustls::{
     ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
@@ -22,7 +19,7 @@ use rustls::{
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
-use crate::identity::Identity;
+use crate::tls::identity::Identity;
 
 pub const ALPN_HTTP1: &[u8] = b"mycel/http1";
 pub const ALPN_H2: &[u8] = b"mycel/h2";
@@ -183,70 +180,47 @@ impl Keys {
     }
 }
 
-/// The proxy's mesh TLS state: its keys, and the identity each mesh endpoint must prove.
+/// The proxy's mesh TLS keys, swapped whole at each renewal. Which identity an endpoint must
+/// prove is the cluster's to say ([`crate::balance::Endpoints::identity`]), not this state's.
 #[derive(Default)]
 pub struct MeshTls {
-    keys: RwLock<Option<Arc<Keys>>>,
-    endpoints: RwLock<HashMap<SocketAddr, String>>,
+    keys: ArcSwapOption<Keys>,
 }
 
 impl MeshTls {
     /// Installs a new identity (at start and at each renewal).
     pub fn set_identity(&self, id: &Identity) -> anyhow::Result<()> {
-        let keys = Arc::new(Keys::build(id)?);
-        if let Ok(mut k) = self.keys.write() {
-            *k = Some(keys);
-        }
+        self.keys.store(Some(Arc::new(Keys::build(id)?)));
         Ok(())
     }
 
-    /// Endpoint → SPIFFE ID of every endpoint reached over mutual TLS.
-    pub fn set_endpoints(&self, endpoints: HashMap<SocketAddr, String>) {
-        if let Ok(mut e) = self.endpoints.write() {
-            *e = endpoints;
-        }
-    }
-
-    /// The identity `addr` must prove, when it is reached over mutual TLS.
-    pub fn identity_of(&self, addr: &SocketAddr) -> Option<String> {
-        self.endpoints.read().ok()?.get(addr).cloned()
-    }
-
-    /// Whether `addr` is reached over mutual TLS (without copying its identity).
-    pub fn is_mesh(&self, addr: &SocketAddr) -> bool {
-        self.endpoints.read().is_ok_and(|e| e.contains_key(addr))
-    }
-
-    /// Connects to an endpoint: plain TCP, or mutual TLS carrying `inner` when the endpoint has
-    /// a mesh identity (which it must prove).
+    /// Connects to an endpoint: plain TCP, or mutual TLS carrying `inner` when the endpoint's
+    /// cluster names the identity it must prove (`expected`).
     pub async fn dial(
         &self,
         addr: SocketAddr,
         timeout: std::time::Duration,
         inner: Inner,
+        expected: Option<&str>,
     ) -> std::io::Result<Dialed> {
         let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr)).await.map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::TimedOut, format!("timed out after {timeout:?}"))
         })??;
         let _ = tcp.set_nodelay(true);
-        let Some(expected) = self.identity_of(&addr) else { return Ok(Dialed::Plain(tcp)) };
+        let Some(expected) = expected else { return Ok(Dialed::Plain(tcp)) };
         let tls = self
-            .connect(tcp, &expected, inner)
+            .connect(tcp, expected, inner)
             .await
             .map_err(|e| std::io::Error::new(e.kind(), format!("mutual TLS: {e}")))?;
         Ok(Dialed::Tls(Box::new(tls)))
     }
 
     pub fn own_id(&self) -> Option<String> {
-        Some(self.keys.read().ok()?.as_ref()?.own_id.clone())
+        Some(self.keys.load().as_ref()?.own_id.clone())
     }
 
     fn keys(&self) -> std::io::Result<Arc<Keys>> {
-        self.keys
-            .read()
-            .ok()
-            .and_then(|k| k.clone())
-            .ok_or_else(|| std::io::Error::other("no workload certificate yet"))
+        self.keys.load_full().ok_or_else(|| std::io::Error::other("no workload certificate yet"))
     }
 
     /// Opens mutual TLS over `tcp` to an endpoint that must prove `expected`.

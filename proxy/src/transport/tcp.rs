@@ -5,7 +5,7 @@
 //! Between two plain TCP sockets the bytes never enter the proxy: `splice(2)` moves them through
 //! a pipe inside the kernel. Where TLS is on either side they are copied through user space.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -16,8 +16,8 @@ use tracing::debug;
 use crate::{
     Shared,
     balance::Endpoints,
-    metrics::ListenerLabels,
-    mtls::{Dialed, Inner, MeshTls},
+    context::Conn,
+    tls::mtls::{Dialed, Inner, MeshTls},
 };
 
 /// A byte stream: plain TCP, or TLS over it.
@@ -40,7 +40,10 @@ pub async fn connect(endpoints: &Endpoints, key: Option<u64>, mesh: &MeshTls) ->
     }
     let mut last = String::new();
     for addr in order {
-        match mesh.dial(addr, endpoints.connect_timeout, Inner::Tcp).await {
+        match mesh
+            .dial(addr, endpoints.connect_timeout, Inner::Tcp, endpoints.identity(addr).map(|i| &**i))
+            .await
+        {
             Ok(Dialed::Plain(s)) => return Ok(Stream::Plain(s)),
             Ok(Dialed::Tls(tls)) => return Ok(Stream::Wrapped(tls)),
             Err(e) => last = format!("connect to {addr}: {e}"),
@@ -50,14 +53,10 @@ pub async fn connect(endpoints: &Endpoints, key: Option<u64>, mesh: &MeshTls) ->
     Err(last)
 }
 
-pub async fn serve(
-    downstream: Stream,
-    peer: Option<SocketAddr>,
-    labels: ListenerLabels,
-    cluster: Arc<Endpoints>,
-    shared: Arc<Shared>,
-) {
-    let key = crate::balance::connection_key(&cluster.lb, peer);
+/// Proxies one connection to an endpoint of `cluster`, and counts the bytes both ways.
+pub async fn serve(downstream: Stream, conn: &Conn, cluster: Arc<Endpoints>, shared: Arc<Shared>) {
+    let labels = &conn.labels;
+    let key = crate::balance::connection_key(&cluster.lb, conn.peer);
     let upstream = match connect(&cluster, key, &shared.mesh).await {
         Ok(s) => s,
         Err(e) => {
@@ -74,8 +73,8 @@ pub async fn serve(
     };
     match copied {
         Ok((from_client, to_client)) => {
-            shared.metrics.bytes_received.get_or_create(&labels).inc_by(from_client);
-            shared.metrics.bytes_sent.get_or_create(&labels).inc_by(to_client);
+            shared.metrics.bytes_received.get_or_create(labels).inc_by(from_client);
+            shared.metrics.bytes_sent.get_or_create(labels).inc_by(to_client);
         }
         Err(e) => debug!(error = %e, "tcp: copy ended"),
     }

@@ -1,0 +1,173 @@
+//! The data path's one error type, and the one place it becomes a response.
+//!
+//! Every step of a request's stack fails with a [`ProxyError`]; [`ProxyError::into_response`]
+//! turns it into a status, a machine-readable reason and a response flag (Envoy's and Istio's
+//! short codes, so access logs and dashboards read alike) — nowhere else makes an error response.
+//! Retry and ejection decisions match on the variant, never on text.
+//!
+//! Between sidecars the reason travels in [`ERROR_HEADER`] as `<FLAG> <reason>`. An outbound
+//! proxy believes it only from a peer proxy it reached over mutual TLS ([`ProxyError::from_peer`]);
+//! from anyone else (an app, a server outside the mesh) the header is removed on the way back, so
+//! an app cannot get its endpoint ejected or a request retried elsewhere by sending it.
+
+use http_body_util::{BodyExt, Full};
+use hyper::{HeaderMap, Response, StatusCode, body::Bytes, header::HeaderValue};
+
+use crate::http::Body;
+
+/// Header naming the reason of a response the proxy made itself: `<FLAG> <reason>`, e.g.
+/// `UH no_healthy_upstream`.
+pub const ERROR_HEADER: &str = "x-mycel-error";
+
+/// Why the proxy answered a request itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyError {
+    /// The listener's cluster is not in the configuration (removed by a reload, or not streamed
+    /// yet).
+    NoCluster { cluster: String },
+    /// The cluster has no endpoint to try.
+    NoHealthyUpstream { cluster: String },
+    /// No connection could be opened to any endpoint tried; the request was not sent.
+    ConnectFailed { cluster: String, attempts: usize, cause: String },
+    /// The connection broke while the request or its response was on its way.
+    UpstreamReset { cluster: String, cause: String },
+    /// The upstream answered with something that is not a valid response here.
+    UpstreamProtocol { cause: String },
+    /// The peer sidecar answered with an error of its own (its reason, as it sent it).
+    Peer { status: StatusCode, flag: String, reason: String },
+}
+
+impl ProxyError {
+    /// The status the client gets.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoCluster { .. }
+            | ProxyError::NoHealthyUpstream { .. }
+            | ProxyError::ConnectFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamReset { .. } | ProxyError::UpstreamProtocol { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Peer { status, .. } => *status,
+        }
+    }
+
+    /// Envoy's response flag: `NC` no cluster, `UH` no healthy upstream, `UF` upstream connection
+    /// failure, `URX` retry limit exceeded (more than one endpoint tried), `UC` upstream
+    /// connection termination, `UPE` upstream protocol error.
+    pub fn flag(&self) -> &str {
+        match self {
+            ProxyError::NoCluster { .. } => "NC",
+            ProxyError::NoHealthyUpstream { .. } => "UH",
+            ProxyError::ConnectFailed { attempts, .. } if *attempts > 1 => "URX",
+            ProxyError::ConnectFailed { .. } => "UF",
+            ProxyError::UpstreamReset { .. } => "UC",
+            ProxyError::UpstreamProtocol { .. } => "UPE",
+            ProxyError::Peer { flag, .. } => flag,
+        }
+    }
+
+    /// The machine-readable reason.
+    pub fn reason(&self) -> &str {
+        match self {
+            ProxyError::NoCluster { .. } => "no_cluster",
+            ProxyError::NoHealthyUpstream { .. } => "no_healthy_upstream",
+            ProxyError::ConnectFailed { .. } => "upstream_connect_failed",
+            ProxyError::UpstreamReset { .. } => "upstream_reset",
+            ProxyError::UpstreamProtocol { .. } => "upstream_protocol_error",
+            ProxyError::Peer { reason, .. } => reason,
+        }
+    }
+
+    /// Whether the request never reached an app, so that another endpoint may take it: this
+    /// proxy could not connect, or the peer sidecar could not reach its app.
+    pub fn not_sent(&self) -> bool {
+        match self {
+            ProxyError::ConnectFailed { .. } => true,
+            ProxyError::Peer { reason, .. } => reason == "upstream_connect_failed",
+            _ => false,
+        }
+    }
+
+    /// A sentence for the body. It names the cluster (the Service the client asked for) but
+    /// never an endpoint's address, which is the mesh's business, not the client's.
+    fn message(&self) -> String {
+        match self {
+            ProxyError::NoCluster { cluster } => format!("no cluster named {cluster}"),
+            ProxyError::NoHealthyUpstream { cluster } => format!("no endpoints for cluster {cluster}"),
+            ProxyError::ConnectFailed { cluster, attempts, cause } => {
+                format!("cannot connect to cluster {cluster} ({attempts} endpoint(s) tried): {cause}")
+            }
+            ProxyError::UpstreamReset { cluster, cause } => {
+                format!("the connection to cluster {cluster} broke: {cause}")
+            }
+            ProxyError::UpstreamProtocol { cause } => format!("invalid upstream response: {cause}"),
+            ProxyError::Peer { reason, .. } => format!("the destination's proxy answered: {reason}"),
+        }
+    }
+
+    /// The response the client gets: the status, [`ERROR_HEADER`], and a one-line body.
+    pub fn into_response(self) -> Response<Body> {
+        let body = format!("{}\n", self.message());
+        let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
+        *r.status_mut() = self.status();
+        if let Ok(v) = HeaderValue::from_str(&format!("{} {}", self.flag(), self.reason())) {
+            r.headers_mut().insert(ERROR_HEADER, v);
+        }
+        r
+    }
+
+    /// The error a peer sidecar reported in its response, if it did. Call only for responses
+    /// that came over mutual TLS from a verified peer; for any other, [`strip`] the header.
+    pub fn from_peer(status: StatusCode, headers: &HeaderMap) -> Option<ProxyError> {
+        let v = headers.get(ERROR_HEADER)?.to_str().ok()?;
+        let (flag, reason) = v.split_once(' ')?;
+        let token = |s: &str| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_graphic());
+        (token(flag) && token(reason)).then(|| ProxyError::Peer {
+            status,
+            flag: flag.into(),
+            reason: reason.into(),
+        })
+    }
+}
+
+/// Removes the error header from a message that did not come from a verified peer proxy.
+pub fn strip(headers: &mut HeaderMap) {
+    headers.remove(ERROR_HEADER);
+}
+
+impl std::fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.flag(), self.reason(), self.message())
+    }
+}
+
+impl std::error::Error for ProxyError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_response_says_why_in_one_header_and_hides_addresses() {
+        let e = ProxyError::ConnectFailed {
+            cluster: "back".into(),
+            attempts: 2,
+            cause: "connection refused".into(),
+        };
+        let r = e.into_response();
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()[ERROR_HEADER], "URX upstream_connect_failed");
+    }
+
+    #[test]
+    fn a_peer_reason_is_read_back_into_the_typed_error() {
+        let r = ProxyError::ConnectFailed { cluster: "app".into(), attempts: 1, cause: "refused".into() }
+            .into_response();
+        let back = ProxyError::from_peer(r.status(), r.headers()).unwrap();
+        assert!(back.not_sent(), "the peer could not reach its app: another endpoint may take it");
+        assert_eq!(back.flag(), "UF");
+        let reset = ProxyError::UpstreamReset { cluster: "app".into(), cause: "eof".into() }.into_response();
+        assert!(!ProxyError::from_peer(reset.status(), reset.headers()).unwrap().not_sent());
+        let mut h = HeaderMap::new();
+        h.insert(ERROR_HEADER, HeaderValue::from_static("garbage"));
+        assert_eq!(ProxyError::from_peer(StatusCode::OK, &h), None, "not `<FLAG> <reason>`");
+    }
+}

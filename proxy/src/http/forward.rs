@@ -1,0 +1,212 @@
+//! The last steps of a request, in both directions: balance over the endpoint set, send over a
+//! pooled connection (mutual TLS where the cluster names the endpoint's identity), and fail over
+//! to the next endpoint when the request never reached an app. What fails is a [`ProxyError`];
+//! the caller's stack turns it into the response.
+
+use std::net::SocketAddr;
+
+use http_body_util::{BodyExt, Empty};
+use hyper::{
+    HeaderMap, Request, Response, StatusCode, Uri,
+    header::{self, HeaderValue},
+};
+use hyper_util::rt::TokioIo;
+
+use crate::{
+    Shared,
+    balance::Endpoints,
+    error::{self, ProxyError},
+    http::{Body, headers::strip_hop_by_hop},
+    pool::SendError,
+};
+
+/// An HTTP/1.1 protocol switch (WebSocket and other `Upgrade`s) or a `CONNECT` tunnel.
+fn is_upgrade(method: &hyper::Method, headers: &HeaderMap) -> bool {
+    method == hyper::Method::CONNECT
+        || (headers.contains_key(header::UPGRADE)
+            && headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+}
+
+/// Once both sides switched protocols, bytes flow through until either closes. The tunnel is held
+/// by the proxy's background tasks, so that shutdown waits for it (up to the drain deadline).
+fn tunnel(shared: &Shared, downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    shared.tasks.spawn(async move {
+        let (Ok(down), Ok(up)) = (downstream.await, upstream.await) else { return };
+        let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+    });
+}
+
+enum Attempt {
+    Done(Response<Body>),
+    /// No connection to the endpoint could be opened: the request was not sent, here it is.
+    NotSent(Box<Request<Body>>, String),
+    /// The peer sidecar could not reach its app: the request went no further than that sidecar.
+    PeerNotSent(String),
+}
+
+/// Sends `req` to an endpoint of `cluster`, trying the next one while the request has reached
+/// no app (a connection that could not be opened, or a peer sidecar whose app refused it).
+pub async fn forward(
+    mut req: Request<Body>,
+    peer: Option<SocketAddr>,
+    cluster: &Endpoints,
+    shared: &Shared,
+) -> Result<Response<Body>, ProxyError> {
+    let key = crate::balance::request_key(&cluster.lb, req.headers(), peer);
+    let Some(first) = cluster.pick(key) else {
+        return Err(ProxyError::NoHealthyUpstream { cluster: cluster.cluster.clone() });
+    };
+    let mut downstream_upgrade =
+        is_upgrade(req.method(), req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let upgrade_header = parts.headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(u) = upgrade_header.filter(|_| downstream_upgrade.is_some()) {
+        // The switch itself must reach the upstream: keep the two headers that ask for it.
+        parts.headers.insert(header::UPGRADE, u);
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    // A request that could not be sent comes back and goes to the next endpoint as it is. One
+    // that reached a peer sidecar whose app refused it can only be sent again from a copy of its
+    // head, kept for that case alone: a mesh endpoint, no body, and another endpoint to try.
+    let copy = (hyper::body::Body::is_end_stream(&body)
+        && cluster.addrs.len() > 1
+        && cluster.identity(first).is_some())
+    .then(|| parts.clone());
+    let mut next = Some(Request::from_parts(parts, body));
+    let (mut attempts, mut cause) = (0, String::new());
+    // The other endpoints are only asked for once the first failed (asking moves a round robin).
+    let rest = std::iter::once(()).flat_map(|_| cluster.order(key)).filter(|a| *a != first);
+    for addr in std::iter::once(first).chain(rest) {
+        let req = match next.take() {
+            Some(r) => r,
+            None => match &copy {
+                Some(parts) => {
+                    Request::from_parts(parts.clone(), Empty::new().map_err(|never| match never {}).boxed())
+                }
+                None => break,
+            },
+        };
+        attempts += 1;
+        match send(req, addr, &mut downstream_upgrade, cluster, shared).await? {
+            Attempt::Done(resp) => return Ok(resp),
+            Attempt::NotSent(req, why) => {
+                cause = why;
+                next = Some(*req);
+            }
+            Attempt::PeerNotSent(why) => cause = why,
+        }
+    }
+    Err(ProxyError::ConnectFailed { cluster: cluster.cluster.clone(), attempts, cause })
+}
+
+/// One try at one endpoint.
+async fn send(
+    req: Request<Body>,
+    addr: SocketAddr,
+    downstream_upgrade: &mut Option<hyper::upgrade::OnUpgrade>,
+    cluster: &Endpoints,
+    shared: &Shared,
+) -> Result<Attempt, ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    let is_connect = parts.method == hyper::Method::CONNECT;
+    let original_uri = parts.uri.clone();
+    parts.uri = upstream_uri(&parts.uri, parts.version, cluster.authority(addr));
+    if parts.version != hyper::Version::HTTP_2
+        && !parts.headers.contains_key(header::HOST)
+        && let Some(a) = cluster.authority(addr).and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        parts.headers.insert(header::HOST, a);
+    }
+    let in_flight = cluster.start(addr);
+    let identity = cluster.identity(addr);
+    let result =
+        shared.pool.send(Request::from_parts(parts, body), addr, identity, cluster.connect_timeout).await;
+    drop(in_flight);
+    match result {
+        Ok(mut resp) => {
+            if identity.is_some() {
+                // A verified peer proxy: its reason is believed. One that says its app refused
+                // the request means the request went no further, so another endpoint may take it.
+                if let Some(e) = ProxyError::from_peer(resp.status(), resp.headers())
+                    && e.not_sent()
+                {
+                    cluster.eject(addr);
+                    return Ok(Attempt::PeerNotSent(e.to_string()));
+                }
+            } else {
+                // An app or a server outside the mesh cannot speak for a proxy.
+                error::strip(resp.headers_mut());
+            }
+            let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                || (is_connect && resp.status().is_success());
+            let upstream_upgrade = switched.then(|| hyper::upgrade::on(&mut resp));
+            let (mut rparts, rbody) = resp.into_parts();
+            let upgrade_header = rparts.headers.get(header::UPGRADE).cloned();
+            strip_hop_by_hop(&mut rparts.headers);
+            if let (Some(up), Some(down)) = (upstream_upgrade, downstream_upgrade.take()) {
+                if let Some(u) = upgrade_header {
+                    rparts.headers.insert(header::UPGRADE, u);
+                    rparts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                }
+                tunnel(shared, down, up);
+            }
+            Ok(Attempt::Done(Response::from_parts(rparts, rbody.boxed())))
+        }
+        Err(SendError::NotSent(e, mut req)) => {
+            tracing::debug!(%addr, error = %e, "upstream connection failed");
+            cluster.eject(addr);
+            *req.uri_mut() = original_uri;
+            Ok(Attempt::NotSent(req, e.to_string()))
+        }
+        Err(SendError::Failed(e)) => {
+            tracing::debug!(%addr, error = %error_chain(&e), "upstream exchange failed");
+            Err(ProxyError::UpstreamReset { cluster: cluster.cluster.clone(), cause: error_chain(&e) })
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The request target upstream: for HTTP/1.1 the origin form (`/path?query`; the `Host` header
+/// names the service), for HTTP/2 `http://<authority>/path?query` with the client's own
+/// `:authority` (the app sees the name it was called by), or the endpoint's when the client sent
+/// none.
+fn upstream_uri(
+    original: &Uri,
+    version: hyper::Version,
+    authority: Option<&hyper::http::uri::Authority>,
+) -> Uri {
+    let pq = original
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
+    if version != hyper::Version::HTTP_2 {
+        // A CONNECT's target is its authority.
+        if original.path_and_query().is_none()
+            && let Some(a) = original.authority()
+        {
+            return Uri::from(a.clone());
+        }
+        return Uri::from(pq);
+    }
+    let mut b = Uri::builder().scheme("http").path_and_query(pq);
+    if let Some(a) = original.authority().or(authority) {
+        b = b.authority(a.clone());
+    }
+    b.build().unwrap_or_else(|_| Uri::from_static("/"))
+}

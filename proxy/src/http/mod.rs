@@ -1,0 +1,118 @@
+//! HTTP servers and the shared last steps of a request. A connection is served by the proxy's
+//! own HTTP/1.1 server ([`h1`], plaintext requests without a body) or by hyper's (everything
+//! else); both enter the same request path, [`handle`], which runs the connection's direction's
+//! stack ([`crate::inbound::request`] or [`crate::outbound::request`]) and records telemetry once.
+
+pub mod forward;
+pub mod h1;
+pub mod headers;
+
+use std::{convert::Infallible, pin::Pin, sync::Arc, time::Instant};
+
+use http_body_util::{BodyExt, combinators::BoxBody};
+use hyper::{Request, Response, body::Bytes, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+
+use crate::{Shared, config::Direction, context::HttpConn, drain};
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    Http1,
+    /// With prior knowledge (the connection preface).
+    Http2,
+}
+
+/// One request, whichever server read it: the direction's stack, then telemetry.
+pub async fn handle(req: Request<Body>, conn: &HttpConn, shared: &Arc<Shared>) -> Response<Body> {
+    let started = Instant::now();
+    let (cluster, result) = match conn.conn.direction {
+        Direction::Inbound => crate::inbound::request(req, conn, shared).await,
+        Direction::Outbound => crate::outbound::request(req, conn, shared).await,
+    };
+    let resp = result.unwrap_or_else(|e| {
+        tracing::debug!(listener = %conn.conn.listener(), error = %e, "answered by the proxy");
+        e.into_response()
+    });
+    let cluster = cluster.as_deref().map_or("", |c| c.cluster.as_str());
+    conn.metrics.request(&shared.metrics, cluster, resp.status().as_u16(), started.elapsed());
+    resp
+}
+
+/// HTTP/1.1, or HTTP/2 with prior knowledge, over any stream. The version is given when the
+/// connection's first bytes (or its ALPN) told it; otherwise hyper reads the preface to choose.
+pub async fn serve<I>(
+    io: I,
+    version: Option<Version>,
+    conn: Arc<HttpConn>,
+    shared: Arc<Shared>,
+    stop: drain::Watch,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+        let (conn, shared) = (conn.clone(), shared.clone());
+        // Boxed: hyper keeps room for a request's future in every connection, idle or not; a
+        // pointer there instead of the whole forwarding state saves kilobytes per connection.
+        Box::pin(async move { Ok::<_, Infallible>(handle(req.map(BodyExt::boxed), &conn, &shared).await) })
+    });
+    let io = TokioIo::new(io);
+    // Draining (`stop`): finish the requests in flight, then close (`Connection: close` on
+    // HTTP/1.1, GOAWAY on HTTP/2).
+    match version {
+        Some(Version::Http1) => {
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).with_upgrades();
+            drain_on_stop(conn, stop, |c| c.graceful_shutdown()).await
+        }
+        Some(Version::Http2) => {
+            let conn =
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, svc);
+            drain_on_stop(conn, stop, |c| c.graceful_shutdown()).await
+        }
+        None => {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(io, svc);
+            drain_on_stop(conn, stop, |c| c.graceful_shutdown()).await
+        }
+    }
+}
+
+/// A plaintext HTTP/1.1 connection: requests without a body are served by [`h1`], which holds
+/// no buffer while the connection is idle; from the first request it does not take, hyper serves
+/// the connection.
+pub async fn serve_plain_http1(
+    mut stream: tokio::net::TcpStream,
+    conn: Arc<HttpConn>,
+    shared: Arc<Shared>,
+    mut stop: drain::Watch,
+) {
+    let outcome = h1::serve(&mut stream, &mut stop, |req| {
+        // Boxed, as for hyper: the connection's task need not have room for a request's future.
+        Box::pin(handle(req, &conn, &shared))
+    })
+    .await;
+    if let h1::Outcome::Handoff(read) = outcome {
+        let io = h1::Rewind::new(read, stream);
+        // Boxed: the connection's task keeps room for hyper's connection only when it is used.
+        Box::pin(serve(io, Some(Version::Http1), conn, shared, stop)).await;
+    }
+}
+
+/// Serves `conn` to its end; when `stop` fires first, asks it to shut down gracefully and waits.
+async fn drain_on_stop<C, O>(conn: C, mut stop: drain::Watch, shutdown: impl FnOnce(Pin<&mut C>))
+where
+    C: std::future::Future<Output = O>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.changed() => {
+            shutdown(conn.as_mut());
+            let _ = conn.await;
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Everything the data path reads, as one immutable snapshot.
+//!
+//! A configuration becomes a [`State`]: the listeners, the endpoint sets by cluster name, and the
+//! indexes the data path looks things up by (virtual address → cluster). It is replaced whole
+//! ([`Snapshot::install`]), so a connection or request that loaded it sees either the old state
+//! or the new one, never new clusters beside old identities. Each cluster's endpoint identities
+//! live in its own endpoint set: a dial for a cluster expects that cluster's identity for the
+//! address, whatever another cluster says about the same address.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+
+use crate::{
+    balance::Endpoints,
+    config::{self, Config},
+};
+
+/// One configuration, ready for the data path.
+pub struct State {
+    /// The configuration this state was built from (what `/config_dump` shows).
+    pub config: Config,
+    listeners: HashMap<String, config::Listener>,
+    clusters: HashMap<String, Arc<Endpoints>>,
+    /// Virtual address (a Service's ClusterIP and port) → its cluster.
+    vips: HashMap<SocketAddr, Arc<Endpoints>>,
+}
+
+impl State {
+    /// Builds a state from `config`; endpoint sets that did not change since `old` are kept, with
+    /// their balancing state (round-robin position, latency averages, ejections).
+    pub fn build(config: Config, old: Option<&State>) -> State {
+        let clusters: HashMap<String, Arc<Endpoints>> = config
+            .clusters
+            .iter()
+            .map(|c| {
+                let timeout = Duration::from_millis(c.connect_timeout_ms);
+                let kept = old.and_then(|o| o.clusters.get(&c.name)).filter(|e| e.same_as(c, timeout));
+                let endpoints = match kept {
+                    Some(e) => e.clone(),
+                    None => Arc::new(Endpoints::from_config(c, timeout)),
+                };
+                (c.name.clone(), endpoints)
+            })
+            .collect();
+        let vips = config
+            .clusters
+            .iter()
+            .flat_map(|c| c.addresses.iter().map(move |a| (*a, c.name.as_str())))
+            .filter_map(|(a, name)| Some((a, clusters.get(name)?.clone())))
+            .collect();
+        let listeners = config.listeners.iter().map(|l| (l.name.clone(), l.clone())).collect();
+        State { config, listeners, clusters, vips }
+    }
+
+    pub fn listener(&self, name: &str) -> Option<&config::Listener> {
+        self.listeners.get(name)
+    }
+
+    pub fn cluster(&self, name: &str) -> Option<&Arc<Endpoints>> {
+        self.clusters.get(name)
+    }
+
+    /// The cluster a virtual address belongs to.
+    pub fn by_vip(&self, addr: &SocketAddr) -> Option<&Arc<Endpoints>> {
+        self.vips.get(addr)
+    }
+
+    /// The mutual-TLS mode for inbound connections to `port`.
+    pub fn inbound_mode(&self, port: u16) -> config::MtlsMode {
+        self.config.inbound_mtls.mode_for(port)
+    }
+}
+
+/// The state in force, swapped whole.
+pub struct Snapshot(ArcSwap<State>);
+
+impl Snapshot {
+    pub fn new(config: Config) -> Snapshot {
+        Snapshot(ArcSwap::from_pointee(State::build(config, None)))
+    }
+
+    /// The state now. Hold the guard for one lookup; keep an `Arc` ([`Snapshot::current`]) for
+    /// longer.
+    pub fn load(&self) -> arc_swap::Guard<Arc<State>> {
+        self.0.load()
+    }
+
+    pub fn current(&self) -> Arc<State> {
+        self.0.load_full()
+    }
+
+    /// Makes `config` the one in force.
+    pub fn install(&self, config: Config) {
+        let old = self.0.load_full();
+        self.0.store(Arc::new(State::build(config, Some(&old))));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(endpoint_port: u16, identity: &str) -> Config {
+        let addr = SocketAddr::from(([10, 0, 0, 1], endpoint_port));
+        let vip = SocketAddr::from(([10, 96, 0, 1], 80));
+        Config::parse(&format!(
+            "clusters:\n- name: back\n  endpoints: ['10.0.0.1:{endpoint_port}']\n  addresses: ['{vip}']\n  mtlsEndpoints: {{'{addr}': '{identity}'}}\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_reader_during_an_update_sees_one_whole_state() {
+        let snap = Arc::new(Snapshot::new(config(8080, "spiffe://t/ns/a/sa/one")));
+        let vip = SocketAddr::from(([10, 96, 0, 1], 80));
+        let writer = {
+            let snap = snap.clone();
+            std::thread::spawn(move || {
+                for i in 0..2000 {
+                    let id = if i % 2 == 0 { "spiffe://t/ns/a/sa/two" } else { "spiffe://t/ns/a/sa/one" };
+                    let port = if i % 2 == 0 { 8081 } else { 8080 };
+                    snap.install(config(port, id));
+                }
+            })
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        while !writer.is_finished() {
+            let state = snap.load();
+            // The endpoint set found by VIP, by name, and its identity all come from one config.
+            let by_vip = state.by_vip(&vip).unwrap();
+            let by_name = state.cluster("back").unwrap();
+            assert!(Arc::ptr_eq(by_vip, by_name), "the VIP index and the names index agree");
+            let addr = by_name.addrs[0];
+            let id = by_name.identity(addr).expect("every endpoint has its identity");
+            let expected =
+                if addr.port() == 8081 { "spiffe://t/ns/a/sa/two" } else { "spiffe://t/ns/a/sa/one" };
+            assert_eq!(&**id, expected, "endpoints and identities of the same update");
+            let port = addr.port();
+            seen.insert(port);
+        }
+        writer.join().unwrap();
+        assert!(!seen.is_empty());
+    }
+
+    #[test]
+    fn an_unchanged_cluster_keeps_its_balancing_state() {
+        let snap = Snapshot::new(config(8080, "spiffe://t/ns/a/sa/one"));
+        let before = snap.load().cluster("back").unwrap().clone();
+        snap.install(config(8080, "spiffe://t/ns/a/sa/one"));
+        assert!(Arc::ptr_eq(&before, snap.load().cluster("back").unwrap()));
+        snap.install(config(8080, "spiffe://t/ns/a/sa/other"));
+        assert!(!Arc::ptr_eq(&before, snap.load().cluster("back").unwrap()), "a new identity is a new set");
+    }
+}

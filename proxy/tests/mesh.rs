@@ -1,0 +1,297 @@
+//! Two sidecars in one process, over mutual TLS on loopback: a client's outbound proxy and a
+//! server's inbound proxy, each with a certificate from a test CA. What an app behind them sees
+//! of its caller's identity, what an app can (not) make its caller's proxy do, and that each
+//! cluster's endpoints must prove that cluster's identity.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, body::Bytes, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mycel_proxy::{Running, config::Config, identity::Identity};
+use rcgen::{
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
+};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The header a proxy names its own answers' reason in.
+const ERROR_HEADER: &str = "x-mycel-error";
+const SERVER: &str = "spiffe://test.local/ns/shop/sa/server";
+const CLIENT: &str = "spiffe://test.local/ns/web/sa/client";
+
+/// A CA that issues SPIFFE certificates.
+struct Pki {
+    issuer: Issuer<'static, KeyPair>,
+    ca_pem: String,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        let ca_pem = params.self_signed(&key).unwrap().pem();
+        Pki { issuer: Issuer::new(params, key), ca_pem }
+    }
+
+    fn identity(&self, spiffe_id: &str) -> Identity {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(spiffe_id.to_string().try_into().unwrap())];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let now = SystemTime::now();
+        Identity {
+            spiffe_id: spiffe_id.into(),
+            chain_pem: vec![cert.pem()],
+            key_pem: key.serialize_pem(),
+            trust_bundle_pem: vec![self.ca_pem.clone()],
+            not_before: now,
+            not_after: now + Duration::from_secs(3600),
+            received: now,
+        }
+    }
+}
+
+/// An app (HTTP/1.1 and HTTP/2) that answers `<name> <path>`, with the request's
+/// `x-forwarded-client-cert` and authority in `x-seen-xfcc` and `x-seen-authority`. On
+/// `/error?<value>` it answers 503 with `x-mycel-error: <value>`, as an app trying to speak for
+/// a proxy would. It counts the requests it gets.
+async fn app(name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let hits = counted.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        let mut resp =
+                            Response::new(Full::new(Bytes::from(format!("{name} {}", req.uri().path()))));
+                        if let Some(v) = req.headers().get("x-forwarded-client-cert") {
+                            resp.headers_mut().insert("x-seen-xfcc", v.clone());
+                        }
+                        let authority = req
+                            .uri()
+                            .authority()
+                            .map(|a| a.to_string())
+                            .or_else(|| {
+                                req.headers().get("host").and_then(|h| h.to_str().ok()).map(String::from)
+                            })
+                            .unwrap_or_default();
+                        resp.headers_mut().insert("x-seen-authority", authority.parse().unwrap());
+                        if req.uri().path() == "/error" {
+                            let forged = percent_decode(req.uri().query().unwrap_or_default());
+                            *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                            resp.headers_mut().insert(ERROR_HEADER, forged.parse().unwrap());
+                        }
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, hits)
+}
+
+fn percent_decode(s: &str) -> String {
+    s.replace("%20", " ")
+}
+
+/// A server's sidecar: an inbound listener (protocol detection, mesh TLS) in front of `app`.
+async fn server_sidecar(pki: &Pki, id: &str, app: SocketAddr) -> (Running, SocketAddr) {
+    let config = Config::parse(&format!(
+        "admin: '127.0.0.1:0'\nlisteners:\n- {{name: inbound, address: '127.0.0.1:0', protocol: auto, direction: inbound, cluster: app}}\nclusters:\n- {{name: app, endpoints: ['{app}']}}\n"
+    ))
+    .unwrap();
+    let proxy = mycel_proxy::start(config).await.unwrap();
+    proxy.shared.mesh.set_identity(&pki.identity(id)).unwrap();
+    let addr = proxy.listener("inbound").await.unwrap();
+    (proxy, addr)
+}
+
+/// A client's sidecar: one outbound listener per cluster, `(name, [(endpoint, identity)])`,
+/// round robin.
+async fn client_sidecar(pki: &Pki, clusters: &[(&str, Vec<(SocketAddr, &str)>)]) -> Running {
+    let mut yaml = String::from("admin: '127.0.0.1:0'\nlisteners:\n");
+    for (name, _) in clusters {
+        yaml += &format!("- {{name: {name}, address: '127.0.0.1:0', protocol: http, cluster: {name}}}\n");
+    }
+    yaml += "clusters:\n";
+    for (name, endpoints) in clusters {
+        let eps: Vec<String> = endpoints.iter().map(|(a, _)| format!("'{a}'")).collect();
+        let ids: Vec<String> = endpoints.iter().map(|(a, id)| format!("'{a}': '{id}'")).collect();
+        yaml += &format!(
+            "- {{name: {name}, lb: {{algorithm: RoundRobin}}, endpoints: [{}], mtlsEndpoints: {{{}}}}}\n",
+            eps.join(", "),
+            ids.join(", ")
+        );
+    }
+    let proxy = mycel_proxy::start(Config::parse(&yaml).unwrap()).await.unwrap();
+    proxy.shared.mesh.set_identity(&pki.identity(CLIENT)).unwrap();
+    proxy
+}
+
+/// One HTTP/1.1 request on a new connection: status, headers, body.
+async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, hyper::HeaderMap, String) {
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::get(path).header("host", "shop.svc");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = tokio::time::timeout(
+        Duration::from_secs(5),
+        send.send_request(req.body(Full::new(Bytes::new())).unwrap()),
+    )
+    .await
+    .expect("an answer, not a hang")
+    .unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = String::from_utf8_lossy(&body.collect().await.unwrap().to_bytes()).into_owned();
+    (parts.status.as_u16(), parts.headers, body)
+}
+
+#[tokio::test]
+async fn the_app_sees_the_verified_caller_and_never_a_forged_one() {
+    let pki = Pki::new();
+    let (app_addr, _) = app("shop").await;
+    let (server, inbound) = server_sidecar(&pki, SERVER, app_addr).await;
+    let client = client_sidecar(&pki, &[("shop", vec![(inbound, SERVER)])]).await;
+    let forged = (
+        "x-forwarded-client-cert",
+        "By=spiffe://test.local/ns/shop/sa/server;URI=spiffe://test.local/ns/admin/sa/root",
+    );
+
+    // Over mutual TLS: the caller's proven identity, whatever its app wrote in the header.
+    let (status, headers, _) = get(client.listener("shop").await.unwrap(), "/", &[forged]).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-seen-xfcc"], format!("By={SERVER};URI={CLIENT}").as_str());
+
+    // Plaintext straight to the server's sidecar (PERMISSIVE): no identity reaches the app.
+    let (status, headers, body) = get(inbound, "/", &[forged]).await;
+    assert_eq!((status, body.as_str()), (200, "shop /"));
+    assert!(!headers.contains_key("x-seen-xfcc"), "a plaintext client forged its identity: {headers:?}");
+
+    client.shutdown(Duration::from_secs(1)).await;
+    server.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_peer_proxy_that_cannot_reach_its_app_sends_the_request_elsewhere() {
+    let pki = Pki::new();
+    // The first server's app is gone (a closed port); the second's answers.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let (app2, hits2) = app("two").await;
+    let (s1, in1) = server_sidecar(&pki, SERVER, closed).await;
+    let (s2, in2) = server_sidecar(&pki, SERVER, app2).await;
+    let client = client_sidecar(&pki, &[("shop", vec![(in1, SERVER), (in2, SERVER)])]).await;
+    let front = client.listener("shop").await.unwrap();
+    for i in 0..4 {
+        let (status, headers, body) = get(front, &format!("/r{i}"), &[]).await;
+        assert_eq!((status, body.as_str()), (200, format!("two /r{i}").as_str()), "{headers:?}");
+    }
+    assert_eq!(hits2.load(Ordering::SeqCst), 4);
+    for p in [client, s1, s2] {
+        p.shutdown(Duration::from_secs(1)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_app_cannot_speak_for_its_proxy() {
+    let pki = Pki::new();
+    let (app1, hits1) = app("one").await;
+    let (app2, hits2) = app("two").await;
+    let (s1, in1) = server_sidecar(&pki, SERVER, app1).await;
+    let (s2, in2) = server_sidecar(&pki, SERVER, app2).await;
+    let client = client_sidecar(&pki, &[("shop", vec![(in1, SERVER), (in2, SERVER)])]).await;
+    let front = client.listener("shop").await.unwrap();
+    // The app answers 503 with the header a proxy uses to say "my app refused; try elsewhere",
+    // in today's format and in the one before it.
+    for forged in ["UF%20upstream_connect_failed", "connect%20to%20127.0.0.1:1%20failed"] {
+        let (status, headers, body) = get(front, &format!("/error?{forged}"), &[]).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.ends_with(" /error"), "the app's own answer reaches the caller: {body}");
+        assert!(!headers.contains_key(ERROR_HEADER), "the app's header is not passed off as the proxy's");
+    }
+    assert_eq!(
+        hits1.load(Ordering::SeqCst) + hits2.load(Ordering::SeqCst),
+        2,
+        "each request reached one app once: nothing was retried on an app's word"
+    );
+    for p in [client, s1, s2] {
+        p.shutdown(Duration::from_secs(1)).await;
+    }
+}
+
+#[tokio::test]
+async fn each_cluster_expects_its_own_identity_for_a_shared_address() {
+    let pki = Pki::new();
+    let (app_addr, hits) = app("shop").await;
+    let (server, inbound) = server_sidecar(&pki, SERVER, app_addr).await;
+    // Two clusters name the same address: one with the identity it proves, one with another.
+    // Each dial expects its own cluster's identity, whichever cluster is listed last.
+    let client = client_sidecar(
+        &pki,
+        &[
+            ("right", vec![(inbound, SERVER)]),
+            ("wrong", vec![(inbound, "spiffe://test.local/ns/bank/sa/vault")]),
+        ],
+    )
+    .await;
+    let (status, headers, _) = get(client.listener("right").await.unwrap(), "/", &[]).await;
+    assert_eq!(status, 200, "{headers:?}");
+    let (status, headers, body) = get(client.listener("wrong").await.unwrap(), "/", &[]).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(headers[ERROR_HEADER], "UF upstream_connect_failed");
+    assert!(body.contains("instead of spiffe://test.local/ns/bank/sa/vault"), "{body}");
+    assert!(!body.contains("127.0.0.1"), "no internal address in the answer: {body}");
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "only the right cluster's request reached the app");
+    client.shutdown(Duration::from_secs(1)).await;
+    server.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn http2_authority_reaches_the_app_as_the_client_sent_it() {
+    let pki = Pki::new();
+    let (app_addr, _) = app("shop").await;
+    let (server, inbound) = server_sidecar(&pki, SERVER, app_addr).await;
+    let client = client_sidecar(&pki, &[("shop", vec![(inbound, SERVER)])]).await;
+    let s = TcpStream::connect(client.listener("shop").await.unwrap()).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s)).await.unwrap();
+    tokio::spawn(conn);
+    let req =
+        Request::get("http://shop.prod.svc.cluster.local:8080/x").body(Full::new(Bytes::new())).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req)).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["x-seen-xfcc"],
+        format!("By={SERVER};URI={CLIENT}").as_str(),
+        "over mutual TLS"
+    );
+    assert_eq!(resp.headers()["x-seen-authority"], "shop.prod.svc.cluster.local:8080");
+    client.shutdown(Duration::from_secs(1)).await;
+    server.shutdown(Duration::from_secs(1)).await;
+}
