@@ -3,7 +3,7 @@
 //! whole; a config that fails validation is rejected with an error naming the field, and the
 //! proxy keeps the last good one.
 
-use std::{collections::BTreeSet, net::SocketAddr};
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -21,10 +21,68 @@ pub struct Config {
     /// plane from PeerAuthentication).
     #[serde(default, skip_serializing_if = "InboundMtls::is_default")]
     pub inbound_mtls: InboundMtls,
+    /// What a downstream client or an upstream may take of the proxy's time and memory.
+    #[serde(default)]
+    pub limits: Limits,
     /// Set when clusters also arrive from the control plane: a listener may then name one that
     /// has not arrived yet (its requests get 503 until it does).
     #[serde(skip)]
     pub streamed: bool,
+}
+
+/// Bounds on what one connection may take, so that a slow or hostile peer cannot hold the proxy.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Limits {
+    /// An HTTP/1.1 request head must arrive whole within this long of the connection opening or
+    /// of its previous response (so an idle keep-alive connection is closed after it too).
+    #[serde(default = "Limits::default_header_read_timeout")]
+    pub header_read_timeout_ms: u64,
+    /// A request head (HTTP/1.1) or header list (HTTP/2) larger than this is refused (431).
+    #[serde(default = "Limits::default_max_header_bytes")]
+    pub max_header_bytes: u32,
+    /// A TLS handshake (mesh TLS in, and out to an endpoint) must finish within this long.
+    #[serde(default = "Limits::default_tls_handshake_timeout")]
+    pub tls_handshake_timeout_ms: u64,
+    /// An upstream must start its response within this long of the request being sent (504).
+    #[serde(default = "Limits::default_response_header_timeout")]
+    pub upstream_response_header_timeout_ms: u64,
+}
+
+impl Limits {
+    fn default_header_read_timeout() -> u64 {
+        60_000
+    }
+    fn default_max_header_bytes() -> u32 {
+        64 * 1024
+    }
+    fn default_tls_handshake_timeout() -> u64 {
+        10_000
+    }
+    fn default_response_header_timeout() -> u64 {
+        300_000
+    }
+
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+    pub fn tls_handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.tls_handshake_timeout_ms)
+    }
+    pub fn upstream_response_header_timeout(&self) -> Duration {
+        Duration::from_millis(self.upstream_response_header_timeout_ms)
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout_ms: Self::default_header_read_timeout(),
+            max_header_bytes: Self::default_max_header_bytes(),
+            tls_handshake_timeout_ms: Self::default_tls_handshake_timeout(),
+            upstream_response_header_timeout_ms: Self::default_response_header_timeout(),
+        }
+    }
 }
 
 fn default_admin() -> SocketAddr {
@@ -197,6 +255,19 @@ impl Config {
     /// Checks what types cannot: unique names and addresses, references that resolve.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field: String, message: String| Err(ConfigError::Invalid { field, message });
+        let l = &self.limits;
+        for (field, v) in [
+            ("limits.headerReadTimeoutMs", l.header_read_timeout_ms),
+            ("limits.tlsHandshakeTimeoutMs", l.tls_handshake_timeout_ms),
+            ("limits.upstreamResponseHeaderTimeoutMs", l.upstream_response_header_timeout_ms),
+        ] {
+            if v == 0 {
+                return invalid(field.into(), "must be above 0".into());
+            }
+        }
+        if l.max_header_bytes < 8192 {
+            return invalid("limits.maxHeaderBytes".into(), "must be at least 8192".into());
+        }
         let mut cluster_names = BTreeSet::new();
         let mut vips = std::collections::BTreeMap::new();
         for (i, c) in self.clusters.iter().enumerate() {

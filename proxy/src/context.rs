@@ -7,7 +7,7 @@ use hyper::header::HeaderValue;
 
 use crate::{
     balance::Endpoints,
-    config::{Direction, Protocol},
+    config::{Direction, Limits, Protocol},
     error::ProxyError,
     state::State,
     telemetry::{ConnMetrics, ListenerLabels},
@@ -50,6 +50,8 @@ pub struct Conn {
     /// What the listener declares it carries, and how long detection waits for first bytes.
     pub protocol: Protocol,
     pub detect_timeout: Duration,
+    /// The limits in force when the connection was accepted.
+    pub limits: Limits,
     pub peer: Option<SocketAddr>,
     pub target: Target,
     /// The SPIFFE ID the peer proved over mutual TLS; `None` for plaintext.

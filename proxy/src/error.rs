@@ -33,6 +33,10 @@ pub enum ProxyError {
     UpstreamReset { cluster: String, cause: String },
     /// The upstream answered with something that is not a valid response here.
     UpstreamProtocol { cause: String },
+    /// The upstream did not start its response in time (`limits.upstreamResponseHeaderTimeoutMs`).
+    UpstreamTimeout { cluster: String, after: std::time::Duration },
+    /// The client's request breaks HTTP's rules (`reason` says which, e.g. `missing_host`).
+    BadRequest { reason: &'static str, detail: &'static str },
     /// The peer sidecar answered with an error of its own (its reason, as it sent it).
     Peer { status: StatusCode, flag: String, reason: String },
 }
@@ -45,13 +49,16 @@ impl ProxyError {
             | ProxyError::NoHealthyUpstream { .. }
             | ProxyError::ConnectFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamReset { .. } | ProxyError::UpstreamProtocol { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ProxyError::Peer { status, .. } => *status,
         }
     }
 
     /// Envoy's response flag: `NC` no cluster, `UH` no healthy upstream, `UF` upstream connection
     /// failure, `URX` retry limit exceeded (more than one endpoint tried), `UC` upstream
-    /// connection termination, `UPE` upstream protocol error.
+    /// connection termination, `UPE` upstream protocol error, `UT` upstream request timeout,
+    /// `DPE` downstream protocol error.
     pub fn flag(&self) -> &str {
         match self {
             ProxyError::NoCluster { .. } => "NC",
@@ -60,6 +67,8 @@ impl ProxyError {
             ProxyError::ConnectFailed { .. } => "UF",
             ProxyError::UpstreamReset { .. } => "UC",
             ProxyError::UpstreamProtocol { .. } => "UPE",
+            ProxyError::UpstreamTimeout { .. } => "UT",
+            ProxyError::BadRequest { .. } => "DPE",
             ProxyError::Peer { flag, .. } => flag,
         }
     }
@@ -72,6 +81,8 @@ impl ProxyError {
             ProxyError::ConnectFailed { .. } => "upstream_connect_failed",
             ProxyError::UpstreamReset { .. } => "upstream_reset",
             ProxyError::UpstreamProtocol { .. } => "upstream_protocol_error",
+            ProxyError::UpstreamTimeout { .. } => "upstream_response_timeout",
+            ProxyError::BadRequest { reason, .. } => reason,
             ProxyError::Peer { reason, .. } => reason,
         }
     }
@@ -99,6 +110,10 @@ impl ProxyError {
                 format!("the connection to cluster {cluster} broke: {cause}")
             }
             ProxyError::UpstreamProtocol { cause } => format!("invalid upstream response: {cause}"),
+            ProxyError::UpstreamTimeout { cluster, after } => {
+                format!("cluster {cluster} did not start its response within {after:?}")
+            }
+            ProxyError::BadRequest { detail, .. } => (*detail).to_string(),
             ProxyError::Peer { reason, .. } => format!("the destination's proxy answered: {reason}"),
         }
     }

@@ -10,61 +10,22 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::Duration,
 };
+
+mod common;
+use common::Pki;
 
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, body::Bytes, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use mycel_proxy::{Running, config::Config, identity::Identity};
-use rcgen::{
-    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    SanType,
-};
+use mycel_proxy::{Running, config::Config};
 use tokio::net::{TcpListener, TcpStream};
 
 /// The header a proxy names its own answers' reason in.
 const ERROR_HEADER: &str = "x-mycel-error";
 const SERVER: &str = "spiffe://test.local/ns/shop/sa/server";
 const CLIENT: &str = "spiffe://test.local/ns/web/sa/client";
-
-/// A CA that issues SPIFFE certificates.
-struct Pki {
-    issuer: Issuer<'static, KeyPair>,
-    ca_pem: String,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
-        let ca_pem = params.self_signed(&key).unwrap().pem();
-        Pki { issuer: Issuer::new(params, key), ca_pem }
-    }
-
-    fn identity(&self, spiffe_id: &str) -> Identity {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![SanType::URI(spiffe_id.to_string().try_into().unwrap())];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages =
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let now = SystemTime::now();
-        Identity {
-            spiffe_id: spiffe_id.into(),
-            chain_pem: vec![cert.pem()],
-            key_pem: key.serialize_pem(),
-            trust_bundle_pem: vec![self.ca_pem.clone()],
-            not_before: now,
-            not_after: now + Duration::from_secs(3600),
-            received: now,
-        }
-    }
-}
 
 /// An app (HTTP/1.1 and HTTP/2) that answers `<name> <path>`, with the request's
 /// `x-forwarded-client-cert` and authority in `x-seen-xfcc` and `x-seen-authority`. On

@@ -119,7 +119,9 @@ async fn shutdown_ends_an_open_tunnel_by_its_deadline() {
     });
     let (proxy, front) = proxy_to(upstream).await;
     let mut c = TcpStream::connect(front).await.unwrap();
-    c.write_all(b"GET /hold HTTP/1.1\r\nhost: x\r\nupgrade: hold\r\nconnection: upgrade\r\n\r\n").await.unwrap();
+    c.write_all(b"GET /hold HTTP/1.1\r\nhost: x\r\nupgrade: hold\r\nconnection: upgrade\r\n\r\n")
+        .await
+        .unwrap();
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {

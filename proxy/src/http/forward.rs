@@ -125,8 +125,11 @@ async fn send(
     }
     let in_flight = cluster.start(addr);
     let identity = cluster.identity(addr);
-    let result =
-        shared.pool.send(Request::from_parts(parts, body), addr, identity, cluster.connect_timeout).await;
+    let wait = shared.state.load().config.limits.upstream_response_header_timeout();
+    let sent = shared.pool.send(Request::from_parts(parts, body), addr, identity, cluster.connect_timeout);
+    let Ok(result) = tokio::time::timeout(wait, sent).await else {
+        return Err(ProxyError::UpstreamTimeout { cluster: cluster.cluster.clone(), after: wait });
+    };
     drop(in_flight);
     match result {
         Ok(mut resp) => {

@@ -68,22 +68,32 @@ enum Read {
 
 /// Serves requests on `stream` with `respond` until the connection ends or a request needs
 /// hyper. When `stop` fires, an idle connection is closed and a busy one is closed after its
-/// response, which says `connection: close`.
+/// response, which says `connection: close`. A connection that sends no request for `idle`
+/// (after opening, or after a response) is closed.
 pub async fn serve<F, Fut>(
     stream: &mut TcpStream,
     stop: &mut watch::Receiver<bool>,
+    idle: std::time::Duration,
     mut respond: F,
 ) -> Outcome
 where
     F: FnMut(Request<Body>) -> Fut,
     Fut: Future<Output = Response<Body>>,
 {
+    // One timer for the connection's life, moved on at each wait (cheaper than a new one).
+    let idle_timer = tokio::time::sleep(idle);
+    tokio::pin!(idle_timer);
     loop {
         // Between requests the connection holds no buffer: wait until there are bytes to read.
+        idle_timer.as_mut().reset(tokio::time::Instant::now() + idle);
         tokio::select! {
             biased;
             r = stream.readable() => if r.is_err() { return Outcome::Closed },
             _ = stop.changed() => return Outcome::Closed,
+            _ = &mut idle_timer => {
+                let _ = stream.shutdown().await;
+                return Outcome::Closed;
+            }
         }
         let read = SCRATCH_BUF.with_borrow_mut(|buf| match stream.try_read(buf) {
             Ok(0) => Ok(Read::Eof),

@@ -12,7 +12,7 @@ use std::{convert::Infallible, pin::Pin, sync::Arc, time::Instant};
 use http_body_util::{BodyExt, combinators::BoxBody};
 use hyper::{Request, Response, body::Bytes, service::service_fn};
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
 
@@ -30,9 +30,12 @@ pub enum Version {
 /// One request, whichever server read it: the direction's stack, then telemetry.
 pub async fn handle(req: Request<Body>, conn: &HttpConn, shared: &Arc<Shared>) -> Response<Body> {
     let started = Instant::now();
-    let (cluster, result) = match conn.conn.direction {
-        Direction::Inbound => crate::inbound::request(req, conn, shared).await,
-        Direction::Outbound => crate::outbound::request(req, conn, shared).await,
+    let (cluster, result) = match valid(&req) {
+        Err(e) => (None, Err(e)),
+        Ok(()) => match conn.conn.direction {
+            Direction::Inbound => crate::inbound::request(req, conn, shared).await,
+            Direction::Outbound => crate::outbound::request(req, conn, shared).await,
+        },
     };
     let resp = result.unwrap_or_else(|e| {
         tracing::debug!(listener = %conn.conn.listener(), error = %e, "answered by the proxy");
@@ -41,6 +44,27 @@ pub async fn handle(req: Request<Body>, conn: &HttpConn, shared: &Arc<Shared>) -
     let cluster = cluster.as_deref().map_or("", |c| c.cluster.as_str());
     conn.metrics.request(&shared.metrics, cluster, resp.status().as_u16(), started.elapsed());
     resp
+}
+
+/// The rules every request must keep before any step sees it: an HTTP/1.1 request has exactly
+/// one `Host` (RFC 9112 §3.2), an HTTP/1.0 one at most one.
+fn valid(req: &Request<Body>) -> Result<(), crate::error::ProxyError> {
+    let bad = |reason, detail| Err(crate::error::ProxyError::BadRequest { reason, detail });
+    match req.version() {
+        hyper::Version::HTTP_11 | hyper::Version::HTTP_10 => {
+            let mut hosts = req.headers().get_all(hyper::header::HOST).iter();
+            match (hosts.next(), hosts.next()) {
+                (Some(_), Some(_)) => {
+                    bad("duplicate_host", "a request must have one Host header, not several")
+                }
+                (None, _) if req.version() == hyper::Version::HTTP_11 => {
+                    bad("missing_host", "an HTTP/1.1 request must have a Host header")
+                }
+                _ => Ok(()),
+            }
+        }
+        _ => Ok(()),
+    }
 }
 
 /// HTTP/1.1, or HTTP/2 with prior knowledge, over any stream. The version is given when the
@@ -54,6 +78,7 @@ pub async fn serve<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let limits = conn.conn.limits;
     let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
         let (conn, shared) = (conn.clone(), shared.clone());
         // Boxed: hyper keeps room for a request's future in every connection, idle or not; a
@@ -63,18 +88,31 @@ pub async fn serve<I>(
     let io = TokioIo::new(io);
     // Draining (`stop`): finish the requests in flight, then close (`Connection: close` on
     // HTTP/1.1, GOAWAY on HTTP/2).
+    // Bounds (`limits`): a request head must arrive in time and within its size, or the
+    // connection is closed (HTTP/1.1: 408 or 431 first).
     match version {
         Some(Version::Http1) => {
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).with_upgrades();
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout())
+                .max_buf_size(limits.max_header_bytes as usize);
+            let conn = b.serve_connection(io, svc).with_upgrades();
             drain_on_stop(conn, stop, |c| c.graceful_shutdown()).await
         }
         Some(Version::Http2) => {
-            let conn =
-                hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, svc);
+            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes);
+            let conn = b.serve_connection(io, svc);
             drain_on_stop(conn, stop, |c| c.graceful_shutdown()).await
         }
         None => {
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout())
+                .max_buf_size(limits.max_header_bytes as usize);
+            builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes);
             let conn = builder.serve_connection_with_upgrades(io, svc);
             drain_on_stop(conn, stop, |c| c.graceful_shutdown()).await
         }
@@ -90,15 +128,18 @@ pub async fn serve_plain_http1(
     shared: Arc<Shared>,
     mut stop: drain::Watch,
 ) {
-    let outcome = h1::serve(&mut stream, &mut stop, |req| {
+    let idle = conn.conn.limits.header_read_timeout();
+    let outcome = h1::serve(&mut stream, &mut stop, idle, |req| {
         // Boxed, as for hyper: the connection's task need not have room for a request's future.
         Box::pin(handle(req, &conn, &shared))
     })
     .await;
     if let h1::Outcome::Handoff(read) = outcome {
+        // A late HTTP/2 preface (detection gave up waiting for the first bytes) is HTTP/2's.
+        let version = if read.starts_with(b"PRI * HTTP/2.0") { Version::Http2 } else { Version::Http1 };
         let io = h1::Rewind::new(read, stream);
         // Boxed: the connection's task keeps room for hyper's connection only when it is used.
-        Box::pin(serve(io, Some(Version::Http1), conn, shared, stop)).await;
+        Box::pin(serve(io, Some(version), conn, shared, stop)).await;
     }
 }
 

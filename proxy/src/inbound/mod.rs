@@ -56,7 +56,11 @@ pub async fn connection(
 /// with the peer's verified identity in the connection's context.
 async fn mesh_tls(stream: tokio::net::TcpStream, mut conn: Conn, shared: Arc<Shared>, stop: drain::Watch) {
     let _ = stream.set_nodelay(true);
-    let (tls, peer_id, inner) = match shared.mesh.accept(stream).await {
+    let handshake = tokio::time::timeout(conn.limits.tls_handshake_timeout(), shared.mesh.accept(stream));
+    let accepted = handshake.await.unwrap_or_else(|_| {
+        Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the TLS handshake took too long"))
+    });
+    let (tls, peer_id, inner) = match accepted {
         Ok(x) => x,
         Err(e) => {
             shared.metrics.refused.get_or_create(&conn.labels).inc();

@@ -195,7 +195,8 @@ impl MeshTls {
     }
 
     /// Connects to an endpoint: plain TCP, or mutual TLS carrying `inner` when the endpoint's
-    /// cluster names the identity it must prove (`expected`).
+    /// cluster names the identity it must prove (`expected`). `timeout` bounds the TCP connect
+    /// and, again, the TLS handshake.
     pub async fn dial(
         &self,
         addr: SocketAddr,
@@ -208,9 +209,11 @@ impl MeshTls {
         })??;
         let _ = tcp.set_nodelay(true);
         let Some(expected) = expected else { return Ok(Dialed::Plain(tcp)) };
-        let tls = self
-            .connect(tcp, expected, inner)
+        let tls = tokio::time::timeout(timeout, self.connect(tcp, expected, inner))
             .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "mutual TLS: the handshake timed out")
+            })?
             .map_err(|e| std::io::Error::new(e.kind(), format!("mutual TLS: {e}")))?;
         Ok(Dialed::Tls(Box::new(tls)))
     }

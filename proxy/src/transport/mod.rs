@@ -93,6 +93,7 @@ async fn accept_loop(socket: TcpListener, name: String, shared: Arc<Shared>, mut
             labels: labels_for(listener),
             protocol: listener.protocol,
             detect_timeout: Duration::from_millis(listener.detect_timeout_ms),
+            limits: state.config.limits,
             peer: Some(peer),
             target,
             peer_id: None,
@@ -167,7 +168,11 @@ pub enum Seen {
 /// label says which). Mesh TLS is recognised only where `mesh_tls` is accepted.
 pub async fn sniff(stream: &tokio::net::TcpStream, conn: &mut Conn, mesh_tls: bool) -> Seen {
     match conn.protocol {
-        config::Protocol::Http => Seen::Http(version_of(&detect::detect(stream, conn.detect_timeout).await)),
+        // Declared HTTP: the first bytes only choose the version. Without them (a client that
+        // connects ahead of its first request) it is HTTP/1.1, whose server bounds the wait.
+        config::Protocol::Http => Seen::Http(Some(
+            version_of(&detect::detect(stream, conn.detect_timeout).await).unwrap_or(http::Version::Http1),
+        )),
         config::Protocol::Tcp => Seen::Opaque,
         config::Protocol::Auto => {
             let detected = detect::detect(stream, conn.detect_timeout).await;
