@@ -14,6 +14,7 @@ pub const LISTENER_TYPE: &str = "mycel.io/Listener";
 pub const PEER_POLICY_TYPE: &str = "mycel.io/PeerPolicy";
 
 pub mod codec;
+pub mod net;
 
 #[allow(clippy::all, missing_docs)]
 pub mod v1alpha1 {

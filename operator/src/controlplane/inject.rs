@@ -80,18 +80,10 @@ pub struct BadAnnotation {
     pub message: String,
 }
 
+/// Whole seconds of a duration in the schema's notation (`1m30s`, `500ms`, `2h`), rounded up;
+/// the installation's schema admits only valid ones, and 5 s stands for anything else.
 fn seconds(d: &str) -> i64 {
-    let d = d.trim();
-    let (num, mult) = if let Some(n) = d.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = d.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = d.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (d, 1.0)
-    };
-    num.parse::<f64>().map(|n| (n * mult).ceil() as i64).unwrap_or(5)
+    mycel_crds::common::parse_duration(d.trim()).map(|d| d.as_secs_f64().ceil() as i64).unwrap_or(5)
 }
 
 fn port_list(annotation: &str, v: &str) -> Result<String, BadAnnotation> {
@@ -185,8 +177,17 @@ pub fn inject(pod: &Value, s: &ProxySettings) -> Result<Result<Value, Skip>, Bad
         }
     }
     if let Some(v) = ann("mycel.io/exclude-outbound-cidrs") {
-        init_args.push(json!("--exclude-outbound-cidrs"));
-        init_args.push(json!(v));
+        // Checked here, so that a bad value is refused at admission with the annotation's name
+        // instead of leaving the pod stuck in its init container.
+        let cidrs = mycel_api::net::parse_cidr_list(&v).map_err(|message| BadAnnotation {
+            annotation: "mycel.io/exclude-outbound-cidrs".into(),
+            message,
+        })?;
+        let list: Vec<String> = cidrs.iter().map(|c| c.to_string()).collect();
+        if !list.is_empty() {
+            init_args.push(json!("--exclude-outbound-cidrs"));
+            init_args.push(json!(list.join(",")));
+        }
     }
 
     // Probes: rewritten to the proxy, which runs them against localhost.
@@ -387,5 +388,26 @@ mod tests {
         assert!(inject(&p, &s).unwrap_err().to_string().contains("quantity"));
         p["metadata"]["annotations"] = json!({"mycel.io/inject": "false"});
         assert_eq!(inject(&p, &s).unwrap(), Err(Skip::OptedOut));
+        // A bad CIDR is refused at admission, naming the annotation (an IPv4 prefix stops at /32).
+        for bad in ["10.0.0.0/64", "10.0.0.0/8,example.com"] {
+            p["metadata"]["annotations"] = json!({"mycel.io/exclude-outbound-cidrs": bad});
+            let e = inject(&p, &s).unwrap_err();
+            assert_eq!(e.annotation, "mycel.io/exclude-outbound-cidrs", "{bad}");
+        }
+        p["metadata"]["annotations"] = json!({"mycel.io/exclude-outbound-cidrs": "10.0.0.0/8, fd00::/8"});
+        let out = inject(&p, &s).unwrap().unwrap();
+        assert_eq!(
+            out["spec"]["initContainers"][0]["args"],
+            json!(["init", "--exclude-outbound-cidrs", "10.0.0.0/8,fd00::/8"])
+        );
+    }
+
+    #[test]
+    fn the_drain_duration_is_read_in_the_schema_notation() {
+        assert_eq!(seconds("1m30s"), 90);
+        assert_eq!(seconds("2m"), 120);
+        assert_eq!(seconds("1500ms"), 2);
+        assert_eq!(seconds("45s"), 45);
+        assert_eq!(seconds("1h"), 3600);
     }
 }

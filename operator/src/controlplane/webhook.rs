@@ -28,10 +28,43 @@ use super::{
     tls::ServerTls,
 };
 
-/// Answers one AdmissionReview.
-pub fn review(body: &[u8], path: &str, settings: &ProxySettings) -> Value {
-    let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+/// The largest AdmissionReview read: an object is at most 1.5 MiB in etcd, and a review carries
+/// it and its old version, base64 and JSON overhead included.
+pub const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
+/// A client must finish its TLS handshake, and send a request head, within this long.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Why a request to a webhook got no review back.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BadReview {
+    #[error("the body is not JSON: {0}")]
+    NotJson(String),
+    #[error("not an AdmissionReview: {0} is missing")]
+    Missing(&'static str),
+    #[error("the body is larger than {MAX_REVIEW_BYTES} bytes")]
+    TooLarge,
+}
+
+impl BadReview {
+    fn status(&self) -> StatusCode {
+        match self {
+            BadReview::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// Answers one AdmissionReview, or says why the body is not one (the API server always sends
+/// `request.uid`; anything without it is refused, never allowed by default).
+pub fn review(body: &[u8], path: &str, settings: &ProxySettings) -> Result<Value, BadReview> {
+    let req: Value = serde_json::from_slice(body).map_err(|e| BadReview::NotJson(e.to_string()))?;
     let uid = req["request"]["uid"].clone();
+    if !uid.is_string() {
+        return Err(BadReview::Missing("request.uid"));
+    }
+    if !req["request"]["kind"]["kind"].is_string() {
+        return Err(BadReview::Missing("request.kind.kind"));
+    }
     let mut response = json!({"uid": uid, "allowed": true});
     if path == "/inject" && req["request"]["kind"]["kind"] == "Pod" {
         let mut pod = req["request"]["object"].clone();
@@ -55,7 +88,27 @@ pub fn review(body: &[u8], path: &str, settings: &ProxySettings) -> Value {
             }
         }
     }
-    json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response})
+    Ok(json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}))
+}
+
+/// Reads a review's body up to [`MAX_REVIEW_BYTES`] and answers it: the status and the JSON.
+async fn answer<B>(body: B, path: &str, settings: &ProxySettings) -> (StatusCode, String)
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let reviewed = match http_body_util::Limited::new(body, MAX_REVIEW_BYTES).collect().await {
+        Ok(b) => review(&b.to_bytes(), path, settings),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(BadReview::TooLarge),
+        Err(e) => return (StatusCode::BAD_REQUEST, json!({"error": e.to_string()}).to_string()),
+    };
+    match reviewed {
+        Ok(v) => (StatusCode::OK, v.to_string()),
+        Err(e) => {
+            warn!(path, error = %e, "webhook request refused");
+            (e.status(), json!({"error": format!("mycel webhook: {e}")}).to_string())
+        }
+    }
 }
 
 /// Serves the webhooks until the task is dropped.
@@ -65,17 +118,15 @@ pub async fn serve(listener: TcpListener, tls: ServerTls, settings: Arc<ProxySet
         let Ok(config) = tls.read().map(|c| c.clone()) else { continue };
         let settings = settings.clone();
         tokio::spawn(async move {
-            let Ok(stream) = TlsAcceptor::from(config).accept(tcp).await else { return };
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(tcp));
+            let Ok(Ok(stream)) = handshake.await else { return };
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let settings = settings.clone();
                 async move {
                     let path = req.uri().path().to_string();
                     let (status, body) = match path.as_str() {
                         "/healthz" => (StatusCode::OK, "ok".to_string()),
-                        "/inject" | "/validate" => match req.into_body().collect().await {
-                            Ok(b) => (StatusCode::OK, review(&b.to_bytes(), &path, &settings).to_string()),
-                            Err(e) => (StatusCode::BAD_REQUEST, e.to_string()),
-                        },
+                        "/inject" | "/validate" => answer(req.into_body(), &path, &settings).await,
                         _ => (StatusCode::NOT_FOUND, "not found".to_string()),
                     };
                     Ok::<_, Infallible>(
@@ -87,8 +138,11 @@ pub async fn serve(listener: TcpListener, tls: ServerTls, settings: Arc<ProxySet
                     )
                 }
             });
-            let _ =
-                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HANDSHAKE_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
 }
@@ -179,7 +233,7 @@ mod tests {
                 "object": {"metadata": {"name": "p", "annotations": annotations}, "spec": {"containers": [{"name": "app", "image": "x"}]}}}})
         };
         let s = ProxySettings::default();
-        let out = review(review_of(json!({})).to_string().as_bytes(), "/inject", &s);
+        let out = review(review_of(json!({})).to_string().as_bytes(), "/inject", &s).unwrap();
         assert_eq!(out["response"]["uid"], "u1");
         assert_eq!(out["response"]["allowed"], true);
         let patch = base64::engine::general_purpose::STANDARD
@@ -191,10 +245,34 @@ mod tests {
             review_of(json!({"mycel.io/proxy-concurrency": "many"})).to_string().as_bytes(),
             "/inject",
             &s,
-        );
+        )
+        .unwrap();
         assert_eq!(out["response"]["allowed"], false);
         assert!(
             out["response"]["status"]["message"].as_str().unwrap().contains("mycel.io/proxy-concurrency")
         );
+    }
+
+    #[test]
+    fn a_malformed_review_is_refused_not_allowed() {
+        let s = ProxySettings::default();
+        assert!(matches!(review(b"not json", "/inject", &s), Err(BadReview::NotJson(_))));
+        assert_eq!(review(b"{}", "/inject", &s), Err(BadReview::Missing("request.uid")));
+        assert_eq!(
+            review(br#"{"request": {"uid": "u", "object": {}}}"#, "/validate", &s),
+            Err(BadReview::Missing("request.kind.kind"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_past_the_limit_is_a_413_and_a_bad_one_a_400() {
+        let s = ProxySettings::default();
+        let big = http_body_util::Full::new(Bytes::from(vec![b' '; MAX_REVIEW_BYTES + 1]));
+        let (status, body) = answer(big, "/inject", &s).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+        let (status, body) =
+            answer(http_body_util::Full::new(Bytes::from_static(b"[1,2]")), "/inject", &s).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("request.uid"), "{body}");
     }
 }

@@ -78,12 +78,7 @@ pub fn rules(o: &CaptureOptions, ipv6: bool) -> String {
 /// no IPv6 tables.
 pub fn install(o: &CaptureOptions) -> Result<Vec<String>, String> {
     for cidr in &o.exclude_outbound_cidrs {
-        let (ip, prefix) =
-            cidr.split_once('/').unwrap_or((cidr, if cidr.contains(':') { "128" } else { "32" }));
-        let ok = ip.parse::<IpAddr>().is_ok() && prefix.parse::<u8>().is_ok_and(|p| p <= 128);
-        if !ok {
-            return Err(format!("--exclude-outbound-cidrs: {cidr:?} is not a CIDR such as 10.0.0.0/8"));
-        }
+        cidr.parse::<mycel_api::net::Cidr>().map_err(|e| format!("--exclude-outbound-cidrs: {e}"))?;
     }
     let mut notes = Vec::new();
     for (tool, ipv6) in [("iptables-restore", false), ("ip6tables-restore", true)] {
