@@ -114,6 +114,19 @@ impl Endpoints {
         e
     }
 
+    /// The one-endpoint set of a connection's original destination, reached over mutual TLS
+    /// when the mesh names that address's identity.
+    pub fn single(
+        cluster: &str,
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        identity: Option<Arc<str>>,
+    ) -> Self {
+        let mut e = Self::new(cluster, vec![addr], connect_timeout);
+        e.identities = vec![identity];
+        e
+    }
+
     /// Whether this set was built from a cluster configured as `c` is (so that it can be kept,
     /// balancing state and all, across a configuration update).
     pub fn same_as(&self, c: &config::Cluster, connect_timeout: Duration) -> bool {

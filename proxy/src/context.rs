@@ -13,9 +13,9 @@ use crate::{
     telemetry::{ConnMetrics, ListenerLabels},
 };
 
-/// Where a connection's traffic goes: a named cluster (looked up per request, so that an update
-/// applies to open connections too), or a fixed endpoint set (a captured original destination,
-/// or the cluster of a virtual address, as it was when the connection was accepted).
+/// Where a connection's traffic goes: a named cluster (the listener's, or the one a captured
+/// virtual address belongs to; looked up per request, so that an update applies to open
+/// connections too), or a fixed endpoint set (a captured original destination).
 #[derive(Clone)]
 pub enum Target {
     Cluster(String),

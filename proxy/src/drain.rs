@@ -16,22 +16,22 @@ pub fn channel() -> (Signal, Watch) {
     watch::channel(false)
 }
 
-/// Background tasks that outlive the request that started them.
+/// Background tasks that outlive the request that started them. Once drained, it takes no more:
+/// a task spawned after shutdown began is dropped unstarted.
 #[derive(Default)]
-pub struct Tasks(Mutex<JoinSet<()>>);
+pub struct Tasks(Mutex<(JoinSet<()>, bool)>);
 
 impl Tasks {
     /// Runs `task` in the background, held here until it ends or the proxy shuts down.
     pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
-        match self.0.lock() {
-            Ok(mut set) => {
-                // Reap what ended, so the set holds only live tasks.
-                while set.try_join_next().is_some() {}
-                set.spawn(task);
+        if let Ok(mut guard) = self.0.lock() {
+            let (set, closed) = &mut *guard;
+            if *closed {
+                return;
             }
-            Err(_) => {
-                tokio::spawn(task);
-            }
+            // Reap what ended, so the set holds only live tasks.
+            while set.try_join_next().is_some() {}
+            set.spawn(task);
         }
     }
 
@@ -40,8 +40,8 @@ impl Tasks {
         self.0
             .lock()
             .map(|mut s| {
-                while s.try_join_next().is_some() {}
-                s.len()
+                while s.0.try_join_next().is_some() {}
+                s.0.len()
             })
             .unwrap_or(0)
     }
@@ -53,7 +53,10 @@ impl Tasks {
     /// Waits up to `deadline` for every task to end, then ends the rest.
     pub async fn drain(&self, deadline: Duration) {
         let mut set = match self.0.lock() {
-            Ok(mut s) => std::mem::take(&mut *s),
+            Ok(mut g) => {
+                g.1 = true;
+                std::mem::take(&mut g.0)
+            }
             Err(_) => return,
         };
         let _ = tokio::time::timeout(deadline, async { while set.join_next().await.is_some() {} }).await;

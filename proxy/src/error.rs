@@ -133,6 +133,15 @@ impl ProxyError {
     /// that came over mutual TLS from a verified peer; for any other, [`strip`] the header.
     pub fn from_peer(status: StatusCode, headers: &HeaderMap) -> Option<ProxyError> {
         let v = headers.get(ERROR_HEADER)?.to_str().ok()?;
+        // A peer of the release before says `connect to <addr> failed` for the same thing: read
+        // it alike, so that a rolling upgrade keeps failing over.
+        if status == StatusCode::SERVICE_UNAVAILABLE && v.starts_with("connect to ") {
+            return Some(ProxyError::Peer {
+                status,
+                flag: "UF".into(),
+                reason: "upstream_connect_failed".into(),
+            });
+        }
         let (flag, reason) = v.split_once(' ')?;
         let token = |s: &str| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_graphic());
         (token(flag) && token(reason)).then(|| ProxyError::Peer {

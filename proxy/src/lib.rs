@@ -50,10 +50,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::{
-    sync::Mutex,
-    task::{JoinHandle, JoinSet},
-};
+use tokio::{sync::Mutex, task::JoinHandle};
 use tracing::info;
 
 use crate::{
@@ -89,7 +86,7 @@ pub struct Running {
     pub shared: Arc<Shared>,
     listeners: Mutex<BTreeMap<String, ListenerHandle>>,
     /// Listeners removed by a reload, finishing their connections.
-    retired: Mutex<JoinSet<()>>,
+    retired: Mutex<Vec<JoinHandle<()>>>,
     admin_task: JoinHandle<()>,
 }
 
@@ -140,9 +137,8 @@ impl Running {
         for name in stale {
             if let Some(h) = listeners.remove(&name) {
                 let _ = h.stop.send(true);
-                retired.spawn(async move {
-                    let _ = h.task.await;
-                });
+                retired.retain(|t| !t.is_finished());
+                retired.push(h.task);
             }
         }
         for (l, socket) in bound {
@@ -158,17 +154,21 @@ impl Running {
     pub async fn shutdown(self, drain: Duration) {
         let deadline = tokio::time::Instant::now() + drain;
         self.shared.ready.store(false, std::sync::atomic::Ordering::Release);
-        let mut all = self.retired.into_inner();
+        let mut loops = self.retired.into_inner();
         for (_, h) in self.listeners.into_inner() {
             let _ = h.stop.send(true);
-            all.spawn(async move {
-                let _ = h.task.await;
-            });
+            loops.push(h.task);
         }
-        let _ = tokio::time::timeout_at(deadline, async { while all.join_next().await.is_some() {} }).await;
-        all.abort_all();
-        // No new request can take an idle connection now: closing them lets their tasks end.
-        self.shared.pool.close_idle();
+        // Each accept loop ends once its connections have; what has not by the deadline is
+        // aborted, and its connections with it.
+        let aborts: Vec<_> = loops.iter().map(|t| t.abort_handle()).collect();
+        let _ = tokio::time::timeout_at(deadline, futures::future::join_all(loops)).await;
+        for a in aborts {
+            a.abort();
+        }
+        // No request can take or return an upstream connection now: closing the idle ones lets
+        // their tasks end.
+        self.shared.pool.close();
         self.shared.tasks.drain(deadline.saturating_duration_since(tokio::time::Instant::now())).await;
         self.admin_task.abort();
     }
@@ -204,7 +204,7 @@ pub async fn start(config: Config) -> Result<Running, ApplyError> {
         admin,
         shared: shared.clone(),
         listeners: Mutex::new(BTreeMap::new()),
-        retired: Mutex::new(JoinSet::new()),
+        retired: Mutex::new(Vec::new()),
         admin_task,
     };
     running.apply(config).await?;

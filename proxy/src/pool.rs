@@ -42,6 +42,8 @@ type Key = (SocketAddr, Option<Arc<str>>);
 struct Idle {
     h1: HashMap<Key, Vec<(http1::SendRequest<Body>, Instant)>>,
     h2: HashMap<Key, http2::SendRequest<Body>>,
+    /// Shut down: connections are neither kept nor shared any more.
+    closed: bool,
 }
 
 pub struct Pool {
@@ -69,10 +71,11 @@ impl Pool {
         Pool { mesh, idle, tasks }
     }
 
-    /// Closes every idle connection (at shutdown: a connection no request holds ends at once).
-    pub fn close_idle(&self) {
+    /// At shutdown: closes every idle connection (one no request holds ends at once), and takes
+    /// none back from here on.
+    pub fn close(&self) {
         if let Ok(mut i) = self.idle.lock() {
-            *i = Idle::default();
+            *i = Idle { closed: true, ..Idle::default() };
         }
     }
 
@@ -140,7 +143,9 @@ impl Pool {
                     Ok(tx) => tx,
                     Err(e) => return Err(SendError::NotSent(e, Box::new(req))),
                 };
-                if let Ok(mut i) = self.idle.lock() {
+                if let Ok(mut i) = self.idle.lock()
+                    && !i.closed
+                {
                     i.h2.insert(key.clone(), tx.clone());
                 }
                 tx
@@ -246,6 +251,9 @@ impl Return {
         }
         let Some(idle) = self.idle.upgrade() else { return };
         let Ok(mut i) = idle.lock() else { return };
+        if i.closed {
+            return;
+        }
         let list = i.h1.entry(self.key).or_default();
         if list.len() < MAX_IDLE_PER_ENDPOINT {
             list.push((self.tx, Instant::now()));

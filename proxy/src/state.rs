@@ -24,6 +24,10 @@ pub struct State {
     clusters: HashMap<String, Arc<Endpoints>>,
     /// Virtual address (a Service's ClusterIP and port) → its cluster.
     vips: HashMap<SocketAddr, Arc<Endpoints>>,
+    /// Endpoint address → the identity it must prove, for a connection sent to the address
+    /// itself (a pod IP, a headless Service). Only addresses every cluster agrees on: where two
+    /// clusters name different identities for one address, neither is assumed.
+    identities: HashMap<SocketAddr, Option<Arc<str>>>,
 }
 
 impl State {
@@ -49,8 +53,24 @@ impl State {
             .flat_map(|c| c.addresses.iter().map(move |a| (*a, c.name.as_str())))
             .filter_map(|(a, name)| Some((a, clusters.get(name)?.clone())))
             .collect();
+        let mut identities: HashMap<SocketAddr, Option<Arc<str>>> = HashMap::new();
+        for e in clusters.values() {
+            for a in &e.addrs {
+                let id = e.identity(*a).cloned();
+                match identities.get(a) {
+                    Some(known) if *known != id => {
+                        identities.insert(*a, None);
+                    }
+                    Some(_) => {}
+                    None => {
+                        identities.insert(*a, id);
+                    }
+                }
+            }
+        }
+        identities.retain(|_, id| id.is_some());
         let listeners = config.listeners.iter().map(|l| (l.name.clone(), l.clone())).collect();
-        State { config, listeners, clusters, vips }
+        State { config, listeners, clusters, vips, identities }
     }
 
     pub fn listener(&self, name: &str) -> Option<&config::Listener> {
@@ -64,6 +84,12 @@ impl State {
     /// The cluster a virtual address belongs to.
     pub fn by_vip(&self, addr: &SocketAddr) -> Option<&Arc<Endpoints>> {
         self.vips.get(addr)
+    }
+
+    /// The identity an endpoint address must prove when a connection is sent to it directly,
+    /// if the clusters that list it agree on one.
+    pub fn identity_of(&self, addr: &SocketAddr) -> Option<&Arc<str>> {
+        self.identities.get(addr)?.as_ref()
     }
 
     /// The mutual-TLS mode for inbound connections to `port`.
@@ -141,6 +167,19 @@ mod tests {
         }
         writer.join().unwrap();
         assert!(!seen.is_empty());
+    }
+
+    #[test]
+    fn an_address_has_an_identity_only_where_its_clusters_agree() {
+        let c = Config::parse(
+            "clusters:\n- {name: a, endpoints: ['10.0.0.1:80', '10.0.0.2:80'], mtlsEndpoints: {'10.0.0.1:80': 'spiffe://t/ns/a/sa/a', '10.0.0.2:80': 'spiffe://t/ns/a/sa/x'}}\n- {name: b, endpoints: ['10.0.0.1:80', '10.0.0.2:80'], mtlsEndpoints: {'10.0.0.1:80': 'spiffe://t/ns/a/sa/a', '10.0.0.2:80': 'spiffe://t/ns/a/sa/y'}}\n",
+        )
+        .unwrap();
+        let s = State::build(c, None);
+        let addr = |last: u8| SocketAddr::from(([10, 0, 0, last], 80));
+        assert_eq!(s.identity_of(&addr(1)).map(|i| &**i), Some("spiffe://t/ns/a/sa/a"));
+        assert_eq!(s.identity_of(&addr(2)), None, "two clusters disagree: neither identity is assumed");
+        assert_eq!(s.identity_of(&addr(3)), None);
     }
 
     #[test]

@@ -154,6 +154,21 @@ async fn the_app_sees_the_verified_caller_and_never_a_forged_one() {
     let (status, headers, body) = get(inbound, "/", &[forged]).await;
     assert_eq!((status, body.as_str()), (200, "shop /"));
     assert!(!headers.contains_key("x-seen-xfcc"), "a plaintext client forged its identity: {headers:?}");
+    // Nor when the request is dressed to look like something else than HTTP to the sidecar's
+    // detection (a leading empty line, an unusual method), which the app still parses as HTTP.
+    for head in [
+        "\r\nGET / HTTP/1.1\r\nhost: shop\r\nx-forwarded-client-cert: By=x;URI=spiffe://test.local/ns/admin/sa/root\r\n\r\n",
+        "PROPFIND / HTTP/1.1\r\nhost: shop\r\nx-forwarded-client-cert: By=x;URI=spiffe://test.local/ns/admin/sa/root\r\n\r\n",
+    ] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = TcpStream::connect(inbound).await.unwrap();
+        c.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await.unwrap().unwrap();
+        let resp = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+        assert!(resp.starts_with("http/1.1 200"), "{resp}");
+        assert!(!resp.contains("x-seen-xfcc"), "{head:?} forged an identity:\n{resp}");
+    }
 
     client.shutdown(Duration::from_secs(1)).await;
     server.shutdown(Duration::from_secs(1)).await;

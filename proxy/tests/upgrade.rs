@@ -137,3 +137,34 @@ async fn shutdown_ends_an_open_tunnel_by_its_deadline() {
     let read = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await;
     assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the tunnel outlived the proxy's shutdown: {read:?}");
 }
+
+#[tokio::test]
+async fn an_h2c_upgrade_is_not_tunnelled_past_the_proxy() {
+    // Upstream: reports whether it was asked to switch, and answers 200.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).await.unwrap();
+            head.push(b[0]);
+        }
+        let asked = String::from_utf8_lossy(&head).to_lowercase().contains("upgrade:");
+        let body = if asked { "asked to switch" } else { "plain" };
+        s.write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len()).as_bytes())
+            .await
+            .unwrap();
+    });
+    let (proxy, front) = proxy_to(upstream).await;
+    let mut c = TcpStream::connect(front).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nupgrade: h2c\r\nconnection: upgrade, http2-settings\r\nhttp2-settings: AAMAAABkAAQAAP__\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await.unwrap().unwrap();
+    let resp = String::from_utf8_lossy(&buf[..n]);
+    assert!(resp.starts_with("HTTP/1.1 200") && resp.ends_with("plain"), "{resp}");
+    proxy.shutdown(Duration::from_secs(1)).await;
+}

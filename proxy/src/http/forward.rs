@@ -20,10 +20,18 @@ use crate::{
     pool::SendError,
 };
 
-/// An HTTP/1.1 protocol switch (WebSocket and other `Upgrade`s) or a `CONNECT` tunnel.
+/// An HTTP/1.1 protocol switch (WebSocket and other `Upgrade`s) or a `CONNECT` tunnel. Never
+/// `h2c`: the requests of an HTTP/2 connection tunnelled past the proxy would skip every step of
+/// its stack, so such a request goes on as plain HTTP/1.1 (the upgrade is dropped).
 fn is_upgrade(method: &hyper::Method, headers: &HeaderMap) -> bool {
+    let h2c = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("h2c")));
     method == hyper::Method::CONNECT
-        || (headers.contains_key(header::UPGRADE)
+        || (!h2c
+            && headers.contains_key(header::UPGRADE)
             && headers
                 .get_all(header::CONNECTION)
                 .iter()

@@ -41,7 +41,11 @@ pub async fn handle(req: Request<Body>, conn: &HttpConn, shared: &Arc<Shared>) -
         tracing::debug!(listener = %conn.conn.listener(), error = %e, "answered by the proxy");
         e.into_response()
     });
-    let cluster = cluster.as_deref().map_or("", |c| c.cluster.as_str());
+    let cluster = match (&cluster, &conn.conn.target) {
+        (Some(c), _) => c.cluster.as_str(),
+        (None, crate::context::Target::Cluster(name)) => name.as_str(),
+        (None, crate::context::Target::Fixed(e)) => e.cluster.as_str(),
+    };
     conn.metrics.request(&shared.metrics, cluster, resp.status().as_u16(), started.elapsed());
     resp
 }

@@ -41,18 +41,10 @@ pub fn classify(buf: &[u8]) -> Option<Detected> {
     if H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
         return (buf.len() >= H2_PREFACE.len()).then_some(Detected::Http2);
     }
-    let mut maybe_http = false;
-    for m in METHODS {
-        let n = buf.len().min(m.len());
-        if buf[..n] == m[..n] {
-            if buf.len() >= m.len() {
-                return Some(Detected::Http1);
-            }
-            maybe_http = true;
-        }
-    }
-    if maybe_http {
-        return None;
+    match http1(buf) {
+        Some(true) => return Some(Detected::Http1),
+        None => return None,
+        Some(false) => {}
     }
     if buf[0] == 0x16 {
         if buf.len() < 5 {
@@ -73,6 +65,52 @@ pub fn classify(buf: &[u8]) -> Option<Detected> {
         }
     }
     Some(Detected::Opaque)
+}
+
+/// Whether `buf` starts an HTTP/1.x request: `Some(true)` it does, `Some(false)` it cannot,
+/// `None` it may (more bytes tell). Generous on purpose: whatever an HTTP server would parse as a
+/// request must be parsed here too, or its headers (a forged `x-forwarded-client-cert`) would
+/// reach the app unchecked. So empty lines before the request line are skipped (RFC 9112 §2.2),
+/// and any method token is taken — the common ones at once, others once the request line ends
+/// in `HTTP/1.x`.
+fn http1(buf: &[u8]) -> Option<bool> {
+    let mut b = buf;
+    let mut empty_lines = 0;
+    while let Some(rest) = b.strip_prefix(b"\r\n").or_else(|| b.strip_prefix(b"\n")) {
+        b = rest;
+        empty_lines += 1;
+        if empty_lines > 8 {
+            return Some(false);
+        }
+    }
+    if b.is_empty() || b == b"\r" {
+        return None;
+    }
+    let token = b
+        .iter()
+        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b'!' | b'~'))
+        .count();
+    if token == 0 || token > 32 {
+        return Some(false);
+    }
+    if token == b.len() {
+        // A token still being written: a method, or the start of something else.
+        return b.iter().all(|c| c.is_ascii_uppercase()).then_some(()).map_or(Some(false), |()| None);
+    }
+    if b[token] != b' ' {
+        return Some(false);
+    }
+    if METHODS.iter().any(|m| b.starts_with(m)) {
+        return Some(true);
+    }
+    match b.iter().position(|c| *c == b'\n') {
+        Some(end) => {
+            let line = b[..end].strip_suffix(b"\r").unwrap_or(&b[..end]);
+            Some(line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0"))
+        }
+        None if b.len() > 8 * 1024 => Some(false),
+        None => None,
+    }
 }
 
 /// SNI and ALPN of a ClientHello handshake message (RFC 8446 §4.1.2, RFC 6066, RFC 7301).
@@ -159,10 +197,16 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> Detected {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = vec![0u8; 16 * 1024 + 5];
     let mut seen = 0;
+    // Out of time with bytes that may still be an HTTP request (a client writing its request
+    // line slowly): HTTP, so that its headers are read, not passed through.
+    let undecided = |buf: &[u8], seen: usize| {
+        if seen > 0 && http1(&buf[..seen]).is_none() { Detected::Http1 } else { Detected::Opaque }
+    };
     loop {
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
             Ok(Ok(n)) => n,
-            Ok(Err(_)) | Err(_) => return Detected::Opaque,
+            Ok(Err(_)) => return Detected::Opaque,
+            Err(_) => return undecided(&buf, seen),
         };
         if n == 0 {
             return Detected::Opaque;
@@ -177,7 +221,7 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> Detected {
             // Nothing new yet: wait a little for the rest of the first flight.
             if tokio::time::timeout_at(deadline, tokio::time::sleep(Duration::from_millis(2))).await.is_err()
             {
-                return Detected::Opaque;
+                return undecided(&buf, seen);
             }
         }
         seen = n;
@@ -195,8 +239,25 @@ mod tests {
         assert_eq!(classify(b"GE"), None, "a prefix of a method needs more bytes");
         assert_eq!(classify(H2_PREFACE), Some(Detected::Http2));
         assert_eq!(classify(&H2_PREFACE[..10]), None);
-        assert_eq!(classify(b"GETX"), Some(Detected::Opaque));
+        // Was `GETX` → opaque; any token can be a method, so a token waits for what follows.
+        assert_eq!(classify(b"GETX\r\n"), Some(Detected::Opaque));
         assert_eq!(classify(b"\x00\x01binary"), Some(Detected::Opaque));
         assert_eq!(classify(b"SSH-2.0-OpenSSH"), Some(Detected::Opaque));
+    }
+
+    #[test]
+    fn whatever_a_server_would_parse_as_http_is_http() {
+        // Empty lines before the request line (servers skip them).
+        assert_eq!(classify(b"\r\nGET / HTTP/1.1\r\n"), Some(Detected::Http1));
+        assert_eq!(classify(b"\r\n"), None);
+        // Methods beyond the common ones, once the request line says HTTP/1.x.
+        assert_eq!(classify(b"PROPFIND /dav HTTP/1.1\r\n"), Some(Detected::Http1));
+        assert_eq!(classify(b"PURGE /x"), None);
+        // Lines that are not requests stay opaque: Redis inline commands, SMTP, binary.
+        assert_eq!(classify(b"SET key value\r\n"), Some(Detected::Opaque));
+        assert_eq!(classify(b"PING\r\n"), Some(Detected::Opaque));
+        assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n"), Some(Detected::Opaque));
+        assert_eq!(http1(b"GE"), None, "a method being written is undecided (HTTP if time runs out)");
+        assert_eq!(http1(b"ge"), Some(false));
     }
 }

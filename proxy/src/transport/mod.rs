@@ -130,14 +130,25 @@ pub fn target(
     {
         return Ok(Target::Cluster(cluster.cluster.clone()));
     }
-    if l.direction == Direction::Inbound {
-        dst.set_ip(if dst.is_ipv4() {
-            std::net::Ipv4Addr::LOCALHOST.into()
-        } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        });
-    }
-    Ok(Target::Fixed(Arc::new(Endpoints::new("original-destination", vec![dst], Duration::from_secs(1)))))
+    // Outbound to an address of its own (a pod IP, a headless Service's endpoint): mutual TLS
+    // when the mesh knows whose it is. Inbound: the app, on loopback, in plaintext.
+    let identity = match l.direction {
+        Direction::Outbound => state.identity_of(&dst).cloned(),
+        Direction::Inbound => {
+            dst.set_ip(if dst.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+            None
+        }
+    };
+    Ok(Target::Fixed(Arc::new(Endpoints::single(
+        "original-destination",
+        dst,
+        Duration::from_secs(1),
+        identity,
+    ))))
 }
 
 fn labels_for(l: &config::Listener) -> ListenerLabels {
