@@ -26,6 +26,23 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
 };
 
+/// Records that the calling test cannot run here and returns, so the caller returns early: the
+/// README's test command counts it as skipped (not passed), from the lines this appends to
+/// `$MYCEL_SKIPPED_LOG`. Under `CI=true` a skipped end-to-end test is a failure: it panics.
+pub fn skip(why: &str) {
+    let test = std::thread::current().name().unwrap_or("a test").to_string();
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test} cannot run here, and under CI a skipped end-to-end test fails: {why}");
+    }
+    eprintln!("skipping {test}: {why}");
+    if let Some(path) = std::env::var_os("MYCEL_SKIPPED_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(f, "{test}: {why}");
+        }
+    }
+}
+
 /// Errors of the harness.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -154,7 +154,7 @@ fn metric(metrics: &str, listener: &str) -> u64 {
 async fn outbound_and_inbound_tcp_go_through_the_proxy_except_excluded_ports() {
     // SAFETY: getuid has no preconditions.
     if unsafe { libc_getuid() } != 0 {
-        eprintln!("skipping: creating network namespaces and iptables rules needs root");
+        mycel_e2e::skip("creating network namespaces and iptables rules needs root");
         return;
     }
     let mut ns = Netns::create();

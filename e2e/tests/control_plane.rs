@@ -136,7 +136,7 @@ impl ControlPlane {
 async fn a_proxy_gets_an_identity_and_follows_the_mesh() {
     let c = TestCluster::shared().await.unwrap();
     if c.local().is_some_and(|l| !l.info.real_node) || c.local().is_none() {
-        eprintln!("skipping: backends need the local cluster's node bridge (not root, or MYCEL_REAL_NODE=0)");
+        mycel_e2e::skip("backends need the local cluster's node bridge (not root, or MYCEL_REAL_NODE=0)");
         return;
     }
     c.install_crds().unwrap();

@@ -27,7 +27,7 @@ use serde_json::json;
 async fn node_cluster() -> Option<(TestCluster, Client)> {
     let c = TestCluster::shared().await.unwrap();
     if c.local().is_some_and(|l| !l.info.real_node) {
-        eprintln!("skipping: the local cluster has no real node (not root, or MYCEL_REAL_NODE=0)");
+        mycel_e2e::skip("the local cluster has no real node (not root, or MYCEL_REAL_NODE=0)");
         return None;
     }
     let client = c.client().await.unwrap();

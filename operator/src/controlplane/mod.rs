@@ -210,6 +210,7 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Handle>
         metrics: metrics.clone(),
         trust_domain: settings.trust_domain.clone(),
         full_syncs: Arc::new(tokio::sync::Semaphore::new(server::FULL_SYNCS)),
+        limits: server::StreamLimits::default(),
     };
     let signer = Signer {
         client: client.clone(),
@@ -218,6 +219,7 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Handle>
         default_ttl: settings.workload_cert_ttl,
         max_ttl: settings.workload_cert_ttl,
         metrics: metrics.clone(),
+        limiter: Arc::new(server::SignLimiter::default()),
     };
     let incoming = tls::incoming(grpc, keys.tls.clone());
     let mut tasks = Vec::new();

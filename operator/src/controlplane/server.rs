@@ -96,6 +96,8 @@ impl ProxyStatus {
 #[derive(Default)]
 pub struct Registry {
     proxies: Mutex<HashMap<u64, Arc<Mutex<ProxyStatus>>>>,
+    /// Open streams per identity (one identity's replicas share it).
+    per_identity: Mutex<HashMap<String, usize>>,
     next: AtomicU64,
 }
 
@@ -130,6 +132,29 @@ pub struct Discovery {
     pub trust_domain: String,
     /// Slots for full syncs in flight ([`FULL_SYNCS`]).
     pub full_syncs: Arc<tokio::sync::Semaphore>,
+    pub limits: StreamLimits,
+}
+
+/// What one proxy may take of the control plane, so that none can stall the others.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamLimits {
+    /// A response unacknowledged this long ends its stream (the proxy reconnects and resumes):
+    /// a stream that never answers cannot keep a full-sync slot, or its share of memory, forever.
+    pub ack_timeout: Duration,
+    /// Open streams of one identity (all replicas of a workload share theirs).
+    pub streams_per_identity: usize,
+    /// Names in one request's `subscribe`, `unsubscribe` and `initial_versions`, each.
+    pub names_per_request: usize,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        StreamLimits {
+            ack_timeout: Duration::from_secs(60),
+            streams_per_identity: 2048,
+            names_per_request: 100_000,
+        }
+    }
 }
 
 /// How many full syncs may be unacknowledged at once.
@@ -199,6 +224,8 @@ struct TypeState {
     first_sent: bool,
     /// Nonce and system version of the unacknowledged response.
     pending: Option<(String, u64)>,
+    /// When that response went out.
+    pending_since: Option<tokio::time::Instant>,
     counters: TypeCounters,
 }
 
@@ -223,8 +250,8 @@ impl NamedService for DiscoveryService {
 
 /// The service's one method.
 const STREAM_PATH: &str = "/mycel.v1alpha1.ConfigDiscovery/Stream";
-/// Largest request message accepted.
-const MAX_REQUEST_BYTES: usize = 16 << 20;
+/// Largest request message accepted (an `initial_versions` of 20 000 clusters is about 2 MiB).
+const MAX_REQUEST_BYTES: usize = 4 << 20;
 
 impl Service<http::Request<tonic::body::Body>> for DiscoveryService {
     type Response = http::Response<tonic::body::Body>;
@@ -327,12 +354,21 @@ struct Connected {
     metrics: Arc<CpMetrics>,
     id: u64,
     pod: String,
+    identity: String,
 }
 
 impl Drop for Connected {
     fn drop(&mut self) {
         if let Ok(mut p) = self.registry.proxies.lock() {
             p.remove(&self.id);
+        }
+        if let Ok(mut counts) = self.registry.per_identity.lock()
+            && let Some(n) = counts.get_mut(&self.identity)
+        {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.identity);
+            }
         }
         self.metrics.connected.dec();
         info!(pod = %self.pod, "proxy disconnected");
@@ -367,6 +403,18 @@ impl Discovery {
                 node.namespace, node.service_account
             )));
         }
+        self.check_sizes(&first)?;
+        {
+            let mut counts =
+                self.registry.per_identity.lock().map_err(|_| Status::internal("registry lock poisoned"))?;
+            let n = counts.entry(identity.clone()).or_default();
+            if *n >= self.limits.streams_per_identity {
+                return Err(Status::resource_exhausted(format!(
+                    "{identity} already has {n} config streams open, the most one identity may have; close some, or raise the control plane's limit"
+                )));
+            }
+            *n += 1;
+        }
         let id = self.registry.next.fetch_add(1, Ordering::Relaxed);
         let status = ProxyStatus {
             pod: node.pod.clone(),
@@ -390,6 +438,7 @@ impl Discovery {
             metrics: self.metrics.clone(),
             id,
             pod: format!("{}/{}", node.namespace, node.pod),
+            identity: claimed,
         };
         let (tx, rx) = mpsc::channel::<Outgoing>(4);
         let this = self.clone();
@@ -448,6 +497,9 @@ impl Discovery {
                 }
             }
             let waiting = types.values().all(|t| t.pending.is_some());
+            // The oldest unacknowledged response bounds how long the stream may stay silent.
+            let oldest = types.values().filter_map(|t| t.pending_since).min();
+            let ack_deadline = oldest.map(|t| t + self.limits.ack_timeout);
             tokio::select! {
                 req = inbound.message() => match req? {
                     Some(r) => next = Some(r),
@@ -457,6 +509,13 @@ impl Discovery {
                     if changed.is_err() {
                         return Err(Status::unavailable("the control plane is shutting down"));
                     }
+                }
+                _ = tokio::time::sleep_until(ack_deadline.unwrap_or_else(tokio::time::Instant::now)), if ack_deadline.is_some() => {
+                    warn!(pod = %node.pod, namespace = %node.namespace, "no ACK in time; ending the stream");
+                    return Err(Status::deadline_exceeded(format!(
+                        "no ACK or NACK within {:?} of a response; reconnect to resume",
+                        self.limits.ack_timeout
+                    )));
                 }
             }
         }
@@ -474,8 +533,26 @@ impl Discovery {
             cursor: None,
             first_sent: false,
             pending: None,
+            pending_since: None,
             counters: self.metrics.for_type(&req.type_url),
         }
+    }
+
+    /// Refuses a request whose name lists are past [`StreamLimits::names_per_request`].
+    fn check_sizes(&self, req: &pb::DeltaRequest) -> Result<(), Status> {
+        let max = self.limits.names_per_request;
+        for (field, n) in [
+            ("subscribe", req.subscribe.len()),
+            ("unsubscribe", req.unsubscribe.len()),
+            ("initial_versions", req.initial_versions.len()),
+        ] {
+            if n > max {
+                return Err(Status::invalid_argument(format!(
+                    "{field}: {n} names, more than the {max} one request may carry; send them over several requests"
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn on_request(
@@ -484,6 +561,7 @@ impl Discovery {
         req: pb::DeltaRequest,
         types: &mut BTreeMap<String, TypeState>,
     ) -> Result<(), Status> {
+        self.check_sizes(&req)?;
         let known = [mycel_api::CLUSTER_TYPE, mycel_api::LISTENER_TYPE, mycel_api::PEER_POLICY_TYPE];
         if !known.contains(&req.type_url.as_str()) {
             return Err(Status::invalid_argument(format!(
@@ -501,6 +579,7 @@ impl Discovery {
                 Some((n, version)) if *n == req.response_nonce => {
                     let version = *version;
                     ts.pending = None;
+                    ts.pending_since = None;
                     // A full sync in parts keeps its slot until the last part is answered.
                     if !ts.incomplete {
                         ts.permit = None;
@@ -654,6 +733,7 @@ impl Discovery {
         *nonce += 1;
         let n = nonce.to_string();
         ts.pending = Some((n.clone(), snap.version));
+        ts.pending_since = Some(tokio::time::Instant::now());
         removed.sort();
         Some(pb::DeltaResponse {
             type_url: type_url.to_string(),
@@ -696,6 +776,51 @@ pub struct Signer {
     pub default_ttl: Duration,
     pub max_ttl: Duration,
     pub metrics: Arc<CpMetrics>,
+    pub limiter: Arc<SignLimiter>,
+}
+
+/// Signing requests per identity: a token bucket each, so that one workload's pods (or one pod
+/// in a loop) cannot take the CA's time, and the API server's TokenReviews, from the others.
+pub struct SignLimiter {
+    /// Requests one identity may make at once, and per second after that.
+    pub burst: f64,
+    pub per_second: f64,
+    buckets: Mutex<HashMap<String, (f64, tokio::time::Instant)>>,
+}
+
+impl SignLimiter {
+    /// Identities whose bucket is full again are forgotten past this many.
+    const MAX_TRACKED: usize = 10_000;
+
+    pub fn new(burst: f64, per_second: f64) -> SignLimiter {
+        SignLimiter { burst, per_second, buckets: Mutex::new(HashMap::new()) }
+    }
+
+    /// Takes one token of `identity`'s bucket, or says how long until one is there.
+    pub fn take(&self, identity: &str) -> Result<(), Duration> {
+        let now = tokio::time::Instant::now();
+        let Ok(mut buckets) = self.buckets.lock() else { return Ok(()) };
+        if buckets.len() > Self::MAX_TRACKED {
+            let (burst, rate) = (self.burst, self.per_second);
+            buckets.retain(|_, (tokens, at)| *tokens + now.duration_since(*at).as_secs_f64() * rate < burst);
+        }
+        let (tokens, at) = buckets.entry(identity.to_string()).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_second).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - *tokens) / self.per_second))
+        }
+    }
+}
+
+impl Default for SignLimiter {
+    /// 100 at once (a Deployment's replicas starting together), then 10 a second.
+    fn default() -> Self {
+        SignLimiter::new(100.0, 10.0)
+    }
 }
 
 impl Signer {
@@ -718,6 +843,14 @@ impl Signer {
             let why = status.error.unwrap_or_else(|| "not authenticated".into());
             return Err(Status::unauthenticated(format!(
                 "the token was refused ({why}); send a projected service-account token with audience {TOKEN_AUDIENCE:?}"
+            )));
+        }
+        // An authenticator that ignores audiences (a legacy, unbound token) says so by naming
+        // none: such a token was not minted for the mesh CA.
+        if !status.audiences.as_ref().is_some_and(|a| a.iter().any(|a| a == TOKEN_AUDIENCE)) {
+            return Err(Status::unauthenticated(format!(
+                "the token is not for audience {TOKEN_AUDIENCE:?} (the API server names {:?}); send a projected service-account token with that audience",
+                status.audiences.unwrap_or_default()
             )));
         }
         let user = status.user.unwrap_or_default();
@@ -761,12 +894,20 @@ impl Signer {
                 ))
             })?;
         let (ns, sa, pod) = self.review(&token).await?;
+        let spiffe = format!("spiffe://{}/ns/{ns}/sa/{sa}", self.trust_domain);
+        if let Err(wait) = self.limiter.take(&spiffe) {
+            return Err(Status::resource_exhausted(format!(
+                "{spiffe} asked for certificates faster than {}/s (after {} at once); retry in {:.1} s",
+                self.limiter.per_second,
+                self.limiter.burst,
+                wait.as_secs_f64()
+            )));
+        }
         let req = request.into_inner();
         let ttl = match req.ttl_seconds {
             s if s > 0 => Duration::from_secs(s as u64).min(self.max_ttl),
             _ => self.default_ttl,
         };
-        let spiffe = format!("spiffe://{}/ns/{ns}/sa/{sa}", self.trust_domain);
         let ca = self.ca.read().map(|c| c.clone()).map_err(|_| Status::internal("CA lock poisoned"))?;
         let leaf = ca.sign_workload(&req.csr_pem, &spiffe, ttl).map_err(|e| match e {
             SignError::BadCsr => Status::invalid_argument(format!("csr_pem: {e}")),
@@ -781,3 +922,6 @@ impl Signer {
         Ok(Response::new(pb::SignResponse { cert_chain_pem: chain, trust_bundle_pem: ca.trust_bundle() }))
     }
 }
+
+#[cfg(test)]
+mod tests;
