@@ -232,6 +232,7 @@ async fn main() -> anyhow::Result<()> {
                     cluster_domain,
                     root_namespace: namespace,
                     trust_domain: trust_domain.clone(),
+                    mtls_mode: mesh.mtls_mode.unwrap_or_default(),
                     debounce: Duration::from_millis(debounce_ms),
                     debounce_max: Duration::from_millis(debounce_ms * 10),
                 },

@@ -92,6 +92,10 @@ struct MeshArgs {
     /// admin on 0.0.0.0:15020 and no capture.
     #[arg(long, env = "MYCEL_PROXY_MODE", value_parser = ["sidecar", "gateway"])]
     mode: Option<String>,
+    /// Inbound mutual-TLS mode until the control plane's first policy arrives (the mesh's
+    /// `spec.mtls.mode`): under STRICT a sidecar never accepts plaintext, not even before then.
+    #[arg(long, env = "MYCEL_INBOUND_MTLS_DEFAULT", value_parser = ["PERMISSIVE", "STRICT", "DISABLE"])]
+    inbound_mtls_default: Option<String>,
 }
 
 impl MeshArgs {
@@ -125,6 +129,14 @@ impl MeshArgs {
         c.streamed = self.control_plane.is_some();
         if self.mode.as_deref() == Some("gateway") {
             c.admin = "0.0.0.0:15020".parse()?;
+        }
+        if let Some(mode) = &self.inbound_mtls_default {
+            use mycel_proxy::config::MtlsMode;
+            c.inbound_mtls.mode = match mode.as_str() {
+                "STRICT" => MtlsMode::Strict,
+                "DISABLE" => MtlsMode::Disable,
+                _ => MtlsMode::Permissive,
+            };
         }
         if self.sidecar || self.mode.as_deref() == Some("sidecar") {
             use mycel_proxy::config::{Direction, Listener, Protocol};

@@ -40,3 +40,41 @@ fn a_taken_port_is_named_by_its_setting() {
         );
     }
 }
+
+/// The installation's `spec.mtls.mode`, injected as MYCEL_INBOUND_MTLS_DEFAULT, is the inbound
+/// mode the proxy runs with before any policy arrives.
+#[test]
+fn the_injected_mtls_default_is_the_mode_in_force_at_start() {
+    use std::io::{Read, Write};
+    let bin = env!("CARGO_BIN_EXE_mycel-proxy");
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dir = std::env::temp_dir().join(format!("mycel-cli-mtls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("proxy.yaml");
+    std::fs::write(&config, format!("admin: {admin}\n")).unwrap();
+    let mut child = Command::new(bin)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("MYCEL_INBOUND_MTLS_DEFAULT", "STRICT")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let dump = loop {
+        let answer = std::net::TcpStream::connect(admin).ok().and_then(|mut s| {
+            s.write_all(b"GET /config_dump HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            Some(out)
+        });
+        if let Some(a) = answer.filter(|a| a.starts_with("HTTP/1.1 200")) {
+            break a;
+        }
+        assert!(std::time::Instant::now() < deadline, "the admin server never answered");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(dump.contains("\"inboundMtls\"") && dump.contains("\"STRICT\""), "{dump}");
+}

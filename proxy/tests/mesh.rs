@@ -81,8 +81,14 @@ fn percent_decode(s: &str) -> String {
 
 /// A server's sidecar: an inbound listener (protocol detection, mesh TLS) in front of `app`.
 async fn server_sidecar(pki: &Pki, id: &str, app: SocketAddr) -> (Running, SocketAddr) {
+    server_sidecar_with(pki, id, app, "PERMISSIVE").await
+}
+
+/// The same, with an inbound mutual-TLS `mode` in its own configuration (what a sidecar runs
+/// before the control plane's first policy: the installation's `spec.mtls.mode`).
+async fn server_sidecar_with(pki: &Pki, id: &str, app: SocketAddr, mode: &str) -> (Running, SocketAddr) {
     let config = Config::parse(&format!(
-        "admin: '127.0.0.1:0'\nlisteners:\n- {{name: inbound, address: '127.0.0.1:0', protocol: auto, direction: inbound, cluster: app}}\nclusters:\n- {{name: app, endpoints: ['{app}']}}\n"
+        "admin: '127.0.0.1:0'\ninboundMtls: {{mode: {mode}}}\nlisteners:\n- {{name: inbound, address: '127.0.0.1:0', protocol: auto, direction: inbound, cluster: app}}\nclusters:\n- {{name: app, endpoints: ['{app}']}}\n"
     ))
     .unwrap();
     let proxy = mycel_proxy::start(config).await.unwrap();
@@ -268,6 +274,27 @@ async fn http2_authority_reaches_the_app_as_the_client_sent_it() {
         "over mutual TLS"
     );
     assert_eq!(resp.headers()["x-seen-authority"], "shop.prod.svc.cluster.local:8080");
+    client.shutdown(Duration::from_secs(1)).await;
+    server.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_strict_sidecar_refuses_plaintext_before_any_policy_arrives() {
+    let pki = Pki::new();
+    let (app_addr, hits) = app("shop").await;
+    let (server, inbound) = server_sidecar_with(&pki, SERVER, app_addr, "STRICT").await;
+    let client = client_sidecar(&pki, &[("shop", vec![(inbound, SERVER)])]).await;
+    // Over mutual TLS: served.
+    let (status, _, _) = get(client.listener("shop").await.unwrap(), "/", &[]).await;
+    assert_eq!(status, 200);
+    // Plaintext: the connection is closed without an answer, and the app never sees it.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = TcpStream::connect(inbound).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nhost: shop\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0, "plaintext got an answer: {:?}", String::from_utf8_lossy(&buf[..n]));
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
     client.shutdown(Duration::from_secs(1)).await;
     server.shutdown(Duration::from_secs(1)).await;
 }

@@ -39,6 +39,9 @@ pub struct ProxySettings {
     pub proxy_log_level: String,
     pub proxy_concurrency: i64,
     pub proxy_drain_duration: String,
+    /// The installation's `spec.mtls.mode`: the sidecar's inbound mode until its first policy
+    /// arrives, so that a STRICT mesh never accepts plaintext in that window.
+    pub mtls_mode: String,
 }
 
 impl Default for ProxySettings {
@@ -53,6 +56,7 @@ impl Default for ProxySettings {
             proxy_log_level: "info".into(),
             proxy_concurrency: 2,
             proxy_drain_duration: "5s".into(),
+            mtls_mode: "PERMISSIVE".into(),
         }
     }
 }
@@ -252,6 +256,7 @@ pub fn inject(pod: &Value, s: &ProxySettings) -> Result<Result<Value, Skip>, Bad
         env("MYCEL_TRUST_DOMAIN", json!({"value": s.trust_domain})),
         env("MYCEL_CA_ROOTS", json!({"value": "/etc/mycel/ca/root-cert.pem"})),
         env("MYCEL_TOKEN_PATH", json!({"value": "/var/run/secrets/tokens/mycel-token"})),
+        env("MYCEL_INBOUND_MTLS_DEFAULT", json!({"value": s.mtls_mode})),
         env("RUST_LOG", json!({"value": log_level})),
     ];
     if let Some(v) = ann("mycel.io/cert-ttl-seconds") {
@@ -362,6 +367,11 @@ mod tests {
         let probes: Value = serde_json::from_str(probes).unwrap();
         assert_eq!(probes["/app-health/web/readyz"], json!({"httpGet": {"path": "/ready", "port": 8080}}));
         assert_eq!(probes["/app-health/web/livez"], json!({"tcpSocket": {"port": 8080}}));
+        let default_mode = env.iter().find(|e| e["name"] == "MYCEL_INBOUND_MTLS_DEFAULT").unwrap();
+        assert_eq!(
+            default_mode["value"], "PERMISSIVE",
+            "the installation's spec.mtls.mode, until the first policy"
+        );
         // Injecting the result again changes nothing.
         assert_eq!(inject(&out, &s).unwrap(), Err(Skip::AlreadyInjected));
         assert_eq!(patch(&out, &out), json!([]));

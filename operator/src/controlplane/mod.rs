@@ -86,6 +86,8 @@ pub struct MeshFile {
     pub trust_domain: String,
     pub ca_secret: Option<String>,
     pub workload_cert_ttl: Option<String>,
+    /// The installation's `spec.mtls.mode`.
+    pub mtls_mode: Option<mycel_crds::peer_authentication::PeerMtlsMode>,
 }
 
 /// A running control plane.

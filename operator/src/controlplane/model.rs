@@ -51,6 +51,8 @@ pub struct Snapshot {
     pub peer_auths: Arc<Vec<PeerAuth>>,
     /// The installation's namespace: its PeerAuthentications without a selector are mesh-wide.
     pub root_namespace: String,
+    /// The installation's `spec.mtls.mode`: the mode where no PeerAuthentication sets one.
+    pub mesh_mtls: PeerMtlsMode,
 }
 
 impl Snapshot {
@@ -85,6 +87,8 @@ pub struct Options {
     /// The installation's namespace (mesh-wide policies live there).
     pub root_namespace: String,
     pub trust_domain: String,
+    /// The installation's `spec.mtls.mode` (mesh-wide default under every PeerAuthentication).
+    pub mtls_mode: PeerMtlsMode,
     /// Quiet time that ends a burst of changes.
     pub debounce: Duration,
     /// Longest a change waits while changes keep coming.
@@ -97,6 +101,7 @@ impl Default for Options {
             cluster_domain: "cluster.local".into(),
             root_namespace: "mycel-system".into(),
             trust_domain: "cluster.local".into(),
+            mtls_mode: PeerMtlsMode::Unset,
             debounce: Duration::from_millis(10),
             debounce_max: Duration::from_millis(100),
         }
@@ -124,11 +129,13 @@ pub struct PeerAuth {
 /// The inbound policy of one workload: the most specific PeerAuthentication wins (workload
 /// selector, then namespace, then mesh-wide in the root namespace); an unset mode inherits.
 /// Ties go to the alphabetically first name.
+/// With none, the installation's `spec.mtls.mode` (`mesh_default`) applies, else PERMISSIVE.
 pub fn peer_policy(
     namespace: &str,
     labels: &BTreeMap<String, String>,
     pas: &[PeerAuth],
     root: &str,
+    mesh_default: PeerMtlsMode,
 ) -> pb::PeerPolicy {
     let pick = |f: &dyn Fn(&PeerAuth) -> bool| pas.iter().filter(|p| f(p)).min_by(|a, b| a.name.cmp(&b.name));
     let workload = pick(&|p| {
@@ -147,6 +154,7 @@ pub fn peer_policy(
         .into_iter()
         .flatten()
         .find_map(|p| to_pb(p.mode))
+        .or_else(|| to_pb(mesh_default))
         .unwrap_or(pb::MtlsMode::MtlsPermissive);
     let ports = workload
         .map(|w| w.ports.iter().map(|(port, m)| (*port, to_pb(*m).unwrap_or(mode) as i32)).collect())
@@ -459,6 +467,7 @@ impl Model {
                                     &p.labels,
                                     &self.peer_auths_snapshot,
                                     &self.opts.root_namespace,
+                                    self.opts.mtls_mode,
                                 ),
                                 *target as u32,
                             ) != pb::MtlsMode::MtlsDisable
@@ -578,6 +587,7 @@ impl Model {
             pods: self.pods_snapshot.clone(),
             peer_auths: self.peer_auths_snapshot.clone(),
             root_namespace: self.opts.root_namespace.clone(),
+            mesh_mtls: self.opts.mtls_mode,
         }
     }
 }
@@ -860,7 +870,10 @@ mod tests {
         };
         let labels: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
         let mode = |pas: &[PeerAuth]| {
-            pb::MtlsMode::try_from(peer_policy("shop", &labels, pas, "mycel-system").mode).unwrap()
+            pb::MtlsMode::try_from(
+                peer_policy("shop", &labels, pas, "mycel-system", PeerMtlsMode::Unset).mode,
+            )
+            .unwrap()
         };
         assert_eq!(mode(&[]), pb::MtlsMode::MtlsPermissive, "the default");
         let mesh = pa("mycel-system", "default", None, PeerMtlsMode::Strict, &[]);
@@ -871,11 +884,38 @@ mod tests {
         assert_eq!(mode(&[mesh.clone(), ns.clone()]), pb::MtlsMode::MtlsPermissive, "namespace over mesh");
         let wl =
             pa("shop", "web", Some(("app", "web")), PeerMtlsMode::Unset, &[(9100, PeerMtlsMode::Disable)]);
-        let p = peer_policy("shop", &labels, &[mesh.clone(), wl.clone()], "mycel-system");
+        let p =
+            peer_policy("shop", &labels, &[mesh.clone(), wl.clone()], "mycel-system", PeerMtlsMode::Unset);
         assert_eq!(port_mode(&p, 8080), pb::MtlsMode::MtlsStrict, "unset inherits from the mesh");
         assert_eq!(port_mode(&p, 9100), pb::MtlsMode::MtlsDisable, "port level");
         let other_app = pa("shop", "api", Some(("app", "api")), PeerMtlsMode::Disable, &[]);
-        assert_eq!(mode(&[ns, other_app]), pb::MtlsMode::MtlsPermissive, "a selector for other pods");
+        assert_eq!(mode(&[ns.clone(), other_app]), pb::MtlsMode::MtlsPermissive, "a selector for other pods");
+    }
+
+    #[test]
+    fn the_installations_mtls_mode_is_the_default_under_every_peer_authentication() {
+        let labels: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
+        let strict = |pas: &[PeerAuth]| {
+            pb::MtlsMode::try_from(
+                peer_policy("shop", &labels, pas, "mycel-system", PeerMtlsMode::Strict).mode,
+            )
+            .unwrap()
+        };
+        assert_eq!(strict(&[]), pb::MtlsMode::MtlsStrict, "spec.mtls.mode STRICT with no PeerAuthentication");
+        let ns = PeerAuth {
+            namespace: "shop".into(),
+            name: "default".into(),
+            selector: None,
+            mode: PeerMtlsMode::Permissive,
+            ports: Default::default(),
+        };
+        assert_eq!(
+            strict(std::slice::from_ref(&ns)),
+            pb::MtlsMode::MtlsPermissive,
+            "a PeerAuthentication overrides it"
+        );
+        let unset = PeerAuth { mode: PeerMtlsMode::Unset, ..ns };
+        assert_eq!(strict(&[unset]), pb::MtlsMode::MtlsStrict, "UNSET inherits it");
     }
 
     #[test]

@@ -753,7 +753,8 @@ fn policy_resource(snap: &Snapshot, node: &pb::Node) -> HashMap<String, Arc<Entr
         .get(&(node.namespace.clone(), node.pod.clone()))
         .map(|p| p.labels.clone())
         .unwrap_or_default();
-    let policy = peer_policy(&node.namespace, &labels, &snap.peer_auths, &snap.root_namespace);
+    let policy =
+        peer_policy(&node.namespace, &labels, &snap.peer_auths, &snap.root_namespace, snap.mesh_mtls);
     let mut resource = pb::Resource {
         name: "inbound".into(),
         version: String::new(),

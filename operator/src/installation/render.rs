@@ -607,6 +607,26 @@ mod tests {
     }
 
     #[test]
+    fn spec_mtls_mode_reaches_the_control_plane_and_every_injected_sidecar() {
+        let images = ImageDefaults::default();
+        let eff = Effective::resolve(
+            &mi(json!({"revision": "default", "trustDomain": "cluster.local", "mtls": {"mode": "STRICT"}})),
+            &images,
+        );
+        // What the control plane and its injector read from mesh.json.
+        let mesh_json = serde_json::to_value(&eff).unwrap();
+        let file: crate::controlplane::MeshFile = serde_json::from_value(mesh_json.clone()).unwrap();
+        assert_eq!(file.mtls_mode, Some(mycel_crds::peer_authentication::PeerMtlsMode::Strict));
+        let proxy: crate::controlplane::inject::ProxySettings = serde_json::from_value(mesh_json).unwrap();
+        assert_eq!(proxy.mtls_mode, "STRICT");
+        let default =
+            Effective::resolve(&mi(json!({"revision": "default", "trustDomain": "cluster.local"})), &images);
+        let proxy: crate::controlplane::inject::ProxySettings =
+            serde_json::from_value(serde_json::to_value(&default).unwrap()).unwrap();
+        assert_eq!(proxy.mtls_mode, "PERMISSIVE");
+    }
+
+    #[test]
     fn the_default_revision_also_serves_the_inject_label() {
         let images = ImageDefaults::default();
         let def =

@@ -29,7 +29,12 @@ pub async fn connection(
     shared: Arc<Shared>,
     stop: drain::Watch,
 ) {
-    let mode = conn.target.port().map_or(MtlsMode::Permissive, |p| shared.state.load().inbound_mode(p));
+    // The port's mode (PeerAuthentication's port level), or the workload's for a listener that
+    // names its cluster.
+    let mode = {
+        let state = shared.state.load();
+        conn.target.port().map_or(state.config.inbound_mtls.mode, |p| state.inbound_mode(p))
+    };
     // Detect: mesh TLS is recognised by its ALPN, unless mutual TLS is disabled for this port
     // (then it passes to the app untouched).
     let seen = transport::sniff(&stream, &mut conn, mode != MtlsMode::Disable).await;
