@@ -7,6 +7,7 @@
 pub mod authorization_policy;
 pub mod common;
 pub mod destination_policy;
+pub mod ledger;
 pub mod mesh_installation;
 pub mod peer_authentication;
 pub mod rate_limit_policy;
@@ -51,6 +52,13 @@ pub fn render_manifests() -> Vec<(String, String)> {
         let file = format!("bases/{name}.yaml");
         let yaml = serde_yaml::to_string(&crd).expect("a CRD always serialises to YAML");
         files.push((file.clone(), format!("{HEADER}{yaml}")));
+        resources.push(file);
+    }
+    // Admission warnings for fields not implemented yet, from docs/reference/field-ledger.yaml.
+    let warnings = ledger::warning_policies(&ledger::ledger(), &all_crds());
+    if !warnings.is_empty() {
+        let file = "bases/not-implemented-warnings.yaml".to_string();
+        files.push((file.clone(), format!("{HEADER}# From docs/reference/field-ledger.yaml.\n{warnings}")));
         resources.push(file);
     }
     let mut kustomization =
