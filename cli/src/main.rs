@@ -4,6 +4,7 @@
 
 use std::process::ExitCode;
 
+mod portforward;
 mod top;
 
 use anyhow::Context;
@@ -47,8 +48,8 @@ enum Cmd {
     /// Which proxies are connected to a control plane, and whether each has accepted its latest
     /// config (or what it rejected, and why).
     ProxyStatus {
-        /// The control plane's monitoring address, e.g. http://127.0.0.1:15014 (default: through
-        /// the API server to the revision's Service).
+        /// The control plane's monitoring address, e.g. http://127.0.0.1:15014 (default: a
+        /// port-forward to one of the revision's pods, where `/debug/proxies` answers).
         #[arg(long)]
         control_plane: Option<String>,
         /// Namespace of the installation.
@@ -216,18 +217,19 @@ fn http_get(base: &str, path: &str) -> anyhow::Result<String> {
     Ok(body.to_string())
 }
 
-/// The control plane's `/debug/proxies` through the API server's service proxy.
+/// The control plane's `/debug/proxies`, through a port-forward to one of the revision's pods
+/// (it answers only on its loopback).
 fn through_api_server(namespace: &str, revision: &str) -> anyhow::Result<String> {
-    let path = format!(
-        "/api/v1/namespaces/{namespace}/services/http:mycel-control-plane-{revision}:15014/proxy/debug/proxies"
-    );
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
-        let req = http::Request::get(&path).body(Vec::new())?;
-        client.request_text(req).await.with_context(|| {
-            format!("asking control plane revision {revision:?} in namespace {namespace:?} (is it installed and ready?)")
-        })
+        let selector = format!("app=mycel-control-plane,mycel.io/rev={revision}");
+        let pod = portforward::running_pod(&client, namespace, &selector).await.with_context(|| {
+            format!(
+                "control plane revision {revision:?} in namespace {namespace:?} (is it installed and ready?)"
+            )
+        })?;
+        portforward::get(&client, namespace, &pod, 15014, "/debug/proxies").await
     })
 }
 

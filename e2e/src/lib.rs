@@ -26,6 +26,33 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
 };
 
+/// GET `path` on `port` of a pod, through `kubectl port-forward`'s API (the request reaches the
+/// pod on its loopback, where the proxy's and control plane's state endpoints answer).
+pub async fn port_forward_get(
+    client: &kube::Client,
+    namespace: &str,
+    pod: &str,
+    port: u16,
+    path: &str,
+) -> Result<(u16, String), Error> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), namespace);
+    let mut pf = pods.portforward(pod, &[port]).await?;
+    let mut stream = pf
+        .take_stream(port)
+        .ok_or_else(|| Error::Command(format!("port-forward to {namespace}/{pod}:{port} gave no stream")))?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.map_err(Error::io(format!("{pod}:{port}")))?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.map_err(Error::io(format!("{pod}:{port}")))?;
+    drop(stream);
+    let _ = pf.join().await;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Ok((status, body.to_string()))
+}
+
 /// Records that the calling test cannot run here and returns, so the caller returns early: the
 /// README's test command counts it as skipped (not passed), from the lines this appends to
 /// `$MYCEL_SKIPPED_LOG`. Under `CI=true` a skipped end-to-end test is a failure: it panics.

@@ -124,7 +124,10 @@ async fn pod_get(client: &Client, ns: &str, pod: &str, port_path: &str) -> Strin
 async fn sidecars_apply(client: &Client, ns: &str, pods: &[String], mode: &str) {
     for name in pods {
         eventually(&format!("the sidecar of {name} applies {mode}"), Duration::from_secs(20), || async {
-            let dump = pod_get(client, ns, name, "15020/proxy/config_dump").await;
+            // On the pod's loopback, through port-forward: `config_dump` answers nowhere else.
+            let (_, dump) = mycel_e2e::port_forward_get(client, ns, name, 15020, "/config_dump")
+                .await
+                .map_err(|e| e.to_string())?;
             if dump.contains(&format!("\"{mode}\"")) { Ok(()) } else { Err(dump) }
         })
         .await;
@@ -353,6 +356,18 @@ spec:
     let pas = Api::<DynamicObject>::namespaced_with(client.clone(), &n, &pa_ar);
     pas.create(&PostParams::default(), &pa).await.unwrap();
     sidecars_apply(&client, &n, &names, "STRICT").await;
+    // The proxy's state is not for the pod network: through the API server's pod proxy (which
+    // connects from outside the pod) config_dump is refused, metrics are not.
+    let via_api_server = |path: &str| {
+        let path = format!("/api/v1/namespaces/{n}/pods/{}:15020/proxy{path}", names[0]);
+        let client = client.clone();
+        async move { client.request_text(http::Request::get(path).body(Vec::new()).unwrap()).await }
+    };
+    match via_api_server("/config_dump").await {
+        Err(kube::Error::Api(e)) => assert_eq!(e.code, 403, "{e:?}"),
+        other => panic!("config_dump answered the pod network: {other:?}"),
+    }
+    assert!(via_api_server("/metrics").await.is_ok_and(|m| m.contains("mycel_proxy_")));
     let (ok, logs) = run_job(&client, &n, "plain-strict", "client", false, &get("1")).await;
     assert!(!ok, "a plaintext client got through STRICT:\n{logs}");
     let (ok, logs) = run_job(&client, &n, "meshed-strict", "client", true, &get("4")).await;
@@ -561,13 +576,24 @@ spec:
         Err(format!("injected with MYCEL_CONTROL_PLANE={cp_env:?}"))
     })
     .await;
+    // `/debug/*` answers on the control plane's loopback only: through port-forward to its pod.
     let proxies_of = |r: String| {
         let (client, root_ns) = (client.clone(), root.name.clone());
         async move {
-            let path = format!(
-                "/api/v1/namespaces/{root_ns}/services/http:mycel-control-plane-{r}:15014/proxy/debug/proxies"
-            );
-            client.request_text(http::Request::get(path).body(Vec::new()).unwrap()).await.unwrap_or_default()
+            let pods: Api<Pod> = Api::namespaced(client.clone(), &root_ns);
+            let lp = ListParams::default().labels(&format!("app=mycel-control-plane,mycel.io/rev={r}"));
+            let Some(pod) = pods.list(&lp).await.ok().and_then(|l| {
+                l.items
+                    .into_iter()
+                    .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            }) else {
+                return String::new();
+            };
+            let name = pod.metadata.name.unwrap_or_default();
+            mycel_e2e::port_forward_get(&client, &root_ns, &name, 15014, "/debug/proxies")
+                .await
+                .map(|(_, body)| body)
+                .unwrap_or_default()
         }
     };
     eventually("the moved pod connects to revision b", Duration::from_secs(60), || async {

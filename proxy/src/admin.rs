@@ -1,6 +1,11 @@
 //! The admin server (15020 in a pod): `/healthz/ready` (200 once every listener is bound),
 //! `/config_dump` (the config in force, JSON), `/metrics` (Prometheus text), and `/logging`
 //! (`GET`: the log filter; `POST /logging?level=debug` or `?level=info,mycel_proxy=trace`: change it).
+//!
+//! The port is open to the pod's network, for the kubelet's probes and Prometheus: from there it
+//! answers only `/healthz/ready`, `/metrics` and `/app-health/…`. What reveals or changes the
+//! proxy's state (`/config_dump`, `/logging`, anything else) answers only on loopback, which
+//! `kubectl port-forward` (and `mycelctl`, through it) reaches.
 
 use std::{convert::Infallible, sync::Arc};
 
@@ -13,7 +18,12 @@ use crate::Shared;
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, peer)) = listener.accept().await else {
+            // Out of descriptors, most likely: give a closing connection a moment.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let peer = peer.ip();
         let shared = shared.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -22,12 +32,38 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                     if let Some(probe) = req.uri().path().strip_prefix("/app-health/") {
                         return Ok::<_, Infallible>(app_health(probe, &shared).await);
                     }
+                    if !answers(req.uri().path(), peer) {
+                        return Ok(local_only(req.uri().path()));
+                    }
                     Ok::<_, Infallible>(route(req.method(), req.uri(), &shared))
                 }
             });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let _ = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
+}
+
+/// Whether `path` answers a caller at `peer`: loopback may ask anything, the pod's network only
+/// what probes and Prometheus need.
+fn answers(path: &str, peer: std::net::IpAddr) -> bool {
+    peer.is_loopback()
+        || peer.to_canonical().is_loopback()
+        || matches!(path, "/healthz/ready" | "/metrics")
+        || path.starts_with("/app-health/")
+}
+
+fn local_only(path: &str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(StatusCode::FORBIDDEN)
+        .header("content-type", "text/plain")
+        .body(Full::new(Bytes::from(format!(
+            "{path} answers only on localhost: use `kubectl port-forward pod/<pod> 15020` and ask 127.0.0.1:15020\n"
+        ))))
+        .unwrap_or_default()
 }
 
 /// Runs one of the app's probes (rewritten to the proxy at injection) against localhost:
@@ -127,5 +163,24 @@ fn logging(
     match result {
         Ok(current) => (StatusCode::OK, "text/plain", format!("{current}\n")),
         Err(why) => (StatusCode::BAD_REQUEST, "text/plain", format!("{why}\n")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_answers_only_on_loopback_and_probes_everywhere() {
+        let pod_net: std::net::IpAddr = "10.244.0.7".parse().unwrap();
+        let mapped: std::net::IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        for path in ["/config_dump", "/logging", "/anything"] {
+            assert!(!answers(path, pod_net), "{path} from the pod network");
+            assert!(answers(path, "127.0.0.1".parse().unwrap()) && answers(path, "::1".parse().unwrap()));
+            assert!(answers(path, mapped));
+        }
+        for path in ["/healthz/ready", "/metrics", "/app-health/web/readyz"] {
+            assert!(answers(path, pod_net), "{path} is for the kubelet and Prometheus");
+        }
     }
 }

@@ -284,7 +284,12 @@ async fn serve_monitor(
     metrics: Arc<CpMetrics>,
 ) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, peer)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        // `/debug/*` reveals every proxy and cluster: loopback only (`kubectl port-forward`).
+        let local = peer.ip().is_loopback();
         let (snapshots, registry, metrics) = (snapshots.clone(), registry.clone(), metrics.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -292,6 +297,12 @@ async fn serve_monitor(
                 async move {
                     let snap = snapshots.borrow().clone();
                     let (status, body) = match req.uri().path() {
+                        p if p.starts_with("/debug/") && !local => (
+                            StatusCode::FORBIDDEN,
+                            format!(
+                                "{p} answers only on localhost: use `kubectl port-forward` to port 15014 (as `mycelctl proxy-status` does)"
+                            ),
+                        ),
                         "/healthz" => (StatusCode::OK, "ok".to_string()),
                         "/ready" | "/readyz" if snap.synced => (StatusCode::OK, "ready".to_string()),
                         "/ready" | "/readyz" => (
@@ -326,7 +337,11 @@ async fn serve_monitor(
                     )
                 }
             });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let _ = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
 }
