@@ -15,6 +15,7 @@ pub const PEER_POLICY_TYPE: &str = "mycel.io/PeerPolicy";
 
 pub mod codec;
 pub mod net;
+pub mod spiffe;
 
 #[allow(clippy::all, missing_docs)]
 pub mod v1alpha1 {

@@ -149,7 +149,7 @@ pub async fn top(client: Client, namespace: &str, window: Duration) -> anyhow::R
             .as_ref()
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_else(|| "default".into());
-        row.identity = format!("spiffe://cluster.local/ns/{namespace}/sa/{sa}");
+        row.identity = mycel_api::spiffe::SpiffeId::new(&trust_domain_of(pod), namespace, &sa).to_string();
         row.requests += d("mycel_proxy_requests_total", &inbound);
         row.ok += d("mycel_proxy_requests_total", &|l| {
             inbound(l) && l.get("code").and_then(|c| c.parse::<u16>().ok()).is_some_and(|c| c < 500)
@@ -272,4 +272,28 @@ mod tests {
         assert!(p99 > 0.0038 && p99 < 0.004, "{p99}");
         assert_eq!(percentile(&BTreeMap::new(), 0.5), None);
     }
+
+    #[test]
+    fn the_identity_shown_uses_the_sidecars_trust_domain() {
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "spec": {"containers": [{"name": "app"}], "initContainers": [{"name": "mycel-proxy",
+                "env": [{"name": "MYCEL_TRUST_DOMAIN", "value": "corp.example"}]}]}
+        }))
+        .unwrap();
+        assert_eq!(trust_domain_of(&pod), "corp.example");
+        let plain: k8s_openapi::api::core::v1::Pod =
+            serde_json::from_value(serde_json::json!({"spec": {"containers": [{"name": "app"}]}})).unwrap();
+        assert_eq!(trust_domain_of(&plain), "cluster.local");
+    }
+}
+
+/// The trust domain a pod's sidecar was injected with (`MYCEL_TRUST_DOMAIN`), else the default.
+fn trust_domain_of(pod: &k8s_openapi::api::core::v1::Pod) -> String {
+    let spec = pod.spec.as_ref();
+    spec.into_iter()
+        .flat_map(|s| s.init_containers.iter().flatten().chain(&s.containers))
+        .flat_map(|c| c.env.iter().flatten())
+        .find(|e| e.name == "MYCEL_TRUST_DOMAIN")
+        .and_then(|e| e.value.clone())
+        .unwrap_or_else(|| "cluster.local".into())
 }

@@ -42,7 +42,8 @@ pub struct Bootstrap {
 
 impl Bootstrap {
     pub fn spiffe_id(&self) -> String {
-        format!("spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.node.namespace, self.node.service_account)
+        mycel_api::spiffe::SpiffeId::new(&self.trust_domain, &self.node.namespace, &self.node.service_account)
+            .to_string()
     }
 
     /// Reads the roots file; a missing or empty one is an error naming it.
@@ -228,7 +229,7 @@ pub fn convert_cluster(c: &pb::Cluster) -> Result<config::Cluster, ConfigError> 
             )
         })?;
         if e.mtls {
-            if !e.identity.starts_with("spiffe://") {
+            if e.identity.parse::<mycel_api::spiffe::SpiffeId>().is_err() {
                 return Err(invalid(
                     format!("clusters[{}].endpoints[{i}].identity", c.name),
                     format!("mutual TLS needs a SPIFFE ID, not {:?}", e.identity),

@@ -15,6 +15,7 @@ use kube::{
     Api, Client, ResourceExt,
     runtime::{WatchStreamExt, watcher},
 };
+use mycel_api::spiffe::SpiffeId;
 use mycel_api::v1alpha1 as pb;
 use mycel_crds::peer_authentication::{PeerAuthentication, PeerMtlsMode};
 use prost::Message;
@@ -479,10 +480,8 @@ impl Model {
                             address,
                             identity: pod
                                 .map(|((pns, _), p)| {
-                                    format!(
-                                        "spiffe://{}/ns/{pns}/sa/{}",
-                                        self.opts.trust_domain, p.service_account
-                                    )
+                                    SpiffeId::new(&self.opts.trust_domain, pns, &p.service_account)
+                                        .to_string()
                                 })
                                 .unwrap_or_default(),
                             labels: Default::default(),

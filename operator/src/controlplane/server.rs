@@ -21,6 +21,7 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::{Api, Client, api::PostParams};
 use mycel_api::{
     codec::{SmallBufferCodec, grpc_frame},
+    spiffe::SpiffeId,
     v1alpha1::{self as pb, certificates_server::Certificates},
 };
 use serde::Serialize;
@@ -395,8 +396,7 @@ impl Discovery {
         let node = first.node.clone().ok_or_else(|| {
             Status::invalid_argument("node: the first request must say which proxy this is")
         })?;
-        let claimed =
-            format!("spiffe://{}/ns/{}/sa/{}", self.trust_domain, node.namespace, node.service_account);
+        let claimed = SpiffeId::new(&self.trust_domain, &node.namespace, &node.service_account).to_string();
         if claimed != identity {
             return Err(Status::permission_denied(format!(
                 "node: namespace {:?} and service account {:?} do not match the certificate's identity {identity}",
@@ -895,7 +895,7 @@ impl Signer {
                 ))
             })?;
         let (ns, sa, pod) = self.review(&token).await?;
-        let spiffe = format!("spiffe://{}/ns/{ns}/sa/{sa}", self.trust_domain);
+        let spiffe = SpiffeId::new(&self.trust_domain, &ns, &sa).to_string();
         if let Err(wait) = self.limiter.take(&spiffe) {
             return Err(Status::resource_exhausted(format!(
                 "{spiffe} asked for certificates faster than {}/s (after {} at once); retry in {:.1} s",
