@@ -10,11 +10,11 @@ test:
 
 # Start the local cluster (or reuse it) and print how to reach it.
 cluster:
-    cargo run -q -p mycelctl -- dev cluster up
+    cargo run -q -p mycel-e2e --bin mycel-dev -- cluster up
 
 # Stop the local cluster and remove its state.
 cluster-down:
-    cargo run -q -p mycelctl -- dev cluster down
+    cargo run -q -p mycel-e2e --bin mycel-dev -- cluster down
 
 # Regenerate config/crd from the Rust types in crds/.
 crds:

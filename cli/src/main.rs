@@ -1,6 +1,6 @@
-//! `mycelctl`, the command line of Mycel. It owns user-facing commands (install, check, inspect)
-//! and the developer commands under `dev` that drive the local cluster harness of `mycel-e2e`.
-//! It must not hold logic the operator or proxy need: those live in their own crates.
+//! `mycelctl`, the command line of Mycel: user-facing commands (inspect, inject). It links
+//! neither the operator's controllers nor the local-cluster harness (the developer binary
+//! `mycel-dev` of `mycel-e2e` drives that); what injection needs is the `mycel-inject` crate.
 
 use std::process::ExitCode;
 
@@ -9,10 +9,9 @@ mod top;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use mycel_e2e::local::LocalCluster;
 
 #[derive(Parser)]
-#[command(name = "mycelctl", version, about = "Install, inspect and develop the Mycel service mesh")]
+#[command(name = "mycelctl", version, about = "Inspect the Mycel service mesh and inject its sidecar")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -61,37 +60,6 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Developer tools: the local Kubernetes cluster used by the demo and the tests.
-    Dev {
-        #[command(subcommand)]
-        command: DevCmd,
-    },
-}
-
-#[derive(Subcommand)]
-enum DevCmd {
-    /// The local cluster: real etcd, kube-apiserver, controller-manager, scheduler and a kwok node.
-    Cluster {
-        #[command(subcommand)]
-        command: ClusterCmd,
-    },
-}
-
-#[derive(Subcommand)]
-enum ClusterCmd {
-    /// Start the cluster (or reuse the running one) and print how to reach it.
-    Up,
-    /// Stop the cluster and remove its state.
-    Down,
-    /// Print `export KUBECONFIG=…` and `PATH` lines for a running cluster (use with `eval`).
-    Env,
-    /// Say whether the cluster is running.
-    Status,
-    /// Rebuild the images of Mycel's binaries (after `cargo build`) and load them into the node.
-    LoadImages,
-    /// List what a stopped cluster left on this machine (processes, mounts, bridge, routes,
-    /// iptables chains, cgroups, state); fails if anything is left.
-    Leftovers,
 }
 
 fn main() -> ExitCode {
@@ -105,7 +73,6 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let state = LocalCluster::default_state_dir();
     match cli.command {
         Cmd::Top { namespace, window } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -121,7 +88,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 std::fs::read_to_string(&filename).with_context(|| format!("reading {filename}"))?
             };
-            let mut settings: mycel_operator::controlplane::inject::ProxySettings = match &mesh_config {
+            let mut settings: mycel_inject::ProxySettings = match &mesh_config {
                 Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?)
                     .with_context(|| format!("{} is not a mesh config", p.display()))?,
                 None => Default::default(),
@@ -141,64 +108,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", proxy_status_table(&body)?);
             }
         }
-        Cmd::Dev { command: DevCmd::Cluster { command } } => match command {
-            ClusterCmd::Up => {
-                let c = LocalCluster::ensure_up(&state).context("starting the local cluster")?;
-                println!("local cluster is up");
-                print_env(&c);
-            }
-            ClusterCmd::Down => {
-                LocalCluster::down(&state).context("stopping the local cluster")?;
-                println!("local cluster stopped and its state removed ({})", state.display());
-            }
-            ClusterCmd::Env => {
-                let c = LocalCluster::running(&state).with_context(|| {
-                    format!(
-                        "no local cluster is running in {}; start one with `mycelctl dev cluster up`",
-                        state.display()
-                    )
-                })?;
-                print_env(&c);
-            }
-            ClusterCmd::LoadImages => {
-                let c = LocalCluster::running(&state).with_context(|| {
-                    format!(
-                        "no local cluster is running in {}; start one with `mycelctl dev cluster up`",
-                        state.display()
-                    )
-                })?;
-                c.load_images().context("loading images")?;
-                println!("images loaded into the node");
-            }
-            ClusterCmd::Leftovers => {
-                let found = mycel_e2e::node::leftovers(&state, mycel_e2e::local::SERVICE_CIDR);
-                if !found.is_empty() {
-                    anyhow::bail!(
-                        "the local cluster left {} thing(s) behind:\n  {}",
-                        found.len(),
-                        found.join("\n  ")
-                    );
-                }
-                println!("nothing left behind by the local cluster");
-            }
-            ClusterCmd::Status => match LocalCluster::running(&state) {
-                Some(c) => println!(
-                    "running: API server https://127.0.0.1:{}, kubeconfig {}",
-                    c.info.api_port,
-                    c.kubeconfig().display()
-                ),
-                None => {
-                    println!("not running (state directory {})", state.display());
-                }
-            },
-        },
     }
     Ok(())
-}
-
-fn print_env(c: &LocalCluster) {
-    println!("export KUBECONFIG={}", c.kubeconfig().display());
-    println!("export PATH={}:$PATH", c.bin_dir().display());
 }
 
 /// GET on a plain-HTTP base URL such as `http://127.0.0.1:15014`.
@@ -265,11 +176,8 @@ fn proxy_status_table(json: &str) -> anyhow::Result<String> {
 }
 
 /// Injects every workload of a multi-document YAML stream; other documents pass unchanged.
-fn inject_manifests(
-    text: &str,
-    settings: &mycel_operator::controlplane::inject::ProxySettings,
-) -> anyhow::Result<String> {
-    use mycel_operator::controlplane::inject;
+fn inject_manifests(text: &str, settings: &mycel_inject::ProxySettings) -> anyhow::Result<String> {
+    use mycel_inject as inject;
     use serde::Deserialize;
     let mut out = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {

@@ -5,6 +5,7 @@
 //! and its identity. It also shows each
 //! caller → Service edge with its rate and success.
 
+use mycel_api::metrics as names;
 use std::{
     collections::{BTreeMap, HashMap},
     time::Duration,
@@ -150,38 +151,37 @@ pub async fn top(client: Client, namespace: &str, window: Duration) -> anyhow::R
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_else(|| "default".into());
         row.identity = mycel_api::spiffe::SpiffeId::new(&trust_domain_of(pod), namespace, &sa).to_string();
-        row.requests += d("mycel_proxy_requests_total", &inbound);
-        row.ok += d("mycel_proxy_requests_total", &|l| {
+        row.requests += d(names::REQUESTS_TOTAL, &inbound);
+        row.ok += d(names::REQUESTS_TOTAL, &|l| {
             inbound(l) && l.get("code").and_then(|c| c.parse::<u16>().ok()).is_some_and(|c| c < 500)
         });
-        row.conns += d("mycel_proxy_connections_total", &inbound);
+        row.conns += d(names::CONNECTIONS_TOTAL, &inbound);
         // The mutual-TLS share counts every connection since the sidecar started: long-lived
         // connections opened before the window count too.
-        row.all_conns += sum(b, "mycel_proxy_connections_total", inbound);
-        row.mtls += sum(b, "mycel_proxy_connections_total", |l: &BTreeMap<String, String>| {
+        row.all_conns += sum(b, names::CONNECTIONS_TOTAL, inbound);
+        row.mtls += sum(b, names::CONNECTIONS_TOTAL, |l: &BTreeMap<String, String>| {
             inbound(l) && l.get("protocol").map(String::as_str) == Some("mtls")
         });
         let les: std::collections::BTreeSet<String> = b
             .iter()
-            .filter(|(n, l, _)| n == "mycel_proxy_request_duration_seconds_bucket" && inbound(l))
+            .filter(|(n, l, _)| n == names::REQUEST_DURATION_BUCKET && inbound(l))
             .filter_map(|(_, l, _)| l.get("le").cloned())
             .collect();
         for le in les {
             let bound = if le == "+Inf" { u64::MAX } else { (le.parse::<f64>().unwrap_or(0.0) * 1e6) as u64 };
-            let v =
-                d("mycel_proxy_request_duration_seconds_bucket", &|l| inbound(l) && l.get("le") == Some(&le));
+            let v = d(names::REQUEST_DURATION_BUCKET, &|l| inbound(l) && l.get("le") == Some(&le));
             *row.buckets.entry(bound).or_default() += v;
         }
         let mut clusters: HashMap<String, (f64, f64)> = HashMap::new();
-        for (n, l, _) in b.iter().filter(|(n, l, _)| n == "mycel_proxy_requests_total" && !inbound(l)) {
+        for (n, l, _) in b.iter().filter(|(n, l, _)| n == names::REQUESTS_TOTAL && !inbound(l)) {
             let Some(c) = l.get("cluster") else { continue };
             let _ = n;
             clusters.entry(c.clone()).or_default();
         }
         for (c, e) in clusters.iter_mut() {
             let outbound_to = |l: &BTreeMap<String, String>| !inbound(l) && l.get("cluster") == Some(c);
-            e.0 += d("mycel_proxy_requests_total", &outbound_to);
-            e.1 += d("mycel_proxy_requests_total", &|l| {
+            e.0 += d(names::REQUESTS_TOTAL, &outbound_to);
+            e.1 += d(names::REQUESTS_TOTAL, &|l| {
                 outbound_to(l) && l.get("code").and_then(|c| c.parse::<u16>().ok()).is_some_and(|c| c < 500)
             });
         }

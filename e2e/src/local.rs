@@ -2,7 +2,7 @@
 //! kube-controller-manager, kube-scheduler and kwok (one fake node), all listening on loopback.
 //!
 //! The cluster lives in a state directory and outlives the process that started it, so that
-//! `cargo test` runs, test binaries and `mycelctl dev cluster` share one warm cluster. A lock file
+//! `cargo test` runs, test binaries and `mycel-dev cluster` share one warm cluster. A lock file
 //! beside the state directory serialises start and stop; a start first clears whatever an earlier,
 //! crashed run left behind. Everything here is blocking: call it from `spawn_blocking`.
 

@@ -6,7 +6,8 @@
 //! signs for the revision's Service names, and checks proxies' client certificates against the
 //! same trust bundle.
 
-pub mod inject;
+/// Sidecar injection (its own crate, so that `mycelctl inject` needs nothing else of the operator).
+pub use mycel_inject as inject;
 pub mod metrics;
 pub mod model;
 pub mod server;

@@ -147,3 +147,36 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shared_names_are_the_ones_exported() {
+        let m = Metrics::default();
+        let labels =
+            ListenerLabels { direction: "inbound".into(), listener: "l".into(), protocol: "http".into() };
+        m.requests
+            .get_or_create(&RequestLabels {
+                direction: "inbound".into(),
+                listener: "l".into(),
+                cluster: "c".into(),
+                code: 200,
+            })
+            .inc();
+        m.request_duration.get_or_create(&labels).observe(0.001);
+        m.connections.get_or_create(&labels).inc();
+        let text = m.render();
+        for name in [
+            mycel_api::metrics::REQUESTS_TOTAL,
+            mycel_api::metrics::REQUEST_DURATION_BUCKET,
+            mycel_api::metrics::CONNECTIONS_TOTAL,
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(&format!("{name}{{"))),
+                "{name} not exported:\n{text}"
+            );
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! Sidecar injection: what a Pod of an enabled namespace becomes. This is a pure function of the
 //! pod and the installation's proxy settings, shared by the admission webhook and by
-//! `mycelctl inject`.
+//! `mycelctl inject` (a crate of its own, so the CLI links nothing else of the operator).
 //!
 //! The pod gains two init containers in front of its own:
 //! - `mycel-init`, which installs the capture rules and exits;
