@@ -37,6 +37,13 @@ bench-proxy:
     RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -j2 -p mycel-proxy --target {{host}}
     MYCEL_BENCH_PROXY={{justfile_directory()}}/target/{{host}}/release/mycel-proxy cargo bench -p mycel-proxy --bench proxy
 
+# The proxy benchmark with a baseline binary in the same rounds (e.g. a static release build of
+# main before a change): writes docs/benchmarks/proxy-vs-baseline.{md,json}.
+bench-proxy-baseline baseline:
+    command -v nginx >/dev/null || apt-get install -y -qq nginx-light haproxy
+    RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -j2 -p mycel-proxy --target {{host}}
+    MYCEL_BENCH_BASELINE={{baseline}} MYCEL_BENCH_PROXY={{justfile_directory()}}/target/{{host}}/release/mycel-proxy cargo bench -p mycel-proxy --bench proxy
+
 # The control-plane benchmark on the local cluster: 1000 Services, 100/1000/5000 simulated
 # proxies; writes docs/benchmarks/control-plane.{md,json}.
 bench-control-plane:

@@ -3,6 +3,8 @@
 //! at build time by protox — no system `protoc`. It owns message shapes and their documentation
 //! only — no policy. The protocol's rules are in `api/README.md`.
 
+#![forbid(unsafe_code)]
+
 /// Version of the wire contract; bumped on any incompatible change.
 pub const CONTRACT_VERSION: u32 = 1;
 

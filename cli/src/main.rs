@@ -2,6 +2,8 @@
 //! neither the operator's controllers nor the local-cluster harness (the developer binary
 //! `mycel-dev` of `mycel-e2e` drives that); what injection needs is the `mycel-inject` crate.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 mod portforward;

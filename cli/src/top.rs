@@ -250,6 +250,17 @@ pub fn render(rows: &[Vec<String>]) -> String {
     out
 }
 
+/// The trust domain a pod's sidecar was injected with (`MYCEL_TRUST_DOMAIN`), else the default.
+fn trust_domain_of(pod: &k8s_openapi::api::core::v1::Pod) -> String {
+    let spec = pod.spec.as_ref();
+    spec.into_iter()
+        .flat_map(|s| s.init_containers.iter().flatten().chain(&s.containers))
+        .flat_map(|c| c.env.iter().flatten())
+        .find(|e| e.name == "MYCEL_TRUST_DOMAIN")
+        .and_then(|e| e.value.clone())
+        .unwrap_or_else(|| "cluster.local".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,15 +296,4 @@ mod tests {
             serde_json::from_value(serde_json::json!({"spec": {"containers": [{"name": "app"}]}})).unwrap();
         assert_eq!(trust_domain_of(&plain), "cluster.local");
     }
-}
-
-/// The trust domain a pod's sidecar was injected with (`MYCEL_TRUST_DOMAIN`), else the default.
-fn trust_domain_of(pod: &k8s_openapi::api::core::v1::Pod) -> String {
-    let spec = pod.spec.as_ref();
-    spec.into_iter()
-        .flat_map(|s| s.init_containers.iter().flatten().chain(&s.containers))
-        .flat_map(|c| c.env.iter().flatten())
-        .find(|e| e.name == "MYCEL_TRUST_DOMAIN")
-        .and_then(|e| e.value.clone())
-        .unwrap_or_else(|| "cluster.local".into())
 }

@@ -4,6 +4,8 @@
 //! `config/crd/` is generated from here by `cargo run -p mycel-crds --bin crdgen`; a test fails
 //! when the committed manifests drift from the types.
 
+#![forbid(unsafe_code)]
+
 pub mod authorization_policy;
 pub mod common;
 pub mod destination_policy;

@@ -13,6 +13,8 @@
 //! `MYCEL_BENCH_CHANGES` (20) size it. Results are printed and written to
 //! `docs/benchmarks/control-plane.{md,json}`.
 
+#![allow(unsafe_code)]
+
 use std::{
     sync::Arc,
     time::{Duration, Instant},

@@ -6,6 +6,9 @@
 //! by `MYCEL_E2E_KUBECONFIG` (kind, a cloud cluster), so one suite runs against either. This crate
 //! must not contain product logic: it only starts, reaches and inspects clusters.
 
+// The harness signals, locks and unmounts what it started: libc calls, each with its SAFETY note.
+#![allow(unsafe_code)]
+
 pub mod binaries;
 pub mod images;
 pub mod kstatus;

@@ -2,6 +2,8 @@
 //! installs the iptables rules, the proxy runs as uid 1337, and an app's outbound and inbound
 //! connections go through it — except the excluded port. Needs root; skipped otherwise.
 
+#![allow(unsafe_code)]
+
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},

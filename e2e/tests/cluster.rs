@@ -2,6 +2,8 @@
 //! Running on the kwok node, Deployments Available, service-account tokens that TokenReview
 //! accepts, the whole install rendering and validating, and clean restarts after a crash.
 
+#![allow(unsafe_code)]
+
 use std::time::Duration;
 
 use k8s_openapi::api::{

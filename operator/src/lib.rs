@@ -2,6 +2,8 @@
 //! control-plane revision ([`installation`]); the control plane (next) serves config, certificates
 //! and webhooks. Data-path code does not belong here: it lives in `mycel-proxy`.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod controlplane;
 pub mod installation;

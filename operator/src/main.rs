@@ -3,6 +3,8 @@
 //! certificate authority, webhooks). It owns everything that runs in the cluster's control
 //! plane; it must not contain data-path code, which lives in `mycel-proxy`.
 
+#![forbid(unsafe_code)]
+
 use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context;

@@ -10,6 +10,10 @@
 //! the proxy binary to measure: `just bench-proxy` sets it to a static build, the binary the
 //! images ship (see the Dockerfile); without it, the bench build of this package is measured.
 //! Results are printed and written to `docs/benchmarks/proxy.md` and `docs/benchmarks/proxy.json`.
+//! `MYCEL_BENCH_BASELINE=<binary>` adds a second mycel build ("baseline (1 hop)") to every round,
+//! side by side, and writes `docs/benchmarks/proxy-vs-baseline.{md,json}` instead.
+
+#![allow(unsafe_code)]
 
 use std::{
     convert::Infallible,
@@ -175,6 +179,16 @@ fn dir() -> PathBuf {
 }
 
 async fn mycel(name: &str, protocol: &str, upstream: SocketAddr) -> (Proc, SocketAddr) {
+    mycel_of(&proxy_binary(), name, protocol, upstream).await
+}
+
+/// A proxy of `binary` (the one under test, or the baseline it is compared with).
+async fn mycel_of(
+    binary: &std::path::Path,
+    name: &str,
+    protocol: &str,
+    upstream: SocketAddr,
+) -> (Proc, SocketAddr) {
     let port = free_port();
     let cfg = dir().join(format!("{name}.yaml"));
     std::fs::write(
@@ -185,7 +199,7 @@ async fn mycel(name: &str, protocol: &str, upstream: SocketAddr) -> (Proc, Socke
         ),
     )
     .unwrap();
-    let child = Command::new(proxy_binary())
+    let child = Command::new(binary)
         .args(["run", "--concurrency", "1", "--config"])
         .arg(&cfg)
         .env("RUST_LOG", "warn")
@@ -452,6 +466,12 @@ async fn run() {
     let mut targets = vec![Target { name: "direct", addr: upstream, pids: vec![], _procs: vec![] }];
     let (p1, a1) = mycel("one-hop", "http", upstream).await;
     targets.push(Target { name: "mycel (1 hop)", addr: a1, pids: vec![p1.pid()], _procs: vec![p1] });
+    // A baseline build (`MYCEL_BENCH_BASELINE=<binary>`, e.g. main before a change) measured in
+    // the same rounds, side by side.
+    if let Some(base) = std::env::var_os("MYCEL_BENCH_BASELINE") {
+        let (p, a) = mycel_of(std::path::Path::new(&base), "baseline", "http", upstream).await;
+        targets.push(Target { name: "baseline (1 hop)", addr: a, pids: vec![p.pid()], _procs: vec![p] });
+    }
     let (inner, ai) = mycel("server-sidecar", "http", upstream).await;
     let (outer, ao) = mycel("client-sidecar", "http", ai).await;
     targets.push(Target {
@@ -692,24 +712,33 @@ async fn run() {
         Some(_) => "static (glibc linked in, as the images ship it; `MYCEL_BENCH_PROXY`)",
         None => "the bench build (dynamically linked)",
     };
+    // With a baseline the run is an A/B comparison, written beside the main report.
+    let (stem, command, baseline) = match std::env::var("MYCEL_BENCH_BASELINE") {
+        Ok(b) => (
+            "proxy-vs-baseline",
+            "`just bench-proxy-baseline <binary>`",
+            format!(" Baseline (\"baseline (1 hop)\"): `{b}`, built the same way from the commit it names."),
+        ),
+        Err(_) => ("proxy", "`just bench-proxy`", String::new()),
+    };
     let header = format!(
-        "# Proxy benchmark\n\nMachine: {machine}. Date: {date}. Command: `just bench-proxy` \
-         ({secs} s per measurement). Proxy binary: {binary}. Every proxy runs one worker; the load generator (one thread), the \
+        "# Proxy benchmark\n\nMachine: {machine}. Date: {date}. Command: {command} \
+         ({secs} s per measurement). Proxy binary: {binary}.{baseline} Every proxy runs one worker; the load generator (one thread), the \
          server (one thread) and the proxies share the machine's cores, so absolute figures are \
          modest: read the ratios between targets measured in the same run.\n\n"
     );
     let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks");
     std::fs::create_dir_all(&out_dir).unwrap();
-    std::fs::write(out_dir.join("proxy.md"), format!("{header}{md}")).unwrap();
+    std::fs::write(out_dir.join(format!("{stem}.md")), format!("{header}{md}")).unwrap();
     std::fs::write(
-        out_dir.join("proxy.json"),
+        out_dir.join(format!("{stem}.json")),
         serde_json::to_string_pretty(
             &json!({"machine": machine, "date": date, "seconds": secs, "proxy_binary": binary, "scenarios": results}),
         )
         .unwrap(),
     )
     .unwrap();
-    println!("written to {}", out_dir.join("proxy.md").display());
+    println!("written to {}", out_dir.join(format!("{stem}.md")).display());
     // Stop the proxies before their configuration files go.
     drop((targets, tcp_targets, grpc_targets));
     let _ = std::fs::remove_dir_all(dir());

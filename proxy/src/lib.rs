@@ -22,6 +22,8 @@
 //! The order of concerns lives in two functions per direction: [`inbound::connection`] and
 //! [`inbound::request`], [`outbound::connection`] and [`outbound::request`].
 
+#![deny(unsafe_code)]
+
 pub mod admin;
 pub mod balance;
 pub mod config;
@@ -35,6 +37,8 @@ pub mod policy;
 pub mod pool;
 pub mod routing;
 pub mod state;
+#[allow(unsafe_code)]
+mod sys;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;

@@ -2,6 +2,8 @@
 //! traffic-capture rules. It owns the data path; it must not talk to the Kubernetes API (all it
 //! knows arrives from the control plane's config stream or a local config file).
 
+#![forbid(unsafe_code)]
+
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;

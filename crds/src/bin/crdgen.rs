@@ -1,5 +1,7 @@
 //! Writes `config/crd/` from the Rust types (`--check` only compares and fails on drift).
 
+#![forbid(unsafe_code)]
+
 use std::{path::PathBuf, process::ExitCode};
 
 fn main() -> ExitCode {

@@ -13,6 +13,8 @@
 //! pass when the workload accepts only mutual TLS. A pod that already has `mycel-proxy` is left
 //! alone, so injecting twice changes nothing.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 
 use serde::Deserialize;

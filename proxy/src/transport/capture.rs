@@ -7,7 +7,7 @@
 //! `iptables-restore --noflush`, all at once, for IPv4 and IPv6.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     os::fd::AsRawFd,
     process::{Command, Stdio},
 };
@@ -106,48 +106,9 @@ pub fn install(o: &CaptureOptions) -> Result<Vec<String>, String> {
     Ok(notes)
 }
 
-/// The destination a redirected connection was originally addressed to.
+/// Where a redirected connection was going before the capture rules sent it here.
 pub fn original_destination(stream: &tokio::net::TcpStream) -> std::io::Result<SocketAddr> {
-    let fd = stream.as_raw_fd();
-    const SO_ORIGINAL_DST: libc::c_int = 80;
-    let local = stream.local_addr()?;
-    if local.is_ipv4() {
-        // SAFETY: getsockopt fills at most `len` bytes of a zeroed sockaddr_in we own.
-        let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_IP,
-                SO_ORIGINAL_DST,
-                &mut addr as *mut _ as *mut libc::c_void,
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
-        Ok(SocketAddr::new(IpAddr::V4(ip), u16::from_be(addr.sin_port)))
-    } else {
-        // SAFETY: as above, for sockaddr_in6 (IP6T_SO_ORIGINAL_DST is also 80).
-        let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_IPV6,
-                SO_ORIGINAL_DST,
-                &mut addr as *mut _ as *mut libc::c_void,
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let ip = Ipv6Addr::from(addr.sin6_addr.s6_addr);
-        Ok(SocketAddr::new(IpAddr::V6(ip), u16::from_be(addr.sin6_port)))
-    }
+    crate::sys::original_destination(stream.as_raw_fd(), stream.local_addr()?.is_ipv4())
 }
 
 #[cfg(test)]

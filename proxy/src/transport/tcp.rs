@@ -92,7 +92,7 @@ fn boxed(s: Stream) -> Box<dyn Io> {
 pub mod splice {
     use std::{
         io,
-        os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+        os::fd::{AsRawFd, OwnedFd, RawFd},
     };
 
     use tokio::{io::Interest, net::TcpStream};
@@ -108,34 +108,13 @@ pub mod splice {
 
     impl Pipe {
         fn new() -> io::Result<Pipe> {
-            let mut fds = [0 as RawFd; 2];
-            // SAFETY: `fds` is a valid array of two descriptors for pipe2 to fill.
-            if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: pipe2 succeeded, so both descriptors are open and now owned here alone.
-            let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-            // Best effort: an unprivileged process may be capped below this size.
-            // SAFETY: F_SETPIPE_SZ on an open pipe descriptor.
-            unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
+            let (read, write) = crate::sys::pipe(PIPE_SIZE)?;
             Ok(Pipe { read, write })
         }
     }
 
     fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-        // SAFETY: both descriptors are open for the duration of the call; null offsets mean
-        // "the file position", which sockets and pipes require.
-        let n = unsafe {
-            libc::splice(
-                from,
-                std::ptr::null_mut(),
-                to,
-                std::ptr::null_mut(),
-                len,
-                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-            )
-        };
-        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+        crate::sys::splice(from, to, len)
     }
 
     /// Moves bytes from `from` to `to` until `from` ends, then half-closes `to`.
