@@ -247,11 +247,15 @@ async fn install(
         // Turned off: remove a gateway an earlier spec asked for.
         let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &eff.namespace);
         let services: Api<Service> = Api::namespaced(ctx.client.clone(), &eff.namespace);
+        let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &eff.namespace);
         ignore_not_found(
             deployments.delete(&eff.gateway_name(), &DeleteParams::background()).await.map(|_| ()),
         )?;
         ignore_not_found(
             services.delete(&eff.gateway_name(), &DeleteParams::background()).await.map(|_| ()),
+        )?;
+        ignore_not_found(
+            accounts.delete(&eff.gateway_service_account(), &DeleteParams::background()).await.map(|_| ()),
         )?;
     }
     Ok(Ok(observe(eff, &ca.trust_bundle_pem, ctx).await?))

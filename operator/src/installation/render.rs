@@ -10,6 +10,8 @@ use mycel_crds::mesh_installation::{
     AccessLogFormat, FailurePolicy, MeshInstallation, MtlsMode, Profile, PullPolicy, ServiceType,
 };
 use serde::Serialize;
+
+use crate::controlplane::inject::ROOT_CONFIGMAP;
 use serde_json::{Value, json};
 
 /// Field manager of every write the operator makes.
@@ -163,6 +165,15 @@ impl Effective {
     pub fn gateway_name(&self) -> String {
         format!("mycel-ingressgateway-{}", self.revision)
     }
+    /// The gateway's own ServiceAccount (it needs no API access, so no token is mounted; its
+    /// mesh identity is `…/sa/mycel-ingressgateway-<rev>`).
+    pub fn gateway_service_account(&self) -> String {
+        self.gateway_name()
+    }
+    /// The Secret the control plane signs with: the user's, or the generated root.
+    pub fn ca_secret_name(&self) -> String {
+        self.ca_secret.clone().unwrap_or_else(|| CA_SECRET.to_string())
+    }
     pub fn mesh_config_name(&self) -> String {
         format!("mycel-mesh-{}", self.revision)
     }
@@ -274,24 +285,13 @@ pub fn render(eff: &Effective, owner: &Value, ca_bundle_pem: &str) -> Vec<Desire
         json!({"metadata": meta(&cp, true, &labels)}),
     );
 
-    // What the control plane reads and writes, nothing more.
+    // What the control plane reads and writes, nothing more (see `control_plane_cluster_rules`).
     let cluster_role = eff.cluster_scoped_name("control-plane");
     push(
         ar("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles"),
         false,
         cluster_role.clone(),
-        json!({
-            "metadata": meta(&cluster_role, false, &labels),
-            "rules": [
-                {"apiGroups": [""], "resources": ["services", "pods", "namespaces", "nodes", "endpoints"], "verbs": ["get", "list", "watch"]},
-                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
-                {"apiGroups": ["mycel.io"], "resources": ["meshinstallations", "trafficroutes", "destinationpolicies", "peerauthentications", "authorizationpolicies", "ratelimitpolicies"], "verbs": ["get", "list", "watch"]},
-                {"apiGroups": ["mycel.io"], "resources": ["trafficroutes/status", "destinationpolicies/status", "peerauthentications/status", "authorizationpolicies/status", "ratelimitpolicies/status"], "verbs": ["get", "patch", "update"]},
-                {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
-                // The mesh's root certificate, published into every injected namespace.
-                {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "patch", "update"]},
-            ]
-        }),
+        json!({"metadata": meta(&cluster_role, false, &labels), "rules": control_plane_cluster_rules()}),
     );
     push(
         ar("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings"),
@@ -309,10 +309,7 @@ pub fn render(eff: &Effective, owner: &Value, ca_bundle_pem: &str) -> Vec<Desire
         cp.clone(),
         json!({
             "metadata": meta(&cp, true, &labels),
-            "rules": [
-                {"apiGroups": [""], "resources": ["secrets", "configmaps"], "verbs": ["get", "list", "watch"]},
-                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},
-            ]
+            "rules": control_plane_namespace_rules(eff)
         }),
     );
     push(
@@ -334,7 +331,7 @@ pub fn render(eff: &Effective, owner: &Value, ca_bundle_pem: &str) -> Vec<Desire
         json!({"metadata": meta(&eff.mesh_config_name(), true, &labels), "data": {"mesh.json": mesh_json}}),
     );
 
-    let ca_secret = eff.ca_secret.clone().unwrap_or_else(|| CA_SECRET.to_string());
+    let ca_secret = eff.ca_secret_name();
     // The pod template changes when the configuration does, so a change rolls the control plane.
     let config_hash = fnv1a(mesh_json.as_bytes());
     push(
@@ -463,6 +460,15 @@ pub fn render(eff: &Effective, owner: &Value, ca_bundle_pem: &str) -> Vec<Desire
         let mut gw_labels = labels.clone();
         gw_labels.insert("app".into(), "mycel-ingressgateway".into());
         let gw_selector = json!({"app": "mycel-ingressgateway", LABEL_REV: eff.revision});
+        // Its own identity, bound to no Role: the gateway talks to its control plane only (with
+        // the projected `mycel-ca` token below), never to the Kubernetes API.
+        let gw_sa = eff.gateway_service_account();
+        push(
+            ar("", "v1", "ServiceAccount", "serviceaccounts"),
+            true,
+            gw_sa.clone(),
+            json!({"metadata": meta(&gw_sa, true, &gw_labels), "automountServiceAccountToken": false}),
+        );
         push(
             deployment_resource(),
             true,
@@ -476,7 +482,8 @@ pub fn render(eff: &Effective, owner: &Value, ca_bundle_pem: &str) -> Vec<Desire
                     "template": {
                         "metadata": {"labels": gw_labels},
                         "spec": {
-                            "serviceAccountName": cp,
+                            "serviceAccountName": gw_sa,
+                            "automountServiceAccountToken": false,
                             "containers": [{
                                 "name": "gateway",
                                 "image": eff.proxy_image,
@@ -505,7 +512,7 @@ pub fn render(eff: &Effective, owner: &Value, ca_bundle_pem: &str) -> Vec<Desire
                             }],
                             "volumes": [
                                 {"name": "mycel-token", "projected": {"sources": [{"serviceAccountToken": {"audience": "mycel-ca", "expirationSeconds": 43200, "path": "mycel-token"}}]}},
-                                {"name": "mycel-ca-root", "configMap": {"name": "mycel-ca-root-cert"}},
+                                {"name": "mycel-ca-root", "configMap": {"name": ROOT_CONFIGMAP}},
                             ]
                         }
                     }
@@ -530,6 +537,36 @@ pub fn render(eff: &Effective, owner: &Value, ca_bundle_pem: &str) -> Vec<Desire
         );
     }
     out
+}
+
+/// The control plane's cluster-wide permissions: one rule per kind of API call it makes, and
+/// nothing else. The operator must hold each of them itself (`config/rbac/role.yaml`), since
+/// Kubernetes refuses to grant what the granter lacks; `operator/tests/rbac.rs` checks it does.
+pub fn control_plane_cluster_rules() -> Value {
+    json!([
+        // Discovery (`controlplane::model`): a watcher each, which lists, then watches; no get.
+        {"apiGroups": [""], "resources": ["services", "pods"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["mycel.io"], "resources": ["peerauthentications"], "verbs": ["list", "watch"]},
+        // Which namespaces the revision injects (`controlplane::webhook::publish_roots`).
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+        // Sign: which service account a workload's projected token proves.
+        {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+        // The mesh root certificate in every injected namespace: one server-side apply, a PATCH
+        // with no GET before it. Applying a ConfigMap that does not exist yet is authorized as
+        // `create` too, and (unlike a POST, whose name RBAC cannot see) with the object's name,
+        // so `resourceNames` narrows `create` here as well. No other ConfigMap can be written.
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [ROOT_CONFIGMAP], "verbs": ["create", "patch"]},
+    ])
+}
+
+/// The control plane's permissions in the installation's namespace: reading its CA Secret by
+/// name (`controlplane::read_ca`, every few seconds). The mesh ConfigMap and the webhook Secret
+/// reach it as volumes, which the kubelet reads, not the control plane.
+pub fn control_plane_namespace_rules(eff: &Effective) -> Value {
+    json!([
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [eff.ca_secret_name()], "verbs": ["get"]},
+    ])
 }
 
 fn pull_policy(p: PullPolicy) -> &'static str {
@@ -637,6 +674,103 @@ mod tests {
         let sel = canary.injection_namespace_selectors();
         assert_eq!(sel.len(), 1);
         assert_eq!(sel[0]["matchExpressions"][0]["values"][0], "canary");
+    }
+
+    fn body<'a>(out: &'a [Desired], kind: &str, name: &str) -> &'a Value {
+        &out.iter()
+            .find(|d| d.resource.kind == kind && d.name == name)
+            .unwrap_or_else(|| panic!("no {kind}/{name}"))
+            .body
+    }
+
+    /// Every rule of the control plane's roles, spelled out: a change here is a deliberate one
+    /// (and `docs/operator.md` lists the same permissions with their reasons).
+    #[test]
+    fn the_control_plane_is_granted_exactly_the_calls_it_makes() {
+        let images = ImageDefaults::default();
+        for (spec, ca) in [
+            (json!({"revision": "canary", "trustDomain": "cluster.local"}), "mycel-ca"),
+            (
+                json!({"revision": "canary", "trustDomain": "cluster.local", "ca": {"secretName": "corp-ca"}}),
+                "corp-ca",
+            ),
+        ] {
+            let eff = Effective::resolve(&mi(spec), &images);
+            let out = render(&eff, &json!({}), "CA");
+            let cluster = "mycel-control-plane-mycel-system-canary";
+            assert_eq!(
+                body(&out, "ClusterRole", cluster)["rules"],
+                json!([
+                    {"apiGroups": [""], "resources": ["services", "pods"], "verbs": ["list", "watch"]},
+                    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+                    {"apiGroups": ["mycel.io"], "resources": ["peerauthentications"], "verbs": ["list", "watch"]},
+                    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+                    {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+                    {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["mycel-ca-root-cert"], "verbs": ["create", "patch"]},
+                ])
+            );
+            assert_eq!(
+                body(&out, "Role", "mycel-control-plane-canary")["rules"],
+                json!([{"apiGroups": [""], "resources": ["secrets"], "resourceNames": [ca], "verbs": ["get"]}])
+            );
+            // Each bound to the control plane's ServiceAccount alone, which its pods run as.
+            let subjects = json!([{"kind": "ServiceAccount", "name": "mycel-control-plane-canary", "namespace": "mycel-system"}]);
+            let crb = body(&out, "ClusterRoleBinding", cluster);
+            assert_eq!(crb["subjects"], subjects);
+            assert_eq!(
+                crb["roleRef"],
+                json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster})
+            );
+            let rb = body(&out, "RoleBinding", "mycel-control-plane-canary");
+            assert_eq!(rb["subjects"], subjects);
+            assert_eq!(
+                rb["roleRef"],
+                json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "mycel-control-plane-canary"})
+            );
+            let pod = &body(&out, "Deployment", "mycel-control-plane-canary")["spec"]["template"]["spec"];
+            assert_eq!(pod["serviceAccountName"], "mycel-control-plane-canary");
+            assert_eq!(pod["volumes"][1]["secret"]["secretName"], ca, "the Secret the Role names");
+        }
+    }
+
+    #[test]
+    fn the_gateway_runs_as_its_own_service_account_without_an_api_token() {
+        let images = ImageDefaults::default();
+        let eff = Effective::resolve(
+            &mi(
+                json!({"revision": "default", "trustDomain": "cluster.local", "ingressGateway": {"enabled": true}}),
+            ),
+            &images,
+        );
+        let out = render(&eff, &json!({}), "CA");
+        let sa = body(&out, "ServiceAccount", "mycel-ingressgateway-default");
+        assert_eq!(sa["automountServiceAccountToken"], false);
+        assert_eq!(sa["metadata"]["namespace"], "mycel-system");
+        let pod = &body(&out, "Deployment", "mycel-ingressgateway-default")["spec"]["template"]["spec"];
+        assert_eq!(pod["serviceAccountName"], "mycel-ingressgateway-default");
+        assert_eq!(pod["automountServiceAccountToken"], false);
+        // Its certificate still comes from the control plane, with the projected mycel-ca token.
+        assert_eq!(
+            pod["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+            "mycel-ca"
+        );
+        // Nothing grants it anything.
+        for d in out.iter().filter(|d| d.resource.kind.ends_with("Binding")) {
+            assert!(
+                !d.body["subjects"].to_string().contains("ingressgateway"),
+                "{} {} binds the gateway",
+                d.resource.kind,
+                d.name
+            );
+        }
+        let without = Effective::resolve(
+            &mi(
+                json!({"revision": "default", "trustDomain": "cluster.local", "ingressGateway": {"enabled": false}}),
+            ),
+            &images,
+        );
+        let out = render(&without, &json!({}), "CA");
+        assert!(!out.iter().any(|d| d.name.contains("ingressgateway")));
     }
 
     #[test]
