@@ -195,7 +195,51 @@ pub struct TestNamespace {
 }
 
 impl TestNamespace {
+    /// Removes the namespace and what installations in it left outside it, whether or not the
+    /// operator that made them still runs: the cluster-scoped objects an installation of this
+    /// namespace owns (labelled `mycel.io/installation-namespace=<this namespace>`, so never
+    /// anything another test or a running demo made), and the finalizers that only a gone
+    /// operator would have removed (they would hold the namespace in Terminating forever).
     pub async fn delete(self) -> Result<(), Error> {
+        use kube::{
+            api::{DynamicObject, ListParams, Patch, PatchParams},
+            core::{ApiResource, GroupVersionKind},
+        };
+        let mi = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("mycel.io", "v1alpha1", "MeshInstallation"),
+            "meshinstallations",
+        );
+        let mis: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &self.name, &mi);
+        if let Ok(list) = mis.list(&ListParams::default()).await {
+            for o in
+                list.items.iter().filter(|o| o.metadata.finalizers.as_ref().is_some_and(|f| !f.is_empty()))
+            {
+                let name = o.metadata.name.clone().unwrap_or_default();
+                let unblock = serde_json::json!({"metadata": {"finalizers": null}});
+                let _ = mis.patch(&name, &PatchParams::default(), &Patch::Merge(&unblock)).await;
+            }
+        }
+        let owned = ListParams::default().labels(&format!("mycel.io/installation-namespace={}", self.name));
+        for (group, version, kind, plural) in [
+            (
+                "admissionregistration.k8s.io",
+                "v1",
+                "MutatingWebhookConfiguration",
+                "mutatingwebhookconfigurations",
+            ),
+            (
+                "admissionregistration.k8s.io",
+                "v1",
+                "ValidatingWebhookConfiguration",
+                "validatingwebhookconfigurations",
+            ),
+            ("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles"),
+            ("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings"),
+        ] {
+            let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
+            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+            let _ = api.delete_collection(&DeleteParams::background(), &owned).await;
+        }
         Api::<Namespace>::all(self.client).delete(&self.name, &DeleteParams::background()).await?;
         Ok(())
     }

@@ -243,6 +243,9 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Handle>
     }
     tasks.push(tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
+            // A proxy needs one config stream and a signing call at a time on its connection:
+            // a client cannot open thousands of streams on one.
+            .max_concurrent_streams(STREAMS_PER_CONNECTION)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(server::DiscoveryService(discovery))
@@ -275,6 +278,9 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Handle>
     info!(grpc = %grpc_addr, monitor = %monitor_addr, revision = %settings.revision, "control plane serving");
     Ok(Handle { grpc_addr, monitor_addr, registry, metrics, snapshots, tasks })
 }
+
+/// Concurrent HTTP/2 streams one connection to 15012 may have open.
+pub const STREAMS_PER_CONNECTION: u32 = 8;
 
 /// `/healthz`, `/ready` (the mesh model is complete), `/metrics`, `/debug/proxies` (JSON: who
 /// is connected, what each accepted or rejected) and `/debug/clusters` (names and versions).
