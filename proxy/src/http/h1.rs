@@ -80,17 +80,23 @@ where
     F: FnMut(Request<Body>) -> Fut,
     Fut: Future<Output = Response<Body>>,
 {
-    // One timer for the connection's life, moved on at each wait (cheaper than a new one).
-    let idle_timer = tokio::time::sleep(idle);
+    // One timer for the connection's life, moved only when it fires: a request in between just
+    // notes the time (no timer-wheel work per request), and a timer that fires early is set
+    // again for what is left of the idle time.
+    let mut since = tokio::time::Instant::now();
+    let idle_timer = tokio::time::sleep_until(since + idle);
     tokio::pin!(idle_timer);
     loop {
         // Between requests the connection holds no buffer: wait until there are bytes to read.
-        idle_timer.as_mut().reset(tokio::time::Instant::now() + idle);
         tokio::select! {
             biased;
             r = stream.readable() => if r.is_err() { return Outcome::Closed },
             _ = stop.changed() => return Outcome::Closed,
             _ = &mut idle_timer => {
+                if tokio::time::Instant::now() < since + idle {
+                    idle_timer.as_mut().reset(since + idle);
+                    continue;
+                }
                 let _ = stream.shutdown().await;
                 return Outcome::Closed;
             }
@@ -113,6 +119,7 @@ where
             let _ = stream.shutdown().await;
             return Outcome::Closed;
         }
+        since = tokio::time::Instant::now();
     }
 }
 
