@@ -212,7 +212,7 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Handle>
         registry: registry.clone(),
         metrics: metrics.clone(),
         trust_domain: settings.trust_domain.clone(),
-        full_syncs: Arc::new(tokio::sync::Semaphore::new(server::FULL_SYNCS)),
+        full_syncs: server::FullSyncs::new(server::FULL_SYNCS, server::StreamLimits::default().ack_timeout),
         limits: server::StreamLimits::default(),
     };
     let signer = Signer {

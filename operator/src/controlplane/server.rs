@@ -132,8 +132,97 @@ pub struct Discovery {
     pub metrics: Arc<CpMetrics>,
     pub trust_domain: String,
     /// Slots for full syncs in flight ([`FULL_SYNCS`]).
-    pub full_syncs: Arc<tokio::sync::Semaphore>,
+    pub full_syncs: Arc<FullSyncs>,
     pub limits: StreamLimits,
+}
+
+/// The full-sync slots, as leases that expire on their own. A stream's logic runs only when
+/// hyper polls its response body, and a client that never opens its HTTP/2 window is never
+/// polled again: a deadline checked by the stream itself would never fire. So a reaper task of
+/// its own takes back every slot whose holder has not been heard from (an ACK or a NACK renews
+/// the lease) for the ACK timeout, and the stream, when it runs again, ends.
+pub struct FullSyncs {
+    slots: Arc<tokio::sync::Semaphore>,
+    expiring: mpsc::UnboundedSender<std::sync::Weak<Mutex<Lease>>>,
+    timeout: Duration,
+}
+
+/// One held slot: the permit (taken back on expiry) and when it expires.
+pub struct Lease {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    until: tokio::time::Instant,
+}
+
+/// A stream's handle on its lease.
+type Held = Arc<Mutex<Lease>>;
+
+impl FullSyncs {
+    /// `n` slots, each taken back `timeout` after its holder was last heard from. Spawns the
+    /// reaper, which ends with the last handle.
+    pub fn new(n: usize, timeout: Duration) -> Arc<FullSyncs> {
+        let (expiring, mut rx) = mpsc::unbounded_channel::<std::sync::Weak<Mutex<Lease>>>();
+        tokio::spawn(async move {
+            // Leases in the order they were taken; each is looked at when it is due and put
+            // back if it was renewed meanwhile.
+            let mut queue: std::collections::VecDeque<(tokio::time::Instant, std::sync::Weak<Mutex<Lease>>)> =
+                Default::default();
+            loop {
+                let next = queue.front().map(|(at, _)| *at);
+                tokio::select! {
+                    got = rx.recv() => match got {
+                        Some(w) => {
+                            let at = w.upgrade().and_then(|l| l.lock().ok().map(|l| l.until));
+                            if let Some(at) = at {
+                                let i = queue.partition_point(|(t, _)| *t <= at);
+                                queue.insert(i, (at, w));
+                            }
+                        }
+                        None => return,
+                    },
+                    _ = tokio::time::sleep_until(next.unwrap_or_else(tokio::time::Instant::now)), if next.is_some() => {
+                        let Some((_, w)) = queue.pop_front() else { continue };
+                        let Some(lease) = w.upgrade() else { continue };
+                        let Ok(mut l) = lease.lock() else { continue };
+                        if l.permit.is_none() {
+                            continue;
+                        }
+                        if l.until <= tokio::time::Instant::now() {
+                            l.permit = None;
+                        } else {
+                            let at = l.until;
+                            drop(l);
+                            let i = queue.partition_point(|(t, _)| *t <= at);
+                            queue.insert(i, (at, std::sync::Arc::downgrade(&lease)));
+                        }
+                    }
+                }
+            }
+        });
+        Arc::new(FullSyncs { slots: Arc::new(tokio::sync::Semaphore::new(n)), expiring, timeout })
+    }
+
+    /// Waits for a slot.
+    async fn acquire(&self) -> Option<Held> {
+        let permit = self.slots.clone().acquire_owned().await.ok()?;
+        let held = Arc::new(Mutex::new(Lease {
+            permit: Some(permit),
+            until: tokio::time::Instant::now() + self.timeout,
+        }));
+        let _ = self.expiring.send(Arc::downgrade(&held));
+        Some(held)
+    }
+
+    /// The holder was heard from: the lease runs for another timeout.
+    fn renew(&self, held: &Held) {
+        if let Ok(mut l) = held.lock() {
+            l.until = tokio::time::Instant::now() + self.timeout;
+        }
+    }
+}
+
+/// Whether the reaper took a stream's slot back.
+fn revoked(held: &Option<Held>) -> bool {
+    held.as_ref().is_some_and(|h| h.lock().map(|l| l.permit.is_none()).unwrap_or(true))
 }
 
 /// What one proxy may take of the control plane, so that none can stall the others.
@@ -213,7 +302,7 @@ struct TypeState {
     known: Known,
     /// Held from the first part of a full sync until its last is acknowledged (see
     /// [`FULL_SYNCS`]).
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    permit: Option<Held>,
     /// Snapshot version the proxy was last brought up to.
     synced: u64,
     /// The last response carried only part of what differed ([`MAX_RESOURCES_PER_RESPONSE`]):
@@ -474,8 +563,14 @@ impl Discovery {
                     // connecting at once is served a few at a time instead of all in memory.
                     let full = type_url == mycel_api::CLUSTER_TYPE
                         && (ts.incomplete || !(ts.first_sent && snap.log_reaches(ts.synced)));
+                    if revoked(&ts.permit) {
+                        return Err(Status::deadline_exceeded(format!(
+                            "no ACK or NACK within {:?}: the full-sync slot was taken back; reconnect to resume",
+                            self.limits.ack_timeout
+                        )));
+                    }
                     if full && ts.permit.is_none() {
-                        ts.permit = self.full_syncs.clone().acquire_owned().await.ok();
+                        ts.permit = self.full_syncs.acquire().await;
                     }
                     if let Some(resp) = self.delta(type_url, ts, &snap, &node, &mut nonce) {
                         let bytes = prost::Message::encoded_len(&resp) as u64;
@@ -501,6 +596,9 @@ impl Discovery {
             let oldest = types.values().filter_map(|t| t.pending_since).min();
             let ack_deadline = oldest.map(|t| t + self.limits.ack_timeout);
             tokio::select! {
+                // The proxy's requests first: an ACK that is already there counts before a
+                // deadline that expired while the stream waited for a full-sync slot.
+                biased;
                 req = inbound.message() => match req? {
                     Some(r) => next = Some(r),
                     None => return Ok(()),
@@ -548,7 +646,7 @@ impl Discovery {
         ] {
             if n > max {
                 return Err(Status::invalid_argument(format!(
-                    "{field}: {n} names, more than the {max} one request may carry; send them over several requests"
+                    "{field}: {n} names, more than the {max} one request may carry"
                 )));
             }
         }
@@ -580,6 +678,9 @@ impl Discovery {
                     let version = *version;
                     ts.pending = None;
                     ts.pending_since = None;
+                    if let Some(held) = &ts.permit {
+                        self.full_syncs.renew(held);
+                    }
                     // A full sync in parts keeps its slot until the last part is answered.
                     if !ts.incomplete {
                         ts.permit = None;
@@ -608,6 +709,13 @@ impl Discovery {
                 // An answer to a response that was superseded: nothing to do.
                 _ => {}
             }
+        }
+        if ts.names.len() + req.subscribe.len() > self.limits.names_per_request {
+            return Err(Status::invalid_argument(format!(
+                "subscribe: {} names would be subscribed to, more than the {} a stream may follow by name; subscribe to \"*\" instead",
+                ts.names.len() + req.subscribe.len(),
+                self.limits.names_per_request
+            )));
         }
         for name in req.subscribe {
             if name == "*" {
@@ -804,6 +912,10 @@ impl SignLimiter {
         if buckets.len() > Self::MAX_TRACKED {
             let (burst, rate) = (self.burst, self.per_second);
             buckets.retain(|_, (tokens, at)| *tokens + now.duration_since(*at).as_secs_f64() * rate < burst);
+            // Still full of busy keys: forget them all rather than grow (a flood of addresses).
+            if buckets.len() > Self::MAX_TRACKED {
+                buckets.clear();
+            }
         }
         let (tokens, at) = buckets.entry(identity.to_string()).or_insert((self.burst, now));
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_second).min(self.burst);
@@ -812,7 +924,7 @@ impl SignLimiter {
             *tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - *tokens) / self.per_second))
+            Err(Duration::from_secs_f64(((1.0 - *tokens) / self.per_second.max(1e-3)).min(3600.0)))
         }
     }
 }
@@ -894,6 +1006,19 @@ impl Signer {
                     "authorization: send the pod's projected service-account token (audience {TOKEN_AUDIENCE:?}) as \"Bearer <token>\""
                 ))
             })?;
+        // Before the TokenReview, which costs the API server: a bucket per client address, so one
+        // pod sending tokens (valid or not) cannot flood it.
+        let remote = request.extensions().get::<Peer>().and_then(|p| p.remote).map(|r| r.ip().to_string());
+        if let Some(ip) = &remote
+            && let Err(wait) = self.limiter.take(&format!("ip:{ip}"))
+        {
+            return Err(Status::resource_exhausted(format!(
+                "{ip} asked for certificates faster than {}/s (after {} at once); retry in {:.1} s",
+                self.limiter.per_second,
+                self.limiter.burst,
+                wait.as_secs_f64()
+            )));
+        }
         let (ns, sa, pod) = self.review(&token).await?;
         let spiffe = SpiffeId::new(&self.trust_domain, &ns, &sa).to_string();
         if let Err(wait) = self.limiter.take(&spiffe) {

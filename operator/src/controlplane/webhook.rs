@@ -33,6 +33,8 @@ use super::{
 pub const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
 /// A client must finish its TLS handshake, and send a request head, within this long.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// A review's body must arrive within this long of its head.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Why a request to a webhook got no review back.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -126,7 +128,19 @@ pub async fn serve(listener: TcpListener, tls: ServerTls, settings: Arc<ProxySet
                     let path = req.uri().path().to_string();
                     let (status, body) = match path.as_str() {
                         "/healthz" => (StatusCode::OK, "ok".to_string()),
-                        "/inject" | "/validate" => answer(req.into_body(), &path, &settings).await,
+                        // The body too must arrive in time: a client that stalls mid-body would
+                        // otherwise hold up to MAX_REVIEW_BYTES for as long as it likes.
+                        "/inject" | "/validate" => {
+                            tokio::time::timeout(BODY_TIMEOUT, answer(req.into_body(), &path, &settings))
+                                .await
+                                .unwrap_or_else(|_| {
+                                    (
+                                StatusCode::REQUEST_TIMEOUT,
+                                json!({"error": "mycel webhook: the review's body did not arrive in time"})
+                                    .to_string(),
+                            )
+                                })
+                        }
                         _ => (StatusCode::NOT_FOUND, "not found".to_string()),
                     };
                     Ok::<_, Infallible>(

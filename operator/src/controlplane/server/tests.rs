@@ -54,7 +54,7 @@ fn plane(first: Arc<Snapshot>, full_syncs: usize) -> Plane {
         registry: Arc::new(Registry::default()),
         metrics: Arc::new(CpMetrics::default()),
         trust_domain: "cluster.local".into(),
-        full_syncs: Arc::new(tokio::sync::Semaphore::new(full_syncs)),
+        full_syncs: FullSyncs::new(full_syncs, Duration::from_secs(30)),
         limits: StreamLimits {
             ack_timeout: Duration::from_secs(30),
             streams_per_identity: 3,
@@ -314,4 +314,66 @@ async fn certificate_requests_are_limited_per_identity() {
     tokio::time::advance(Duration::from_secs(1)).await;
     assert!(l.take("spiffe://t/ns/a/sa/x").is_ok(), "one more per second");
     assert!(l.take("spiffe://t/ns/a/sa/x").is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_never_polled_again_still_loses_its_slot() {
+    // A client that never opens its HTTP/2 window is never polled after its first response:
+    // its stream cannot notice a deadline itself, so the slot is taken back from outside.
+    let p = plane(snapshot(1, mesh(3, "a"), vec![]), 1);
+    let mut stuck = connect(&p, subscribe(&[])).await.unwrap();
+    assert_eq!(stuck.next().await.unwrap().resources.len(), 3);
+    let started = tokio::time::Instant::now();
+    let mut waiting = connect(&p, subscribe(&[])).await.unwrap();
+    // Only the second stream is polled from here on.
+    let r = waiting.next().await.expect("served once the stuck stream's lease ran out");
+    assert_eq!(r.resources.len(), 3);
+    assert!(started.elapsed() >= Duration::from_secs(30));
+    // When the stuck stream runs again, it ends.
+    let end = stuck.body.frame().await.unwrap().unwrap();
+    let Ok(trailers) = end.into_trailers() else { panic!("a status, not more config") };
+    assert_eq!(trailers["grpc-status"], (tonic::Code::DeadlineExceeded as i32).to_string().as_str());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_that_acks_keeps_its_slot_through_a_long_sync() {
+    // 200 clusters go out in 7 parts; each ACK comes 20 s after its part: 140 s in all, more
+    // than the 30 s lease, renewed by each ACK.
+    let p = plane(snapshot(1, mesh(200, "a"), vec![]), 1);
+    let mut s = connect(&p, subscribe(&[])).await.unwrap();
+    let mut parts = 0;
+    loop {
+        let r = s.next().await.expect("every part arrives");
+        parts += 1;
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        s.ack(&r).await;
+        if !r.partial {
+            break;
+        }
+    }
+    assert_eq!(parts, 7);
+}
+
+#[tokio::test(start_paused = true)]
+async fn names_subscribed_over_many_requests_are_bounded() {
+    let p = plane(snapshot(1, mesh(1, "a"), vec![]), 32);
+    let mut first = subscribe(&[]);
+    first.subscribe = (0..600).map(|i| format!("a{i}")).collect();
+    let s = connect(&p, first).await.unwrap();
+    let more = pb::DeltaRequest {
+        type_url: TYPE.into(),
+        subscribe: (0..600).map(|i| format!("b{i}")).collect(),
+        ..Default::default()
+    };
+    s.tx.send(more).await.unwrap();
+    let mut s = s;
+    let mut status = None;
+    while let Some(Ok(f)) = s.body.frame().await {
+        if let Ok(t) = f.into_trailers() {
+            status = Some(t);
+            break;
+        }
+    }
+    let t = status.expect("the stream ends with a status");
+    assert_eq!(t["grpc-status"], (tonic::Code::InvalidArgument as i32).to_string().as_str());
 }
