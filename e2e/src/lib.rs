@@ -209,6 +209,9 @@ impl TestNamespace {
             &GroupVersionKind::gvk("mycel.io", "v1alpha1", "MeshInstallation"),
             "meshinstallations",
         );
+        // The namespace first: an operator that still runs sees its installations go and cleans
+        // up after them itself; what it cannot (it is gone) is done below.
+        Api::<Namespace>::all(self.client.clone()).delete(&self.name, &DeleteParams::background()).await?;
         let mis: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &self.name, &mi);
         if let Ok(list) = mis.list(&ListParams::default()).await {
             for o in
@@ -240,7 +243,6 @@ impl TestNamespace {
             let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
             let _ = api.delete_collection(&DeleteParams::background(), &owned).await;
         }
-        Api::<Namespace>::all(self.client).delete(&self.name, &DeleteParams::background()).await?;
         Ok(())
     }
 }

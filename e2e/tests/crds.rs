@@ -337,11 +337,18 @@ async fn a_field_not_implemented_yet_is_an_admission_warning_that_names_it() {
     };
     let (ok, err) = apply(&c, &ns.name, &mi(""));
     assert!(ok && !err.contains("Warning"), "{err}");
-    let (ok, err) =
-        apply(&c, &ns.name, &mi("  trustDomain: corp.example\n  telemetry: {accessLog: {enabled: true}}\n"));
+    let (ok, err) = apply(
+        &c,
+        &ns.name,
+        &mi(
+            "  trustDomain: corp.example\n  ingressGateway: {replicas: 2}\n  telemetry: {accessLog: {enabled: true}}\n",
+        ),
+    );
     assert!(ok, "{err}");
-    assert!(err.contains(": spec.trustDomain is not implemented yet"), "{err}");
+    assert!(err.contains(": spec.ingressGateway.replicas is not implemented yet"), "{err}");
     assert!(err.contains(": spec.telemetry.accessLog.enabled is not implemented yet"), "{err}");
-    assert!(!err.contains("spec.mtls.mode"), "an implemented field is not warned about:\n{err}");
+    for implemented in ["spec.mtls.mode", "spec.trustDomain"] {
+        assert!(!err.contains(implemented), "an implemented field is not warned about:\n{err}");
+    }
     ns.delete().await.unwrap();
 }

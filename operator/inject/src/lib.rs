@@ -415,6 +415,26 @@ mod tests {
     }
 
     #[test]
+    fn limit_and_log_level_annotations_override_the_installation() {
+        let s = ProxySettings::default();
+        let mut p = pod();
+        p["metadata"]["annotations"] = json!({
+            "mycel.io/proxy-cpu-limit": "500m",
+            "mycel.io/proxy-memory-limit": "96Mi",
+            "mycel.io/proxy-log-level": "debug",
+        });
+        let out = inject(&p, &s).unwrap().unwrap();
+        let proxy = &out["spec"]["initContainers"][1];
+        assert_eq!(proxy["resources"]["limits"], json!({"cpu": "500m", "memory": "96Mi"}));
+        let env = proxy["env"].as_array().unwrap();
+        assert!(env.iter().any(|e| e["name"] == "RUST_LOG" && e["value"] == "debug"), "{env:?}");
+        p["metadata"]["annotations"] = json!({"mycel.io/proxy-log-level": "loud"});
+        assert_eq!(inject(&p, &s).unwrap_err().annotation, "mycel.io/proxy-log-level");
+        p["metadata"]["annotations"] = json!({"mycel.io/proxy-memory-limit": "a lot"});
+        assert_eq!(inject(&p, &s).unwrap_err().annotation, "mycel.io/proxy-memory-limit");
+    }
+
+    #[test]
     fn the_drain_duration_is_read_in_the_schema_notation() {
         assert_eq!(seconds("1m30s"), 90);
         assert_eq!(seconds("2m"), 120);

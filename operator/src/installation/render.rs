@@ -663,6 +663,122 @@ mod tests {
         assert_eq!(proxy.mtls_mode, "PERMISSIVE");
     }
 
+    /// What the injector makes of a pod under the installation `eff`, through mesh.json as the
+    /// control plane reads it.
+    fn injected(eff: &Effective) -> Value {
+        let settings: crate::controlplane::inject::ProxySettings =
+            serde_json::from_value(serde_json::to_value(eff).unwrap()).unwrap();
+        let pod = json!({"metadata": {"name": "p", "namespace": "shop"}, "spec": {"containers": [{"name": "app", "image": "app"}]}});
+        crate::controlplane::inject::inject(&pod, &settings).unwrap().unwrap()
+    }
+
+    fn sidecar(pod: &Value) -> &Value {
+        pod["spec"]["initContainers"].as_array().unwrap().iter().find(|c| c["name"] == "mycel-proxy").unwrap()
+    }
+
+    fn object<'a>(objects: &'a [Desired], kind: &str) -> &'a Value {
+        &objects.iter().find(|d| d.resource.kind == kind).unwrap().body
+    }
+
+    #[test]
+    fn spec_images_name_the_control_plane_and_sidecar_images_and_their_pull_policy() {
+        let images = ImageDefaults::default();
+        let eff = Effective::resolve(
+            &mi(json!({"revision": "default", "trustDomain": "cluster.local",
+                "images": {"controlPlane": "corp.example/cp:1", "proxy": "corp.example/proxy:2", "pullPolicy": "Always"}})),
+            &images,
+        );
+        let objects = render(&eff, &json!({}), "CA");
+        let container = &object(&objects, "Deployment")["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(
+            (container["image"].as_str(), container["imagePullPolicy"].as_str()),
+            (Some("corp.example/cp:1"), Some("Always"))
+        );
+        let pod = injected(&eff);
+        assert_eq!(sidecar(&pod)["image"], "corp.example/proxy:2");
+        assert_eq!(sidecar(&pod)["imagePullPolicy"], "Always");
+        // A registry alone: both images from it, at the installation's version.
+        let eff = Effective::resolve(
+            &mi(
+                json!({"revision": "default", "trustDomain": "cluster.local", "version": "v7", "images": {"registry": "mirror.example/mycel"}}),
+            ),
+            &images,
+        );
+        assert_eq!(eff.control_plane_image, "mirror.example/mycel/operator:v7");
+        assert_eq!(sidecar(&injected(&eff))["image"], "mirror.example/mycel/proxy:v7");
+    }
+
+    #[test]
+    fn spec_control_plane_log_level_and_resources_reach_its_deployment() {
+        let images = ImageDefaults::default();
+        let resources = json!({"requests": {"cpu": "300m"}, "limits": {"memory": "2Gi"}, "claims": [{"name": "gpu", "request": "one"}]});
+        let eff = Effective::resolve(
+            &mi(json!({"revision": "default", "trustDomain": "cluster.local",
+                "controlPlane": {"logLevel": "debug", "resources": resources}})),
+            &images,
+        );
+        let objects = render(&eff, &json!({}), "CA");
+        let container = &object(&objects, "Deployment")["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(container["resources"], resources);
+        let env = container["env"].as_array().unwrap();
+        assert!(env.iter().any(|e| e["name"] == "RUST_LOG" && e["value"] == "debug"), "{env:?}");
+    }
+
+    #[test]
+    fn spec_proxy_settings_reach_every_injected_sidecar() {
+        let images = ImageDefaults::default();
+        let resources = json!({"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}, "claims": [{"name": "c", "request": "r"}]});
+        let eff = Effective::resolve(
+            &mi(json!({"revision": "default", "trustDomain": "cluster.local",
+                "proxy": {"logLevel": "debug", "concurrency": 4, "drainDuration": "1m30s", "resources": resources}})),
+            &images,
+        );
+        let pod = injected(&eff);
+        let proxy = sidecar(&pod);
+        assert_eq!(proxy["args"], json!(["run", "--sidecar", "--concurrency", "4", "--drain-secs", "90"]));
+        assert_eq!(proxy["resources"], resources);
+        let env = proxy["env"].as_array().unwrap();
+        assert!(env.iter().any(|e| e["name"] == "RUST_LOG" && e["value"] == "debug"), "{env:?}");
+    }
+
+    #[test]
+    fn spec_trust_domain_names_every_identity_and_ca_workload_cert_ttl_reaches_the_ca() {
+        let images = ImageDefaults::default();
+        let eff = Effective::resolve(
+            &mi(
+                json!({"revision": "default", "trustDomain": "corp.example", "ca": {"workloadCertTTL": "12h"}}),
+            ),
+            &images,
+        );
+        let file: crate::controlplane::MeshFile =
+            serde_json::from_value(serde_json::to_value(&eff).unwrap()).unwrap();
+        assert_eq!(file.trust_domain, "corp.example", "the control plane signs and names identities in it");
+        assert_eq!(file.workload_cert_ttl.as_deref(), Some("12h"), "the CA's certificate lifetime");
+        let pod = injected(&eff);
+        let env = sidecar(&pod)["env"].as_array().unwrap().clone();
+        assert!(
+            env.iter().any(|e| e["name"] == "MYCEL_TRUST_DOMAIN" && e["value"] == "corp.example"),
+            "{env:?}"
+        );
+    }
+
+    #[test]
+    fn spec_webhook_failure_policy_is_the_injectors() {
+        let images = ImageDefaults::default();
+        for (policy, expected) in [("Ignore", "Ignore"), ("Fail", "Fail")] {
+            let eff = Effective::resolve(
+                &mi(
+                    json!({"revision": "default", "trustDomain": "cluster.local", "webhook": {"failurePolicy": policy}}),
+                ),
+                &images,
+            );
+            let objects = render(&eff, &json!({}), "CA");
+            for hook in object(&objects, "MutatingWebhookConfiguration")["webhooks"].as_array().unwrap() {
+                assert_eq!(hook["failurePolicy"], expected);
+            }
+        }
+    }
+
     #[test]
     fn the_default_revision_also_serves_the_inject_label() {
         let images = ImageDefaults::default();
