@@ -74,8 +74,24 @@ pub fn rules(o: &CaptureOptions, ipv6: bool) -> String {
     r
 }
 
+/// The first address of `/proc/net/if_inet6` (its text) that is neither loopback nor
+/// link-local: one the pod could send or receive IPv6 traffic on.
+pub fn routable_ipv6(if_inet6: &str) -> Option<String> {
+    if_inet6.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (addr, scope) = (f.next()?, f.nth(2)?);
+        // Scope 0x10 is the host (loopback), 0x20 the link; anything else can be routed.
+        let scope = u8::from_str_radix(scope, 16).ok()?;
+        (addr.len() == 32 && scope != 0x10 && scope != 0x20).then(|| {
+            let groups: Vec<&str> = (0..8).map(|i| &addr[i * 4..i * 4 + 4]).collect();
+            groups.join(":")
+        })
+    })
+}
+
 /// Installs the rules for both families. IPv6 is skipped (with a note) where the namespace has
-/// no IPv6 tables.
+/// no IPv6 tables and no IPv6 address; with an address it fails, since the pod's IPv6 traffic
+/// would otherwise bypass the sidecar.
 pub fn install(o: &CaptureOptions) -> Result<Vec<String>, String> {
     for cidr in &o.exclude_outbound_cidrs {
         cidr.parse::<mycel_api::net::Cidr>().map_err(|e| format!("--exclude-outbound-cidrs: {e}"))?;
@@ -97,7 +113,13 @@ pub fn install(o: &CaptureOptions) -> Result<Vec<String>, String> {
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
             if ipv6 {
-                notes.push(format!("IPv6 capture not installed: {err}"));
+                let inet6 = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+                if let Some(addr) = routable_ipv6(&inet6) {
+                    return Err(format!(
+                        "{tool} failed: {err}; the pod has the IPv6 address {addr}, whose traffic would bypass the sidecar (the init container needs NET_ADMIN and ip6tables)"
+                    ));
+                }
+                notes.push(format!("IPv6 capture not installed (the pod has no IPv6 address): {err}"));
                 continue;
             }
             return Err(format!("{tool} failed: {err} (the init container needs NET_ADMIN)"));
@@ -114,6 +136,19 @@ pub fn original_destination(stream: &tokio::net::TcpStream) -> std::io::Result<S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv6_address_makes_missing_ipv6_capture_fatal() {
+        let loopback_and_link = "00000000000000000000000000000001 01 80 10 80       lo\nfe800000000000000c1b2afffe3d4e5f 02 40 20 80     eth0\n";
+        assert_eq!(
+            routable_ipv6(loopback_and_link),
+            None,
+            "loopback and link-local only: IPv6 may be skipped"
+        );
+        let global = format!("{loopback_and_link}fd000000000000000000000000000007 02 80 00 80     eth0\n");
+        assert_eq!(routable_ipv6(&global).as_deref(), Some("fd00:0000:0000:0000:0000:0000:0000:0007"));
+        assert_eq!(routable_ipv6(""), None);
+    }
 
     #[test]
     fn rules_exclude_the_proxy_loopback_and_what_was_asked() {
