@@ -16,6 +16,7 @@ pub const LISTENER_TYPE: &str = "mycel.io/Listener";
 pub const PEER_POLICY_TYPE: &str = "mycel.io/PeerPolicy";
 
 pub mod codec;
+pub mod hash;
 pub mod metrics;
 pub mod net;
 pub mod spiffe;

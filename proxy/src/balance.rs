@@ -329,7 +329,7 @@ pub fn connection_key(lb: &LoadBalancer, peer: Option<SocketAddr>) -> Option<u64
 
 /// A 64-bit FNV-1a hash: stable across processes, so every proxy maps a key alike.
 pub fn hash_key(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
+    mycel_api::hash::fnv1a(bytes)
 }
 
 /// Maglev's lookup table (Eisenbud et al., NSDI '16): each endpoint fills slots along its own

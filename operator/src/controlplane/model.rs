@@ -356,8 +356,7 @@ fn peer_auth_info(p: PeerAuthentication) -> Option<PeerAuth> {
 
 /// 64-bit FNV-1a, as hex: stable across processes (unlike `DefaultHasher`).
 pub fn content_version(bytes: &[u8]) -> String {
-    let h = bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3));
-    format!("{h:016x}")
+    format!("{:016x}", mycel_api::hash::fnv1a(bytes))
 }
 
 impl Model {

@@ -602,9 +602,9 @@ fn log_level(l: LogLevel) -> &'static str {
     }
 }
 
-/// A stable 64-bit hash (FNV-1a): the same input gives the same annotation in every process.
+/// A stable 64-bit hash: the same input gives the same annotation in every process.
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
+    mycel_api::hash::fnv1a(bytes)
 }
 
 #[cfg(test)]
