@@ -20,13 +20,14 @@ use serde_json::{Value, json};
 /// The ledger as committed.
 pub const LEDGER_YAML: &str = include_str!("../../docs/reference/field-ledger.yaml");
 
+/// The ledger: one top-level key per kind (`TrafficRoute: {implemented: …, not_yet: […]}`),
+/// and `annotations` for the `mycel.io/*` pod and namespace annotations and labels.
 #[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
 pub struct Ledger {
-    /// By kind (`TrafficRoute`, …).
-    pub kinds: BTreeMap<String, Fields>,
-    /// The `mycel.io/*` pod and namespace annotations and labels.
     pub annotations: Fields,
+    /// By kind (`TrafficRoute`, …).
+    #[serde(flatten)]
+    pub kinds: BTreeMap<String, Fields>,
 }
 
 #[derive(Deserialize, Debug, Default)]
