@@ -40,6 +40,17 @@ impl SpiffeId {
     }
 }
 
+/// The SPIFFE ID (the `spiffe://` URI SAN) a DER certificate carries, as written there; what
+/// both ends of mutual TLS read from the peer's certificate.
+pub fn of_certificate(der: &[u8]) -> Option<String> {
+    let (_, x509) = x509_parser::parse_x509_certificate(der).ok()?;
+    let san = x509.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => Some(u.to_string()),
+        _ => None,
+    })
+}
+
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)

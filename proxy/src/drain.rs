@@ -35,21 +35,6 @@ impl Tasks {
         }
     }
 
-    /// How many are still running.
-    pub fn len(&self) -> usize {
-        self.0
-            .lock()
-            .map(|mut s| {
-                while s.0.try_join_next().is_some() {}
-                s.0.len()
-            })
-            .unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Waits up to `deadline` for every task to end, then ends the rest.
     pub async fn drain(&self, deadline: Duration) {
         let mut set = match self.0.lock() {

@@ -106,14 +106,9 @@ impl Snapshot {
         Snapshot(ArcSwap::from_pointee(State::build(config, None)))
     }
 
-    /// The state now. Hold the guard for one lookup; keep an `Arc` ([`Snapshot::current`]) for
-    /// longer.
+    /// The state now (hold the guard for a lookup, not across an await).
     pub fn load(&self) -> arc_swap::Guard<Arc<State>> {
         self.0.load()
-    }
-
-    pub fn current(&self) -> Arc<State> {
-        self.0.load_full()
     }
 
     /// Makes `config` the one in force.

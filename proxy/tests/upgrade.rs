@@ -11,6 +11,17 @@ use tokio::{
 };
 use tokio_tungstenite::tungstenite::Message;
 
+/// Reads an HTTP/1.1 head, byte by byte (what follows it stays unread).
+async fn read_head(s: &mut TcpStream) -> Vec<u8> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    head
+}
+
 async fn proxy_to(upstream: std::net::SocketAddr) -> (mycel_proxy::Running, std::net::SocketAddr) {
     let proxy = mycel_proxy::start(
         Config::parse(&format!(
@@ -62,12 +73,7 @@ async fn a_bare_upgrade_tunnels_bytes_both_ways() {
     let upstream = l.local_addr().unwrap();
     tokio::spawn(async move {
         let (mut s, _) = l.accept().await.unwrap();
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut b).await.unwrap();
-            head.push(b[0]);
-        }
+        let head = read_head(&mut s).await;
         let head = String::from_utf8_lossy(&head).to_lowercase();
         assert!(head.contains("upgrade: echo") && head.contains("connection: upgrade"), "{head}");
         s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: echo\r\nconnection: upgrade\r\n\r\n")
@@ -87,12 +93,7 @@ async fn a_bare_upgrade_tunnels_bytes_both_ways() {
     c.write_all(b"GET /raw HTTP/1.1\r\nhost: x\r\nupgrade: echo\r\nconnection: upgrade\r\n\r\n")
         .await
         .unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        c.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
+    let head = read_head(&mut c).await;
     let head = String::from_utf8_lossy(&head).to_lowercase();
     assert!(head.starts_with("http/1.1 101") && head.contains("upgrade: echo"), "{head}");
     c.write_all(b"ping over the tunnel").await.unwrap();
@@ -122,12 +123,7 @@ async fn shutdown_ends_an_open_tunnel_by_its_deadline() {
     c.write_all(b"GET /hold HTTP/1.1\r\nhost: x\r\nupgrade: hold\r\nconnection: upgrade\r\n\r\n")
         .await
         .unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        c.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
+    let head = read_head(&mut c).await;
     assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"));
     tokio::time::timeout(Duration::from_secs(10), proxy.shutdown(Duration::from_millis(300)))
         .await
@@ -145,12 +141,7 @@ async fn an_h2c_upgrade_is_not_tunnelled_past_the_proxy() {
     let upstream = l.local_addr().unwrap();
     tokio::spawn(async move {
         let (mut s, _) = l.accept().await.unwrap();
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut b).await.unwrap();
-            head.push(b[0]);
-        }
+        let head = read_head(&mut s).await;
         let asked = String::from_utf8_lossy(&head).to_lowercase().contains("upgrade:");
         let body = if asked { "asked to switch" } else { "plain" };
         s.write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len()).as_bytes())

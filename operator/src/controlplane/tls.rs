@@ -107,12 +107,7 @@ pub fn server_config(chain_pem: &str, key_pem: &str, roots_pem: &[String]) -> an
 
 /// The SPIFFE ID (URI SAN) of a certificate.
 pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
-    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    let san = x509.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => Some(u.to_string()),
-        _ => None,
-    })
+    mycel_api::spiffe::of_certificate(cert.as_ref())
 }
 
 /// Accepts TCP connections and completes TLS handshakes concurrently (a slow client never holds

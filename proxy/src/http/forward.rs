@@ -15,6 +15,7 @@ use hyper_util::rt::TokioIo;
 use crate::{
     Shared,
     balance::Endpoints,
+    context::Conn,
     error::{self, ProxyError},
     http::{Body, headers::strip_hop_by_hop},
     pool::SendError,
@@ -61,11 +62,12 @@ enum Attempt {
 /// no app (a connection that could not be opened, or a peer sidecar whose app refused it).
 pub async fn forward(
     mut req: Request<Body>,
-    peer: Option<SocketAddr>,
+    conn: &Conn,
     cluster: &Endpoints,
     shared: &Shared,
 ) -> Result<Response<Body>, ProxyError> {
-    let key = crate::balance::request_key(&cluster.lb, req.headers(), peer);
+    let key = crate::balance::request_key(&cluster.lb, req.headers(), conn.peer);
+    let wait = conn.limits.upstream_response_header_timeout();
     let Some(first) = cluster.pick(key) else {
         return Err(ProxyError::NoHealthyUpstream { cluster: cluster.cluster.clone() });
     };
@@ -101,7 +103,7 @@ pub async fn forward(
             },
         };
         attempts += 1;
-        match send(req, addr, &mut downstream_upgrade, cluster, shared).await? {
+        match send(req, addr, wait, &mut downstream_upgrade, cluster, shared).await? {
             Attempt::Done(resp) => return Ok(resp),
             Attempt::NotSent(req, why) => {
                 cause = why;
@@ -117,6 +119,7 @@ pub async fn forward(
 async fn send(
     req: Request<Body>,
     addr: SocketAddr,
+    wait: std::time::Duration,
     downstream_upgrade: &mut Option<hyper::upgrade::OnUpgrade>,
     cluster: &Endpoints,
     shared: &Shared,
@@ -133,7 +136,6 @@ async fn send(
     }
     let in_flight = cluster.start(addr);
     let identity = cluster.identity(addr);
-    let wait = shared.state.load().config.limits.upstream_response_header_timeout();
     let sent = shared.pool.send(Request::from_parts(parts, body), addr, identity, cluster.connect_timeout);
     let Ok(result) = tokio::time::timeout(wait, sent).await else {
         return Err(ProxyError::UpstreamTimeout { cluster: cluster.cluster.clone(), after: wait });

@@ -122,7 +122,7 @@ pub async fn request(
         Ok(e) => e,
         Err(e) => return (None, Err(e)),
     };
-    let resp = http::forward::forward(req, conn.conn.peer, &app, shared).await;
+    let resp = http::forward::forward(req, &conn.conn, &app, shared).await;
     (Some(app), resp)
 }
 

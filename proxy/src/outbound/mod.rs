@@ -51,6 +51,6 @@ pub async fn request(
     routing::mirror(&req, &route);
     // Timeout and retry policies (TrafficRoute) wrap this; today a request that reached no app
     // goes to the next endpoint (in `forward`), and nothing else is retried.
-    let resp = http::forward::forward(req, conn.conn.peer, &route.backend, shared).await;
+    let resp = http::forward::forward(req, &conn.conn, &route.backend, shared).await;
     (Some(route.backend), resp)
 }
