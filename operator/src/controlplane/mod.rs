@@ -8,10 +8,13 @@
 
 /// Sidecar injection (its own crate, so that `mycelctl inject` needs nothing else of the operator).
 pub use mycel_inject as inject;
+pub mod discovery;
 pub mod metrics;
 pub mod model;
 pub mod server;
+pub mod snapshot;
 pub mod tls;
+pub mod translate;
 pub mod webhook;
 
 use std::{
@@ -34,7 +37,7 @@ use tracing::{info, warn};
 
 use crate::pki::Ca;
 use metrics::CpMetrics;
-use model::Snapshot;
+use snapshot::Snapshot;
 use server::{Discovery, Registry, SharedCa, Signer};
 
 /// Lifetime of the control plane's own serving certificate (renewed at half of it).
@@ -271,7 +274,7 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Handle>
         while snaps.changed().await.is_ok() {
             let s = snaps.borrow_and_update().clone();
             m.config_version.set(s.version as i64);
-            m.clusters.set(s.clusters.len() as i64);
+            m.clusters.set(s.mesh(mycel_api::CLUSTER_TYPE).map_or(0, |c| c.entries.len()) as i64);
         }
     }));
     tasks.push(tokio::spawn(serve_monitor(monitor, snapshots.clone(), registry.clone(), metrics.clone())));
@@ -322,8 +325,9 @@ async fn serve_monitor(
                             serde_json::to_string_pretty(&registry.list()).unwrap_or_default(),
                         ),
                         "/debug/clusters" => {
+                            let clusters = snap.mesh(mycel_api::CLUSTER_TYPE).cloned().unwrap_or_default();
                             let mut v: Vec<(&String, &String)> =
-                                snap.clusters.iter().map(|(n, e)| (n, &e.version)).collect();
+                                clusters.entries.iter().map(|(n, e)| (n, &e.version)).collect();
                             v.sort();
                             let map: std::collections::BTreeMap<_, _> = v.into_iter().collect();
                             (

@@ -37,7 +37,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     metrics::{CpMetrics, TypeCounters},
-    model::{Entry, Snapshot, content_version, peer_policy},
+    snapshot::{COLLECTIONS, Collection, Entry, Snapshot, registration},
     tls::Peer,
 };
 use crate::pki::{Ca, SignError};
@@ -56,6 +56,9 @@ pub struct TypeStatus {
     pub resources: usize,
     pub pushes: u64,
     pub last_nack: Option<Nack>,
+    /// The newest snapshot version whose resources of this type the proxy holds, as its last
+    /// ACK says (what `Ready` conditions are computed from).
+    pub in_sync: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -97,6 +100,9 @@ impl ProxyStatus {
 #[derive(Default)]
 pub struct Registry {
     proxies: Mutex<HashMap<u64, Arc<Mutex<ProxyStatus>>>>,
+    /// Woken when a proxy's `in_sync` moves or a proxy disconnects (the status writer waits on
+    /// it).
+    pub changed: tokio::sync::Notify,
     /// Open streams per identity (one identity's replicas share it).
     per_identity: Mutex<HashMap<String, usize>>,
     next: AtomicU64,
@@ -316,6 +322,10 @@ struct TypeState {
     pending: Option<(String, u64)>,
     /// When that response went out.
     pending_since: Option<tokio::time::Instant>,
+    /// The last answer was a NACK: the proxy kept older config than what it was sent.
+    nacked: bool,
+    /// What the registry was last told of [`TypeStatus::in_sync`].
+    in_sync: Option<u64>,
     counters: TypeCounters,
 }
 
@@ -461,6 +471,7 @@ impl Drop for Connected {
             }
         }
         self.metrics.connected.dec();
+        self.registry.changed.notify_one();
         info!(pod = %self.pod, "proxy disconnected");
     }
 }
@@ -561,8 +572,9 @@ impl Discovery {
                     // A full sync (a new proxy, or one too far behind for the change log) waits
                     // for one of a bounded number of slots, held until the proxy answers: a crowd
                     // connecting at once is served a few at a time instead of all in memory.
-                    let full = type_url == mycel_api::CLUSTER_TYPE
-                        && (ts.incomplete || !(ts.first_sent && snap.log_reaches(ts.synced)));
+                    let coll = snap.collection(type_url, &node.namespace, &node.pod);
+                    let full = coll.log.is_some()
+                        && (ts.incomplete || !(ts.first_sent && coll.log_reaches(snap.version, ts.synced)));
                     if revoked(&ts.permit) {
                         return Err(Status::deadline_exceeded(format!(
                             "no ACK or NACK within {:?}: the full-sync slot was taken back; reconnect to resume",
@@ -572,7 +584,7 @@ impl Discovery {
                     if full && ts.permit.is_none() {
                         ts.permit = self.full_syncs.acquire().await;
                     }
-                    if let Some(resp) = self.delta(type_url, ts, &snap, &node, &mut nonce) {
+                    if let Some(resp) = self.delta(type_url, ts, &coll, snap.version, &mut nonce) {
                         let bytes = prost::Message::encoded_len(&resp) as u64;
                         ts.counters.pushes.inc();
                         ts.counters.push_bytes.inc_by(bytes);
@@ -588,6 +600,12 @@ impl Discovery {
                         }
                     } else {
                         ts.permit = None;
+                        // Nothing to send: what the proxy accepted is this version's content.
+                        if ts.first_sent && !ts.nacked && ts.in_sync != Some(snap.version) {
+                            ts.in_sync = Some(snap.version);
+                            update(status, |s| s.of_type(type_url).in_sync = Some(snap.version));
+                            self.registry.changed.notify_one();
+                        }
                     }
                 }
             }
@@ -632,6 +650,8 @@ impl Discovery {
             first_sent: false,
             pending: None,
             pending_since: None,
+            nacked: false,
+            in_sync: None,
             counters: self.metrics.for_type(&req.type_url),
         }
     }
@@ -660,8 +680,8 @@ impl Discovery {
         types: &mut BTreeMap<String, TypeState>,
     ) -> Result<(), Status> {
         self.check_sizes(&req)?;
-        let known = [mycel_api::CLUSTER_TYPE, mycel_api::LISTENER_TYPE, mycel_api::PEER_POLICY_TYPE];
-        if !known.contains(&req.type_url.as_str()) {
+        if registration(&req.type_url).is_none() {
+            let known: Vec<&str> = COLLECTIONS.iter().map(|r| r.type_url).collect();
             return Err(Status::invalid_argument(format!(
                 "type_url: unknown resource type {:?}; use one of {}",
                 req.type_url,
@@ -688,11 +708,23 @@ impl Discovery {
                     match req.error_detail {
                         None => {
                             ts.counters.acks.inc();
+                            ts.nacked = false;
+                            // A part of a sync is not all of it.
+                            let whole = !ts.incomplete;
+                            if whole {
+                                ts.in_sync = Some(version);
+                            }
                             update(status, |s| {
-                                s.of_type(&req.type_url).acked = Some(version);
+                                let t = s.of_type(&req.type_url);
+                                t.acked = Some(version);
+                                if whole {
+                                    t.in_sync = Some(version);
+                                }
                             });
+                            self.registry.changed.notify_one();
                         }
                         Some(e) => {
+                            ts.nacked = true;
                             warn!(field = %e.field, message = %e.message, version, "proxy rejected an update");
                             ts.counters.nacks.inc();
                             update(status, |s| {
@@ -737,37 +769,27 @@ impl Discovery {
         Ok(())
     }
 
-    /// The response that brings the proxy from what it has to `snap`, if there is anything to
+    /// The response that brings the proxy from what it has to `coll` at `version`, if there is anything to
     /// send (the first response of a subscription is sent even when empty: it tells the proxy
     /// it is in sync).
     fn delta(
         &self,
         type_url: &str,
         ts: &mut TypeState,
-        snap: &Snapshot,
-        node: &pb::Node,
+        coll: &Collection,
+        version: u64,
         nonce: &mut u64,
     ) -> Option<pb::DeltaResponse> {
-        if ts.first_sent && ts.synced == snap.version && !ts.incomplete {
+        if ts.first_sent && ts.synced == version && !ts.incomplete {
             return None;
         }
-        let computed;
-        let resources: &HashMap<String, Arc<Entry>> = match type_url {
-            mycel_api::CLUSTER_TYPE => &snap.clusters,
-            mycel_api::PEER_POLICY_TYPE => {
-                computed = policy_resource(snap, node);
-                &computed
-            }
-            _ => {
-                computed = HashMap::new();
-                &computed
-            }
-        };
-        // Only clusters have a change log; the rest is small enough to compare whole.
-        let use_log = type_url == mycel_api::CLUSTER_TYPE;
+        let resources: &HashMap<String, Arc<Entry>> = &coll.entries;
+        // Mesh-wide collections have a change log; per-workload ones are small enough to
+        // compare whole.
+        let use_log = coll.log.is_some();
         // The next part of a sync in progress, when nothing changed since the last part.
         let cursor =
-            ts.cursor.take().filter(|(v, _)| ts.incomplete && use_log && ts.wildcard && *v == snap.version);
+            ts.cursor.take().filter(|(v, _)| ts.incomplete && use_log && ts.wildcard && *v == version);
         let wanted = |n: &str| ts.wildcard || ts.names.contains(n);
         let mut added = Vec::new();
         let mut removed = Vec::new();
@@ -783,13 +805,13 @@ impl Discovery {
                 }
             }
         };
-        match (cursor, snap.changed_since(ts.synced).filter(|_| ts.first_sent && use_log && !ts.incomplete)) {
+        match (cursor, coll.changed_since(version, ts.synced).filter(|_| ts.first_sent && use_log && !ts.incomplete)) {
             (Some((_, after)), _) => {
                 // Carry on after the last name sent: a sync costs one pass over the mesh,
                 // not one per part. One difference more than fits says more parts follow.
-                let start = snap.sorted.partition_point(|n| n.as_str() <= after.as_str());
+                let start = coll.sorted.partition_point(|n| n.as_str() <= after.as_str());
                 let mut found = 0;
-                for n in &snap.sorted[start..] {
+                for n in &coll.sorted[start..] {
                     if found > MAX_RESOURCES_PER_RESPONSE {
                         break;
                     }
@@ -815,7 +837,7 @@ impl Discovery {
                 }
             }
         }
-        ts.synced = snap.version;
+        ts.synced = version;
         if added.is_empty() && removed.is_empty() && ts.first_sent {
             return None;
         }
@@ -825,10 +847,10 @@ impl Discovery {
         added.truncate(MAX_RESOURCES_PER_RESPONSE);
         ts.incomplete = truncated;
         ts.cursor =
-            if truncated { added.last().map(|e| (snap.version, e.resource.name.clone())) } else { None };
-        if type_url == mycel_api::CLUSTER_TYPE && ts.wildcard && !truncated {
-            // After this response the proxy has exactly the snapshot.
-            ts.known = Known::Shared(snap.clusters.clone());
+            if truncated { added.last().map(|e| (version, e.resource.name.clone())) } else { None };
+        if ts.wildcard && !truncated {
+            // After this response the proxy has exactly the collection.
+            ts.known = Known::Shared(coll.entries.clone());
         } else {
             let known = ts.known.own();
             for e in &added {
@@ -840,37 +862,18 @@ impl Discovery {
         }
         *nonce += 1;
         let n = nonce.to_string();
-        ts.pending = Some((n.clone(), snap.version));
+        ts.pending = Some((n.clone(), version));
         ts.pending_since = Some(tokio::time::Instant::now());
         removed.sort();
         Some(pb::DeltaResponse {
             type_url: type_url.to_string(),
-            system_version: snap.version.to_string(),
+            system_version: version.to_string(),
             nonce: n,
             resources: added.iter().map(|e| e.resource.clone()).collect(),
             removed,
             partial: truncated,
         })
     }
-}
-
-/// The one `inbound` PeerPolicy of a proxy, from its pod's labels and the PeerAuthentications.
-fn policy_resource(snap: &Snapshot, node: &pb::Node) -> HashMap<String, Arc<Entry>> {
-    let labels = snap
-        .pods
-        .get(&(node.namespace.clone(), node.pod.clone()))
-        .map(|p| p.labels.clone())
-        .unwrap_or_default();
-    let policy =
-        peer_policy(&node.namespace, &labels, &snap.peer_auths, &snap.root_namespace, snap.mesh_mtls);
-    let mut resource = pb::Resource {
-        name: "inbound".into(),
-        version: String::new(),
-        kind: Some(pb::resource::Kind::PeerPolicy(policy)),
-    };
-    let version = content_version(&prost::Message::encode_to_vec(&resource));
-    resource.version = version.clone();
-    HashMap::from([("inbound".to_string(), Arc::new(Entry { version, resource }))])
 }
 
 /// The CA in force, replaced whole when its Secret changes.

@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use http_body_util::{BodyExt, StreamBody};
 
 use super::*;
+use crate::controlplane::snapshot::{ChangeLog, Scoped};
 
 const TYPE: &str = mycel_api::CLUSTER_TYPE;
 const IDENTITY: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -24,16 +25,17 @@ fn cluster(name: &str, rev: &str) -> (String, Arc<Entry>) {
 fn snapshot(version: u64, clusters: Vec<(String, Arc<Entry>)>, log: Vec<(u64, Vec<&str>)>) -> Arc<Snapshot> {
     let mut sorted: Vec<String> = clusters.iter().map(|(n, _)| n.clone()).collect();
     sorted.sort();
+    let covers_after = log.first().map_or(version, |(v, _)| v - 1);
+    let log = ChangeLog::new(
+        covers_after,
+        log.into_iter().map(|(v, names)| (v, names.into_iter().map(String::from).collect::<Vec<_>>().into())),
+    );
+    let clusters =
+        Collection { entries: Arc::new(clusters.into_iter().collect()), sorted: Arc::new(sorted), log: Some(Arc::new(log)) };
     Arc::new(Snapshot {
         version,
-        clusters: Arc::new(clusters.into_iter().collect()),
-        log: Arc::new(
-            log.into_iter()
-                .map(|(v, names)| (v, names.into_iter().map(String::from).collect::<Vec<_>>().into()))
-                .collect(),
-        ),
         synced: true,
-        sorted: Arc::new(sorted),
+        types: [(TYPE, Scoped::Mesh(clusters))].into(),
         ..Default::default()
     })
 }

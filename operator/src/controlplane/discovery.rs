@@ -1,0 +1,211 @@
+//! Discovery: watchers on Services, EndpointSlices, Pods and PeerAuthentications, turned into
+//! one stream of [`Change`]s, and what the model keeps of each object.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
+
+use futures::{StreamExt, stream::BoxStream};
+use k8s_openapi::api::{core::v1::Pod, core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{
+    Api, Client, ResourceExt,
+    runtime::{WatchStreamExt, watcher},
+};
+use mycel_crds::peer_authentication::PeerAuthentication;
+use tracing::warn;
+
+use super::snapshot::Key;
+use super::translate::peer_policy::PeerAuth;
+
+/// One watch event of one kind.
+pub enum Change {
+    Service(Box<watcher::Event<Service>>),
+    Slice(Box<watcher::Event<EndpointSlice>>),
+    Pod(Box<watcher::Event<Pod>>),
+    PeerAuth(Box<watcher::Event<PeerAuthentication>>),
+}
+
+fn events<K>(api: Api<K>, wrap: fn(watcher::Event<K>) -> Change) -> BoxStream<'static, Change>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .filter_map(move |r| async move {
+            match r {
+                Ok(e) => Some(wrap(e)),
+                Err(e) => {
+                    warn!(error = %e, "watch failed; retrying");
+                    None
+                }
+            }
+        })
+        .boxed()
+}
+
+/// Every watch the model needs, as one stream.
+pub fn watch(client: Client) -> BoxStream<'static, Change> {
+    futures::stream::select_all([
+        events(Api::<Service>::all(client.clone()), |e| Change::Service(Box::new(e))),
+        events(Api::<EndpointSlice>::all(client.clone()), |e| Change::Slice(Box::new(e))),
+        events(Api::<Pod>::all(client.clone()), |e| Change::Pod(Box::new(e))),
+        events(Api::<PeerAuthentication>::all(client), |e| Change::PeerAuth(Box::new(e))),
+    ])
+    .boxed()
+}
+
+pub fn key_of<K: ResourceExt>(o: &K) -> Key {
+    (o.namespace().unwrap_or_default(), o.name_any())
+}
+
+/// A watched kind: live objects, plus the list being rebuilt while the watch relists.
+pub struct Kind<T> {
+    pub live: HashMap<Key, T>,
+    relist: Option<HashMap<Key, T>>,
+    pub synced: bool,
+}
+
+impl<T> Default for Kind<T> {
+    fn default() -> Self {
+        Kind { live: HashMap::new(), relist: None, synced: false }
+    }
+}
+
+impl<T> Kind<T> {
+    /// Applies one watch event; returns the keys whose object changed (all of them on a relist).
+    pub fn apply<K: ResourceExt>(&mut self, event: watcher::Event<K>, f: impl Fn(K) -> Option<T>) -> Vec<Key> {
+        match event {
+            watcher::Event::Apply(o) => {
+                let k = key_of(&o);
+                match f(o) {
+                    Some(v) => self.live.insert(k.clone(), v),
+                    None => self.live.remove(&k),
+                };
+                vec![k]
+            }
+            watcher::Event::Delete(o) => {
+                let k = key_of(&o);
+                self.live.remove(&k);
+                vec![k]
+            }
+            watcher::Event::Init => {
+                self.relist = Some(HashMap::new());
+                vec![]
+            }
+            watcher::Event::InitApply(o) => {
+                let k = key_of(&o);
+                if let (Some(r), Some(v)) = (self.relist.as_mut(), f(o)) {
+                    r.insert(k, v);
+                }
+                vec![]
+            }
+            watcher::Event::InitDone => {
+                let new = self.relist.take().unwrap_or_default();
+                let old = std::mem::replace(&mut self.live, new);
+                self.synced = true;
+                old.into_keys().chain(self.live.keys().cloned()).collect()
+            }
+        }
+    }
+}
+
+/// A Service as the model needs it.
+#[derive(Clone, Debug)]
+pub struct Svc {
+    /// Virtual IPs (none for a headless Service).
+    pub ips: Vec<String>,
+    /// (port name, port) of its TCP ports.
+    pub ports: Vec<(String, i32)>,
+}
+
+/// One endpoint of an EndpointSlice.
+#[derive(Clone, Debug)]
+pub struct SliceEndpoint {
+    pub addresses: Vec<String>,
+    pub ready: bool,
+    pub pod: Option<Key>,
+    pub zone: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Slice {
+    pub service: String,
+    /// port name → port number
+    pub ports: Vec<(String, i32)>,
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+/// What discovery keeps of a pod.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodInfo {
+    pub service_account: String,
+    pub sidecar: bool,
+    pub labels: BTreeMap<String, String>,
+}
+
+pub fn service_info(s: Service) -> Option<Svc> {
+    let spec = s.spec?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let mut ips: Vec<String> = spec.cluster_ips.unwrap_or_default();
+    if ips.is_empty() {
+        ips.extend(spec.cluster_ip);
+    }
+    ips.retain(|ip| ip != "None" && !ip.is_empty());
+    let ports = spec
+        .ports
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .map(|p| (p.name.unwrap_or_default(), p.port))
+        .collect();
+    Some(Svc { ips, ports })
+}
+
+pub fn slice_info(s: EndpointSlice) -> Option<Slice> {
+    if s.address_type == "FQDN" {
+        return None;
+    }
+    let service = s.metadata.labels.as_ref()?.get("kubernetes.io/service-name")?.clone();
+    let ports = s
+        .ports
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .filter_map(|p| Some((p.name.unwrap_or_default(), p.port?)))
+        .collect();
+    let endpoints = s
+        .endpoints
+        .into_iter()
+        .map(|e| SliceEndpoint {
+            addresses: e.addresses,
+            ready: e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true),
+            pod: e
+                .target_ref
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .map(|r| (r.namespace.unwrap_or_default(), r.name.unwrap_or_default())),
+            zone: e.zone.unwrap_or_default(),
+        })
+        .collect();
+    Some(Slice { service, ports, endpoints })
+}
+
+pub fn pod_info(p: Pod) -> Option<Arc<PodInfo>> {
+    let spec = p.spec?;
+    let sidecar = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .any(|c| c.name == super::inject::PROXY);
+    Some(Arc::new(PodInfo {
+        service_account: spec.service_account_name.unwrap_or_else(|| "default".into()),
+        sidecar,
+        labels: p.metadata.labels.unwrap_or_default(),
+    }))
+}
+
+pub fn peer_auth_info(p: PeerAuthentication) -> Option<PeerAuth> {
+    Some(PeerAuth::from_object(p))
+}
