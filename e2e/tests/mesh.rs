@@ -134,6 +134,34 @@ async fn sidecars_apply(client: &Client, ns: &str, pods: &[String], mode: &str) 
     }
 }
 
+/// Waits until PeerAuthentication `name` says `Ready=True` for its current generation, with
+/// `Accepted` and `ResolvedRefs` beside it; returns the Ready message.
+async fn policy_ready(pas: &Api<DynamicObject>, name: &str) -> String {
+    eventually(&format!("PeerAuthentication {name} is Ready"), Duration::from_secs(30), || async {
+        let pa = pas.get(name).await.map_err(|e| e.to_string())?;
+        let generation = pa.metadata.generation;
+        let status = &pa.data["status"];
+        let cond = |t: &str| {
+            status["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == t)).cloned()
+        };
+        let ok = |t: &str| {
+            cond(t).is_some_and(|c| c["status"] == "True" && c["observedGeneration"].as_i64() == generation)
+        };
+        if status["observedGeneration"].as_i64() == generation
+            && ok("Accepted")
+            && ok("ResolvedRefs")
+            && ok("Ready")
+        {
+            Ok(cond("Ready")
+                .map(|c| c["message"].as_str().unwrap_or_default().to_string())
+                .unwrap_or_default())
+        } else {
+            Err(status.to_string())
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 async fn injected_pods_talk_through_their_sidecars() {
     let Some((c, client)) = node_cluster().await else { return };
@@ -356,6 +384,9 @@ spec:
     let pas = Api::<DynamicObject>::namespaced_with(client.clone(), &n, &pa_ar);
     pas.create(&PostParams::default(), &pa).await.unwrap();
     sidecars_apply(&client, &n, &names, "STRICT").await;
+    // Its status says so once every proxy of the namespace acknowledged it.
+    let message = policy_ready(&pas, "strict").await;
+    assert!(message.starts_with("in effect: the proxies of all "), "{message}");
     // The proxy's state is not for the pod network: through the API server's pod proxy (which
     // connects from outside the pod) config_dump is refused, metrics are not.
     let via_api_server = |path: &str| {
@@ -394,6 +425,12 @@ spec:
     .unwrap();
     pas.create(&PostParams::default(), &disable).await.unwrap();
     sidecars_apply(&client, &n, &names, "DISABLE").await;
+    let message = policy_ready(&pas, "web-plain").await;
+    let web = names.len();
+    assert!(
+        message.contains(&format!("all {web} selected workload(s)")),
+        "the web pods, no other: {message}"
+    );
     let (ok, logs) = run_job(&client, &n, "meshed-disable", "client", true, &get("2")).await;
     assert!(ok && !logs.contains("x-forwarded-client-cert"), "plaintext from a meshed client:\n{logs}");
     let (ok, logs) = run_job(&client, &n, "plain-disable", "client", false, &get("1")).await;

@@ -229,6 +229,7 @@ async fn main() -> anyhow::Result<()> {
                 grpc_addr,
                 monitor_addr,
                 webhook_addr,
+                replicas: mesh.control_plane_replicas.unwrap_or(1),
                 proxy,
                 discovery: controlplane::model::Options {
                     cluster_domain,

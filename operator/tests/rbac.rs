@@ -84,6 +84,7 @@ fn the_operators_rules_are_exactly_these() {
         {"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["list", "watch"]},
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
         {"apiGroups": ["mycel.io"], "resources": ["peerauthentications"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["mycel.io"], "resources": ["peerauthentications/status"], "verbs": ["patch"]},
         {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
     ]);
     let (got, want) = (rules.as_array().unwrap(), expected.as_array().unwrap());

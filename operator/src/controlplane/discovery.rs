@@ -74,7 +74,11 @@ impl<T> Default for Kind<T> {
 
 impl<T> Kind<T> {
     /// Applies one watch event; returns the keys whose object changed (all of them on a relist).
-    pub fn apply<K: ResourceExt>(&mut self, event: watcher::Event<K>, f: impl Fn(K) -> Option<T>) -> Vec<Key> {
+    pub fn apply<K: ResourceExt>(
+        &mut self,
+        event: watcher::Event<K>,
+        f: impl Fn(K) -> Option<T>,
+    ) -> Vec<Key> {
         match event {
             watcher::Event::Apply(o) => {
                 let k = key_of(&o);
@@ -141,6 +145,8 @@ pub struct Slice {
 pub struct PodInfo {
     pub service_account: String,
     pub sidecar: bool,
+    /// Succeeded or Failed: its containers, a proxy included, are gone for good.
+    pub finished: bool,
     pub labels: BTreeMap<String, String>,
 }
 
@@ -193,6 +199,11 @@ pub fn slice_info(s: EndpointSlice) -> Option<Slice> {
 }
 
 pub fn pod_info(p: Pod) -> Option<Arc<PodInfo>> {
+    let finished = p
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|ph| ph == "Succeeded" || ph == "Failed");
     let spec = p.spec?;
     let sidecar = spec
         .containers
@@ -202,6 +213,7 @@ pub fn pod_info(p: Pod) -> Option<Arc<PodInfo>> {
     Some(Arc::new(PodInfo {
         service_account: spec.service_account_name.unwrap_or_else(|| "default".into()),
         sidecar,
+        finished,
         labels: p.metadata.labels.unwrap_or_default(),
     }))
 }

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod model;
 pub mod server;
 pub mod snapshot;
+pub mod status;
 pub mod tls;
 pub mod translate;
 pub mod webhook;
@@ -37,8 +38,8 @@ use tracing::{info, warn};
 
 use crate::pki::Ca;
 use metrics::CpMetrics;
-use snapshot::Snapshot;
 use server::{Discovery, Registry, SharedCa, Signer};
+use snapshot::Snapshot;
 
 /// Lifetime of the control plane's own serving certificate (renewed at half of it).
 const SERVING_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -59,6 +60,8 @@ pub struct Settings {
     pub monitor_addr: SocketAddr,
     /// The injection and validation webhooks (`None`: not served).
     pub webhook_addr: Option<SocketAddr>,
+    /// Replicas of this revision's control plane (policy `Ready` needs all proxies in view).
+    pub replicas: i32,
     /// What the injector gives each sidecar.
     pub proxy: inject::ProxySettings,
     pub discovery: model::Options,
@@ -92,6 +95,8 @@ pub struct MeshFile {
     pub workload_cert_ttl: Option<String>,
     /// The installation's `spec.mtls.mode`.
     pub mtls_mode: Option<mycel_crds::peer_authentication::PeerMtlsMode>,
+    /// `spec.controlPlane.replicas`.
+    pub control_plane_replicas: Option<i32>,
 }
 
 /// A running control plane.
@@ -277,6 +282,13 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Handle>
             m.clusters.set(s.mesh(mycel_api::CLUSTER_TYPE).map_or(0, |c| c.entries.len()) as i64);
         }
     }));
+    tasks.push(tokio::spawn(status::run(
+        client.clone(),
+        snapshots.clone(),
+        registry.clone(),
+        settings.replicas,
+        Duration::from_millis(250),
+    )));
     tasks.push(tokio::spawn(serve_monitor(monitor, snapshots.clone(), registry.clone(), metrics.clone())));
     info!(grpc = %grpc_addr, monitor = %monitor_addr, revision = %settings.revision, "control plane serving");
     Ok(Handle { grpc_addr, monitor_addr, registry, metrics, snapshots, tasks })

@@ -208,7 +208,8 @@ impl Model {
             pas.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
             self.peer_auths_sorted = Arc::new(pas);
             let empty = BTreeMap::new();
-            let namespaces: HashSet<String> = self.peer_auths_sorted.iter().map(|p| p.namespace.clone()).collect();
+            let namespaces: HashSet<String> =
+                self.peer_auths_sorted.iter().map(|p| p.namespace.clone()).collect();
             self.policy_by_namespace = Arc::new(
                 namespaces
                     .into_iter()
@@ -257,7 +258,8 @@ impl Model {
     fn rebuild_clusters(&mut self) -> Vec<String> {
         let mut changed = Vec::new();
         let mut map: Option<HashMap<String, Arc<Entry>>> = None;
-        let names = Names { cluster_domain: &self.opts.cluster_domain, trust_domain: &self.opts.trust_domain };
+        let names =
+            Names { cluster_domain: &self.opts.cluster_domain, trust_domain: &self.opts.trust_domain };
         for svc_key in std::mem::take(&mut self.dirty_services) {
             let translated = match self.services.live.get(&svc_key) {
                 Some(svc) => {
@@ -313,16 +315,19 @@ impl Model {
     /// policy's status sees changed.
     fn rebuild(&mut self, first: bool) -> Option<Vec<String>> {
         let version = self.version + 1;
+        let pods_or_policies = !self.dirty_pods.is_empty() || self.peer_auths_dirty;
         // Policies first: endpoints' mutual TLS is computed from them.
         let policies = self.rebuild_policies(version);
         let changed = self.rebuild_clusters();
-        if changed.is_empty() && !policies && !first {
+        // What policies reach changes with pods too (one starts, one finishes).
+        let statuses = pods_or_policies.then(|| self.policy_statuses()).filter(|s| *s != *self.statuses);
+        if changed.is_empty() && !policies && statuses.is_none() && !first {
             return None;
         }
         self.version = version;
         self.log.push(version, changed.clone().into());
-        if policies {
-            self.statuses = Arc::new(self.policy_statuses());
+        if let Some(s) = statuses {
+            self.statuses = Arc::new(s);
         }
         Some(changed)
     }
@@ -346,7 +351,8 @@ impl Model {
             })
             .collect();
         for (pod, p) in &self.policies {
-            let sidecar = self.pods.live.get(pod).is_some_and(|i| i.sidecar);
+            let Some(info) = self.pods.live.get(pod).filter(|i| !i.finished) else { continue };
+            let sidecar = info.sidecar;
             for pa in &p.decided_by {
                 if let Some(s) = by.get_mut(pa) {
                     if sidecar {
@@ -468,9 +474,9 @@ mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{Pod, PodSpec, Service, ServicePort, ServiceSpec};
     use k8s_openapi::api::discovery::v1::EndpointSlice;
-    use kube::runtime::watcher;
     use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use kube::runtime::watcher;
 
     fn svc(name: &str, ip: &str) -> Service {
         Service {
@@ -559,7 +565,7 @@ mod tests {
     #[test]
     fn services_slices_and_pods_become_clusters_with_identities() {
         let mut m = synced_model();
-                m.apply(Change::Pod(Box::new(watcher::Event::Apply(pod("10.0.0.1", "web")))));
+        m.apply(Change::Pod(Box::new(watcher::Event::Apply(pod("10.0.0.1", "web")))));
         m.apply(Change::Service(Box::new(watcher::Event::Apply(svc("web", "10.96.0.9")))));
         m.apply(Change::Slice(Box::new(watcher::Event::Apply(slice(
             "web-abc",
@@ -578,10 +584,10 @@ mod tests {
 
         // The same content again changes nothing; a pod's new account changes its endpoint.
         m.apply(Change::Slice(Box::new(watcher::Event::Apply(slice(
-                "web-abc",
-                "web",
-                &[("10.0.0.1", true), ("10.0.0.2", false)],
-            )))));
+            "web-abc",
+            "web",
+            &[("10.0.0.1", true), ("10.0.0.2", false)],
+        )))));
         assert!(rebuild(&mut m).is_empty());
         m.apply(Change::Pod(Box::new(watcher::Event::Apply(pod("10.0.0.1", "other")))));
         assert_eq!(rebuild(&mut m).len(), 1);
@@ -599,7 +605,7 @@ mod tests {
     #[test]
     fn a_relist_drops_what_disappeared_meanwhile() {
         let mut m = synced_model();
-                m.apply(Change::Service(Box::new(watcher::Event::Apply(svc("a", "10.96.0.1")))));
+        m.apply(Change::Service(Box::new(watcher::Event::Apply(svc("a", "10.96.0.1")))));
         m.apply(Change::Service(Box::new(watcher::Event::Apply(svc("b", "10.96.0.2")))));
         rebuild(&mut m);
         assert_eq!(m.clusters.len(), 2);
@@ -642,7 +648,11 @@ mod tests {
         elsewhere.metadata.namespace = Some("other".into());
         m.apply(Change::Pod(Box::new(watcher::Event::Apply(elsewhere))));
         m.apply(Change::Service(Box::new(watcher::Event::Apply(svc("web", "10.96.0.9")))));
-        m.apply(Change::Slice(Box::new(watcher::Event::Apply(slice("web-abc", "web", &[("10.0.0.1", true)])))));
+        m.apply(Change::Slice(Box::new(watcher::Event::Apply(slice(
+            "web-abc",
+            "web",
+            &[("10.0.0.1", true)],
+        )))));
         rebuild(&mut m);
         let before = m.snapshot();
         assert_eq!(policy_mode(&before, "ns", "pod-10.0.0.1"), pb::MtlsMode::MtlsPermissive);
@@ -701,7 +711,13 @@ mod tests {
         assert_eq!(last.elapsed(), debounce, "the burst was not held for the quiet time");
         let snap = rx.borrow_and_update().clone();
         assert_eq!(snap.version, version + 1, "the burst went out as more than one snapshot");
-        let mut names: Vec<_> = snap.mesh(mycel_api::CLUSTER_TYPE).unwrap().changed_since(snap.version, version).unwrap().into_iter().collect();
+        let mut names: Vec<_> = snap
+            .mesh(mycel_api::CLUSTER_TYPE)
+            .unwrap()
+            .changed_since(snap.version, version)
+            .unwrap()
+            .into_iter()
+            .collect();
         names.sort();
         assert_eq!(
             names,

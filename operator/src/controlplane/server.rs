@@ -805,7 +805,10 @@ impl Discovery {
                 }
             }
         };
-        match (cursor, coll.changed_since(version, ts.synced).filter(|_| ts.first_sent && use_log && !ts.incomplete)) {
+        match (
+            cursor,
+            coll.changed_since(version, ts.synced).filter(|_| ts.first_sent && use_log && !ts.incomplete),
+        ) {
             (Some((_, after)), _) => {
                 // Carry on after the last name sent: a sync costs one pass over the mesh,
                 // not one per part. One difference more than fits says more parts follow.
@@ -846,8 +849,7 @@ impl Discovery {
         let truncated = added.len() > MAX_RESOURCES_PER_RESPONSE;
         added.truncate(MAX_RESOURCES_PER_RESPONSE);
         ts.incomplete = truncated;
-        ts.cursor =
-            if truncated { added.last().map(|e| (version, e.resource.name.clone())) } else { None };
+        ts.cursor = if truncated { added.last().map(|e| (version, e.resource.name.clone())) } else { None };
         if ts.wildcard && !truncated {
             // After this response the proxy has exactly the collection.
             ts.known = Known::Shared(coll.entries.clone());

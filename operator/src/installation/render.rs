@@ -548,6 +548,8 @@ pub fn control_plane_cluster_rules() -> Value {
         {"apiGroups": [""], "resources": ["services", "pods"], "verbs": ["list", "watch"]},
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
         {"apiGroups": ["mycel.io"], "resources": ["peerauthentications"], "verbs": ["list", "watch"]},
+        // Policy status (`controlplane::status`): conditions, a server-side apply; no get.
+        {"apiGroups": ["mycel.io"], "resources": ["peerauthentications/status"], "verbs": ["patch"]},
         // Which namespaces the revision injects (`controlplane::webhook::publish_roots`).
         {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
         // Sign: which service account a workload's projected token proves.
@@ -641,6 +643,19 @@ mod tests {
         );
         assert!(overridden.gateway.is_none());
         assert_eq!(overridden.control_plane_image, "docker.io/mycel/operator:v9");
+    }
+
+    #[test]
+    fn the_control_planes_replica_count_reaches_it_for_policy_status() {
+        let eff = Effective::resolve(
+            &mi(
+                json!({"revision": "default", "trustDomain": "cluster.local", "controlPlane": {"replicas": 3}}),
+            ),
+            &ImageDefaults::default(),
+        );
+        let file: crate::controlplane::MeshFile =
+            serde_json::from_value(serde_json::to_value(&eff).unwrap()).unwrap();
+        assert_eq!(file.control_plane_replicas, Some(3));
     }
 
     #[test]
@@ -820,6 +835,7 @@ mod tests {
                     {"apiGroups": [""], "resources": ["services", "pods"], "verbs": ["list", "watch"]},
                     {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
                     {"apiGroups": ["mycel.io"], "resources": ["peerauthentications"], "verbs": ["list", "watch"]},
+                    {"apiGroups": ["mycel.io"], "resources": ["peerauthentications/status"], "verbs": ["patch"]},
                     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
                     {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
                     {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["mycel-ca-root-cert"], "verbs": ["create", "patch"]},

@@ -30,8 +30,11 @@ fn snapshot(version: u64, clusters: Vec<(String, Arc<Entry>)>, log: Vec<(u64, Ve
         covers_after,
         log.into_iter().map(|(v, names)| (v, names.into_iter().map(String::from).collect::<Vec<_>>().into())),
     );
-    let clusters =
-        Collection { entries: Arc::new(clusters.into_iter().collect()), sorted: Arc::new(sorted), log: Some(Arc::new(log)) };
+    let clusters = Collection {
+        entries: Arc::new(clusters.into_iter().collect()),
+        sorted: Arc::new(sorted),
+        log: Some(Arc::new(log)),
+    };
     Arc::new(Snapshot {
         version,
         synced: true,
@@ -378,4 +381,88 @@ async fn names_subscribed_over_many_requests_are_bounded() {
     }
     let t = status.expect("the stream ends with a status");
     assert_eq!(t["grpc-status"], (tonic::Code::InvalidArgument as i32).to_string().as_str());
+}
+
+fn policy(mode: pb::MtlsMode) -> Arc<Collection> {
+    let e = Entry::new(crate::controlplane::translate::peer_policy::resource(pb::PeerPolicy {
+        mode: mode as i32,
+        ports: Default::default(),
+    }));
+    Arc::new(Collection::of([(e.resource.name.clone(), Arc::new(e))].into()))
+}
+
+/// A snapshot whose PeerPolicy collection is `web-1`'s own and `api-1`'s.
+fn policies(version: u64, web: pb::MtlsMode, api: pb::MtlsMode) -> Arc<Snapshot> {
+    let by_workload = [
+        (("shop".to_string(), "web-1".to_string()), policy(web)),
+        (("shop".to_string(), "api-1".to_string()), policy(api)),
+    ];
+    Arc::new(Snapshot {
+        version,
+        synced: true,
+        types: [(
+            mycel_api::PEER_POLICY_TYPE,
+            Scoped::Workload {
+                by_workload: Arc::new(by_workload.into()),
+                by_namespace: Default::default(),
+                default: policy(pb::MtlsMode::MtlsPermissive),
+            },
+        )]
+        .into(),
+        ..Default::default()
+    })
+}
+
+fn mode_of(r: &pb::DeltaResponse) -> pb::MtlsMode {
+    match &r.resources[0].kind {
+        Some(pb::resource::Kind::PeerPolicy(p)) => pb::MtlsMode::try_from(p.mode).unwrap(),
+        _ => panic!("not a policy"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_workload_gets_its_own_policy_and_nothing_when_another_ones_changes() {
+    use pb::MtlsMode::{MtlsDisable, MtlsPermissive, MtlsStrict};
+    let p = plane(policies(1, MtlsStrict, MtlsPermissive), 32);
+    let mut first = subscribe(&[]);
+    first.type_url = mycel_api::PEER_POLICY_TYPE.into();
+    let mut s = connect(&p, first).await.unwrap();
+    let r = s.next().await.unwrap();
+    assert_eq!(mode_of(&r), MtlsStrict, "web-1's, not api-1's or the default");
+    let ack = pb::DeltaRequest {
+        type_url: mycel_api::PEER_POLICY_TYPE.into(),
+        response_nonce: r.nonce.clone(),
+        ..Default::default()
+    };
+    s.tx.send(ack).await.unwrap();
+    assert!(s.quiet().await);
+    let types = &p.discovery.registry.list()[0].types;
+    assert_eq!(types[mycel_api::PEER_POLICY_TYPE].in_sync, Some(1));
+
+    // Another workload's policy changes: nothing is sent, and the proxy is in sync with v2.
+    p.publish.send(policies(2, MtlsStrict, MtlsDisable)).unwrap();
+    assert!(s.quiet().await);
+    assert_eq!(p.discovery.registry.list()[0].types[mycel_api::PEER_POLICY_TYPE].in_sync, Some(2));
+
+    // Its own changes: it is sent, and in sync only once acknowledged.
+    p.publish.send(policies(3, MtlsDisable, MtlsDisable)).unwrap();
+    let r = s.next().await.unwrap();
+    assert_eq!((mode_of(&r), r.system_version.as_str()), (MtlsDisable, "3"));
+    assert!(s.quiet().await);
+    assert_eq!(p.discovery.registry.list()[0].types[mycel_api::PEER_POLICY_TYPE].in_sync, Some(2));
+    let nack = pb::DeltaRequest {
+        type_url: mycel_api::PEER_POLICY_TYPE.into(),
+        response_nonce: r.nonce.clone(),
+        error_detail: Some(pb::RejectReason { field: "inbound".into(), message: "bad".into() }),
+        ..Default::default()
+    };
+    s.tx.send(nack).await.unwrap();
+    assert!(s.quiet().await);
+    p.publish.send(policies(4, MtlsDisable, MtlsStrict)).unwrap();
+    assert!(s.quiet().await);
+    assert_eq!(
+        p.discovery.registry.list()[0].types[mycel_api::PEER_POLICY_TYPE].in_sync,
+        Some(2),
+        "a rejected policy is not held, however many versions go by"
+    );
 }

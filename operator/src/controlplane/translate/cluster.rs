@@ -59,10 +59,13 @@ pub fn clusters<'a>(
                 });
                 let identity = view
                     .as_ref()
-                    .map(|((pns, _), v)| SpiffeId::new(names.trust_domain, pns, &v.info.service_account).to_string())
+                    .map(|((pns, _), v)| {
+                        SpiffeId::new(names.trust_domain, pns, &v.info.service_account).to_string()
+                    })
                     .unwrap_or_default();
                 for a in &e.addresses {
-                    let address = if a.contains(':') { format!("[{a}]:{target}") } else { format!("{a}:{target}") };
+                    let address =
+                        if a.contains(':') { format!("[{a}]:{target}") } else { format!("{a}:{target}") };
                     endpoints.push(pb::Endpoint {
                         address,
                         identity: identity.clone(),
@@ -97,7 +100,11 @@ pub fn clusters<'a>(
         };
         out.insert(
             cluster_name.clone(),
-            pb::Resource { name: cluster_name, version: String::new(), kind: Some(pb::resource::Kind::Cluster(cluster)) },
+            pb::Resource {
+                name: cluster_name,
+                version: String::new(),
+                kind: Some(pb::resource::Kind::Cluster(cluster)),
+            },
         );
     }
     Translated { clusters: out, pods }
@@ -125,11 +132,18 @@ mod tests {
             ports: vec![("http".into(), 8080)],
             endpoints: vec![endpoint("10.0.0.1", "a"), endpoint("10.0.0.2", "b"), endpoint("10.0.0.3", "c")],
         };
-        let sidecar = PodInfo { service_account: "web".into(), sidecar: true, labels: Default::default() };
+        let sidecar = PodInfo {
+            service_account: "web".into(),
+            sidecar: true,
+            finished: false,
+            labels: Default::default(),
+        };
         let plain = PodInfo { sidecar: false, ..sidecar.clone() };
         let strict = pb::PeerPolicy { mode: pb::MtlsMode::MtlsStrict as i32, ports: Default::default() };
-        let disabled_port =
-            pb::PeerPolicy { mode: pb::MtlsMode::MtlsStrict as i32, ports: [(8080, pb::MtlsMode::MtlsDisable as i32)].into() };
+        let disabled_port = pb::PeerPolicy {
+            mode: pb::MtlsMode::MtlsStrict as i32,
+            ports: [(8080, pb::MtlsMode::MtlsDisable as i32)].into(),
+        };
         let pod = |k: &Key| match k.1.as_str() {
             "a" => Some(PodView { info: &sidecar, policy: &strict }),
             "b" => Some(PodView { info: &sidecar, policy: &disabled_port }),

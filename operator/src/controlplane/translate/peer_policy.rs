@@ -92,7 +92,11 @@ pub fn peer_policy(
 
 /// The policy as the resource streams send.
 pub fn resource(policy: pb::PeerPolicy) -> pb::Resource {
-    pb::Resource { name: NAME.into(), version: String::new(), kind: Some(pb::resource::Kind::PeerPolicy(policy)) }
+    pb::Resource {
+        name: NAME.into(),
+        version: String::new(),
+        kind: Some(pb::resource::Kind::PeerPolicy(policy)),
+    }
 }
 
 /// The mode of one port under a policy.

@@ -1,0 +1,373 @@
+//! Policy status: one writer for every policy kind. From what the model says each policy
+//! reaches ([`PolicyReach`]) and what each connected proxy holds ([`Registry`]), it computes
+//! `Accepted`, `ResolvedRefs` and `Ready` (with `observedGeneration` and a message a person can
+//! act on) and server-side-applies them to the object's status subresource when they change.
+//!
+//! `Ready` means every proxy of every workload the policy applies to has acknowledged the
+//! config that carries it. The writer counts the proxies connected to its own replica; a
+//! revision running more than one control-plane replica reports `Ready=Unknown`
+//! (`ReplicasNotAggregated`) rather than a count that leaves out the other replicas' proxies.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams},
+};
+use mycel_crds::{Condition, peer_authentication::PeerAuthentication};
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use super::server::{ProxyStatus, Registry};
+use super::snapshot::{Key, PolicyReach, Snapshot};
+
+/// The field manager of the conditions.
+pub const FIELD_MANAGER: &str = "mycel-control-plane";
+
+/// Waiting proxies named in a message, at most.
+const NAMED: usize = 5;
+
+/// A condition as the writer decides it, before times are attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decided {
+    pub type_: &'static str,
+    pub status: &'static str,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// For each pod, the newest snapshot version its proxies hold of each type (across streams).
+pub type InSync = HashMap<Key, HashMap<String, u64>>;
+
+/// What the registry says each pod's proxy holds, and the rejections they sent.
+pub fn in_sync(proxies: &[ProxyStatus]) -> (InSync, HashMap<Key, String>) {
+    let mut held: InSync = HashMap::new();
+    let mut rejected = HashMap::new();
+    for p in proxies {
+        let key = (p.namespace.clone(), p.pod.clone());
+        let types = held.entry(key.clone()).or_default();
+        for (type_url, t) in &p.types {
+            if let Some(v) = t.in_sync {
+                let e = types.entry(type_url.clone()).or_default();
+                *e = (*e).max(v);
+            }
+            if let Some(n) = &t.last_nack
+                && t.acked.is_none_or(|a| a < n.version)
+            {
+                rejected.insert(key.clone(), format!("{}: {}", n.field, n.message));
+            }
+        }
+    }
+    (held, rejected)
+}
+
+/// The conditions of one policy.
+pub fn decide(
+    reach: &PolicyReach,
+    held: &InSync,
+    rejected: &HashMap<Key, String>,
+    replicas: i32,
+) -> Vec<Decided> {
+    let accepted = Decided {
+        type_: "Accepted",
+        status: "True",
+        reason: "Accepted",
+        message: format!("generation {} is translated into proxy config", reach.generation),
+    };
+    let refs = Decided {
+        type_: "ResolvedRefs",
+        status: "True",
+        reason: "ResolvedRefs",
+        message: format!("a {} refers to no other object", reach.kind),
+    };
+    let no_proxy = match reach.without_proxy {
+        0 => String::new(),
+        n => format!(
+            "; {n} selected pod(s) have no Mycel sidecar, so nothing enforces it there (label their namespace for injection and restart them)"
+        ),
+    };
+    let total = reach.workloads.len();
+    let ready = if replicas > 1 {
+        Decided {
+            type_: "Ready",
+            status: "Unknown",
+            reason: "ReplicasNotAggregated",
+            message: format!(
+                "the control plane runs {replicas} replicas and each knows only its own proxies; with one replica Ready counts every proxy that has this policy ({total} workload(s) selected{no_proxy})"
+            ),
+        }
+    } else if total == 0 && reach.without_proxy > 0 {
+        Decided {
+            type_: "Ready",
+            status: "False",
+            reason: "NoProxies",
+            message: format!(
+                "it selects {} pod(s), none with a Mycel sidecar: nothing enforces it; label their namespace for injection and restart them",
+                reach.without_proxy
+            ),
+        }
+    } else {
+        let mut waiting = Vec::new();
+        let mut rejections = Vec::new();
+        for (pod, since) in &reach.workloads {
+            let has = held.get(pod).and_then(|t| t.get(reach.type_url)).copied();
+            if has.is_none_or(|v| v < *since) {
+                let what = match (has, rejected.get(pod)) {
+                    (_, Some(why)) => {
+                        rejections.push(format!("{}/{} rejected it ({why})", pod.0, pod.1));
+                        continue;
+                    }
+                    (None, _) => "not connected",
+                    (Some(_), _) => "not acknowledged yet",
+                };
+                waiting.push(format!("{}/{} ({what})", pod.0, pod.1));
+            }
+        }
+        let named = |v: &[String]| {
+            let mut s = v.iter().take(NAMED).cloned().collect::<Vec<_>>().join(", ");
+            if v.len() > NAMED {
+                s.push_str(&format!(" and {} more", v.len() - NAMED));
+            }
+            s
+        };
+        if !rejections.is_empty() {
+            Decided {
+                type_: "Ready",
+                status: "False",
+                reason: "Rejected",
+                message: format!(
+                    "{} of {total} workload proxies have it; {}{no_proxy}",
+                    total - waiting.len() - rejections.len(),
+                    named(&rejections)
+                ),
+            }
+        } else if !waiting.is_empty() {
+            Decided {
+                type_: "Ready",
+                status: "False",
+                reason: "Pending",
+                message: format!(
+                    "{} of {total} workload proxies have it; waiting for {}{no_proxy}",
+                    total - waiting.len(),
+                    named(&waiting)
+                ),
+            }
+        } else if total == 0 {
+            Decided {
+                type_: "Ready",
+                status: "True",
+                reason: "Ready",
+                message: "it selects no workloads yet; their proxies receive it as they start".into(),
+            }
+        } else {
+            Decided {
+                type_: "Ready",
+                status: "True",
+                reason: "Ready",
+                message: format!(
+                    "in effect: the proxies of all {total} selected workload(s) acknowledged it{no_proxy}"
+                ),
+            }
+        }
+    };
+    vec![accepted, refs, ready]
+}
+
+/// What was last written to each object, with when each condition's status last changed.
+type Written = HashMap<(&'static str, Key), (i64, Vec<(Decided, Time)>)>;
+
+/// Writes policy status until the snapshots end: after every snapshot and every change of what
+/// proxies hold, coalesced over `settle`.
+pub async fn run(
+    client: Client,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    registry: Arc<Registry>,
+    replicas: i32,
+    settle: Duration,
+) {
+    let mut written: Written = HashMap::new();
+    loop {
+        let snap = snapshots.borrow_and_update().clone();
+        if snap.synced && !snap.policies.is_empty() {
+            let (held, rejected) = in_sync(&registry.list());
+            let live: HashSet<(&'static str, Key)> =
+                snap.policies.iter().map(|r| (r.kind, r.key.clone())).collect();
+            written.retain(|k, _| live.contains(k));
+            for reach in snap.policies.iter() {
+                let decided = decide(reach, &held, &rejected, replicas);
+                let id = (reach.kind, reach.key.clone());
+                let previous = written.get(&id);
+                if previous.is_some_and(|(g, c)| {
+                    *g == reach.generation && c.iter().map(|(d, _)| d).eq(decided.iter())
+                }) {
+                    continue;
+                }
+                let now = Time(Timestamp::now());
+                let with_times: Vec<(Decided, Time)> = decided
+                    .into_iter()
+                    .map(|d| {
+                        let since = previous
+                            .and_then(|(_, c)| {
+                                c.iter().find(|(p, _)| p.type_ == d.type_ && p.status == d.status)
+                            })
+                            .map(|(_, t)| t.clone())
+                            .unwrap_or_else(|| now.clone());
+                        (d, since)
+                    })
+                    .collect();
+                match write(&client, reach, &with_times).await {
+                    Ok(()) => {
+                        debug!(kind = reach.kind, namespace = %reach.key.0, name = %reach.key.1, "status written");
+                        written.insert(id, (reach.generation, with_times));
+                    }
+                    // Gone meanwhile, or the API server is away: tried again on the next wake.
+                    Err(e) => {
+                        warn!(kind = reach.kind, namespace = %reach.key.0, name = %reach.key.1, error = %e, "cannot write policy status")
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            changed = snapshots.changed() => if changed.is_err() { return },
+            _ = registry.changed.notified() => {}
+            // A failed write is retried even when nothing else happens.
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+        tokio::time::sleep(settle).await;
+    }
+}
+
+async fn write(client: &Client, reach: &PolicyReach, conditions: &[(Decided, Time)]) -> kube::Result<()> {
+    let conditions: Vec<Condition> = conditions
+        .iter()
+        .map(|(d, t)| Condition {
+            type_: d.type_.into(),
+            status: d.status.into(),
+            reason: d.reason.into(),
+            message: d.message.clone(),
+            last_transition_time: t.clone(),
+            observed_generation: Some(reach.generation),
+        })
+        .collect();
+    let patch = json!({
+        "apiVersion": "mycel.io/v1alpha1",
+        "kind": reach.kind,
+        "status": {"observedGeneration": reach.generation, "conditions": conditions},
+    });
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    match reach.kind {
+        "PeerAuthentication" => {
+            let api: Api<PeerAuthentication> = Api::namespaced(client.clone(), &reach.key.0);
+            api.patch_status(&reach.key.1, &params, &Patch::Apply(&patch)).await.map(|_| ())
+        }
+        other => {
+            warn!(kind = other, "no status writer for this kind");
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(ns: &str, n: &str) -> Key {
+        (ns.into(), n.into())
+    }
+
+    fn reach(workloads: Vec<(Key, u64)>, without_proxy: usize) -> PolicyReach {
+        PolicyReach {
+            kind: "PeerAuthentication",
+            key: key("shop", "default"),
+            generation: 4,
+            type_url: mycel_api::PEER_POLICY_TYPE,
+            workloads,
+            without_proxy,
+        }
+    }
+
+    fn held(pods: &[(&str, u64)]) -> InSync {
+        pods.iter()
+            .map(|(p, v)| (key("shop", p), HashMap::from([(mycel_api::PEER_POLICY_TYPE.to_string(), *v)])))
+            .collect()
+    }
+
+    fn ready(d: &[Decided]) -> &Decided {
+        d.iter().find(|c| c.type_ == "Ready").unwrap()
+    }
+
+    #[test]
+    fn ready_waits_for_every_selected_proxy_to_hold_the_version_that_carries_it() {
+        let r = reach(vec![(key("shop", "a"), 5), (key("shop", "b"), 7)], 0);
+        let d = decide(&r, &held(&[("a", 9), ("b", 6)]), &HashMap::new(), 1);
+        assert_eq!(ready(&d).status, "False");
+        assert_eq!(ready(&d).reason, "Pending");
+        assert_eq!(
+            ready(&d).message,
+            "1 of 2 workload proxies have it; waiting for shop/b (not acknowledged yet)"
+        );
+        let d = decide(&r, &held(&[("a", 9)]), &HashMap::new(), 1);
+        assert!(ready(&d).message.contains("shop/b (not connected)"), "{}", ready(&d).message);
+        let d = decide(&r, &held(&[("a", 9), ("b", 7)]), &HashMap::new(), 1);
+        assert_eq!((ready(&d).status, ready(&d).reason), ("True", "Ready"));
+        assert!(ready(&d).message.contains("all 2"), "{}", ready(&d).message);
+        assert_eq!(d.iter().map(|c| c.type_).collect::<Vec<_>>(), ["Accepted", "ResolvedRefs", "Ready"]);
+    }
+
+    #[test]
+    fn a_rejection_and_pods_without_a_sidecar_are_named() {
+        let r = reach(vec![(key("shop", "a"), 5)], 2);
+        let rejected = HashMap::from([(key("shop", "a"), "inbound: bad".to_string())]);
+        let d = decide(&r, &held(&[("a", 3)]), &rejected, 1);
+        assert_eq!(ready(&d).reason, "Rejected");
+        assert!(ready(&d).message.contains("shop/a rejected it (inbound: bad)"), "{}", ready(&d).message);
+        assert!(
+            ready(&d).message.contains("2 selected pod(s) have no Mycel sidecar"),
+            "{}",
+            ready(&d).message
+        );
+        let d = decide(&reach(vec![], 3), &InSync::new(), &HashMap::new(), 1);
+        assert_eq!((ready(&d).status, ready(&d).reason), ("False", "NoProxies"));
+        let d = decide(&reach(vec![], 0), &InSync::new(), &HashMap::new(), 1);
+        assert_eq!(ready(&d).status, "True", "nothing selected yet: nothing to wait for");
+    }
+
+    #[test]
+    fn with_several_replicas_ready_is_unknown_not_a_partial_count() {
+        let r = reach(vec![(key("shop", "a"), 5)], 0);
+        let d = decide(&r, &held(&[("a", 9)]), &HashMap::new(), 2);
+        assert_eq!((ready(&d).status, ready(&d).reason), ("Unknown", "ReplicasNotAggregated"));
+    }
+
+    #[test]
+    fn a_nack_followed_by_an_ack_is_no_longer_a_rejection() {
+        use super::super::server::{Nack, TypeStatus};
+        let mut p = ProxyStatus {
+            pod: "a".into(),
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            identity: String::new(),
+            revision: String::new(),
+            proxy_version: String::new(),
+            remote: String::new(),
+            connected_at: String::new(),
+            types: Default::default(),
+        };
+        let nack = Nack { version: 3, field: "inbound".into(), message: "bad".into(), at: String::new() };
+        p.types.insert(
+            mycel_api::PEER_POLICY_TYPE.into(),
+            TypeStatus { acked: Some(2), in_sync: Some(2), last_nack: Some(nack), ..Default::default() },
+        );
+        let (h, rejected) = in_sync(std::slice::from_ref(&p));
+        assert_eq!(h[&key("shop", "a")][mycel_api::PEER_POLICY_TYPE], 2);
+        assert!(rejected.contains_key(&key("shop", "a")));
+        p.types.get_mut(mycel_api::PEER_POLICY_TYPE).unwrap().acked = Some(4);
+        assert!(in_sync(&[p]).1.is_empty());
+    }
+}
