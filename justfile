@@ -50,5 +50,11 @@ bench-control-plane:
     cargo build --release -j2 -p mycel-operator
     cargo bench -p mycel-e2e --bench control_plane
 
+# The control-plane benchmark with a baseline mycel-operator binary (e.g. a release build of main
+# before a change) in interleaved rounds: writes docs/benchmarks/control-plane-vs-baseline.{md,json}.
+bench-control-plane-baseline baseline:
+    cargo build --release -j2 -p mycel-operator
+    MYCEL_BENCH_BASELINE={{baseline}} MYCEL_BENCH_PROXIES=${MYCEL_BENCH_PROXIES:-1000} cargo bench -p mycel-e2e --bench control_plane
+
 # Every benchmark.
 bench: bench-proxy bench-control-plane

@@ -10,7 +10,9 @@
 //!
 //! Run: `just bench-control-plane` (builds release binaries). `MYCEL_BENCH_PROXIES` (default
 //! `100,1000,5000`), `MYCEL_BENCH_SERVICES` (1000), `MYCEL_BENCH_ENDPOINTS` (5) and
-//! `MYCEL_BENCH_CHANGES` (20) size it. Results are printed and written to
+//! `MYCEL_BENCH_CHANGES` (20) size it. `MYCEL_BENCH_BASELINE=<mycel-operator binary>` runs that
+//! binary and this build in turn, `MYCEL_BENCH_ROUNDS` (3) interleaved rounds, and writes
+//! `docs/benchmarks/control-plane-vs-baseline.{md,json}` instead. Results are printed and written to
 //! `docs/benchmarks/control-plane.{md,json}`.
 
 #![allow(unsafe_code)]
@@ -279,10 +281,64 @@ async fn main() {
             .unwrap();
     std::fs::write(dir.join("token"), token.status.unwrap().token).unwrap();
 
+    let baseline = std::env::var("MYCEL_BENCH_BASELINE").ok().filter(|b| !b.is_empty());
+    let rounds: usize = env_or("MYCEL_BENCH_ROUNDS", if baseline.is_some() { 3 } else { 1 });
+    let bench = Bench {
+        cluster: &cluster,
+        client: &client,
+        ca: &ca,
+        token_dir: dir.clone(),
+        services,
+        endpoints,
+        changes,
+    };
     let mut results = Vec::new();
     // Every change in the run gets new addresses (a change to what is already there is none).
     let mut generation = 0usize;
     for &p in &proxies {
+        for round in 0..rounds {
+            // The baseline and this build take turns, each starting every other round.
+            let mut binaries: Vec<(&str, String)> = vec![("new", "mycel-operator".to_string())];
+            if let Some(b) = &baseline {
+                binaries.push(("baseline", b.clone()));
+                if round % 2 == 1 {
+                    binaries.reverse();
+                }
+            }
+            for (label, binary) in binaries {
+                let mut r = bench.scenario(&binary, p, &mut generation).await;
+                r["binary"] = json!(label);
+                r["round"] = json!(round + 1);
+                println!("{r}");
+                results.push(r);
+            }
+        }
+    }
+
+    let _ = cluster.kubectl_run(&["delete", "namespace", NS, "--wait=false"], None);
+    match &baseline {
+        Some(b) => write_comparison(&results, b, services, endpoints, changes),
+        None => write_report(&results, services, endpoints, changes),
+    }
+}
+
+/// What every scenario shares.
+struct Bench<'a> {
+    cluster: &'a TestCluster,
+    client: &'a Client,
+    ca: &'a pki::Ca,
+    token_dir: std::path::PathBuf,
+    services: usize,
+    endpoints: usize,
+    changes: usize,
+}
+
+impl Bench<'_> {
+    /// One scenario: `binary` (a workspace binary's name or a path) as the control plane, `p`
+    /// proxies connecting and syncing, then the changes.
+    async fn scenario(&self, binary: &str, p: usize, generation: &mut usize) -> serde_json::Value {
+        let Bench { cluster, client, ca, services, endpoints, changes, .. } = *self;
+        let dir = &self.token_dir;
         let (grpc, monitor_port) = (free_port().unwrap(), free_port().unwrap());
         let monitor: std::net::SocketAddr = ([127, 0, 0, 1], monitor_port).into();
         let args: Vec<String> = ["control-plane", "--namespace", NS, "--revision", "bench", "--grpc-addr"]
@@ -296,15 +352,9 @@ async fn main() {
         let wrapper: Vec<String> = std::env::var("MYCEL_BENCH_CP_WRAPPER")
             .map(|w| w.split_whitespace().map(str::to_string).collect())
             .unwrap_or_default();
-        let mut cp = Process::start_wrapped(
-            &cluster,
-            &wrapper,
-            "mycel-operator",
-            "bench",
-            &args,
-            &[("RUST_LOG", "warn")],
-        )
-        .unwrap();
+        let mut cp =
+            Process::start_wrapped(&cluster, &wrapper, binary, "bench", &args, &[("RUST_LOG", "warn")])
+                .unwrap();
         let pid = cp.pid();
         let start = Instant::now();
         while !matches!(http_get(monitor, "/ready").await, Ok((200, _))) {
@@ -366,8 +416,8 @@ async fn main() {
         for k in 0..changes {
             let svc = (k * 37 + p) % services;
             let name = format!("svc-{svc}.{NS}.svc.cluster.local:80");
-            generation += 1;
-            let patch = json!({"endpoints": (0..endpoints).map(|e| json!({"addresses": [endpoint_ip(svc, e, generation)], "conditions": {"ready": true}})).collect::<Vec<_>>()});
+            *generation += 1;
+            let patch = json!({"endpoints": (0..endpoints).map(|e| json!({"addresses": [endpoint_ip(svc, e, *generation)], "conditions": {"ready": true}})).collect::<Vec<_>>()});
             let t0 = Instant::now();
             slices
                 .patch(&format!("svc-{svc}-1"), &PatchParams::default(), &Patch::Merge(&patch))
@@ -415,16 +465,12 @@ async fn main() {
             "cp_cpu_us_per_proxy_change": cp_us,
             "sim_cpu_us_per_proxy_change": sim_us,
         });
-        println!("{r}");
-        results.push(r);
         for t in tasks {
             t.abort();
         }
         cp.kill();
+        r
     }
-
-    let _ = cluster.kubectl_run(&["delete", "namespace", NS, "--wait=false"], None);
-    write_report(&results, services, endpoints, changes);
 }
 
 fn write_report(results: &[serde_json::Value], services: usize, endpoints: usize, changes: usize) {
@@ -468,6 +514,74 @@ changes). Bytes are protobuf bytes of the responses the control plane sent (`myc
     );
     std::fs::write(root.join("control-plane.md"), md).unwrap();
     println!("wrote {}", root.join("control-plane.md").display());
+}
+
+/// The baseline against this build, round by round, with the median of each.
+fn write_comparison(
+    results: &[serde_json::Value],
+    baseline: &str,
+    services: usize,
+    endpoints: usize,
+    changes: usize,
+) {
+    let root = TestCluster::repo_root().join("docs/benchmarks");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(
+        root.join("control-plane-vs-baseline.json"),
+        serde_json::to_string_pretty(results).unwrap() + "\n",
+    )
+    .unwrap();
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut md = format!(
+        "# Control-plane benchmark: baseline against this build\n\nProduced by `MYCEL_BENCH_BASELINE={baseline} just bench-control-plane` \
+on {} ({cpus} CPUs): the scenario of [control-plane.md](control-plane.md) ({services} Services × {endpoints} endpoints, \
+{changes} single-endpoint changes, latency from the patch to each proxy's ACK), run with each binary in turn, in \
+interleaved rounds (the baseline starts every other round).\n\n\
+| proxies | binary | round | p50 ms | p99 ms | max ms | CP RSS MiB (idle) | CP CPU s | initial sync s |\n\
+|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        time_now()
+    );
+    for r in results {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} |\n",
+            r["proxies"],
+            r["binary"].as_str().unwrap_or(""),
+            r["round"],
+            r["p50_ms"],
+            r["p99_ms"],
+            r["max_ms"],
+            r["rss_mib"],
+            r["rss_idle_mib"],
+            r["cpu_s"],
+            r["initial_sync_s"]
+        ));
+    }
+    md.push_str("\nMedians over the rounds:\n\n| proxies | binary | p50 ms | p99 ms | CP RSS MiB | CP CPU s | initial sync s |\n|---:|---|---:|---:|---:|---:|---:|\n");
+    let mut proxies: Vec<u64> = results.iter().filter_map(|r| r["proxies"].as_u64()).collect();
+    proxies.dedup();
+    for p in proxies {
+        for binary in ["baseline", "new"] {
+            let of: Vec<&serde_json::Value> = results
+                .iter()
+                .filter(|r| r["proxies"].as_u64() == Some(p) && r["binary"] == binary)
+                .collect();
+            let median = |field: &str| {
+                let mut v: Vec<f64> = of.iter().filter_map(|r| r[field].as_f64()).collect();
+                v.sort_by(|a, b| a.total_cmp(b));
+                if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+            };
+            md.push_str(&format!(
+                "| {p} | {binary} | {} | {} | {} | {} | {} |\n",
+                median("p50_ms"),
+                median("p99_ms"),
+                median("rss_mib"),
+                median("cpu_s"),
+                median("initial_sync_s")
+            ));
+        }
+    }
+    std::fs::write(root.join("control-plane-vs-baseline.md"), md).unwrap();
+    println!("wrote {}", root.join("control-plane-vs-baseline.md").display());
 }
 
 fn time_now() -> String {

@@ -148,7 +148,11 @@ impl Process {
         args: &[String],
         env: &[(&str, &str)],
     ) -> Result<Process, Error> {
-        let path = workspace_binary(bin)?;
+        // A path runs that binary (a benchmark's baseline build); a name, this workspace's.
+        let (path, bin) = match bin.rsplit_once('/') {
+            Some((_, name)) => (std::path::PathBuf::from(bin), name),
+            None => (workspace_binary(bin)?, bin),
+        };
         let log = std::env::temp_dir().join(format!("{bin}-{tag}.log"));
         let out =
             std::fs::OpenOptions::new().create(true).append(true).open(&log).map_err(Error::io(&log))?;
