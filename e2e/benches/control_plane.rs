@@ -353,7 +353,7 @@ impl Bench<'_> {
             .map(|w| w.split_whitespace().map(str::to_string).collect())
             .unwrap_or_default();
         let mut cp =
-            Process::start_wrapped(&cluster, &wrapper, binary, "bench", &args, &[("RUST_LOG", "warn")])
+            Process::start_wrapped(cluster, &wrapper, binary, "bench", &args, &[("RUST_LOG", "warn")])
                 .unwrap();
         let pid = cp.pid();
         let start = Instant::now();

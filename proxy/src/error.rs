@@ -195,3 +195,38 @@ mod tests {
         assert_eq!(ProxyError::from_peer(StatusCode::OK, &h), None, "not `<FLAG> <reason>`");
     }
 }
+
+/// What keeps a proxy from joining the mesh: a file it cannot read, keys that do not parse, a
+/// control plane or CA that refuses or cannot be reached. Each says what was being done, for a
+/// person reading the log; the proxy retries with backoff, keeping what it has.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
+    #[error("{what}: {error}")]
+    Tls { what: &'static str, error: rustls::Error },
+    #[error("{what} ({code:?}): {message}")]
+    Refused { what: &'static str, code: tonic::Code, message: String },
+    #[error("{what}: {error}")]
+    Unreachable { what: String, error: tonic::transport::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl SetupError {
+    /// `what` failed because of `e`.
+    pub fn invalid<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> SetupError + '_ {
+        move |e| SetupError::Invalid(format!("{what}: {e}"))
+    }
+
+    /// The control plane or the CA answered `what` with an error status.
+    pub fn refused(what: &'static str) -> impl FnOnce(tonic::Status) -> SetupError {
+        move |s| SetupError::Refused { what, code: s.code(), message: s.message().to_string() }
+    }
+}
+
+impl From<rustls::Error> for SetupError {
+    fn from(error: rustls::Error) -> Self {
+        SetupError::Tls { what: "TLS configuration", error }
+    }
+}

@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use anyhow::Context;
+use crate::error::SetupError;
 use hyper_util::rt::TokioIo;
 use mycel_api::v1alpha1::{self as pb, config_discovery_client::ConfigDiscoveryClient};
 use rustls::{
@@ -47,14 +47,18 @@ impl Bootstrap {
     }
 
     /// Reads the roots file; a missing or empty one is an error naming it.
-    pub fn read_roots(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the control plane's CA roots {}", path.display()))?;
+    pub fn read_roots(path: &std::path::Path) -> Result<Vec<String>, SetupError> {
+        let text = std::fs::read_to_string(path).map_err(|error| SetupError::Io {
+            what: format!("reading the control plane's CA roots {}", path.display()),
+            error,
+        })?;
         let roots: Vec<String> = text
             .split_inclusive("-----END CERTIFICATE-----")
             .filter_map(|b| b.find("-----BEGIN CERTIFICATE-----").map(|i| format!("{}\n", &b[i..])))
             .collect();
-        anyhow::ensure!(!roots.is_empty(), "{} holds no PEM certificate", path.display());
+        if roots.is_empty() {
+            return Err(SetupError::Invalid(format!("{} holds no PEM certificate", path.display())));
+        }
         Ok(roots)
     }
 }
@@ -85,12 +89,12 @@ impl Backoff {
 
 /// TLS settings for the control plane: its trust bundle, ALPN h2, and the workload certificate when
 /// given one.
-pub fn client_tls(trust: &[String], identity: Option<&Identity>) -> anyhow::Result<ClientConfig> {
+pub fn client_tls(trust: &[String], identity: Option<&Identity>) -> Result<ClientConfig, SetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
     for pem in trust {
         for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-            roots.add(c.context("a trust-bundle certificate")?)?;
+            roots.add(c.map_err(SetupError::invalid("a trust-bundle certificate"))?)?;
         }
     }
     let builder = ClientConfig::builder_with_provider(provider)
@@ -112,9 +116,10 @@ pub async fn channel(
     boot: &Bootstrap,
     trust: &[String],
     identity: Option<&Identity>,
-) -> anyhow::Result<Channel> {
+) -> Result<Channel, SetupError> {
     let tls = TlsConnector::from(Arc::new(client_tls(trust, identity)?));
-    let server_name = ServerName::try_from(boot.server_name.clone()).context("control plane server name")?;
+    let server_name = ServerName::try_from(boot.server_name.clone())
+        .map_err(SetupError::invalid("the control plane's server name"))?;
     let target = boot.control_plane.clone();
     let connector = tower::service_fn(move |_: http::Uri| {
         let (tls, server_name, target) = (tls.clone(), server_name.clone(), target.clone());
@@ -125,14 +130,15 @@ pub async fn channel(
             Ok::<_, std::io::Error>(TokioIo::new(stream))
         }
     });
-    let endpoint = Endpoint::from_shared(format!("http://{}", boot.control_plane))?
+    let endpoint = Endpoint::from_shared(format!("http://{}", boot.control_plane))
+        .map_err(SetupError::invalid("the control plane's address"))?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
-    endpoint
-        .connect_with_connector(connector)
-        .await
-        .with_context(|| format!("connecting to the control plane at {}", boot.control_plane))
+    endpoint.connect_with_connector(connector).await.map_err(|error| SetupError::Unreachable {
+        what: format!("connecting to the control plane at {}", boot.control_plane),
+        error,
+    })
 }
 
 /// The configuration in force as two layers: the static one (file and flags) and what the
@@ -323,7 +329,7 @@ async fn session(
     accepted: &mut Accepted,
     policy: &mut Option<(String, config::InboundMtls)>,
     backoff: &mut Backoff,
-) -> anyhow::Result<()> {
+) -> Result<(), SetupError> {
     let metrics = &layered.running.shared.metrics;
     let ch = channel(boot, &id.trust_bundle_pem, Some(id)).await?;
     let (tx, rx) = mpsc::channel(8);
@@ -334,25 +340,25 @@ async fn session(
         initial_versions: accepted.iter().map(|(n, (v, _))| (n.clone(), v.clone())).collect(),
         ..Default::default()
     };
-    tx.send(first).await?;
+    let closed = || SetupError::Invalid("the config stream closed".into());
+    tx.send(first).await.map_err(|_| closed())?;
     tx.send(pb::DeltaRequest {
         type_url: mycel_api::PEER_POLICY_TYPE.into(),
         subscribe: vec!["*".into()],
         initial_versions: policy.iter().map(|(v, _)| ("inbound".to_string(), v.clone())).collect(),
         ..Default::default()
     })
-    .await?;
+    .await
+    .map_err(|_| closed())?;
     let mut responses = ConfigDiscoveryClient::new(ch)
         .max_decoding_message_size(64 << 20)
         .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
-        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .map_err(SetupError::refused("opening the config stream"))?
         .into_inner();
     metrics.control_plane_connected.set(1);
     info!(control_plane = %boot.control_plane, resuming = accepted.len(), "config stream open");
-    while let Some(resp) =
-        responses.message().await.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
-    {
+    while let Some(resp) = responses.message().await.map_err(SetupError::refused("the config stream"))? {
         backoff.reset();
         let error_detail = if resp.type_url == mycel_api::PEER_POLICY_TYPE {
             let e = apply_policy(&resp, policy, layered).await;
@@ -367,7 +373,8 @@ async fn session(
             error_detail,
             ..Default::default()
         })
-        .await?;
+        .await
+        .map_err(|_| SetupError::Invalid("the config stream closed".into()))?;
     }
     Ok(())
 }

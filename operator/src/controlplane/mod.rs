@@ -25,7 +25,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
@@ -129,18 +128,44 @@ struct Keys {
 
 type BTreeMapBytes = std::collections::BTreeMap<String, Vec<u8>>;
 
-async fn read_ca(secrets: &Api<Secret>, name: &str) -> anyhow::Result<(Ca, BTreeMapBytes)> {
-    let secret = secrets.get_opt(name).await?.with_context(|| {
-        format!("CA Secret {name:?} not found (the operator creates it; is the installation reconciled?)")
-    })?;
+/// Why a control plane cannot start (or renew its keys), in words that say what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("CA Secret {0:?} not found (the operator creates it; is the installation reconciled?)")]
+    NoCaSecret(String),
+    #[error("CA Secret {name:?} {error}")]
+    CaSecret { name: String, error: crate::pki::CaError },
+    #[error("reading the CA Secret: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("cannot listen on {addr} ({what}): {error}")]
+    Listen { addr: SocketAddr, what: &'static str, error: std::io::Error },
+    #[error("the serving certificate: {0}")]
+    Serving(crate::pki::CaError),
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+impl StartError {
+    pub(crate) fn tls<E: std::fmt::Display>(e: E) -> StartError {
+        StartError::Tls(e.to_string())
+    }
+}
+
+async fn read_ca(secrets: &Api<Secret>, name: &str) -> Result<(Ca, BTreeMapBytes), StartError> {
+    let secret = secrets.get_opt(name).await?.ok_or_else(|| StartError::NoCaSecret(name.to_string()))?;
     let data: BTreeMapBytes = secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
-    let ca = Ca::from_secret_data(|k| data.get(k).cloned()).with_context(|| format!("CA Secret {name:?}"))?;
+    let ca = Ca::from_secret_data(|k| data.get(k).cloned())
+        .map_err(|error| StartError::CaSecret { name: name.to_string(), error })?;
     Ok((ca, data))
 }
 
 /// The gRPC port's TLS (client certificates optional) and the webhooks' (none; HTTP/1.1).
-fn build_tls(ca: &Ca, settings: &Settings) -> anyhow::Result<(rustls::ServerConfig, rustls::ServerConfig)> {
-    let (leaf, key) = ca.issue_serving(&settings.server_names(), SERVING_CERT_TTL)?;
+fn build_tls(
+    ca: &Ca,
+    settings: &Settings,
+) -> Result<(rustls::ServerConfig, rustls::ServerConfig), StartError> {
+    let (leaf, key) =
+        ca.issue_serving(&settings.server_names(), SERVING_CERT_TTL).map_err(StartError::Serving)?;
     let mut chain = leaf;
     for i in ca.intermediates_pem() {
         chain.push_str(&i);
@@ -148,19 +173,22 @@ fn build_tls(ca: &Ca, settings: &Settings) -> anyhow::Result<(rustls::ServerConf
     let grpc = tls::server_config(&chain, &key, &ca.trust_bundle())?;
     let mut webhook =
         rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
+            .with_safe_default_protocol_versions()
+            .map_err(StartError::tls)?
             .with_no_client_auth()
             .with_single_cert(
                 rustls::pki_types::pem::PemObject::pem_slice_iter(chain.as_bytes())
-                    .collect::<Result<Vec<_>, _>>()?,
-                rustls::pki_types::pem::PemObject::from_pem_slice(key.as_bytes())?,
-            )?;
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(StartError::tls)?,
+                rustls::pki_types::pem::PemObject::from_pem_slice(key.as_bytes()).map_err(StartError::tls)?,
+            )
+            .map_err(StartError::tls)?;
     webhook.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok((grpc, webhook))
 }
 
 impl Keys {
-    async fn load(secrets: &Api<Secret>, settings: &Settings) -> anyhow::Result<Keys> {
+    async fn load(secrets: &Api<Secret>, settings: &Settings) -> Result<Keys, StartError> {
         let (ca, data) = read_ca(secrets, &settings.ca_secret).await?;
         let (config, webhook) = build_tls(&ca, settings)?;
         Ok(Keys {
@@ -173,7 +201,7 @@ impl Keys {
     }
 
     /// Picks up a changed CA Secret and renews the serving certificate at half its life.
-    async fn refresh(&mut self, secrets: &Api<Secret>, settings: &Settings) -> anyhow::Result<()> {
+    async fn refresh(&mut self, secrets: &Api<Secret>, settings: &Settings) -> Result<(), StartError> {
         let (ca, data) = read_ca(secrets, &settings.ca_secret).await?;
         let rotated = data != self.secret_data;
         if !rotated && self.serving_issued.elapsed() < SERVING_CERT_TTL / 2 {
@@ -199,21 +227,20 @@ impl Keys {
 }
 
 /// Starts discovery, the gRPC server and the monitoring server.
-pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Handle> {
+pub async fn start(client: Client, settings: Settings) -> Result<Handle, StartError> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
     let mut keys = Keys::load(&secrets, &settings).await?;
     let metrics = Arc::new(CpMetrics::default());
     let registry = Arc::new(Registry::default());
     let snapshots = model::start(client.clone(), settings.discovery.clone());
 
-    let grpc = TcpListener::bind(settings.grpc_addr)
-        .await
-        .with_context(|| format!("cannot listen on {} (gRPC)", settings.grpc_addr))?;
-    let grpc_addr = grpc.local_addr()?;
+    let listen = |addr: SocketAddr, what: &'static str| move |error| StartError::Listen { addr, what, error };
+    let grpc = TcpListener::bind(settings.grpc_addr).await.map_err(listen(settings.grpc_addr, "gRPC"))?;
+    let grpc_addr = grpc.local_addr().map_err(listen(settings.grpc_addr, "gRPC"))?;
     let monitor = TcpListener::bind(settings.monitor_addr)
         .await
-        .with_context(|| format!("cannot listen on {} (monitoring)", settings.monitor_addr))?;
-    let monitor_addr = monitor.local_addr()?;
+        .map_err(listen(settings.monitor_addr, "monitoring"))?;
+    let monitor_addr = monitor.local_addr().map_err(listen(settings.monitor_addr, "monitoring"))?;
 
     let discovery = Discovery {
         snapshots: snapshots.clone(),
@@ -235,8 +262,7 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Handle>
     let incoming = tls::incoming(grpc, keys.tls.clone());
     let mut tasks = Vec::new();
     if let Some(addr) = settings.webhook_addr {
-        let listener =
-            TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (webhooks)"))?;
+        let listener = TcpListener::bind(addr).await.map_err(listen(addr, "webhooks"))?;
         tasks.push(tokio::spawn(webhook::serve(
             listener,
             keys.webhook_tls.clone(),
@@ -269,7 +295,7 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Handle>
         loop {
             tokio::time::sleep(CA_POLL).await;
             if let Err(e) = keys.refresh(&secrets, &settings2).await {
-                warn!("keeping the current CA: {e:#}");
+                warn!("keeping the current CA: {e}");
             }
         }
     }));

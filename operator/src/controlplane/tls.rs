@@ -4,6 +4,7 @@
 //! handlers. The server configuration is swapped whole when the CA or the serving certificate
 //! changes; open connections keep theirs.
 
+use super::StartError;
 use std::{
     net::SocketAddr,
     pin::Pin,
@@ -83,24 +84,32 @@ pub type ServerTls = Arc<RwLock<Arc<ServerConfig>>>;
 
 /// A server configuration from PEM: the serving chain and key, and the roots client
 /// certificates must chain to.
-pub fn server_config(chain_pem: &str, key_pem: &str, roots_pem: &[String]) -> anyhow::Result<ServerConfig> {
+pub fn server_config(
+    chain_pem: &str,
+    key_pem: &str,
+    roots_pem: &[String],
+) -> Result<ServerConfig, StartError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<_, _>>()?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(StartError::tls)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(StartError::tls)?;
     let mut roots = RootCertStore::empty();
     for pem in roots_pem {
         for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-            roots.add(c?)?;
+            roots.add(c.map_err(StartError::tls)?).map_err(StartError::tls)?;
         }
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
-        .build()?;
+        .build()
+        .map_err(StartError::tls)?;
     let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
+        .with_safe_default_protocol_versions()
+        .map_err(StartError::tls)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)?;
+        .with_single_cert(chain, key)
+        .map_err(StartError::tls)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }

@@ -10,12 +10,12 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use anyhow::Context;
 use mycel_api::v1alpha1::{SignRequest, certificates_client::CertificatesClient};
 use rcgen::{CertificateParams, KeyPair, SanType};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::error::SetupError;
 use crate::xds::{Backoff, Bootstrap, channel};
 
 /// A signed certificate with its key, as PEM.
@@ -45,17 +45,20 @@ impl Identity {
     /// The certificate chain and private key, parsed for rustls.
     pub fn chain_and_key(
         &self,
-    ) -> anyhow::Result<(
-        Vec<rustls::pki_types::CertificateDer<'static>>,
-        rustls::pki_types::PrivateKeyDer<'static>,
-    )> {
+    ) -> Result<
+        (Vec<rustls::pki_types::CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>),
+        SetupError,
+    > {
         use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
         let chain = self
             .chain_pem
             .iter()
             .flat_map(|p| CertificateDer::pem_slice_iter(p.as_bytes()))
-            .collect::<Result<_, _>>()?;
-        Ok((chain, PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())?))
+            .collect::<Result<_, _>>()
+            .map_err(SetupError::invalid("the workload certificate chain"))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(SetupError::invalid("the workload private key"))?;
+        Ok((chain, key))
     }
 
     /// When to renew: half-way through the life it had when it arrived, and never sooner than
@@ -67,16 +70,18 @@ impl Identity {
 }
 
 /// The pod's token, read anew each time (the kubelet rotates projected tokens).
-fn read_token(path: &PathBuf) -> anyhow::Result<String> {
-    let t = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the service-account token {}", path.display()))?;
+fn read_token(path: &PathBuf) -> Result<String, SetupError> {
+    let t = std::fs::read_to_string(path).map_err(|error| SetupError::Io {
+        what: format!("reading the service-account token {}", path.display()),
+        error,
+    })?;
     Ok(t.trim().to_string())
 }
 
-fn validity(leaf_pem: &str) -> anyhow::Result<(SystemTime, SystemTime)> {
-    let (_, pem) =
-        x509_parser::pem::parse_x509_pem(leaf_pem.as_bytes()).context("the CA's certificate is not PEM")?;
-    let cert = pem.parse_x509().context("the CA's certificate does not parse")?;
+fn validity(leaf_pem: &str) -> Result<(SystemTime, SystemTime), SetupError> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(leaf_pem.as_bytes())
+        .map_err(SetupError::invalid("the CA's certificate is not PEM"))?;
+    let cert = pem.parse_x509().map_err(SetupError::invalid("the CA's certificate does not parse"))?;
     let at = |t: x509_parser::time::ASN1Time| {
         SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
     };
@@ -84,12 +89,16 @@ fn validity(leaf_pem: &str) -> anyhow::Result<(SystemTime, SystemTime)> {
 }
 
 /// Asks the CA for a certificate over a new key.
-pub async fn request(boot: &Bootstrap, trust: &[String]) -> anyhow::Result<Identity> {
+pub async fn request(boot: &Bootstrap, trust: &[String]) -> Result<Identity, SetupError> {
     let spiffe_id = boot.spiffe_id();
-    let key = KeyPair::generate().context("generating a key pair")?;
+    let key = KeyPair::generate().map_err(SetupError::invalid("generating a key pair"))?;
     let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![SanType::URI(spiffe_id.clone().try_into().context("SPIFFE ID")?)];
-    let csr = params.serialize_request(&key).context("building the CSR")?.pem().context("CSR PEM")?;
+    let san = spiffe_id.clone().try_into().map_err(SetupError::invalid("the SPIFFE ID as a URI"))?;
+    params.subject_alt_names = vec![SanType::URI(san)];
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(SetupError::invalid("building the CSR"))?;
     let token = read_token(&boot.token_path)?;
     let ch = channel(boot, trust, None).await?;
     let mut req = tonic::Request::new(SignRequest {
@@ -98,14 +107,19 @@ pub async fn request(boot: &Bootstrap, trust: &[String]) -> anyhow::Result<Ident
     });
     req.metadata_mut().insert(
         "authorization",
-        format!("Bearer {token}").parse().context("the token is not valid header text")?,
+        format!("Bearer {token}")
+            .parse()
+            .map_err(SetupError::invalid("the token is not valid header text"))?,
     );
     let resp = CertificatesClient::new(ch)
         .sign(req)
         .await
-        .map_err(|s| anyhow::anyhow!("the CA refused ({:?}): {}", s.code(), s.message()))?
+        .map_err(SetupError::refused("the CA refused"))?
         .into_inner();
-    let leaf = resp.cert_chain_pem.first().context("the CA answered without a certificate")?;
+    let leaf = resp
+        .cert_chain_pem
+        .first()
+        .ok_or_else(|| SetupError::Invalid("the CA answered without a certificate".into()))?;
     let (not_before, not_after) = validity(leaf)?;
     Ok(Identity {
         spiffe_id,

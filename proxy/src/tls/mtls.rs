@@ -19,6 +19,7 @@ use rustls::{
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
+use crate::error::SetupError;
 use crate::tls::identity::Identity;
 
 pub const ALPN_HTTP1: &[u8] = b"mycel/http1";
@@ -140,21 +141,23 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 impl Keys {
-    fn build(id: &Identity) -> anyhow::Result<Keys> {
+    fn build(id: &Identity) -> Result<Keys, SetupError> {
         let provider = provider();
         let (chain, key) = id.chain_and_key()?;
         let mut roots = RootCertStore::empty();
         let mut anchors = Vec::new();
         for pem in &id.trust_bundle_pem {
             for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-                let c = c?;
-                anchors.push(webpki::anchor_from_trusted_cert(&c)?.to_owned());
+                let c = c.map_err(SetupError::invalid("a trust-bundle certificate"))?;
+                let anchor = webpki::anchor_from_trusted_cert(&c)
+                    .map_err(SetupError::invalid("a trust-bundle certificate as a trust anchor"))?;
+                anchors.push(anchor.to_owned());
                 roots.add(c)?;
             }
         }
         let verifier =
             Arc::new(ChainVerifier { roots: anchors, algs: provider.signature_verification_algorithms });
-        let client = |inner: Inner| -> anyhow::Result<Arc<ClientConfig>> {
+        let client = |inner: Inner| -> Result<Arc<ClientConfig>, SetupError> {
             let mut c = ClientConfig::builder_with_provider(provider.clone())
                 .with_safe_default_protocol_versions()?
                 .dangerous()
@@ -163,8 +166,9 @@ impl Keys {
             c.alpn_protocols = vec![inner.alpn().to_vec()];
             Ok(Arc::new(c))
         };
-        let client_verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+        let client_verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(SetupError::invalid("the client-certificate verifier"))?;
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()?
             .with_client_cert_verifier(client_verifier)
@@ -184,7 +188,7 @@ pub struct MeshTls {
 
 impl MeshTls {
     /// Installs a new identity (at start and at each renewal).
-    pub fn set_identity(&self, id: &Identity) -> anyhow::Result<()> {
+    pub fn set_identity(&self, id: &Identity) -> Result<(), SetupError> {
         self.keys.store(Some(Arc::new(Keys::build(id)?)));
         Ok(())
     }
