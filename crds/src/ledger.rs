@@ -186,6 +186,40 @@ pub fn unset_expression(leaf: &Leaf) -> String {
     unset("object", &segs, leaf.default.as_ref(), 0)
 }
 
+/// Whether `object` sets the field at `segs` to something other than its default (the same
+/// test as [`unset_expression`], on a JSON object).
+fn is_set(v: &Value, segs: &[Seg], default: Option<&Value>) -> bool {
+    let Some((Seg::Field(f), rest)) = segs.split_first() else { return false };
+    let Some(field) = v.get(f).filter(|x| !x.is_null()) else { return false };
+    let rest: &[Seg] = if rest.iter().all(|s| matches!(s, Seg::Items | Seg::Values)) { &[] } else { rest };
+    match rest {
+        [] => default != Some(field),
+        [Seg::Items, more @ ..] => {
+            field.as_array().is_some_and(|a| a.iter().any(|i| is_set(i, more, default)))
+        }
+        [Seg::Values, more @ ..] => {
+            field.as_object().is_some_and(|m| m.values().any(|i| is_set(i, more, default)))
+        }
+        more => is_set(field, more, default),
+    }
+}
+
+/// The `not_yet` fields of `kind` that `object` (the whole resource, as JSON) sets, in ledger
+/// order: what its status names as not implemented.
+pub fn not_yet_set(ledger: &Ledger, crd: &CustomResourceDefinition, object: &Value) -> Vec<String> {
+    let Some(fields) = ledger.kinds.get(&crd.spec.names.kind) else { return Vec::new() };
+    let all = leaves(crd);
+    fields
+        .not_yet
+        .iter()
+        .filter(|path| {
+            let default = all.iter().find(|l| &l.path == *path).and_then(|l| l.default.as_ref());
+            is_set(object, &segments(path), default)
+        })
+        .cloned()
+        .collect()
+}
+
 /// One ValidatingAdmissionPolicy and its binding per kind with fields not yet implemented:
 /// each such field set on a resource is a warning naming it. Returned as one YAML document
 /// stream, for `config/crd/`.

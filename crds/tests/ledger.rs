@@ -154,3 +154,29 @@ fn a_named_test_that_does_not_exist_is_caught() {
     assert!(find_test("mycel_operator::controlplane::inject::tests::no_such_test").is_err());
     assert!(find_test("mesh::injected_pods_talk_through_their_sidecars").is_ok());
 }
+
+#[test]
+fn the_fields_a_resource_sets_are_found_as_its_status_names_them() {
+    use kube::CustomResourceExt;
+    let crd = mycel_crds::traffic_route::TrafficRoute::crd();
+    let ledger = ledger::ledger();
+    let object = serde_json::json!({
+        "spec": {
+            "hosts": ["web"],
+            "http": [
+                {"timeout": null},
+                {"fault": {"abort": {"httpStatus": 503, "percent": 10}}}
+            ]
+        }
+    });
+    let set = ledger::not_yet_set(&ledger, &crd, &object);
+    assert_eq!(
+        set,
+        ["spec.hosts[]", "spec.http[].fault.abort.httpStatus", "spec.http[].fault.abort.percent"]
+    );
+    assert!(ledger::not_yet_set(&ledger, &crd, &serde_json::json!({"spec": {"http": []}})).is_empty());
+    // Every field of PeerAuthentication is implemented: nothing to name.
+    let pa = mycel_crds::peer_authentication::PeerAuthentication::crd();
+    let strict = serde_json::json!({"spec": {"mtls": {"mode": "STRICT"}}});
+    assert!(ledger::not_yet_set(&ledger, &pa, &strict).is_empty());
+}

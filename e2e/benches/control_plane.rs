@@ -533,7 +533,7 @@ fn write_comparison(
     .unwrap();
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut md = format!(
-        "# Control-plane benchmark: baseline against this build\n\nProduced by `MYCEL_BENCH_BASELINE={baseline} just bench-control-plane` \
+        "# Control-plane benchmark: baseline against this build\n\nProduced by `just bench-control-plane-baseline {baseline}` \
 on {} ({cpus} CPUs): the scenario of [control-plane.md](control-plane.md) ({services} Services × {endpoints} endpoints, \
 {changes} single-endpoint changes, latency from the patch to each proxy's ACK), run with each binary in turn, in \
 interleaved rounds (the baseline starts every other round).\n\n\

@@ -83,8 +83,8 @@ fn the_operators_rules_are_exactly_these() {
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["mycel-operator"], "verbs": ["get", "update"]},
         {"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["list", "watch"]},
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
-        {"apiGroups": ["mycel.io"], "resources": ["peerauthentications"], "verbs": ["list", "watch"]},
-        {"apiGroups": ["mycel.io"], "resources": ["peerauthentications/status"], "verbs": ["patch"]},
+        {"apiGroups": ["mycel.io"], "resources": ["peerauthentications", "trafficroutes", "destinationpolicies", "authorizationpolicies", "ratelimitpolicies"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["mycel.io"], "resources": ["peerauthentications/status", "trafficroutes/status", "destinationpolicies/status", "authorizationpolicies/status", "ratelimitpolicies/status"], "verbs": ["patch"]},
         {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
     ]);
     let (got, want) = (rules.as_array().unwrap(), expected.as_array().unwrap());

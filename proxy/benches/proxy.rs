@@ -585,46 +585,82 @@ async fn run() {
         md.push('\n');
     }
 
-    // Saturation.
-    md.push_str("\n## Saturation (closed loop, 64 connections)\n\n| target | req/s | proxy CPU s/s | req/s per proxy core |\n|---|---|---|---|\n");
-    for t in &targets {
-        let cpu0: f64 = t.pids.iter().map(|p| cpu_seconds(*p)).sum();
-        let (n, took) = closed_loop(t.addr, secs, 64).await;
-        let cpu = t.pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu0;
-        let rps = n as f64 / took.as_secs_f64();
-        let cores = cpu / took.as_secs_f64();
-        let per_core = if cores > 0.0 { rps / cores } else { 0.0 };
+    // Saturation and memory: every target once per round, the targets taking turns (the order
+    // rotates each round), so a slow moment of the machine does not land on one target only; the
+    // row is the median round, and every round's figure is listed.
+    let median_of = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let list = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
+    md.push_str(&format!(
+        "\n## Saturation (closed loop, 64 connections)\n\n{rounds} rounds, the targets taking turns; each row is the median round (by req/s per proxy core), and the last column lists every round's figure.\n\n| target | req/s | proxy CPU s/s | req/s per proxy core | per core, each round |\n|---|---|---|---|---|\n"
+    ));
+    let mut saturation: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); targets.len()];
+    for round in 0..rounds {
+        for k in 0..targets.len() {
+            let i = (k + round) % targets.len();
+            let t = &targets[i];
+            let cpu0: f64 = t.pids.iter().map(|p| cpu_seconds(*p)).sum();
+            let (n, took) = closed_loop(t.addr, secs, 64).await;
+            let cpu = t.pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu0;
+            let rps = n as f64 / took.as_secs_f64();
+            let cores = cpu / took.as_secs_f64();
+            let per_core = if cores > 0.0 { rps / cores } else { 0.0 };
+            println!("saturation round {} {}: {rps:.0} req/s, {cores:.2} cores", round + 1, t.name);
+            saturation[i].push((rps, cores, per_core));
+        }
+    }
+    for (t, runs) in targets.iter().zip(&saturation) {
+        let mut sorted = runs.clone();
+        sorted.sort_by(|a, b| if t.pids.is_empty() { a.0.total_cmp(&b.0) } else { a.2.total_cmp(&b.2) });
+        let (rps, cores, per_core) = sorted[sorted.len() / 2];
+        let each: Vec<f64> = runs.iter().map(|r| if t.pids.is_empty() { r.0 } else { r.2 }).collect();
         let line = format!(
-            "| {} | {rps:.0} | {} | {} |",
+            "| {} | {rps:.0} | {} | {} | {} |",
             t.name,
             if t.pids.is_empty() { "—".into() } else { format!("{cores:.2}") },
-            if t.pids.is_empty() { "—".into() } else { format!("{per_core:.0}") }
+            if t.pids.is_empty() { "—".into() } else { format!("{per_core:.0}") },
+            if t.pids.is_empty() { format!("({} req/s)", list(&each)) } else { list(&each) }
         );
         println!("{line}");
         md.push_str(&line);
         md.push('\n');
-        results.push(json!({"name": format!("saturation-{}", t.name), "target": t.name, "rps": rps, "cpu_cores": cores, "rps_per_core": per_core}));
+        results.push(json!({"name": format!("saturation-{}", t.name), "target": t.name, "rps": rps, "cpu_cores": cores, "rps_per_core": per_core, "rounds": runs.iter().map(|r| json!({"rps": r.0, "cpu_cores": r.1, "rps_per_core": r.2})).collect::<Vec<_>>()}));
     }
 
     // Memory.
-    md.push_str("\n## Memory (RSS)\n\n| target | idle KiB | peak after load KiB | with 1000 open connections KiB |\n|---|---|---|---|\n");
-    for t in targets.iter().filter(|t| !t.pids.is_empty() && !t.name.contains("2 hops")) {
-        let pid = t.pids[0];
-        let mut open = Vec::new();
-        for _ in 0..1000 {
-            let mut s = connect(t.addr).await;
-            request(&mut s).await;
-            open.push(s);
+    md.push_str(&format!(
+        "\n## Memory (RSS)\n\nWith 1000 open connections: {rounds} rounds, the targets taking turns; the median, then every round's figure.\n\n| target | idle KiB | peak after load KiB | with 1000 open connections KiB | each round KiB |\n|---|---|---|---|---|\n"
+    ));
+    let measured: Vec<&Target> =
+        targets.iter().filter(|t| !t.pids.is_empty() && !t.name.contains("2 hops")).collect();
+    let mut memory: Vec<Vec<f64>> = vec![Vec::new(); measured.len()];
+    for round in 0..rounds {
+        for k in 0..measured.len() {
+            let i = (k + round) % measured.len();
+            let t = measured[i];
+            let mut open = Vec::new();
+            for _ in 0..1000 {
+                let mut s = connect(t.addr).await;
+                request(&mut s).await;
+                open.push(s);
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            memory[i].push(rss_kib(t.pids[0], "VmRSS:") as f64);
+            drop(open);
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let with_conns = rss_kib(pid, "VmRSS:");
-        drop(open);
+    }
+    for (t, runs) in measured.iter().zip(&memory) {
+        let pid = t.pids[0];
+        let with_conns = median_of(runs.clone()) as u64;
         let idle = idle_rss.iter().find(|(n, _)| n == t.name).map(|(_, r)| *r).unwrap_or(0);
-        let line = format!("| {} | {idle} | {} | {with_conns} |", t.name, rss_kib(pid, "VmHWM:"));
+        let line =
+            format!("| {} | {idle} | {} | {with_conns} | {} |", t.name, rss_kib(pid, "VmHWM:"), list(runs));
         println!("{line}");
         md.push_str(&line);
         md.push('\n');
-        results.push(json!({"name": format!("memory-{}", t.name), "target": t.name, "idle_rss_kib": idle, "rss_1000_conns_kib": with_conns}));
+        results.push(json!({"name": format!("memory-{}", t.name), "target": t.name, "idle_rss_kib": idle, "rss_1000_conns_kib": with_conns, "rounds_kib": runs}));
     }
 
     // TCP throughput.

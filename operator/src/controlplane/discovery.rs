@@ -10,6 +10,7 @@ use futures::{StreamExt, stream::BoxStream};
 use k8s_openapi::api::{core::v1::Pod, core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
     Api, Client, ResourceExt,
+    api::DynamicObject,
     runtime::{WatchStreamExt, watcher},
 };
 use mycel_crds::peer_authentication::PeerAuthentication;
@@ -17,6 +18,7 @@ use tracing::warn;
 
 use super::snapshot::Key;
 use super::translate::peer_policy::PeerAuth;
+use super::translate::unimplemented::{KINDS, Watched};
 
 /// One watch event of one kind.
 pub enum Change {
@@ -24,6 +26,8 @@ pub enum Change {
     Slice(Box<watcher::Event<EndpointSlice>>),
     Pod(Box<watcher::Event<Pod>>),
     PeerAuth(Box<watcher::Event<PeerAuthentication>>),
+    /// An object of a kind not implemented yet (only its status is written).
+    Unimplemented(Arc<Watched>, Box<watcher::Event<DynamicObject>>),
 }
 
 fn events<K>(api: Api<K>, wrap: fn(watcher::Event<K>) -> Change) -> BoxStream<'static, Change>
@@ -46,13 +50,37 @@ where
 
 /// Every watch the model needs, as one stream.
 pub fn watch(client: Client) -> BoxStream<'static, Change> {
-    futures::stream::select_all([
+    let mut streams = vec![
         events(Api::<Service>::all(client.clone()), |e| Change::Service(Box::new(e))),
         events(Api::<EndpointSlice>::all(client.clone()), |e| Change::Slice(Box::new(e))),
         events(Api::<Pod>::all(client.clone()), |e| Change::Pod(Box::new(e))),
-        events(Api::<PeerAuthentication>::all(client), |e| Change::PeerAuth(Box::new(e))),
-    ])
-    .boxed()
+        events(Api::<PeerAuthentication>::all(client.clone()), |e| Change::PeerAuth(Box::new(e))),
+    ];
+    for kind in KINDS.iter() {
+        let kind = kind.clone();
+        let api = Api::<DynamicObject>::all_with(client.clone(), &kind.resource);
+        streams.push(dynamic_events(api, kind));
+    }
+    futures::stream::select_all(streams).boxed()
+}
+
+/// The watch of a kind known only by its API resource.
+fn dynamic_events(api: Api<DynamicObject>, kind: Arc<Watched>) -> BoxStream<'static, Change> {
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .filter_map(move |r| {
+            let kind = kind.clone();
+            async move {
+                match r {
+                    Ok(e) => Some(Change::Unimplemented(kind, Box::new(e))),
+                    Err(e) => {
+                        warn!(kind = kind.kind, error = %e, "watch failed; retrying");
+                        None
+                    }
+                }
+            }
+        })
+        .boxed()
 }
 
 pub fn key_of<K: ResourceExt>(o: &K) -> Key {

@@ -22,6 +22,7 @@ use super::snapshot::{ChangeLog, Collection, Entry, Key, PolicyReach, Scoped, Sn
 use super::translate::{
     cluster::{self, Names, PodView},
     peer_policy::{self, PeerAuth},
+    unimplemented::{self, KINDS, Unimplemented},
 };
 
 /// Knobs of discovery.
@@ -68,6 +69,10 @@ pub(super) struct Model {
     slices: Kind<Slice>,
     pods: Kind<Arc<PodInfo>>,
     peer_auths: Kind<PeerAuth>,
+    /// Objects of kinds not implemented yet, by kind.
+    unimplemented: BTreeMap<&'static str, Kind<Unimplemented>>,
+    /// One of those changed: statuses are recomputed.
+    unimplemented_dirty: bool,
     // Dirty sets, emptied by `rebuild`.
     dirty_services: HashSet<Key>,
     dirty_pods: HashSet<Key>,
@@ -108,6 +113,8 @@ impl Model {
             slices: Kind::default(),
             pods: Kind::default(),
             peer_auths: Kind::default(),
+            unimplemented: KINDS.iter().map(|k| (k.kind, Kind::default())).collect(),
+            unimplemented_dirty: false,
             dirty_services: HashSet::new(),
             dirty_pods: HashSet::new(),
             peer_auths_dirty: true,
@@ -128,11 +135,18 @@ impl Model {
     }
 
     fn synced(&self) -> bool {
-        self.services.synced && self.slices.synced && self.pods.synced && self.peer_auths.synced
+        self.services.synced
+            && self.slices.synced
+            && self.pods.synced
+            && self.peer_auths.synced
+            && self.unimplemented.values().all(|k| k.synced)
     }
 
     fn dirty(&self) -> bool {
-        !self.dirty_services.is_empty() || !self.dirty_pods.is_empty() || self.peer_auths_dirty
+        !self.dirty_services.is_empty()
+            || !self.dirty_pods.is_empty()
+            || self.peer_auths_dirty
+            || self.unimplemented_dirty
     }
 
     /// Applies a watch event to the indexes and dirty sets; says whether anything became dirty.
@@ -171,6 +185,13 @@ impl Model {
                 let all = namespaces.contains(root);
                 let pods = self.pods.live.keys().filter(|(ns, _)| all || namespaces.contains(ns)).cloned();
                 self.dirty_pods.extend(pods);
+            }
+            Change::Unimplemented(kind, e) => {
+                let objects = self.unimplemented.entry(kind.kind).or_default();
+                let touched = objects.apply(*e, |o| {
+                    serde_json::to_value(&o).ok().map(|v| unimplemented::translate(&kind, &v))
+                });
+                self.unimplemented_dirty |= !touched.is_empty();
             }
             Change::Pod(e) => {
                 let touched = self.pods.apply(*e, discovery::pod_info);
@@ -315,7 +336,9 @@ impl Model {
     /// policy's status sees changed.
     fn rebuild(&mut self, first: bool) -> Option<Vec<String>> {
         let version = self.version + 1;
-        let pods_or_policies = !self.dirty_pods.is_empty() || self.peer_auths_dirty;
+        let pods_or_policies = !self.dirty_pods.is_empty()
+            || self.peer_auths_dirty
+            || std::mem::take(&mut self.unimplemented_dirty);
         // Policies first: endpoints' mutual TLS is computed from them.
         let policies = self.rebuild_policies(version);
         let changed = self.rebuild_clusters();
@@ -346,6 +369,8 @@ impl Model {
                     type_url: mycel_api::PEER_POLICY_TYPE,
                     workloads: Vec::new(),
                     without_proxy: 0,
+                    not_implemented: Vec::new(),
+                    any_implemented: true,
                 };
                 (key, reach)
             })
@@ -366,6 +391,24 @@ impl Model {
         let mut v: Vec<PolicyReach> = by.into_values().collect();
         for s in &mut v {
             s.workloads.sort();
+        }
+        for kind in KINDS.iter() {
+            let Some(objects) = self.unimplemented.get(kind.kind) else { continue };
+            let mut keys: Vec<&Key> = objects.live.keys().collect();
+            keys.sort();
+            for key in keys {
+                let u = &objects.live[key];
+                v.push(PolicyReach {
+                    kind: kind.kind,
+                    key: key.clone(),
+                    generation: u.generation,
+                    type_url: "",
+                    workloads: Vec::new(),
+                    without_proxy: 0,
+                    not_implemented: u.fields.clone(),
+                    any_implemented: kind.any_implemented,
+                });
+            }
         }
         v
     }
@@ -547,6 +590,9 @@ mod tests {
         ] {
             m.apply(c);
         }
+        for kind in KINDS.iter() {
+            m.apply(Change::Unimplemented(kind.clone(), Box::new(watcher::Event::InitDone)));
+        }
         m
     }
 
@@ -688,6 +734,9 @@ mod tests {
         send(Change::Slice(Box::new(watcher::Event::InitDone)));
         send(Change::Pod(Box::new(watcher::Event::InitDone)));
         send(Change::PeerAuth(Box::new(watcher::Event::InitDone)));
+        for kind in KINDS.iter() {
+            send(Change::Unimplemented(kind.clone(), Box::new(watcher::Event::InitDone)));
+        }
         rx.changed().await.unwrap();
         assert!(rx.borrow_and_update().synced);
 

@@ -17,7 +17,7 @@ use std::{
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
     Api, Client,
-    api::{Patch, PatchParams},
+    api::{ApiResource, DynamicObject, Patch, PatchParams},
 };
 use mycel_crds::{Condition, peer_authentication::PeerAuthentication};
 use serde_json::json;
@@ -26,6 +26,7 @@ use tracing::{debug, warn};
 
 use super::server::{ProxyStatus, Registry};
 use super::snapshot::{Key, PolicyReach, Snapshot};
+use super::translate::unimplemented::KINDS;
 
 /// The field manager of the conditions.
 pub const FIELD_MANAGER: &str = "mycel-control-plane";
@@ -67,6 +68,56 @@ pub fn in_sync(proxies: &[ProxyStatus]) -> (InSync, HashMap<Key, String>) {
     (held, rejected)
 }
 
+/// The fields named in a message, at most.
+const FIELDS_NAMED: usize = 8;
+
+/// The conditions of an object whose kind does nothing yet, or that sets fields that do nothing.
+fn not_implemented(reach: &PolicyReach) -> Option<Vec<Decided>> {
+    if reach.any_implemented && reach.not_implemented.is_empty() {
+        return None;
+    }
+    let mut fields = reach.not_implemented.iter().take(FIELDS_NAMED).cloned().collect::<Vec<_>>().join(", ");
+    if reach.not_implemented.len() > FIELDS_NAMED {
+        fields.push_str(&format!(" and {} more", reach.not_implemented.len() - FIELDS_NAMED));
+    }
+    let kind = reach.kind;
+    if reach.any_implemented {
+        // Only partly in effect: said in Accepted; Ready is computed as for any policy.
+        return Some(vec![Decided {
+            type_: "Accepted",
+            status: "True",
+            reason: "FieldsNotImplemented",
+            message: format!(
+                "generation {} is in effect except for fields not implemented yet, which change nothing: {fields} (docs/reference/field-ledger.yaml)",
+                reach.generation
+            ),
+        }]);
+    }
+    let what = if fields.is_empty() { String::new() } else { format!(" It sets {fields}.") };
+    Some(vec![
+        Decided {
+            type_: "Accepted",
+            status: "False",
+            reason: "FieldsNotImplemented",
+            message: format!(
+                "{kind} is not implemented yet: no proxy enforces it, and it changes no traffic.{what} (docs/reference/field-ledger.yaml lists what is)"
+            ),
+        },
+        Decided {
+            type_: "ResolvedRefs",
+            status: "Unknown",
+            reason: "NotImplemented",
+            message: format!("the references of a {kind} are not resolved until {kind} is implemented"),
+        },
+        Decided {
+            type_: "Ready",
+            status: "False",
+            reason: "NotImplemented",
+            message: format!("{kind} is not implemented yet: nothing enforces it"),
+        },
+    ])
+}
+
 /// The conditions of one policy.
 pub fn decide(
     reach: &PolicyReach,
@@ -74,12 +125,17 @@ pub fn decide(
     rejected: &HashMap<Key, String>,
     replicas: i32,
 ) -> Vec<Decided> {
-    let accepted = Decided {
+    let partial = match not_implemented(reach) {
+        Some(all) if !reach.any_implemented => return all,
+        Some(mut accepted) => accepted.pop(),
+        None => None,
+    };
+    let accepted = partial.unwrap_or_else(|| Decided {
         type_: "Accepted",
         status: "True",
         reason: "Accepted",
         message: format!("generation {} is translated into proxy config", reach.generation),
-    };
+    });
     let refs = Decided {
         type_: "ResolvedRefs",
         status: "True",
@@ -261,16 +317,18 @@ async fn write(client: &Client, reach: &PolicyReach, conditions: &[(Decided, Tim
         "status": {"observedGeneration": reach.generation, "conditions": conditions},
     });
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    match reach.kind {
-        "PeerAuthentication" => {
-            let api: Api<PeerAuthentication> = Api::namespaced(client.clone(), &reach.key.0);
-            api.patch_status(&reach.key.1, &params, &Patch::Apply(&patch)).await.map(|_| ())
-        }
-        other => {
-            warn!(kind = other, "no status writer for this kind");
-            Ok(())
-        }
-    }
+    let resource = match reach.kind {
+        "PeerAuthentication" => ApiResource::erase::<PeerAuthentication>(&()),
+        kind => match KINDS.iter().find(|k| k.kind == kind) {
+            Some(k) => k.resource.clone(),
+            None => {
+                warn!(kind, "no status writer for this kind");
+                return Ok(());
+            }
+        },
+    };
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &reach.key.0, &resource);
+    api.patch_status(&reach.key.1, &params, &Patch::Apply(&patch)).await.map(|_| ())
 }
 
 #[cfg(test)]
@@ -289,6 +347,8 @@ mod tests {
             type_url: mycel_api::PEER_POLICY_TYPE,
             workloads,
             without_proxy,
+            not_implemented: Vec::new(),
+            any_implemented: true,
         }
     }
 
@@ -336,6 +396,30 @@ mod tests {
         assert_eq!((ready(&d).status, ready(&d).reason), ("False", "NoProxies"));
         let d = decide(&reach(vec![], 0), &InSync::new(), &HashMap::new(), 1);
         assert_eq!(ready(&d).status, "True", "nothing selected yet: nothing to wait for");
+    }
+
+    #[test]
+    fn a_kind_not_implemented_yet_is_not_accepted_and_names_what_it_sets() {
+        let mut r = reach(vec![], 0);
+        r.kind = "AuthorizationPolicy";
+        r.any_implemented = false;
+        r.not_implemented = vec!["spec.action".into(), "spec.rules[].from[].source.principals[]".into()];
+        let d = decide(&r, &InSync::new(), &HashMap::new(), 1);
+        let accepted = d.iter().find(|c| c.type_ == "Accepted").unwrap();
+        assert_eq!((accepted.status, accepted.reason), ("False", "FieldsNotImplemented"));
+        assert!(
+            accepted.message.contains("spec.action, spec.rules[].from[].source.principals[]"),
+            "{}",
+            accepted.message
+        );
+        assert_eq!((ready(&d).status, ready(&d).reason), ("False", "NotImplemented"));
+        // A kind partly implemented: accepted, with the fields named; Ready as for any policy.
+        r.any_implemented = true;
+        r.workloads = vec![(key("shop", "a"), 5)];
+        let d = decide(&r, &held(&[("a", 5)]), &HashMap::new(), 1);
+        let accepted = d.iter().find(|c| c.type_ == "Accepted").unwrap();
+        assert_eq!((accepted.status, accepted.reason), ("True", "FieldsNotImplemented"));
+        assert_eq!(ready(&d).status, "True");
     }
 
     #[test]

@@ -150,8 +150,20 @@ async fn apply(mi: &MeshInstallation, ctx: &Context) -> Result<Action, Error> {
         Ok(outcome) => outcome,
         Err(invalid) => invalid,
     };
-    let new_status =
-        status::compute(mi.status.as_ref(), mi.metadata.generation, &eff.revision, &eff.version, &outcome);
+    let not_implemented = serde_json::to_value(mi)
+        .map(|v| {
+            let crd = <MeshInstallation as kube::CustomResourceExt>::crd();
+            mycel_crds::ledger::not_yet_set(&crate::controlplane::translate::unimplemented::LEDGER, &crd, &v)
+        })
+        .unwrap_or_default();
+    let new_status = status::compute(
+        mi.status.as_ref(),
+        mi.metadata.generation,
+        &eff.revision,
+        &eff.version,
+        &outcome,
+        &not_implemented,
+    );
     if mi.status.as_ref() != Some(&new_status) {
         let api: Api<MeshInstallation> = Api::namespaced(ctx.client.clone(), &eff.namespace);
         let patch =

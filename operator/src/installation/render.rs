@@ -547,9 +547,11 @@ pub fn control_plane_cluster_rules() -> Value {
         // Discovery (`controlplane::model`): a watcher each, which lists, then watches; no get.
         {"apiGroups": [""], "resources": ["services", "pods"], "verbs": ["list", "watch"]},
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
-        {"apiGroups": ["mycel.io"], "resources": ["peerauthentications"], "verbs": ["list", "watch"]},
+        // Every policy kind: PeerAuthentication is translated, the others only reported on
+        // (`controlplane::translate::unimplemented`).
+        {"apiGroups": ["mycel.io"], "resources": ["peerauthentications", "trafficroutes", "destinationpolicies", "authorizationpolicies", "ratelimitpolicies"], "verbs": ["list", "watch"]},
         // Policy status (`controlplane::status`): conditions, a server-side apply; no get.
-        {"apiGroups": ["mycel.io"], "resources": ["peerauthentications/status"], "verbs": ["patch"]},
+        {"apiGroups": ["mycel.io"], "resources": ["peerauthentications/status", "trafficroutes/status", "destinationpolicies/status", "authorizationpolicies/status", "ratelimitpolicies/status"], "verbs": ["patch"]},
         // Which namespaces the revision injects (`controlplane::webhook::publish_roots`).
         {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
         // Sign: which service account a workload's projected token proves.
@@ -834,8 +836,8 @@ mod tests {
                 json!([
                     {"apiGroups": [""], "resources": ["services", "pods"], "verbs": ["list", "watch"]},
                     {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
-                    {"apiGroups": ["mycel.io"], "resources": ["peerauthentications"], "verbs": ["list", "watch"]},
-                    {"apiGroups": ["mycel.io"], "resources": ["peerauthentications/status"], "verbs": ["patch"]},
+                    {"apiGroups": ["mycel.io"], "resources": ["peerauthentications", "trafficroutes", "destinationpolicies", "authorizationpolicies", "ratelimitpolicies"], "verbs": ["list", "watch"]},
+                    {"apiGroups": ["mycel.io"], "resources": ["peerauthentications/status", "trafficroutes/status", "destinationpolicies/status", "authorizationpolicies/status", "ratelimitpolicies/status"], "verbs": ["patch"]},
                     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
                     {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
                     {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["mycel-ca-root-cert"], "verbs": ["create", "patch"]},

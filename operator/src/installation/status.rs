@@ -35,6 +35,7 @@ pub fn compute(
     revision: &str,
     version: &str,
     outcome: &Outcome,
+    not_implemented: &[String],
 ) -> MeshInstallationStatus {
     let prev_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
     let mut conds = Vec::new();
@@ -85,6 +86,18 @@ pub fn compute(
             } else {
                 format!("waiting for {}", waiting.join("; "))
             };
+            match not_implemented {
+                [] => set("Accepted", true, "Accepted", "every field it sets is implemented".into()),
+                fields => set(
+                    "Accepted",
+                    true,
+                    "FieldsNotImplemented",
+                    format!(
+                        "installed, but these fields are not implemented yet and change nothing: {} (docs/reference/field-ledger.yaml)",
+                        fields.join(", ")
+                    ),
+                ),
+            }
             set("Ready", ready, reason, summary.clone());
             set("Progressing", !ready, if ready { "Installed" } else { "RollingOut" }, summary.clone());
             set("Degraded", false, "AsExpected", "the installation is valid".into());
@@ -102,6 +115,7 @@ pub fn compute(
             });
         }
         Outcome::Invalid { reason, message } => {
+            set("Accepted", false, reason, message.clone());
             set("Ready", false, reason, message.clone());
             set("Progressing", false, reason, "nothing is changed until the spec is fixed".into());
             set("Degraded", true, reason, message.clone());
@@ -124,14 +138,33 @@ mod tests {
     }
 
     #[test]
+    fn fields_not_implemented_yet_are_named_in_accepted() {
+        let out = Outcome::Applied { control_plane: comp(true), webhooks: comp(true), gateway: None };
+        let s = compute(
+            None,
+            Some(1),
+            "default",
+            "v1",
+            &out,
+            &["spec.telemetry.tracing.otlpEndpoint".to_string()],
+        );
+        let accepted = s.conditions.iter().find(|c| c.type_ == "Accepted").unwrap();
+        assert_eq!((accepted.status.as_str(), accepted.reason.as_str()), ("True", "FieldsNotImplemented"));
+        assert!(accepted.message.contains("spec.telemetry.tracing.otlpEndpoint"), "{}", accepted.message);
+        let s = compute(None, Some(1), "default", "v1", &out, &[]);
+        let accepted = s.conditions.iter().find(|c| c.type_ == "Accepted").unwrap();
+        assert_eq!(accepted.reason, "Accepted");
+    }
+
+    #[test]
     fn ready_only_when_every_component_is() {
         let out = Outcome::Applied { control_plane: comp(true), webhooks: comp(false), gateway: None };
-        let s = compute(None, Some(1), "default", "v1", &out);
+        let s = compute(None, Some(1), "default", "v1", &out, &[]);
         let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
         assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "WebhooksNotConfigured"));
         let out =
             Outcome::Applied { control_plane: comp(true), webhooks: comp(true), gateway: Some(comp(true)) };
-        let s2 = compute(Some(&s), Some(1), "default", "v1", &out);
+        let s2 = compute(Some(&s), Some(1), "default", "v1", &out, &[]);
         let ready = s2.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
         assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "Installed"));
         assert_eq!(s2.version.as_deref(), Some("v1"));
@@ -140,17 +173,17 @@ mod tests {
     #[test]
     fn transition_times_move_only_on_change() {
         let out = Outcome::Applied { control_plane: comp(true), webhooks: comp(true), gateway: None };
-        let s1 = compute(None, Some(1), "default", "v1", &out);
-        let s2 = compute(Some(&s1), Some(1), "default", "v1", &out);
+        let s1 = compute(None, Some(1), "default", "v1", &out, &[]);
+        let s2 = compute(Some(&s1), Some(1), "default", "v1", &out, &[]);
         assert_eq!(s1, s2, "an unchanged outcome gives an identical status");
     }
 
     #[test]
     fn invalid_specs_are_degraded_and_stalled_and_keep_components() {
         let ok = Outcome::Applied { control_plane: comp(true), webhooks: comp(true), gateway: None };
-        let s1 = compute(None, Some(1), "default", "v1", &ok);
+        let s1 = compute(None, Some(1), "default", "v1", &ok, &[]);
         let bad = Outcome::Invalid { reason: "CASecretNotFound", message: "spec.ca.secretName: …".into() };
-        let s2 = compute(Some(&s1), Some(2), "default", "v1", &bad);
+        let s2 = compute(Some(&s1), Some(2), "default", "v1", &bad, &[]);
         let get = |t: &str| s2.conditions.iter().find(|c| c.type_ == t).unwrap().status.clone();
         assert_eq!(
             (get("Ready"), get("Degraded"), get("Stalled")),

@@ -4,3 +4,4 @@
 
 pub mod cluster;
 pub mod peer_policy;
+pub mod unimplemented;

@@ -1,0 +1,73 @@
+//! Kinds whose fields are not implemented yet (the field ledger's `not_yet`): translated into
+//! nothing a proxy receives, only into what their status says — which of the fields they set
+//! are not implemented, so that nobody believes a policy is enforced when it is not.
+
+use std::sync::{Arc, LazyLock};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{CustomResourceExt, api::ApiResource};
+use mycel_crds::{
+    authorization_policy::AuthorizationPolicy, destination_policy::DestinationPolicy, ledger,
+    rate_limit_policy::RateLimitPolicy, traffic_route::TrafficRoute,
+};
+
+/// A kind the control plane watches only to report on.
+pub struct Watched {
+    pub kind: &'static str,
+    pub resource: ApiResource,
+    pub crd: CustomResourceDefinition,
+    /// Whether anything of the kind is implemented (if not, an object of it changes nothing).
+    pub any_implemented: bool,
+}
+
+/// The ledger, read once.
+pub static LEDGER: LazyLock<ledger::Ledger> = LazyLock::new(ledger::ledger);
+
+/// The kinds with fields not implemented yet that the control plane owns the status of.
+pub static KINDS: LazyLock<Vec<Arc<Watched>>> = LazyLock::new(|| {
+    let of = |kind: &'static str, resource: ApiResource, crd: CustomResourceDefinition| {
+        let any_implemented = LEDGER.kinds.get(kind).is_some_and(|f| !f.implemented.is_empty());
+        Arc::new(Watched { kind, resource, crd, any_implemented })
+    };
+    vec![
+        of("TrafficRoute", ApiResource::erase::<TrafficRoute>(&()), TrafficRoute::crd()),
+        of("DestinationPolicy", ApiResource::erase::<DestinationPolicy>(&()), DestinationPolicy::crd()),
+        of("AuthorizationPolicy", ApiResource::erase::<AuthorizationPolicy>(&()), AuthorizationPolicy::crd()),
+        of("RateLimitPolicy", ApiResource::erase::<RateLimitPolicy>(&()), RateLimitPolicy::crd()),
+    ]
+});
+
+/// What the model keeps of such an object.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Unimplemented {
+    pub generation: i64,
+    /// The `not_yet` fields it sets.
+    pub fields: Vec<String>,
+}
+
+/// The fields of `object` (a whole resource of `kind`, as JSON) that are not implemented yet.
+pub fn translate(kind: &Watched, object: &serde_json::Value) -> Unimplemented {
+    Unimplemented {
+        generation: object["metadata"]["generation"].as_i64().unwrap_or_default(),
+        fields: ledger::not_yet_set(&LEDGER, &kind.crd, object),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_authorization_policy_names_the_fields_it_sets_that_do_nothing_yet() {
+        let kind = KINDS.iter().find(|k| k.kind == "AuthorizationPolicy").unwrap();
+        assert!(!kind.any_implemented, "AuthorizationPolicy does nothing yet (issue 17)");
+        let deny = serde_json::json!({
+            "metadata": {"name": "deny", "namespace": "shop", "generation": 2},
+            "spec": {"action": "DENY", "rules": [{"from": [{"source": {"principals": ["spiffe://cluster.local/ns/x/sa/y"]}}]}]}
+        });
+        let u = translate(kind, &deny);
+        assert_eq!(u.generation, 2);
+        assert!(u.fields.iter().any(|f| f == "spec.action"), "{:?}", u.fields);
+        assert!(u.fields.iter().any(|f| f.starts_with("spec.rules[].from[]")), "{:?}", u.fields);
+    }
+}
