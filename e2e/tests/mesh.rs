@@ -547,7 +547,19 @@ spec:
     let victim = names[0].clone();
     let pods2 = pods.clone();
     let delete_midway = Box::pin(async move {
-        tokio::time::sleep(Duration::from_secs(8)).await;
+        // Once a third of the requests have been answered, so that the deletion lands in the
+        // middle of the load.
+        eventually("the load is under way", Duration::from_secs(90), || async {
+            let list = pods2
+                .list(&ListParams::default().labels("job-name=load"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let pod = list.items.first().and_then(|p| p.metadata.name.clone()).ok_or("no load pod yet")?;
+            let params = kube::api::LogParams { container: Some("client".into()), ..Default::default() };
+            let answered = pods2.logs(&pod, &params).await.map(|l| l.lines().count()).unwrap_or(0);
+            if answered >= 40 { Ok(()) } else { Err(format!("{answered} answered")) }
+        })
+        .await;
         pods2.delete(&victim, &Default::default()).await.unwrap();
     });
     let (ok, logs) = run_jobs(

@@ -236,19 +236,27 @@ async fn deleting_a_pod_stops_its_container_gracefully() {
     .unwrap();
     // Watch the pod while it goes away: its container must end with exit code 0 (it handled
     // SIGTERM), well before the 20 s after which the kubelet would SIGKILL it (137).
+    // The watch says when it has seen the pod as it is, so that the deletion comes after.
+    let (seen_tx, seen) = tokio::sync::oneshot::channel::<()>();
+    let mut seen_tx = Some(seen_tx);
     let watch = watcher(pods.clone(), watcher::Config::default().fields("metadata.name=graceful"))
         .applied_objects()
-        .try_filter_map(|p: Pod| async move {
-            Ok(p.status
-                .and_then(|s| s.container_statuses)
-                .and_then(|cs| cs.into_iter().next())
-                .and_then(|c| c.state)
-                .and_then(|s| s.terminated)
-                .map(|t| t.exit_code))
+        .try_filter_map(move |p: Pod| {
+            if let Some(tx) = seen_tx.take() {
+                let _ = tx.send(());
+            }
+            async move {
+                Ok(p.status
+                    .and_then(|s| s.container_statuses)
+                    .and_then(|cs| cs.into_iter().next())
+                    .and_then(|c| c.state)
+                    .and_then(|s| s.terminated)
+                    .map(|t| t.exit_code))
+            }
         });
     let started = std::time::Instant::now();
     let exit = tokio::spawn(async move { Box::pin(watch).try_next().await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::timeout(Duration::from_secs(30), seen).await.expect("the watch sees the pod").unwrap();
     pods.delete("graceful", &DeleteParams::default()).await.unwrap();
     let code =
         tokio::time::timeout(Duration::from_secs(30), exit).await.expect("terminated").unwrap().unwrap();

@@ -250,7 +250,7 @@ async fn an_installation_becomes_ready_and_an_idle_reconcile_writes_nothing() {
         (reconcile_count(&s.operator) > before_count).then_some(()).ok_or("no reconcile counted".to_string())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The count goes up once the reconcile's writes, if any, are done.
     let after = managed_versions(&s.client, &s.ns.name, "mesh").await;
     let changed: Vec<_> =
         after.iter().filter(|(k, v)| versions.get(*k) != Some(v)).map(|(k, _)| k.clone()).collect();
@@ -512,7 +512,7 @@ async fn a_leader_shutting_down_hands_over_at_once() {
         &mut s.operator,
         OperatorProcess::start_with(&s.cluster, &s.ns.name, &slow).unwrap(),
     ));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Which of the two leads is read from the Lease below, whichever started first.
     let mut standby = OperatorProcess::start_with(&s.cluster, &s.ns.name, &slow).unwrap();
     let rev = revision_for(&s.ns.name);
     installed(&s, "mesh", json!({"revision": rev})).await;

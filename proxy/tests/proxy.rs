@@ -318,7 +318,25 @@ async fn admin_reports_readiness_config_and_metrics() {
 
 #[tokio::test]
 async fn shutdown_finishes_the_request_in_flight() {
-    let up = http_server("a").await;
+    // An upstream that says when the request reached it and answers only once told to.
+    let (arrived_tx, mut arrived) = tokio::sync::mpsc::channel::<()>(1);
+    let go = std::sync::Arc::new(tokio::sync::Notify::new());
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    let go2 = go.clone();
+    tokio::spawn(async move {
+        let (s, _) = l.accept().await.unwrap();
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let (arrived_tx, go) = (arrived_tx.clone(), go2.clone());
+            async move {
+                let _ = arrived_tx.send(()).await;
+                go.notified().await;
+                let body = format!("a {} {} 0", req.method(), req.uri().path());
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+            }
+        });
+        let _ = http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+    });
     let proxy = mycel_proxy::start(config("http", &[up])).await.unwrap();
     let front = proxy.listener("front").await.unwrap();
     let mut c = connect(front).await;
@@ -327,8 +345,15 @@ async fn shutdown_finishes_the_request_in_flight() {
             c.send_request(Request::get("/slow").header("host", "svc").body(empty()).unwrap()).await.unwrap();
         (resp.status(), resp.headers().get("connection").cloned(), text(resp).await)
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    proxy.shutdown(Duration::from_secs(5)).await;
+    arrived.recv().await.expect("the request reached the upstream");
+    // The upstream answers once the proxy has begun to shut down (it no longer accepts).
+    let answer_when_draining = async {
+        while TcpStream::connect(front).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        go.notify_one();
+    };
+    tokio::join!(proxy.shutdown(Duration::from_secs(5)), answer_when_draining);
     let (status, connection, body) = inflight.await.unwrap();
     assert_eq!((status.as_u16(), body.as_str()), (200, "a GET /slow 0"), "the slow request completed");
     assert_eq!(

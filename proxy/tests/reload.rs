@@ -1,6 +1,10 @@
 //! A new configuration applies without dropping anything in flight; an invalid one is refused
 //! with the field named and the old one keeps serving — through the API and through the file.
 
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicUsize, Ordering},
+};
 use std::{convert::Infallible, net::SocketAddr, process::Stdio, time::Duration};
 
 use http_body_util::{BodyExt, Full};
@@ -32,14 +36,15 @@ fn config_text(admin: &str, listen: &str, endpoint: SocketAddr) -> String {
     )
 }
 
-/// GET / over a keep-alive connection until `until`, returning every body; panics on any failure.
-async fn load(front: SocketAddr, until: tokio::time::Instant) -> Vec<String> {
+/// GET / over a keep-alive connection until `stop`, counting answers in `answered`; returns
+/// every body; panics on any failure.
+async fn load(front: SocketAddr, stop: Arc<AtomicBool>, answered: Arc<AtomicUsize>) -> Vec<String> {
     let s = TcpStream::connect(front).await.unwrap();
     let (mut send, conn) =
         hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(s)).await.unwrap();
     tokio::spawn(conn);
     let mut seen = Vec::new();
-    while tokio::time::Instant::now() < until {
+    while !stop.load(Ordering::Relaxed) {
         send.ready().await.unwrap();
         let resp = send
             .send_request(Request::get("/").header("host", "svc").body(Full::new(Bytes::new())).unwrap())
@@ -49,8 +54,20 @@ async fn load(front: SocketAddr, until: tokio::time::Instant) -> Vec<String> {
         seen.push(
             String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned(),
         );
+        answered.fetch_add(1, Ordering::Relaxed);
     }
     seen
+}
+
+/// Waits until `answered` has grown by `n` (the load goes on meanwhile).
+async fn more_answers(answered: &AtomicUsize, n: usize) {
+    let target = answered.load(Ordering::Relaxed) + n;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while answered.load(Ordering::Relaxed) < target {
+        assert!(tokio::time::Instant::now() < deadline, "the load stalled");
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,13 +77,13 @@ async fn reloading_under_load_drops_no_request_and_refuses_a_bad_config() {
         .await
         .unwrap();
     let front = proxy.listener("front").await.unwrap();
-    let until = tokio::time::Instant::now() + Duration::from_millis(1500);
-    let clients: Vec<_> = (0..4).map(|_| tokio::spawn(load(front, until))).collect();
+    let (stop, answered) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let clients: Vec<_> = (0..4).map(|_| tokio::spawn(load(front, stop.clone(), answered.clone()))).collect();
 
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    more_answers(&answered, 200).await;
     // Same listener address: the socket stays, open connections go on, the cluster changes.
     proxy.apply(Config::parse(&config_text("127.0.0.1:0", "127.0.0.1:0", b)).unwrap()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    more_answers(&answered, 200).await;
     let bad = Config {
         listeners: vec![mycel_proxy::config::Listener {
             name: "front".into(),
@@ -81,6 +98,8 @@ async fn reloading_under_load_drops_no_request_and_refuses_a_bad_config() {
     };
     let err = proxy.apply(bad).await.unwrap_err().to_string();
     assert!(err.starts_with("listeners[0].cluster: no cluster named \"gone\""), "{err}");
+    more_answers(&answered, 200).await;
+    stop.store(true, Ordering::Relaxed);
 
     let mut total = 0;
     for c in clients {
@@ -139,9 +158,10 @@ async fn the_binary_reloads_its_file_and_keeps_the_last_good_config() {
         panic!("the proxy never answered {want:?}");
     };
     wait_for("a").await;
-    // Make sure the new file has another modification time.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
     std::fs::write(&file, config_text(&admin.to_string(), &listen.to_string(), b)).unwrap();
+    // Another modification time, whatever the file system's granularity.
+    let stamp = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    std::fs::File::options().write(true).open(&file).unwrap().set_modified(stamp).unwrap();
     wait_for("b").await;
     std::fs::write(&file, "listeners:\n- {name: front, address: 'nowhere', protocol: http, cluster: back}\n")
         .unwrap();

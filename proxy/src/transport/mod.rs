@@ -106,6 +106,9 @@ async fn accept_loop(socket: TcpListener, name: String, shared: Arc<Shared>, mut
         };
         while conns.try_join_next().is_some() {}
     }
+    // Closed before the wait: a new connection is refused at once (and goes to another
+    // endpoint) instead of waiting in the backlog for a drain that will never serve it.
+    drop(socket);
     while conns.join_next().await.is_some() {}
 }
 
