@@ -30,6 +30,7 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
 const CRATES: &[(&str, &str)] = &[
     ("mycel_crds", "crds"),
     ("mycel_api", "api"),
+    ("mycel_admin", "admin"),
     ("mycel_operator", "operator"),
     ("mycel_inject", "operator/inject"),
     ("mycel_proxy", "proxy"),

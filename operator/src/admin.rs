@@ -2,7 +2,6 @@
 //! leads, or stands by ready to), and `/metrics`.
 
 use std::{
-    convert::Infallible,
     net::SocketAddr,
     sync::{
         Arc,
@@ -10,9 +9,7 @@ use std::{
     },
 };
 
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use mycel_admin::{Access, Asked, Reply, StatusCode};
 use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
@@ -23,35 +20,23 @@ pub struct Health {
     pub ready: AtomicBool,
 }
 
-/// Serves until the task is dropped.
+/// Serves until the task is dropped. Everything it serves is for probes and Prometheus.
 pub async fn serve(addr: SocketAddr, health: Arc<Health>, metrics: Arc<Metrics>) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, "admin server listening");
-    loop {
-        let (stream, _) = listener.accept().await?;
+    let access = Access { public: |_| true, how: "" };
+    mycel_admin::serve(listener, access, move |asked: Asked| {
         let (health, metrics) = (health.clone(), metrics.clone());
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (health, metrics) = (health.clone(), metrics.clone());
-                async move {
-                    let (status, body) = match req.uri().path() {
-                        "/healthz" => (StatusCode::OK, "ok".to_string()),
-                        "/readyz" if health.ready.load(Ordering::Relaxed) => {
-                            (StatusCode::OK, "ready".to_string())
-                        }
-                        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "not ready".to_string()),
-                        "/metrics" => (StatusCode::OK, metrics.render()),
-                        _ => (StatusCode::NOT_FOUND, "not found".to_string()),
-                    };
-                    Ok::<_, Infallible>(
-                        Response::builder()
-                            .status(status)
-                            .body(Full::new(Bytes::from(body)))
-                            .unwrap_or_default(),
-                    )
-                }
-            });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-        });
-    }
+        async move {
+            match asked.path.as_str() {
+                "/healthz" => Reply::text(StatusCode::OK, "ok"),
+                "/readyz" if health.ready.load(Ordering::Relaxed) => Reply::text(StatusCode::OK, "ready"),
+                "/readyz" => Reply::text(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+                "/metrics" => Reply::metrics(metrics.render()),
+                _ => Reply::not_found(),
+            }
+        }
+    })
+    .await;
+    Ok(())
 }

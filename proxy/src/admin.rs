@@ -7,68 +7,35 @@
 //! proxy's state (`/config_dump`, `/logging`, anything else) answers only on loopback, which
 //! `kubectl port-forward` (and `mycelctl`, through it) reaches.
 
-use std::{convert::Infallible, sync::Arc};
+use std::sync::Arc;
 
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use mycel_admin::{Access, Asked, Reply, StatusCode};
 use tokio::net::TcpListener;
 
 use crate::Shared;
 
+/// What the pod's network may ask: the kubelet's probes and Prometheus.
+fn public(path: &str) -> bool {
+    matches!(path, "/healthz/ready" | "/metrics") || path.starts_with("/app-health/")
+}
+
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            // Out of descriptors, most likely: give a closing connection a moment.
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
-        };
-        let peer = peer.ip();
+    let access = Access { public, how: "use `kubectl port-forward pod/<pod> 15020` and ask 127.0.0.1:15020" };
+    mycel_admin::serve(listener, access, move |asked: Asked| {
         let shared = shared.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let shared = shared.clone();
-                async move {
-                    if let Some(probe) = req.uri().path().strip_prefix("/app-health/") {
-                        return Ok::<_, Infallible>(app_health(probe, &shared).await);
-                    }
-                    if !answers(req.uri().path(), peer) {
-                        return Ok(local_only(req.uri().path()));
-                    }
-                    Ok::<_, Infallible>(route(req.method(), req.uri(), &shared))
-                }
-            });
-            let _ = http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
-}
-
-/// Whether `path` answers a caller at `peer`: loopback may ask anything, the pod's network only
-/// what probes and Prometheus need.
-fn answers(path: &str, peer: std::net::IpAddr) -> bool {
-    peer.is_loopback()
-        || peer.to_canonical().is_loopback()
-        || matches!(path, "/healthz/ready" | "/metrics")
-        || path.starts_with("/app-health/")
-}
-
-fn local_only(path: &str) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(StatusCode::FORBIDDEN)
-        .header("content-type", "text/plain")
-        .body(Full::new(Bytes::from(format!(
-            "{path} answers only on localhost: use `kubectl port-forward pod/<pod> 15020` and ask 127.0.0.1:15020\n"
-        ))))
-        .unwrap_or_default()
+        async move {
+            if let Some(probe) = asked.path.strip_prefix("/app-health/") {
+                return app_health(probe, &shared).await;
+            }
+            route(&asked, &shared)
+        }
+    })
+    .await
 }
 
 /// Runs one of the app's probes (rewritten to the proxy at injection) against localhost:
 /// `{"httpGet": {"path", "port"}}` passes on 2xx/3xx, `{"tcpSocket": {"port"}}` on connect.
-async fn app_health(name: &str, shared: &Shared) -> Response<Full<Bytes>> {
+async fn app_health(name: &str, shared: &Shared) -> Reply {
     let key = format!("/app-health/{name}");
     let probe = shared.app_probes.read().ok().and_then(|p| p.get(&key).cloned());
     let (status, body) = match probe {
@@ -79,7 +46,7 @@ async fn app_health(name: &str, shared: &Shared) -> Response<Full<Bytes>> {
             Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "timed out\n".to_string()),
         },
     };
-    Response::builder().status(status).body(Full::new(Bytes::from(body))).unwrap_or_default()
+    Reply::text(status, body)
 }
 
 async fn run_probe(p: &serde_json::Value) -> Result<(), String> {
@@ -104,65 +71,42 @@ async fn run_probe(p: &serde_json::Value) -> Result<(), String> {
     if (200..400).contains(&code) { Ok(()) } else { Err(format!("the app answered {code}")) }
 }
 
-fn route(method: &hyper::Method, uri: &hyper::Uri, shared: &Shared) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = match uri.path() {
-        "/logging" => logging(method, uri.query(), shared),
+fn route(asked: &Asked, shared: &Shared) -> Reply {
+    match asked.path.as_str() {
+        "/logging" => logging(asked, shared),
         "/healthz/ready" if shared.ready.load(std::sync::atomic::Ordering::Acquire) => {
-            (StatusCode::OK, "text/plain", "ready\n".to_string())
+            Reply::text(StatusCode::OK, "ready\n")
         }
-        "/healthz/ready" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".to_string()),
+        "/healthz/ready" => Reply::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/config_dump" => {
-            let config = serde_json::to_string_pretty(&shared.state.load().config).unwrap_or_default();
-            (StatusCode::OK, "application/json", config)
+            Reply::json(serde_json::to_string_pretty(&shared.state.load().config).unwrap_or_default())
         }
-        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", shared.metrics.render()),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
-    };
-    Response::builder()
-        .status(status)
-        .header("content-type", content_type)
-        .body(Full::new(Bytes::from(body)))
-        .unwrap_or_default()
+        "/metrics" => Reply::metrics(shared.metrics.render()),
+        _ => Reply::not_found(),
+    }
 }
 
-fn logging(
-    method: &hyper::Method,
-    query: Option<&str>,
-    shared: &Shared,
-) -> (StatusCode, &'static str, String) {
+fn logging(asked: &Asked, shared: &Shared) -> Reply {
     let Ok(control) = shared.log_control.read() else {
-        return (StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "log control unavailable\n".into());
+        return Reply::text(StatusCode::INTERNAL_SERVER_ERROR, "log control unavailable\n");
     };
     let Some(control) = control.as_ref() else {
-        return (
-            StatusCode::NOT_IMPLEMENTED,
-            "text/plain",
-            "log levels cannot be changed in this process\n".into(),
-        );
+        return Reply::text(StatusCode::NOT_IMPLEMENTED, "log levels cannot be changed in this process\n");
     };
-    let level = query
-        .unwrap_or_default()
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == "level")
-        .map(|(_, v)| v.replace("%2C", ",").replace("%3D", "="));
-    let result = match (method, level) {
-        (&hyper::Method::GET, _) => control(None),
-        (&hyper::Method::POST | &hyper::Method::PUT, Some(level)) => control(Some(&level)),
-        (&hyper::Method::POST | &hyper::Method::PUT, None) => {
-            return (
+    let result = match (&asked.method, asked.param("level")) {
+        (&mycel_admin::Method::GET, _) => control(None),
+        (&mycel_admin::Method::POST | &mycel_admin::Method::PUT, Some(level)) => control(Some(&level)),
+        (&mycel_admin::Method::POST | &mycel_admin::Method::PUT, None) => {
+            return Reply::text(
                 StatusCode::BAD_REQUEST,
-                "text/plain",
-                "give the new filter as ?level=…, e.g. ?level=debug\n".into(),
+                "give the new filter as ?level=…, e.g. ?level=debug\n",
             );
         }
-        _ => {
-            return (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET, or POST with ?level=…\n".into());
-        }
+        _ => return Reply::text(StatusCode::METHOD_NOT_ALLOWED, "use GET, or POST with ?level=…\n"),
     };
     match result {
-        Ok(current) => (StatusCode::OK, "text/plain", format!("{current}\n")),
-        Err(why) => (StatusCode::BAD_REQUEST, "text/plain", format!("{why}\n")),
+        Ok(current) => Reply::text(StatusCode::OK, format!("{current}\n")),
+        Err(why) => Reply::text(StatusCode::BAD_REQUEST, format!("{why}\n")),
     }
 }
 
@@ -172,6 +116,8 @@ mod tests {
 
     #[test]
     fn state_answers_only_on_loopback_and_probes_everywhere() {
+        let access = Access { public, how: "" };
+        let answers = |path: &str, peer: std::net::IpAddr| mycel_admin::answers(&access, path, peer);
         let pod_net: std::net::IpAddr = "10.244.0.7".parse().unwrap();
         let mapped: std::net::IpAddr = "::ffff:127.0.0.1".parse().unwrap();
         for path in ["/config_dump", "/logging", "/anything"] {

@@ -19,15 +19,11 @@ pub mod translate;
 pub mod webhook;
 
 use std::{
-    convert::Infallible,
     net::SocketAddr,
     sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 use mycel_api::v1alpha1::certificates_server::CertificatesServer;
@@ -325,72 +321,46 @@ pub const STREAMS_PER_CONNECTION: u32 = 8;
 
 /// `/healthz`, `/ready` (the mesh model is complete), `/metrics`, `/debug/proxies` (JSON: who
 /// is connected, what each accepted or rejected) and `/debug/clusters` (names and versions).
+/// Only the first three answer off loopback: `/debug/*` reveals every proxy and cluster.
 async fn serve_monitor(
     listener: TcpListener,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     registry: Arc<Registry>,
     metrics: Arc<CpMetrics>,
 ) {
-    loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
-        };
-        // `/debug/*` reveals every proxy and cluster: loopback only (`kubectl port-forward`).
-        let local = peer.ip().is_loopback();
+    let access = mycel_admin::Access {
+        public: |p| matches!(p, "/healthz" | "/ready" | "/readyz" | "/metrics"),
+        how: "use `kubectl port-forward` to port 15014 (as `mycelctl proxy-status` does)",
+    };
+    mycel_admin::serve(listener, access, move |asked: mycel_admin::Asked| {
         let (snapshots, registry, metrics) = (snapshots.clone(), registry.clone(), metrics.clone());
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (snapshots, registry, metrics) = (snapshots.clone(), registry.clone(), metrics.clone());
-                async move {
-                    let snap = snapshots.borrow().clone();
-                    let (status, body) = match req.uri().path() {
-                        p if p.starts_with("/debug/") && !local => (
-                            StatusCode::FORBIDDEN,
-                            format!(
-                                "{p} answers only on localhost: use `kubectl port-forward` to port 15014 (as `mycelctl proxy-status` does)"
-                            ),
-                        ),
-                        "/healthz" => (StatusCode::OK, "ok".to_string()),
-                        "/ready" | "/readyz" if snap.synced => (StatusCode::OK, "ready".to_string()),
-                        "/ready" | "/readyz" => (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "discovery has not listed everything yet".to_string(),
-                        ),
-                        "/metrics" => (StatusCode::OK, metrics.render()),
-                        "/debug/proxies" => (
-                            StatusCode::OK,
-                            serde_json::to_string_pretty(&registry.list()).unwrap_or_default(),
-                        ),
-                        "/debug/clusters" => {
-                            let clusters = snap.mesh(mycel_api::CLUSTER_TYPE).cloned().unwrap_or_default();
-                            let mut v: Vec<(&String, &String)> =
-                                clusters.entries.iter().map(|(n, e)| (n, &e.version)).collect();
-                            v.sort();
-                            let map: std::collections::BTreeMap<_, _> = v.into_iter().collect();
-                            (
-                                StatusCode::OK,
-                                serde_json::to_string_pretty(
-                                    &serde_json::json!({"version": snap.version, "clusters": map}),
-                                )
-                                .unwrap_or_default(),
-                            )
-                        }
-                        _ => (StatusCode::NOT_FOUND, "not found".to_string()),
-                    };
-                    Ok::<_, Infallible>(
-                        Response::builder()
-                            .status(status)
-                            .body(Full::new(Bytes::from(body)))
-                            .unwrap_or_default(),
+        async move {
+            use mycel_admin::{Reply, StatusCode};
+            let snap = snapshots.borrow().clone();
+            match asked.path.as_str() {
+                "/healthz" => Reply::text(StatusCode::OK, "ok"),
+                "/ready" | "/readyz" if snap.synced => Reply::text(StatusCode::OK, "ready"),
+                "/ready" | "/readyz" => {
+                    Reply::text(StatusCode::SERVICE_UNAVAILABLE, "discovery has not listed everything yet")
+                }
+                "/metrics" => Reply::metrics(metrics.render()),
+                "/debug/proxies" => {
+                    Reply::json(serde_json::to_string_pretty(&registry.list()).unwrap_or_default())
+                }
+                "/debug/clusters" => {
+                    let clusters = snap.mesh(mycel_api::CLUSTER_TYPE).cloned().unwrap_or_default();
+                    let map: std::collections::BTreeMap<&String, &String> =
+                        clusters.entries.iter().map(|(n, e)| (n, &e.version)).collect();
+                    Reply::json(
+                        serde_json::to_string_pretty(
+                            &serde_json::json!({"version": snap.version, "clusters": map}),
+                        )
+                        .unwrap_or_default(),
                     )
                 }
-            });
-            let _ = http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+                _ => Reply::not_found(),
+            }
+        }
+    })
+    .await
 }
