@@ -41,6 +41,16 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 const NS: &str = "mycel-bench-cp";
+/// Identities (service accounts) the simulated proxies are spread over, and the namespaces those
+/// are spread over.
+const IDENTITIES: usize = 50;
+const IDENTITY_NAMESPACES: usize = 5;
+/// Changes in one burst: closer together than the control plane's debounce.
+const BURST: usize = 5;
+
+fn workload_namespace(identity: usize) -> String {
+    format!("{NS}-w{}", identity % IDENTITY_NAMESPACES)
+}
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -99,6 +109,8 @@ struct Event {
     proxy: usize,
     at: Instant,
     first: Option<String>,
+    /// The names in a small response (none in a part of a full sync).
+    names: Vec<String>,
     resources: usize,
 }
 
@@ -154,7 +166,18 @@ async fn simulated_proxy(
                 return;
             }
             let first = (r.resources.len() == 1).then(|| r.resources[0].name.clone());
-            let _ = events.send(Event { proxy: i, at: Instant::now(), first, resources: r.resources.len() });
+            let names = if r.resources.len() <= BURST {
+                r.resources.iter().map(|x| x.name.clone()).collect()
+            } else {
+                Vec::new()
+            };
+            let _ = events.send(Event {
+                proxy: i,
+                at: Instant::now(),
+                first,
+                names,
+                resources: r.resources.len(),
+            });
         }
     }
 }
@@ -224,6 +247,16 @@ async fn metric(monitor: std::net::SocketAddr, name: &str) -> f64 {
         .sum()
 }
 
+/// Milliseconds from `t0` until the control plane has counted `acks` ACKs in all.
+async fn all_acked(monitor: std::net::SocketAddr, acks: f64, t0: Instant) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(monitor, "mycel_control_plane_acks_total").await < acks {
+        assert!(Instant::now() < deadline, "the control plane never counted {acks} ACKs");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    t0.elapsed().as_secs_f64() * 1000.0
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -265,33 +298,36 @@ async fn main() {
     }))
     .unwrap();
     secrets.create(&PostParams::default(), &secret).await.unwrap();
-    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "bench"}})).unwrap();
-    let _ = Api::<ServiceAccount>::namespaced(client.clone(), NS).create(&PostParams::default(), &sa).await;
     load(&client, services, endpoints).await;
 
+    // The simulated proxies are of many workloads: IDENTITIES service accounts spread over
+    // IDENTITY_NAMESPACES namespaces, each with its own token and certificate.
     let dir = std::env::temp_dir().join("mycel-bench-cp");
     std::fs::create_dir_all(&dir).unwrap();
     let token_req: k8s_openapi::api::authentication::v1::TokenRequest =
         serde_json::from_value(json!({"spec": {"audiences": ["mycel-ca"], "expirationSeconds": 7200}}))
             .unwrap();
-    let token: k8s_openapi::api::authentication::v1::TokenRequest =
-        Api::<ServiceAccount>::namespaced(client.clone(), NS)
-            .create_subresource("token", "bench", &PostParams::default(), &token_req)
-            .await
-            .unwrap();
-    std::fs::write(dir.join("token"), token.status.unwrap().token).unwrap();
+    let mut workloads = Vec::new();
+    for i in 0..IDENTITIES {
+        let ns = workload_namespace(i);
+        if i < IDENTITY_NAMESPACES {
+            let _ = cluster.kubectl_run(&["create", "namespace", &ns], None);
+        }
+        let name = format!("bench-{i}");
+        let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        let sas = Api::<ServiceAccount>::namespaced(client.clone(), &ns);
+        let _ = sas.create(&PostParams::default(), &sa).await;
+        let token: k8s_openapi::api::authentication::v1::TokenRequest =
+            sas.create_subresource("token", &name, &PostParams::default(), &token_req).await.unwrap();
+        let path = dir.join(format!("token-{i}"));
+        std::fs::write(&path, token.status.unwrap().token).unwrap();
+        workloads.push((ns, name, path));
+    }
 
     let baseline = std::env::var("MYCEL_BENCH_BASELINE").ok().filter(|b| !b.is_empty());
     let rounds: usize = env_or("MYCEL_BENCH_ROUNDS", if baseline.is_some() { 3 } else { 1 });
-    let bench = Bench {
-        cluster: &cluster,
-        client: &client,
-        ca: &ca,
-        token_dir: dir.clone(),
-        services,
-        endpoints,
-        changes,
-    };
+    let bench =
+        Bench { cluster: &cluster, client: &client, ca: &ca, workloads, services, endpoints, changes };
     let mut results = Vec::new();
     // Every change in the run gets new addresses (a change to what is already there is none).
     let mut generation = 0usize;
@@ -316,6 +352,9 @@ async fn main() {
     }
 
     let _ = cluster.kubectl_run(&["delete", "namespace", NS, "--wait=false"], None);
+    for i in 0..IDENTITY_NAMESPACES {
+        let _ = cluster.kubectl_run(&["delete", "namespace", &workload_namespace(i), "--wait=false"], None);
+    }
     match &baseline {
         Some(b) => write_comparison(&results, b, services, endpoints, changes),
         None => write_report(&results, services, endpoints, changes),
@@ -327,7 +366,8 @@ struct Bench<'a> {
     cluster: &'a TestCluster,
     client: &'a Client,
     ca: &'a pki::Ca,
-    token_dir: std::path::PathBuf,
+    /// (namespace, service account, token file) of each identity.
+    workloads: Vec<(String, String, std::path::PathBuf)>,
     services: usize,
     endpoints: usize,
     changes: usize,
@@ -338,7 +378,6 @@ impl Bench<'_> {
     /// proxies connecting and syncing, then the changes.
     async fn scenario(&self, binary: &str, p: usize, generation: &mut usize) -> serde_json::Value {
         let Bench { cluster, client, ca, services, endpoints, changes, .. } = *self;
-        let dir = &self.token_dir;
         let (grpc, monitor_port) = (free_port().unwrap(), free_port().unwrap());
         let monitor: std::net::SocketAddr = ([127, 0, 0, 1], monitor_port).into();
         let args: Vec<String> = ["control-plane", "--namespace", NS, "--revision", "bench", "--grpc-addr"]
@@ -362,16 +401,21 @@ impl Bench<'_> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let (rss_idle, _) = usage(pid);
-        let boot = Arc::new(Bootstrap {
-            control_plane: format!("127.0.0.1:{grpc}"),
-            server_name: format!("mycel-control-plane-bench.{NS}.svc"),
-            ca_roots: vec![ca.pem.cert.clone()],
-            token_path: dir.join("token"),
-            trust_domain: "cluster.local".into(),
-            node: pb::Node { namespace: NS.into(), service_account: "bench".into(), ..Default::default() },
-            cert_ttl: None,
-        });
-        let id = Arc::new(mycel_proxy::identity::request(&boot, &boot.ca_roots).await.unwrap());
+        // A bootstrap and a certificate per identity.
+        let mut identities = Vec::new();
+        for (ns, sa, token) in &self.workloads {
+            let boot = Arc::new(Bootstrap {
+                control_plane: format!("127.0.0.1:{grpc}"),
+                server_name: format!("mycel-control-plane-bench.{NS}.svc"),
+                ca_roots: vec![ca.pem.cert.clone()],
+                token_path: token.clone(),
+                trust_domain: "cluster.local".into(),
+                node: pb::Node { namespace: ns.clone(), service_account: sa.clone(), ..Default::default() },
+                cert_ttl: None,
+            });
+            let id = Arc::new(mycel_proxy::identity::request(&boot, &boot.ca_roots).await.unwrap());
+            identities.push((boot, id));
+        }
 
         // P proxies connect and sync.
         let (_, cpu0) = usage(pid);
@@ -379,6 +423,7 @@ impl Bench<'_> {
         let sync_start = Instant::now();
         let mut tasks = Vec::new();
         for i in 0..p {
+            let (boot, id) = &identities[i % identities.len()];
             tasks.push(tokio::spawn(simulated_proxy(i, boot.clone(), id.clone(), etx.clone())));
             // Ramp up at 1 000 proxies a second, as a rollout would.
             if i % 100 == 99 {
@@ -413,7 +458,10 @@ impl Bench<'_> {
         let bytes0 = metric(monitor, "mycel_control_plane_push_bytes_total").await;
         let (cp_cpu0, sim_cpu0) = (usage(pid).1, usage(std::process::id()).1);
         let mut latencies = Vec::with_capacity(p * changes);
+        // Per change: until the control plane has counted every proxy's ACK.
+        let mut cp_acked = Vec::with_capacity(changes);
         for k in 0..changes {
+            let acks0 = metric(monitor, "mycel_control_plane_acks_total").await;
             let svc = (k * 37 + p) % services;
             let name = format!("svc-{svc}.{NS}.svc.cluster.local:80");
             *generation += 1;
@@ -436,16 +484,67 @@ impl Bench<'_> {
                     latencies.push(e.at.duration_since(t0).as_secs_f64() * 1000.0);
                 }
             }
+            cp_acked.push(all_acked(monitor, acks0 + p as f64, t0).await);
             tokio::time::sleep(Duration::from_millis(100)).await;
             while erx.try_recv().is_ok() {}
         }
+
+        // Bytes and CPU per change: of the single changes only.
         let bytes = metric(monitor, "mycel_control_plane_push_bytes_total").await - bytes0;
-        let (rss, cpu1) = usage(pid);
+        let cpu_changes = usage(pid).1;
         // CPU per proxy and change during the changes, of the control plane and of this process
         // (the simulated proxies), in µs.
         let per_change = |cpu: f64| (cpu * 1e6 / (changes * p) as f64).round();
         let (cp_us, sim_us) =
-            (per_change(cpu1 - cp_cpu0), per_change(usage(std::process::id()).1 - sim_cpu0));
+            (per_change(cpu_changes - cp_cpu0), per_change(usage(std::process::id()).1 - sim_cpu0));
+
+        // Bursts: BURST changes sent at once, closer together than the debounce; until every
+        // proxy holds all of them, and how many responses that took per proxy.
+        let bursts = 5;
+        let mut burst_ms = Vec::with_capacity(bursts);
+        let mut burst_responses = 0usize;
+        for b in 0..bursts {
+            let svcs: Vec<usize> = (0..BURST).map(|j| (b * 101 + j * 13 + p + 500) % services).collect();
+            *generation += 1;
+            let acks0 = metric(monitor, "mycel_control_plane_acks_total").await;
+            let t0 = Instant::now();
+            futures::future::join_all(svcs.iter().map(|&svc| {
+                let patch = json!({"endpoints": (0..endpoints).map(|e| json!({"addresses": [endpoint_ip(svc, e, *generation)], "conditions": {"ready": true}})).collect::<Vec<_>>()});
+                let slices = slices.clone();
+                async move {
+                    slices.patch(&format!("svc-{svc}-1"), &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+                }
+            }))
+            .await;
+            let wanted: Vec<String> =
+                svcs.iter().map(|svc| format!("svc-{svc}.{NS}.svc.cluster.local:80")).collect();
+            let mut has = vec![0usize; p];
+            let mut done = 0;
+            let mut responses = 0;
+            while done < p {
+                let e = tokio::time::timeout(Duration::from_secs(60), erx.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("burst {b}: only {done} of {p} proxies hold all of it"))
+                    .unwrap();
+                responses += 1;
+                let before = has[e.proxy];
+                has[e.proxy] += e.names.iter().filter(|n| wanted.contains(n)).count();
+                if before < BURST && has[e.proxy] >= BURST {
+                    done += 1;
+                }
+            }
+            burst_responses += responses;
+            let acks = acks0 + responses as f64;
+            burst_ms.push(all_acked(monitor, acks, t0).await);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            // Late responses (a burst split in two) count too.
+            while erx.try_recv().is_ok() {
+                burst_responses += 1;
+            }
+        }
+        cp_acked.sort_by(|a, b| a.total_cmp(b));
+        burst_ms.sort_by(|a, b| a.total_cmp(b));
+        let (rss, cpu1) = usage(pid);
         latencies.sort_by(|a, b| a.total_cmp(b));
         let r = json!({
             "proxies": p,
@@ -462,6 +561,13 @@ impl Bench<'_> {
             "bytes_per_change_per_proxy": (bytes / changes as f64 / p as f64).round() as u64,
             "full_sync_bytes_per_proxy": full_bytes.round() as u64,
             "initial_sync_s": (sync_s * 100.0).round() / 100.0,
+            "cp_acked_p50_ms": (percentile(&cp_acked, 0.50) * 10.0).round() / 10.0,
+            "cp_acked_max_ms": (cp_acked.last().copied().unwrap_or(f64::NAN) * 10.0).round() / 10.0,
+            "burst_changes": BURST,
+            "burst_p50_ms": (percentile(&burst_ms, 0.50) * 10.0).round() / 10.0,
+            "burst_max_ms": (burst_ms.last().copied().unwrap_or(f64::NAN) * 10.0).round() / 10.0,
+            "burst_responses_per_proxy": ((burst_responses as f64 / (bursts * p) as f64) * 100.0).round() / 100.0,
+            "identities": self.workloads.len(),
             "cp_cpu_us_per_proxy_change": cp_us,
             "sim_cpu_us_per_proxy_change": sim_us,
         });
@@ -482,21 +588,30 @@ fn write_report(results: &[serde_json::Value], services: usize, endpoints: usize
     let mut md = format!(
         "# Control-plane benchmark\n\nProduced by `just bench-control-plane` on {} ({cpus} CPUs), against the local cluster: \
 {services} Services × {endpoints} endpoints in the API server, the control plane as its own process, and P simulated \
-proxies (each its own TLS connection and stream with a workload certificate, acknowledging every response). Each \
-scenario makes {changes} single-endpoint changes (an EndpointSlice patch) one after the other; latency runs from \
-sending the patch to the API server until a proxy has acknowledged the update, over every proxy and change. The \
-simulated proxies share the machine's cores with the control plane and the API server.\n\n\
-| proxies | p50 ms | p99 ms | max ms | CP RSS MiB (idle) | CP CPU s | CPU µs per proxy and change: CP / simulated proxies | bytes/change (all proxies) | bytes/change/proxy | full sync bytes/proxy | initial sync s |\n\
-|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+proxies (each its own TLS connection and stream with a workload certificate, acknowledging every response), spread \
+over {IDENTITIES} identities (service accounts) in {IDENTITY_NAMESPACES} namespaces. Each scenario makes {changes} \
+single-endpoint changes (an EndpointSlice patch) one after the other; latency runs from sending the patch to the API \
+server until a proxy has sent its ACK, over every proxy and change (p50/p99/max), and until the control plane has \
+counted every proxy's ACK (`mycel_control_plane_acks_total`, polled every millisecond; p50 and max over the changes). \
+Then 5 bursts of {BURST} changes sent at once (closer together than the 10 ms debounce): the time until the control \
+plane has every ACK of a burst, and how many responses each proxy received per burst (1 when the burst is coalesced). \
+The simulated proxies share the machine's cores with the control plane and the API server.\n\n\
+| proxies | p50 ms | p99 ms | max ms | CP has every ACK: p50 / max ms | burst of {BURST}: p50 / max ms | responses per proxy and burst | CP RSS MiB (idle) | CP CPU s | CPU µs per proxy and change: CP / simulated proxies | bytes/change (all proxies) | bytes/change/proxy | full sync bytes/proxy | initial sync s |\n\
+|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         time_now()
     );
     for r in results {
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} ({}) | {} | {} / {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} / {} | {} / {} | {} | {} ({}) | {} | {} / {} | {} | {} | {} | {} |\n",
             r["proxies"],
             r["p50_ms"],
             r["p99_ms"],
             r["max_ms"],
+            r["cp_acked_p50_ms"],
+            r["cp_acked_max_ms"],
+            r["burst_p50_ms"],
+            r["burst_max_ms"],
+            r["burst_responses_per_proxy"],
             r["rss_mib"],
             r["rss_idle_mib"],
             r["cpu_s"],
@@ -509,8 +624,11 @@ simulated proxies share the machine's cores with the control plane and the API s
         ));
     }
     md.push_str(
-        "\nCPU is the control plane's user+system time over the scenario (connecting and syncing P proxies, then the \
-changes). Bytes are protobuf bytes of the responses the control plane sent (`mycel_control_plane_push_bytes_total`).\n",
+        "\nCPU s is the control plane's user+system time over the scenario (connecting and syncing P proxies, the \
+changes and the bursts); CPU µs per proxy and change, and bytes per change, are of the single changes only. Bytes are \
+protobuf bytes of the responses the control plane sent (`mycel_control_plane_push_bytes_total`). A burst is usually \
+two responses per proxy, by design: a change after a quiet spell goes out at once (the leading edge) and the rest of \
+the burst is coalesced into the next.\n",
     );
     std::fs::write(root.join("control-plane.md"), md).unwrap();
     println!("wrote {}", root.join("control-plane.md").display());
@@ -537,26 +655,31 @@ fn write_comparison(
 on {} ({cpus} CPUs): the scenario of [control-plane.md](control-plane.md) ({services} Services × {endpoints} endpoints, \
 {changes} single-endpoint changes, latency from the patch to each proxy's ACK), run with each binary in turn, in \
 interleaved rounds (the baseline starts every other round).\n\n\
-| proxies | binary | round | p50 ms | p99 ms | max ms | CP RSS MiB (idle) | CP CPU s | initial sync s |\n\
-|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
+| proxies | binary | round | p50 ms | p99 ms | max ms | CP has every ACK: p50 / max ms | burst of {BURST}: p50 / max ms | responses per proxy and burst | CP RSS MiB (idle) | CP CPU s | initial sync s |\n\
+|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         time_now()
     );
     for r in results {
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} / {} | {} / {} | {} | {} ({}) | {} | {} |\n",
             r["proxies"],
             r["binary"].as_str().unwrap_or(""),
             r["round"],
             r["p50_ms"],
             r["p99_ms"],
             r["max_ms"],
+            r["cp_acked_p50_ms"],
+            r["cp_acked_max_ms"],
+            r["burst_p50_ms"],
+            r["burst_max_ms"],
+            r["burst_responses_per_proxy"],
             r["rss_mib"],
             r["rss_idle_mib"],
             r["cpu_s"],
             r["initial_sync_s"]
         ));
     }
-    md.push_str("\nMedians over the rounds:\n\n| proxies | binary | p50 ms | p99 ms | CP RSS MiB | CP CPU s | initial sync s |\n|---:|---|---:|---:|---:|---:|---:|\n");
+    md.push_str("\nMedians over the rounds:\n\n| proxies | binary | p50 ms | p99 ms | CP has every ACK, max ms | burst, max ms | CP RSS MiB | CP CPU s | initial sync s |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
     let mut proxies: Vec<u64> = results.iter().filter_map(|r| r["proxies"].as_u64()).collect();
     proxies.dedup();
     for p in proxies {
@@ -571,9 +694,11 @@ interleaved rounds (the baseline starts every other round).\n\n\
                 if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
             };
             md.push_str(&format!(
-                "| {p} | {binary} | {} | {} | {} | {} | {} |\n",
+                "| {p} | {binary} | {} | {} | {} | {} | {} | {} | {} |\n",
                 median("p50_ms"),
                 median("p99_ms"),
+                median("cp_acked_max_ms"),
+                median("burst_max_ms"),
                 median("rss_mib"),
                 median("cpu_s"),
                 median("initial_sync_s")
