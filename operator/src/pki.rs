@@ -139,7 +139,16 @@ pub enum SignError {
 impl Ca {
     /// Signs a workload certificate for `spiffe_id` over the CSR's public key, valid for `ttl`.
     /// Nothing else of the request is trusted: the CA sets every field itself.
-    pub fn sign_workload(&self, csr_pem: &str, spiffe_id: &str, ttl: Duration) -> Result<String, SignError> {
+    /// Signs a workload certificate for `spiffe_id`, the only URI SAN the CSR may carry. `pod`,
+    /// the pod the caller's token is bound to (if it is), becomes the subject's common name, so
+    /// that the config stream can hold the proxy to the pod it says it is.
+    pub fn sign_workload(
+        &self,
+        csr_pem: &str,
+        spiffe_id: &str,
+        pod: Option<&str>,
+        ttl: Duration,
+    ) -> Result<String, SignError> {
         let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|_| SignError::BadCsr)?;
         let found: Vec<String> = csr
             .params
@@ -155,6 +164,9 @@ impl Ca {
         }
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
+        if let Some(pod) = pod {
+            params.distinguished_name.push(rcgen::DnType::CommonName, pod);
+        }
         params.subject_alt_names = vec![SanType::URI(
             spiffe_id.to_string().try_into().map_err(|e: rcgen::Error| SignError::Generate(e.to_string()))?,
         )];
@@ -265,23 +277,33 @@ mod tests {
             p.serialize_request(&key).unwrap().pem().unwrap()
         };
         let id = "spiffe://cluster.local/ns/a/sa/web";
-        let pem = root.sign_workload(&csr(&[id]), id, Duration::from_secs(600)).unwrap();
+        let pem = root.sign_workload(&csr(&[id]), id, Some("web-1"), Duration::from_secs(600)).unwrap();
         let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
         let cert = p.parse_x509().unwrap();
         assert!(!cert.is_ca());
         let life = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
         assert_eq!(life, 660, "ttl plus one minute of backdating");
         assert_eq!(cert.public_key().subject_public_key.data.as_ref(), key.public_key_raw());
-        let e =
-            root.sign_workload(&csr(&["spiffe://cluster.local/ns/a/sa/admin"]), id, Duration::from_secs(60));
+        assert_eq!(
+            crate::controlplane::tls::bound_pod(&p.contents).as_deref(),
+            Some("web-1"),
+            "bound to its pod"
+        );
+        let e = root.sign_workload(
+            &csr(&["spiffe://cluster.local/ns/a/sa/admin"]),
+            id,
+            None,
+            Duration::from_secs(60),
+        );
         assert!(matches!(e, Err(SignError::WrongIdentity { .. })), "{e:?}");
         let e = root.sign_workload(
             &csr(&[id, "spiffe://cluster.local/ns/a/sa/admin"]),
             id,
+            None,
             Duration::from_secs(60),
         );
         assert!(matches!(e, Err(SignError::WrongIdentity { .. })), "{e:?}");
-        assert_eq!(root.sign_workload("garbage", id, Duration::from_secs(60)), Err(SignError::BadCsr));
+        assert_eq!(root.sign_workload("garbage", id, None, Duration::from_secs(60)), Err(SignError::BadCsr));
         assert!(root.intermediates_pem().is_empty());
         assert_eq!(root.trust_bundle().len(), 1);
     }
@@ -312,7 +334,7 @@ mod tests {
         let id = "spiffe://cluster.local/ns/a/sa/web";
         lp.subject_alt_names = vec![SanType::URI(id.to_string().try_into().unwrap())];
         let csr = lp.serialize_request(&leaf_key).unwrap().pem().unwrap();
-        let leaf_pem = ca.sign_workload(&csr, id, Duration::from_secs(600)).unwrap();
+        let leaf_pem = ca.sign_workload(&csr, id, None, Duration::from_secs(600)).unwrap();
         let (_, leaf) = x509_parser::pem::parse_x509_pem(leaf_pem.as_bytes()).unwrap();
         let leaf = leaf.parse_x509().unwrap();
         let (_, inter_pem) = x509_parser::pem::parse_x509_pem(ca.intermediates_pem()[0].as_bytes()).unwrap();

@@ -100,8 +100,10 @@ impl<T> Default for Kind<T> {
     }
 }
 
-impl<T> Kind<T> {
-    /// Applies one watch event; returns the keys whose object changed (all of them on a relist).
+impl<T: PartialEq> Kind<T> {
+    /// Applies one watch event; returns the keys whose kept value changed. An event that changes
+    /// nothing the model keeps (a status write, an annotation, a relist of the same objects)
+    /// returns none, so it costs no recomputation and no new version.
     pub fn apply<K: ResourceExt>(
         &mut self,
         event: watcher::Event<K>,
@@ -110,16 +112,19 @@ impl<T> Kind<T> {
         match event {
             watcher::Event::Apply(o) => {
                 let k = key_of(&o);
-                match f(o) {
-                    Some(v) => self.live.insert(k.clone(), v),
-                    None => self.live.remove(&k),
+                let changed = match f(o) {
+                    Some(v) if self.live.get(&k) == Some(&v) => false,
+                    Some(v) => {
+                        self.live.insert(k.clone(), v);
+                        true
+                    }
+                    None => self.live.remove(&k).is_some(),
                 };
-                vec![k]
+                if changed { vec![k] } else { vec![] }
             }
             watcher::Event::Delete(o) => {
                 let k = key_of(&o);
-                self.live.remove(&k);
-                vec![k]
+                if self.live.remove(&k).is_some() { vec![k] } else { vec![] }
             }
             watcher::Event::Init => {
                 self.relist = Some(HashMap::new());
@@ -136,14 +141,18 @@ impl<T> Kind<T> {
                 let new = self.relist.take().unwrap_or_default();
                 let old = std::mem::replace(&mut self.live, new);
                 self.synced = true;
-                old.into_keys().chain(self.live.keys().cloned()).collect()
+                // What disappeared, appeared or differs; a relist of the same objects is nothing.
+                let gone = old.keys().filter(|k| !self.live.contains_key(*k)).cloned();
+                let differ =
+                    self.live.iter().filter(|(k, v)| old.get(*k) != Some(*v)).map(|(k, _)| k.clone());
+                gone.chain(differ).collect()
             }
         }
     }
 }
 
 /// A Service as the model needs it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Svc {
     /// Virtual IPs (none for a headless Service).
     pub ips: Vec<String>,
@@ -152,7 +161,7 @@ pub struct Svc {
 }
 
 /// One endpoint of an EndpointSlice.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct SliceEndpoint {
     pub addresses: Vec<String>,
     pub ready: bool,
@@ -160,7 +169,7 @@ pub struct SliceEndpoint {
     pub zone: String,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Slice {
     pub service: String,
     /// port name → port number
@@ -175,6 +184,8 @@ pub struct PodInfo {
     pub sidecar: bool,
     /// Succeeded or Failed: its containers, a proxy included, are gone for good.
     pub finished: bool,
+    /// The revision its sidecar was injected for (`MYCEL_REVISION` of its proxy container).
+    pub revision: Option<String>,
     pub labels: BTreeMap<String, String>,
 }
 
@@ -233,15 +244,19 @@ pub fn pod_info(p: Pod) -> Option<Arc<PodInfo>> {
         .and_then(|s| s.phase.as_deref())
         .is_some_and(|ph| ph == "Succeeded" || ph == "Failed");
     let spec = p.spec?;
-    let sidecar = spec
+    let proxy = spec
         .containers
         .iter()
         .chain(spec.init_containers.iter().flatten())
-        .any(|c| c.name == super::inject::PROXY);
+        .find(|c| c.name == super::inject::PROXY);
+    let sidecar = proxy.is_some();
+    let revision =
+        proxy.and_then(|c| c.env.as_ref()?.iter().find(|e| e.name == "MYCEL_REVISION")?.value.clone());
     Some(Arc::new(PodInfo {
         service_account: spec.service_account_name.unwrap_or_else(|| "default".into()),
         sidecar,
         finished,
+        revision,
         labels: p.metadata.labels.unwrap_or_default(),
     }))
 }

@@ -308,7 +308,7 @@ pub async fn start(client: Client, settings: Settings) -> Result<Handle, StartEr
         client.clone(),
         snapshots.clone(),
         registry.clone(),
-        settings.replicas,
+        status::Writer { revision: settings.revision.clone(), replicas: settings.replicas },
         Duration::from_millis(250),
     )));
     tasks.push(tokio::spawn(serve_monitor(monitor, snapshots.clone(), registry.clone(), metrics.clone())));

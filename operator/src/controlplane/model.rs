@@ -227,22 +227,26 @@ impl Model {
         if std::mem::take(&mut self.peer_auths_dirty) {
             let mut pas: Vec<PeerAuth> = self.peer_auths.live.values().cloned().collect();
             pas.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-            self.peer_auths_sorted = Arc::new(pas);
-            let empty = BTreeMap::new();
-            let namespaces: HashSet<String> =
-                self.peer_auths_sorted.iter().map(|p| p.namespace.clone()).collect();
-            self.policy_by_namespace = Arc::new(
-                namespaces
-                    .into_iter()
-                    .map(|ns| {
-                        let c = single(peer_policy::resource(self.policy_of(&ns, &empty).0));
-                        (ns, c)
-                    })
-                    .collect(),
-            );
-            // A namespace without a PeerAuthentication of its own sees the mesh's.
-            self.policy_default = single(peer_policy::resource(self.policy_of("", &empty).0));
-            changed = true;
+            // The fallbacks only when the policies differ from those they were computed from
+            // (and the first time).
+            if self.policy_default.entries.is_empty() || *self.peer_auths_sorted != pas {
+                self.peer_auths_sorted = Arc::new(pas);
+                let empty = BTreeMap::new();
+                let namespaces: HashSet<String> =
+                    self.peer_auths_sorted.iter().map(|p| p.namespace.clone()).collect();
+                self.policy_by_namespace = Arc::new(
+                    namespaces
+                        .into_iter()
+                        .map(|ns| {
+                            let c = single(peer_policy::resource(self.policy_of(&ns, &empty).0));
+                            (ns, c)
+                        })
+                        .collect(),
+                );
+                // A namespace without a PeerAuthentication of its own sees the mesh's.
+                self.policy_default = single(peer_policy::resource(self.policy_of("", &empty).0));
+                changed = true;
+            }
         }
         for pod in std::mem::take(&mut self.dirty_pods) {
             let Some(info) = self.pods.live.get(&pod).cloned() else {
@@ -253,7 +257,9 @@ impl Model {
                 self.services_of_pod.remove(&pod);
                 continue;
             };
-            let (policy, decided_by) = self.policy_of(&pod.0, &info.labels);
+            let (policy, mut decided_by) = self.policy_of(&pod.0, &info.labels);
+            // In the root namespace, the namespace's and the mesh's policy are the same one.
+            decided_by.dedup();
             match self.policies.get_mut(&pod) {
                 Some(p) if p.policy == policy => {
                     if p.decided_by != decided_by {
@@ -369,6 +375,7 @@ impl Model {
                     type_url: mycel_api::PEER_POLICY_TYPE,
                     workloads: Vec::new(),
                     without_proxy: 0,
+                    revisions: Vec::new(),
                     not_implemented: Vec::new(),
                     any_implemented: true,
                 };
@@ -382,6 +389,7 @@ impl Model {
                 if let Some(s) = by.get_mut(pa) {
                     if sidecar {
                         s.workloads.push((pod.clone(), p.since));
+                        s.revisions.extend(info.revision.clone());
                     } else {
                         s.without_proxy += 1;
                     }
@@ -391,6 +399,8 @@ impl Model {
         let mut v: Vec<PolicyReach> = by.into_values().collect();
         for s in &mut v {
             s.workloads.sort();
+            s.revisions.sort();
+            s.revisions.dedup();
         }
         for kind in KINDS.iter() {
             let Some(objects) = self.unimplemented.get(kind.kind) else { continue };
@@ -405,6 +415,7 @@ impl Model {
                     type_url: "",
                     workloads: Vec::new(),
                     without_proxy: 0,
+                    revisions: Vec::new(),
                     not_implemented: u.fields.clone(),
                     any_implemented: kind.any_implemented,
                 });
@@ -719,6 +730,30 @@ mod tests {
         let reach = &after.policies[0];
         assert_eq!((reach.key.1.as_str(), reach.generation), ("default", 3));
         assert_eq!(reach.workloads, [(("ns".to_string(), "pod-10.0.0.1".to_string()), after.version)]);
+    }
+
+    #[test]
+    fn an_event_that_changes_nothing_kept_costs_no_version() {
+        let mut m = synced_model();
+        m.apply(Change::Pod(Box::new(watcher::Event::Apply(pod("10.0.0.1", "web")))));
+        m.apply(Change::PeerAuth(Box::new(watcher::Event::Apply(peer_auth("ns", "default", "STRICT")))));
+        assert!(m.rebuild(false).is_some());
+        // The status writer's own write comes back through the watch; so does a relabel of the pod's
+        // status. Neither changes what the model keeps.
+        let mut written = peer_auth("ns", "default", "STRICT");
+        written.status = Some(mycel_crds::PolicyStatus { observed_generation: Some(3), conditions: vec![] });
+        assert!(!m.apply(Change::PeerAuth(Box::new(watcher::Event::Apply(written)))), "nothing dirty");
+        let mut running = pod("10.0.0.1", "web");
+        running.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            phase: Some("Running".into()),
+            ..Default::default()
+        });
+        assert!(!m.apply(Change::Pod(Box::new(watcher::Event::Apply(running)))));
+        assert!(m.rebuild(false).is_none(), "no new version");
+        // A relist of the same objects is nothing either.
+        m.apply(Change::PeerAuth(Box::new(watcher::Event::Init)));
+        m.apply(Change::PeerAuth(Box::new(watcher::Event::InitApply(peer_auth("ns", "default", "STRICT")))));
+        assert!(!m.apply(Change::PeerAuth(Box::new(watcher::Event::InitDone))));
     }
 
     /// Time is paused: it advances only when every task waits, so "at once" is an elapsed

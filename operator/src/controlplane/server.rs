@@ -80,6 +80,8 @@ pub struct ProxyStatus {
     pub identity: String,
     pub revision: String,
     pub proxy_version: String,
+    /// Its certificate names its pod (so `pod` is proven, not only claimed).
+    pub bound: bool,
     pub remote: String,
     pub connected_at: String,
     pub types: BTreeMap<String, TypeStatus>,
@@ -124,6 +126,21 @@ fn update(status: &Mutex<ProxyStatus>, f: impl FnOnce(&mut ProxyStatus)) {
     if let Ok(mut s) = status.lock() {
         f(&mut s);
     }
+}
+
+/// What a proxy says of a rejection, kept to at most this many bytes.
+const NACK_TEXT: usize = 256;
+
+/// `text` cut to [`NACK_TEXT`] bytes, on a character boundary.
+fn clip(text: &str) -> String {
+    if text.len() <= NACK_TEXT {
+        return text.to_string();
+    }
+    let mut end = NACK_TEXT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 fn now_rfc3339() -> String {
@@ -503,6 +520,16 @@ impl Discovery {
                 node.namespace, node.service_account
             )));
         }
+        // A certificate signed for a pod-bound token names that pod: the proxy cannot say it is
+        // another pod of its workload (and take its policy, or its place in a policy's status).
+        if let Some(pod) = peer.as_ref().and_then(|p| p.pod.as_deref())
+            && pod != node.pod
+        {
+            return Err(Status::permission_denied(format!(
+                "node.pod: {:?} is not the pod the certificate was issued to ({pod:?})",
+                node.pod
+            )));
+        }
         self.check_sizes(&first)?;
         {
             let mut counts =
@@ -523,6 +550,7 @@ impl Discovery {
             identity,
             revision: node.revision.clone(),
             proxy_version: node.proxy_version.clone(),
+            bound: peer.as_ref().is_some_and(|p| p.pod.is_some()),
             remote: peer.and_then(|p| p.remote).map(|r| r.to_string()).unwrap_or_default(),
             connected_at: now_rfc3339(),
             types: BTreeMap::new(),
@@ -725,15 +753,13 @@ impl Discovery {
                         }
                         Some(e) => {
                             ts.nacked = true;
-                            warn!(field = %e.field, message = %e.message, version, "proxy rejected an update");
+                            // Kept short: it is shown, logged and may reach a policy's status.
+                            let (field, message) = (clip(&e.field), clip(&e.message));
+                            warn!(%field, %message, version, "proxy rejected an update");
                             ts.counters.nacks.inc();
                             update(status, |s| {
-                                s.of_type(&req.type_url).last_nack = Some(Nack {
-                                    version,
-                                    field: e.field,
-                                    message: e.message,
-                                    at: now_rfc3339(),
-                                });
+                                s.of_type(&req.type_url).last_nack =
+                                    Some(Nack { version, field, message, at: now_rfc3339() });
                             });
                         }
                     }
@@ -1040,7 +1066,7 @@ impl Signer {
             _ => self.default_ttl,
         };
         let ca = self.ca.read().map(|c| c.clone()).map_err(|_| Status::internal("CA lock poisoned"))?;
-        let leaf = ca.sign_workload(&req.csr_pem, &spiffe, ttl).map_err(|e| match e {
+        let leaf = ca.sign_workload(&req.csr_pem, &spiffe, pod.as_deref(), ttl).map_err(|e| match e {
             SignError::BadCsr => Status::invalid_argument(format!("csr_pem: {e}")),
             SignError::WrongIdentity { .. } => {
                 Status::permission_denied(format!("csr_pem: the token proves {spiffe}, but {e}"))

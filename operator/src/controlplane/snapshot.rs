@@ -176,6 +176,8 @@ pub struct PolicyReach {
     pub workloads: Vec<(Key, u64)>,
     /// Pods it selects that have no proxy (nothing enforces it there).
     pub without_proxy: usize,
+    /// The revisions the sidecars of `workloads` were injected for, sorted.
+    pub revisions: Vec<String>,
     /// Fields it sets that are not implemented yet (the field ledger's `not_yet`).
     pub not_implemented: Vec<String>,
     /// Whether anything of its kind is implemented (if not, it changes nothing at all).

@@ -34,6 +34,24 @@ pub const FIELD_MANAGER: &str = "mycel-control-plane";
 /// Waiting proxies named in a message, at most.
 const NAMED: usize = 5;
 
+/// A condition's message, at most (bytes; Kubernetes allows 32 KiB).
+const MESSAGE_BYTES: usize = 2048;
+
+/// How long an object whose status write failed is left alone (unless its generation changes).
+const RETRY_FAILED: Duration = Duration::from_secs(30);
+
+/// `text` cut to [`MESSAGE_BYTES`], on a character boundary.
+fn bounded(text: &str) -> String {
+    if text.len() <= MESSAGE_BYTES {
+        return text.to_string();
+    }
+    let mut end = MESSAGE_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 /// A condition as the writer decides it, before times are attached.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decided {
@@ -46,13 +64,28 @@ pub struct Decided {
 /// For each pod, the newest snapshot version its proxies hold of each type (across streams).
 pub type InSync = HashMap<Key, HashMap<String, u64>>;
 
+/// What the registry says of the proxies.
+#[derive(Default)]
+pub struct Held {
+    /// What each pod's proxy holds, from streams whose certificate names that pod.
+    pub in_sync: InSync,
+    /// Pods whose proxy rejected an update (and has not accepted one since), with its reason.
+    pub rejected: HashMap<Key, String>,
+    /// Pods with a stream whose certificate does not name its pod: what it says of the pod it is
+    /// not proven, so it is not counted.
+    pub unbound: HashSet<Key>,
+}
+
 /// What the registry says each pod's proxy holds, and the rejections they sent.
-pub fn in_sync(proxies: &[ProxyStatus]) -> (InSync, HashMap<Key, String>) {
-    let mut held: InSync = HashMap::new();
-    let mut rejected = HashMap::new();
+pub fn from_registry(proxies: &[ProxyStatus]) -> Held {
+    let mut h = Held::default();
     for p in proxies {
         let key = (p.namespace.clone(), p.pod.clone());
-        let types = held.entry(key.clone()).or_default();
+        if !p.bound {
+            h.unbound.insert(key);
+            continue;
+        }
+        let types = h.in_sync.entry(key.clone()).or_default();
         for (type_url, t) in &p.types {
             if let Some(v) = t.in_sync {
                 let e = types.entry(type_url.clone()).or_default();
@@ -61,11 +94,18 @@ pub fn in_sync(proxies: &[ProxyStatus]) -> (InSync, HashMap<Key, String>) {
             if let Some(n) = &t.last_nack
                 && t.acked.is_none_or(|a| a < n.version)
             {
-                rejected.insert(key.clone(), format!("{}: {}", n.field, n.message));
+                h.rejected.insert(key.clone(), format!("{}: {}", n.field, n.message));
             }
         }
     }
-    (held, rejected)
+    h
+}
+
+/// What the writer knows of the control plane it runs in.
+#[derive(Clone, Debug)]
+pub struct Writer {
+    pub revision: String,
+    pub replicas: i32,
 }
 
 /// The fields named in a message, at most.
@@ -118,18 +158,19 @@ fn not_implemented(reach: &PolicyReach) -> Option<Vec<Decided>> {
     ])
 }
 
-/// The conditions of one policy.
-pub fn decide(
-    reach: &PolicyReach,
-    held: &InSync,
-    rejected: &HashMap<Key, String>,
-    replicas: i32,
-) -> Vec<Decided> {
+/// The conditions of one policy; `None` when another revision's control plane reports on it.
+pub fn decide(reach: &PolicyReach, held: &Held, writer: &Writer) -> Option<Vec<Decided>> {
     let partial = match not_implemented(reach) {
-        Some(all) if !reach.any_implemented => return all,
+        Some(all) if !reach.any_implemented => return Some(all),
         Some(mut accepted) => accepted.pop(),
         None => None,
     };
+    // Each revision's control plane knows only its own proxies. Pods of one other revision:
+    // its control plane writes. Of several: every revision writes the same Unknown.
+    let other_revisions = !reach.revisions.is_empty() && reach.revisions != [writer.revision.as_str()];
+    if other_revisions && reach.revisions.len() == 1 {
+        return None;
+    }
     let accepted = partial.unwrap_or_else(|| Decided {
         type_: "Accepted",
         status: "True",
@@ -149,7 +190,18 @@ pub fn decide(
         ),
     };
     let total = reach.workloads.len();
-    let ready = if replicas > 1 {
+    let replicas = writer.replicas;
+    let ready = if other_revisions {
+        Decided {
+            type_: "Ready",
+            status: "Unknown",
+            reason: "RevisionsNotAggregated",
+            message: format!(
+                "the {total} selected workload(s) run sidecars of revisions {}: each revision's control plane knows only its own proxies, so none can say whether all of them have it",
+                reach.revisions.join(", ")
+            ),
+        }
+    } else if replicas > 1 {
         Decided {
             type_: "Ready",
             status: "Unknown",
@@ -172,12 +224,15 @@ pub fn decide(
         let mut waiting = Vec::new();
         let mut rejections = Vec::new();
         for (pod, since) in &reach.workloads {
-            let has = held.get(pod).and_then(|t| t.get(reach.type_url)).copied();
+            let has = held.in_sync.get(pod).and_then(|t| t.get(reach.type_url)).copied();
             if has.is_none_or(|v| v < *since) {
-                let what = match (has, rejected.get(pod)) {
+                let what = match (has, held.rejected.get(pod)) {
                     (_, Some(why)) => {
                         rejections.push(format!("{}/{} rejected it ({why})", pod.0, pod.1));
                         continue;
+                    }
+                    (None, _) if held.unbound.contains(pod) => {
+                        "connected with a certificate that does not name its pod (issued before pod binding: counted once renewed)"
                     }
                     (None, _) => "not connected",
                     (Some(_), _) => "not acknowledged yet",
@@ -232,7 +287,7 @@ pub fn decide(
             }
         }
     };
-    vec![accepted, refs, ready]
+    Some(vec![accepted, refs, ready])
 }
 
 /// What was last written to each object, with when each condition's status last changed.
@@ -244,20 +299,30 @@ pub async fn run(
     client: Client,
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
     registry: Arc<Registry>,
-    replicas: i32,
+    writer: Writer,
     settle: Duration,
 ) {
     let mut written: Written = HashMap::new();
+    // Objects whose last write failed, not tried again before the instant unless their
+    // generation changes: a write the API server refuses is not repeated at every wake.
+    let mut failed: HashMap<(&'static str, Key), (tokio::time::Instant, i64)> = HashMap::new();
     loop {
         let snap = snapshots.borrow_and_update().clone();
         if snap.synced && !snap.policies.is_empty() {
-            let (held, rejected) = in_sync(&registry.list());
+            let held = from_registry(&registry.list());
             let live: HashSet<(&'static str, Key)> =
                 snap.policies.iter().map(|r| (r.kind, r.key.clone())).collect();
             written.retain(|k, _| live.contains(k));
+            failed.retain(|k, _| live.contains(k));
             for reach in snap.policies.iter() {
-                let decided = decide(reach, &held, &rejected, replicas);
+                let Some(decided) = decide(reach, &held, &writer) else { continue };
                 let id = (reach.kind, reach.key.clone());
+                if failed
+                    .get(&id)
+                    .is_some_and(|(until, g)| *g == reach.generation && tokio::time::Instant::now() < *until)
+                {
+                    continue;
+                }
                 let previous = written.get(&id);
                 if previous.is_some_and(|(g, c)| {
                     *g == reach.generation && c.iter().map(|(d, _)| d).eq(decided.iter())
@@ -280,10 +345,12 @@ pub async fn run(
                 match write(&client, reach, &with_times).await {
                     Ok(()) => {
                         debug!(kind = reach.kind, namespace = %reach.key.0, name = %reach.key.1, "status written");
+                        failed.remove(&id);
                         written.insert(id, (reach.generation, with_times));
                     }
-                    // Gone meanwhile, or the API server is away: tried again on the next wake.
+                    // Gone meanwhile, refused, or the API server is away: tried again later.
                     Err(e) => {
+                        failed.insert(id, (tokio::time::Instant::now() + RETRY_FAILED, reach.generation));
                         warn!(kind = reach.kind, namespace = %reach.key.0, name = %reach.key.1, error = %e, "cannot write policy status")
                     }
                 }
@@ -306,7 +373,7 @@ async fn write(client: &Client, reach: &PolicyReach, conditions: &[(Decided, Tim
             type_: d.type_.into(),
             status: d.status.into(),
             reason: d.reason.into(),
-            message: d.message.clone(),
+            message: bounded(&d.message),
             last_transition_time: t.clone(),
             observed_generation: Some(reach.generation),
         })
@@ -347,15 +414,26 @@ mod tests {
             type_url: mycel_api::PEER_POLICY_TYPE,
             workloads,
             without_proxy,
+            revisions: vec!["default".into()],
             not_implemented: Vec::new(),
             any_implemented: true,
         }
     }
 
-    fn held(pods: &[(&str, u64)]) -> InSync {
-        pods.iter()
+    fn held(pods: &[(&str, u64)]) -> Held {
+        let in_sync = pods
+            .iter()
             .map(|(p, v)| (key("shop", p), HashMap::from([(mycel_api::PEER_POLICY_TYPE.to_string(), *v)])))
-            .collect()
+            .collect();
+        Held { in_sync, ..Default::default() }
+    }
+
+    fn writer(replicas: i32) -> Writer {
+        Writer { revision: "default".into(), replicas }
+    }
+
+    fn decide(r: &PolicyReach, h: &Held, w: Writer) -> Vec<Decided> {
+        super::decide(r, h, &w).expect("this revision reports on it")
     }
 
     fn ready(d: &[Decided]) -> &Decided {
@@ -365,16 +443,16 @@ mod tests {
     #[test]
     fn ready_waits_for_every_selected_proxy_to_hold_the_version_that_carries_it() {
         let r = reach(vec![(key("shop", "a"), 5), (key("shop", "b"), 7)], 0);
-        let d = decide(&r, &held(&[("a", 9), ("b", 6)]), &HashMap::new(), 1);
+        let d = decide(&r, &held(&[("a", 9), ("b", 6)]), writer(1));
         assert_eq!(ready(&d).status, "False");
         assert_eq!(ready(&d).reason, "Pending");
         assert_eq!(
             ready(&d).message,
             "1 of 2 workload proxies have it; waiting for shop/b (not acknowledged yet)"
         );
-        let d = decide(&r, &held(&[("a", 9)]), &HashMap::new(), 1);
+        let d = decide(&r, &held(&[("a", 9)]), writer(1));
         assert!(ready(&d).message.contains("shop/b (not connected)"), "{}", ready(&d).message);
-        let d = decide(&r, &held(&[("a", 9), ("b", 7)]), &HashMap::new(), 1);
+        let d = decide(&r, &held(&[("a", 9), ("b", 7)]), writer(1));
         assert_eq!((ready(&d).status, ready(&d).reason), ("True", "Ready"));
         assert!(ready(&d).message.contains("all 2"), "{}", ready(&d).message);
         assert_eq!(d.iter().map(|c| c.type_).collect::<Vec<_>>(), ["Accepted", "ResolvedRefs", "Ready"]);
@@ -383,8 +461,9 @@ mod tests {
     #[test]
     fn a_rejection_and_pods_without_a_sidecar_are_named() {
         let r = reach(vec![(key("shop", "a"), 5)], 2);
-        let rejected = HashMap::from([(key("shop", "a"), "inbound: bad".to_string())]);
-        let d = decide(&r, &held(&[("a", 3)]), &rejected, 1);
+        let mut h = held(&[("a", 3)]);
+        h.rejected = HashMap::from([(key("shop", "a"), "inbound: bad".to_string())]);
+        let d = decide(&r, &h, writer(1));
         assert_eq!(ready(&d).reason, "Rejected");
         assert!(ready(&d).message.contains("shop/a rejected it (inbound: bad)"), "{}", ready(&d).message);
         assert!(
@@ -392,9 +471,9 @@ mod tests {
             "{}",
             ready(&d).message
         );
-        let d = decide(&reach(vec![], 3), &InSync::new(), &HashMap::new(), 1);
+        let d = decide(&reach(vec![], 3), &Held::default(), writer(1));
         assert_eq!((ready(&d).status, ready(&d).reason), ("False", "NoProxies"));
-        let d = decide(&reach(vec![], 0), &InSync::new(), &HashMap::new(), 1);
+        let d = decide(&reach(vec![], 0), &Held::default(), writer(1));
         assert_eq!(ready(&d).status, "True", "nothing selected yet: nothing to wait for");
     }
 
@@ -404,7 +483,7 @@ mod tests {
         r.kind = "AuthorizationPolicy";
         r.any_implemented = false;
         r.not_implemented = vec!["spec.action".into(), "spec.rules[].from[].source.principals[]".into()];
-        let d = decide(&r, &InSync::new(), &HashMap::new(), 1);
+        let d = decide(&r, &Held::default(), writer(1));
         let accepted = d.iter().find(|c| c.type_ == "Accepted").unwrap();
         assert_eq!((accepted.status, accepted.reason), ("False", "FieldsNotImplemented"));
         assert!(
@@ -416,16 +495,28 @@ mod tests {
         // A kind partly implemented: accepted, with the fields named; Ready as for any policy.
         r.any_implemented = true;
         r.workloads = vec![(key("shop", "a"), 5)];
-        let d = decide(&r, &held(&[("a", 5)]), &HashMap::new(), 1);
+        let d = decide(&r, &held(&[("a", 5)]), writer(1));
         let accepted = d.iter().find(|c| c.type_ == "Accepted").unwrap();
         assert_eq!((accepted.status, accepted.reason), ("True", "FieldsNotImplemented"));
         assert_eq!(ready(&d).status, "True");
     }
 
     #[test]
+    fn pods_of_another_revision_are_left_to_its_control_plane_and_mixed_ones_are_unknown() {
+        let mut r = reach(vec![(key("shop", "a"), 5)], 0);
+        r.revisions = vec!["canary".into()];
+        assert!(super::decide(&r, &held(&[("a", 9)]), &writer(1)).is_none(), "canary's to write");
+        r.revisions = vec!["canary".into(), "default".into()];
+        let d = decide(&r, &held(&[("a", 9)]), writer(1));
+        assert_eq!((ready(&d).status, ready(&d).reason), ("Unknown", "RevisionsNotAggregated"));
+        let canary = Writer { revision: "canary".into(), replicas: 1 };
+        assert_eq!(super::decide(&r, &held(&[]), &canary).unwrap(), d, "both revisions write the same");
+    }
+
+    #[test]
     fn with_several_replicas_ready_is_unknown_not_a_partial_count() {
         let r = reach(vec![(key("shop", "a"), 5)], 0);
-        let d = decide(&r, &held(&[("a", 9)]), &HashMap::new(), 2);
+        let d = decide(&r, &held(&[("a", 9)]), writer(2));
         assert_eq!((ready(&d).status, ready(&d).reason), ("Unknown", "ReplicasNotAggregated"));
     }
 
@@ -439,6 +530,7 @@ mod tests {
             identity: String::new(),
             revision: String::new(),
             proxy_version: String::new(),
+            bound: true,
             remote: String::new(),
             connected_at: String::new(),
             types: Default::default(),
@@ -448,10 +540,14 @@ mod tests {
             mycel_api::PEER_POLICY_TYPE.into(),
             TypeStatus { acked: Some(2), in_sync: Some(2), last_nack: Some(nack), ..Default::default() },
         );
-        let (h, rejected) = in_sync(std::slice::from_ref(&p));
-        assert_eq!(h[&key("shop", "a")][mycel_api::PEER_POLICY_TYPE], 2);
-        assert!(rejected.contains_key(&key("shop", "a")));
+        let h = from_registry(std::slice::from_ref(&p));
+        assert_eq!(h.in_sync[&key("shop", "a")][mycel_api::PEER_POLICY_TYPE], 2);
+        assert!(h.rejected.contains_key(&key("shop", "a")));
         p.types.get_mut(mycel_api::PEER_POLICY_TYPE).unwrap().acked = Some(4);
-        assert!(in_sync(&[p]).1.is_empty());
+        assert!(from_registry(std::slice::from_ref(&p)).rejected.is_empty());
+        // A stream whose certificate does not name its pod is not counted for it.
+        p.bound = false;
+        let h = from_registry(&[p]);
+        assert!(h.in_sync.is_empty() && h.unbound.contains(&key("shop", "a")));
     }
 }

@@ -31,6 +31,9 @@ pub struct Peer {
     pub remote: Option<SocketAddr>,
     /// The URI SAN of a verified client certificate.
     pub spiffe_id: Option<String>,
+    /// The pod that certificate was issued to (its subject's common name), when the token it
+    /// was signed for was bound to one.
+    pub pod: Option<String>,
 }
 
 /// A server-side TLS connection that tells tonic who its peer is.
@@ -119,6 +122,14 @@ pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
     mycel_api::spiffe::of_certificate(cert.as_ref())
 }
 
+/// The pod a workload certificate (DER) was issued to: its subject's common name
+/// ([`crate::pki::Ca::sign_workload`]).
+pub fn bound_pod(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    Some(cn)
+}
+
 /// Accepts TCP connections and completes TLS handshakes concurrently (a slow client never holds
 /// up the others), yielding finished connections to tonic.
 /// TLS handshakes in progress at most: when thousands of proxies connect at once, the rest wait
@@ -148,13 +159,11 @@ pub fn incoming(listener: TcpListener, tls: ServerTls) -> ReceiverStream<Result<
                 let handshake = TlsAcceptor::from(config).accept(tcp);
                 match tokio::time::timeout(std::time::Duration::from_secs(10), handshake).await {
                     Ok(Ok(stream)) => {
-                        let spiffe_id = stream
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|c| c.first())
-                            .and_then(spiffe_id);
-                        let _ = conns.send(Ok(Conn(stream, Peer { remote: Some(remote), spiffe_id }))).await;
+                        let leaf = stream.get_ref().1.peer_certificates().and_then(|c| c.first());
+                        let spiffe_id = leaf.and_then(spiffe_id);
+                        let pod = leaf.filter(|_| spiffe_id.is_some()).and_then(|c| bound_pod(c.as_ref()));
+                        let peer = Peer { remote: Some(remote), spiffe_id, pod };
+                        let _ = conns.send(Ok(Conn(stream, peer))).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),

@@ -136,6 +136,7 @@ mod tests {
             service_account: "web".into(),
             sidecar: true,
             finished: false,
+            revision: None,
             labels: Default::default(),
         };
         let plain = PodInfo { sidecar: false, ..sidecar.clone() };
