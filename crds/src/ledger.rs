@@ -204,20 +204,42 @@ fn is_set(v: &Value, segs: &[Seg], default: Option<&Value>) -> bool {
     }
 }
 
+/// A kind's `not_yet` fields, each with the schema default its check needs: computed once from
+/// the CRD, so that checking an object needs neither the CRD nor the ledger in memory.
+#[derive(Clone, Debug, Default)]
+pub struct NotYet {
+    fields: Vec<(String, Vec<Seg>, Option<Value>)>,
+}
+
+impl NotYet {
+    pub fn of(ledger: &Ledger, crd: &CustomResourceDefinition) -> NotYet {
+        let Some(fields) = ledger.kinds.get(&crd.spec.names.kind) else { return NotYet::default() };
+        let all = leaves(crd);
+        let fields = fields
+            .not_yet
+            .iter()
+            .map(|path| {
+                let default = all.iter().find(|l| &l.path == path).and_then(|l| l.default.clone());
+                (path.clone(), segments(path), default)
+            })
+            .collect();
+        NotYet { fields }
+    }
+
+    /// The fields `object` (the whole resource, as JSON) sets, in ledger order.
+    pub fn set_by(&self, object: &Value) -> Vec<String> {
+        self.fields
+            .iter()
+            .filter(|(_, segs, default)| is_set(object, segs, default.as_ref()))
+            .map(|(path, _, _)| path.clone())
+            .collect()
+    }
+}
+
 /// The `not_yet` fields of `kind` that `object` (the whole resource, as JSON) sets, in ledger
 /// order: what its status names as not implemented.
 pub fn not_yet_set(ledger: &Ledger, crd: &CustomResourceDefinition, object: &Value) -> Vec<String> {
-    let Some(fields) = ledger.kinds.get(&crd.spec.names.kind) else { return Vec::new() };
-    let all = leaves(crd);
-    fields
-        .not_yet
-        .iter()
-        .filter(|path| {
-            let default = all.iter().find(|l| &l.path == *path).and_then(|l| l.default.as_ref());
-            is_set(object, &segments(path), default)
-        })
-        .cloned()
-        .collect()
+    NotYet::of(ledger, crd).set_by(object)
 }
 
 /// One ValidatingAdmissionPolicy and its binding per kind with fields not yet implemented:

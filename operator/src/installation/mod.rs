@@ -151,10 +151,7 @@ async fn apply(mi: &MeshInstallation, ctx: &Context) -> Result<Action, Error> {
         Err(invalid) => invalid,
     };
     let not_implemented = serde_json::to_value(mi)
-        .map(|v| {
-            let crd = <MeshInstallation as kube::CustomResourceExt>::crd();
-            mycel_crds::ledger::not_yet_set(&crate::controlplane::translate::unimplemented::LEDGER, &crd, &v)
-        })
+        .map(|v| crate::controlplane::translate::unimplemented::MESH_INSTALLATION.set_by(&v))
         .unwrap_or_default();
     let new_status = status::compute(
         mi.status.as_ref(),

@@ -7,27 +7,30 @@ use std::sync::{Arc, LazyLock};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{CustomResourceExt, api::ApiResource};
 use mycel_crds::{
-    authorization_policy::AuthorizationPolicy, destination_policy::DestinationPolicy, ledger,
-    rate_limit_policy::RateLimitPolicy, traffic_route::TrafficRoute,
+    authorization_policy::AuthorizationPolicy,
+    destination_policy::DestinationPolicy,
+    ledger::{self, NotYet},
+    mesh_installation::MeshInstallation,
+    rate_limit_policy::RateLimitPolicy,
+    traffic_route::TrafficRoute,
 };
 
 /// A kind the control plane watches only to report on.
 pub struct Watched {
     pub kind: &'static str,
     pub resource: ApiResource,
-    pub crd: CustomResourceDefinition,
+    /// Its fields not implemented yet (the CRD and the ledger are not kept).
+    pub not_yet: NotYet,
     /// Whether anything of the kind is implemented (if not, an object of it changes nothing).
     pub any_implemented: bool,
 }
 
-/// The ledger, read once.
-pub static LEDGER: LazyLock<ledger::Ledger> = LazyLock::new(ledger::ledger);
-
 /// The kinds with fields not implemented yet that the control plane owns the status of.
 pub static KINDS: LazyLock<Vec<Arc<Watched>>> = LazyLock::new(|| {
+    let ledger = ledger::ledger();
     let of = |kind: &'static str, resource: ApiResource, crd: CustomResourceDefinition| {
-        let any_implemented = LEDGER.kinds.get(kind).is_some_and(|f| !f.implemented.is_empty());
-        Arc::new(Watched { kind, resource, crd, any_implemented })
+        let any_implemented = ledger.kinds.get(kind).is_some_and(|f| !f.implemented.is_empty());
+        Arc::new(Watched { kind, resource, not_yet: NotYet::of(&ledger, &crd), any_implemented })
     };
     vec![
         of("TrafficRoute", ApiResource::erase::<TrafficRoute>(&()), TrafficRoute::crd()),
@@ -36,6 +39,10 @@ pub static KINDS: LazyLock<Vec<Arc<Watched>>> = LazyLock::new(|| {
         of("RateLimitPolicy", ApiResource::erase::<RateLimitPolicy>(&()), RateLimitPolicy::crd()),
     ]
 });
+
+/// MeshInstallation's fields not implemented yet (its status is the operator's).
+pub static MESH_INSTALLATION: LazyLock<NotYet> =
+    LazyLock::new(|| NotYet::of(&ledger::ledger(), &MeshInstallation::crd()));
 
 /// What the model keeps of such an object.
 #[derive(Clone, Debug, PartialEq)]
@@ -49,7 +56,7 @@ pub struct Unimplemented {
 pub fn translate(kind: &Watched, object: &serde_json::Value) -> Unimplemented {
     Unimplemented {
         generation: object["metadata"]["generation"].as_i64().unwrap_or_default(),
-        fields: ledger::not_yet_set(&LEDGER, &kind.crd, object),
+        fields: kind.not_yet.set_by(object),
     }
 }
 
