@@ -218,8 +218,6 @@ async fn nginx(upstream: SocketAddr, grpc: bool) -> Option<(Proc, SocketAddr)> {
     let bin = which("nginx")?;
     let port = free_port();
     let d = dir().join(if grpc { "nginx-grpc" } else { "nginx" });
-    std::fs::create_dir_all(d.join("logs")).ok()?;
-    let conf = d.join("nginx.conf");
     let (upstream_block, server_block) = if grpc {
         // A long gRPC stream is one request body: no size limit on it.
         (
@@ -236,6 +234,19 @@ async fn nginx(upstream: SocketAddr, grpc: bool) -> Option<(Proc, SocketAddr)> {
             ),
         )
     };
+    nginx_run(&bin, &d, port, &upstream_block, &server_block).await
+}
+
+/// Runs nginx with one worker from `d`, `server_block` listening on `port`.
+async fn nginx_run(
+    bin: &Path,
+    d: &Path,
+    port: u16,
+    upstream_block: &str,
+    server_block: &str,
+) -> Option<(Proc, SocketAddr)> {
+    std::fs::create_dir_all(d.join("logs")).ok()?;
+    let conf = d.join("nginx.conf");
     std::fs::write(
         &conf,
         format!(
@@ -247,7 +258,7 @@ async fn nginx(upstream: SocketAddr, grpc: bool) -> Option<(Proc, SocketAddr)> {
     .ok()?;
     let child = Command::new(bin)
         .arg("-p")
-        .arg(&d)
+        .arg(d)
         .arg("-c")
         .arg(&conf)
         .stdout(Stdio::null())
@@ -480,6 +491,14 @@ async fn run() {
         pids: vec![outer.pid(), inner.pid()],
         _procs: vec![outer, inner],
     });
+    // Two sidecars over mutual TLS, identities from the benchmark's own control plane.
+    let (cp, ca) = mesh::start(&dir()).await;
+    let (procs, a) = mesh_pair(cp, upstream).await;
+    let pids = procs.iter().map(|p| p.pid()).collect();
+    targets.push(Target { name: "mycel (2 hops, mTLS)", addr: a, pids, _procs: procs });
+    if let Some((procs, a, pids)) = nginx_mtls_pair(&ca, upstream).await {
+        targets.push(Target { name: "nginx (2 hops, mTLS)", addr: a, pids, _procs: procs });
+    }
     if let Some((p, a)) = nginx(upstream, false).await {
         let w = worker_pid(p.pid());
         targets.push(Target { name: "nginx", addr: a, pids: vec![w], _procs: vec![p] });
@@ -627,6 +646,31 @@ async fn run() {
         md.push_str(&line);
         md.push('\n');
         results.push(json!({"name": format!("saturation-{}", t.name), "target": t.name, "rps": rps, "cpu_cores": cores, "rps_per_core": per_core, "rounds": runs.iter().map(|r| json!({"rps": r.0, "cpu_cores": r.1, "rps_per_core": r.2})).collect::<Vec<_>>()}));
+    }
+
+    // The mesh target: a hop over mutual TLS against a plaintext hop, both 2-hop pairs of this
+    // build, per proxy core (target: mTLS ≤ 1.2 × the cost of plaintext, i.e. ≥ 1/1.2 of its
+    // requests per core).
+    let per_core = |name: &str| {
+        results
+            .iter()
+            .find(|r| r["name"] == format!("saturation-{name}"))
+            .and_then(|r| r["rps_per_core"].as_f64())
+    };
+    if let (Some(tls), Some(plain)) = (per_core("mycel (2 hops, mTLS)"), per_core("mycel (2 hops)")) {
+        let cost = plain / tls;
+        let verdict = if cost <= 1.2 { "met" } else { "missed" };
+        let nginx = per_core("nginx (2 hops, mTLS)")
+            .map(|n| format!("; nginx's mTLS pair: {n:.0} req/s per core, mycel's {:.2} × that", tls / n))
+            .unwrap_or_default();
+        let line = format!(
+            "\nA hop over mutual TLS costs {cost:.2} × a plaintext hop in CPU per request ({tls:.0} against {plain:.0} req/s per proxy core, two hops each): the target of ≤ 1.2 × is {verdict}{nginx}.\n"
+        );
+        println!("{}", line.trim());
+        md.push_str(&line);
+        results.push(
+            json!({"name": "mtls-hop-cost", "cost_vs_plaintext": cost, "target": 1.2, "met": cost <= 1.2}),
+        );
     }
 
     // Memory.
@@ -949,4 +993,294 @@ async fn collect(tasks: Vec<tokio::task::JoinHandle<(Histogram<u64>, u64, u64)>>
         run.errors += e;
     }
     run
+}
+
+// --- mesh (mutual TLS between two sidecars) -----------------------------------------------------
+
+/// A control plane of the benchmark's own, for the two sidecars that talk mutual TLS: it signs
+/// their certificates (`Certificates.Sign`, any token accepted) and answers their config stream
+/// with nothing (their listeners and clusters are in their files), over TLS like the real one.
+mod mesh {
+    use std::{net::SocketAddr, path::Path, pin::Pin, sync::Arc};
+
+    use futures::Stream;
+    use mycel_api::v1alpha1::{
+        self as pb, certificates_server::Certificates, config_discovery_server::ConfigDiscovery,
+    };
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+        SanType,
+    };
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    use tokio_stream::StreamExt;
+    use tonic::{Request, Response, Status, Streaming, transport::server::Connected};
+
+    /// The name its serving certificate carries.
+    pub const NAME: &str = "cp.bench.mycel";
+
+    pub struct Ca {
+        issuer: Issuer<'static, KeyPair>,
+        pub pem: String,
+    }
+
+    impl Ca {
+        /// A certificate for DNS name `name` and its key, as PEM files in `dir`: `<file>.pem`
+        /// and `<file>.key`.
+        pub fn leaf(&self, name: &str, dir: &Path, file: &str) {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(vec![name.to_string()]).unwrap();
+            p.extended_key_usages =
+                vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+            let cert = p.signed_by(&key, &self.issuer).unwrap();
+            std::fs::write(dir.join(format!("{file}.pem")), cert.pem()).unwrap();
+            std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).unwrap();
+        }
+    }
+
+    struct Cp {
+        ca: Arc<Ca>,
+    }
+
+    #[tonic::async_trait]
+    impl Certificates for Cp {
+        async fn sign(&self, r: Request<pb::SignRequest>) -> Result<Response<pb::SignResponse>, Status> {
+            let csr = rcgen::CertificateSigningRequestParams::from_pem(&r.into_inner().csr_pem)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let mut params = CertificateParams::default();
+            params.subject_alt_names = csr.params.subject_alt_names.clone();
+            params.is_ca = IsCa::ExplicitNoCa;
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+            params.extended_key_usages =
+                vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+            let cert = rcgen::CertificateSigningRequestParams { params, public_key: csr.public_key }
+                .signed_by(&self.ca.issuer)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            Ok(Response::new(pb::SignResponse {
+                cert_chain_pem: vec![cert.pem()],
+                trust_bundle_pem: vec![self.ca.pem.clone()],
+            }))
+        }
+    }
+
+    type Responses = Pin<Box<dyn Stream<Item = Result<pb::DeltaResponse, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl ConfigDiscovery for Cp {
+        type StreamStream = Responses;
+        async fn stream(
+            &self,
+            r: Request<Streaming<pb::DeltaRequest>>,
+        ) -> Result<Response<Responses>, Status> {
+            let mut nonce = 0u64;
+            // Each subscription's first request gets one empty response (in sync); ACKs nothing.
+            let out = r.into_inner().filter_map(move |req| match req {
+                Ok(req) if req.response_nonce.is_empty() => {
+                    nonce += 1;
+                    Some(Ok(pb::DeltaResponse {
+                        type_url: req.type_url,
+                        system_version: "1".into(),
+                        nonce: nonce.to_string(),
+                        ..Default::default()
+                    }))
+                }
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            });
+            Ok(Response::new(Box::pin(out)))
+        }
+    }
+
+    /// A TLS connection, as tonic's server takes it.
+    struct Conn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+    impl Connected for Conn {
+        type ConnectInfo = ();
+        fn connect_info(&self) {}
+    }
+
+    impl AsyncRead for Conn {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Conn {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+        fn poll_flush(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    /// Starts the control plane; writes its CA to `dir/ca.pem` and a token to `dir/token`.
+    pub async fn start(dir: &Path) -> (SocketAddr, Arc<Ca>) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        // A subject name: OpenSSL (nginx) finds a leaf's issuer by it.
+        params.distinguished_name.push(rcgen::DnType::CommonName, "mycel bench CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        let pem = params.self_signed(&key).unwrap().pem();
+        let ca = Arc::new(Ca { issuer: Issuer::new(params, key), pem });
+        std::fs::write(dir.join("ca.pem"), &ca.pem).unwrap();
+        std::fs::write(dir.join("token"), "bench").unwrap();
+
+        let server_key = KeyPair::generate().unwrap();
+        let mut sp = CertificateParams::new(vec![NAME.to_string()]).unwrap();
+        sp.subject_alt_names = vec![SanType::DnsName(NAME.try_into().unwrap())];
+        let server_cert = sp.signed_by(&server_key, &ca.issuer).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![server_cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::try_from(server_key.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let incoming = async_stream_of(listener, acceptor);
+        let cp = Cp { ca: ca.clone() };
+        let cp2 = Cp { ca: ca.clone() };
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(pb::certificates_server::CertificatesServer::new(cp))
+                .add_service(pb::config_discovery_server::ConfigDiscoveryServer::new(cp2))
+                .serve_with_incoming(incoming)
+                .await;
+        });
+        (addr, ca)
+    }
+
+    fn async_stream_of(
+        listener: tokio::net::TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+    ) -> impl Stream<Item = Result<Conn, std::io::Error>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    if let Ok(s) = acceptor.accept(tcp).await {
+                        let _ = tx.send(Ok(Conn(s))).await;
+                    }
+                });
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+}
+
+/// A sidecar of the mesh: `config` (its listeners and clusters), its identity from the
+/// benchmark's control plane at `cp` as `namespace/service-account`.
+async fn mesh_proxy(name: &str, config: &str, cp: SocketAddr, sa: &str, listen: SocketAddr) -> Proc {
+    let cfg = dir().join(format!("{name}.yaml"));
+    std::fs::write(&cfg, config).unwrap();
+    let d = dir();
+    let child = Command::new(proxy_binary())
+        .args(["run", "--concurrency", "1", "--config"])
+        .arg(&cfg)
+        .args(["--control-plane", &cp.to_string(), "--control-plane-name", mesh::NAME, "--ca-roots"])
+        .arg(d.join("ca.pem"))
+        .arg("--token")
+        .arg(d.join("token"))
+        .args(["--pod-namespace", "bench", "--service-account", sa, "--pod-name", name])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    wait_port(listen).await;
+    Proc { child }
+}
+
+/// Two sidecars over mutual TLS in front of `upstream`: the client's outbound listener (the
+/// address to load) and the server's inbound one, STRICT, so that plaintext would fail.
+async fn mesh_pair(cp: SocketAddr, upstream: SocketAddr) -> (Vec<Proc>, SocketAddr) {
+    let (front, inbound) = (free_port(), free_port());
+    let inbound_addr = SocketAddr::from(([127, 0, 0, 1], inbound));
+    let server = format!(
+        "admin: '127.0.0.1:{}'\ninboundMtls: {{mode: STRICT}}\nlisteners:\n- {{name: inbound, address: '{inbound_addr}', protocol: auto, direction: inbound, cluster: app}}\nclusters:\n- {{name: app, endpoints: ['{upstream}']}}\n",
+        free_port()
+    );
+    let server = mesh_proxy("mesh-server", &server, cp, "server", inbound_addr).await;
+    let front_addr = SocketAddr::from(([127, 0, 0, 1], front));
+    let client = format!(
+        "admin: '127.0.0.1:{}'\nlisteners:\n- {{name: front, address: '{front_addr}', protocol: http, cluster: back}}\nclusters:\n- {{name: back, lb: {{algorithm: RoundRobin}}, endpoints: ['{inbound_addr}'], mtlsEndpoints: {{'{inbound_addr}': 'spiffe://cluster.local/ns/bench/sa/server'}}}}\n",
+        free_port()
+    );
+    let client = mesh_proxy("mesh-client", &client, cp, "client", front_addr).await;
+    // Until both have their certificates: a request through answers 200.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut s = connect(front_addr).await;
+        if request(&mut s).await {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the mTLS pair never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (vec![client, server], front_addr)
+}
+
+/// The reference: two nginx, one worker each, doing the same mutual TLS between them (client
+/// certificate, verified both ways, sessions and connections kept).
+async fn nginx_mtls_pair(ca: &mesh::Ca, upstream: SocketAddr) -> Option<(Vec<Proc>, SocketAddr, Vec<u32>)> {
+    let bin = which("nginx")?;
+    let d = dir().join("nginx-mtls");
+    std::fs::create_dir_all(&d).ok()?;
+    ca.leaf("server.bench", &d, "server");
+    ca.leaf("client.bench", &d, "client");
+    let ca_file = dir().join("ca.pem");
+    let (sport, cport) = (free_port(), free_port());
+    let server_block = format!(
+        "listen 127.0.0.1:{sport} ssl;\n    ssl_certificate {d}/server.pem;\n    ssl_certificate_key {d}/server.key;\n    ssl_client_certificate {ca};\n    ssl_verify_client on;\n    location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}",
+        d = d.display(),
+        ca = ca_file.display()
+    );
+    let (s, _) = nginx_run(
+        &bin,
+        &d.join("server"),
+        sport,
+        &format!("upstream b {{ server {upstream}; keepalive 256; keepalive_requests 10000000; }}"),
+        &server_block,
+    )
+    .await?;
+    let client_block = format!(
+        "listen 127.0.0.1:{cport};\n    location / {{ proxy_pass https://s; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_ssl_certificate {d}/client.pem; proxy_ssl_certificate_key {d}/client.key; proxy_ssl_trusted_certificate {ca}; proxy_ssl_verify on; proxy_ssl_name server.bench; proxy_ssl_session_reuse on; }}",
+        d = d.display(),
+        ca = ca_file.display()
+    );
+    let (c, addr) = nginx_run(
+        &bin,
+        &d.join("client"),
+        cport,
+        &format!("upstream s {{ server 127.0.0.1:{sport}; keepalive 256; keepalive_requests 10000000; }}"),
+        &client_block,
+    )
+    .await?;
+    let pids = vec![worker_pid(c.pid()), worker_pid(s.pid())];
+    Some((vec![c, s], addr, pids))
 }
