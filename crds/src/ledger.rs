@@ -6,8 +6,9 @@
 //! control plane. A test (`crds/tests/ledger.rs`) fails when a leaf of a CRD is in neither
 //! list, in both, or when a named test does not exist.
 //!
-//! A path names a leaf of the CRD's `spec` schema, with `[]` for list items and `{}` for map
-//! values: `spec.http[].fault.abort.httpStatus`, `spec.selector.matchLabels{}`.
+//! A path names a leaf of the CRD's `spec` schema, with `[]` for list items and `{}` for the
+//! values of a map of objects: `spec.http[].fault.abort.httpStatus`, `spec.hosts[]`. A map of
+//! scalars is a leaf itself: `spec.selector.matchLabels`.
 
 use std::collections::BTreeMap;
 
@@ -83,7 +84,11 @@ fn walk(s: &JSONSchemaProps, path: String, out: &mut Vec<Leaf>) {
     {
         return walk(items, format!("{path}[]"), out);
     }
-    if let Some(JSONSchemaPropsOrBool::Schema(values)) = &s.additional_properties {
+    // A map of objects goes on into its values (`{}`); a map of scalars (labels, resource
+    // quantities) is itself the leaf, as a list of scalars is (`[]`).
+    if let Some(JSONSchemaPropsOrBool::Schema(values)) = &s.additional_properties
+        && values.properties.as_ref().is_some_and(|p| !p.is_empty())
+    {
         return walk(values, format!("{path}{{}}"), out);
     }
     out.push(Leaf { path, default: s.default.as_ref().map(|d| d.0.clone()) });
@@ -321,7 +326,7 @@ mod tests {
             "(!has(object.spec) || !has(object.spec.hosts))"
         );
         assert_eq!(
-            unset_expression(&leaf("spec.subsets[].labels{}", None)),
+            unset_expression(&leaf("spec.subsets[].labels", None)),
             "(!has(object.spec) || (!has(object.spec.subsets) || object.spec.subsets.all(i1, !has(i1.labels))))"
         );
         assert_eq!(
