@@ -28,8 +28,6 @@ pub struct Asked {
     pub method: Method,
     pub path: String,
     pub query: Option<String>,
-    /// The caller is on loopback.
-    pub local: bool,
 }
 
 impl Asked {
@@ -115,7 +113,6 @@ where
                             method: req.method().clone(),
                             query: req.uri().query().map(str::to_string),
                             path,
-                            local: peer.is_loopback() || peer.to_canonical().is_loopback(),
                         };
                         handler(asked).await
                     } else {

@@ -131,12 +131,13 @@ fn update(status: &Mutex<ProxyStatus>, f: impl FnOnce(&mut ProxyStatus)) {
 /// What a proxy says of a rejection, kept to at most this many bytes.
 const NACK_TEXT: usize = 256;
 
-/// `text` cut to [`NACK_TEXT`] bytes, on a character boundary.
-fn clip(text: &str) -> String {
-    if text.len() <= NACK_TEXT {
+/// `text` cut to at most `max` bytes on a character boundary, marked with `…` when cut: text a
+/// pod sent is kept short where it is shown, logged or written to a status.
+pub(super) fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
         return text.to_string();
     }
-    let mut end = NACK_TEXT;
+    let mut end = max;
     while !text.is_char_boundary(end) {
         end -= 1;
     }
@@ -612,7 +613,7 @@ impl Discovery {
                     if full && ts.permit.is_none() {
                         ts.permit = self.full_syncs.acquire().await;
                     }
-                    if let Some(resp) = self.delta(type_url, ts, &coll, snap.version, &mut nonce) {
+                    if let Some(resp) = self.delta(type_url, ts, coll, snap.version, &mut nonce) {
                         let bytes = prost::Message::encoded_len(&resp) as u64;
                         ts.counters.pushes.inc();
                         ts.counters.push_bytes.inc_by(bytes);
@@ -754,7 +755,7 @@ impl Discovery {
                         Some(e) => {
                             ts.nacked = true;
                             // Kept short: it is shown, logged and may reach a policy's status.
-                            let (field, message) = (clip(&e.field), clip(&e.message));
+                            let (field, message) = (clip(&e.field, NACK_TEXT), clip(&e.message, NACK_TEXT));
                             warn!(%field, %message, version, "proxy rejected an update");
                             ts.counters.nacks.inc();
                             update(status, |s| {

@@ -198,14 +198,14 @@ pub struct Snapshot {
 impl Snapshot {
     /// The collection of `type_url` the proxy of pod `(namespace, pod)` is sent; empty for a
     /// registered type without one.
-    pub fn collection(&self, type_url: &str, namespace: &str, pod: &str) -> Collection {
+    pub fn collection(&self, type_url: &str, namespace: &str, pod: &str) -> &Collection {
+        static EMPTY: std::sync::LazyLock<Collection> = std::sync::LazyLock::new(Collection::default);
         match self.types.get(type_url) {
-            None => Collection::default(),
-            Some(Scoped::Mesh(c)) => c.clone(),
+            None => &EMPTY,
+            Some(Scoped::Mesh(c)) => c,
             Some(Scoped::Workload { by_workload, by_namespace, default }) => {
                 let key = (namespace.to_string(), pod.to_string());
-                let c = by_workload.get(&key).or_else(|| by_namespace.get(namespace)).unwrap_or(default);
-                (**c).clone()
+                by_workload.get(&key).or_else(|| by_namespace.get(namespace)).unwrap_or(default)
             }
         }
     }

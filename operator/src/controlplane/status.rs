@@ -24,7 +24,7 @@ use serde_json::json;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use super::server::{ProxyStatus, Registry};
+use super::server::{ProxyStatus, Registry, clip};
 use super::snapshot::{Key, PolicyReach, Snapshot};
 use super::translate::unimplemented::KINDS;
 
@@ -39,18 +39,6 @@ const MESSAGE_BYTES: usize = 2048;
 
 /// How long an object whose status write failed is left alone (unless its generation changes).
 const RETRY_FAILED: Duration = Duration::from_secs(30);
-
-/// `text` cut to [`MESSAGE_BYTES`], on a character boundary.
-fn bounded(text: &str) -> String {
-    if text.len() <= MESSAGE_BYTES {
-        return text.to_string();
-    }
-    let mut end = MESSAGE_BYTES;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
-}
 
 /// A condition as the writer decides it, before times are attached.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,30 +99,21 @@ pub struct Writer {
 /// The fields named in a message, at most.
 const FIELDS_NAMED: usize = 8;
 
-/// The conditions of an object whose kind does nothing yet, or that sets fields that do nothing.
-fn not_implemented(reach: &PolicyReach) -> Option<Vec<Decided>> {
-    if reach.any_implemented && reach.not_implemented.is_empty() {
-        return None;
-    }
+/// The not-implemented fields an object sets, as a message names them.
+fn fields_named(reach: &PolicyReach) -> String {
     let mut fields = reach.not_implemented.iter().take(FIELDS_NAMED).cloned().collect::<Vec<_>>().join(", ");
     if reach.not_implemented.len() > FIELDS_NAMED {
         fields.push_str(&format!(" and {} more", reach.not_implemented.len() - FIELDS_NAMED));
     }
+    fields
+}
+
+/// The conditions of an object of a kind that does nothing yet.
+fn inert(reach: &PolicyReach) -> Vec<Decided> {
     let kind = reach.kind;
-    if reach.any_implemented {
-        // Only partly in effect: said in Accepted; Ready is computed as for any policy.
-        return Some(vec![Decided {
-            type_: "Accepted",
-            status: "True",
-            reason: "FieldsNotImplemented",
-            message: format!(
-                "generation {} is in effect except for fields not implemented yet, which change nothing: {fields} (docs/reference/field-ledger.yaml)",
-                reach.generation
-            ),
-        }]);
-    }
+    let fields = fields_named(reach);
     let what = if fields.is_empty() { String::new() } else { format!(" It sets {fields}.") };
-    Some(vec![
+    vec![
         Decided {
             type_: "Accepted",
             status: "False",
@@ -155,28 +134,44 @@ fn not_implemented(reach: &PolicyReach) -> Option<Vec<Decided>> {
             reason: "NotImplemented",
             message: format!("{kind} is not implemented yet: nothing enforces it"),
         },
-    ])
+    ]
+}
+
+/// `Accepted` of an object its kind implements: in effect, but for the fields it sets that are
+/// not implemented yet (named).
+fn accepted(reach: &PolicyReach) -> Decided {
+    if reach.not_implemented.is_empty() {
+        return Decided {
+            type_: "Accepted",
+            status: "True",
+            reason: "Accepted",
+            message: format!("generation {} is translated into proxy config", reach.generation),
+        };
+    }
+    Decided {
+        type_: "Accepted",
+        status: "True",
+        reason: "FieldsNotImplemented",
+        message: format!(
+            "generation {} is in effect except for fields not implemented yet, which change nothing: {} (docs/reference/field-ledger.yaml)",
+            reach.generation,
+            fields_named(reach)
+        ),
+    }
 }
 
 /// The conditions of one policy; `None` when another revision's control plane reports on it.
 pub fn decide(reach: &PolicyReach, held: &Held, writer: &Writer) -> Option<Vec<Decided>> {
-    let partial = match not_implemented(reach) {
-        Some(all) if !reach.any_implemented => return Some(all),
-        Some(mut accepted) => accepted.pop(),
-        None => None,
-    };
+    if !reach.any_implemented {
+        return Some(inert(reach));
+    }
     // Each revision's control plane knows only its own proxies. Pods of one other revision:
     // its control plane writes. Of several: every revision writes the same Unknown.
     let other_revisions = !reach.revisions.is_empty() && reach.revisions != [writer.revision.as_str()];
     if other_revisions && reach.revisions.len() == 1 {
         return None;
     }
-    let accepted = partial.unwrap_or_else(|| Decided {
-        type_: "Accepted",
-        status: "True",
-        reason: "Accepted",
-        message: format!("generation {} is translated into proxy config", reach.generation),
-    });
+    let accepted = accepted(reach);
     let refs = Decided {
         type_: "ResolvedRefs",
         status: "True",
@@ -373,7 +368,7 @@ async fn write(client: &Client, reach: &PolicyReach, conditions: &[(Decided, Tim
             type_: d.type_.into(),
             status: d.status.into(),
             reason: d.reason.into(),
-            message: bounded(&d.message),
+            message: clip(&d.message, MESSAGE_BYTES),
             last_transition_time: t.clone(),
             observed_generation: Some(reach.generation),
         })

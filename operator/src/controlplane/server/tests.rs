@@ -100,21 +100,11 @@ fn subscribe(initial: &[(String, Arc<Entry>)]) -> pb::DeltaRequest {
 }
 
 async fn connect(p: &Plane, first: pb::DeltaRequest) -> Result<Stream, Status> {
-    let (tx, rx) = mpsc::channel::<pb::DeltaRequest>(16);
-    tx.send(first).await.unwrap();
-    let frames = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|r| (Ok::<_, Infallible>(http_body::Frame::data(frame(&r))), rx))
-    });
-    let body = tonic::body::Body::new(StreamBody::new(frames));
-    let decoder = SmallBufferCodec::<pb::DeltaResponse, pb::DeltaRequest>::default().decoder();
-    let inbound = Streaming::new_request(decoder, body, None, Some(MAX_REQUEST_BYTES));
-    let peer = Peer { remote: None, spiffe_id: Some(IDENTITY.into()), pod: None };
-    let body = p.discovery.open(Some(peer), inbound).await?;
-    Ok(Stream { tx, body })
+    connect_as(p, first, None).await
 }
 
-/// A stream whose certificate was issued to pod `bound`.
-async fn connect_bound(p: &Plane, first: pb::DeltaRequest, bound: &str) -> Result<Responses, Status> {
+/// A stream whose certificate names pod `bound`, if any.
+async fn connect_as(p: &Plane, first: pb::DeltaRequest, bound: Option<&str>) -> Result<Stream, Status> {
     let (tx, rx) = mpsc::channel::<pb::DeltaRequest>(16);
     tx.send(first).await.unwrap();
     let frames = futures::stream::unfold(rx, |mut rx| async move {
@@ -123,18 +113,19 @@ async fn connect_bound(p: &Plane, first: pb::DeltaRequest, bound: &str) -> Resul
     let body = tonic::body::Body::new(StreamBody::new(frames));
     let decoder = SmallBufferCodec::<pb::DeltaResponse, pb::DeltaRequest>::default().decoder();
     let inbound = Streaming::new_request(decoder, body, None, Some(MAX_REQUEST_BYTES));
-    let peer = Peer { remote: None, spiffe_id: Some(IDENTITY.into()), pod: Some(bound.into()) };
-    p.discovery.open(Some(peer), inbound).await
+    let peer = Peer { remote: None, spiffe_id: Some(IDENTITY.into()), pod: bound.map(str::to_string) };
+    let body = p.discovery.open(Some(peer), inbound).await?;
+    Ok(Stream { tx, body })
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_proxy_cannot_say_it_is_another_pod_than_its_certificate_names() {
     let p = plane(snapshot(1, mesh(1, "a"), vec![]), 32);
     // subscribe() says it is web-1.
-    let e = connect_bound(&p, subscribe(&[]), "web-2").await.err().expect("another pod's name");
+    let e = connect_as(&p, subscribe(&[]), Some("web-2")).await.err().expect("another pod's name");
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     assert!(e.message().starts_with("node.pod:") && e.message().contains("web-2"), "{}", e.message());
-    assert!(connect_bound(&p, subscribe(&[]), "web-1").await.is_ok(), "its own");
+    assert!(connect_as(&p, subscribe(&[]), Some("web-1")).await.is_ok(), "its own");
 }
 
 impl Stream {
