@@ -12,6 +12,8 @@ pub const CONTRACT_VERSION: u32 = 1;
 pub const CLUSTER_TYPE: &str = "mycel.io/Cluster";
 /// Resource type of listeners in the config stream.
 pub const LISTENER_TYPE: &str = "mycel.io/Listener";
+/// Resource type of route tables (one per routed cluster, named as the cluster).
+pub const ROUTE_TYPE: &str = "mycel.io/Route";
 /// Resource type of the proxy's inbound mutual-TLS policy (one resource, `inbound`).
 pub const PEER_POLICY_TYPE: &str = "mycel.io/PeerPolicy";
 

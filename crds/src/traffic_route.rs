@@ -33,6 +33,11 @@ pub struct TrafficRouteSpec {
     /// `reviews.bookinfo.svc.cluster.local`.
     #[schemars(length(min = 1, max = 16))]
     pub hosts: Vec<Host>,
+    /// Namespaces whose clients the route applies to: `.` (its own), `*` (every namespace, the
+    /// default) or namespace names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub export_to: Vec<ExportTo>,
     /// HTTP, HTTP/2 and gRPC rules, tried in order; the first that matches wins.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
@@ -42,6 +47,14 @@ pub struct TrafficRouteSpec {
     #[schemars(length(max = 16))]
     pub tcp: Vec<TcpRoute>,
 }
+
+/// `.`, `*`, or a namespace name.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(transparent)]
+pub struct ExportTo(
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^(\.|\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$"))]
+    pub  String,
+);
 
 /// A DNS name (a Service's short, namespaced or fully qualified name).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]

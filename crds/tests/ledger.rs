@@ -165,15 +165,20 @@ fn the_fields_a_resource_sets_are_found_as_its_status_names_them() {
         "spec": {
             "hosts": ["web"],
             "http": [
-                {"timeout": null},
-                {"fault": {"abort": {"httpStatus": 503, "percent": 10}}}
+                {"mirror": null},
+                {"retries": {"attempts": 2, "perTryTimeout": "1s"}, "fault": {"abort": {"httpStatus": 503, "percent": 10}}},
+                {"backends": [{"service": "web", "subset": "v2"}]}
             ]
         }
     });
     let set = ledger::not_yet_set(&ledger, &crd, &object);
     assert_eq!(
         set,
-        ["spec.hosts[]", "spec.http[].fault.abort.httpStatus", "spec.http[].fault.abort.percent"]
+        [
+            "spec.http[].backends[].subset",
+            "spec.http[].retries.attempts",
+            "spec.http[].retries.perTryTimeout"
+        ]
     );
     assert!(ledger::not_yet_set(&ledger, &crd, &serde_json::json!({"spec": {"http": []}})).is_empty());
     // Every field of PeerAuthentication is implemented: nothing to name.

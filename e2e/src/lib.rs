@@ -13,6 +13,7 @@ pub mod binaries;
 pub mod images;
 pub mod kstatus;
 pub mod local;
+pub mod mesh;
 pub mod node;
 pub mod pki;
 pub mod process;

@@ -16,7 +16,12 @@ use kube::{
     core::{ApiResource, GroupVersionKind},
     runtime::wait::await_condition,
 };
-use mycel_e2e::{TestCluster, eventually, images::TESTAPP_IMAGE, process::OperatorProcess};
+use mycel_e2e::{
+    TestCluster, eventually,
+    images::TESTAPP_IMAGE,
+    mesh::{cp_logs, mi_api, run_job, run_jobs},
+    process::OperatorProcess,
+};
 use serde_json::json;
 
 async fn node_cluster() -> Option<(TestCluster, Client)> {
@@ -27,91 +32,6 @@ async fn node_cluster() -> Option<(TestCluster, Client)> {
     }
     let client = c.client().await.unwrap();
     Some((c, client))
-}
-
-fn mi_api(client: &Client, ns: &str) -> Api<DynamicObject> {
-    let ar = ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("mycel.io", "v1alpha1", "MeshInstallation"),
-        "meshinstallations",
-    );
-    Api::namespaced_with(client.clone(), ns, &ar)
-}
-
-/// A log of what the control plane said, for failure messages.
-async fn cp_logs(client: &Client, ns: &str) -> String {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let mut out = String::new();
-    for p in pods.list(&ListParams::default().labels("app=mycel-control-plane")).await.unwrap() {
-        let name = p.metadata.name.clone().unwrap_or_default();
-        let log = pods.logs(&name, &LogParams { tail_lines: Some(40), ..Default::default() }).await;
-        out.push_str(&format!(
-            "--- {name}: {:?}\n{}\n",
-            p.status.and_then(|s| s.phase),
-            log.unwrap_or_default()
-        ));
-    }
-    out
-}
-
-/// Runs a Job of the test app to its end; whether it succeeded, and its app's log.
-async fn run_job(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    sa: &str,
-    inject: bool,
-    args: &[String],
-) -> (bool, String) {
-    run_jobs(client, ns, name, sa, inject, &[args.to_vec()], None).await
-}
-
-/// Like [`run_job`], with one container per argument list (the log is the first's), and
-/// `during` run while the Job does.
-async fn run_jobs(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    sa: &str,
-    inject: bool,
-    args: &[Vec<String>],
-    during: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>>,
-) -> (bool, String) {
-    let containers: Vec<serde_json::Value> = args
-        .iter()
-        .enumerate()
-        .map(|(i, a)| json!({"name": if i == 0 { "client".to_string() } else { format!("client{i}") }, "image": TESTAPP_IMAGE, "args": a}))
-        .collect();
-    let job: Job = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {"backoffLimit": 0, "template": {
-            "metadata": {"annotations": {"mycel.io/inject": if inject { "true" } else { "false" }, "mycel.io/cert-ttl-seconds": "20"}},
-            "spec": {"restartPolicy": "Never", "serviceAccountName": sa, "containers": containers}}}
-    }))
-    .unwrap();
-    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
-    jobs.create(&PostParams::default(), &job).await.unwrap();
-    if let Some(during) = during {
-        during.await;
-    }
-    let finished = tokio::time::timeout(
-        Duration::from_secs(120),
-        await_condition(jobs.clone(), name, |j: Option<&Job>| {
-            j.and_then(|j| j.status.as_ref())
-                .is_some_and(|s| s.succeeded == Some(1) || s.failed.unwrap_or(0) > 0)
-        }),
-    )
-    .await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let pod =
-        pods.list(&ListParams::default().labels(&format!("job-name={name}"))).await.unwrap().items.remove(0);
-    let pod_name = pod.metadata.name.clone().unwrap();
-    let logs = pods
-        .logs(&pod_name, &LogParams { container: Some("client".into()), ..Default::default() })
-        .await
-        .unwrap_or_default();
-    assert!(finished.is_ok(), "job {name} did not finish:\n{logs}");
-    let ok = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded");
-    (ok, logs)
 }
 
 /// GET through the API server's pod proxy.

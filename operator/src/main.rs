@@ -219,9 +219,10 @@ async fn main() -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("--workload-cert-ttl {ttl_text:?}: {e}"))?;
             let trust_domain = pick(trust_domain, mesh.trust_domain, "cluster.local");
             let namespace = pick(namespace, mesh.namespace, "mycel-system");
+            let revision = pick(revision, mesh.revision, "default");
             let mut settings = controlplane::Settings {
                 namespace: namespace.clone(),
-                revision: pick(revision, mesh.revision, "default"),
+                revision: revision.clone(),
                 ca_secret: ca_secret
                     .or(mesh.ca_secret)
                     .unwrap_or_else(|| installation::render::CA_SECRET.into()),
@@ -238,6 +239,7 @@ async fn main() -> anyhow::Result<()> {
                     mtls_mode: mesh.mtls_mode.unwrap_or_default(),
                     debounce: Duration::from_millis(debounce_ms),
                     debounce_max: Duration::from_millis(debounce_ms * 10),
+                    revision: Some(revision),
                 },
                 trust_domain,
             };

@@ -37,6 +37,13 @@ pub enum ProxyError {
     UpstreamTimeout { cluster: String, after: std::time::Duration },
     /// The client's request breaks HTTP's rules (`reason` says which, e.g. `missing_host`).
     BadRequest { reason: &'static str, detail: &'static str },
+    /// The cluster has a route table and no rule of it matches the request.
+    NoRoute { cluster: String, source: String },
+    /// A route's fault injection aborted the request: its status, or HTTP 200 with a gRPC
+    /// status in trailers-only form.
+    FaultAbort { status: StatusCode, grpc_status: Option<u32> },
+    /// The route's timeout passed before the response started.
+    RouteTimeout { rule: String, after: std::time::Duration },
     /// The peer sidecar answered with an error of its own (its reason, as it sent it).
     Peer { status: StatusCode, flag: String, reason: String },
 }
@@ -51,6 +58,9 @@ impl ProxyError {
             ProxyError::UpstreamReset { .. } | ProxyError::UpstreamProtocol { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::FaultAbort { status, .. } => *status,
+            ProxyError::RouteTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Peer { status, .. } => *status,
         }
     }
@@ -58,7 +68,7 @@ impl ProxyError {
     /// Envoy's response flag: `NC` no cluster, `UH` no healthy upstream, `UF` upstream connection
     /// failure, `URX` retry limit exceeded (more than one endpoint tried), `UC` upstream
     /// connection termination, `UPE` upstream protocol error, `UT` upstream request timeout,
-    /// `DPE` downstream protocol error.
+    /// `DPE` downstream protocol error, `NR` no route, `FI` fault injected.
     pub fn flag(&self) -> &str {
         match self {
             ProxyError::NoCluster { .. } => "NC",
@@ -69,6 +79,9 @@ impl ProxyError {
             ProxyError::UpstreamProtocol { .. } => "UPE",
             ProxyError::UpstreamTimeout { .. } => "UT",
             ProxyError::BadRequest { .. } => "DPE",
+            ProxyError::NoRoute { .. } => "NR",
+            ProxyError::FaultAbort { .. } => "FI",
+            ProxyError::RouteTimeout { .. } => "UT",
             ProxyError::Peer { flag, .. } => flag,
         }
     }
@@ -83,6 +96,9 @@ impl ProxyError {
             ProxyError::UpstreamProtocol { .. } => "upstream_protocol_error",
             ProxyError::UpstreamTimeout { .. } => "upstream_response_timeout",
             ProxyError::BadRequest { reason, .. } => reason,
+            ProxyError::NoRoute { .. } => "no_route_matched",
+            ProxyError::FaultAbort { .. } => "fault_injected",
+            ProxyError::RouteTimeout { .. } => "request_timeout",
             ProxyError::Peer { reason, .. } => reason,
         }
     }
@@ -114,6 +130,14 @@ impl ProxyError {
                 format!("cluster {cluster} did not start its response within {after:?}")
             }
             ProxyError::BadRequest { detail, .. } => (*detail).to_string(),
+            ProxyError::NoRoute { cluster, source } => {
+                let source = if source.is_empty() { "its route table" } else { source.as_str() };
+                format!("no rule of {source} matches this request to {cluster}")
+            }
+            ProxyError::FaultAbort { .. } => "aborted by fault injection".into(),
+            ProxyError::RouteTimeout { rule, after } => {
+                format!("route rule {rule}: no response within its timeout of {after:?}")
+            }
             ProxyError::Peer { reason, .. } => format!("the destination's proxy answered: {reason}"),
         }
     }
@@ -125,6 +149,14 @@ impl ProxyError {
         *r.status_mut() = self.status();
         if let Ok(v) = HeaderValue::from_str(&format!("{} {}", self.flag(), self.reason())) {
             r.headers_mut().insert(ERROR_HEADER, v);
+        }
+        if let ProxyError::FaultAbort { grpc_status: Some(code), .. } = self {
+            // Trailers-only: the status in the headers of an empty response.
+            *r.body_mut() = Full::new(Bytes::new()).map_err(|never| match never {}).boxed();
+            let h = r.headers_mut();
+            h.insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            h.insert("grpc-status", HeaderValue::from(code));
+            h.insert("grpc-message", HeaderValue::from_static("fault%20injected"));
         }
         r
     }

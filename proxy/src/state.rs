@@ -14,6 +14,7 @@ use arc_swap::ArcSwap;
 use crate::{
     balance::Endpoints,
     config::{self, Config},
+    routing::Table,
 };
 
 /// One configuration, ready for the data path.
@@ -28,6 +29,8 @@ pub struct State {
     /// itself (a pod IP, a headless Service). Only addresses every cluster agrees on: where two
     /// clusters name different identities for one address, neither is assumed.
     identities: HashMap<SocketAddr, Option<Arc<str>>>,
+    /// Cluster → its route table, compiled.
+    routes: HashMap<String, Arc<Table>>,
 }
 
 impl State {
@@ -70,7 +73,8 @@ impl State {
         }
         identities.retain(|_, id| id.is_some());
         let listeners = config.listeners.iter().map(|l| (l.name.clone(), l.clone())).collect();
-        State { config, listeners, clusters, vips, identities }
+        let routes = config.routes.iter().map(|t| (t.cluster.clone(), Arc::new(Table::compile(t)))).collect();
+        State { config, listeners, clusters, vips, identities, routes }
     }
 
     pub fn listener(&self, name: &str) -> Option<&config::Listener> {
@@ -79,6 +83,11 @@ impl State {
 
     pub fn cluster(&self, name: &str) -> Option<&Arc<Endpoints>> {
         self.clusters.get(name)
+    }
+
+    /// The route table of a cluster, if it has one.
+    pub fn routes(&self, cluster: &str) -> Option<&Table> {
+        self.routes.get(cluster).map(|t| &**t)
     }
 
     /// The cluster a virtual address belongs to.

@@ -1,5 +1,6 @@
 //! `mycel-testapp`: the small workloads of the e2e tests and the demo, in one binary.
-//! `http-echo` answers every request with a JSON description of it and of the pod that served it;
+//! `http-echo` answers every request with a JSON description of it and of the pod that served it
+//! (after `sleep_ms` milliseconds when the query asks);
 //! `tcp-echo` echoes bytes (and honours half-close); `get` is an HTTP client that fetches a URL a
 //! number of times and prints each body, failing on any error; `grpc-echo` serves the gRPC health
 //! service (unary and server-streaming calls) and `grpc-check` calls it; `ws-echo` echoes WebSocket
@@ -90,6 +91,14 @@ enum Cmd {
         /// Pause between rounds, in milliseconds.
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
+        /// A request header, `name:value` (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        /// Print each response as one JSON line (url, status, response headers, body, elapsed_ms) and go on
+        /// whatever the status, instead of failing on the first that is not 2xx. A request that
+        /// gets no response at all still fails.
+        #[arg(long)]
+        report: bool,
     },
 }
 
@@ -105,9 +114,15 @@ async fn main() -> anyhow::Result<()> {
         Cmd::HttpRelay { port, to } => http_relay(port, to).await,
         Cmd::WsEcho { port } => ws_echo(port).await,
         Cmd::WsSend { url, messages } => ws_send(&url, &messages).await,
-        Cmd::Get { urls, count, timeout, no_reuse, interval_ms } => {
-            get(&urls, count, Duration::from_secs(timeout), no_reuse, Duration::from_millis(interval_ms))
-                .await
+        Cmd::Get { urls, count, timeout, no_reuse, interval_ms, headers, report } => {
+            let opts = GetOptions {
+                timeout: Duration::from_secs(timeout),
+                no_reuse,
+                interval: Duration::from_millis(interval_ms),
+                headers,
+                report,
+            };
+            get(&urls, count, &opts).await
         }
         Cmd::TcpSend { addr, messages, repeat, interval_ms } => {
             let mut n = 0u32;
@@ -142,6 +157,16 @@ async fn http_echo(port: u16) -> anyhow::Result<()> {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let pod = pod.clone();
                 async move {
+                    // `?sleep_ms=N` answers after N ms (at most 30 s): a slow backend.
+                    let sleep = req
+                        .uri()
+                        .query()
+                        .unwrap_or("")
+                        .split('&')
+                        .find_map(|kv| kv.strip_prefix("sleep_ms=")?.parse::<u64>().ok());
+                    if let Some(ms) = sleep {
+                        tokio::time::sleep(Duration::from_millis(ms.min(30_000))).await;
+                    }
                     let headers: serde_json::Map<String, serde_json::Value> = req
                         .headers()
                         .iter()
@@ -196,30 +221,54 @@ async fn tcp_send(addr: &str, messages: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn get(
-    urls: &[String],
-    count: u32,
+struct GetOptions {
     timeout: Duration,
     no_reuse: bool,
     interval: Duration,
-) -> anyhow::Result<()> {
+    headers: Vec<String>,
+    report: bool,
+}
+
+async fn get(urls: &[String], count: u32, o: &GetOptions) -> anyhow::Result<()> {
+    let (timeout, interval) = (o.timeout, o.interval);
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_max_idle_per_host(if no_reuse { 0 } else { usize::MAX })
+        .pool_max_idle_per_host(if o.no_reuse { 0 } else { usize::MAX })
         .build_http::<Full<Bytes>>();
     let count = if count == 0 { u32::MAX } else { count };
     for i in 0..count {
         for url in urls {
-            let req = Request::get(url.parse::<hyper::Uri>()?).body(Full::new(Bytes::new()))?;
+            let mut req = Request::get(url.parse::<hyper::Uri>()?);
+            for h in &o.headers {
+                let (k, v) =
+                    h.split_once(':').ok_or_else(|| anyhow::anyhow!("--header {h:?}: use name:value"))?;
+                req = req.header(k.trim(), v.trim());
+            }
+            let req = req.body(Full::new(Bytes::new()))?;
+            let started = std::time::Instant::now();
             let resp = tokio::time::timeout(timeout, client.request(req))
                 .await
                 .map_err(|_| anyhow::anyhow!("request {i} to {url} timed out after {timeout:?}"))?
                 .map_err(|e| anyhow::anyhow!("request {i} to {url}: {e:?}"))?;
             let status = resp.status();
+            let headers: serde_json::Map<String, serde_json::Value> = resp
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+                .collect();
             let body = resp.into_body().collect().await?.to_bytes();
-            if !status.is_success() {
-                anyhow::bail!("request {i} to {url}: status {status}: {}", String::from_utf8_lossy(&body));
+            let text = String::from_utf8_lossy(&body);
+            if o.report {
+                let body = serde_json::from_slice::<serde_json::Value>(&body)
+                    .unwrap_or_else(|_| text.trim_end().into());
+                let elapsed_ms = started.elapsed().as_millis() as u64;
+                let line = serde_json::json!({"url": url, "status": status.as_u16(), "headers": headers, "body": body, "elapsed_ms": elapsed_ms});
+                println!("{line}");
+                continue;
             }
-            println!("{}", String::from_utf8_lossy(&body).trim_end());
+            if !status.is_success() {
+                anyhow::bail!("request {i} to {url}: status {status}: {text}");
+            }
+            println!("{}", text.trim_end());
         }
         if !interval.is_zero() {
             tokio::time::sleep(interval).await;
@@ -269,6 +318,16 @@ async fn http_relay(port: u16, to: String) -> anyhow::Result<()> {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (pod, to, client) = (pod.clone(), to.clone(), client.clone());
                 async move {
+                    // `?sleep_ms=N` answers after N ms (at most 30 s): a slow backend.
+                    let sleep = req
+                        .uri()
+                        .query()
+                        .unwrap_or("")
+                        .split('&')
+                        .find_map(|kv| kv.strip_prefix("sleep_ms=")?.parse::<u64>().ok());
+                    if let Some(ms) = sleep {
+                        tokio::time::sleep(Duration::from_millis(ms.min(30_000))).await;
+                    }
                     let headers: serde_json::Map<String, serde_json::Value> = req
                         .headers()
                         .iter()

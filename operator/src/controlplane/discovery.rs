@@ -13,11 +13,12 @@ use kube::{
     api::DynamicObject,
     runtime::{WatchStreamExt, watcher},
 };
-use mycel_crds::peer_authentication::PeerAuthentication;
+use mycel_crds::{peer_authentication::PeerAuthentication, traffic_route::TrafficRoute};
 use tracing::warn;
 
 use super::snapshot::Key;
 use super::translate::peer_policy::PeerAuth;
+use super::translate::route::Tr;
 use super::translate::unimplemented::{KINDS, Watched};
 
 /// One watch event of one kind.
@@ -26,6 +27,7 @@ pub enum Change {
     Slice(Box<watcher::Event<EndpointSlice>>),
     Pod(Box<watcher::Event<Pod>>),
     PeerAuth(Box<watcher::Event<PeerAuthentication>>),
+    TrafficRoute(Box<watcher::Event<TrafficRoute>>),
     /// An object of a kind not implemented yet (only its status is written).
     Unimplemented(Arc<Watched>, Box<watcher::Event<DynamicObject>>),
 }
@@ -55,6 +57,7 @@ pub fn watch(client: Client) -> BoxStream<'static, Change> {
         events(Api::<EndpointSlice>::all(client.clone()), |e| Change::Slice(Box::new(e))),
         events(Api::<Pod>::all(client.clone()), |e| Change::Pod(Box::new(e))),
         events(Api::<PeerAuthentication>::all(client.clone()), |e| Change::PeerAuth(Box::new(e))),
+        events(Api::<TrafficRoute>::all(client.clone()), |e| Change::TrafficRoute(Box::new(e))),
     ];
     for kind in KINDS.iter() {
         let kind = kind.clone();
@@ -263,4 +266,11 @@ pub fn pod_info(p: Pod) -> Option<Arc<PodInfo>> {
 
 pub fn peer_auth_info(p: PeerAuthentication) -> Option<PeerAuth> {
     Some(PeerAuth::from_object(p))
+}
+
+pub fn traffic_route_info(r: TrafficRoute) -> Option<Tr> {
+    let not_implemented = serde_json::to_value(&r)
+        .map(|v| super::translate::unimplemented::TRAFFIC_ROUTE.set_by(&v))
+        .unwrap_or_default();
+    Some(Tr::from_object(r, not_implemented))
 }

@@ -22,6 +22,7 @@ use super::snapshot::{ChangeLog, Collection, Entry, Key, PolicyReach, Scoped, Sn
 use super::translate::{
     cluster::{self, Names, PodView},
     peer_policy::{self, PeerAuth},
+    route::{self, Outcome, Tr},
     unimplemented::{self, KINDS, Unimplemented},
 };
 
@@ -38,6 +39,9 @@ pub struct Options {
     pub debounce: Duration,
     /// Longest a change waits while changes keep coming.
     pub debounce_max: Duration,
+    /// The revision this control plane serves: the status of a mesh-wide object (a
+    /// TrafficRoute) counts only the proxies of this revision's sidecars (`None`: all).
+    pub revision: Option<String>,
 }
 
 impl Default for Options {
@@ -49,6 +53,7 @@ impl Default for Options {
             mtls_mode: PeerMtlsMode::Unset,
             debounce: Duration::from_millis(10),
             debounce_max: Duration::from_millis(100),
+            revision: None,
         }
     }
 }
@@ -69,6 +74,10 @@ pub(super) struct Model {
     slices: Kind<Slice>,
     pods: Kind<Arc<PodInfo>>,
     peer_auths: Kind<PeerAuth>,
+    traffic_routes: Kind<Tr>,
+    /// A TrafficRoute or a Service changed: every route is translated again (conflicts and
+    /// host resolution are decided over all of them).
+    routes_dirty: bool,
     /// Objects of kinds not implemented yet, by kind.
     unimplemented: BTreeMap<&'static str, Kind<Unimplemented>>,
     /// One of those changed: statuses are recomputed.
@@ -95,8 +104,19 @@ pub(super) struct Model {
     policy_collections: Arc<HashMap<Key, Arc<Collection>>>,
     policy_by_namespace: Arc<HashMap<String, Arc<Collection>>>,
     policy_default: Arc<Collection>,
+    routes: Routes,
     statuses: Arc<Vec<PolicyReach>>,
     version: u64,
+}
+
+/// The route tables translated from TrafficRoutes.
+#[derive(Default)]
+struct Routes {
+    entries: Arc<HashMap<String, Arc<Entry>>>,
+    sorted: Arc<Vec<String>>,
+    log: ChangeLog,
+    /// Per TrafficRoute: what it became, and the version that last changed its tables.
+    outcomes: HashMap<Key, (Outcome, u64)>,
 }
 
 /// A collection of one resource.
@@ -113,6 +133,8 @@ impl Model {
             slices: Kind::default(),
             pods: Kind::default(),
             peer_auths: Kind::default(),
+            traffic_routes: Kind::default(),
+            routes_dirty: true,
             unimplemented: KINDS.iter().map(|k| (k.kind, Kind::default())).collect(),
             unimplemented_dirty: false,
             dirty_services: HashSet::new(),
@@ -129,6 +151,7 @@ impl Model {
             policy_collections: Arc::new(HashMap::new()),
             policy_by_namespace: Arc::new(HashMap::new()),
             policy_default: Arc::new(Collection::default()),
+            routes: Routes::default(),
             statuses: Arc::new(Vec::new()),
             version: 0,
         }
@@ -139,6 +162,7 @@ impl Model {
             && self.slices.synced
             && self.pods.synced
             && self.peer_auths.synced
+            && self.traffic_routes.synced
             && self.unimplemented.values().all(|k| k.synced)
     }
 
@@ -146,6 +170,7 @@ impl Model {
         !self.dirty_services.is_empty()
             || !self.dirty_pods.is_empty()
             || self.peer_auths_dirty
+            || self.routes_dirty
             || self.unimplemented_dirty
     }
 
@@ -154,7 +179,12 @@ impl Model {
         match change {
             Change::Service(e) => {
                 let touched = self.services.apply(*e, discovery::service_info);
+                self.routes_dirty |= !touched.is_empty();
                 self.dirty_services.extend(touched);
+            }
+            Change::TrafficRoute(e) => {
+                let touched = self.traffic_routes.apply(*e, discovery::traffic_route_info);
+                self.routes_dirty |= !touched.is_empty();
             }
             Change::Slice(e) => {
                 let touched = self.slices.apply(*e, discovery::slice_info);
@@ -338,23 +368,73 @@ impl Model {
         changed
     }
 
+    /// Translates every TrafficRoute again when one or a Service changed; returns the names of
+    /// route tables that changed.
+    fn rebuild_routes(&mut self, version: u64) -> Vec<String> {
+        if !std::mem::take(&mut self.routes_dirty) {
+            return Vec::new();
+        }
+        let trs: Vec<&Tr> = self.traffic_routes.live.values().collect();
+        let services = |k: &Key| self.services.live.get(k).cloned();
+        let outcomes = route::translate(&trs, &services, &self.opts.cluster_domain);
+        let mut entries: HashMap<String, Arc<Entry>> = HashMap::new();
+        for o in outcomes.values() {
+            for (name, t) in &o.tables {
+                let e = Entry::new(route::resource(t.clone()));
+                let e = match self.routes.entries.get(name) {
+                    Some(old) if old.version == e.version => old.clone(),
+                    _ => Arc::new(e),
+                };
+                entries.insert(name.clone(), e);
+            }
+        }
+        let mut changed: Vec<String> = entries
+            .iter()
+            .filter(|(n, e)| self.routes.entries.get(*n).is_none_or(|o| !Arc::ptr_eq(o, e)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        changed.extend(self.routes.entries.keys().filter(|n| !entries.contains_key(*n)).cloned());
+        changed.sort();
+        let outcomes = outcomes
+            .into_iter()
+            .map(|(k, o)| {
+                let since = match self.routes.outcomes.get(&k) {
+                    Some((p, since)) if p.tables == o.tables && p.export_to == o.export_to => *since,
+                    _ => version,
+                };
+                (k, (o, since))
+            })
+            .collect();
+        self.routes.outcomes = outcomes;
+        if !changed.is_empty() {
+            let mut sorted: Vec<String> = entries.keys().cloned().collect();
+            sorted.sort();
+            self.routes.sorted = Arc::new(sorted);
+            self.routes.entries = Arc::new(entries);
+        }
+        changed
+    }
+
     /// Translates everything dirty into the next version; `None` when nothing a proxy or a
     /// policy's status sees changed.
     fn rebuild(&mut self, first: bool) -> Option<Vec<String>> {
         let version = self.version + 1;
         let pods_or_policies = !self.dirty_pods.is_empty()
             || self.peer_auths_dirty
+            || self.routes_dirty
             || std::mem::take(&mut self.unimplemented_dirty);
         // Policies first: endpoints' mutual TLS is computed from them.
         let policies = self.rebuild_policies(version);
         let changed = self.rebuild_clusters();
+        let routes = self.rebuild_routes(version);
         // What policies reach changes with pods too (one starts, one finishes).
         let statuses = pods_or_policies.then(|| self.policy_statuses()).filter(|s| *s != *self.statuses);
-        if changed.is_empty() && !policies && statuses.is_none() && !first {
+        if changed.is_empty() && !policies && routes.is_empty() && statuses.is_none() && !first {
             return None;
         }
         self.version = version;
         self.log.push(version, changed.clone().into());
+        self.routes.log.push(version, routes.into());
         if let Some(s) = statuses {
             self.statuses = Arc::new(s);
         }
@@ -378,6 +458,9 @@ impl Model {
                     revisions: Vec::new(),
                     not_implemented: Vec::new(),
                     any_implemented: true,
+                    conflicts: Vec::new(),
+                    unresolved: Vec::new(),
+                    invalid: Vec::new(),
                 };
                 (key, reach)
             })
@@ -402,6 +485,47 @@ impl Model {
             s.revisions.sort();
             s.revisions.dedup();
         }
+        let mut trs: Vec<(&Key, &(Outcome, u64))> = self.routes.outcomes.iter().collect();
+        trs.sort_by(|a, b| a.0.cmp(b.0));
+        for (key, (o, since)) in trs {
+            let Some(tr) = self.traffic_routes.live.get(key) else { continue };
+            // Every client proxy of this revision it is exported to holds it. The revisions of
+            // the sidecars in its own namespace decide which control plane writes its status.
+            let mine = |info: &PodInfo| {
+                self.opts.revision.as_ref().is_none_or(|r| info.revision.as_ref() == Some(r))
+            };
+            let mut workloads = Vec::new();
+            let mut revisions = Vec::new();
+            for (pod, info) in &self.pods.live {
+                if !info.sidecar || info.finished {
+                    continue;
+                }
+                let exported = o.export_to.as_ref().is_none_or(|ns| ns.contains(&pod.0));
+                if exported && mine(info) {
+                    workloads.push((pod.clone(), *since));
+                }
+                if pod.0 == key.0 {
+                    revisions.extend(info.revision.clone());
+                }
+            }
+            workloads.sort();
+            revisions.sort();
+            revisions.dedup();
+            v.push(PolicyReach {
+                kind: "TrafficRoute",
+                key: key.clone(),
+                generation: tr.generation,
+                type_url: mycel_api::ROUTE_TYPE,
+                workloads,
+                without_proxy: 0,
+                revisions,
+                not_implemented: tr.not_implemented.clone(),
+                any_implemented: true,
+                conflicts: o.conflicts.clone(),
+                unresolved: o.unresolved.clone(),
+                invalid: o.invalid.clone(),
+            });
+        }
         for kind in KINDS.iter() {
             let Some(objects) = self.unimplemented.get(kind.kind) else { continue };
             let mut keys: Vec<&Key> = objects.live.keys().collect();
@@ -418,6 +542,9 @@ impl Model {
                     revisions: Vec::new(),
                     not_implemented: u.fields.clone(),
                     any_implemented: kind.any_implemented,
+                    conflicts: Vec::new(),
+                    unresolved: Vec::new(),
+                    invalid: Vec::new(),
                 });
             }
         }
@@ -429,6 +556,11 @@ impl Model {
             entries: self.clusters.clone(),
             sorted: self.sorted.clone(),
             log: Some(Arc::new(self.log.clone())),
+        };
+        let routes = Collection {
+            entries: self.routes.entries.clone(),
+            sorted: self.routes.sorted.clone(),
+            log: Some(Arc::new(self.routes.log.clone())),
         };
         let policies = Scoped::Workload {
             by_workload: self.policy_collections.clone(),
@@ -442,6 +574,7 @@ impl Model {
                 (mycel_api::CLUSTER_TYPE, Scoped::Mesh(clusters)),
                 (mycel_api::LISTENER_TYPE, Scoped::Mesh(Collection::default())),
                 (mycel_api::PEER_POLICY_TYPE, policies),
+                (mycel_api::ROUTE_TYPE, Scoped::Mesh(routes)),
             ]
             .into(),
             policies: self.statuses.clone(),
@@ -598,6 +731,7 @@ mod tests {
             Change::Slice(Box::new(watcher::Event::InitDone)),
             Change::Pod(Box::new(watcher::Event::InitDone)),
             Change::PeerAuth(Box::new(watcher::Event::InitDone)),
+            Change::TrafficRoute(Box::new(watcher::Event::InitDone)),
         ] {
             m.apply(c);
         }
@@ -769,6 +903,7 @@ mod tests {
         send(Change::Slice(Box::new(watcher::Event::InitDone)));
         send(Change::Pod(Box::new(watcher::Event::InitDone)));
         send(Change::PeerAuth(Box::new(watcher::Event::InitDone)));
+        send(Change::TrafficRoute(Box::new(watcher::Event::InitDone)));
         for kind in KINDS.iter() {
             send(Change::Unimplemented(kind.clone(), Box::new(watcher::Event::InitDone)));
         }

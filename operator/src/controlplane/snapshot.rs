@@ -66,6 +66,7 @@ pub const COLLECTIONS: &[Registration] = &[
     Registration { type_url: mycel_api::CLUSTER_TYPE, scope: Scope::Mesh },
     Registration { type_url: mycel_api::LISTENER_TYPE, scope: Scope::Mesh },
     Registration { type_url: mycel_api::PEER_POLICY_TYPE, scope: Scope::Workload },
+    Registration { type_url: mycel_api::ROUTE_TYPE, scope: Scope::Mesh },
 ];
 
 /// The registration of a type URL, if the stream serves it.
@@ -182,6 +183,12 @@ pub struct PolicyReach {
     pub not_implemented: Vec<String>,
     /// Whether anything of its kind is implemented (if not, it changes nothing at all).
     pub any_implemented: bool,
+    /// What another object owns that it also claims, each naming the winner (`Accepted=False`).
+    pub conflicts: Vec<String>,
+    /// References that do not resolve, each naming it (`ResolvedRefs=False`).
+    pub unresolved: Vec<String>,
+    /// Values no proxy could use, each naming the field (`Accepted=False`; it is not sent).
+    pub invalid: Vec<String>,
 }
 
 /// The mesh as proxies see it, at one version.

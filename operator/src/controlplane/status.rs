@@ -19,7 +19,7 @@ use kube::{
     Api, Client,
     api::{ApiResource, DynamicObject, Patch, PatchParams},
 };
-use mycel_crds::{Condition, peer_authentication::PeerAuthentication};
+use mycel_crds::{Condition, peer_authentication::PeerAuthentication, traffic_route::TrafficRoute};
 use serde_json::json;
 use tokio::sync::watch;
 use tracing::{debug, warn};
@@ -140,6 +140,30 @@ fn inert(reach: &PolicyReach) -> Vec<Decided> {
 /// `Accepted` of an object its kind implements: in effect, but for the fields it sets that are
 /// not implemented yet (named).
 fn accepted(reach: &PolicyReach) -> Decided {
+    if !reach.invalid.is_empty() {
+        return Decided {
+            type_: "Accepted",
+            status: "False",
+            reason: "Invalid",
+            message: format!(
+                "generation {} is not sent to any proxy: {}",
+                reach.generation,
+                named_list(&reach.invalid)
+            ),
+        };
+    }
+    if !reach.conflicts.is_empty() {
+        return Decided {
+            type_: "Accepted",
+            status: "False",
+            reason: "Conflicted",
+            message: format!(
+                "another {} routes what it names, and the oldest wins (then the first by namespace and name); it does not apply there: {}",
+                reach.kind,
+                named_list(&reach.conflicts)
+            ),
+        };
+    }
     if reach.not_implemented.is_empty() {
         return Decided {
             type_: "Accepted",
@@ -160,6 +184,15 @@ fn accepted(reach: &PolicyReach) -> Decided {
     }
 }
 
+/// Sentences joined, at most [`FIELDS_NAMED`] of them.
+fn named_list(v: &[String]) -> String {
+    let mut s = v.iter().take(FIELDS_NAMED).cloned().collect::<Vec<_>>().join("; ");
+    if v.len() > FIELDS_NAMED {
+        s.push_str(&format!("; and {} more", v.len() - FIELDS_NAMED));
+    }
+    s
+}
+
 /// The conditions of one policy; `None` when another revision's control plane reports on it.
 pub fn decide(reach: &PolicyReach, held: &Held, writer: &Writer) -> Option<Vec<Decided>> {
     if !reach.any_implemented {
@@ -172,11 +205,30 @@ pub fn decide(reach: &PolicyReach, held: &Held, writer: &Writer) -> Option<Vec<D
         return None;
     }
     let accepted = accepted(reach);
-    let refs = Decided {
-        type_: "ResolvedRefs",
-        status: "True",
-        reason: "ResolvedRefs",
-        message: format!("a {} refers to no other object", reach.kind),
+    let refs = if !reach.unresolved.is_empty() {
+        Decided {
+            type_: "ResolvedRefs",
+            status: "False",
+            reason: "BackendNotFound",
+            message: format!(
+                "{}; what does not resolve is left out (a backend that does not gets its share answered 503)",
+                named_list(&reach.unresolved)
+            ),
+        }
+    } else if reach.kind == "PeerAuthentication" {
+        Decided {
+            type_: "ResolvedRefs",
+            status: "True",
+            reason: "ResolvedRefs",
+            message: format!("a {} refers to no other object", reach.kind),
+        }
+    } else {
+        Decided {
+            type_: "ResolvedRefs",
+            status: "True",
+            reason: "ResolvedRefs",
+            message: "every host and backend it names resolves".into(),
+        }
     };
     let no_proxy = match reach.without_proxy {
         0 => String::new(),
@@ -381,6 +433,7 @@ async fn write(client: &Client, reach: &PolicyReach, conditions: &[(Decided, Tim
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let resource = match reach.kind {
         "PeerAuthentication" => ApiResource::erase::<PeerAuthentication>(&()),
+        "TrafficRoute" => ApiResource::erase::<TrafficRoute>(&()),
         kind => match KINDS.iter().find(|k| k.kind == kind) {
             Some(k) => k.resource.clone(),
             None => {
@@ -412,7 +465,28 @@ mod tests {
             revisions: vec!["default".into()],
             not_implemented: Vec::new(),
             any_implemented: true,
+            conflicts: Vec::new(),
+            unresolved: Vec::new(),
+            invalid: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_route_that_lost_its_host_or_names_what_is_not_there_says_so() {
+        let lost = PolicyReach {
+            kind: "TrafficRoute",
+            conflicts: vec!["host web: TrafficRoute shop/older is older and routes Service shop/web".into()],
+            unresolved: vec!["spec.http[0].backends[1]: no Service gone in namespace shop".into()],
+            ..reach(vec![], 0)
+        };
+        let d = decide(&lost, &held(&[]), writer(1));
+        assert_eq!((d[0].status, d[0].reason), ("False", "Conflicted"));
+        assert!(d[0].message.contains("TrafficRoute shop/older"), "{}", d[0].message);
+        assert_eq!((d[1].status, d[1].reason), ("False", "BackendNotFound"));
+        assert!(d[1].message.contains("no Service gone"), "{}", d[1].message);
+        let bad = PolicyReach { invalid: vec!["spec.http[0].match[0].path.regex: bad".into()], ..lost };
+        let d = decide(&bad, &held(&[]), writer(1));
+        assert_eq!((d[0].status, d[0].reason), ("False", "Invalid"));
     }
 
     fn held(pods: &[(&str, u64)]) -> Held {

@@ -44,13 +44,30 @@ pub async fn request(
         Err(e) => return (None, Err(e)),
     };
     routing::filters(&mut req, &route);
-    let admitted = routing::fault(&route).and_then(|()| policy::rate_limit(&req, &conn.conn));
+    let admitted = match routing::fault(&req, &route).await {
+        Ok(()) => policy::rate_limit(&req, &conn.conn),
+        Err(e) => Err(e),
+    };
     if let Err(e) = admitted {
         return (Some(route.backend), Err(e));
     }
     routing::mirror(&req, &route);
-    // Timeout and retry policies (TrafficRoute) wrap this; today a request that reached no app
+    // Retry policies (TrafficRoute) go inside the timeout; today a request that reached no app
     // goes to the next endpoint (in `forward`), and nothing else is retried.
-    let resp = http::forward::forward(req, &conn.conn, &route.backend, shared).await;
+    let sent = http::forward::forward(req, &conn.conn, &route.backend, shared);
+    let resp = match routing::timeout(&route) {
+        None => sent.await,
+        Some(after) => match tokio::time::timeout(after, sent).await {
+            Ok(r) => r,
+            Err(_) => Err(ProxyError::RouteTimeout {
+                rule: route.rule.as_ref().map(|r| r.name.to_string()).unwrap_or_default(),
+                after,
+            }),
+        },
+    };
+    let resp = resp.map(|mut r| {
+        routing::respond(&mut r, &route);
+        r
+    });
     (Some(route.backend), resp)
 }

@@ -1,34 +1,198 @@
 //! Outbound routing: which backend a request goes to, and what is done to it on the way.
 //!
-//! Today a request goes to its connection's target (the listener's cluster, or the Service of
-//! the virtual address it was sent to). TrafficRoute and HTTPRoute matching, filters (headers,
-//! rewrites, redirects, CORS), fault injection and mirroring go here, in the order
-//! [`crate::outbound::request`] calls them.
+//! A request goes to its connection's target (the listener's cluster, or the Service of the
+//! virtual address it was sent to). When that cluster has a route table (TrafficRoute), the
+//! table's first matching rule decides: its backends split by weight, its header edits and
+//! rewrites, its fault injection and timeout, in the order [`crate::outbound::request`] calls
+//! them. A request to a routed cluster that no rule matches is answered 404 (`NR`): it never
+//! goes on to a backend no rule chose.
 
-use std::sync::Arc;
+pub mod table;
 
-use hyper::Request;
+use std::{sync::Arc, time::Duration};
+
+use hyper::{
+    Request, Response, Uri,
+    header::{self, HeaderValue},
+};
 
 use crate::{balance::Endpoints, context::Conn, error::ProxyError, http::Body, state::State};
+
+pub use table::{Rule, Table};
 
 /// Where a request goes, as routing decided.
 pub struct Route {
     pub backend: Arc<Endpoints>,
+    /// The rule that chose it (`None`: the cluster has no route table).
+    pub rule: Option<Arc<Rule>>,
+    /// Bytes of the path a `prefix` match matched (for a prefix rewrite).
+    matched_prefix: Option<usize>,
 }
 
 /// Picks the request's route.
-pub fn route(_req: &Request<Body>, conn: &Conn, state: &State) -> Result<Route, ProxyError> {
-    Ok(Route { backend: conn.target.resolve(state)? })
+pub fn route(req: &Request<Body>, conn: &Conn, state: &State) -> Result<Route, ProxyError> {
+    let crate::context::Target::Cluster(name) = &conn.target else {
+        return Ok(Route { backend: conn.target.resolve(state)?, rule: None, matched_prefix: None });
+    };
+    let Some(table) = state.routes(name) else {
+        return Ok(Route { backend: conn.target.resolve(state)?, rule: None, matched_prefix: None });
+    };
+    let Some((rule, matched_prefix)) = table.select(req) else {
+        return Err(ProxyError::NoRoute { cluster: name.clone(), source: table.source.clone() });
+    };
+    let cluster = rule.pick_backend();
+    let backend = state
+        .cluster(cluster)
+        .cloned()
+        .ok_or_else(|| ProxyError::NoCluster { cluster: cluster.to_string() })?;
+    Ok(Route { backend, rule: Some(rule.clone()), matched_prefix })
 }
 
-/// The route's request filters (header changes, rewrites, redirects): none yet.
-pub fn filters(_req: &mut Request<Body>, _route: &Route) {}
+/// The rule's request edits: header set/add/remove, then the path and authority rewrites.
+pub fn filters(req: &mut Request<Body>, route: &Route) {
+    let Some(rule) = &route.rule else { return };
+    rule.request_headers.apply(req.headers_mut());
+    let Some(rw) = &rule.rewrite else { return };
+    let mut parts = req.uri().clone().into_parts();
+    if let (Some(prefix), Some(len)) = (&rw.uri_prefix, route.matched_prefix) {
+        let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let rest = &pq[len.min(pq.len())..];
+        // `/api` → `/v2` on `/api/items` gives `/v2/items`; onto `/` it gives `/items`, not
+        // `//items`.
+        let joined = if prefix.ends_with('/') && rest.starts_with('/') {
+            format!("{prefix}{}", &rest[1..])
+        } else if rest.is_empty() || rest.starts_with('/') || rest.starts_with('?') || prefix.ends_with('/') {
+            format!("{prefix}{rest}")
+        } else {
+            format!("{prefix}/{rest}")
+        };
+        if let Ok(pq) = joined.parse() {
+            parts.path_and_query = Some(pq);
+        }
+    }
+    if let Some(a) = &rw.authority {
+        if parts.authority.is_some() {
+            parts.authority = Some(a.clone());
+        }
+        if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+}
 
-/// The route's fault injection (delays and aborts): none yet.
-pub fn fault(_route: &Route) -> Result<(), ProxyError> {
+/// The rule's fault injection: a delay (waited here), then an abort (the answer instead of the
+/// backend's).
+pub async fn fault(req: &Request<Body>, route: &Route) -> Result<(), ProxyError> {
+    let Some(f) = route.rule.as_ref().and_then(|r| r.fault.as_ref()) else { return Ok(()) };
+    if let Some(d) = &f.delay
+        && chance(d.percent)
+    {
+        tokio::time::sleep(Duration::from_millis(d.delay_ms)).await;
+    }
+    if let Some(a) = &f.abort
+        && chance(a.percent)
+    {
+        let grpc = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+        return Err(match (a.http_status, a.grpc_status) {
+            (_, Some(code)) => {
+                ProxyError::FaultAbort { status: hyper::StatusCode::OK, grpc_status: Some(code) }
+            }
+            (Some(s), None) => ProxyError::FaultAbort {
+                status: hyper::StatusCode::from_u16(s).unwrap_or(hyper::StatusCode::SERVICE_UNAVAILABLE),
+                grpc_status: None,
+            },
+            (None, None) if grpc => {
+                ProxyError::FaultAbort { status: hyper::StatusCode::OK, grpc_status: Some(14) }
+            }
+            (None, None) => {
+                ProxyError::FaultAbort { status: hyper::StatusCode::SERVICE_UNAVAILABLE, grpc_status: None }
+            }
+        });
+    }
     Ok(())
+}
+
+/// Whether an event of `percent` (0-100) happens this time.
+fn chance(percent: f64) -> bool {
+    percent >= 100.0 || (percent > 0.0 && fastrand::f64() * 100.0 < percent)
 }
 
 /// The route's mirror (a copy sent to a second backend, once per request, before retries):
 /// none yet.
 pub fn mirror(_req: &Request<Body>, _route: &Route) {}
+
+/// The rule's deadline for the whole request.
+pub fn timeout(route: &Route) -> Option<Duration> {
+    route.rule.as_ref().and_then(|r| r.timeout)
+}
+
+/// The rule's response edits.
+pub fn respond(resp: &mut Response<Body>, route: &Route) {
+    if let Some(rule) = &route.rule {
+        rule.response_headers.apply(resp.headers_mut());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use http_body_util::BodyExt;
+
+    fn empty() -> Body {
+        http_body_util::Empty::new().map_err(|never| match never {}).boxed()
+    }
+
+    #[test]
+    fn header_edits_and_a_prefix_rewrite_change_the_request() {
+        let c = Config::parse(
+            "clusters:\n- {name: web, endpoints: ['127.0.0.1:1']}\nroutes:\n- cluster: web\n  http:\n  - name: api\n    match: [{path: {prefix: /api}}]\n    backends: [{cluster: web}]\n    rewrite: {uriPrefix: /v2, authority: 'api.example:8080'}\n    requestHeaders: {set: {x-env: prod}, add: {x-tag: b}, remove: [x-drop]}\n    responseHeaders: {set: {x-served: mycel}, remove: [server]}\n  - name: root\n    match: [{path: {prefix: /}}]\n    backends: [{cluster: web}]\n    rewrite: {uriPrefix: /app/}\n",
+        )
+        .unwrap();
+        let state = State::build(c, None);
+        let table = state.routes("web").unwrap();
+        let request = |uri: &str| {
+            Request::builder()
+                .uri(uri)
+                .header("host", "web")
+                .header("x-env", "dev")
+                .header("x-tag", "a")
+                .header("x-drop", "1")
+                .body(empty())
+                .unwrap()
+        };
+        let mut req = request("/api/items?id=3");
+        let (rule, prefix) = table.select(&req).unwrap();
+        let route = Route {
+            backend: state.cluster("web").unwrap().clone(),
+            rule: Some(rule.clone()),
+            matched_prefix: prefix,
+        };
+        filters(&mut req, &route);
+        assert_eq!(req.uri(), "/v2/items?id=3");
+        assert_eq!(req.headers()["host"], "api.example:8080");
+        assert_eq!(req.headers()["x-env"], "prod", "set replaces");
+        let tags: Vec<_> = req.headers().get_all("x-tag").iter().collect();
+        assert_eq!(tags, ["a", "b"], "add appends");
+        assert!(req.headers().get("x-drop").is_none(), "remove removes");
+        let mut resp = Response::new(empty());
+        resp.headers_mut().insert("server", HeaderValue::from_static("app"));
+        respond(&mut resp, &route);
+        assert_eq!(resp.headers()["x-served"], "mycel");
+        assert!(resp.headers().get("server").is_none());
+        // `/` → `/app/` on `/x` gives `/app/x`.
+        let mut req = request("/x");
+        let (rule, prefix) = table.select(&req).unwrap();
+        let route =
+            Route { backend: route.backend.clone(), rule: Some(rule.clone()), matched_prefix: prefix };
+        filters(&mut req, &route);
+        assert_eq!(req.uri(), "/app/x");
+    }
+}

@@ -4,4 +4,5 @@
 
 pub mod cluster;
 pub mod peer_policy;
+pub mod route;
 pub mod unimplemented;

@@ -7,6 +7,9 @@ use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
+pub mod route;
+pub use route::RouteTable;
+
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Config {
@@ -17,6 +20,15 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     #[serde(default)]
     pub clusters: Vec<Cluster>,
+    /// How requests to a cluster are routed (streamed from TrafficRoute); a cluster without a
+    /// table sends every request to its own endpoints.
+    /// Matches are written `{exact: x}`, `{prefix: /api}`, `{regex: …}`, `present` or `absent`.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        with = "serde_yaml::with::singleton_map_recursive"
+    )]
+    pub routes: Vec<RouteTable>,
     /// How inbound listeners accept connections from other sidecars (streamed by the control
     /// plane from PeerAuthentication).
     #[serde(default, skip_serializing_if = "InboundMtls::is_default")]
@@ -307,6 +319,16 @@ impl Config {
                     );
                 }
             }
+        }
+        let mut routed = BTreeSet::new();
+        for (i, t) in self.routes.iter().enumerate() {
+            if !routed.insert(t.cluster.as_str()) {
+                return invalid(
+                    format!("routes[{i}].cluster"),
+                    format!("{:?} has another route table", t.cluster),
+                );
+            }
+            t.validate(&format!("routes[{i}]"), &|c| self.streamed || cluster_names.contains(c))?;
         }
         let mut names = BTreeSet::new();
         let mut addresses = BTreeSet::new();

@@ -4,7 +4,7 @@
 //! last good config keeps serving. A broken stream is reopened with exponential backoff and
 //! jitter, resuming from the versions the proxy holds; traffic never waits for the control plane.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 
 use crate::error::SetupError;
 use hyper_util::rt::TokioIo;
@@ -17,6 +17,9 @@ use tokio::sync::{Mutex, mpsc, watch};
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
+
+mod convert;
+pub use convert::{convert_cluster, convert_policy, convert_route};
 
 use crate::{
     ApplyError, Running,
@@ -141,29 +144,30 @@ pub async fn channel(
     })
 }
 
-/// The configuration in force as two layers: the static one (file and flags) and what the
-/// control plane streamed. Either can change; the proxy always runs their union.
+/// The configuration in force as layers: the static one (file and flags) and what the control
+/// plane streamed (clusters, route tables, the inbound policy). Any can change; the proxy always
+/// runs their union.
 pub struct Layered {
     pub running: Arc<Running>,
-    state: Mutex<(Config, BTreeMap<String, config::Cluster>, Option<config::InboundMtls>)>,
+    state: Mutex<Layers>,
 }
 
-impl Layered {
-    pub fn new(running: Arc<Running>, base: Config) -> Layered {
-        Layered { running, state: Mutex::new((base, BTreeMap::new(), None)) }
-    }
+#[derive(Clone)]
+struct Layers {
+    base: Config,
+    clusters: BTreeMap<String, config::Cluster>,
+    routes: BTreeMap<String, config::RouteTable>,
+    inbound: Option<config::InboundMtls>,
+}
 
-    fn compose(
-        base: &Config,
-        dynamic: &BTreeMap<String, config::Cluster>,
-        inbound: &Option<config::InboundMtls>,
-    ) -> Result<Config, ConfigError> {
-        let mut c = base.clone();
-        if let Some(p) = inbound {
+impl Layers {
+    fn compose(&self) -> Result<Config, ConfigError> {
+        let mut c = self.base.clone();
+        if let Some(p) = &self.inbound {
             c.inbound_mtls = p.clone();
         }
-        for (name, cluster) in dynamic {
-            if base.clusters.iter().any(|b| &b.name == name) {
+        for (name, cluster) in &self.clusters {
+            if self.base.clusters.iter().any(|b| &b.name == name) {
                 return Err(ConfigError::Invalid {
                     field: format!("clusters[{name}].name"),
                     message: "a cluster of the static configuration has this name".into(),
@@ -171,34 +175,34 @@ impl Layered {
             }
             c.clusters.push(cluster.clone());
         }
+        for (name, table) in &self.routes {
+            if self.base.routes.iter().any(|b| &b.cluster == name) {
+                return Err(ConfigError::Invalid {
+                    field: format!("routes[{name}].cluster"),
+                    message: "a route table of the static configuration routes this cluster".into(),
+                });
+            }
+            c.routes.push(table.clone());
+        }
         Ok(c)
     }
+}
 
-    /// Replaces the static layer.
-    pub async fn set_base(&self, base: Config) -> Result<(), ApplyError> {
-        let mut st = self.state.lock().await;
-        let composed = Self::compose(&base, &st.1, &st.2)?;
-        self.running.apply(composed).await?;
-        st.0 = base;
-        Ok(())
+impl Layered {
+    pub fn new(running: Arc<Running>, base: Config) -> Layered {
+        let layers = Layers { base, clusters: BTreeMap::new(), routes: BTreeMap::new(), inbound: None };
+        Layered { running, state: Mutex::new(layers) }
     }
 
-    /// Replaces the streamed inbound policy (`None`: the static one).
-    pub async fn set_inbound(&self, policy: Option<config::InboundMtls>) -> Result<(), ApplyError> {
+    /// Applies the layers `change` makes of the current ones, and keeps them if that worked.
+    async fn change(&self, change: impl FnOnce(&mut Layers)) -> Result<(), ApplyError> {
         let mut st = self.state.lock().await;
-        let composed = Self::compose(&st.0, &st.1, &policy)?;
-        self.running.apply(composed).await?;
-        st.2 = policy;
-        Ok(())
-    }
-
-    /// Replaces the streamed layer; errors name streamed clusters by name.
-    pub async fn set_dynamic(&self, dynamic: BTreeMap<String, config::Cluster>) -> Result<(), ApplyError> {
-        let mut st = self.state.lock().await;
-        let composed = Self::compose(&st.0, &dynamic, &st.2)?;
+        let mut next = st.clone();
+        change(&mut next);
+        let composed = next.compose()?;
         match self.running.apply(composed.clone()).await {
             Ok(()) => {
-                st.1 = dynamic;
+                *st = next;
                 Ok(())
             }
             Err(ApplyError::Invalid(ConfigError::Invalid { field, message })) => {
@@ -210,84 +214,49 @@ impl Layered {
             Err(e) => Err(e),
         }
     }
+
+    /// Replaces the static layer.
+    pub async fn set_base(&self, base: Config) -> Result<(), ApplyError> {
+        self.change(|l| l.base = base).await
+    }
+
+    /// Replaces the streamed inbound policy (`None`: the static one).
+    pub async fn set_inbound(&self, policy: Option<config::InboundMtls>) -> Result<(), ApplyError> {
+        self.change(|l| l.inbound = policy).await
+    }
+
+    /// Replaces the streamed clusters; errors name streamed clusters by name.
+    pub async fn set_dynamic(&self, dynamic: BTreeMap<String, config::Cluster>) -> Result<(), ApplyError> {
+        self.change(|l| l.clusters = dynamic).await
+    }
+
+    /// Replaces the streamed route tables.
+    pub async fn set_routes(&self, routes: BTreeMap<String, config::RouteTable>) -> Result<(), ApplyError> {
+        self.change(|l| l.routes = routes).await
+    }
 }
 
-/// `clusters[3].lb` → `clusters[reviews.default.svc.cluster.local:9080].lb`.
+/// `clusters[3].lb` → `clusters[reviews.default.svc.cluster.local:9080].lb` (and so for
+/// `routes[i]`).
 fn name_indices(field: &str, c: &Config) -> String {
-    let Some(rest) = field.strip_prefix("clusters[") else { return field.to_string() };
+    let (list, rest) = if let Some(r) = field.strip_prefix("clusters[") {
+        ("clusters", r)
+    } else if let Some(r) = field.strip_prefix("routes[") {
+        ("routes", r)
+    } else {
+        return field.to_string();
+    };
     let Some((idx, tail)) = rest.split_once(']') else { return field.to_string() };
-    match idx.parse::<usize>().ok().and_then(|i| c.clusters.get(i)) {
-        Some(cl) => format!("clusters[{}]{tail}", cl.name),
+    let Ok(i) = idx.parse::<usize>() else { return field.to_string() };
+    let name = if list == "clusters" {
+        c.clusters.get(i).map(|x| x.name.as_str())
+    } else {
+        c.routes.get(i).map(|x| x.cluster.as_str())
+    };
+    match name {
+        Some(n) => format!("{list}[{n}]{tail}"),
         None => field.to_string(),
     }
-}
-
-/// A streamed cluster in the proxy's model. Endpoints that are not ready are left out.
-pub fn convert_cluster(c: &pb::Cluster) -> Result<config::Cluster, ConfigError> {
-    let invalid = |field: String, message: String| ConfigError::Invalid { field, message };
-    let mut endpoints = Vec::new();
-    let mut mtls_endpoints = BTreeMap::new();
-    for (i, e) in c.endpoints.iter().enumerate() {
-        let addr: SocketAddr = e.address.parse().map_err(|_| {
-            invalid(
-                format!("clusters[{}].endpoints[{i}].address", c.name),
-                format!("{:?} is not ip:port", e.address),
-            )
-        })?;
-        if e.mtls {
-            if e.identity.parse::<mycel_api::spiffe::SpiffeId>().is_err() {
-                return Err(invalid(
-                    format!("clusters[{}].endpoints[{i}].identity", c.name),
-                    format!("mutual TLS needs a SPIFFE ID, not {:?}", e.identity),
-                ));
-            }
-            mtls_endpoints.insert(addr, e.identity.clone());
-        }
-        if e.ready {
-            endpoints.push(addr);
-        }
-    }
-    let addresses = c
-        .addresses
-        .iter()
-        .enumerate()
-        .map(|(i, a)| {
-            a.parse().map_err(|_| {
-                invalid(format!("clusters[{}].addresses[{i}]", c.name), format!("{a:?} is not ip:port"))
-            })
-        })
-        .collect::<Result<Vec<SocketAddr>, _>>()?;
-    let mut lb = config::LoadBalancer::default();
-    if let Some(l) = &c.load_balancer {
-        use pb::load_balancer::{Algorithm, HashOn};
-        lb.algorithm = match Algorithm::try_from(l.algorithm) {
-            Ok(Algorithm::PeakEwma) => config::LbAlgorithm::PeakEwma,
-            Ok(Algorithm::RoundRobin) => config::LbAlgorithm::RoundRobin,
-            Ok(Algorithm::LeastRequest) => config::LbAlgorithm::LeastRequest,
-            Ok(Algorithm::Random) => config::LbAlgorithm::Random,
-            Ok(Algorithm::ConsistentHash) => config::LbAlgorithm::ConsistentHash,
-            Err(_) => {
-                return Err(invalid(
-                    format!("clusters[{}].loadBalancer.algorithm", c.name),
-                    format!("unknown algorithm {}", l.algorithm),
-                ));
-            }
-        };
-        match &l.hash_on {
-            Some(HashOn::Header(h)) => lb.hash_header = Some(h.clone()),
-            Some(HashOn::Cookie(h)) => lb.hash_cookie = Some(h.clone()),
-            Some(HashOn::SourceIp(b)) => lb.hash_source_ip = *b,
-            None => {}
-        }
-    }
-    Ok(config::Cluster {
-        name: c.name.clone(),
-        endpoints,
-        connect_timeout_ms: if c.connect_timeout_ms == 0 { 1000 } else { u64::from(c.connect_timeout_ms) },
-        lb,
-        addresses,
-        mtls_endpoints,
-    })
 }
 
 /// What the proxy accepted from the stream: resource name → (version, cluster).
@@ -302,6 +271,7 @@ pub async fn run(
     let metrics = &layered.running.shared.metrics;
     let mut accepted: Accepted = BTreeMap::new();
     let mut policy: Option<(String, config::InboundMtls)> = None;
+    let mut routes: Routes = BTreeMap::new();
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
     loop {
         let id = match identity.wait_for(|i| i.is_some()).await {
@@ -309,7 +279,8 @@ pub async fn run(
             Err(_) => return,
         };
         let Some(id) = id else { continue };
-        let result = session(&boot, &layered, &id, &mut accepted, &mut policy, &mut backoff).await;
+        let result =
+            session(&boot, &layered, &id, (&mut accepted, &mut policy, &mut routes), &mut backoff).await;
         metrics.control_plane_connected.set(0);
         let delay = backoff.next_delay();
         match result {
@@ -326,8 +297,7 @@ async fn session(
     boot: &Bootstrap,
     layered: &Layered,
     id: &Identity,
-    accepted: &mut Accepted,
-    policy: &mut Option<(String, config::InboundMtls)>,
+    (accepted, policy, routes): (&mut Accepted, &mut Option<(String, config::InboundMtls)>, &mut Routes),
     backoff: &mut Backoff,
 ) -> Result<(), SetupError> {
     let metrics = &layered.running.shared.metrics;
@@ -350,6 +320,14 @@ async fn session(
     })
     .await
     .map_err(|_| closed())?;
+    tx.send(pb::DeltaRequest {
+        type_url: mycel_api::ROUTE_TYPE.into(),
+        subscribe: vec!["*".into()],
+        initial_versions: routes.iter().map(|(n, (v, _))| (n.clone(), v.clone())).collect(),
+        ..Default::default()
+    })
+    .await
+    .map_err(|_| closed())?;
     let mut responses = ConfigDiscoveryClient::new(ch)
         .max_decoding_message_size(64 << 20)
         .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -358,15 +336,36 @@ async fn session(
         .into_inner();
     metrics.control_plane_connected.set(1);
     info!(control_plane = %boot.control_plane, resuming = accepted.len(), "config stream open");
+    // Ready once the first sync of clusters and of routes is whole: an app that starts then
+    // sends its first request with its routes in force.
+    let (mut clusters_synced, mut routes_synced) = (false, false);
     while let Some(resp) = responses.message().await.map_err(SetupError::refused("the config stream"))? {
         backoff.reset();
+        if !resp.partial {
+            clusters_synced |= resp.type_url == mycel_api::CLUSTER_TYPE;
+            routes_synced |= resp.type_url == mycel_api::ROUTE_TYPE;
+        }
         let error_detail = if resp.type_url == mycel_api::PEER_POLICY_TYPE {
             let e = apply_policy(&resp, policy, layered).await;
+            metrics.config_update(e.is_none());
+            e
+        } else if resp.type_url == mycel_api::ROUTE_TYPE {
+            let e = apply_routes(&resp, routes, &boot.node.namespace, layered).await;
             metrics.config_update(e.is_none());
             e
         } else {
             apply_clusters(&resp, accepted, layered).await
         };
+        if clusters_synced
+            && routes_synced
+            && !layered.running.shared.ready.swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            info!(
+                clusters = accepted.len(),
+                routes = routes.len(),
+                "first config from the control plane is in; ready"
+            );
+        }
         tx.send(pb::DeltaRequest {
             type_url: resp.type_url.clone(),
             response_nonce: resp.nonce.clone(),
@@ -387,10 +386,6 @@ async fn apply_clusters(
 ) -> Option<pb::RejectReason> {
     let metrics = &layered.running.shared.metrics;
     let (next, rejected) = apply_response(resp, accepted, layered).await;
-    // In sync (and ready) once the last part of the first sync is in.
-    if !resp.partial && !layered.running.shared.ready.swap(true, std::sync::atomic::Ordering::AcqRel) {
-        info!(clusters = next.len(), "first config from the control plane is in; ready");
-    }
     metrics.config_update(rejected.is_empty());
     let error_detail = match rejected.first() {
         None => {
@@ -413,24 +408,56 @@ async fn apply_clusters(
     error_detail
 }
 
-/// The inbound mutual-TLS policy from its streamed form.
-pub fn convert_policy(p: &pb::PeerPolicy) -> Result<config::InboundMtls, ConfigError> {
-    let mode = |m: i32, field: String| match pb::MtlsMode::try_from(m) {
-        Ok(pb::MtlsMode::MtlsPermissive) => Ok(config::MtlsMode::Permissive),
-        Ok(pb::MtlsMode::MtlsStrict) => Ok(config::MtlsMode::Strict),
-        Ok(pb::MtlsMode::MtlsDisable) => Ok(config::MtlsMode::Disable),
-        Err(_) => Err(ConfigError::Invalid { field, message: format!("unknown mode {m}") }),
-    };
-    let mut ports = BTreeMap::new();
-    for (port, m) in &p.ports {
-        let field = format!("peerPolicy.ports[{port}]");
-        let port = u16::try_from(*port)
-            .ok()
-            .filter(|p| *p > 0)
-            .ok_or_else(|| ConfigError::Invalid { field: field.clone(), message: "not a TCP port".into() })?;
-        ports.insert(port, mode(*m, field)?);
+/// What the proxy accepted of route tables: name → (version, the table, or `None` when it is
+/// not exported to this proxy's namespace).
+type Routes = BTreeMap<String, (String, Option<config::RouteTable>)>;
+
+/// Applies a Route response: each table converted on its own; one that fails keeps the version
+/// accepted before (if any) and is named in the rejection, the others apply.
+async fn apply_routes(
+    resp: &pb::DeltaResponse,
+    routes: &mut Routes,
+    namespace: &str,
+    layered: &Layered,
+) -> Option<pb::RejectReason> {
+    let mut next = routes.clone();
+    for name in &resp.removed {
+        next.remove(name);
     }
-    Ok(config::InboundMtls { mode: mode(p.mode, "peerPolicy.mode".into())?, ports })
+    let mut rejected: Vec<(String, String)> = Vec::new();
+    for r in &resp.resources {
+        match &r.kind {
+            Some(pb::resource::Kind::RouteTable(t)) if t.name == r.name => {
+                match convert_route(t, namespace) {
+                    Ok(table) => {
+                        next.insert(r.name.clone(), (r.version.clone(), table));
+                    }
+                    Err(ConfigError::Invalid { field, message }) => rejected.push((field, message)),
+                    Err(e) => rejected.push((format!("routes[{}]", r.name), e.to_string())),
+                }
+            }
+            _ => rejected
+                .push((format!("resources[{}]", r.name), "not a route table named as its resource".into())),
+        }
+    }
+    let tables = next.iter().filter_map(|(n, (_, t))| Some((n.clone(), t.clone()?))).collect();
+    match layered.set_routes(tables).await {
+        Ok(()) => {
+            debug!(tables = next.len(), "route tables applied");
+            *routes = next;
+        }
+        Err(e) => rejected.push(("routes".into(), e.to_string())),
+    }
+    let (field, message) = rejected.first()?.clone();
+    for (field, message) in &rejected {
+        warn!(version = %resp.system_version, %field, %message, "route table rejected; the last good one stays");
+    }
+    let message = if rejected.len() > 1 {
+        format!("{message} (and {} more rejected resources)", rejected.len() - 1)
+    } else {
+        message
+    };
+    Some(pb::RejectReason { field, message })
 }
 
 /// Applies a PeerPolicy response; the rejection, if any.
@@ -548,28 +575,5 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
-    }
-
-    #[test]
-    fn streamed_clusters_convert_and_bad_ones_name_the_field() {
-        let c = pb::Cluster {
-            name: "web.ns.svc.cluster.local:80".into(),
-            endpoints: vec![
-                pb::Endpoint { address: "10.0.0.1:8080".into(), ready: true, ..Default::default() },
-                pb::Endpoint { address: "10.0.0.2:8080".into(), ready: false, ..Default::default() },
-            ],
-            addresses: vec!["10.96.0.10:80".into()],
-            ..Default::default()
-        };
-        let got = convert_cluster(&c).unwrap();
-        assert_eq!(got.endpoints, vec!["10.0.0.1:8080".parse::<SocketAddr>().unwrap()]);
-        assert_eq!(got.addresses, vec!["10.96.0.10:80".parse::<SocketAddr>().unwrap()]);
-        assert_eq!(got.connect_timeout_ms, 1000);
-        let mut bad = c.clone();
-        bad.endpoints[1].address = "nowhere".into();
-        assert_eq!(
-            convert_cluster(&bad).unwrap_err().to_string(),
-            "clusters[web.ns.svc.cluster.local:80].endpoints[1].address: \"nowhere\" is not ip:port"
-        );
     }
 }

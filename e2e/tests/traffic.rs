@@ -1,0 +1,269 @@
+//! Traffic management on the real node: a TrafficRoute steers what a meshed client sends, seen
+//! from the client (statuses, the pod that answered, response headers) and from the echo server
+//! (the path and headers it received); and its status tells the truth (Ready once every proxy
+//! acknowledged it, a conflict and a missing backend named). Skipped (with a message) when the
+//! cluster has no real node.
+
+use std::time::Duration;
+
+use kube::api::{DynamicObject, PostParams};
+use mycel_e2e::{
+    TestCluster, eventually,
+    images::TESTAPP_IMAGE,
+    mesh::{Installation, mycel_api, run_job},
+};
+use serde_json::{Value, json};
+
+/// One response as `mycel-testapp get --report` printed it.
+struct Seen {
+    url: String,
+    status: u64,
+    headers: Value,
+    body: Value,
+    elapsed: Duration,
+}
+
+impl Seen {
+    /// The pod that answered (the echo server's own report).
+    fn pod(&self) -> &str {
+        self.body["pod"].as_str().unwrap_or("")
+    }
+    fn header(&self, name: &str) -> &str {
+        self.headers[name].as_str().unwrap_or("")
+    }
+}
+
+fn parse(log: &str) -> Vec<Seen> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|v| Seen {
+            url: v["url"].as_str().unwrap_or_default().to_string(),
+            status: v["status"].as_u64().unwrap_or_default(),
+            headers: v["headers"].clone(),
+            body: v["body"].clone(),
+            elapsed: Duration::from_millis(v["elapsed_ms"].as_u64().unwrap_or_default()),
+        })
+        .collect()
+}
+
+fn get(urls: &[&str], count: u32, headers: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = ["get", "--report", "--timeout", "10", "--count", &count.to_string()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for h in headers {
+        a.push("--header".into());
+        a.push(h.to_string());
+    }
+    a.extend(urls.iter().map(|u| u.to_string()));
+    a
+}
+
+/// The condition `type_` of a mycel.io object for its current generation, once it has one.
+async fn condition(api: &kube::Api<DynamicObject>, name: &str, type_: &str, status: &str) -> Value {
+    eventually(&format!("{name} has {type_}={status}"), Duration::from_secs(60), || async {
+        let o = api.get(name).await.map_err(|e| e.to_string())?;
+        let generation = o.metadata.generation;
+        let c = o.data["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+            .cloned()
+            .unwrap_or_default();
+        if c["status"] == status && c["observedGeneration"].as_i64() == generation {
+            Ok(c)
+        } else {
+            Err(o.data["status"].to_string())
+        }
+    })
+    .await
+}
+
+fn echo(name: &str, version: &str) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}, version: {version}}}}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: echo
+        image: {TESTAPP_IMAGE}
+        args: ["http-echo", "--port", "8080"]
+        env: [{{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}]
+        ports: [{{name: http, containerPort: 8080}}]
+        readinessProbe: {{httpGet: {{path: /, port: http}}, periodSeconds: 1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}}}
+spec:
+  selector: {{app: {name}}}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+"#
+    )
+}
+
+const ROUTE: &str = r#"
+apiVersion: mycel.io/v1alpha1
+kind: TrafficRoute
+metadata: {name: web}
+spec:
+  hosts: [web]
+  http:
+  - name: canary
+    match: [{headers: [{name: x-canary, exact: "yes"}]}]
+    backends: [{service: web-v2}]
+    headers:
+      request: {set: {x-route: canary}, remove: [x-secret]}
+      response: {add: {x-served-by-rule: canary}}
+  - name: api
+    match: [{path: {prefix: /api}}]
+    rewrite: {uriPrefix: /v1, authority: web-api.example}
+    backends: [{service: web}]
+  - name: split
+    match: [{path: {exact: /split}}]
+    backends: [{service: web, weight: 90}, {service: web-v2, weight: 10}]
+  - name: slow
+    match: [{path: {prefix: /slow}}]
+    timeout: 300ms
+    backends: [{service: web}]
+  - name: fault
+    match: [{path: {prefix: /fault}}]
+    fault: {abort: {percent: 50, httpStatus: 418}}
+    backends: [{service: web}]
+  - name: delayed
+    match: [{path: {prefix: /delayed}}]
+    fault: {delay: {percent: 100, fixedDelay: 700ms}}
+    backends: [{service: web}]
+  - name: home
+    match: [{path: {prefix: /home}, method: GET}, {queryParams: [{name: go, exact: "1"}]}]
+    backends: [{service: web}]
+"#;
+
+#[tokio::test]
+async fn traffic_routes_steer_what_clients_send() {
+    let c = TestCluster::shared().await.unwrap();
+    if c.local().is_some_and(|l| !l.info.real_node) {
+        mycel_e2e::skip("the local cluster has no real node (not root, or MYCEL_REAL_NODE=0)");
+        return;
+    }
+    let mesh = Installation::start(&c, "traffic").await;
+    let client = mesh.client.clone();
+    let n = mesh.app.name.clone();
+    mesh.apply(&c, &format!("{}---\n{}", echo("web", "v1"), echo("web-v2", "v2")));
+    mesh.available("web", 1).await;
+    mesh.available("web-v2", 1).await;
+    mesh.apply(&c, ROUTE);
+    let trs = mycel_api(&client, &n, "TrafficRoute", "trafficroutes");
+    condition(&trs, "web", "Accepted", "True").await;
+    condition(&trs, "web", "ResolvedRefs", "True").await;
+    let ready = condition(&trs, "web", "Ready", "True").await;
+    assert!(ready["message"].as_str().unwrap_or("").starts_with("in effect"), "{ready}");
+
+    // Matches, rewrites, a timeout, no match: one client, each URL once.
+    let urls = [
+        "http://web/api/items",
+        "http://web/slow?sleep_ms=3000",
+        "http://web/home",
+        "http://web/other",
+        "http://web/other?go=1",
+        "http://web/delayed",
+    ];
+    let (ok, log) = run_job(&client, &n, "plain-rules", "default", true, &get(&urls, 1, &[])).await;
+    assert!(ok, "{log}");
+    let seen = parse(&log);
+    let by = |url: &str| seen.iter().find(|s| s.url == url).unwrap_or_else(|| panic!("no {url} in:\n{log}"));
+    let api = by("http://web/api/items");
+    assert_eq!(api.status, 200, "{log}");
+    assert_eq!(api.body["path"], "/v1/items", "the prefix is rewritten: {log}");
+    assert_eq!(api.body["headers"]["host"], "web-api.example", "the authority is rewritten: {log}");
+    assert!(api.pod().starts_with("web-") && !api.pod().starts_with("web-v2-"), "{log}");
+    let slow = by("http://web/slow?sleep_ms=3000");
+    assert_eq!(slow.status, 504, "a backend slower than the timeout: {log}");
+    assert_eq!(slow.header("x-mycel-error"), "UT request_timeout", "{log}");
+    assert_eq!(by("http://web/home").status, 200);
+    let other = by("http://web/other");
+    assert_eq!(other.status, 404, "no rule matches: {log}");
+    assert_eq!(other.header("x-mycel-error"), "NR no_route_matched", "{log}");
+    assert_eq!(by("http://web/other?go=1").status, 200, "a query parameter match: {log}");
+    let delayed = by("http://web/delayed");
+    assert_eq!(delayed.status, 200, "{log}");
+    assert!(delayed.elapsed >= Duration::from_millis(700), "a fixed delay of 700ms: {:?}", delayed.elapsed);
+
+    // A header match goes to the canary, with the request and response headers edited.
+    let canary = get(&["http://web/home"], 5, &["x-canary:yes", "x-secret:s3cret"]);
+    let (ok, log) = run_job(&client, &n, "canary", "default", true, &canary).await;
+    assert!(ok, "{log}");
+    let seen = parse(&log);
+    assert_eq!(seen.len(), 5, "{log}");
+    for s in &seen {
+        assert!(s.pod().starts_with("web-v2-"), "the canary answered: {log}");
+        assert_eq!(s.body["headers"]["x-route"], "canary", "{log}");
+        assert!(s.body["headers"].get("x-secret").is_none(), "x-secret is removed: {log}");
+        assert_eq!(s.header("x-served-by-rule"), "canary", "{log}");
+    }
+
+    // A 90/10 split, measured over 2000 requests; an abort at 50 %.
+    let (ok, log) =
+        run_job(&client, &n, "split", "default", true, &get(&["http://web/split"], 2000, &[])).await;
+    assert!(ok, "{log}");
+    let seen = parse(&log);
+    assert_eq!(seen.len(), 2000);
+    let v2 = seen.iter().filter(|s| s.pod().starts_with("web-v2-")).count();
+    let v1 = seen.iter().filter(|s| s.pod().starts_with("web-") && !s.pod().starts_with("web-v2-")).count();
+    assert_eq!(v1 + v2, 2000, "every request answered by one of them");
+    let share = v2 as f64 / 2000.0 * 100.0;
+    assert!((8.0..=12.0).contains(&share), "web-v2 took {share:.1} % (90/10 ± 2 points)");
+    let (ok, log) =
+        run_job(&client, &n, "fault", "default", true, &get(&["http://web/fault"], 400, &[])).await;
+    assert!(ok, "{log}");
+    let seen = parse(&log);
+    let aborted =
+        seen.iter().filter(|s| s.status == 418 && s.header("x-mycel-error") == "FI fault_injected").count();
+    let passed = seen.iter().filter(|s| s.status == 200).count();
+    assert_eq!(aborted + passed, 400, "{log}");
+    let share = aborted as f64 / 4.0;
+    assert!((40.0..=60.0).contains(&share), "{share:.1} % aborted, 50 % asked");
+
+    // A second route for the same host loses (it is newer) and says which one won; a backend
+    // that does not exist is named, and its share gets 503.
+    let dup = json!({"apiVersion": "mycel.io/v1alpha1", "kind": "TrafficRoute", "metadata": {"name": "web-dup"},
+        "spec": {"hosts": ["web"], "http": [{"backends": [{"service": "web-v2"}]}]}});
+    trs.create(&PostParams::default(), &serde_json::from_value(dup).unwrap()).await.unwrap();
+    let lost = condition(&trs, "web-dup", "Accepted", "False").await;
+    assert_eq!(lost["reason"], "Conflicted", "{lost}");
+    assert!(lost["message"].as_str().unwrap_or("").contains(&format!("TrafficRoute {n}/web")), "{lost}");
+    let missing = json!({"apiVersion": "mycel.io/v1alpha1", "kind": "TrafficRoute", "metadata": {"name": "to-nowhere"},
+        "spec": {"hosts": ["web-v2"], "http": [{"backends": [{"service": "missing"}]}]}});
+    trs.create(&PostParams::default(), &serde_json::from_value(missing).unwrap()).await.unwrap();
+    let refs = condition(&trs, "to-nowhere", "ResolvedRefs", "False").await;
+    assert_eq!(refs["reason"], "BackendNotFound", "{refs}");
+    assert!(refs["message"].as_str().unwrap_or("").contains("no Service missing"), "{refs}");
+    condition(&trs, "to-nowhere", "Ready", "True").await;
+    let (ok, log) = run_job(
+        &client,
+        &n,
+        "nowhere",
+        "default",
+        true,
+        &get(&["http://web-v2/", "http://web/home"], 2, &[]),
+    )
+    .await;
+    assert!(ok, "{log}");
+    let seen = parse(&log);
+    for s in &seen {
+        match s.url.as_str() {
+            "http://web-v2/" => {
+                assert_eq!(s.status, 503, "{log}");
+                assert_eq!(s.header("x-mycel-error"), "NC no_cluster", "{log}");
+            }
+            _ => assert_eq!(s.status, 200, "the winner still routes web: {log}"),
+        }
+    }
+    mesh.finish().await;
+}

@@ -1,0 +1,462 @@
+//! TrafficRoute → route tables: one `mycel.io/Route` resource per routed cluster (a Service
+//! port), with the route's HTTP rules that apply to that port, in order.
+//!
+//! Hosts and backends are resolved against the Services the model knows; what does not resolve
+//! is reported (`ResolvedRefs=False`, naming it) and left out, never guessed. Two routes for one
+//! Service resolve oldest first, then by namespace and name: the loser does not apply to that
+//! Service and says so (`Accepted=False`, `Conflicted`, naming the winner).
+
+use std::collections::{BTreeMap, HashMap};
+
+use mycel_api::v1alpha1 as pb;
+use mycel_crds::{
+    common::{NamedMatch, StringMatch},
+    traffic_route::{Backend, HeaderEdits, HttpRoute, TrafficRoute, TrafficRouteSpec},
+};
+
+use crate::controlplane::discovery::Svc;
+use crate::controlplane::snapshot::Key;
+
+/// A TrafficRoute as translation needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tr {
+    pub namespace: String,
+    pub name: String,
+    pub generation: i64,
+    /// `metadata.creationTimestamp` (RFC 3339, so it sorts as it reads).
+    pub created: String,
+    pub spec: TrafficRouteSpec,
+    /// The fields it sets that are not implemented yet.
+    pub not_implemented: Vec<String>,
+}
+
+impl Tr {
+    pub fn from_object(r: TrafficRoute, not_implemented: Vec<String>) -> Tr {
+        Tr {
+            namespace: r.metadata.namespace.clone().unwrap_or_default(),
+            name: r.metadata.name.clone().unwrap_or_default(),
+            generation: r.metadata.generation.unwrap_or_default(),
+            created: r.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default(),
+            spec: r.spec,
+            not_implemented,
+        }
+    }
+
+    fn label(&self) -> String {
+        format!("TrafficRoute {}/{}", self.namespace, self.name)
+    }
+}
+
+/// What one TrafficRoute became.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Outcome {
+    /// Cluster → its table.
+    pub tables: BTreeMap<String, pb::RouteTable>,
+    /// The namespaces its tables apply to; `None`: every namespace.
+    pub export_to: Option<Vec<String>>,
+    /// References that do not resolve, each a sentence naming it.
+    pub unresolved: Vec<String>,
+    /// Hosts another route owns, each a sentence naming the winner.
+    pub conflicts: Vec<String>,
+    /// Values the proxy could not use (a regular expression that does not compile).
+    pub invalid: Vec<String>,
+}
+
+/// The Service a host names, seen from `namespace`: `name`, `name.ns`, `name.ns.svc` or
+/// `name.ns.svc.<domain>`.
+pub fn service_of(host: &str, namespace: &str, domain: &str) -> Option<Key> {
+    let host =
+        host.strip_suffix(&format!(".svc.{domain}")).or_else(|| host.strip_suffix(".svc")).unwrap_or(host);
+    let mut parts = host.split('.');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(name), None, _) => Some((namespace.to_string(), name.to_string())),
+        (Some(name), Some(ns), None) => Some((ns.to_string(), name.to_string())),
+        _ => None,
+    }
+}
+
+/// Translates every TrafficRoute: conflicts decided over all of them, oldest first.
+pub fn translate(
+    routes: &[&Tr],
+    services: &dyn Fn(&Key) -> Option<Svc>,
+    domain: &str,
+) -> HashMap<Key, Outcome> {
+    let mut order: Vec<&Tr> = routes.to_vec();
+    order.sort_by(|a, b| (&a.created, &a.namespace, &a.name).cmp(&(&b.created, &b.namespace, &b.name)));
+    let mut owner: HashMap<Key, String> = HashMap::new();
+    let mut out = HashMap::new();
+    for tr in order {
+        let mut o = Outcome { export_to: export_to(tr), ..Default::default() };
+        let source = tr.label();
+        for host in &tr.spec.hosts {
+            let Some(svc_key) = service_of(&host.0, &tr.namespace, domain) else {
+                o.unresolved.push(format!(
+                    "host {}: not a Service name (name, name.namespace or name.namespace.svc.{domain})",
+                    host.0
+                ));
+                continue;
+            };
+            let Some(svc) = services(&svc_key) else {
+                o.unresolved
+                    .push(format!("host {}: no Service {} in namespace {}", host.0, svc_key.1, svc_key.0));
+                continue;
+            };
+            if let Some(winner) = owner.get(&svc_key) {
+                o.conflicts.push(format!(
+                    "host {}: {winner} is older (or first by name) and routes Service {}/{}",
+                    host.0, svc_key.0, svc_key.1
+                ));
+                continue;
+            }
+            owner.insert(svc_key.clone(), source.clone());
+            if tr.spec.http.is_empty() {
+                continue;
+            }
+            for (_, port) in &svc.ports {
+                let cluster = cluster_name(&svc_key, *port, domain);
+                let http = tr
+                    .spec
+                    .http
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, r)| rule(r, i, *port, tr, services, domain, &mut o))
+                    .collect();
+                let table = pb::RouteTable {
+                    name: cluster.clone(),
+                    source: source.clone(),
+                    export_to: o.export_to.clone().unwrap_or_default(),
+                    http,
+                };
+                o.tables.insert(cluster, table);
+            }
+        }
+        o.unresolved.sort();
+        o.unresolved.dedup();
+        o.invalid.sort();
+        o.invalid.dedup();
+        if !o.invalid.is_empty() {
+            // Proxies would refuse it: it is not sent at all.
+            o.tables.clear();
+        }
+        out.insert((tr.namespace.clone(), tr.name.clone()), o);
+    }
+    out
+}
+
+fn cluster_name((ns, name): &Key, port: i32, domain: &str) -> String {
+    format!("{name}.{ns}.svc.{domain}:{port}")
+}
+
+fn export_to(tr: &Tr) -> Option<Vec<String>> {
+    if tr.spec.export_to.is_empty() || tr.spec.export_to.iter().any(|e| e.0 == "*") {
+        return None;
+    }
+    let mut v: Vec<String> = tr
+        .spec
+        .export_to
+        .iter()
+        .map(|e| if e.0 == "." { tr.namespace.clone() } else { e.0.clone() })
+        .collect();
+    v.sort();
+    v.dedup();
+    Some(v)
+}
+
+/// One rule for the cluster of `port`: its matches for that port (none left: the rule is not
+/// for this port).
+fn rule(
+    r: &HttpRoute,
+    i: usize,
+    port: i32,
+    tr: &Tr,
+    services: &dyn Fn(&Key) -> Option<Svc>,
+    domain: &str,
+    o: &mut Outcome,
+) -> Option<pb::HttpRule> {
+    let for_port: Vec<_> = r.matches.iter().filter(|m| m.port.is_none_or(|p| p == port)).collect();
+    if !r.matches.is_empty() && for_port.is_empty() {
+        return None;
+    }
+    let field = |f: &str| format!("spec.http[{i}]{f}");
+    let mut matches = Vec::new();
+    for (j, m) in for_port.iter().enumerate() {
+        let path = m.path.as_ref().map(|p| string_match(p, &field(&format!(".match[{j}].path")), o));
+        matches.push(pb::HttpMatch {
+            path,
+            method: m.method.map(|m| format!("{m:?}").to_uppercase()).unwrap_or_default(),
+            headers: m
+                .headers
+                .iter()
+                .enumerate()
+                .map(|(k, h)| named(h, &field(&format!(".match[{j}].headers[{k}]")), o))
+                .collect(),
+            query_params: m
+                .query_params
+                .iter()
+                .enumerate()
+                .map(|(k, q)| named(q, &field(&format!(".match[{j}].queryParams[{k}]")), o))
+                .collect(),
+        });
+    }
+    let backends = r
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(j, b)| pb::RouteBackend {
+            cluster: backend(b, &field(&format!(".backends[{j}]")), tr, services, domain, o),
+            weight: if r.backends.len() == 1 { 100 } else { b.weight.unwrap_or(0).max(0) as u32 },
+        })
+        .collect();
+    let ms = |d: &mycel_crds::common::Duration| {
+        d.parse().map(|d| d.as_millis().min(u32::MAX as u128) as u32).unwrap_or(0)
+    };
+    let fault = r.fault.as_ref().map(|f| pb::Fault {
+        delay_percent: f.delay.as_ref().map(|d| d.percent).unwrap_or(0.0),
+        delay_ms: f.delay.as_ref().map(|d| ms(&d.fixed_delay)).unwrap_or(0),
+        abort_percent: f.abort.as_ref().map(|a| a.percent).unwrap_or(0.0),
+        abort_http_status: f.abort.as_ref().and_then(|a| a.http_status).unwrap_or(0).max(0) as u32,
+        abort_grpc_status: f.abort.as_ref().and_then(|a| a.grpc_status).unwrap_or(0).max(0) as u32,
+    });
+    for (which, e) in [
+        ("request", r.headers.as_ref().and_then(|h| h.request.as_ref())),
+        ("response", r.headers.as_ref().and_then(|h| h.response.as_ref())),
+    ] {
+        let Some(e) = e else { continue };
+        for (k, v) in e.set.iter().chain(&e.add) {
+            if hyper::header::HeaderName::from_bytes(k.as_bytes()).is_err() {
+                o.invalid
+                    .push(format!("{}: {k:?} is not a header name", field(&format!(".headers.{which}"))));
+            }
+            if hyper::header::HeaderValue::from_str(v).is_err() {
+                o.invalid.push(format!(
+                    "{}: the value of {k} is not a valid header value",
+                    field(&format!(".headers.{which}"))
+                ));
+            }
+        }
+        for k in &e.remove {
+            if hyper::header::HeaderName::from_bytes(k.as_bytes()).is_err() {
+                o.invalid.push(format!(
+                    "{}: {k:?} is not a header name",
+                    field(&format!(".headers.{which}.remove"))
+                ));
+            }
+        }
+    }
+    if let Some(a) = r.rewrite.as_ref().and_then(|rw| rw.authority.as_ref())
+        && a.parse::<hyper::http::uri::Authority>().is_err()
+    {
+        o.invalid.push(format!("{}: {a:?} is not host[:port]", field(".rewrite.authority")));
+    }
+    let edits = |e: Option<&HeaderEdits>| {
+        e.map(|e| pb::HeaderEdits {
+            set: e.set.clone().into_iter().collect(),
+            add: e.add.clone().into_iter().collect(),
+            remove: e.remove.clone(),
+        })
+    };
+    let headers = r.headers.as_ref();
+    Some(pb::HttpRule {
+        name: r.name.clone().unwrap_or_else(|| format!("rule-{i}")),
+        matches,
+        backends,
+        timeout_ms: r.timeout.as_ref().map(ms).unwrap_or(0),
+        request_headers: edits(headers.and_then(|h| h.request.as_ref())),
+        response_headers: edits(headers.and_then(|h| h.response.as_ref())),
+        rewrite: r.rewrite.as_ref().map(|rw| pb::Rewrite {
+            uri_prefix: rw.uri_prefix.clone().unwrap_or_default(),
+            authority: rw.authority.clone().unwrap_or_default(),
+        }),
+        fault,
+    })
+}
+
+/// The cluster a backend names. One that does not resolve is reported and named as it would be
+/// (`<service>:<port>`): the proxy answers 503 `NC` for its share rather than send it elsewhere.
+fn backend(
+    b: &Backend,
+    field: &str,
+    tr: &Tr,
+    services: &dyn Fn(&Key) -> Option<Svc>,
+    domain: &str,
+    o: &mut Outcome,
+) -> String {
+    let unresolved = |o: &mut Outcome, why: String| {
+        o.unresolved.push(format!("{field}: {why}"));
+        format!("unresolved:{}:{}", b.service.0, b.port.unwrap_or(0))
+    };
+    let Some(key) = service_of(&b.service.0, &tr.namespace, domain) else {
+        return unresolved(o, format!("{} is not a Service name", b.service.0));
+    };
+    let Some(svc) = services(&key) else {
+        return unresolved(o, format!("no Service {} in namespace {}", key.1, key.0));
+    };
+    let port = match (b.port, svc.ports.as_slice()) {
+        (Some(p), ports) if ports.iter().any(|(_, sp)| *sp == p) => p,
+        (Some(p), _) => return unresolved(o, format!("Service {}/{} has no port {p}", key.0, key.1)),
+        (None, [(_, p)]) => *p,
+        (None, _) => {
+            return unresolved(o, format!("Service {}/{} has several ports: set port", key.0, key.1));
+        }
+    };
+    let cluster = cluster_name(&key, port, domain);
+    match &b.subset {
+        None => cluster,
+        // Subsets come with DestinationPolicy (not implemented yet): the backend's share gets
+        // 503 rather than go to endpoints outside the subset.
+        Some(s) => unresolved(o, format!("subset {s}: subsets are not implemented yet")),
+    }
+}
+
+fn check_regex(re: &str, field: &str, o: &mut Outcome) {
+    if let Err(e) = regex::RegexBuilder::new(&format!("^(?:{re})$")).size_limit(1 << 20).build() {
+        o.invalid.push(format!("{field}.regex: {e}"));
+    }
+}
+
+fn string_match(m: &StringMatch, field: &str, o: &mut Outcome) -> pb::StringMatch {
+    use pb::string_match::Kind;
+    let kind = if let Some(s) = &m.exact {
+        Kind::Exact(s.clone())
+    } else if let Some(s) = &m.prefix {
+        Kind::Prefix(s.clone())
+    } else if let Some(s) = &m.regex {
+        check_regex(s, field, o);
+        Kind::Regex(s.clone())
+    } else {
+        Kind::Present(true)
+    };
+    pb::StringMatch { kind: Some(kind) }
+}
+
+fn named(m: &NamedMatch, field: &str, o: &mut Outcome) -> pb::NamedMatch {
+    use pb::string_match::Kind;
+    let kind = if let Some(s) = &m.exact {
+        Kind::Exact(s.clone())
+    } else if let Some(s) = &m.prefix {
+        Kind::Prefix(s.clone())
+    } else if let Some(s) = &m.regex {
+        check_regex(s, field, o);
+        Kind::Regex(s.clone())
+    } else if m.present == Some(false) {
+        Kind::Absent(true)
+    } else {
+        Kind::Present(true)
+    };
+    pb::NamedMatch { name: m.name.to_ascii_lowercase(), r#match: Some(pb::StringMatch { kind: Some(kind) }) }
+}
+
+/// A table as the streams send it.
+pub fn resource(table: pb::RouteTable) -> pb::Resource {
+    pb::Resource {
+        name: table.name.clone(),
+        version: String::new(),
+        kind: Some(pb::resource::Kind::RouteTable(table)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tr(ns: &str, name: &str, created: &str, yaml: &str) -> Tr {
+        Tr {
+            namespace: ns.into(),
+            name: name.into(),
+            generation: 1,
+            created: created.into(),
+            spec: serde_yaml::from_str(yaml).unwrap(),
+            not_implemented: vec![],
+        }
+    }
+
+    fn services(k: &Key) -> Option<Svc> {
+        match (k.0.as_str(), k.1.as_str()) {
+            ("shop", "web") => Some(Svc {
+                ips: vec!["10.96.0.1".into()],
+                ports: vec![("http".into(), 80), ("admin".into(), 9090)],
+            }),
+            ("shop", "v2") => Some(Svc { ips: vec!["10.96.0.2".into()], ports: vec![("http".into(), 80)] }),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn hosts_resolve_from_the_routes_namespace_and_rules_split_by_port() {
+        assert_eq!(service_of("web", "shop", "cluster.local"), Some(("shop".into(), "web".into())));
+        assert_eq!(service_of("web.other", "shop", "cluster.local"), Some(("other".into(), "web".into())));
+        assert_eq!(
+            service_of("web.other.svc.cluster.local", "shop", "cluster.local"),
+            Some(("other".into(), "web".into()))
+        );
+        assert_eq!(service_of("example.com.x.y", "shop", "cluster.local"), None);
+        let r = tr(
+            "shop",
+            "web",
+            "2026-01-01T00:00:00Z",
+            "hosts: [web]\nexportTo: ['.']\nhttp:\n- name: admin\n  match: [{port: 9090}]\n  backends: [{service: web, port: 9090}]\n- name: canary\n  match: [{headers: [{name: X-User, exact: tester}]}]\n  backends: [{service: v2}]\n  timeout: 1s\n- backends: [{service: web, port: 80, weight: 90}, {service: v2, weight: 10}]\n",
+        );
+        let out = translate(&[&r], &services, "cluster.local");
+        let o = &out[&("shop".to_string(), "web".to_string())];
+        assert!(o.unresolved.is_empty() && o.conflicts.is_empty(), "{o:?}");
+        assert_eq!(o.export_to.as_deref(), Some(&["shop".to_string()][..]));
+        let t80 = &o.tables["web.shop.svc.cluster.local:80"];
+        let names: Vec<&str> = t80.http.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["canary", "rule-2"], "the port-9090 rule is not for port 80");
+        assert_eq!(t80.http[0].matches[0].headers[0].name, "x-user");
+        assert_eq!(t80.http[0].backends[0].cluster, "v2.shop.svc.cluster.local:80");
+        assert_eq!(t80.http[0].timeout_ms, 1000);
+        assert_eq!(t80.http[1].backends.iter().map(|b| b.weight).collect::<Vec<_>>(), [90, 10]);
+        let t9090 = &o.tables["web.shop.svc.cluster.local:9090"];
+        assert_eq!(t9090.http.len(), 3);
+        assert_eq!(t9090.export_to, ["shop"]);
+    }
+
+    #[test]
+    fn the_older_route_wins_a_host_and_what_does_not_resolve_is_named() {
+        let old = tr(
+            "shop",
+            "b-old",
+            "2026-01-01T00:00:00Z",
+            "hosts: [web]\nhttp:\n- backends: [{service: web, port: 80}]\n",
+        );
+        let new = tr(
+            "shop",
+            "a-new",
+            "2026-02-01T00:00:00Z",
+            "hosts: [web, nothere]\nhttp:\n- backends: [{service: web}, {service: gone, weight: 0}]\n  match: [{path: {regex: '('}}]\n",
+        );
+        let out = translate(&[&new, &old], &services, "cluster.local");
+        let lost = &out[&("shop".to_string(), "a-new".to_string())];
+        assert_eq!(lost.conflicts.len(), 1);
+        assert!(lost.conflicts[0].contains("TrafficRoute shop/b-old"), "{:?}", lost.conflicts);
+        assert!(lost.tables.is_empty());
+        assert!(
+            lost.unresolved.iter().any(|u| u.contains("host nothere: no Service nothere")),
+            "{:?}",
+            lost.unresolved
+        );
+        let won = &out[&("shop".to_string(), "b-old".to_string())];
+        assert_eq!(won.tables.len(), 2);
+        let bad = tr(
+            "shop",
+            "c",
+            "2026-01-01T00:00:00Z",
+            "hosts: [v2]\nhttp:\n- backends: [{service: web}, {service: gone, weight: 0}]\n  match: [{path: {regex: '('}}]\n",
+        );
+        let o = &translate(&[&bad], &services, "cluster.local")[&("shop".to_string(), "c".to_string())];
+        assert!(
+            o.unresolved
+                .iter()
+                .any(|u| u.contains("spec.http[0].backends[0]: Service shop/web has several ports")),
+            "{:?}",
+            o.unresolved
+        );
+        assert!(
+            o.unresolved.iter().any(|u| u.contains("spec.http[0].backends[1]: no Service gone")),
+            "{:?}",
+            o.unresolved
+        );
+        assert!(o.invalid[0].starts_with("spec.http[0].match[0].path.regex"), "{:?}", o.invalid);
+    }
+}

@@ -1,0 +1,273 @@
+//! Route tables in the proxy's model: how requests a workload sends to one cluster are matched
+//! and where they go (streamed from TrafficRoute, or written in a static configuration).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+
+/// The routes of one cluster: its rules, tried in order. A request to the cluster that no rule
+/// matches is answered 404.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteTable {
+    /// The cluster whose requests it routes.
+    pub cluster: String,
+    /// What it was translated from (`TrafficRoute shop/reviews`), named in reasons.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source: String,
+    /// Namespaces of the clients it applies to; empty: every namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub export_to: Vec<String>,
+    pub http: Vec<HttpRule>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRule {
+    pub name: String,
+    /// Any one selects the rule; none selects every request.
+    #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<HttpMatch>,
+    pub backends: Vec<WeightedCluster>,
+    /// Deadline of the whole request (504 when it passes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "HeaderEdits::is_empty")]
+    pub request_headers: HeaderEdits,
+    #[serde(default, skip_serializing_if = "HeaderEdits::is_empty")]
+    pub response_headers: HeaderEdits,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<Rewrite>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    /// Matched against the whole value.
+    Regex(String),
+    /// Only that the header or parameter is there.
+    Present,
+    /// That it is not there.
+    Absent,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NamedMatch {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub value: StringMatch,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<StringMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<NamedMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query_params: Vec<NamedMatch>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WeightedCluster {
+    pub cluster: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderEdits {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub add: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+impl HeaderEdits {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rewrite {
+    /// Replaces the part of the path a `prefix` path match matched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Fault {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultDelay {
+    pub percent: f64,
+    pub delay_ms: u64,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultAbort {
+    pub percent: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u32>,
+}
+
+/// A header name as the proxy can use it.
+fn header_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    hyper::header::HeaderName::from_bytes(name.as_bytes()).map(|_| ()).map_err(|_| ConfigError::Invalid {
+        field: field.to_string(),
+        message: format!("{name:?} is not a valid header name"),
+    })
+}
+
+fn header_value(field: &str, value: &str) -> Result<(), ConfigError> {
+    hyper::header::HeaderValue::from_str(value).map(|_| ()).map_err(|_| ConfigError::Invalid {
+        field: field.to_string(),
+        message: format!("{value:?} is not a valid header value"),
+    })
+}
+
+/// Compiles a regex the way the data path does (anchored, size-bounded).
+pub fn compile_regex(re: &str) -> Result<regex::Regex, regex::Error> {
+    regex::RegexBuilder::new(&format!("^(?:{re})$")).size_limit(1 << 20).build()
+}
+
+impl StringMatch {
+    fn validate(&self, field: &str) -> Result<(), ConfigError> {
+        if let StringMatch::Regex(re) = self {
+            compile_regex(re).map_err(|e| ConfigError::Invalid {
+                field: format!("{field}.regex"),
+                message: format!("not a valid regular expression: {e}"),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl HeaderEdits {
+    fn validate(&self, field: &str) -> Result<(), ConfigError> {
+        for (k, v) in self.set.iter().chain(&self.add) {
+            header_name(&format!("{field}[{k}]"), k)?;
+            header_value(&format!("{field}[{k}]"), v)?;
+        }
+        for (i, k) in self.remove.iter().enumerate() {
+            header_name(&format!("{field}.remove[{i}]"), k)?;
+        }
+        Ok(())
+    }
+}
+
+impl RouteTable {
+    /// Checks what types cannot; `field` is where the table is (`routes[3]`). `known` says
+    /// whether a cluster exists (always true for a proxy whose clusters are streamed).
+    pub fn validate(&self, field: &str, known: &dyn Fn(&str) -> bool) -> Result<(), ConfigError> {
+        let invalid = |field: String, message: String| Err(ConfigError::Invalid { field, message });
+        if self.http.is_empty() {
+            return invalid(format!("{field}.http"), "a route table needs at least one rule".into());
+        }
+        for (i, rule) in self.http.iter().enumerate() {
+            let f = format!("{field}.http[{i}]");
+            if rule.backends.is_empty() || rule.backends.iter().all(|b| b.weight == 0) {
+                return invalid(format!("{f}.backends"), "needs a backend with a weight above 0".into());
+            }
+            for (j, b) in rule.backends.iter().enumerate() {
+                if !known(&b.cluster) {
+                    return invalid(
+                        format!("{f}.backends[{j}].cluster"),
+                        format!("no cluster named {:?}", b.cluster),
+                    );
+                }
+            }
+            for (j, m) in rule.matches.iter().enumerate() {
+                let mf = format!("{f}.match[{j}]");
+                if let Some(p) = &m.path {
+                    p.validate(&format!("{mf}.path"))?;
+                }
+                if let Some(method) = &m.method
+                    && hyper::Method::from_bytes(method.as_bytes()).is_err()
+                {
+                    return invalid(format!("{mf}.method"), format!("{method:?} is not an HTTP method"));
+                }
+                for (k, h) in m.headers.iter().enumerate() {
+                    header_name(&format!("{mf}.headers[{k}].name"), &h.name)?;
+                    h.value.validate(&format!("{mf}.headers[{k}]"))?;
+                }
+                for (k, q) in m.query_params.iter().enumerate() {
+                    q.value.validate(&format!("{mf}.queryParams[{k}]"))?;
+                }
+            }
+            rule.request_headers.validate(&format!("{f}.requestHeaders"))?;
+            rule.response_headers.validate(&format!("{f}.responseHeaders"))?;
+            if let Some(r) = &rule.rewrite {
+                if let Some(p) = &r.uri_prefix
+                    && !p.starts_with('/')
+                {
+                    return invalid(format!("{f}.rewrite.uriPrefix"), "must start with /".into());
+                }
+                if let Some(a) = &r.authority
+                    && a.parse::<hyper::http::uri::Authority>().is_err()
+                {
+                    return invalid(format!("{f}.rewrite.authority"), format!("{a:?} is not host[:port]"));
+                }
+            }
+            if rule.timeout_ms == Some(0) {
+                return invalid(format!("{f}.timeoutMs"), "must be above 0".into());
+            }
+            if let Some(fault) = &rule.fault {
+                let pct = |p: f64| (0.0..=100.0).contains(&p);
+                if let Some(d) = &fault.delay
+                    && !pct(d.percent)
+                {
+                    return invalid(format!("{f}.fault.delay.percent"), "must be 0-100".into());
+                }
+                if let Some(a) = &fault.abort {
+                    if !pct(a.percent) {
+                        return invalid(format!("{f}.fault.abort.percent"), "must be 0-100".into());
+                    }
+                    match (a.http_status, a.grpc_status) {
+                        (Some(s), None) if (200..=599).contains(&s) => {}
+                        (None, Some(s)) if (1..=16).contains(&s) => {}
+                        _ => {
+                            return invalid(
+                                format!("{f}.fault.abort"),
+                                "needs exactly one of httpStatus (200-599) or grpcStatus (1-16)".into(),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

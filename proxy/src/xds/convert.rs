@@ -1,0 +1,249 @@
+//! Streamed resources into the proxy's model: each converted on its own, a bad one refused with
+//! the field at fault (named by the resource's name, not its position).
+
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use mycel_api::v1alpha1 as pb;
+
+use crate::config::{self, ConfigError, route};
+
+/// A streamed cluster in the proxy's model. Endpoints that are not ready are left out.
+pub fn convert_cluster(c: &pb::Cluster) -> Result<config::Cluster, ConfigError> {
+    let invalid = |field: String, message: String| ConfigError::Invalid { field, message };
+    let mut endpoints = Vec::new();
+    let mut mtls_endpoints = BTreeMap::new();
+    for (i, e) in c.endpoints.iter().enumerate() {
+        let addr: SocketAddr = e.address.parse().map_err(|_| {
+            invalid(
+                format!("clusters[{}].endpoints[{i}].address", c.name),
+                format!("{:?} is not ip:port", e.address),
+            )
+        })?;
+        if e.mtls {
+            if e.identity.parse::<mycel_api::spiffe::SpiffeId>().is_err() {
+                return Err(invalid(
+                    format!("clusters[{}].endpoints[{i}].identity", c.name),
+                    format!("mutual TLS needs a SPIFFE ID, not {:?}", e.identity),
+                ));
+            }
+            mtls_endpoints.insert(addr, e.identity.clone());
+        }
+        if e.ready {
+            endpoints.push(addr);
+        }
+    }
+    let addresses = c
+        .addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            a.parse().map_err(|_| {
+                invalid(format!("clusters[{}].addresses[{i}]", c.name), format!("{a:?} is not ip:port"))
+            })
+        })
+        .collect::<Result<Vec<SocketAddr>, _>>()?;
+    let mut lb = config::LoadBalancer::default();
+    if let Some(l) = &c.load_balancer {
+        use pb::load_balancer::{Algorithm, HashOn};
+        lb.algorithm = match Algorithm::try_from(l.algorithm) {
+            Ok(Algorithm::PeakEwma) => config::LbAlgorithm::PeakEwma,
+            Ok(Algorithm::RoundRobin) => config::LbAlgorithm::RoundRobin,
+            Ok(Algorithm::LeastRequest) => config::LbAlgorithm::LeastRequest,
+            Ok(Algorithm::Random) => config::LbAlgorithm::Random,
+            Ok(Algorithm::ConsistentHash) => config::LbAlgorithm::ConsistentHash,
+            Err(_) => {
+                return Err(invalid(
+                    format!("clusters[{}].loadBalancer.algorithm", c.name),
+                    format!("unknown algorithm {}", l.algorithm),
+                ));
+            }
+        };
+        match &l.hash_on {
+            Some(HashOn::Header(h)) => lb.hash_header = Some(h.clone()),
+            Some(HashOn::Cookie(h)) => lb.hash_cookie = Some(h.clone()),
+            Some(HashOn::SourceIp(b)) => lb.hash_source_ip = *b,
+            None => {}
+        }
+    }
+    Ok(config::Cluster {
+        name: c.name.clone(),
+        endpoints,
+        connect_timeout_ms: if c.connect_timeout_ms == 0 { 1000 } else { u64::from(c.connect_timeout_ms) },
+        lb,
+        addresses,
+        mtls_endpoints,
+    })
+}
+
+/// The inbound mutual-TLS policy from its streamed form.
+pub fn convert_policy(p: &pb::PeerPolicy) -> Result<config::InboundMtls, ConfigError> {
+    let mode = |m: i32, field: String| match pb::MtlsMode::try_from(m) {
+        Ok(pb::MtlsMode::MtlsPermissive) => Ok(config::MtlsMode::Permissive),
+        Ok(pb::MtlsMode::MtlsStrict) => Ok(config::MtlsMode::Strict),
+        Ok(pb::MtlsMode::MtlsDisable) => Ok(config::MtlsMode::Disable),
+        Err(_) => Err(ConfigError::Invalid { field, message: format!("unknown mode {m}") }),
+    };
+    let mut ports = BTreeMap::new();
+    for (port, m) in &p.ports {
+        let field = format!("peerPolicy.ports[{port}]");
+        let port = u16::try_from(*port)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| ConfigError::Invalid { field: field.clone(), message: "not a TCP port".into() })?;
+        ports.insert(port, mode(*m, field)?);
+    }
+    Ok(config::InboundMtls { mode: mode(p.mode, "peerPolicy.mode".into())?, ports })
+}
+
+/// A streamed route table in the proxy's model; `None` when it is not exported to the proxy's
+/// own namespace (it is accepted, and changes nothing here).
+pub fn convert_route(t: &pb::RouteTable, namespace: &str) -> Result<Option<config::RouteTable>, ConfigError> {
+    if !t.export_to.is_empty() && !t.export_to.iter().any(|n| n == namespace || n == "*") {
+        return Ok(None);
+    }
+    let field = |f: String| format!("routes[{}].{f}", t.name);
+    let string_match =
+        |m: &Option<pb::StringMatch>, f: String| -> Result<Option<route::StringMatch>, ConfigError> {
+            use pb::string_match::Kind;
+            Ok(match m.as_ref().and_then(|m| m.kind.as_ref()) {
+                None => None,
+                Some(Kind::Exact(s)) => Some(route::StringMatch::Exact(s.clone())),
+                Some(Kind::Prefix(s)) => Some(route::StringMatch::Prefix(s.clone())),
+                Some(Kind::Regex(s)) => Some(route::StringMatch::Regex(s.clone())),
+                Some(Kind::Present(true)) => Some(route::StringMatch::Present),
+                Some(Kind::Absent(true)) => Some(route::StringMatch::Absent),
+                Some(Kind::Present(false) | Kind::Absent(false)) => {
+                    return Err(ConfigError::Invalid {
+                        field: field(f),
+                        message: "a match kind set to false".into(),
+                    });
+                }
+            })
+        };
+    let named = |v: &[pb::NamedMatch], f: String| -> Result<Vec<route::NamedMatch>, ConfigError> {
+        v.iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let value =
+                    string_match(&m.r#match, format!("{f}[{i}]"))?.unwrap_or(route::StringMatch::Present);
+                Ok(route::NamedMatch { name: m.name.clone(), value })
+            })
+            .collect()
+    };
+    let edits = |e: &Option<pb::HeaderEdits>| {
+        e.as_ref()
+            .map(|e| route::HeaderEdits {
+                set: e.set.clone().into_iter().collect(),
+                add: e.add.clone().into_iter().collect(),
+                remove: e.remove.clone(),
+            })
+            .unwrap_or_default()
+    };
+    let mut http = Vec::new();
+    for (i, r) in t.http.iter().enumerate() {
+        let mut matches = Vec::new();
+        for (j, m) in r.matches.iter().enumerate() {
+            let f = format!("http[{i}].match[{j}]");
+            matches.push(route::HttpMatch {
+                path: string_match(&m.path, format!("{f}.path"))?,
+                method: (!m.method.is_empty()).then(|| m.method.clone()),
+                headers: named(&m.headers, format!("{f}.headers"))?,
+                query_params: named(&m.query_params, format!("{f}.queryParams"))?,
+            });
+        }
+        let fault = r.fault.as_ref().map(|f| route::Fault {
+            delay: (f.delay_ms > 0)
+                .then(|| route::FaultDelay { percent: f.delay_percent, delay_ms: u64::from(f.delay_ms) }),
+            abort: (f.abort_http_status > 0 || f.abort_grpc_status > 0).then(|| route::FaultAbort {
+                percent: f.abort_percent,
+                http_status: (f.abort_http_status > 0)
+                    .then(|| u16::try_from(f.abort_http_status).unwrap_or(0)),
+                grpc_status: (f.abort_grpc_status > 0).then_some(f.abort_grpc_status),
+            }),
+        });
+        http.push(route::HttpRule {
+            name: if r.name.is_empty() { format!("rule-{i}") } else { r.name.clone() },
+            matches,
+            backends: r
+                .backends
+                .iter()
+                .map(|b| route::WeightedCluster { cluster: b.cluster.clone(), weight: b.weight })
+                .collect(),
+            timeout_ms: (r.timeout_ms > 0).then(|| u64::from(r.timeout_ms)),
+            request_headers: edits(&r.request_headers),
+            response_headers: edits(&r.response_headers),
+            rewrite: r.rewrite.as_ref().map(|rw| route::Rewrite {
+                uri_prefix: (!rw.uri_prefix.is_empty()).then(|| rw.uri_prefix.clone()),
+                authority: (!rw.authority.is_empty()).then(|| rw.authority.clone()),
+            }),
+            fault,
+        });
+    }
+    let table = config::RouteTable {
+        cluster: t.name.clone(),
+        source: t.source.clone(),
+        export_to: t.export_to.clone(),
+        http,
+    };
+    table.validate(&format!("routes[{}]", t.name), &|_| true)?;
+    Ok(Some(table))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_streamed_route_table_converts_and_one_not_exported_here_changes_nothing() {
+        let t = pb::RouteTable {
+            name: "web.shop.svc.cluster.local:80".into(),
+            source: "TrafficRoute shop/web".into(),
+            export_to: vec!["shop".into()],
+            http: vec![pb::HttpRule {
+                matches: vec![pb::HttpMatch {
+                    path: Some(pb::StringMatch { kind: Some(pb::string_match::Kind::Prefix("/api".into())) }),
+                    ..Default::default()
+                }],
+                backends: vec![pb::RouteBackend {
+                    cluster: "web.shop.svc.cluster.local:80".into(),
+                    weight: 100,
+                }],
+                timeout_ms: 250,
+                ..Default::default()
+            }],
+        };
+        let got = convert_route(&t, "shop").unwrap().unwrap();
+        assert_eq!(got.http[0].name, "rule-0");
+        assert_eq!(got.http[0].timeout_ms, Some(250));
+        assert_eq!(got.http[0].matches[0].path, Some(route::StringMatch::Prefix("/api".into())));
+        assert_eq!(convert_route(&t, "elsewhere").unwrap(), None);
+        let mut bad = t.clone();
+        bad.http[0].matches[0].path =
+            Some(pb::StringMatch { kind: Some(pb::string_match::Kind::Regex("(".into())) });
+        let e = convert_route(&bad, "shop").unwrap_err().to_string();
+        assert!(e.starts_with("routes[web.shop.svc.cluster.local:80].http[0].match[0].path.regex"), "{e}");
+    }
+
+    #[test]
+    fn streamed_clusters_convert_and_bad_ones_name_the_field() {
+        let c = pb::Cluster {
+            name: "web.ns.svc.cluster.local:80".into(),
+            endpoints: vec![
+                pb::Endpoint { address: "10.0.0.1:8080".into(), ready: true, ..Default::default() },
+                pb::Endpoint { address: "10.0.0.2:8080".into(), ready: false, ..Default::default() },
+            ],
+            addresses: vec!["10.96.0.10:80".into()],
+            ..Default::default()
+        };
+        let got = convert_cluster(&c).unwrap();
+        assert_eq!(got.endpoints, vec!["10.0.0.1:8080".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(got.addresses, vec!["10.96.0.10:80".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(got.connect_timeout_ms, 1000);
+        let mut bad = c.clone();
+        bad.endpoints[1].address = "nowhere".into();
+        assert_eq!(
+            convert_cluster(&bad).unwrap_err().to_string(),
+            "clusters[web.ns.svc.cluster.local:80].endpoints[1].address: \"nowhere\" is not ip:port"
+        );
+    }
+}
