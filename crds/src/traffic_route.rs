@@ -182,6 +182,7 @@ pub enum RetryOn {
     Reset,
     ConnectFailure,
     RefusedStream,
+    #[serde(rename = "retriable-4xx")]
     Retriable4xx,
     Cancelled,
     DeadlineExceeded,

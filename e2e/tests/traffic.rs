@@ -140,6 +140,14 @@ spec:
     match: [{path: {prefix: /delayed}}]
     fault: {delay: {percent: 100, fixedDelay: 700ms}}
     backends: [{service: web}]
+  - name: flaky
+    match: [{path: {prefix: /flaky}}]
+    retries: {attempts: 3, retryOn: [5xx]}
+    backends: [{service: web}]
+  - name: broken
+    match: [{path: {prefix: /broken}}]
+    retries: {attempts: 3, retryOn: [gateway-error]}
+    backends: [{service: web}]
   - name: home
     match: [{path: {prefix: /home}, method: GET}, {queryParams: [{name: go, exact: "1"}]}]
     backends: [{service: web}]
@@ -229,6 +237,45 @@ async fn traffic_routes_steer_what_clients_send() {
     assert_eq!(aborted + passed, 400, "{log}");
     let share = aborted as f64 / 4.0;
     assert!((40.0..=60.0).contains(&share), "{share:.1} % aborted, 50 % asked");
+
+    // Retries: a backend failing 10 % of requests gives the client no error; one failing every
+    // request sees the retry budget's fifth more, not three retries per request.
+    let (ok, log) =
+        run_job(&client, &n, "flaky", "default", true, &get(&["http://web/flaky?fail_pct=10"], 300, &[]))
+            .await;
+    assert!(ok, "{log}");
+    let seen = parse(&log);
+    let failed: Vec<&Seen> = seen.iter().filter(|s| s.status != 200).collect();
+    assert_eq!(seen.len(), 300, "{log}");
+    assert!(failed.is_empty(), "{} of 300 failed: {:?}", failed.len(), failed.first().map(|s| &s.body));
+    let web_pod = {
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client.clone(), &n);
+        let l = pods.list(&kube::api::ListParams::default().labels("app=web")).await.unwrap();
+        l.items[0].metadata.name.clone().unwrap()
+    };
+    let inbound = || {
+        let (client, path) =
+            (client.clone(), format!("/api/v1/namespaces/{n}/pods/{web_pod}:15020/proxy/metrics"));
+        async move {
+            let text = client.request_text(http::Request::get(path).body(Vec::new()).unwrap()).await.unwrap();
+            text.lines()
+                .filter(|l| l.starts_with("mycel_proxy_requests_total{direction=\"inbound\""))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        }
+    };
+    let before = inbound().await;
+    let (ok, log) =
+        run_job(&client, &n, "broken", "default", true, &get(&["http://web/broken?fail_pct=100"], 300, &[]))
+            .await;
+    assert!(ok, "{log}");
+    let seen = parse(&log);
+    assert!(seen.len() == 300 && seen.iter().all(|s| s.status == 503), "{log}");
+    let reached = inbound().await - before;
+    assert!(
+        (300.0..=300.0 * 1.5).contains(&reached),
+        "the backend saw {reached} requests for 300 (3 attempts each would be 1200; the budget allows about 360)"
+    );
 
     // A second route for the same host loses (it is newer) and says which one won; a backend
     // that does not exist is named, and its share gets 503.

@@ -52,6 +52,8 @@ pub struct Endpoints {
     /// Entries in `ejected` (possibly expired): zero lets the hot path skip the lock.
     ejected_count: AtomicUsize,
     maglev: Vec<u32>,
+    /// How many retries requests to this destination may still make.
+    pub retry_budget: crate::routing::retry::Budget,
 }
 
 impl Endpoints {
@@ -103,6 +105,7 @@ impl Endpoints {
             next: AtomicUsize::new(0),
             ejected: Mutex::new(Vec::new()),
             maglev,
+            retry_budget: Default::default(),
         }
     }
 

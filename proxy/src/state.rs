@@ -73,7 +73,18 @@ impl State {
         }
         identities.retain(|_, id| id.is_some());
         let listeners = config.listeners.iter().map(|l| (l.name.clone(), l.clone())).collect();
-        let routes = config.routes.iter().map(|t| (t.cluster.clone(), Arc::new(Table::compile(t)))).collect();
+        // A table that did not change is kept compiled (an endpoint update recompiles nothing).
+        let routes = config
+            .routes
+            .iter()
+            .map(|t| {
+                let kept = old.and_then(|o| {
+                    let i = o.config.routes.iter().position(|ot| ot.cluster == t.cluster)?;
+                    (o.config.routes[i] == *t).then(|| o.routes.get(&t.cluster).cloned()).flatten()
+                });
+                (t.cluster.clone(), kept.unwrap_or_else(|| Arc::new(Table::compile(t))))
+            })
+            .collect();
         State { config, listeners, clusters, vips, identities, routes }
     }
 

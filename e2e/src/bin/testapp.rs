@@ -1,6 +1,7 @@
 //! `mycel-testapp`: the small workloads of the e2e tests and the demo, in one binary.
 //! `http-echo` answers every request with a JSON description of it and of the pod that served it
-//! (after `sleep_ms` milliseconds when the query asks);
+//! (after `sleep_ms` milliseconds, or with a 503 for `fail_pct` % of requests, when the query
+//! asks);
 //! `tcp-echo` echoes bytes (and honours half-close); `get` is an HTTP client that fetches a URL a
 //! number of times and prints each body, failing on any error; `grpc-echo` serves the gRPC health
 //! service (unary and server-streaming calls) and `grpc-check` calls it; `ws-echo` echoes WebSocket
@@ -167,6 +168,18 @@ async fn http_echo(port: u16) -> anyhow::Result<()> {
                     if let Some(ms) = sleep {
                         tokio::time::sleep(Duration::from_millis(ms.min(30_000))).await;
                     }
+                    // `?fail_pct=N` answers 503 to N % of requests: a flaky backend.
+                    let fail = req
+                        .uri()
+                        .query()
+                        .unwrap_or("")
+                        .split('&')
+                        .find_map(|kv| kv.strip_prefix("fail_pct=")?.parse::<u32>().ok());
+                    if fail.is_some_and(|pct| fastrand::u32(..100) < pct) {
+                        let mut r = Response::new(Full::new(Bytes::from("failed on purpose")));
+                        *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                        return Ok::<_, Infallible>(r);
+                    }
                     let headers: serde_json::Map<String, serde_json::Value> = req
                         .headers()
                         .iter()
@@ -327,6 +340,18 @@ async fn http_relay(port: u16, to: String) -> anyhow::Result<()> {
                         .find_map(|kv| kv.strip_prefix("sleep_ms=")?.parse::<u64>().ok());
                     if let Some(ms) = sleep {
                         tokio::time::sleep(Duration::from_millis(ms.min(30_000))).await;
+                    }
+                    // `?fail_pct=N` answers 503 to N % of requests: a flaky backend.
+                    let fail = req
+                        .uri()
+                        .query()
+                        .unwrap_or("")
+                        .split('&')
+                        .find_map(|kv| kv.strip_prefix("fail_pct=")?.parse::<u32>().ok());
+                    if fail.is_some_and(|pct| fastrand::u32(..100) < pct) {
+                        let mut r = Response::new(Full::new(Bytes::from("failed on purpose")));
+                        *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                        return Ok::<_, Infallible>(r);
                     }
                     let headers: serde_json::Map<String, serde_json::Value> = req
                         .headers()

@@ -399,7 +399,7 @@ impl Model {
             .into_iter()
             .map(|(k, o)| {
                 let since = match self.routes.outcomes.get(&k) {
-                    Some((p, since)) if p.tables == o.tables && p.export_to == o.export_to => *since,
+                    Some((p, since)) if p.tables == o.tables => *since,
                     _ => version,
                 };
                 (k, (o, since))
@@ -461,6 +461,7 @@ impl Model {
                     conflicts: Vec::new(),
                     unresolved: Vec::new(),
                     invalid: Vec::new(),
+                    not_in_effect: None,
                 };
                 (key, reach)
             })
@@ -494,23 +495,37 @@ impl Model {
             let mine = |info: &PodInfo| {
                 self.opts.revision.as_ref().is_none_or(|r| info.revision.as_ref() == Some(r))
             };
+            let reaches =
+                |ns: &String| o.tables.values().any(|t| t.export_to.is_empty() || t.export_to.contains(ns));
             let mut workloads = Vec::new();
             let mut revisions = Vec::new();
+            let mut reached_revisions = Vec::new();
             for (pod, info) in &self.pods.live {
-                if !info.sidecar || info.finished {
+                if !info.sidecar || info.finished || !reaches(&pod.0) {
                     continue;
                 }
-                let exported = o.export_to.as_ref().is_none_or(|ns| ns.contains(&pod.0));
-                if exported && mine(info) {
+                reached_revisions.extend(info.revision.clone());
+                if mine(info) {
                     workloads.push((pod.clone(), *since));
                 }
                 if pod.0 == key.0 {
                     revisions.extend(info.revision.clone());
                 }
             }
+            // No sidecar in its own namespace: the revisions of the clients it reaches decide.
+            if revisions.is_empty() {
+                revisions = reached_revisions;
+            }
             workloads.sort();
             revisions.sort();
             revisions.dedup();
+            let not_in_effect = o.tables.is_empty().then(|| {
+                if !o.invalid.is_empty() {
+                    "it is not sent to any proxy: a value of it is invalid (see Accepted)".to_string()
+                } else {
+                    "it routes nothing: none of its hosts is a Service it owns with a rule for one of its ports (see Accepted and ResolvedRefs)".to_string()
+                }
+            });
             v.push(PolicyReach {
                 kind: "TrafficRoute",
                 key: key.clone(),
@@ -524,6 +539,7 @@ impl Model {
                 conflicts: o.conflicts.clone(),
                 unresolved: o.unresolved.clone(),
                 invalid: o.invalid.clone(),
+                not_in_effect,
             });
         }
         for kind in KINDS.iter() {
@@ -545,6 +561,7 @@ impl Model {
                     conflicts: Vec::new(),
                     unresolved: Vec::new(),
                     invalid: Vec::new(),
+                    not_in_effect: None,
                 });
             }
         }

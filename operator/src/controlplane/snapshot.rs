@@ -189,6 +189,8 @@ pub struct PolicyReach {
     pub unresolved: Vec<String>,
     /// Values no proxy could use, each naming the field (`Accepted=False`; it is not sent).
     pub invalid: Vec<String>,
+    /// Why it reaches no proxy at all, when it does not (`Ready=False`, `NotInEffect`).
+    pub not_in_effect: Option<String>,
 }
 
 /// The mesh as proxies see it, at one version.

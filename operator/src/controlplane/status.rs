@@ -57,8 +57,9 @@ pub type InSync = HashMap<Key, HashMap<String, u64>>;
 pub struct Held {
     /// What each pod's proxy holds, from streams whose certificate names that pod.
     pub in_sync: InSync,
-    /// Pods whose proxy rejected an update (and has not accepted one since), with its reason.
-    pub rejected: HashMap<Key, String>,
+    /// Pods whose proxy rejected an update of a type (and has not accepted one of it since),
+    /// with its reason, by type URL.
+    pub rejected: HashMap<Key, HashMap<String, String>>,
     /// Pods with a stream whose certificate does not name its pod: what it says of the pod it is
     /// not proven, so it is not counted.
     pub unbound: HashSet<Key>,
@@ -82,7 +83,10 @@ pub fn from_registry(proxies: &[ProxyStatus]) -> Held {
             if let Some(n) = &t.last_nack
                 && t.acked.is_none_or(|a| a < n.version)
             {
-                h.rejected.insert(key.clone(), format!("{}: {}", n.field, n.message));
+                h.rejected
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(type_url.clone(), format!("{}: {}", n.field, n.message));
             }
         }
     }
@@ -257,6 +261,8 @@ pub fn decide(reach: &PolicyReach, held: &Held, writer: &Writer) -> Option<Vec<D
                 "the control plane runs {replicas} replicas and each knows only its own proxies; with one replica Ready counts every proxy that has this policy ({total} workload(s) selected{no_proxy})"
             ),
         }
+    } else if let Some(why) = &reach.not_in_effect {
+        Decided { type_: "Ready", status: "False", reason: "NotInEffect", message: why.clone() }
     } else if total == 0 && reach.without_proxy > 0 {
         Decided {
             type_: "Ready",
@@ -273,7 +279,7 @@ pub fn decide(reach: &PolicyReach, held: &Held, writer: &Writer) -> Option<Vec<D
         for (pod, since) in &reach.workloads {
             let has = held.in_sync.get(pod).and_then(|t| t.get(reach.type_url)).copied();
             if has.is_none_or(|v| v < *since) {
-                let what = match (has, held.rejected.get(pod)) {
+                let what = match (has, held.rejected.get(pod).and_then(|r| r.get(reach.type_url))) {
                     (_, Some(why)) => {
                         rejections.push(format!("{}/{} rejected it ({why})", pod.0, pod.1));
                         continue;
@@ -468,6 +474,7 @@ mod tests {
             conflicts: Vec::new(),
             unresolved: Vec::new(),
             invalid: Vec::new(),
+            not_in_effect: None,
         }
     }
 
@@ -531,7 +538,10 @@ mod tests {
     fn a_rejection_and_pods_without_a_sidecar_are_named() {
         let r = reach(vec![(key("shop", "a"), 5)], 2);
         let mut h = held(&[("a", 3)]);
-        h.rejected = HashMap::from([(key("shop", "a"), "inbound: bad".to_string())]);
+        h.rejected = HashMap::from([(
+            key("shop", "a"),
+            HashMap::from([(mycel_api::PEER_POLICY_TYPE.to_string(), "inbound: bad".to_string())]),
+        )]);
         let d = decide(&r, &h, writer(1));
         assert_eq!(ready(&d).reason, "Rejected");
         assert!(ready(&d).message.contains("shop/a rejected it (inbound: bad)"), "{}", ready(&d).message);

@@ -42,6 +42,49 @@ pub struct HttpRule {
     pub rewrite: Option<Rewrite>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<Retry>,
+}
+
+/// Retries of a failed request without a body, of an idempotent method, within the
+/// destination's retry budget.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Retry {
+    /// Tries after the first (at most 10).
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout_ms: Option<u64>,
+    /// Default: connect-failure, refused-stream, unavailable, gateway-error.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry_on: Vec<RetryOn>,
+    /// Base of the exponential back-off (default 25 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryOn {
+    #[serde(rename = "5xx")]
+    FiveXx,
+    GatewayError,
+    Reset,
+    ConnectFailure,
+    RefusedStream,
+    #[serde(rename = "retriable-4xx")]
+    Retriable4xx,
+    Cancelled,
+    DeadlineExceeded,
+    ResourceExhausted,
+    Unavailable,
+}
+
+impl RetryOn {
+    /// The condition a control plane names (`5xx`, `gateway-error`, …).
+    pub fn parse(s: &str) -> Option<RetryOn> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    }
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
@@ -160,7 +203,7 @@ fn header_value(field: &str, value: &str) -> Result<(), ConfigError> {
 
 /// Compiles a regex the way the data path does (anchored, size-bounded).
 pub fn compile_regex(re: &str) -> Result<regex::Regex, regex::Error> {
-    regex::RegexBuilder::new(&format!("^(?:{re})$")).size_limit(1 << 20).build()
+    regex::RegexBuilder::new(&format!("^(?:{re})$")).size_limit(64 << 10).build()
 }
 
 impl StringMatch {
@@ -175,8 +218,31 @@ impl StringMatch {
     }
 }
 
+/// Header names a route may not edit: framing and connection headers, and the mesh's own.
+const PROTECTED: &[&str] = &[
+    "connection",
+    "content-length",
+    "transfer-encoding",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-connection",
+    "host",
+    "x-mycel-error",
+    "x-forwarded-client-cert",
+];
+
 impl HeaderEdits {
     fn validate(&self, field: &str) -> Result<(), ConfigError> {
+        for k in self.set.keys().chain(self.add.keys()).chain(&self.remove) {
+            if PROTECTED.contains(&k.to_ascii_lowercase().as_str()) {
+                return Err(ConfigError::Invalid {
+                    field: field.to_string(),
+                    message: format!("{k} may not be edited (framing, connection and mesh headers)"),
+                });
+            }
+        }
         for (k, v) in self.set.iter().chain(&self.add) {
             header_name(&format!("{field}[{k}]"), k)?;
             header_value(&format!("{field}[{k}]"), v)?;
@@ -200,6 +266,9 @@ impl RouteTable {
             let f = format!("{field}.http[{i}]");
             if rule.backends.is_empty() || rule.backends.iter().all(|b| b.weight == 0) {
                 return invalid(format!("{f}.backends"), "needs a backend with a weight above 0".into());
+            }
+            if rule.backends.iter().map(|b| u64::from(b.weight)).sum::<u64>() > 1_000_000 {
+                return invalid(format!("{f}.backends"), "weights add up to more than 1000000".into());
             }
             for (j, b) in rule.backends.iter().enumerate() {
                 if !known(&b.cluster) {
@@ -239,6 +308,17 @@ impl RouteTable {
                     && a.parse::<hyper::http::uri::Authority>().is_err()
                 {
                     return invalid(format!("{f}.rewrite.authority"), format!("{a:?} is not host[:port]"));
+                }
+            }
+            if let Some(r) = &rule.retry {
+                if r.attempts > 10 {
+                    return invalid(format!("{f}.retry.attempts"), "at most 10".into());
+                }
+                if r.per_try_timeout_ms == Some(0) || r.backoff_ms == Some(0) {
+                    return invalid(
+                        format!("{f}.retry"),
+                        "perTryTimeoutMs and backoffMs must be above 0".into(),
+                    );
                 }
             }
             if rule.timeout_ms == Some(0) {

@@ -20,6 +20,11 @@ use crate::{Shared, config::Direction, context::HttpConn, drain};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
+/// An empty body.
+pub fn empty() -> Body {
+    http_body_util::Empty::new().map_err(|never| match never {}).boxed()
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Version {
     Http1,

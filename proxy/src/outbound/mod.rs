@@ -17,7 +17,8 @@ use crate::{
     drain,
     error::ProxyError,
     http::{self, Body},
-    policy, routing,
+    policy,
+    routing::{self, retry},
     transport::{self},
 };
 
@@ -52,9 +53,11 @@ pub async fn request(
         return (Some(route.backend), Err(e));
     }
     routing::mirror(&req, &route);
-    // Retry policies (TrafficRoute) go inside the timeout; today a request that reached no app
-    // goes to the next endpoint (in `forward`), and nothing else is retried.
-    let sent = http::forward::forward(req, &conn.conn, &route.backend, shared);
+    // Retries go inside the rule's timeout; within each try, a request that reached no app goes
+    // to the next endpoint (in `forward`).
+    let policy =
+        route.rule.as_ref().and_then(|r| r.retry.as_ref()).filter(|_| retry::Policy::replayable(&req));
+    let sent = with_retries(req, &conn.conn, &route.backend, policy, shared);
     let resp = match routing::timeout(&route) {
         None => sent.await,
         Some(after) => match tokio::time::timeout(after, sent).await {
@@ -70,4 +73,52 @@ pub async fn request(
         r
     });
     (Some(route.backend), resp)
+}
+
+/// Sends `req`, and again while the rule's retry policy says the outcome is worth a retry and
+/// the destination's budget has one.
+async fn with_retries(
+    req: Request<Body>,
+    conn: &Conn,
+    backend: &Arc<Endpoints>,
+    policy: Option<&retry::Policy>,
+    shared: &Arc<Shared>,
+) -> Result<Response<Body>, ProxyError> {
+    let Some(p) = policy else { return http::forward::forward(req, conn, backend, shared).await };
+    backend.retry_budget.deposit();
+    let (parts, body) = req.into_parts();
+    let again = parts.clone();
+    let mut outcome = try_once(Request::from_parts(parts, body), conn, backend, p, shared).await;
+    for n in 0..p.attempts {
+        if !p.retries(&outcome) {
+            break;
+        }
+        if !backend.retry_budget.withdraw() {
+            shared.metrics.retry(&backend.cluster, "budget_exhausted");
+            break;
+        }
+        shared.metrics.retry(&backend.cluster, "sent");
+        drop(outcome);
+        tokio::time::sleep(p.backoff(n)).await;
+        let req = Request::from_parts(again.clone(), http::empty());
+        outcome = try_once(req, conn, backend, p, shared).await;
+    }
+    outcome
+}
+
+/// One try, bounded by the policy's per-try timeout.
+async fn try_once(
+    req: Request<Body>,
+    conn: &Conn,
+    backend: &Arc<Endpoints>,
+    p: &retry::Policy,
+    shared: &Arc<Shared>,
+) -> Result<Response<Body>, ProxyError> {
+    let sent = http::forward::forward(req, conn, backend, shared);
+    match p.per_try_timeout {
+        None => sent.await,
+        Some(after) => tokio::time::timeout(after, sent)
+            .await
+            .unwrap_or_else(|_| Err(ProxyError::UpstreamTimeout { cluster: backend.cluster.clone(), after })),
+    }
 }

@@ -7,6 +7,7 @@
 //! them. A request to a routed cluster that no rule matches is answered 404 (`NR`): it never
 //! goes on to a backend no rule chose.
 
+pub mod retry;
 pub mod table;
 
 use std::{sync::Arc, time::Duration};

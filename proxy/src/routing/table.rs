@@ -27,6 +27,7 @@ pub struct Rule {
     pub response_headers: Edits,
     pub rewrite: Option<Rewrite>,
     pub fault: Option<cfg::Fault>,
+    pub retry: Option<super::retry::Policy>,
 }
 
 pub struct Rewrite {
@@ -205,6 +206,7 @@ impl Table {
                         authority: rw.authority.as_ref().and_then(|a| a.parse().ok()),
                     }),
                     fault: r.fault.clone(),
+                    retry: r.retry.as_ref().filter(|r| r.attempts > 0).map(super::retry::Policy::compile),
                 })
             })
             .collect();

@@ -24,6 +24,13 @@ pub struct ListenerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub cluster: String,
+    /// `sent`, or `budget_exhausted` (a retry the policy asked for and the budget refused).
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub result: String,
 }
@@ -36,6 +43,7 @@ pub struct Metrics {
     pub config_updates: Family<ReloadLabels, Counter>,
     registry: Mutex<Registry>,
     pub requests: Family<RequestLabels, Counter>,
+    pub retries: Family<RetryLabels, Counter>,
     pub request_duration: Family<ListenerLabels, Histogram>,
     pub connections: Family<ListenerLabels, Counter>,
     pub refused: Family<ListenerLabels, Counter>,
@@ -48,6 +56,12 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("mycel_proxy");
         let requests = Family::<RequestLabels, Counter>::default();
+        let retries = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "retries",
+            "Retries of route rules, sent or refused by the destination's retry budget",
+            retries.clone(),
+        );
         let request_duration = Family::<ListenerLabels, Histogram>::new_with_constructor(|| {
             Histogram::new([
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -107,6 +121,7 @@ impl Default for Metrics {
             config_updates,
             registry: Mutex::new(registry),
             requests,
+            retries,
             request_duration,
             connections,
             refused,
@@ -118,6 +133,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// A retry of `cluster` (`sent` or `budget_exhausted`).
+    pub fn retry(&self, cluster: &str, outcome: &str) {
+        self.retries.get_or_create(&RetryLabels { cluster: cluster.into(), outcome: outcome.into() }).inc();
+    }
+
     /// Counts a configuration reload, applied or rejected.
     pub fn reloaded(&self, applied: bool) {
         let result = if applied { "applied" } else { "rejected" };

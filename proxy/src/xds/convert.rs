@@ -177,6 +177,25 @@ pub fn convert_route(t: &pb::RouteTable, namespace: &str) -> Result<Option<confi
                 authority: (!rw.authority.is_empty()).then(|| rw.authority.clone()),
             }),
             fault,
+            retry: match &r.retry {
+                None => None,
+                Some(rt) => {
+                    let mut retry_on = Vec::new();
+                    for (j, c) in rt.retry_on.iter().enumerate() {
+                        retry_on.push(route::RetryOn::parse(c).ok_or_else(|| ConfigError::Invalid {
+                            field: field(format!("http[{i}].retry.retryOn[{j}]")),
+                            message: format!("unknown retry condition {c:?}"),
+                        })?);
+                    }
+                    Some(route::Retry {
+                        attempts: rt.attempts,
+                        per_try_timeout_ms: (rt.per_try_timeout_ms > 0)
+                            .then(|| u64::from(rt.per_try_timeout_ms)),
+                        retry_on,
+                        backoff_ms: (rt.backoff_ms > 0).then(|| u64::from(rt.backoff_ms)),
+                    })
+                }
+            },
         });
     }
     let table = config::RouteTable {

@@ -84,61 +84,101 @@ pub fn translate(
     let mut order: Vec<&Tr> = routes.to_vec();
     order.sort_by(|a, b| (&a.created, &a.namespace, &a.name).cmp(&(&b.created, &b.namespace, &b.name)));
     let mut owner: HashMap<Key, String> = HashMap::new();
-    let mut out = HashMap::new();
-    for tr in order {
+    let mut out: HashMap<Key, Outcome> = HashMap::new();
+    // A route that proxies could not use claims nothing.
+    for tr in &order {
         let mut o = Outcome { export_to: export_to(tr), ..Default::default() };
-        let source = tr.label();
-        for host in &tr.spec.hosts {
-            let Some(svc_key) = service_of(&host.0, &tr.namespace, domain) else {
-                o.unresolved.push(format!(
-                    "host {}: not a Service name (name, name.namespace or name.namespace.svc.{domain})",
-                    host.0
-                ));
-                continue;
-            };
-            let Some(svc) = services(&svc_key) else {
-                o.unresolved
-                    .push(format!("host {}: no Service {} in namespace {}", host.0, svc_key.1, svc_key.0));
-                continue;
-            };
-            if let Some(winner) = owner.get(&svc_key) {
-                o.conflicts.push(format!(
-                    "host {}: {winner} is older (or first by name) and routes Service {}/{}",
-                    host.0, svc_key.0, svc_key.1
-                ));
+        for (i, r) in tr.spec.http.iter().enumerate() {
+            rule(r, i, None, tr, services, domain, &mut o);
+        }
+        o.invalid.sort();
+        o.invalid.dedup();
+        o.unresolved.clear();
+        out.insert((tr.namespace.clone(), tr.name.clone()), o);
+    }
+    // Routes of a Service's own namespace claim it first (for every client they are exported
+    // to); a route naming another namespace's Service applies to its own namespace's clients
+    // only, and only where no route of that Service's namespace claimed it.
+    for foreign in [false, true] {
+        for tr in &order {
+            let o =
+                out.get_mut(&(tr.namespace.clone(), tr.name.clone())).expect("every route has an outcome");
+            if !o.invalid.is_empty() {
                 continue;
             }
-            owner.insert(svc_key.clone(), source.clone());
-            if tr.spec.http.is_empty() {
-                continue;
-            }
-            for (_, port) in &svc.ports {
-                let cluster = cluster_name(&svc_key, *port, domain);
-                let http = tr
-                    .spec
-                    .http
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, r)| rule(r, i, *port, tr, services, domain, &mut o))
-                    .collect();
-                let table = pb::RouteTable {
-                    name: cluster.clone(),
-                    source: source.clone(),
-                    export_to: o.export_to.clone().unwrap_or_default(),
-                    http,
+            let source = tr.label();
+            for host in &tr.spec.hosts {
+                let Some(svc_key) = service_of(&host.0, &tr.namespace, domain) else {
+                    if !foreign {
+                        o.unresolved.push(format!(
+                            "host {}: not a Service name (name, name.namespace or name.namespace.svc.{domain})",
+                            host.0
+                        ));
+                    }
+                    continue;
                 };
-                o.tables.insert(cluster, table);
+                if (svc_key.0 != tr.namespace) != foreign {
+                    continue;
+                }
+                let Some(svc) = services(&svc_key) else {
+                    o.unresolved.push(format!(
+                        "host {}: no Service {} in namespace {}",
+                        host.0, svc_key.1, svc_key.0
+                    ));
+                    continue;
+                };
+                let export: Vec<String> = if foreign {
+                    // Its own namespace's clients, if it is exported to them at all.
+                    match &o.export_to {
+                        Some(ns) if !ns.contains(&tr.namespace) => {
+                            o.unresolved.push(format!(
+                                "host {}: a route for another namespace's Service applies to its own namespace's clients only, and exportTo leaves them out",
+                                host.0
+                            ));
+                            continue;
+                        }
+                        _ => vec![tr.namespace.clone()],
+                    }
+                } else {
+                    o.export_to.clone().unwrap_or_default()
+                };
+                if let Some(winner) = owner.get(&svc_key) {
+                    o.conflicts.push(format!(
+                        "host {}: {winner} routes Service {}/{} (a route of the Service's own namespace first, then the oldest, then by namespace and name)",
+                        host.0, svc_key.0, svc_key.1
+                    ));
+                    continue;
+                }
+                owner.insert(svc_key.clone(), source.clone());
+                for (_, port) in &svc.ports {
+                    let cluster = cluster_name(&svc_key, *port, domain);
+                    let http: Vec<pb::HttpRule> = tr
+                        .spec
+                        .http
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, r)| rule(r, i, Some(*port), tr, services, domain, o))
+                        .collect();
+                    // No rule for this port: its requests are not routed.
+                    if http.is_empty() {
+                        continue;
+                    }
+                    let table = pb::RouteTable {
+                        name: cluster.clone(),
+                        source: source.clone(),
+                        export_to: export.clone(),
+                        http,
+                    };
+                    o.tables.insert(cluster, table);
+                }
             }
         }
+    }
+    for o in out.values_mut() {
         o.unresolved.sort();
         o.unresolved.dedup();
         o.invalid.sort();
         o.invalid.dedup();
-        if !o.invalid.is_empty() {
-            // Proxies would refuse it: it is not sent at all.
-            o.tables.clear();
-        }
-        out.insert((tr.namespace.clone(), tr.name.clone()), o);
     }
     out
 }
@@ -163,17 +203,19 @@ fn export_to(tr: &Tr) -> Option<Vec<String>> {
 }
 
 /// One rule for the cluster of `port`: its matches for that port (none left: the rule is not
-/// for this port).
+/// for this port). Values no proxy could use go to `o.invalid`.
 fn rule(
     r: &HttpRoute,
     i: usize,
-    port: i32,
+    port: Option<i32>,
     tr: &Tr,
     services: &dyn Fn(&Key) -> Option<Svc>,
     domain: &str,
     o: &mut Outcome,
 ) -> Option<pb::HttpRule> {
-    let for_port: Vec<_> = r.matches.iter().filter(|m| m.port.is_none_or(|p| p == port)).collect();
+    // `None`: every match (to check the rule whatever the port).
+    let for_port: Vec<_> =
+        r.matches.iter().filter(|m| port.is_none_or(|port| m.port.is_none_or(|p| p == port))).collect();
     if !r.matches.is_empty() && for_port.is_empty() {
         return None;
     }
@@ -188,13 +230,13 @@ fn rule(
                 .headers
                 .iter()
                 .enumerate()
-                .map(|(k, h)| named(h, &field(&format!(".match[{j}].headers[{k}]")), o))
+                .map(|(k, h)| named(h, &field(&format!(".match[{j}].headers[{k}]")), o, true))
                 .collect(),
             query_params: m
                 .query_params
                 .iter()
                 .enumerate()
-                .map(|(k, q)| named(q, &field(&format!(".match[{j}].queryParams[{k}]")), o))
+                .map(|(k, q)| named(q, &field(&format!(".match[{j}].queryParams[{k}]")), o, false))
                 .collect(),
         });
     }
@@ -207,8 +249,9 @@ fn rule(
             weight: if r.backends.len() == 1 { 100 } else { b.weight.unwrap_or(0).max(0) as u32 },
         })
         .collect();
+    // Rounded up: a positive duration never becomes 0 (which means none).
     let ms = |d: &mycel_crds::common::Duration| {
-        d.parse().map(|d| d.as_millis().min(u32::MAX as u128) as u32).unwrap_or(0)
+        d.parse().map(|d| d.as_micros().div_ceil(1000).clamp(1, u32::MAX as u128) as u32).unwrap_or(0)
     };
     let fault = r.fault.as_ref().map(|f| pb::Fault {
         delay_percent: f.delay.as_ref().map(|d| d.percent).unwrap_or(0.0),
@@ -230,6 +273,14 @@ fn rule(
             if hyper::header::HeaderValue::from_str(v).is_err() {
                 o.invalid.push(format!(
                     "{}: the value of {k} is not a valid header value",
+                    field(&format!(".headers.{which}"))
+                ));
+            }
+        }
+        for k in e.set.keys().chain(e.add.keys()).chain(&e.remove) {
+            if PROTECTED_HEADERS.contains(&k.to_ascii_lowercase().as_str()) {
+                o.invalid.push(format!(
+                    "{}: {k} may not be edited (framing, connection and mesh headers; use rewrite.authority for Host)",
                     field(&format!(".headers.{which}"))
                 ));
             }
@@ -268,6 +319,16 @@ fn rule(
             authority: rw.authority.clone().unwrap_or_default(),
         }),
         fault,
+        retry: r.retries.as_ref().map(|rt| pb::Retry {
+            attempts: rt.attempts.max(0) as u32,
+            per_try_timeout_ms: rt.per_try_timeout.as_ref().map(ms).unwrap_or(0),
+            retry_on: rt
+                .retry_on
+                .iter()
+                .filter_map(|c| serde_json::to_value(c).ok()?.as_str().map(str::to_string))
+                .collect(),
+            backoff_ms: rt.backoff.as_ref().map(ms).unwrap_or(0),
+        }),
     })
 }
 
@@ -308,8 +369,25 @@ fn backend(
     }
 }
 
+/// What one compiled regular expression may take (the proxy's limit too).
+const REGEX_SIZE_LIMIT: usize = 64 << 10;
+/// Header names a route may not edit: framing and connection headers, and the mesh's own.
+pub const PROTECTED_HEADERS: &[&str] = &[
+    "connection",
+    "content-length",
+    "transfer-encoding",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-connection",
+    "host",
+    "x-mycel-error",
+    "x-forwarded-client-cert",
+];
+
 fn check_regex(re: &str, field: &str, o: &mut Outcome) {
-    if let Err(e) = regex::RegexBuilder::new(&format!("^(?:{re})$")).size_limit(1 << 20).build() {
+    if let Err(e) = regex::RegexBuilder::new(&format!("^(?:{re})$")).size_limit(REGEX_SIZE_LIMIT).build() {
         o.invalid.push(format!("{field}.regex: {e}"));
     }
 }
@@ -329,7 +407,8 @@ fn string_match(m: &StringMatch, field: &str, o: &mut Outcome) -> pb::StringMatc
     pb::StringMatch { kind: Some(kind) }
 }
 
-fn named(m: &NamedMatch, field: &str, o: &mut Outcome) -> pb::NamedMatch {
+/// A header (`header`: its name case-insensitive, so lowercased) or query parameter match.
+fn named(m: &NamedMatch, field: &str, o: &mut Outcome, header: bool) -> pb::NamedMatch {
     use pb::string_match::Kind;
     let kind = if let Some(s) = &m.exact {
         Kind::Exact(s.clone())
@@ -343,7 +422,8 @@ fn named(m: &NamedMatch, field: &str, o: &mut Outcome) -> pb::NamedMatch {
     } else {
         Kind::Present(true)
     };
-    pb::NamedMatch { name: m.name.to_ascii_lowercase(), r#match: Some(pb::StringMatch { kind: Some(kind) }) }
+    let name = if header { m.name.to_ascii_lowercase() } else { m.name.clone() };
+    pb::NamedMatch { name, r#match: Some(pb::StringMatch { kind: Some(kind) }) }
 }
 
 /// A table as the streams send it.
@@ -394,7 +474,7 @@ mod tests {
             "shop",
             "web",
             "2026-01-01T00:00:00Z",
-            "hosts: [web]\nexportTo: ['.']\nhttp:\n- name: admin\n  match: [{port: 9090}]\n  backends: [{service: web, port: 9090}]\n- name: canary\n  match: [{headers: [{name: X-User, exact: tester}]}]\n  backends: [{service: v2}]\n  timeout: 1s\n- backends: [{service: web, port: 80, weight: 90}, {service: v2, weight: 10}]\n",
+            "hosts: [web]\nexportTo: ['.']\nhttp:\n- name: admin\n  match: [{port: 9090}]\n  backends: [{service: web, port: 9090}]\n- name: canary\n  match: [{headers: [{name: X-User, exact: tester}]}]\n  backends: [{service: v2}]\n  timeout: 1s\n  retries: {attempts: 2, perTryTimeout: 200ms, retryOn: [5xx, retriable-4xx], backoff: 10ms}\n- backends: [{service: web, port: 80, weight: 90}, {service: v2, weight: 10}]\n",
         );
         let out = translate(&[&r], &services, "cluster.local");
         let o = &out[&("shop".to_string(), "web".to_string())];
@@ -406,10 +486,62 @@ mod tests {
         assert_eq!(t80.http[0].matches[0].headers[0].name, "x-user");
         assert_eq!(t80.http[0].backends[0].cluster, "v2.shop.svc.cluster.local:80");
         assert_eq!(t80.http[0].timeout_ms, 1000);
+        let retry = t80.http[0].retry.as_ref().unwrap();
+        assert_eq!((retry.attempts, retry.per_try_timeout_ms, retry.backoff_ms), (2, 200, 10));
+        assert_eq!(retry.retry_on, ["5xx", "retriable-4xx"], "the names the proxy reads");
         assert_eq!(t80.http[1].backends.iter().map(|b| b.weight).collect::<Vec<_>>(), [90, 10]);
         let t9090 = &o.tables["web.shop.svc.cluster.local:9090"];
         assert_eq!(t9090.http.len(), 3);
         assert_eq!(t9090.export_to, ["shop"]);
+    }
+
+    #[test]
+    fn a_route_for_another_namespaces_service_reaches_its_own_clients_only_and_yields_to_the_owner() {
+        let foreign = tr(
+            "evil",
+            "grab",
+            "2025-01-01T00:00:00Z",
+            "hosts: [web.shop]\nhttp:\n- backends: [{service: v2.shop}]\n",
+        );
+        let out = translate(&[&foreign], &services, "cluster.local");
+        let o = &out[&("evil".to_string(), "grab".to_string())];
+        assert_eq!(o.tables["web.shop.svc.cluster.local:80"].export_to, ["evil"], "only evil's clients");
+        let own = tr(
+            "shop",
+            "web",
+            "2026-06-01T00:00:00Z",
+            "hosts: [web]\nhttp:\n- backends: [{service: web, port: 80}]\n",
+        );
+        let out = translate(&[&foreign, &own], &services, "cluster.local");
+        assert!(
+            out[&("shop".to_string(), "web".to_string())].conflicts.is_empty(),
+            "the owner's route wins though newer"
+        );
+        let lost = &out[&("evil".to_string(), "grab".to_string())];
+        assert!(lost.tables.is_empty() && lost.conflicts[0].contains("TrafficRoute shop/web"), "{lost:?}");
+        // An invalid route claims nothing; a rule only for another port makes no table.
+        let bad = tr(
+            "shop",
+            "a-bad",
+            "2024-01-01T00:00:00Z",
+            "hosts: [web]\nhttp:\n- backends: [{service: web, port: 80}]\n  headers: {request: {set: {content-length: '0'}}}\n",
+        );
+        let port = tr(
+            "shop",
+            "b-port",
+            "2025-01-01T00:00:00Z",
+            "hosts: [web]\nhttp:\n- match: [{port: 9090, queryParams: [{name: userId, exact: '1'}]}]\n  backends: [{service: web, port: 9090}]\n",
+        );
+        let out = translate(&[&bad, &port], &services, "cluster.local");
+        assert!(
+            out[&("shop".to_string(), "a-bad".to_string())].invalid[0]
+                .contains("content-length may not be edited")
+        );
+        let p = &out[&("shop".to_string(), "b-port".to_string())];
+        assert!(p.conflicts.is_empty(), "{p:?}");
+        assert_eq!(p.tables.keys().collect::<Vec<_>>(), ["web.shop.svc.cluster.local:9090"]);
+        let q = &p.tables["web.shop.svc.cluster.local:9090"].http[0].matches[0].query_params[0];
+        assert_eq!(q.name, "userId", "query parameter names keep their case");
     }
 
     #[test]
@@ -424,7 +556,7 @@ mod tests {
             "shop",
             "a-new",
             "2026-02-01T00:00:00Z",
-            "hosts: [web, nothere]\nhttp:\n- backends: [{service: web}, {service: gone, weight: 0}]\n  match: [{path: {regex: '('}}]\n",
+            "hosts: [web, nothere]\nhttp:\n- backends: [{service: web}, {service: gone, weight: 0}]\n",
         );
         let out = translate(&[&new, &old], &services, "cluster.local");
         let lost = &out[&("shop".to_string(), "a-new".to_string())];
@@ -442,9 +574,10 @@ mod tests {
             "shop",
             "c",
             "2026-01-01T00:00:00Z",
-            "hosts: [v2]\nhttp:\n- backends: [{service: web}, {service: gone, weight: 0}]\n  match: [{path: {regex: '('}}]\n",
+            "hosts: [v2]\nhttp:\n- backends: [{service: web}, {service: gone, weight: 0}]\n",
         );
         let o = &translate(&[&bad], &services, "cluster.local")[&("shop".to_string(), "c".to_string())];
+        assert_eq!(o.tables.len(), 1, "what resolves is sent, the rest gets 503");
         assert!(
             o.unresolved
                 .iter()
@@ -457,6 +590,14 @@ mod tests {
             "{:?}",
             o.unresolved
         );
+        let regex = tr(
+            "shop",
+            "d",
+            "2026-01-01T00:00:00Z",
+            "hosts: [v2]\nhttp:\n- backends: [{service: v2}]\n  match: [{path: {regex: '('}}]\n",
+        );
+        let o = &translate(&[&regex], &services, "cluster.local")[&("shop".to_string(), "d".to_string())];
         assert!(o.invalid[0].starts_with("spec.http[0].match[0].path.regex"), "{:?}", o.invalid);
+        assert!(o.tables.is_empty(), "an invalid route is sent to no proxy");
     }
 }
