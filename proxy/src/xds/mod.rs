@@ -272,6 +272,9 @@ pub async fn run(
     let mut accepted: Accepted = BTreeMap::new();
     let mut policy: Option<(String, config::InboundMtls)> = None;
     let mut routes: Routes = BTreeMap::new();
+    // A control plane of a release before route tables refuses the type (and the stream with
+    // it): the proxy then goes on without routes rather than never becoming ready.
+    let mut without_routes = false;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
     loop {
         let id = match identity.wait_for(|i| i.is_some()).await {
@@ -279,9 +282,25 @@ pub async fn run(
             Err(_) => return,
         };
         let Some(id) = id else { continue };
-        let result =
-            session(&boot, &layered, &id, (&mut accepted, &mut policy, &mut routes), &mut backoff).await;
+        let result = session(
+            &boot,
+            &layered,
+            &id,
+            (&mut accepted, &mut policy, &mut routes),
+            without_routes,
+            &mut backoff,
+        )
+        .await;
         metrics.control_plane_connected.set(0);
+        if let Err(SetupError::Refused { code: tonic::Code::InvalidArgument, message, .. }) = &result
+            && message.contains(&format!("unknown resource type {:?}", mycel_api::ROUTE_TYPE))
+            && !without_routes
+        {
+            warn!(
+                "the control plane does not serve route tables (an older release): going on without routes"
+            );
+            without_routes = true;
+        }
         let delay = backoff.next_delay();
         match result {
             Ok(()) => {
@@ -298,6 +317,7 @@ async fn session(
     layered: &Layered,
     id: &Identity,
     (accepted, policy, routes): (&mut Accepted, &mut Option<(String, config::InboundMtls)>, &mut Routes),
+    without_routes: bool,
     backoff: &mut Backoff,
 ) -> Result<(), SetupError> {
     let metrics = &layered.running.shared.metrics;
@@ -320,14 +340,16 @@ async fn session(
     })
     .await
     .map_err(|_| closed())?;
-    tx.send(pb::DeltaRequest {
-        type_url: mycel_api::ROUTE_TYPE.into(),
-        subscribe: vec!["*".into()],
-        initial_versions: routes.iter().map(|(n, (v, _))| (n.clone(), v.clone())).collect(),
-        ..Default::default()
-    })
-    .await
-    .map_err(|_| closed())?;
+    if !without_routes {
+        tx.send(pb::DeltaRequest {
+            type_url: mycel_api::ROUTE_TYPE.into(),
+            subscribe: vec!["*".into()],
+            initial_versions: routes.iter().map(|(n, (v, _))| (n.clone(), v.clone())).collect(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|_| closed())?;
+    }
     let mut responses = ConfigDiscoveryClient::new(ch)
         .max_decoding_message_size(64 << 20)
         .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -338,7 +360,7 @@ async fn session(
     info!(control_plane = %boot.control_plane, resuming = accepted.len(), "config stream open");
     // Ready once the first sync of clusters and of routes is whole: an app that starts then
     // sends its first request with its routes in force.
-    let (mut clusters_synced, mut routes_synced) = (false, false);
+    let (mut clusters_synced, mut routes_synced) = (false, without_routes);
     while let Some(resp) = responses.message().await.map_err(SetupError::refused("the config stream"))? {
         backoff.reset();
         if !resp.partial {
