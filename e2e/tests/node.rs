@@ -96,21 +96,31 @@ async fn a_deployment_answers_through_its_service_by_dns_and_cluster_ip_and_a_jo
     // Processes on the host — the API server calling a webhook Service among them — reach
     // Services by ClusterIP too (routed to the bridge, turned into a pod address by kube-proxy).
     // This also waits until kube-proxy has programmed the Service, before pods use it.
-    let from_host = eventually("the host reaches the Service's ClusterIP", Duration::from_secs(30), || {
-        let svc = svc.clone();
-        async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut s =
-                tokio::net::TcpStream::connect((svc.as_str(), 80)).await.map_err(|e| e.to_string())?;
-            s.write_all(b"GET / HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n")
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.map_err(|e| e.to_string())?;
-            Ok(out)
-        }
-    })
-    .await;
+    // It waits until kube-proxy has programmed both endpoints (each pod has answered once), so
+    // that the Job below can see both.
+    let seen = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let from_host =
+        eventually("the host reaches both pods by the Service's ClusterIP", Duration::from_secs(30), || {
+            let (svc, seen, names) = (svc.clone(), &seen, &names);
+            async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut s =
+                    tokio::net::TcpStream::connect((svc.as_str(), 80)).await.map_err(|e| e.to_string())?;
+                s.write_all(b"GET / HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut out = String::new();
+                s.read_to_string(&mut out).await.map_err(|e| e.to_string())?;
+                let mut seen = seen.lock().unwrap();
+                seen.extend(names.iter().filter(|n| out.contains(n.as_str())).cloned());
+                if seen.len() == names.len() {
+                    Ok(out)
+                } else {
+                    Err(format!("answered so far: {seen:?}; last: {out}"))
+                }
+            }
+        })
+        .await;
     assert!(
         from_host.starts_with("HTTP/1.1 200") && names.iter().any(|n| from_host.contains(n.as_str())),
         "{from_host}"
