@@ -46,6 +46,18 @@ enum Cmd {
         #[arg(long, default_value = "mycel-system")]
         namespace: String,
     },
+    /// The config a pod's sidecar holds: `routes` prints its route tables, rule by rule (read
+    /// from its `/config_dump`, through a port-forward).
+    ProxyConfig {
+        /// `routes`
+        what: String,
+        pod: String,
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        /// Print the proxy's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Which proxies are connected to a control plane, and whether each has accepted its latest
     /// config (or what it rejected, and why).
     ProxyStatus {
@@ -98,6 +110,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             settings.revision = revision;
             settings.namespace = namespace;
             print!("{}", inject_manifests(&text, &settings)?);
+        }
+        Cmd::ProxyConfig { what, pod, namespace, json } => {
+            anyhow::ensure!(what == "routes", "proxy-config {what:?}: the only view is `routes`");
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let dump = rt.block_on(async {
+                let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+                portforward::get(&client, &namespace, &pod, 15020, "/config_dump").await
+            })?;
+            let config: serde_json::Value =
+                serde_json::from_str(&dump).context("the proxy's /config_dump is not JSON")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&config["routes"])?);
+            } else {
+                print!("{}", routes_table(&config));
+            }
         }
         Cmd::ProxyStatus { control_plane, namespace, revision, json } => {
             let body = match control_plane {
@@ -175,6 +202,58 @@ fn proxy_status_table(json: &str) -> anyhow::Result<String> {
         ]);
     }
     Ok(top::render(&rows))
+}
+
+/// One line per rule of every route table: the cluster, where it came from, the rule, what it
+/// matches and where it sends.
+fn routes_table(config: &serde_json::Value) -> String {
+    let mut rows = vec![["CLUSTER", "SOURCE", "RULE", "MATCH", "BACKENDS"].map(String::from).to_vec()];
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    let kind = |m: &serde_json::Value| match m {
+        serde_json::Value::String(k) => k.clone(),
+        serde_json::Value::Object(o) => {
+            o.iter().map(|(k, v)| format!("{k} {}", v.as_str().unwrap_or(""))).collect::<Vec<_>>().join(",")
+        }
+        _ => String::new(),
+    };
+    for t in config["routes"].as_array().into_iter().flatten() {
+        for r in t["http"].as_array().into_iter().flatten() {
+            let matches: Vec<String> = r["match"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|m| {
+                    let mut parts = Vec::new();
+                    if !m["path"].is_null() {
+                        parts.push(format!("path {}", kind(&m["path"])));
+                    }
+                    if let Some(method) = m["method"].as_str() {
+                        parts.push(method.to_string());
+                    }
+                    for (what, list) in [("header", &m["headers"]), ("query", &m["queryParams"])] {
+                        for h in list.as_array().into_iter().flatten() {
+                            parts.push(format!("{what} {} {}", s(&h["name"]), kind(&h["match"])));
+                        }
+                    }
+                    parts.join(" & ")
+                })
+                .collect();
+            let backends: Vec<String> = r["backends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| format!("{} ({})", s(&b["cluster"]), b["weight"]))
+                .collect();
+            rows.push(vec![
+                s(&t["cluster"]),
+                s(&t["source"]),
+                s(&r["name"]),
+                if matches.is_empty() { "*".into() } else { matches.join(" | ") },
+                backends.join(", "),
+            ]);
+        }
+    }
+    top::render(&rows)
 }
 
 /// Injects every workload of a multi-document YAML stream; other documents pass unchanged.

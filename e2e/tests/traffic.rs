@@ -265,6 +265,21 @@ async fn traffic_routes_steer_what_clients_send() {
                 .sum::<f64>()
         }
     };
+    // What a sidecar holds, as `mycelctl proxy-config routes` prints it.
+    let out = std::process::Command::new(mycel_e2e::process::workspace_binary("mycelctl").unwrap())
+        .args(["proxy-config", "routes", &web_pod, "-n", &n])
+        .env("KUBECONFIG", c.kubeconfig())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
+    let canary = table.lines().find(|l| l.contains(" canary ")).unwrap_or_else(|| panic!("{table}"));
+    assert!(canary.starts_with(&format!("web.{n}.svc.cluster.local:80 ")), "{table}");
+    assert!(
+        canary.contains("header x-canary exact yes")
+            && canary.contains(&format!("web-v2.{n}.svc.cluster.local:80 (100)")),
+        "{table}"
+    );
     let before = inbound().await;
     let (ok, log) =
         run_job(&client, &n, "broken", "default", true, &get(&["http://web/broken?fail_pct=100"], 300, &[]))
