@@ -21,6 +21,7 @@ pub mod codec;
 pub mod hash;
 pub mod metrics;
 pub mod net;
+pub mod route;
 pub mod spiffe;
 
 #[allow(clippy::all, missing_docs)]

@@ -19,8 +19,7 @@ use kube::{
 use mycel_e2e::{
     TestCluster, eventually,
     images::TESTAPP_IMAGE,
-    mesh::{cp_logs, mi_api, run_job, run_jobs},
-    process::OperatorProcess,
+    mesh::{Installation, cp_logs, mi_api, run_job, run_jobs},
 };
 use serde_json::json;
 
@@ -85,50 +84,15 @@ async fn policy_ready(pas: &Api<DynamicObject>, name: &str) -> String {
 #[tokio::test]
 async fn injected_pods_talk_through_their_sidecars() {
     let Some((c, client)) = node_cluster().await else { return };
-    c.install_crds().unwrap();
-    let root = c.namespace("mesh").await.unwrap();
-    let rev = format!("m{}", &root.name[root.name.len() - 7..]);
-    let operator = OperatorProcess::start(&c, &root.name).unwrap();
+    // An installation, and an application namespace for its revision.
+    let Installation { root, app, revision: rev, operator, .. } = Installation::start(&c, "mesh").await;
     let mis = mi_api(&client, &root.name);
-    let mi: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "mycel.io/v1alpha1", "kind": "MeshInstallation",
-        "metadata": {"name": "mesh"}, "spec": {"revision": rev}
-    }))
-    .unwrap();
-    mis.create(&PostParams::default(), &mi).await.unwrap();
     let ready = |o: &DynamicObject| {
         o.data["status"]["conditions"]
             .as_array()
             .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let o = mis.get("mesh").await.unwrap();
-        if ready(&o) {
-            break;
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!(
-                "the installation is not Ready: {:#}\n{}\noperator:\n{}",
-                o.data["status"],
-                cp_logs(&client, &root.name).await,
-                operator.log_text()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-
-    // An application namespace for this revision.
-    let app = c.namespace("app").await.unwrap();
     let n = app.name.clone();
-    Api::<Namespace>::all(client.clone())
-        .patch(
-            &n,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"labels": {"mycel.io/rev": rev}}})),
-        )
-        .await
-        .unwrap();
     let web = format!(
         r#"apiVersion: apps/v1
 kind: Deployment

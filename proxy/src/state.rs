@@ -74,14 +74,16 @@ impl State {
         identities.retain(|_, id| id.is_some());
         let listeners = config.listeners.iter().map(|l| (l.name.clone(), l.clone())).collect();
         // A table that did not change is kept compiled (an endpoint update recompiles nothing).
+        let old_tables: HashMap<&str, &config::RouteTable> = old
+            .map(|o| o.config.routes.iter().map(|t| (t.cluster.as_str(), t)).collect())
+            .unwrap_or_default();
         let routes = config
             .routes
             .iter()
             .map(|t| {
-                let kept = old.and_then(|o| {
-                    let i = o.config.routes.iter().position(|ot| ot.cluster == t.cluster)?;
-                    (o.config.routes[i] == *t).then(|| o.routes.get(&t.cluster).cloned()).flatten()
-                });
+                let kept = old
+                    .filter(|_| old_tables.get(t.cluster.as_str()).is_some_and(|ot| *ot == t))
+                    .and_then(|o| o.routes.get(&t.cluster).cloned());
                 (t.cluster.clone(), kept.unwrap_or_else(|| Arc::new(Table::compile(t))))
             })
             .collect();

@@ -137,6 +137,26 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// A query parameter's value, parsed.
+fn query_param<T: std::str::FromStr>(req: &Request<hyper::body::Incoming>, name: &str) -> Option<T> {
+    let q = req.uri().query()?;
+    q.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+}
+
+/// What the query asks of the echo server: `sleep_ms=N` answers after N ms (at most 30 s), a
+/// slow backend; `fail_pct=N` answers 503 to N % of requests, a flaky one.
+async fn misbehave(req: &Request<hyper::body::Incoming>) -> Option<Response<Full<Bytes>>> {
+    if let Some(ms) = query_param::<u64>(req, "sleep_ms") {
+        tokio::time::sleep(Duration::from_millis(ms.min(30_000))).await;
+    }
+    let pct = query_param::<u32>(req, "fail_pct")?;
+    (fastrand::u32(..100) < pct).then(|| {
+        let mut r = Response::new(Full::new(Bytes::from("failed on purpose")));
+        *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+        r
+    })
+}
+
 fn pod_name() -> String {
     std::env::var("POD_NAME")
         .or_else(|_| std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()))
@@ -158,27 +178,8 @@ async fn http_echo(port: u16) -> anyhow::Result<()> {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let pod = pod.clone();
                 async move {
-                    // `?sleep_ms=N` answers after N ms (at most 30 s): a slow backend.
-                    let sleep = req
-                        .uri()
-                        .query()
-                        .unwrap_or("")
-                        .split('&')
-                        .find_map(|kv| kv.strip_prefix("sleep_ms=")?.parse::<u64>().ok());
-                    if let Some(ms) = sleep {
-                        tokio::time::sleep(Duration::from_millis(ms.min(30_000))).await;
-                    }
-                    // `?fail_pct=N` answers 503 to N % of requests: a flaky backend.
-                    let fail = req
-                        .uri()
-                        .query()
-                        .unwrap_or("")
-                        .split('&')
-                        .find_map(|kv| kv.strip_prefix("fail_pct=")?.parse::<u32>().ok());
-                    if fail.is_some_and(|pct| fastrand::u32(..100) < pct) {
-                        let mut r = Response::new(Full::new(Bytes::from("failed on purpose")));
-                        *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
-                        return Ok::<_, Infallible>(r);
+                    if let Some(failed) = misbehave(&req).await {
+                        return Ok::<_, Infallible>(failed);
                     }
                     let headers: serde_json::Map<String, serde_json::Value> = req
                         .headers()
@@ -331,28 +332,6 @@ async fn http_relay(port: u16, to: String) -> anyhow::Result<()> {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (pod, to, client) = (pod.clone(), to.clone(), client.clone());
                 async move {
-                    // `?sleep_ms=N` answers after N ms (at most 30 s): a slow backend.
-                    let sleep = req
-                        .uri()
-                        .query()
-                        .unwrap_or("")
-                        .split('&')
-                        .find_map(|kv| kv.strip_prefix("sleep_ms=")?.parse::<u64>().ok());
-                    if let Some(ms) = sleep {
-                        tokio::time::sleep(Duration::from_millis(ms.min(30_000))).await;
-                    }
-                    // `?fail_pct=N` answers 503 to N % of requests: a flaky backend.
-                    let fail = req
-                        .uri()
-                        .query()
-                        .unwrap_or("")
-                        .split('&')
-                        .find_map(|kv| kv.strip_prefix("fail_pct=")?.parse::<u32>().ok());
-                    if fail.is_some_and(|pct| fastrand::u32(..100) < pct) {
-                        let mut r = Response::new(Full::new(Bytes::from("failed on purpose")));
-                        *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
-                        return Ok::<_, Infallible>(r);
-                    }
                     let headers: serde_json::Map<String, serde_json::Value> = req
                         .headers()
                         .iter()

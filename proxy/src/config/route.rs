@@ -201,10 +201,7 @@ fn header_value(field: &str, value: &str) -> Result<(), ConfigError> {
     })
 }
 
-/// Compiles a regex the way the data path does (anchored, size-bounded).
-pub fn compile_regex(re: &str) -> Result<regex::Regex, regex::Error> {
-    regex::RegexBuilder::new(&format!("^(?:{re})$")).size_limit(64 << 10).build()
-}
+pub use mycel_api::route::compile_regex;
 
 impl StringMatch {
     fn validate(&self, field: &str) -> Result<(), ConfigError> {
@@ -218,25 +215,10 @@ impl StringMatch {
     }
 }
 
-/// Header names a route may not edit: framing and connection headers, and the mesh's own.
-const PROTECTED: &[&str] = &[
-    "connection",
-    "content-length",
-    "transfer-encoding",
-    "keep-alive",
-    "upgrade",
-    "te",
-    "trailer",
-    "proxy-connection",
-    "host",
-    "x-mycel-error",
-    "x-forwarded-client-cert",
-];
-
 impl HeaderEdits {
     fn validate(&self, field: &str) -> Result<(), ConfigError> {
         for k in self.set.keys().chain(self.add.keys()).chain(&self.remove) {
-            if PROTECTED.contains(&k.to_ascii_lowercase().as_str()) {
+            if !mycel_api::route::editable(k) {
                 return Err(ConfigError::Invalid {
                     field: field.to_string(),
                     message: format!("{k} may not be edited (framing, connection and mesh headers)"),

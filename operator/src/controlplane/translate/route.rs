@@ -278,7 +278,7 @@ fn rule(
             }
         }
         for k in e.set.keys().chain(e.add.keys()).chain(&e.remove) {
-            if PROTECTED_HEADERS.contains(&k.to_ascii_lowercase().as_str()) {
+            if !mycel_api::route::editable(k) {
                 o.invalid.push(format!(
                     "{}: {k} may not be edited (framing, connection and mesh headers; use rewrite.authority for Host)",
                     field(&format!(".headers.{which}"))
@@ -369,25 +369,8 @@ fn backend(
     }
 }
 
-/// What one compiled regular expression may take (the proxy's limit too).
-const REGEX_SIZE_LIMIT: usize = 64 << 10;
-/// Header names a route may not edit: framing and connection headers, and the mesh's own.
-pub const PROTECTED_HEADERS: &[&str] = &[
-    "connection",
-    "content-length",
-    "transfer-encoding",
-    "keep-alive",
-    "upgrade",
-    "te",
-    "trailer",
-    "proxy-connection",
-    "host",
-    "x-mycel-error",
-    "x-forwarded-client-cert",
-];
-
 fn check_regex(re: &str, field: &str, o: &mut Outcome) {
-    if let Err(e) = regex::RegexBuilder::new(&format!("^(?:{re})$")).size_limit(REGEX_SIZE_LIMIT).build() {
+    if let Err(e) = mycel_api::route::compile_regex(re) {
         o.invalid.push(format!("{field}.regex: {e}"));
     }
 }
