@@ -15,7 +15,7 @@ use kube::{
     core::{ApiResource, GroupVersionKind},
     runtime::wait::await_condition,
 };
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::{TestCluster, TestNamespace, eventually, images::TESTAPP_IMAGE, process::OperatorProcess};
 
@@ -217,4 +217,105 @@ impl Installation {
         drop(self.operator);
         self.root.delete().await.unwrap();
     }
+}
+
+/// One response as `mycel-testapp get --report` printed it.
+pub struct Seen {
+    pub url: String,
+    pub status: u64,
+    pub headers: Value,
+    pub body: Value,
+    pub elapsed: Duration,
+    /// When the response ended, in ms since the epoch by the node's clock.
+    pub at_ms: u64,
+}
+
+impl Seen {
+    /// The pod that answered (the echo server's own report).
+    pub fn pod(&self) -> &str {
+        self.body["pod"].as_str().unwrap_or("")
+    }
+    pub fn header(&self, name: &str) -> &str {
+        self.headers[name].as_str().unwrap_or("")
+    }
+}
+
+/// The responses a `get --report` log holds.
+pub fn parse(log: &str) -> Vec<Seen> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|v| Seen {
+            url: v["url"].as_str().unwrap_or_default().to_string(),
+            status: v["status"].as_u64().unwrap_or_default(),
+            headers: v["headers"].clone(),
+            body: v["body"].clone(),
+            elapsed: Duration::from_millis(v["elapsed_ms"].as_u64().unwrap_or_default()),
+            at_ms: v["at_ms"].as_u64().unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// The arguments of `mycel-testapp get --report`: each URL `count` times, with `headers`.
+pub fn get(urls: &[&str], count: u32, headers: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = ["get", "--report", "--timeout", "10", "--count", &count.to_string()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for h in headers {
+        a.push("--header".into());
+        a.push(h.to_string());
+    }
+    a.extend(urls.iter().map(|u| u.to_string()));
+    a
+}
+
+/// The condition `type_` of a mycel.io object for its current generation, once it has one.
+pub async fn condition(api: &kube::Api<DynamicObject>, name: &str, type_: &str, status: &str) -> Value {
+    eventually(&format!("{name} has {type_}={status}"), Duration::from_secs(60), || async {
+        let o = api.get(name).await.map_err(|e| e.to_string())?;
+        let generation = o.metadata.generation;
+        let c = o.data["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+            .cloned()
+            .unwrap_or_default();
+        if c["status"] == status && c["observedGeneration"].as_i64() == generation {
+            Ok(c)
+        } else {
+            Err(o.data["status"].to_string())
+        }
+    })
+    .await
+}
+
+/// A Deployment `name` of echo servers labelled `app: <app>, version: <version>`, and a Service
+/// `<app>` (port 80) selecting `app: <app>` (several Deployments may share one Service).
+pub fn echo(name: &str, app: &str, version: &str, replicas: u32) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: {app}, version: {version}}}}}
+  template:
+    metadata: {{labels: {{app: {app}, version: {version}}}}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: echo
+        image: {TESTAPP_IMAGE}
+        args: ["http-echo", "--port", "8080"]
+        env: [{{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}]
+        ports: [{{name: http, containerPort: 8080}}]
+        readinessProbe: {{httpGet: {{path: /, port: http}}, periodSeconds: 1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: {app}}}
+spec:
+  selector: {{app: {app}}}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+"#
+    )
 }

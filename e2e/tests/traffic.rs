@@ -6,107 +6,12 @@
 
 use std::time::Duration;
 
-use kube::api::{DynamicObject, PostParams};
+use kube::api::PostParams;
 use mycel_e2e::{
-    TestCluster, eventually,
-    images::TESTAPP_IMAGE,
-    mesh::{Installation, mycel_api, run_job},
+    TestCluster,
+    mesh::{Installation, Seen, condition, echo, get, mycel_api, parse, run_job},
 };
-use serde_json::{Value, json};
-
-/// One response as `mycel-testapp get --report` printed it.
-struct Seen {
-    url: String,
-    status: u64,
-    headers: Value,
-    body: Value,
-    elapsed: Duration,
-}
-
-impl Seen {
-    /// The pod that answered (the echo server's own report).
-    fn pod(&self) -> &str {
-        self.body["pod"].as_str().unwrap_or("")
-    }
-    fn header(&self, name: &str) -> &str {
-        self.headers[name].as_str().unwrap_or("")
-    }
-}
-
-fn parse(log: &str) -> Vec<Seen> {
-    log.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .map(|v| Seen {
-            url: v["url"].as_str().unwrap_or_default().to_string(),
-            status: v["status"].as_u64().unwrap_or_default(),
-            headers: v["headers"].clone(),
-            body: v["body"].clone(),
-            elapsed: Duration::from_millis(v["elapsed_ms"].as_u64().unwrap_or_default()),
-        })
-        .collect()
-}
-
-fn get(urls: &[&str], count: u32, headers: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = ["get", "--report", "--timeout", "10", "--count", &count.to_string()]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    for h in headers {
-        a.push("--header".into());
-        a.push(h.to_string());
-    }
-    a.extend(urls.iter().map(|u| u.to_string()));
-    a
-}
-
-/// The condition `type_` of a mycel.io object for its current generation, once it has one.
-async fn condition(api: &kube::Api<DynamicObject>, name: &str, type_: &str, status: &str) -> Value {
-    eventually(&format!("{name} has {type_}={status}"), Duration::from_secs(60), || async {
-        let o = api.get(name).await.map_err(|e| e.to_string())?;
-        let generation = o.metadata.generation;
-        let c = o.data["status"]["conditions"]
-            .as_array()
-            .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
-            .cloned()
-            .unwrap_or_default();
-        if c["status"] == status && c["observedGeneration"].as_i64() == generation {
-            Ok(c)
-        } else {
-            Err(o.data["status"].to_string())
-        }
-    })
-    .await
-}
-
-fn echo(name: &str, version: &str) -> String {
-    format!(
-        r#"apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: {name}}}
-spec:
-  replicas: 1
-  selector: {{matchLabels: {{app: {name}}}}}
-  template:
-    metadata: {{labels: {{app: {name}, version: {version}}}}}
-    spec:
-      terminationGracePeriodSeconds: 5
-      containers:
-      - name: echo
-        image: {TESTAPP_IMAGE}
-        args: ["http-echo", "--port", "8080"]
-        env: [{{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}]
-        ports: [{{name: http, containerPort: 8080}}]
-        readinessProbe: {{httpGet: {{path: /, port: http}}, periodSeconds: 1}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}}}
-spec:
-  selector: {{app: {name}}}
-  ports: [{{name: http, port: 80, targetPort: 8080}}]
-"#
-    )
-}
+use serde_json::json;
 
 const ROUTE: &str = r#"
 apiVersion: mycel.io/v1alpha1
@@ -163,7 +68,7 @@ async fn traffic_routes_steer_what_clients_send() {
     let mesh = Installation::start(&c, "traffic").await;
     let client = mesh.client.clone();
     let n = mesh.app.name.clone();
-    mesh.apply(&c, &format!("{}---\n{}", echo("web", "v1"), echo("web-v2", "v2")));
+    mesh.apply(&c, &format!("{}---\n{}", echo("web", "web", "v1", 1), echo("web-v2", "web-v2", "v2", 1)));
     mesh.available("web", 1).await;
     mesh.available("web-v2", 1).await;
     mesh.apply(&c, ROUTE);

@@ -54,6 +54,65 @@ pub struct Endpoints {
     maglev: Vec<u32>,
     /// How many retries requests to this destination may still make.
     pub retry_budget: crate::routing::retry::Budget,
+    /// Requests in flight to the whole set, and how many may be (circuit breaking).
+    active: Arc<AtomicU64>,
+    max_requests: Option<u32>,
+    outlier: Option<Outlier>,
+}
+
+/// Outlier detection's settings and each endpoint's record.
+struct Outlier {
+    cfg: config::OutlierDetection,
+    interval: Duration,
+    base: Duration,
+    /// Sweeps happen at `created + n × interval`.
+    created: Instant,
+    records: Mutex<Vec<Record>>,
+}
+
+#[derive(Clone, Copy)]
+struct Record {
+    consecutive_5xx: u32,
+    consecutive_gateway: u32,
+    /// Ejections so far, less one per interval spent in since.
+    ejections: u32,
+    /// When the count last went down (or the last ejection ends).
+    settled: Instant,
+}
+
+/// What one try at an endpoint came to, as outlier detection counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A response below 500.
+    Success,
+    /// A 500, 501 or other 5xx that is not a gateway error.
+    ServerError,
+    /// 502, 503, 504, or no response at all (connect failure, reset, timeout).
+    GatewayError,
+}
+
+impl Outcome {
+    pub fn of_status(status: hyper::StatusCode) -> Outcome {
+        match status.as_u16() {
+            502..=504 => Outcome::GatewayError,
+            500..=599 => Outcome::ServerError,
+            _ => Outcome::Success,
+        }
+    }
+}
+
+/// Longest ejection, unless the base time is longer (as Envoy's `max_ejection_time`).
+const MAX_EJECTION: Duration = Duration::from_secs(300);
+
+/// A request admitted under the set's `max_requests`; dropping it frees the place.
+pub struct Admitted(Option<Arc<AtomicU64>>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Some(a) = &self.0 {
+            a.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Endpoints {
@@ -106,6 +165,9 @@ impl Endpoints {
             ejected: Mutex::new(Vec::new()),
             maglev,
             retry_budget: Default::default(),
+            active: Arc::new(AtomicU64::new(0)),
+            max_requests: None,
+            outlier: None,
         }
     }
 
@@ -114,7 +176,129 @@ impl Endpoints {
         let mut e = Self::with_lb(&c.name, c.endpoints.clone(), connect_timeout, c.lb.clone());
         e.identities =
             e.addrs.iter().map(|a| c.mtls_endpoints.get(a).map(|id| Arc::from(id.as_str()))).collect();
+        e.max_requests = c.max_requests;
+        e.outlier = c.outlier_detection.as_ref().map(|o| {
+            let now = Instant::now();
+            let fresh = Record { consecutive_5xx: 0, consecutive_gateway: 0, ejections: 0, settled: now };
+            Outlier {
+                cfg: o.clone(),
+                interval: Duration::from_millis(o.interval_ms),
+                base: Duration::from_millis(o.base_ejection_ms),
+                created: now,
+                records: Mutex::new(vec![fresh; e.addrs.len()]),
+            }
+        });
         e
+    }
+
+    /// Takes a place for one request under `max_requests`; `None` when every place is taken
+    /// (the request is refused at once, it never waits).
+    pub fn admit(&self) -> Option<Admitted> {
+        let Some(max) = self.max_requests else { return Some(Admitted(None)) };
+        let mut cur = self.active.load(Ordering::Relaxed);
+        loop {
+            if cur >= u64::from(max) {
+                return None;
+            }
+            match self.active.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return Some(Admitted(Some(self.active.clone()))),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// The set's limit on requests in flight, if it has one.
+    pub fn max_requests(&self) -> Option<u32> {
+        self.max_requests
+    }
+
+    /// Records what a try at `addr` came to; with outlier detection on, enough consecutive
+    /// errors eject it (unless that would eject more than allowed, or the last endpoint).
+    /// Returns whether it was ejected now.
+    pub fn report(&self, addr: SocketAddr, outcome: Outcome) -> bool {
+        let Some(o) = &self.outlier else { return false };
+        let Some(i) = self.index(addr) else { return false };
+        let now = Instant::now();
+        let Ok(mut records) = o.records.lock() else { return false };
+        let r = &mut records[i];
+        let interval = o.interval.as_nanos().max(1);
+        // One ejection forgiven per interval spent in since the last one ended.
+        if now > r.settled && r.ejections > 0 {
+            let spent = now.duration_since(r.settled).as_nanos() / interval;
+            let forgiven = spent.min(u128::from(r.ejections)) as u32;
+            r.ejections -= forgiven;
+            r.settled =
+                o.interval.checked_mul(forgiven).and_then(|d| r.settled.checked_add(d)).unwrap_or(now);
+        }
+        match outcome {
+            Outcome::Success => {
+                r.consecutive_5xx = 0;
+                r.consecutive_gateway = 0;
+                return false;
+            }
+            Outcome::ServerError => {
+                r.consecutive_5xx += 1;
+                r.consecutive_gateway = 0;
+            }
+            Outcome::GatewayError => {
+                r.consecutive_5xx += 1;
+                r.consecutive_gateway += 1;
+            }
+        }
+        let tripped = (o.cfg.consecutive_5xx > 0 && r.consecutive_5xx >= o.cfg.consecutive_5xx)
+            || (o.cfg.consecutive_gateway > 0 && r.consecutive_gateway >= o.cfg.consecutive_gateway);
+        if !tripped {
+            return false;
+        }
+        // As Envoy: the share allowed, but at least one — and never the last endpoint.
+        let n = self.addrs.len();
+        let allowed = (n * o.cfg.max_ejection_percent as usize / 100).max(1).min(n.saturating_sub(1));
+        // Decided and done under the records' lock, so that two failing endpoints reported at
+        // once cannot both take the last place.
+        let ejected = self.ejected_now();
+        if ejected.contains(&addr) || ejected.len() >= allowed {
+            return false;
+        }
+        r.consecutive_5xx = 0;
+        r.consecutive_gateway = 0;
+        r.ejections = r.ejections.saturating_add(1);
+        let longest = MAX_EJECTION.max(o.base);
+        let time = o.base.checked_mul(r.ejections).map_or(longest, |t| t.min(longest));
+        // It comes back on the first sweep after its time is up: sweeps are every interval
+        // from when the set was made.
+        let due = (now + time).duration_since(o.created).as_nanos();
+        let to_sweep = (interval - due % interval) % interval;
+        let until = now + time + Duration::from_nanos(to_sweep as u64);
+        r.settled = until;
+        self.eject_until(addr, until);
+        true
+    }
+
+    /// Takes over what `old` (the same cluster before an update) knew: the requests in flight
+    /// (so a limit holds across the update) and, for the endpoints still here, their ejections
+    /// and outlier records (so a pod cannot escape its ejection by flapping its readiness).
+    pub fn inherit(&mut self, old: &Endpoints) {
+        self.active = old.active.clone();
+        if let Ok(old_ejected) = old.ejected.lock() {
+            let kept: Vec<(SocketAddr, Instant)> =
+                old_ejected.iter().filter(|(a, _)| self.addrs.contains(a)).copied().collect();
+            self.ejected_count.store(kept.len(), Ordering::Relaxed);
+            self.ejected = Mutex::new(kept);
+        }
+        if let (Some(new), Some(prev)) = (&self.outlier, &old.outlier)
+            && let (Ok(mut records), Ok(prev_records)) = (new.records.lock(), prev.records.lock())
+        {
+            for (i, a) in self.addrs.iter().enumerate() {
+                if let Some(j) = old.index(*a) {
+                    records[i] = prev_records[j];
+                }
+            }
+        }
+    }
+
+    /// Whether `addr` is ejected now.
+    pub fn is_ejected(&self, addr: SocketAddr) -> bool {
+        self.ejected_now().contains(&addr)
     }
 
     /// The one-endpoint set of a connection's original destination, reached over mutual TLS
@@ -136,6 +320,8 @@ impl Endpoints {
         self.addrs == c.endpoints
             && self.connect_timeout == connect_timeout
             && self.lb == c.lb
+            && self.max_requests == c.max_requests
+            && self.outlier.as_ref().map(|o| &o.cfg) == c.outlier_detection.as_ref()
             && self
                 .addrs
                 .iter()
@@ -276,10 +462,17 @@ impl Endpoints {
         }
     }
 
+    /// Ejects `addr` for [`EJECTION`] after a failed connect (an outlier ejection that lasts
+    /// longer is kept).
     pub fn eject(&self, addr: SocketAddr) {
+        self.eject_until(addr, Instant::now() + EJECTION);
+    }
+
+    fn eject_until(&self, addr: SocketAddr, until: Instant) {
         if let Ok(mut e) = self.ejected.lock() {
+            let until = e.iter().filter(|(a, _)| *a == addr).map(|(_, u)| *u).fold(until, Instant::max);
             e.retain(|(a, _)| *a != addr);
-            e.push((addr, Instant::now() + EJECTION));
+            e.push((addr, until));
             self.ejected_count.store(e.len(), Ordering::Relaxed);
         }
     }
@@ -400,6 +593,90 @@ mod tests {
         }
     }
 
+    fn with_outlier(n: u16, o: config::OutlierDetection) -> Endpoints {
+        let c = config::Cluster {
+            name: "c".into(),
+            endpoints: (1..=n).map(addr).collect(),
+            connect_timeout_ms: 1000,
+            lb: LoadBalancer { algorithm: LbAlgorithm::RoundRobin, ..Default::default() },
+            addresses: vec![],
+            mtls_endpoints: Default::default(),
+            max_requests: Some(2),
+            outlier_detection: Some(o),
+        };
+        Endpoints::from_config(&c, Duration::from_secs(1))
+    }
+
+    #[test]
+    fn requests_over_the_limit_are_refused_until_one_ends() {
+        let e = with_outlier(
+            1,
+            config::OutlierDetection {
+                consecutive_5xx: 0,
+                consecutive_gateway: 0,
+                interval_ms: 1000,
+                base_ejection_ms: 1000,
+                max_ejection_percent: 10,
+            },
+        );
+        let a = e.admit().expect("one");
+        let b = e.admit().expect("two");
+        assert!(e.admit().is_none(), "a third is over maxRequests 2");
+        drop(a);
+        let c = e.admit().expect("a place was freed");
+        assert!(e.admit().is_none());
+        drop((b, c));
+        assert!(Endpoints::new("c", vec![addr(1)], Duration::from_secs(1)).admit().is_some(), "no limit");
+    }
+
+    /// Waits (polling, at most 10 s) until `addr` is back; returns how long it took.
+    fn until_back(e: &Endpoints, a: SocketAddr) -> Duration {
+        let start = Instant::now();
+        while e.is_ejected(a) {
+            assert!(start.elapsed() < Duration::from_secs(10), "never came back");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        start.elapsed()
+    }
+
+    /// DestinationPolicy `outlierDetection`: `consecutiveGatewayErrors` eject, within
+    /// `maxEjectionPercent` of the endpoints.
+    #[test]
+    fn consecutive_errors_eject_within_the_share_never_the_last_and_longer_each_time() {
+        let o = config::OutlierDetection {
+            consecutive_5xx: 0,
+            consecutive_gateway: 2,
+            interval_ms: 10,
+            base_ejection_ms: 100,
+            max_ejection_percent: 50,
+        };
+        let e = with_outlier(3, o.clone());
+        assert!(!e.report(addr(1), Outcome::GatewayError));
+        assert!(!e.report(addr(1), Outcome::Success), "a success resets the count");
+        assert!(!e.report(addr(1), Outcome::GatewayError));
+        assert!(!e.report(addr(1), Outcome::ServerError), "a 500 is not a gateway error");
+        assert!(!e.report(addr(1), Outcome::GatewayError));
+        assert!(e.report(addr(1), Outcome::GatewayError), "two in a row eject");
+        assert!(e.is_ejected(addr(1)));
+        assert!((0..50).all(|_| e.pick(None) != Some(addr(1))), "an ejected endpoint gets nothing");
+        // 50 % of 3 is one endpoint: the second is not ejected.
+        e.report(addr(2), Outcome::GatewayError);
+        assert!(!e.report(addr(2), Outcome::GatewayError));
+        let first = until_back(&e, addr(1));
+        assert!(first >= Duration::from_millis(90), "back after {first:?}, base 100ms");
+        // Ejected again at once: twice as long.
+        e.report(addr(1), Outcome::GatewayError);
+        assert!(e.report(addr(1), Outcome::GatewayError));
+        let second = until_back(&e, addr(1));
+        assert!(second >= Duration::from_millis(190), "back after {second:?}, 2 × base");
+        // One endpoint alone is never ejected.
+        let one = with_outlier(1, o);
+        for _ in 0..10 {
+            assert!(!one.report(addr(1), Outcome::GatewayError));
+        }
+        assert_eq!(one.pick(None), Some(addr(1)));
+    }
+
     #[test]
     fn no_endpoints_means_nothing_to_try() {
         assert!(Endpoints::new("c", vec![], Duration::from_secs(1)).order(None).is_empty());
@@ -430,6 +707,28 @@ mod tests {
         drop(busy);
         let spread = (0..1000).filter(|_| e.order(None)[0] == addr(1)).count();
         assert!(spread > 300 && spread < 700, "even again once idle: {spread}");
+    }
+
+    /// DestinationPolicy `loadBalancer.consistentHash.sourceIp: true`.
+    #[test]
+    fn source_ip_hashing_keys_on_the_clients_address_not_its_port() {
+        let lb = LoadBalancer {
+            algorithm: LbAlgorithm::ConsistentHash,
+            hash_source_ip: true,
+            ..Default::default()
+        };
+        let headers = hyper::HeaderMap::new();
+        let a1: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let a2: SocketAddr = "10.0.0.1:40001".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:40000".parse().unwrap();
+        let key = |p| request_key(&lb, &headers, Some(p));
+        assert!(key(a1).is_some());
+        assert_eq!(key(a1), key(a2), "one client pod, one key");
+        assert_ne!(key(a1), key(b));
+        assert_eq!(connection_key(&lb, Some(a1)), key(a1), "TCP connections hash alike");
+        let e = set(LbAlgorithm::ConsistentHash, 5);
+        let first = e.order(key(a1))[0];
+        assert!((0..20).all(|_| e.order(key(a2))[0] == first));
     }
 
     #[test]

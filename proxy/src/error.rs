@@ -27,6 +27,8 @@ pub enum ProxyError {
     NoCluster { cluster: String },
     /// The cluster has no endpoint to try.
     NoHealthyUpstream { cluster: String },
+    /// The cluster's limit on requests in flight is reached (circuit breaking): refused at once.
+    Overflow { cluster: String, max_requests: u32 },
     /// No connection could be opened to any endpoint tried; the request was not sent.
     ConnectFailed { cluster: String, attempts: usize, cause: String },
     /// The connection broke while the request or its response was on its way.
@@ -54,6 +56,7 @@ impl ProxyError {
         match self {
             ProxyError::NoCluster { .. }
             | ProxyError::NoHealthyUpstream { .. }
+            | ProxyError::Overflow { .. }
             | ProxyError::ConnectFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamReset { .. } | ProxyError::UpstreamProtocol { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -65,7 +68,7 @@ impl ProxyError {
         }
     }
 
-    /// Envoy's response flag: `NC` no cluster, `UH` no healthy upstream, `UF` upstream connection
+    /// Envoy's response flag: `NC` no cluster, `UH` no healthy upstream, `UO` overflow (circuit breaking), `UF` upstream connection
     /// failure, `URX` retry limit exceeded (more than one endpoint tried), `UC` upstream
     /// connection termination, `UPE` upstream protocol error, `UT` upstream request timeout,
     /// `DPE` downstream protocol error, `NR` no route, `FI` fault injected.
@@ -73,6 +76,7 @@ impl ProxyError {
         match self {
             ProxyError::NoCluster { .. } => "NC",
             ProxyError::NoHealthyUpstream { .. } => "UH",
+            ProxyError::Overflow { .. } => "UO",
             ProxyError::ConnectFailed { attempts, .. } if *attempts > 1 => "URX",
             ProxyError::ConnectFailed { .. } => "UF",
             ProxyError::UpstreamReset { .. } => "UC",
@@ -91,6 +95,7 @@ impl ProxyError {
         match self {
             ProxyError::NoCluster { .. } => "no_cluster",
             ProxyError::NoHealthyUpstream { .. } => "no_healthy_upstream",
+            ProxyError::Overflow { .. } => "upstream_overflow",
             ProxyError::ConnectFailed { .. } => "upstream_connect_failed",
             ProxyError::UpstreamReset { .. } => "upstream_reset",
             ProxyError::UpstreamProtocol { .. } => "upstream_protocol_error",
@@ -119,6 +124,9 @@ impl ProxyError {
         match self {
             ProxyError::NoCluster { cluster } => format!("no cluster named {cluster}"),
             ProxyError::NoHealthyUpstream { cluster } => format!("no endpoints for cluster {cluster}"),
+            ProxyError::Overflow { cluster, max_requests } => format!(
+                "cluster {cluster} has {max_requests} request(s) in flight, its limit (connectionPool.http.maxRequests)"
+            ),
             ProxyError::ConnectFailed { cluster, attempts, cause } => {
                 format!("cannot connect to cluster {cluster} ({attempts} endpoint(s) tried): {cause}")
             }

@@ -42,10 +42,16 @@ impl State {
             .iter()
             .map(|c| {
                 let timeout = Duration::from_millis(c.connect_timeout_ms);
-                let kept = old.and_then(|o| o.clusters.get(&c.name)).filter(|e| e.same_as(c, timeout));
-                let endpoints = match kept {
-                    Some(e) => e.clone(),
-                    None => Arc::new(Endpoints::from_config(c, timeout)),
+                let before = old.and_then(|o| o.clusters.get(&c.name));
+                let endpoints = match before {
+                    Some(e) if e.same_as(c, timeout) => e.clone(),
+                    _ => {
+                        let mut e = Endpoints::from_config(c, timeout);
+                        if let Some(b) = before {
+                            e.inherit(b);
+                        }
+                        Arc::new(e)
+                    }
                 };
                 (c.name.clone(), endpoints)
             })

@@ -77,7 +77,8 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
     },
-    /// GET each URL COUNT times (in turn), printing each response body on one line.
+    /// GET each URL COUNT times (in turn), printing each response body on one line. `{i}` in a
+    /// URL or a header value is the round's number.
     Get {
         #[arg(required = true)]
         urls: Vec<String>,
@@ -92,9 +93,12 @@ enum Cmd {
         /// Pause between rounds, in milliseconds.
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
-        /// A request header, `name:value` (repeatable).
+        /// A request header, `name:value` (repeatable); `{i}` in the value is the round's number.
         #[arg(long = "header")]
         headers: Vec<String>,
+        /// Run this many of the whole sequence at once, each on its own connections.
+        #[arg(long, default_value_t = 1)]
+        concurrency: u32,
         /// Print each response as one JSON line (url, status, response headers, body, elapsed_ms) and go on
         /// whatever the status, instead of failing on the first that is not 2xx. A request that
         /// gets no response at all still fails.
@@ -115,7 +119,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::HttpRelay { port, to } => http_relay(port, to).await,
         Cmd::WsEcho { port } => ws_echo(port).await,
         Cmd::WsSend { url, messages } => ws_send(&url, &messages).await,
-        Cmd::Get { urls, count, timeout, no_reuse, interval_ms, headers, report } => {
+        Cmd::Get { urls, count, timeout, no_reuse, interval_ms, headers, report, concurrency } => {
             let opts = GetOptions {
                 timeout: Duration::from_secs(timeout),
                 no_reuse,
@@ -123,7 +127,8 @@ async fn main() -> anyhow::Result<()> {
                 headers,
                 report,
             };
-            get(&urls, count, &opts).await
+            let runs = (0..concurrency.max(1)).map(|_| get(&urls, count, &opts));
+            futures::future::try_join_all(runs).await.map(|_| ())
         }
         Cmd::TcpSend { addr, messages, repeat, interval_ms } => {
             let mut n = 0u32;
@@ -144,12 +149,19 @@ fn query_param<T: std::str::FromStr>(req: &Request<hyper::body::Incoming>, name:
 }
 
 /// What the query asks of the echo server: `sleep_ms=N` answers after N ms (at most 30 s), a
-/// slow backend; `fail_pct=N` answers 503 to N % of requests, a flaky one.
-async fn misbehave(req: &Request<hyper::body::Incoming>) -> Option<Response<Full<Bytes>>> {
+/// slow backend; `fail_pct=N` answers 503 to N % of requests, a flaky one; `fail_pod=NAME`
+/// answers 503 when this is pod NAME, one bad endpoint among good ones (with `fail_below=K`, only
+/// while the request's `n` is below K: a pod that recovers).
+async fn misbehave(req: &Request<hyper::body::Incoming>, pod: &str) -> Option<Response<Full<Bytes>>> {
     if let Some(ms) = query_param::<u64>(req, "sleep_ms") {
         tokio::time::sleep(Duration::from_millis(ms.min(30_000))).await;
     }
-    let pct = query_param::<u32>(req, "fail_pct")?;
+    let still = match (query_param::<u64>(req, "fail_below"), query_param::<u64>(req, "n")) {
+        (Some(k), Some(n)) => n < k,
+        _ => true,
+    };
+    let bad_pod = still && query_param::<String>(req, "fail_pod").is_some_and(|p| p == pod);
+    let pct = if bad_pod { 100 } else { query_param::<u32>(req, "fail_pct")? };
     (fastrand::u32(..100) < pct).then(|| {
         let mut r = Response::new(Full::new(Bytes::from("failed on purpose")));
         *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
@@ -178,7 +190,7 @@ async fn http_echo(port: u16) -> anyhow::Result<()> {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let pod = pod.clone();
                 async move {
-                    if let Some(failed) = misbehave(&req).await {
+                    if let Some(failed) = misbehave(&req, &pod).await {
                         return Ok::<_, Infallible>(failed);
                     }
                     let headers: serde_json::Map<String, serde_json::Value> = req
@@ -251,11 +263,11 @@ async fn get(urls: &[String], count: u32, o: &GetOptions) -> anyhow::Result<()> 
     let count = if count == 0 { u32::MAX } else { count };
     for i in 0..count {
         for url in urls {
-            let mut req = Request::get(url.parse::<hyper::Uri>()?);
+            let mut req = Request::get(url.replace("{i}", &i.to_string()).parse::<hyper::Uri>()?);
             for h in &o.headers {
                 let (k, v) =
                     h.split_once(':').ok_or_else(|| anyhow::anyhow!("--header {h:?}: use name:value"))?;
-                req = req.header(k.trim(), v.trim());
+                req = req.header(k.trim(), v.trim().replace("{i}", &i.to_string()));
             }
             let req = req.body(Full::new(Bytes::new()))?;
             let started = std::time::Instant::now();
@@ -275,7 +287,12 @@ async fn get(urls: &[String], count: u32, o: &GetOptions) -> anyhow::Result<()> 
                 let body = serde_json::from_slice::<serde_json::Value>(&body)
                     .unwrap_or_else(|_| text.trim_end().into());
                 let elapsed_ms = started.elapsed().as_millis() as u64;
-                let line = serde_json::json!({"url": url, "status": status.as_u16(), "headers": headers, "body": body, "elapsed_ms": elapsed_ms});
+                // When it ended, by the node's clock (the test reads it with the same clock).
+                let at_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+                let line = serde_json::json!({"url": url, "status": status.as_u16(), "headers": headers, "body": body, "elapsed_ms": elapsed_ms, "at_ms": at_ms});
                 println!("{line}");
                 continue;
             }

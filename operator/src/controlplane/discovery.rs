@@ -13,10 +13,14 @@ use kube::{
     api::DynamicObject,
     runtime::{WatchStreamExt, watcher},
 };
-use mycel_crds::{peer_authentication::PeerAuthentication, traffic_route::TrafficRoute};
+use mycel_crds::{
+    destination_policy::DestinationPolicy, peer_authentication::PeerAuthentication,
+    traffic_route::TrafficRoute,
+};
 use tracing::warn;
 
 use super::snapshot::Key;
+use super::translate::destination::Dp;
 use super::translate::peer_policy::PeerAuth;
 use super::translate::route::Tr;
 use super::translate::unimplemented::{KINDS, Watched};
@@ -28,6 +32,7 @@ pub enum Change {
     Pod(Box<watcher::Event<Pod>>),
     PeerAuth(Box<watcher::Event<PeerAuthentication>>),
     TrafficRoute(Box<watcher::Event<TrafficRoute>>),
+    DestinationPolicy(Box<watcher::Event<DestinationPolicy>>),
     /// An object of a kind not implemented yet (only its status is written).
     Unimplemented(Arc<Watched>, Box<watcher::Event<DynamicObject>>),
 }
@@ -58,6 +63,7 @@ pub fn watch(client: Client) -> BoxStream<'static, Change> {
         events(Api::<Pod>::all(client.clone()), |e| Change::Pod(Box::new(e))),
         events(Api::<PeerAuthentication>::all(client.clone()), |e| Change::PeerAuth(Box::new(e))),
         events(Api::<TrafficRoute>::all(client.clone()), |e| Change::TrafficRoute(Box::new(e))),
+        events(Api::<DestinationPolicy>::all(client.clone()), |e| Change::DestinationPolicy(Box::new(e))),
     ];
     for kind in KINDS.iter() {
         let kind = kind.clone();
@@ -273,4 +279,11 @@ pub fn traffic_route_info(r: TrafficRoute) -> Option<Tr> {
         .map(|v| super::translate::unimplemented::TRAFFIC_ROUTE.set_by(&v))
         .unwrap_or_default();
     Some(Tr::from_object(r, not_implemented))
+}
+
+pub fn destination_policy_info(p: DestinationPolicy) -> Option<Dp> {
+    let not_implemented = serde_json::to_value(&p)
+        .map(|v| super::translate::unimplemented::DESTINATION_POLICY.set_by(&v))
+        .unwrap_or_default();
+    Some(Dp::from_object(p, not_implemented))
 }

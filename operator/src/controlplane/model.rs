@@ -21,6 +21,7 @@ use super::discovery::{self, Change, Kind, PodInfo, Slice, Svc};
 use super::snapshot::{ChangeLog, Collection, Entry, Key, PolicyReach, Scoped, Snapshot};
 use super::translate::{
     cluster::{self, Names, PodView},
+    destination::{self, Dp},
     peer_policy::{self, PeerAuth},
     route::{self, Outcome, Tr},
     unimplemented::{self, KINDS, Unimplemented},
@@ -75,6 +76,10 @@ pub(super) struct Model {
     pods: Kind<Arc<PodInfo>>,
     peer_auths: Kind<PeerAuth>,
     traffic_routes: Kind<Tr>,
+    destination_policies: Kind<Dp>,
+    /// A DestinationPolicy or a Service changed: which policy each Service gets is decided again.
+    destinations_dirty: bool,
+    destinations: Destinations,
     /// A TrafficRoute or a Service changed: every route is translated again (conflicts and
     /// host resolution are decided over all of them).
     routes_dirty: bool,
@@ -109,6 +114,15 @@ pub(super) struct Model {
     version: u64,
 }
 
+/// Which DestinationPolicy each Service gets.
+#[derive(Default)]
+struct Destinations {
+    /// Service → the spec of the policy it gets.
+    applied: HashMap<Key, mycel_crds::destination_policy::DestinationPolicySpec>,
+    /// Per DestinationPolicy: what it became, and the version that last changed what it does.
+    outcomes: HashMap<Key, (destination::Outcome, u64)>,
+}
+
 /// The route tables translated from TrafficRoutes.
 #[derive(Default)]
 struct Routes {
@@ -134,6 +148,9 @@ impl Model {
             pods: Kind::default(),
             peer_auths: Kind::default(),
             traffic_routes: Kind::default(),
+            destination_policies: Kind::default(),
+            destinations_dirty: true,
+            destinations: Destinations::default(),
             routes_dirty: true,
             unimplemented: KINDS.iter().map(|k| (k.kind, Kind::default())).collect(),
             unimplemented_dirty: false,
@@ -163,6 +180,7 @@ impl Model {
             && self.pods.synced
             && self.peer_auths.synced
             && self.traffic_routes.synced
+            && self.destination_policies.synced
             && self.unimplemented.values().all(|k| k.synced)
     }
 
@@ -171,6 +189,7 @@ impl Model {
             || !self.dirty_pods.is_empty()
             || self.peer_auths_dirty
             || self.routes_dirty
+            || self.destinations_dirty
             || self.unimplemented_dirty
     }
 
@@ -180,11 +199,16 @@ impl Model {
             Change::Service(e) => {
                 let touched = self.services.apply(*e, discovery::service_info);
                 self.routes_dirty |= !touched.is_empty();
+                self.destinations_dirty |= !touched.is_empty();
                 self.dirty_services.extend(touched);
             }
             Change::TrafficRoute(e) => {
                 let touched = self.traffic_routes.apply(*e, discovery::traffic_route_info);
                 self.routes_dirty |= !touched.is_empty();
+            }
+            Change::DestinationPolicy(e) => {
+                let touched = self.destination_policies.apply(*e, discovery::destination_policy_info);
+                self.destinations_dirty |= !touched.is_empty();
             }
             Change::Slice(e) => {
                 let touched = self.slices.apply(*e, discovery::slice_info);
@@ -311,6 +335,48 @@ impl Model {
         changed
     }
 
+    /// Decides again which policy each Service gets, when a policy or a Service changed; the
+    /// Services whose policy changed are translated again, and the routes (their subsets).
+    fn rebuild_destinations(&mut self, version: u64) {
+        if !std::mem::take(&mut self.destinations_dirty) {
+            return;
+        }
+        let dps: Vec<&Dp> = self.destination_policies.live.values().collect();
+        let exists = |k: &Key| self.services.live.contains_key(k);
+        let (winners, outcomes) =
+            destination::decide(&dps, &exists, &self.opts.cluster_domain, &self.opts.root_namespace);
+        let applied: HashMap<Key, _> = winners
+            .into_iter()
+            .filter_map(|(svc, dp)| Some((svc, self.destination_policies.live.get(&dp)?.spec.clone())))
+            .collect();
+        let old = std::mem::take(&mut self.destinations.applied);
+        let mut changed = HashSet::new();
+        for svc in old.keys().chain(applied.keys()) {
+            if old.get(svc) != applied.get(svc) {
+                changed.insert(svc.clone());
+            }
+        }
+        self.routes_dirty |= !changed.is_empty();
+        // A policy's proxies must hold the version that last changed what it does.
+        let outcomes = outcomes
+            .into_iter()
+            .map(|(k, o)| {
+                let since = match self.destinations.outcomes.get(&k) {
+                    Some((p, since))
+                        if *p == o && !o.service.as_ref().is_some_and(|s| changed.contains(s)) =>
+                    {
+                        *since
+                    }
+                    _ => version,
+                };
+                (k, (o, since))
+            })
+            .collect();
+        self.dirty_services.extend(changed);
+        self.destinations.applied = applied;
+        self.destinations.outcomes = outcomes;
+    }
+
     /// Translates the dirty Services; returns the names of clusters that changed.
     fn rebuild_clusters(&mut self) -> Vec<String> {
         let mut changed = Vec::new();
@@ -332,7 +398,8 @@ impl Model {
                         let policy = &self.policies.get(k)?.policy;
                         Some(PodView { info, policy })
                     };
-                    Some(cluster::clusters(&svc_key, svc, &slices, pod, &names))
+                    let policy = self.destinations.applied.get(&svc_key);
+                    Some(cluster::clusters(&svc_key, svc, &slices, pod, &names, policy))
                 }
                 None => None,
             };
@@ -359,6 +426,19 @@ impl Model {
                 changed.push(name);
             }
         }
+        // A subset cluster that gained its first ready endpoint or lost its last: the status of
+        // a route sending to it says which.
+        if let Some(map) = &map {
+            let ready = |m: &HashMap<String, Arc<Entry>>, n: &String| {
+                m.get(n).is_some_and(|e| match &e.resource.kind {
+                    Some(pb::resource::Kind::Cluster(c)) => c.endpoints.iter().any(|e| e.ready),
+                    _ => false,
+                })
+            };
+            if changed.iter().any(|n| n.contains('/') && ready(map, n) != ready(&self.clusters, n)) {
+                self.routes_dirty = true;
+            }
+        }
         if let Some(map) = map {
             let mut names: Vec<String> = map.keys().cloned().collect();
             names.sort();
@@ -376,7 +456,17 @@ impl Model {
         }
         let trs: Vec<&Tr> = self.traffic_routes.live.values().collect();
         let services = |k: &Key| self.services.live.get(k).cloned();
-        let outcomes = route::translate(&trs, &services, &self.opts.cluster_domain);
+        let subset = |k: &Key, cluster: &str, subset: &str| {
+            if !self.destinations.applied.get(k).is_some_and(|p| destination::has_subset(p, subset)) {
+                return route::Subset::Undefined;
+            }
+            let ready = self.clusters.get(cluster).is_some_and(|e| match &e.resource.kind {
+                Some(pb::resource::Kind::Cluster(c)) => c.endpoints.iter().any(|e| e.ready),
+                _ => false,
+            });
+            if ready { route::Subset::Ready } else { route::Subset::Empty }
+        };
+        let outcomes = route::translate(&trs, &services, &subset, &self.opts.cluster_domain);
         let mut entries: HashMap<String, Arc<Entry>> = HashMap::new();
         for o in outcomes.values() {
             for (name, t) in &o.tables {
@@ -422,10 +512,14 @@ impl Model {
         let pods_or_policies = !self.dirty_pods.is_empty()
             || self.peer_auths_dirty
             || self.routes_dirty
+            || self.destinations_dirty
             || std::mem::take(&mut self.unimplemented_dirty);
         // Policies first: endpoints' mutual TLS is computed from them.
         let policies = self.rebuild_policies(version);
+        self.rebuild_destinations(version);
         let changed = self.rebuild_clusters();
+        // Clusters may have made the routes dirty (a subset's first or last ready endpoint).
+        let pods_or_policies = pods_or_policies || self.routes_dirty;
         let routes = self.rebuild_routes(version);
         // What policies reach changes with pods too (one starts, one finishes).
         let statuses = pods_or_policies.then(|| self.policy_statuses()).filter(|s| *s != *self.statuses);
@@ -539,6 +633,52 @@ impl Model {
                 conflicts: o.conflicts.clone(),
                 unresolved: o.unresolved.clone(),
                 invalid: o.invalid.clone(),
+                not_in_effect,
+            });
+        }
+        let mut dps: Vec<(&Key, &(destination::Outcome, u64))> = self.destinations.outcomes.iter().collect();
+        dps.sort_by(|a, b| a.0.cmp(b.0));
+        for (key, (o, since)) in dps {
+            let Some(dp) = self.destination_policies.live.get(key) else { continue };
+            // Clusters reach every proxy of this revision; the revisions of the sidecars in its
+            // own namespace decide which control plane writes its status (else every client's).
+            let mut workloads = Vec::new();
+            let mut revisions = Vec::new();
+            let mut reached_revisions = Vec::new();
+            for (pod, info) in &self.pods.live {
+                if !info.sidecar || info.finished {
+                    continue;
+                }
+                reached_revisions.extend(info.revision.clone());
+                if self.opts.revision.as_ref().is_none_or(|r| info.revision.as_ref() == Some(r)) {
+                    workloads.push((pod.clone(), *since));
+                }
+                if pod.0 == key.0 {
+                    revisions.extend(info.revision.clone());
+                }
+            }
+            if revisions.is_empty() {
+                revisions = reached_revisions;
+            }
+            workloads.sort();
+            revisions.sort();
+            revisions.dedup();
+            let not_in_effect = o.service.is_none().then(|| {
+                "it applies to no Service: its host is not one, or another policy has it (see Accepted and ResolvedRefs)".to_string()
+            });
+            v.push(PolicyReach {
+                kind: "DestinationPolicy",
+                key: key.clone(),
+                generation: dp.generation,
+                type_url: mycel_api::CLUSTER_TYPE,
+                workloads,
+                without_proxy: 0,
+                revisions,
+                not_implemented: dp.not_implemented.clone(),
+                any_implemented: true,
+                conflicts: o.conflicts.clone(),
+                unresolved: o.unresolved.clone(),
+                invalid: Vec::new(),
                 not_in_effect,
             });
         }
@@ -749,6 +889,7 @@ mod tests {
             Change::Pod(Box::new(watcher::Event::InitDone)),
             Change::PeerAuth(Box::new(watcher::Event::InitDone)),
             Change::TrafficRoute(Box::new(watcher::Event::InitDone)),
+            Change::DestinationPolicy(Box::new(watcher::Event::InitDone)),
         ] {
             m.apply(c);
         }
@@ -768,6 +909,48 @@ mod tests {
             Some(pb::resource::Kind::Cluster(c)) => c,
             _ => panic!("not a cluster"),
         }
+    }
+
+    #[test]
+    fn a_destination_policy_shapes_its_services_clusters_and_status_until_it_is_deleted() {
+        let mut m = synced_model();
+        let mut labelled = pod("10.0.0.1", "web");
+        labelled.metadata.labels = Some([("version".to_string(), "v2".to_string())].into());
+        m.apply(Change::Pod(Box::new(watcher::Event::Apply(labelled))));
+        m.apply(Change::Pod(Box::new(watcher::Event::Apply(pod("10.0.0.2", "web")))));
+        m.apply(Change::Service(Box::new(watcher::Event::Apply(svc("web", "10.96.0.9")))));
+        m.apply(Change::Slice(Box::new(watcher::Event::Apply(slice(
+            "web-abc",
+            "web",
+            &[("10.0.0.1", true), ("10.0.0.2", true)],
+        )))));
+        rebuild(&mut m);
+        let dp: mycel_crds::destination_policy::DestinationPolicy =
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "mycel.io/v1alpha1", "kind": "DestinationPolicy",
+                "metadata": {"name": "web", "namespace": "ns", "generation": 3},
+                "spec": {"host": "web", "connectionPool": {"http": {"maxRequests": 7}},
+                         "subsets": [{"name": "v2", "labels": {"version": "v2"}}]}
+            }))
+            .unwrap();
+        m.apply(Change::DestinationPolicy(Box::new(watcher::Event::Apply(dp.clone()))));
+        let changed = rebuild(&mut m);
+        assert_eq!(changed.len(), 2, "{changed:?}");
+        assert_eq!(cluster(&m, "web.ns.svc.cluster.local:80").max_requests, 7);
+        let v2 = cluster(&m, "web.ns.svc.cluster.local:80/v2");
+        assert_eq!(v2.endpoints.len(), 1);
+        assert_eq!(v2.endpoints[0].address, "10.0.0.1:8080");
+        let reach = m.statuses.iter().find(|r| r.kind == "DestinationPolicy").expect("a status").clone();
+        assert_eq!(reach.generation, 3);
+        assert!(reach.conflicts.is_empty() && reach.unresolved.is_empty() && reach.not_in_effect.is_none());
+        assert_eq!(reach.type_url, mycel_api::CLUSTER_TYPE);
+        m.apply(Change::DestinationPolicy(Box::new(watcher::Event::Delete(dp))));
+        let mut changed = rebuild(&mut m);
+        changed.sort();
+        assert_eq!(changed, ["web.ns.svc.cluster.local:80", "web.ns.svc.cluster.local:80/v2"]);
+        assert!(!m.clusters.contains_key("web.ns.svc.cluster.local:80/v2"));
+        assert_eq!(cluster(&m, "web.ns.svc.cluster.local:80").max_requests, 0);
+        assert!(m.statuses.iter().all(|r| r.kind != "DestinationPolicy"));
     }
 
     #[test]
@@ -921,6 +1104,7 @@ mod tests {
         send(Change::Pod(Box::new(watcher::Event::InitDone)));
         send(Change::PeerAuth(Box::new(watcher::Event::InitDone)));
         send(Change::TrafficRoute(Box::new(watcher::Event::InitDone)));
+        send(Change::DestinationPolicy(Box::new(watcher::Event::InitDone)));
         for kind in KINDS.iter() {
             send(Change::Unimplemented(kind.clone(), Box::new(watcher::Event::InitDone)));
         }

@@ -19,7 +19,10 @@ use kube::{
     Api, Client,
     api::{ApiResource, DynamicObject, Patch, PatchParams},
 };
-use mycel_crds::{Condition, peer_authentication::PeerAuthentication, traffic_route::TrafficRoute};
+use mycel_crds::{
+    Condition, destination_policy::DestinationPolicy, peer_authentication::PeerAuthentication,
+    traffic_route::TrafficRoute,
+};
 use serde_json::json;
 use tokio::sync::watch;
 use tracing::{debug, warn};
@@ -162,7 +165,7 @@ fn accepted(reach: &PolicyReach) -> Decided {
             status: "False",
             reason: "Conflicted",
             message: format!(
-                "another {} routes what it names, and the oldest wins (then the first by namespace and name); it does not apply there: {}",
+                "another {} claims what it names; it does not apply there: {}",
                 reach.kind,
                 named_list(&reach.conflicts)
             ),
@@ -209,7 +212,14 @@ pub fn decide(reach: &PolicyReach, held: &Held, writer: &Writer) -> Option<Vec<D
         return None;
     }
     let accepted = accepted(reach);
-    let refs = if !reach.unresolved.is_empty() {
+    let refs = if !reach.unresolved.is_empty() && reach.kind == "DestinationPolicy" {
+        Decided {
+            type_: "ResolvedRefs",
+            status: "False",
+            reason: "HostNotFound",
+            message: format!("{}; it applies to nothing", named_list(&reach.unresolved)),
+        }
+    } else if !reach.unresolved.is_empty() {
         Decided {
             type_: "ResolvedRefs",
             status: "False",
@@ -440,6 +450,7 @@ async fn write(client: &Client, reach: &PolicyReach, conditions: &[(Decided, Tim
     let resource = match reach.kind {
         "PeerAuthentication" => ApiResource::erase::<PeerAuthentication>(&()),
         "TrafficRoute" => ApiResource::erase::<TrafficRoute>(&()),
+        "DestinationPolicy" => ApiResource::erase::<DestinationPolicy>(&()),
         kind => match KINDS.iter().find(|k| k.kind == kind) {
             Some(k) => k.resource.clone(),
             None => {

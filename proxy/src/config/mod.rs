@@ -174,6 +174,45 @@ pub struct Cluster {
     /// Endpoints reached over mutual TLS, with the SPIFFE ID each must prove.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub mtls_endpoints: std::collections::BTreeMap<SocketAddr, String>,
+    /// Requests in flight to this cluster at once; more are refused at once with 503 `UO`
+    /// (circuit breaking).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
+    /// Endpoints that keep failing are ejected for a while.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+/// When an endpoint that keeps failing is ejected, and for how long (Envoy's and Istio's
+/// outlier detection: consecutive errors eject at once; ejections end on the sweep after their
+/// time is up; the time grows with each ejection and shrinks back while the endpoint is well).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// Consecutive 5xx (connect failures, resets and timeouts included); 0 is off.
+    #[serde(default)]
+    pub consecutive_5xx: u32,
+    /// Consecutive 502/503/504 (connect failures, resets and timeouts included); 0 is off.
+    #[serde(default)]
+    pub consecutive_gateway: u32,
+    #[serde(default = "OutlierDetection::default_interval")]
+    pub interval_ms: u64,
+    #[serde(default = "OutlierDetection::default_base_ejection")]
+    pub base_ejection_ms: u64,
+    #[serde(default = "OutlierDetection::default_max_percent")]
+    pub max_ejection_percent: u32,
+}
+
+impl OutlierDetection {
+    fn default_interval() -> u64 {
+        10_000
+    }
+    fn default_base_ejection() -> u64 {
+        30_000
+    }
+    fn default_max_percent() -> u32 {
+        10
+    }
 }
 
 /// Inbound mutual TLS: a mode, and per destination port overrides.
@@ -310,6 +349,26 @@ impl Config {
             }
             if c.connect_timeout_ms == 0 {
                 return invalid(format!("clusters[{i}].connectTimeoutMs"), "must be above 0".into());
+            }
+            if c.max_requests == Some(0) {
+                return invalid(
+                    format!("clusters[{i}].maxRequests"),
+                    "must be above 0 (leave it out for no limit)".into(),
+                );
+            }
+            if let Some(o) = &c.outlier_detection {
+                if o.interval_ms == 0 || o.base_ejection_ms == 0 {
+                    return invalid(
+                        format!("clusters[{i}].outlierDetection"),
+                        "intervalMs and baseEjectionMs must be above 0".into(),
+                    );
+                }
+                if o.max_ejection_percent > 100 {
+                    return invalid(
+                        format!("clusters[{i}].outlierDetection.maxEjectionPercent"),
+                        "must be at most 100".into(),
+                    );
+                }
             }
             for (j, a) in c.addresses.iter().enumerate() {
                 if let Some(other) = vips.insert(*a, c.name.as_str()) {

@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::{
     Shared,
-    balance::Endpoints,
+    balance::{Endpoints, Outcome},
     context::Conn,
     error::{self, ProxyError},
     http::{Body, headers::strip_hop_by_hop},
@@ -61,6 +61,24 @@ enum Attempt {
 /// Sends `req` to an endpoint of `cluster`, trying the next one while the request has reached
 /// no app (a connection that could not be opened, or a peer sidecar whose app refused it).
 pub async fn forward(
+    req: Request<Body>,
+    conn: &Conn,
+    cluster: &Endpoints,
+    shared: &Shared,
+) -> Result<Response<Body>, ProxyError> {
+    // Connection-pool limits: over them, the request is refused at once (it never waits).
+    let Some(admitted) = cluster.admit() else {
+        return Err(ProxyError::Overflow {
+            cluster: cluster.cluster.clone(),
+            max_requests: cluster.max_requests().unwrap_or(0),
+        });
+    };
+    let resp = balanced(req, conn, cluster, shared).await?;
+    Ok(if cluster.max_requests().is_some() { resp.map(|b| crate::http::holding(b, admitted)) } else { resp })
+}
+
+/// Balances over the endpoints, failing over while the request has reached no app.
+async fn balanced(
     mut req: Request<Body>,
     conn: &Conn,
     cluster: &Endpoints,
@@ -136,13 +154,18 @@ async fn send(
     }
     let in_flight = cluster.start(addr);
     let identity = cluster.identity(addr);
+    // A try given up before its answer (this timeout, or a route's or per-try timeout dropping
+    // the whole future) counts as a gateway error for outlier detection, as in Envoy.
+    let mut unanswered = Unanswered { cluster, addr, armed: true };
     let sent = shared.pool.send(Request::from_parts(parts, body), addr, identity, cluster.connect_timeout);
     let Ok(result) = tokio::time::timeout(wait, sent).await else {
         return Err(ProxyError::UpstreamTimeout { cluster: cluster.cluster.clone(), after: wait });
     };
+    unanswered.armed = false;
     drop(in_flight);
     match result {
         Ok(mut resp) => {
+            cluster.report(addr, Outcome::of_status(resp.status()));
             if identity.is_some() {
                 // A verified peer proxy: its reason is believed. One that says its app refused
                 // the request means the request went no further, so another endpoint may take it.
@@ -173,13 +196,30 @@ async fn send(
         }
         Err(SendError::NotSent(e, mut req)) => {
             tracing::debug!(%addr, error = %e, "upstream connection failed");
+            cluster.report(addr, Outcome::GatewayError);
             cluster.eject(addr);
             *req.uri_mut() = original_uri;
             Ok(Attempt::NotSent(req, e.to_string()))
         }
         Err(SendError::Failed(e)) => {
+            cluster.report(addr, Outcome::GatewayError);
             tracing::debug!(%addr, error = %error_chain(&e), "upstream exchange failed");
             Err(ProxyError::UpstreamReset { cluster: cluster.cluster.clone(), cause: error_chain(&e) })
+        }
+    }
+}
+
+/// Reports a gateway error for a try dropped or timed out before its response came.
+struct Unanswered<'a> {
+    cluster: &'a Endpoints,
+    addr: SocketAddr,
+    armed: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.cluster.report(self.addr, Outcome::GatewayError);
         }
     }
 }

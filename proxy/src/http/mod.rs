@@ -25,6 +25,37 @@ pub fn empty() -> Body {
     http_body_util::Empty::new().map_err(|never| match never {}).boxed()
 }
 
+/// `body`, holding `guard` until it is dropped (a place under a connection-pool limit lasts as
+/// long as the response does).
+pub fn holding<G: Send + Sync + Unpin + 'static>(body: Body, guard: G) -> Body {
+    Holding { body, _guard: guard }.boxed()
+}
+
+struct Holding<G> {
+    body: Body,
+    _guard: G,
+}
+
+impl<G: Unpin> hyper::body::Body for Holding<G> {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Version {
     Http1,

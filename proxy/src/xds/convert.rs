@@ -72,6 +72,14 @@ pub fn convert_cluster(c: &pb::Cluster) -> Result<config::Cluster, ConfigError> 
         lb,
         addresses,
         mtls_endpoints,
+        max_requests: (c.max_requests > 0).then_some(c.max_requests),
+        outlier_detection: c.outlier_detection.as_ref().map(|o| config::OutlierDetection {
+            consecutive_5xx: o.consecutive_5xx,
+            consecutive_gateway: o.consecutive_gateway,
+            interval_ms: if o.interval_ms == 0 { 10_000 } else { u64::from(o.interval_ms) },
+            base_ejection_ms: if o.base_ejection_ms == 0 { 30_000 } else { u64::from(o.base_ejection_ms) },
+            max_ejection_percent: o.max_ejection_percent.min(100),
+        }),
     })
 }
 

@@ -3,6 +3,7 @@
 //! for what is dirty and stores what they return.
 
 pub mod cluster;
+pub mod destination;
 pub mod peer_policy;
 pub mod route;
 pub mod unimplemented;

@@ -75,12 +75,34 @@ pub fn service_of(host: &str, namespace: &str, domain: &str) -> Option<Key> {
     }
 }
 
+/// What a backend's subset is, as the Service's DestinationPolicy defines it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subset {
+    /// The Service's policy has no such subset (or the Service has no policy).
+    Undefined,
+    /// Defined, but no ready endpoint carries its labels.
+    Empty,
+    Ready,
+}
+
+/// How a subset of a Service is found: `(service, subset cluster, subset name)`.
+pub type Subsets<'a> = dyn Fn(&Key, &str, &str) -> Subset + 'a;
+
+/// What translation looks things up in.
+struct Lookup<'a> {
+    services: &'a dyn Fn(&Key) -> Option<Svc>,
+    subsets: &'a Subsets<'a>,
+    domain: &'a str,
+}
+
 /// Translates every TrafficRoute: conflicts decided over all of them, oldest first.
 pub fn translate(
     routes: &[&Tr],
     services: &dyn Fn(&Key) -> Option<Svc>,
+    subsets: &Subsets,
     domain: &str,
 ) -> HashMap<Key, Outcome> {
+    let cx = Lookup { services, subsets, domain };
     let mut order: Vec<&Tr> = routes.to_vec();
     order.sort_by(|a, b| (&a.created, &a.namespace, &a.name).cmp(&(&b.created, &b.namespace, &b.name)));
     let mut owner: HashMap<Key, String> = HashMap::new();
@@ -89,7 +111,7 @@ pub fn translate(
     for tr in &order {
         let mut o = Outcome { export_to: export_to(tr), ..Default::default() };
         for (i, r) in tr.spec.http.iter().enumerate() {
-            rule(r, i, None, tr, services, domain, &mut o);
+            rule(r, i, None, tr, &cx, &mut o);
         }
         o.invalid.sort();
         o.invalid.dedup();
@@ -157,7 +179,7 @@ pub fn translate(
                         .http
                         .iter()
                         .enumerate()
-                        .filter_map(|(i, r)| rule(r, i, Some(*port), tr, services, domain, o))
+                        .filter_map(|(i, r)| rule(r, i, Some(*port), tr, &cx, o))
                         .collect();
                     // No rule for this port: its requests are not routed.
                     if http.is_empty() {
@@ -209,8 +231,7 @@ fn rule(
     i: usize,
     port: Option<i32>,
     tr: &Tr,
-    services: &dyn Fn(&Key) -> Option<Svc>,
-    domain: &str,
+    cx: &Lookup,
     o: &mut Outcome,
 ) -> Option<pb::HttpRule> {
     // `None`: every match (to check the rule whatever the port).
@@ -245,7 +266,7 @@ fn rule(
         .iter()
         .enumerate()
         .map(|(j, b)| pb::RouteBackend {
-            cluster: backend(b, &field(&format!(".backends[{j}]")), tr, services, domain, o),
+            cluster: backend(b, &field(&format!(".backends[{j}]")), tr, cx, o),
             weight: if r.backends.len() == 1 { 100 } else { b.weight.unwrap_or(0).max(0) as u32 },
         })
         .collect();
@@ -334,14 +355,8 @@ fn rule(
 
 /// The cluster a backend names. One that does not resolve is reported and named as it would be
 /// (`<service>:<port>`): the proxy answers 503 `NC` for its share rather than send it elsewhere.
-fn backend(
-    b: &Backend,
-    field: &str,
-    tr: &Tr,
-    services: &dyn Fn(&Key) -> Option<Svc>,
-    domain: &str,
-    o: &mut Outcome,
-) -> String {
+fn backend(b: &Backend, field: &str, tr: &Tr, cx: &Lookup, o: &mut Outcome) -> String {
+    let (services, subsets, domain) = (cx.services, cx.subsets, cx.domain);
     let unresolved = |o: &mut Outcome, why: String| {
         o.unresolved.push(format!("{field}: {why}"));
         format!("unresolved:{}:{}", b.service.0, b.port.unwrap_or(0))
@@ -361,11 +376,23 @@ fn backend(
         }
     };
     let cluster = cluster_name(&key, port, domain);
-    match &b.subset {
-        None => cluster,
-        // Subsets come with DestinationPolicy (not implemented yet): the backend's share gets
-        // 503 rather than go to endpoints outside the subset.
-        Some(s) => unresolved(o, format!("subset {s}: subsets are not implemented yet")),
+    let Some(s) = &b.subset else { return cluster };
+    let subset_cluster = format!("{cluster}/{s}");
+    match subsets(&key, &subset_cluster, s) {
+        // The backend's share gets 503 rather than go to endpoints outside the subset.
+        Subset::Undefined => unresolved(
+            o,
+            format!("subset {s}: no DestinationPolicy in effect for Service {}/{} defines it", key.0, key.1),
+        ),
+        // Sent there all the same (503 `UH` until a pod with its labels is ready), and said.
+        Subset::Empty => {
+            o.unresolved.push(format!(
+                "{field}: subset {s} of Service {}/{} has no ready endpoint (no ready pod carries its labels); its share is answered 503",
+                key.0, key.1
+            ));
+            subset_cluster
+        }
+        Subset::Ready => subset_cluster,
     }
 }
 
@@ -444,6 +471,45 @@ mod tests {
         }
     }
 
+    fn no_subsets(_: &Key, _: &str, _: &str) -> Subset {
+        Subset::Undefined
+    }
+
+    #[test]
+    fn a_subset_backend_names_its_cluster_and_one_undefined_or_empty_is_reported() {
+        let r = tr(
+            "shop",
+            "web",
+            "2026-01-01T00:00:00Z",
+            "hosts: [web]\nhttp:\n- backends: [{service: v2, subset: ready, weight: 50}, {service: v2, subset: empty, weight: 30}, {service: v2, subset: nope, weight: 20}]\n",
+        );
+        let subsets = |k: &Key, cluster: &str, name: &str| {
+            assert_eq!(k, &("shop".to_string(), "v2".to_string()));
+            assert_eq!(cluster, format!("v2.shop.svc.cluster.local:80/{name}"));
+            match name {
+                "ready" => Subset::Ready,
+                "empty" => Subset::Empty,
+                _ => Subset::Undefined,
+            }
+        };
+        let out = translate(&[&r], &services, &subsets, "cluster.local");
+        let o = &out[&("shop".to_string(), "web".to_string())];
+        let backends: Vec<&str> = o.tables["web.shop.svc.cluster.local:80"].http[0]
+            .backends
+            .iter()
+            .map(|b| b.cluster.as_str())
+            .collect();
+        assert_eq!(
+            backends,
+            ["v2.shop.svc.cluster.local:80/ready", "v2.shop.svc.cluster.local:80/empty", "unresolved:v2:0"]
+        );
+        assert_eq!(o.unresolved.len(), 2, "{:?}", o.unresolved);
+        assert!(
+            o.unresolved.iter().any(|u| u.contains("subset empty of Service shop/v2 has no ready endpoint"))
+        );
+        assert!(o.unresolved.iter().any(|u| u.contains("subset nope: no DestinationPolicy")));
+    }
+
     #[test]
     fn hosts_resolve_from_the_routes_namespace_and_rules_split_by_port() {
         assert_eq!(service_of("web", "shop", "cluster.local"), Some(("shop".into(), "web".into())));
@@ -459,7 +525,7 @@ mod tests {
             "2026-01-01T00:00:00Z",
             "hosts: [web]\nexportTo: ['.']\nhttp:\n- name: admin\n  match: [{port: 9090}]\n  backends: [{service: web, port: 9090}]\n- name: canary\n  match: [{headers: [{name: X-User, exact: tester}]}]\n  backends: [{service: v2}]\n  timeout: 1s\n  retries: {attempts: 2, perTryTimeout: 200ms, retryOn: [5xx, retriable-4xx], backoff: 10ms}\n- backends: [{service: web, port: 80, weight: 90}, {service: v2, weight: 10}]\n",
         );
-        let out = translate(&[&r], &services, "cluster.local");
+        let out = translate(&[&r], &services, &no_subsets, "cluster.local");
         let o = &out[&("shop".to_string(), "web".to_string())];
         assert!(o.unresolved.is_empty() && o.conflicts.is_empty(), "{o:?}");
         assert_eq!(o.export_to.as_deref(), Some(&["shop".to_string()][..]));
@@ -486,7 +552,7 @@ mod tests {
             "2025-01-01T00:00:00Z",
             "hosts: [web.shop]\nhttp:\n- backends: [{service: v2.shop}]\n",
         );
-        let out = translate(&[&foreign], &services, "cluster.local");
+        let out = translate(&[&foreign], &services, &no_subsets, "cluster.local");
         let o = &out[&("evil".to_string(), "grab".to_string())];
         assert_eq!(o.tables["web.shop.svc.cluster.local:80"].export_to, ["evil"], "only evil's clients");
         let own = tr(
@@ -495,7 +561,7 @@ mod tests {
             "2026-06-01T00:00:00Z",
             "hosts: [web]\nhttp:\n- backends: [{service: web, port: 80}]\n",
         );
-        let out = translate(&[&foreign, &own], &services, "cluster.local");
+        let out = translate(&[&foreign, &own], &services, &no_subsets, "cluster.local");
         assert!(
             out[&("shop".to_string(), "web".to_string())].conflicts.is_empty(),
             "the owner's route wins though newer"
@@ -515,7 +581,7 @@ mod tests {
             "2025-01-01T00:00:00Z",
             "hosts: [web]\nhttp:\n- match: [{port: 9090, queryParams: [{name: userId, exact: '1'}]}]\n  backends: [{service: web, port: 9090}]\n",
         );
-        let out = translate(&[&bad, &port], &services, "cluster.local");
+        let out = translate(&[&bad, &port], &services, &no_subsets, "cluster.local");
         assert!(
             out[&("shop".to_string(), "a-bad".to_string())].invalid[0]
                 .contains("content-length may not be edited")
@@ -541,7 +607,7 @@ mod tests {
             "2026-02-01T00:00:00Z",
             "hosts: [web, nothere]\nhttp:\n- backends: [{service: web}, {service: gone, weight: 0}]\n",
         );
-        let out = translate(&[&new, &old], &services, "cluster.local");
+        let out = translate(&[&new, &old], &services, &no_subsets, "cluster.local");
         let lost = &out[&("shop".to_string(), "a-new".to_string())];
         assert_eq!(lost.conflicts.len(), 1);
         assert!(lost.conflicts[0].contains("TrafficRoute shop/b-old"), "{:?}", lost.conflicts);
@@ -559,7 +625,8 @@ mod tests {
             "2026-01-01T00:00:00Z",
             "hosts: [v2]\nhttp:\n- backends: [{service: web}, {service: gone, weight: 0}]\n",
         );
-        let o = &translate(&[&bad], &services, "cluster.local")[&("shop".to_string(), "c".to_string())];
+        let o = &translate(&[&bad], &services, &no_subsets, "cluster.local")
+            [&("shop".to_string(), "c".to_string())];
         assert_eq!(o.tables.len(), 1, "what resolves is sent, the rest gets 503");
         assert!(
             o.unresolved
@@ -579,7 +646,8 @@ mod tests {
             "2026-01-01T00:00:00Z",
             "hosts: [v2]\nhttp:\n- backends: [{service: v2}]\n  match: [{path: {regex: '('}}]\n",
         );
-        let o = &translate(&[&regex], &services, "cluster.local")[&("shop".to_string(), "d".to_string())];
+        let o = &translate(&[&regex], &services, &no_subsets, "cluster.local")
+            [&("shop".to_string(), "d".to_string())];
         assert!(o.invalid[0].starts_with("spec.http[0].match[0].path.regex"), "{:?}", o.invalid);
         assert!(o.tables.is_empty(), "an invalid route is sent to no proxy");
     }

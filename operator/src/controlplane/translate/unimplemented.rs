@@ -33,7 +33,6 @@ pub static KINDS: LazyLock<Vec<Arc<Watched>>> = LazyLock::new(|| {
         Arc::new(Watched { kind, resource, not_yet: NotYet::of(&ledger, &crd), any_implemented })
     };
     vec![
-        of("DestinationPolicy", ApiResource::erase::<DestinationPolicy>(&()), DestinationPolicy::crd()),
         of("AuthorizationPolicy", ApiResource::erase::<AuthorizationPolicy>(&()), AuthorizationPolicy::crd()),
         of("RateLimitPolicy", ApiResource::erase::<RateLimitPolicy>(&()), RateLimitPolicy::crd()),
     ]
@@ -42,6 +41,10 @@ pub static KINDS: LazyLock<Vec<Arc<Watched>>> = LazyLock::new(|| {
 /// TrafficRoute's fields not implemented yet (the kind is translated, but not all of it).
 pub static TRAFFIC_ROUTE: LazyLock<NotYet> =
     LazyLock::new(|| NotYet::of(&ledger::ledger(), &TrafficRoute::crd()));
+
+/// DestinationPolicy's fields not implemented yet.
+pub static DESTINATION_POLICY: LazyLock<NotYet> =
+    LazyLock::new(|| NotYet::of(&ledger::ledger(), &DestinationPolicy::crd()));
 
 /// MeshInstallation's fields not implemented yet (its status is the operator's).
 pub static MESH_INSTALLATION: LazyLock<NotYet> =
