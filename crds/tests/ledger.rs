@@ -168,12 +168,13 @@ fn the_fields_a_resource_sets_are_found_as_its_status_names_them() {
                 {"mirror": null},
                 {"retries": {"attempts": 2}, "mirror": {"service": "copy", "percent": 5}},
                 {"backends": [{"service": "web", "subset": "v2"}]}
-            ]
+            ],
+            "tcp": [{"idleTimeout": null, "backends": [{"service": "db"}]}, {"port": 5432, "backends": [{"service": "db"}]}]
         }
     });
     let set = ledger::not_yet_set(&ledger, &crd, &object);
-    // A backend's subset is implemented: not named.
-    assert_eq!(set, ["spec.http[].mirror.percent", "spec.http[].mirror.service"]);
+    // Mirrors and subsets are implemented: not named; a null is not set.
+    assert_eq!(set, ["spec.tcp[].backends[].service", "spec.tcp[].port"]);
     assert!(ledger::not_yet_set(&ledger, &crd, &serde_json::json!({"spec": {"http": []}})).is_empty());
     // Every field of PeerAuthentication is implemented: nothing to name.
     let pa = mycel_crds::peer_authentication::PeerAuthentication::crd();

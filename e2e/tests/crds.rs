@@ -307,8 +307,8 @@ fn apply(c: &TestCluster, ns: &str, yaml: &str) -> (bool, String) {
 async fn a_field_not_implemented_yet_is_an_admission_warning_that_names_it() {
     let c = cluster().await;
     let ns = c.namespace("ledger").await.unwrap();
-    // Mirroring is on the ledger's not_yet list today; hosts, backends and timeouts work.
-    let route = "apiVersion: mycel.io/v1alpha1\nkind: TrafficRoute\nmetadata: {name: r}\nspec:\n  hosts: [reviews]\n  http:\n  - timeout: 2s\n    mirror: {service: copy, percent: 5}\n    backends: [{service: reviews}]\n";
+    // TCP rules are on the ledger's not_yet list today; hosts, backends and timeouts work.
+    let route = "apiVersion: mycel.io/v1alpha1\nkind: TrafficRoute\nmetadata: {name: r}\nspec:\n  hosts: [reviews]\n  http:\n  - timeout: 2s\n    backends: [{service: reviews}]\n  tcp:\n  - port: 5432\n    backends: [{service: db}]\n";
     // The policies are read by the API server a moment after they are created: wait for the
     // first warning, then check exactly what it says.
     let warned =
@@ -320,7 +320,7 @@ async fn a_field_not_implemented_yet_is_an_admission_warning_that_names_it() {
             if err.contains("Warning:") { Ok(err) } else { Err("no warning yet".into()) }
         })
         .await;
-    for field in ["spec.http[].mirror.service", "spec.http[].mirror.percent"] {
+    for field in ["spec.tcp[].backends[].service", "spec.tcp[].port"] {
         let line = warned.lines().find(|l| l.contains(&format!(": {field} is not implemented yet")));
         assert!(line.is_some_and(|l| l.starts_with("Warning:")), "{field}:\n{warned}");
     }

@@ -8,10 +8,38 @@ use std::time::Duration;
 
 use kube::api::PostParams;
 use mycel_e2e::{
-    TestCluster,
+    TestCluster, eventually,
+    images::TESTAPP_IMAGE,
     mesh::{Installation, Seen, condition, echo, get, mycel_api, parse, run_job},
 };
 use serde_json::json;
+
+/// A server that never answers (but its readiness probe), logging each request it got.
+const HANG: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: hang}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: hang}}
+  template:
+    metadata: {labels: {app: hang}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: echo
+        image: mycel-testapp:dev
+        args: ["http-echo", "--port", "8080", "--hang"]
+        ports: [{name: http, containerPort: 8080}]
+        readinessProbe: {httpGet: {path: /, port: http}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: hang}
+spec:
+  selector: {app: hang}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"#;
 
 const ROUTE: &str = r#"
 apiVersion: mycel.io/v1alpha1
@@ -53,6 +81,14 @@ spec:
     match: [{path: {prefix: /broken}}]
     retries: {attempts: 3, retryOn: [gateway-error]}
     backends: [{service: web}]
+  - name: mirrored
+    match: [{path: {prefix: /mirrored}}]
+    mirror: {service: hang}
+    backends: [{service: web}]
+  - name: half-mirrored
+    match: [{path: {prefix: /half}}]
+    mirror: {service: hang, port: 80, percent: 50}
+    backends: [{service: web}]
   - name: home
     match: [{path: {prefix: /home}, method: GET}, {queryParams: [{name: go, exact: "1"}]}]
     backends: [{service: web}]
@@ -71,6 +107,8 @@ async fn traffic_routes_steer_what_clients_send() {
     mesh.apply(&c, &format!("{}---\n{}", echo("web", "web", "v1", 1), echo("web-v2", "web-v2", "v2", 1)));
     mesh.available("web", 1).await;
     mesh.available("web-v2", 1).await;
+    mesh.apply(&c, &HANG.replace("mycel-testapp:dev", TESTAPP_IMAGE));
+    mesh.available("hang", 1).await;
     mesh.apply(&c, ROUTE);
     let trs = mycel_api(&client, &n, "TrafficRoute", "trafficroutes");
     condition(&trs, "web", "Accepted", "True").await;
@@ -107,6 +145,37 @@ async fn traffic_routes_steer_what_clients_send() {
     let delayed = by("http://web/delayed");
     assert_eq!(delayed.status, 200, "{log}");
     assert!(delayed.elapsed >= Duration::from_millis(700), "a fixed delay of 700ms: {:?}", delayed.elapsed);
+
+    // Mirroring to a server that never answers: every original completes at once, and the
+    // mirror receives its copies (all of one rule's, about half of the other's), host -shadow.
+    let mut urls = vec!["http://web/mirrored"];
+    urls.extend(["http://web/half"; 10]);
+    let (ok, log) = run_job(&client, &n, "mirror", "default", true, &get(&urls, 20, &[])).await;
+    assert!(ok, "{log}");
+    let seen = parse(&log);
+    assert_eq!(seen.len(), 220, "{log}");
+    for s in &seen {
+        assert_eq!(s.status, 200, "{log}");
+        assert!(s.elapsed < Duration::from_secs(3), "an original waited for its mirror: {:?}", s.elapsed);
+    }
+    let hang_pod = {
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client.clone(), &n);
+        let l = pods.list(&kube::api::ListParams::default().labels("app=hang")).await.unwrap();
+        l.items[0].metadata.name.clone().unwrap()
+    };
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client.clone(), &n);
+    let lp = kube::api::LogParams { container: Some("echo".into()), ..Default::default() };
+    let counts = eventually("the mirror got every copy of /mirrored", Duration::from_secs(30), || async {
+        let log = pods.logs(&hang_pod, &lp).await.map_err(|e| e.to_string())?;
+        let all = log.lines().filter(|l| l.starts_with("got GET /mirrored ")).count();
+        let shadowed = log.lines().filter(|l| l.starts_with("got GET /mirrored host=web-shadow")).count();
+        let half = log.lines().filter(|l| l.starts_with("got GET /half ")).count();
+        if all >= 20 { Ok((all, shadowed, half)) } else { Err(format!("{all} of 20 so far:\n{log}")) }
+    })
+    .await;
+    assert_eq!(counts.0, 20, "each request copied once");
+    assert_eq!(counts.1, 20, "the copies' host is web-shadow");
+    assert!((70..=130).contains(&counts.2), "{} of 200 copied at 50 %", counts.2);
 
     // A header match goes to the canary, with the request and response headers edited.
     let canary = get(&["http://web/home"], 5, &["x-canary:yes", "x-secret:s3cret"]);

@@ -44,6 +44,7 @@ impl Target {
 
 /// One accepted connection: which listener took it, from whom, going where, and (once the mesh
 /// TLS step ran) who the peer proved to be.
+#[derive(Clone)]
 pub struct Conn {
     pub direction: Direction,
     pub labels: ListenerLabels,

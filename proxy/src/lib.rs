@@ -80,6 +80,8 @@ pub struct Shared {
     /// Tunnels and upstream connections, drained at shutdown.
     pub tasks: Arc<drain::Tasks>,
     pub ready: AtomicBool,
+    /// Places for mirrored copies in flight (a mirror that never answers cannot pile them up).
+    pub mirrors: Arc<tokio::sync::Semaphore>,
     /// The app's probes, by `/app-health/<container>/<kind>` path (set at injection).
     pub app_probes: RwLock<std::collections::HashMap<String, serde_json::Value>>,
 }
@@ -192,6 +194,7 @@ pub async fn start(config: Config) -> Result<Running, ApplyError> {
         tasks,
         ready: AtomicBool::new(false),
         app_probes: RwLock::new(Default::default()),
+        mirrors: Arc::new(tokio::sync::Semaphore::new(routing::MIRRORS_IN_FLIGHT)),
     });
     let admin_listener = bind(config.admin).map_err(|source| ApplyError::Bind {
         field: "admin".into(),

@@ -31,6 +31,10 @@ enum Cmd {
     HttpEcho {
         #[arg(long, default_value_t = 8080)]
         port: u16,
+        /// A server that never answers: every request but `GET /` (the readiness probe's) is
+        /// logged to stderr (`got <method> <path> host=<host>`) and left waiting.
+        #[arg(long)]
+        hang: bool,
     },
     /// Echo TCP bytes on PORT; after the client half-closes, finish and close.
     TcpEcho {
@@ -110,7 +114,7 @@ enum Cmd {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Cmd::HttpEcho { port } => http_echo(port).await,
+        Cmd::HttpEcho { port, hang } => http_echo(port, hang).await,
         Cmd::TcpEcho { port } => tcp_echo(port).await,
         Cmd::GrpcEcho { port } => grpc_echo(port).await,
         Cmd::GrpcCheck { url, count, interval_ms } => {
@@ -175,7 +179,7 @@ fn pod_name() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-async fn http_echo(port: u16) -> anyhow::Result<()> {
+async fn http_echo(port: u16, hang: bool) -> anyhow::Result<()> {
     let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?;
     let pod = pod_name();
     eprintln!("http-echo on :{port} as {pod}");
@@ -190,6 +194,11 @@ async fn http_echo(port: u16) -> anyhow::Result<()> {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let pod = pod.clone();
                 async move {
+                    if hang && (req.method() != hyper::Method::GET || req.uri().path() != "/") {
+                        let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("");
+                        eprintln!("got {} {} host={host}", req.method(), req.uri().path());
+                        std::future::pending::<()>().await;
+                    }
                     if let Some(failed) = misbehave(&req, &pod).await {
                         return Ok::<_, Infallible>(failed);
                     }

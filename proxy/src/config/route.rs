@@ -44,6 +44,24 @@ pub struct HttpRule {
     pub fault: Option<Fault>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<Retry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
+}
+
+/// A copy of each request without a body, sent to `cluster` and its answer discarded.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Mirror {
+    pub cluster: String,
+    /// Share of requests copied, 0-100 (default 100).
+    #[serde(default = "Mirror::all")]
+    pub percent: f64,
+}
+
+impl Mirror {
+    fn all() -> f64 {
+        100.0
+    }
 }
 
 /// Retries of a failed request without a body, of an idempotent method, within the
@@ -258,6 +276,17 @@ impl RouteTable {
                         format!("{f}.backends[{j}].cluster"),
                         format!("no cluster named {:?}", b.cluster),
                     );
+                }
+            }
+            if let Some(m) = &rule.mirror {
+                if !known(&m.cluster) {
+                    return invalid(
+                        format!("{f}.mirror.cluster"),
+                        format!("no cluster named {:?}", m.cluster),
+                    );
+                }
+                if !(0.0..=100.0).contains(&m.percent) {
+                    return invalid(format!("{f}.mirror.percent"), "must be within 0-100".into());
                 }
             }
             for (j, m) in rule.matches.iter().enumerate() {

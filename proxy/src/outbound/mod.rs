@@ -52,7 +52,7 @@ pub async fn request(
     if let Err(e) = admitted {
         return (Some(route.backend), Err(e));
     }
-    routing::mirror(&req, &route);
+    routing::mirror(&req, &route, &conn.conn, shared);
     // Retries go inside the rule's timeout; within each try, a request that reached no app goes
     // to the next endpoint (in `forward`).
     let policy =

@@ -125,9 +125,57 @@ fn chance(percent: f64) -> bool {
     percent >= 100.0 || (percent > 0.0 && fastrand::f64() * 100.0 < percent)
 }
 
-/// The route's mirror (a copy sent to a second backend, once per request, before retries):
-/// none yet.
-pub fn mirror(_req: &Request<Body>, _route: &Route) {}
+/// Mirrored copies in flight at once, per proxy; more are dropped (and counted).
+pub const MIRRORS_IN_FLIGHT: usize = 256;
+/// How long a mirrored copy may take before it is abandoned.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The rule's mirror: a copy of the request (once, before retries; the route's edits applied)
+/// sent in the background to the mirror's cluster, its answer discarded, the original never
+/// waiting for it. As Istio does, the copy's host gets `-shadow` (`web:80` → `web-shadow:80`).
+/// Only a request without a body is copied (one with a body would have to be held for the copy).
+pub fn mirror(req: &Request<Body>, route: &Route, conn: &Conn, shared: &Arc<crate::Shared>) {
+    let Some(m) = route.rule.as_ref().and_then(|r| r.mirror.as_ref()) else { return };
+    if !hyper::body::Body::is_end_stream(req.body()) || !chance(m.percent) {
+        return;
+    }
+    let Some(backend) = shared.state.load().cluster(&m.cluster).cloned() else { return };
+    let Ok(permit) = shared.mirrors.clone().try_acquire_owned() else {
+        shared.metrics.mirror(&m.cluster, "dropped");
+        return;
+    };
+    let mut copy = Request::new(crate::http::empty());
+    *copy.method_mut() = req.method().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    let mut parts = req.uri().clone().into_parts();
+    if let Some(a) = &parts.authority {
+        parts.authority = shadow(a.as_str()).and_then(|s| s.parse().ok());
+    }
+    *copy.uri_mut() = Uri::from_parts(parts).unwrap_or_else(|_| req.uri().clone());
+    if let Some(h) = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).and_then(shadow)
+        && let Ok(v) = HeaderValue::from_str(&h)
+    {
+        copy.headers_mut().insert(header::HOST, v);
+    }
+    shared.metrics.mirror(&m.cluster, "sent");
+    let (conn, state) = (conn.clone(), shared.clone());
+    shared.tasks.spawn(async move {
+        let _place = permit;
+        let sent = crate::http::forward::forward(copy, &conn, &backend, &state);
+        // The answer, if any, is dropped unread.
+        let _ = tokio::time::timeout(MIRROR_TIMEOUT, sent).await;
+    });
+}
+
+/// `host[:port]` with `-shadow` after the host.
+fn shadow(authority: &str) -> Option<String> {
+    let a: hyper::http::uri::Authority = authority.parse().ok()?;
+    Some(match a.port_u16() {
+        Some(p) => format!("{}-shadow:{p}", a.host()),
+        None => format!("{}-shadow", a.host()),
+    })
+}
 
 /// The rule's deadline for the whole request.
 pub fn timeout(route: &Route) -> Option<Duration> {

@@ -28,6 +28,7 @@ pub struct Rule {
     pub rewrite: Option<Rewrite>,
     pub fault: Option<cfg::Fault>,
     pub retry: Option<super::retry::Policy>,
+    pub mirror: Option<cfg::Mirror>,
 }
 
 pub struct Rewrite {
@@ -207,6 +208,7 @@ impl Table {
                     }),
                     fault: r.fault.clone(),
                     retry: r.retry.as_ref().filter(|r| r.attempts > 0).map(super::retry::Policy::compile),
+                    mirror: r.mirror.clone().filter(|m| m.percent > 0.0),
                 })
             })
             .collect();

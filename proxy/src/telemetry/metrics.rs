@@ -44,6 +44,7 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     pub requests: Family<RequestLabels, Counter>,
     pub retries: Family<RetryLabels, Counter>,
+    pub mirrors: Family<RetryLabels, Counter>,
     pub request_duration: Family<ListenerLabels, Histogram>,
     pub connections: Family<ListenerLabels, Counter>,
     pub refused: Family<ListenerLabels, Counter>,
@@ -61,6 +62,12 @@ impl Default for Metrics {
             "retries",
             "Retries of route rules, sent or refused by the destination's retry budget",
             retries.clone(),
+        );
+        let mirrors = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "mirrors",
+            "Copies of requests sent by route mirrors (sent), or not sent because too many were in flight (dropped)",
+            mirrors.clone(),
         );
         let request_duration = Family::<ListenerLabels, Histogram>::new_with_constructor(|| {
             Histogram::new([
@@ -122,6 +129,7 @@ impl Default for Metrics {
             registry: Mutex::new(registry),
             requests,
             retries,
+            mirrors,
             request_duration,
             connections,
             refused,
@@ -136,6 +144,11 @@ impl Metrics {
     /// A retry of `cluster` (`sent` or `budget_exhausted`).
     pub fn retry(&self, cluster: &str, outcome: &str) {
         self.retries.get_or_create(&RetryLabels { cluster: cluster.into(), outcome: outcome.into() }).inc();
+    }
+
+    /// A mirrored copy for `cluster` (`sent` or `dropped`).
+    pub fn mirror(&self, cluster: &str, outcome: &str) {
+        self.mirrors.get_or_create(&RetryLabels { cluster: cluster.into(), outcome: outcome.into() }).inc();
     }
 
     /// Counts a configuration reload, applied or rejected.

@@ -204,6 +204,10 @@ pub fn convert_route(t: &pb::RouteTable, namespace: &str) -> Result<Option<confi
                     })
                 }
             },
+            mirror: r
+                .mirror
+                .as_ref()
+                .map(|m| route::Mirror { cluster: m.cluster.clone(), percent: m.percent }),
         });
     }
     let table = config::RouteTable {

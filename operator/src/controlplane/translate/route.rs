@@ -328,7 +328,15 @@ fn rule(
         })
     };
     let headers = r.headers.as_ref();
+    // A mirror that does not resolve is reported and left out (nothing is copied).
+    let mirror = r.mirror.as_ref().and_then(|m| {
+        let b = Backend { service: m.service.clone(), port: m.port, subset: None, weight: None };
+        let cluster = backend(&b, &field(".mirror"), tr, cx, o);
+        (!cluster.starts_with("unresolved:"))
+            .then(|| pb::Mirror { cluster, percent: m.percent.unwrap_or(100.0).clamp(0.0, 100.0) })
+    });
     Some(pb::HttpRule {
+        mirror,
         name: r.name.clone().unwrap_or_else(|| format!("rule-{i}")),
         matches,
         backends,
@@ -542,6 +550,23 @@ mod tests {
         let t9090 = &o.tables["web.shop.svc.cluster.local:9090"];
         assert_eq!(t9090.http.len(), 3);
         assert_eq!(t9090.export_to, ["shop"]);
+    }
+
+    #[test]
+    fn a_mirror_names_its_cluster_by_service_and_port_and_one_that_does_not_resolve_is_left_out() {
+        let r = tr(
+            "shop",
+            "web",
+            "2026-01-01T00:00:00Z",
+            "hosts: [web]\nhttp:\n- match: [{path: {prefix: /a}}]\n  mirror: {service: web, port: 9090, percent: 25}\n  backends: [{service: v2}]\n- mirror: {service: gone}\n  backends: [{service: v2}]\n",
+        );
+        let out = translate(&[&r], &services, &no_subsets, "cluster.local");
+        let o = &out[&("shop".to_string(), "web".to_string())];
+        let rules = &o.tables["web.shop.svc.cluster.local:80"].http;
+        let m = rules[0].mirror.as_ref().unwrap();
+        assert_eq!((m.cluster.as_str(), m.percent), ("web.shop.svc.cluster.local:9090", 25.0));
+        assert!(rules[1].mirror.is_none(), "nothing is copied to what does not resolve");
+        assert!(o.unresolved.iter().any(|u| u.contains("spec.http[1].mirror: no Service gone")), "{o:?}");
     }
 
     #[test]
