@@ -69,6 +69,9 @@ pub struct Host(
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "[has(self.backends) && size(self.backends) > 0, has(self.redirect), has(self.directResponse)].filter(x, x).size() == 1"
+).message("a rule needs exactly one of backends, redirect or directResponse"))]
 pub struct HttpRoute {
     /// Name shown in metrics and logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -79,7 +82,8 @@ pub struct HttpRoute {
     #[schemars(length(max = 8))]
     pub matches: Vec<HttpMatch>,
     /// Where matching requests go, split by weight.
-    #[schemars(length(min = 1, max = 16))]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     #[x_kube(validation = Rule::new(
         "self.size() == 1 || self.map(b, has(b.weight) ? b.weight : 0).sum() == 100"
     ).message("backend weights must add up to 100 when a rule has more than one backend"))]
@@ -98,6 +102,61 @@ pub struct HttpRoute {
     /// Copy a share of requests to another backend; its responses are discarded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<Mirror>,
+    /// Answer with a redirect instead of sending the request anywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<Redirect>,
+    /// Answer with this status and body instead of sending the request anywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_response: Option<DirectResponse>,
+}
+
+/// A redirect: the request's URL with the parts given replaced.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.path) && has(self.prefix))")
+    .message("redirect takes path or prefix, not both"))]
+pub struct Redirect {
+    /// `http` or `https` (default: the request's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?$"))]
+    pub scheme: Option<String>,
+    /// The host (default: the request's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub host: Option<String>,
+    /// The port (default: the request's, unless the scheme changes; a scheme's default port is
+    /// left out of the URL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+    /// Replaces the whole path (the query is kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^/[^?#\s]*$"))]
+    pub path: Option<String>,
+    /// Replaces the matched path prefix (requires a `prefix` path match).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^/[^?#\s]*$"))]
+    pub prefix: Option<String>,
+    /// 301 (the default), 302, 303, 307 or 308.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self in [301, 302, 303, 307, 308]")
+        .message("code must be 301, 302, 303, 307 or 308"))]
+    pub code: Option<i32>,
+}
+
+/// A response the proxy makes itself.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DirectResponse {
+    #[schemars(range(min = 200, max = 599))]
+    pub status: i32,
+    /// Sent as `text/plain`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub body: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -89,6 +89,12 @@ spec:
     match: [{path: {prefix: /half}}]
     mirror: {service: hang, port: 80, percent: 50}
     backends: [{service: web}]
+  - name: moved
+    match: [{path: {prefix: /old}}]
+    redirect: {prefix: /new, code: 302}
+  - name: gone
+    match: [{path: {exact: /gone}}]
+    directResponse: {status: 410, body: gone for good}
   - name: home
     match: [{path: {prefix: /home}, method: GET}, {queryParams: [{name: go, exact: "1"}]}]
     backends: [{service: web}]
@@ -124,6 +130,8 @@ async fn traffic_routes_steer_what_clients_send() {
         "http://web/other",
         "http://web/other?go=1",
         "http://web/delayed",
+        "http://web/old/items?page=2",
+        "http://web/gone",
     ];
     let (ok, log) = run_job(&client, &n, "plain-rules", "default", true, &get(&urls, 1, &[])).await;
     assert!(ok, "{log}");
@@ -142,6 +150,12 @@ async fn traffic_routes_steer_what_clients_send() {
     assert_eq!(other.status, 404, "no rule matches: {log}");
     assert_eq!(other.header("x-mycel-error"), "NR no_route_matched", "{log}");
     assert_eq!(by("http://web/other?go=1").status, 200, "a query parameter match: {log}");
+    let moved = by("http://web/old/items?page=2");
+    assert_eq!(moved.status, 302, "{log}");
+    assert_eq!(moved.header("location"), "http://web/new/items?page=2", "{log}");
+    assert_eq!(moved.header("x-mycel-error"), "", "a redirect is not an error: {log}");
+    let gone = by("http://web/gone");
+    assert_eq!((gone.status, gone.body.as_str()), (410, Some("gone for good")), "{log}");
     let delayed = by("http://web/delayed");
     assert_eq!(delayed.status, 200, "{log}");
     assert!(delayed.elapsed >= Duration::from_millis(700), "a fixed delay of 700ms: {:?}", delayed.elapsed);

@@ -48,6 +48,10 @@ pub enum ProxyError {
     RouteTimeout { rule: String, after: std::time::Duration },
     /// The peer sidecar answered with an error of its own (its reason, as it sent it).
     Peer { status: StatusCode, flag: String, reason: String },
+    /// A route rule answers with a redirect (not an error: no reason header).
+    Redirect { status: StatusCode, location: HeaderValue },
+    /// A route rule answers with its own response (not an error: no reason header).
+    Direct { status: StatusCode, body: Bytes },
 }
 
 impl ProxyError {
@@ -65,6 +69,7 @@ impl ProxyError {
             ProxyError::FaultAbort { status, .. } => *status,
             ProxyError::RouteTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Peer { status, .. } => *status,
+            ProxyError::Redirect { status, .. } | ProxyError::Direct { status, .. } => *status,
         }
     }
 
@@ -85,6 +90,8 @@ impl ProxyError {
             ProxyError::BadRequest { .. } => "DPE",
             ProxyError::NoRoute { .. } => "NR",
             ProxyError::FaultAbort { .. } => "FI",
+            // Envoy gives direct responses no flag.
+            ProxyError::Redirect { .. } | ProxyError::Direct { .. } => "-",
             ProxyError::RouteTimeout { .. } => "UT",
             ProxyError::Peer { flag, .. } => flag,
         }
@@ -103,6 +110,8 @@ impl ProxyError {
             ProxyError::BadRequest { reason, .. } => reason,
             ProxyError::NoRoute { .. } => "no_route_matched",
             ProxyError::FaultAbort { .. } => "fault_injected",
+            ProxyError::Redirect { .. } => "redirect",
+            ProxyError::Direct { .. } => "direct_response",
             ProxyError::RouteTimeout { .. } => "request_timeout",
             ProxyError::Peer { reason, .. } => reason,
         }
@@ -147,11 +156,33 @@ impl ProxyError {
                 format!("route rule {rule}: no response within its timeout of {after:?}")
             }
             ProxyError::Peer { reason, .. } => format!("the destination's proxy answered: {reason}"),
+            ProxyError::Redirect { location, .. } => {
+                format!("redirected to {}", String::from_utf8_lossy(location.as_bytes()))
+            }
+            ProxyError::Direct { body, .. } => String::from_utf8_lossy(body).into_owned(),
         }
     }
 
     /// The response the client gets: the status, [`ERROR_HEADER`], and a one-line body.
     pub fn into_response(self) -> Response<Body> {
+        match self {
+            ProxyError::Redirect { status, location } => {
+                let mut r = Response::new(crate::http::empty());
+                *r.status_mut() = status;
+                r.headers_mut().insert(hyper::header::LOCATION, location);
+                return r;
+            }
+            ProxyError::Direct { status, body } => {
+                let mut r = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+                *r.status_mut() = status;
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+                return r;
+            }
+            _ => {}
+        }
         let body = format!("{}\n", self.message());
         let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
         *r.status_mut() = self.status();

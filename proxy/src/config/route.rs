@@ -30,6 +30,8 @@ pub struct HttpRule {
     /// Any one selects the rule; none selects every request.
     #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
     pub matches: Vec<HttpMatch>,
+    /// Split by weight; none for a rule that redirects or answers itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<WeightedCluster>,
     /// Deadline of the whole request (504 when it passes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -46,6 +48,47 @@ pub struct HttpRule {
     pub retry: Option<Retry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<Mirror>,
+    /// Instead of backends: a redirect, or a response of the proxy's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<Redirect>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_response: Option<DirectResponse>,
+}
+
+/// A redirect: the request's URL with the parts given replaced.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Redirect {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Replaces the whole path (the query is kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Replaces the matched path prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Default 301.
+    #[serde(default = "Redirect::moved")]
+    pub code: u16,
+}
+
+impl Redirect {
+    fn moved() -> u16 {
+        301
+    }
+}
+
+/// A response the proxy makes itself (`text/plain`).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DirectResponse {
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub body: String,
 }
 
 /// A copy of each request without a body, sent to `cluster` and its answer discarded.
@@ -264,7 +307,45 @@ impl RouteTable {
         }
         for (i, rule) in self.http.iter().enumerate() {
             let f = format!("{field}.http[{i}]");
-            if rule.backends.is_empty() || rule.backends.iter().all(|b| b.weight == 0) {
+            let local = rule.redirect.is_some() as u8 + rule.direct_response.is_some() as u8;
+            if local > 1 || (local == 1 && !rule.backends.is_empty()) {
+                return invalid(
+                    f.clone(),
+                    "needs exactly one of backends, redirect or directResponse".into(),
+                );
+            }
+            if let Some(r) = &rule.redirect {
+                if ![301, 302, 303, 307, 308].contains(&r.code) {
+                    return invalid(format!("{f}.redirect.code"), "must be 301, 302, 303, 307 or 308".into());
+                }
+                if r.scheme.as_deref().is_some_and(|s| s != "http" && s != "https") {
+                    return invalid(format!("{f}.redirect.scheme"), "must be http or https".into());
+                }
+                if r.host
+                    .as_deref()
+                    .is_some_and(|h| h.parse::<hyper::http::uri::Authority>().is_err() || h.contains(':'))
+                {
+                    return invalid(format!("{f}.redirect.host"), "must be a host name".into());
+                }
+                for (k, p) in [("path", &r.path), ("prefix", &r.prefix)] {
+                    if p.as_deref().is_some_and(|p| {
+                        !p.starts_with('/')
+                            || p.parse::<hyper::http::uri::PathAndQuery>().is_err()
+                            || p.contains('?')
+                    }) {
+                        return invalid(format!("{f}.redirect.{k}"), "must be a path starting with /".into());
+                    }
+                }
+            }
+            if let Some(d) = &rule.direct_response {
+                if !(200..=599).contains(&d.status) {
+                    return invalid(format!("{f}.directResponse.status"), "must be within 200-599".into());
+                }
+                if d.body.len() > 4096 {
+                    return invalid(format!("{f}.directResponse.body"), "at most 4096 bytes".into());
+                }
+            }
+            if local == 0 && (rule.backends.is_empty() || rule.backends.iter().all(|b| b.weight == 0)) {
                 return invalid(format!("{f}.backends"), "needs a backend with a weight above 0".into());
             }
             if rule.backends.iter().map(|b| u64::from(b.weight)).sum::<u64>() > 1_000_000 {

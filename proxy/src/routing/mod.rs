@@ -41,12 +41,68 @@ pub fn route(req: &Request<Body>, conn: &Conn, state: &State) -> Result<Route, P
     let Some((rule, matched_prefix)) = table.select(req) else {
         return Err(ProxyError::NoRoute { cluster: name.clone(), source: table.source.clone() });
     };
+    if let Some(rd) = &rule.redirect {
+        return Err(redirect(req, rd, matched_prefix));
+    }
+    if let Some(d) = &rule.direct_response {
+        return Err(ProxyError::Direct {
+            status: hyper::StatusCode::from_u16(d.status).unwrap_or(hyper::StatusCode::OK),
+            body: hyper::body::Bytes::from(d.body.clone()),
+        });
+    }
     let cluster = rule.pick_backend();
     let backend = state
         .cluster(cluster)
         .cloned()
         .ok_or_else(|| ProxyError::NoCluster { cluster: cluster.to_string() })?;
     Ok(Route { backend, rule: Some(rule.clone()), matched_prefix })
+}
+
+/// A rule's redirect for `req`: its URL with the parts the rule gives replaced. The host is the
+/// request's `Host` (or `:authority`) unless the rule names one; the port is the request's unless
+/// the rule names one or changes the scheme, and a scheme's default port is left out.
+fn redirect(
+    req: &Request<Body>,
+    rd: &crate::config::route::Redirect,
+    matched_prefix: Option<usize>,
+) -> ProxyError {
+    let status = hyper::StatusCode::from_u16(rd.code).unwrap_or(hyper::StatusCode::MOVED_PERMANENTLY);
+    let authority = req
+        .uri()
+        .authority()
+        .cloned()
+        .or_else(|| req.headers().get(header::HOST)?.to_str().ok()?.parse().ok());
+    let scheme = rd.scheme.as_deref().or_else(|| req.uri().scheme_str()).unwrap_or("http");
+    let host = rd.host.as_deref().or(authority.as_ref().map(|a| a.host())).unwrap_or("");
+    let port = rd.port.or_else(|| if rd.scheme.is_some() { None } else { authority.as_ref()?.port_u16() });
+    let port = port.filter(|p| !matches!((scheme, *p), ("http", 80) | ("https", 443)));
+    let path = req.uri().path();
+    let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+    let path = match (&rd.path, &rd.prefix, matched_prefix) {
+        (Some(p), _, _) => p.clone(),
+        (None, Some(prefix), Some(len)) => {
+            let rest = &path[len.min(path.len())..];
+            if prefix.ends_with('/') && rest.starts_with('/') {
+                format!("{prefix}{}", &rest[1..])
+            } else if rest.is_empty() || rest.starts_with('/') || prefix.ends_with('/') {
+                format!("{prefix}{rest}")
+            } else {
+                format!("{prefix}/{rest}")
+            }
+        }
+        _ => path.to_string(),
+    };
+    let location = match port {
+        Some(p) => format!("{scheme}://{host}:{p}{path}{query}"),
+        None => format!("{scheme}://{host}{path}{query}"),
+    };
+    match HeaderValue::from_str(&location) {
+        Ok(location) => ProxyError::Redirect { status, location },
+        Err(_) => ProxyError::BadRequest {
+            reason: "bad_redirect",
+            detail: "the redirect's URL is not a valid header value",
+        },
+    }
 }
 
 /// The rule's request edits: header set/add/remove, then the path and authority rewrites.
@@ -243,5 +299,46 @@ mod tests {
             Route { backend: route.backend.clone(), rule: Some(rule.clone()), matched_prefix: prefix };
         filters(&mut req, &route);
         assert_eq!(req.uri(), "/app/x");
+    }
+
+    #[test]
+    fn redirects_replace_the_parts_given_and_direct_responses_answer_in_place() {
+        let c = Config::parse(
+            "clusters:\n- {name: web, endpoints: ['127.0.0.1:1']}\nroutes:\n- cluster: web\n  http:\n  - name: moved\n    match: [{path: {prefix: /old}}]\n    redirect: {prefix: /new, code: 308}\n  - name: secure\n    match: [{path: {prefix: /login}}]\n    redirect: {scheme: https, host: auth.example}\n  - name: page\n    match: [{path: {exact: /page}}]\n    redirect: {path: /other, port: 8443}\n  - name: gone\n    directResponse: {status: 410, body: gone for good}\n",
+        )
+        .unwrap();
+        let state = State::build(c, None);
+        let conn = crate::context::Conn {
+            direction: crate::config::Direction::Outbound,
+            labels: crate::telemetry::ListenerLabels {
+                listener: "l".into(),
+                direction: "outbound".into(),
+                protocol: "http".into(),
+            },
+            protocol: crate::config::Protocol::Http,
+            detect_timeout: Duration::from_millis(1),
+            limits: Default::default(),
+            peer: None,
+            target: crate::context::Target::Cluster("web".into()),
+            peer_id: None,
+        };
+        let answer = |uri: &str| {
+            let req = Request::builder().uri(uri).header("host", "web:8080").body(empty()).unwrap();
+            match route(&req, &conn, &state) {
+                Err(e) => e.into_response(),
+                Ok(_) => panic!("{uri} was routed"),
+            }
+        };
+        let r = answer("/old/a?x=1");
+        assert_eq!(r.status(), 308);
+        assert_eq!(r.headers()["location"], "http://web:8080/new/a?x=1");
+        assert!(r.headers().get(crate::error::ERROR_HEADER).is_none(), "not an error");
+        let r = answer("/login");
+        assert_eq!(r.status(), 301, "the default code");
+        assert_eq!(r.headers()["location"], "https://auth.example/login", "a new scheme drops the port");
+        assert_eq!(answer("/page?q").headers()["location"], "http://web:8443/other?q");
+        let r = answer("/anything");
+        assert_eq!(r.status(), 410);
+        assert_eq!(r.headers()["content-type"], "text/plain; charset=utf-8");
     }
 }

@@ -29,6 +29,8 @@ pub struct Rule {
     pub fault: Option<cfg::Fault>,
     pub retry: Option<super::retry::Policy>,
     pub mirror: Option<cfg::Mirror>,
+    pub redirect: Option<cfg::Redirect>,
+    pub direct_response: Option<cfg::DirectResponse>,
 }
 
 pub struct Rewrite {
@@ -209,6 +211,8 @@ impl Table {
                     fault: r.fault.clone(),
                     retry: r.retry.as_ref().filter(|r| r.attempts > 0).map(super::retry::Policy::compile),
                     mirror: r.mirror.clone().filter(|m| m.percent > 0.0),
+                    redirect: r.redirect.clone(),
+                    direct_response: r.direct_response.clone(),
                 })
             })
             .collect();

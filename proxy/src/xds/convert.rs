@@ -208,6 +208,18 @@ pub fn convert_route(t: &pb::RouteTable, namespace: &str) -> Result<Option<confi
                 .mirror
                 .as_ref()
                 .map(|m| route::Mirror { cluster: m.cluster.clone(), percent: m.percent }),
+            redirect: r.redirect.as_ref().map(|rd| route::Redirect {
+                scheme: (!rd.scheme.is_empty()).then(|| rd.scheme.clone()),
+                host: (!rd.host.is_empty()).then(|| rd.host.clone()),
+                port: u16::try_from(rd.port).ok().filter(|p| *p > 0),
+                path: (!rd.path.is_empty()).then(|| rd.path.clone()),
+                prefix: (!rd.prefix.is_empty()).then(|| rd.prefix.clone()),
+                code: u16::try_from(rd.code).unwrap_or(0),
+            }),
+            direct_response: r.direct_response.as_ref().map(|d| route::DirectResponse {
+                status: u16::try_from(d.status).unwrap_or(0),
+                body: d.body.clone(),
+            }),
         });
     }
     let table = config::RouteTable {

@@ -315,6 +315,15 @@ fn rule(
             }
         }
     }
+    if r.redirect.as_ref().is_some_and(|rd| rd.prefix.is_some())
+        && (r.matches.is_empty()
+            || r.matches.iter().any(|m| m.path.as_ref().is_none_or(|p| p.prefix.is_none())))
+    {
+        o.invalid.push(format!(
+            "{}: needs a prefix path match in every match of the rule",
+            field(".redirect.prefix")
+        ));
+    }
     if let Some(a) = r.rewrite.as_ref().and_then(|rw| rw.authority.as_ref())
         && a.parse::<hyper::http::uri::Authority>().is_err()
     {
@@ -337,6 +346,18 @@ fn rule(
     });
     Some(pb::HttpRule {
         mirror,
+        redirect: r.redirect.as_ref().map(|rd| pb::Redirect {
+            scheme: rd.scheme.clone().unwrap_or_default(),
+            host: rd.host.clone().unwrap_or_default(),
+            port: rd.port.unwrap_or(0).max(0) as u32,
+            path: rd.path.clone().unwrap_or_default(),
+            prefix: rd.prefix.clone().unwrap_or_default(),
+            code: rd.code.unwrap_or(301).max(0) as u32,
+        }),
+        direct_response: r.direct_response.as_ref().map(|d| pb::DirectResponse {
+            status: d.status.max(0) as u32,
+            body: d.body.clone().unwrap_or_default(),
+        }),
         name: r.name.clone().unwrap_or_else(|| format!("rule-{i}")),
         matches,
         backends,
