@@ -41,6 +41,47 @@ spec:
   ports: [{name: http, port: 80, targetPort: 8080}]
 "#;
 
+/// A gRPC server (the standard health service), and a route for it by method.
+const GRPC: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: grpc}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: grpc}}
+  template:
+    metadata: {labels: {app: grpc}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: grpc
+        image: mycel-testapp:dev
+        args: ["grpc-echo", "--port", "9090"]
+        ports: [{name: grpc, containerPort: 9090}]
+        readinessProbe: {tcpSocket: {port: grpc}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: grpc}
+spec:
+  selector: {app: grpc}
+  ports: [{name: grpc, port: 9090, targetPort: 9090}]
+---
+apiVersion: mycel.io/v1alpha1
+kind: TrafficRoute
+metadata: {name: grpc}
+spec:
+  hosts: [grpc]
+  http:
+  - name: denied
+    match: [{path: {exact: /grpc.health.v1.Health/Check}, headers: [{name: x-deny, exact: "1"}]}]
+    fault: {abort: {percent: 100, grpcStatus: 7}}
+    backends: [{service: grpc}]
+  - name: check
+    match: [{path: {exact: /grpc.health.v1.Health/Check}}]
+    backends: [{service: grpc}]
+"#;
+
 const ROUTE: &str = r#"
 apiVersion: mycel.io/v1alpha1
 kind: TrafficRoute
@@ -115,6 +156,8 @@ async fn traffic_routes_steer_what_clients_send() {
     mesh.available("web-v2", 1).await;
     mesh.apply(&c, &HANG.replace("mycel-testapp:dev", TESTAPP_IMAGE));
     mesh.available("hang", 1).await;
+    mesh.apply(&c, &GRPC.replace("mycel-testapp:dev", TESTAPP_IMAGE));
+    mesh.available("grpc", 1).await;
     mesh.apply(&c, ROUTE);
     let trs = mycel_api(&client, &n, "TrafficRoute", "trafficroutes");
     condition(&trs, "web", "Accepted", "True").await;
@@ -190,6 +233,26 @@ async fn traffic_routes_steer_what_clients_send() {
     assert_eq!(counts.0, 20, "each request copied once");
     assert_eq!(counts.1, 20, "the copies' host is web-shadow");
     assert!((70..=130).contains(&counts.2), "{} of 200 copied at 50 %", counts.2);
+
+    // gRPC by method: Check is routed to the server; with x-deny it is aborted in trailers
+    // with the code asked (7, PERMISSION_DENIED), before reaching it.
+    condition(&trs, "grpc", "Ready", "True").await;
+    let check = |deny: bool| {
+        let mut a: Vec<String> = ["grpc-check", "--report", "--count", "3", "http://grpc:9090"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        if deny {
+            a.extend(["--header".to_string(), "x-deny:1".to_string()]);
+        }
+        a
+    };
+    let (ok, log) = run_job(&client, &n, "grpc-check", "default", true, &check(false)).await;
+    assert!(ok, "{log}");
+    assert_eq!(log.lines().filter(|l| *l == "Serving").count(), 3, "{log}");
+    let (ok, log) = run_job(&client, &n, "grpc-denied", "default", true, &check(true)).await;
+    assert!(ok, "{log}");
+    assert_eq!(log.lines().filter(|l| *l == "code: PermissionDenied").count(), 3, "{log}");
 
     // A header match goes to the canary, with the request and response headers edited.
     let canary = get(&["http://web/home"], 5, &["x-canary:yes", "x-secret:s3cret"]);

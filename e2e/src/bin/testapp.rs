@@ -51,6 +51,12 @@ enum Cmd {
         url: String,
         #[arg(long, default_value_t = 1)]
         count: u32,
+        /// Request metadata, `name:value` (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        /// Print a failed call's gRPC code (`code: PermissionDenied`) and go on, instead of failing.
+        #[arg(long)]
+        report: bool,
         /// Pause between calls, in milliseconds.
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
@@ -117,8 +123,8 @@ async fn main() -> anyhow::Result<()> {
         Cmd::HttpEcho { port, hang } => http_echo(port, hang).await,
         Cmd::TcpEcho { port } => tcp_echo(port).await,
         Cmd::GrpcEcho { port } => grpc_echo(port).await,
-        Cmd::GrpcCheck { url, count, interval_ms } => {
-            grpc_check(url, count, Duration::from_millis(interval_ms)).await
+        Cmd::GrpcCheck { url, count, interval_ms, headers, report } => {
+            grpc_check(url, count, Duration::from_millis(interval_ms), &headers, report).await
         }
         Cmd::HttpRelay { port, to } => http_relay(port, to).await,
         Cmd::WsEcho { port } => ws_echo(port).await,
@@ -329,14 +335,30 @@ async fn grpc_echo(port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn grpc_check(url: String, count: u32, interval: Duration) -> anyhow::Result<()> {
+async fn grpc_check(
+    url: String,
+    count: u32,
+    interval: Duration,
+    headers: &[String],
+    report: bool,
+) -> anyhow::Result<()> {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let channel = tonic::transport::Channel::from_shared(url)?.connect().await?;
     let mut client = HealthClient::new(channel);
     let count = if count == 0 { u32::MAX } else { count };
     for _ in 0..count {
-        let r = client.check(HealthCheckRequest { service: String::new() }).await?;
-        println!("{:?}", r.into_inner().status());
+        let mut req = tonic::Request::new(HealthCheckRequest { service: String::new() });
+        for h in headers {
+            let (k, v) =
+                h.split_once(':').ok_or_else(|| anyhow::anyhow!("--header {h:?}: use name:value"))?;
+            let k = tonic::metadata::MetadataKey::from_bytes(k.trim().as_bytes())?;
+            req.metadata_mut().insert(k, v.trim().parse()?);
+        }
+        match client.check(req).await {
+            Ok(r) => println!("{:?}", r.into_inner().status()),
+            Err(s) if report => println!("code: {:?}", s.code()),
+            Err(s) => return Err(s.into()),
+        }
         if !interval.is_zero() {
             tokio::time::sleep(interval).await;
         }
