@@ -30,3 +30,15 @@ pub const REGEX_SIZE_LIMIT: usize = 64 << 10;
 pub fn compile_regex(re: &str) -> Result<regex::Regex, regex::Error> {
     regex::RegexBuilder::new(&format!("^(?:{re})$")).size_limit(REGEX_SIZE_LIMIT).build()
 }
+
+/// Whether `name` is a cookie name (an RFC 6265 token).
+pub fn cookie_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && name.bytes().all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+}
+
+/// Whether `path` can be a cookie's `Path` attribute (starts with `/`, no `;` or control bytes).
+pub fn cookie_path(path: &str) -> bool {
+    path.starts_with('/') && path.len() <= 1024 && path.bytes().all(|b| b.is_ascii_graphic() && b != b';')
+}

@@ -47,6 +47,22 @@ spec:
   host: sticky
   loadBalancer: {algorithm: ConsistentHash, consistentHash: {header: x-user}}
 ---
+apiVersion: v1
+kind: Service
+metadata: {name: jar}
+spec:
+  selector: {app: sticky}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: mycel.io/v1alpha1
+kind: DestinationPolicy
+metadata: {name: jar}
+spec:
+  host: jar
+  loadBalancer:
+    algorithm: ConsistentHash
+    consistentHash: {cookie: {name: mycel-session, path: /, ttl: 60s}}
+---
 apiVersion: mycel.io/v1alpha1
 kind: DestinationPolicy
 metadata: {name: slow}
@@ -96,7 +112,7 @@ async fn destination_policies_shape_how_clients_reach_a_service() {
     mesh.apply(&c, POLICIES);
     let dps = mycel_api(&client, &n, "DestinationPolicy", "destinationpolicies");
     let trs = mycel_api(&client, &n, "TrafficRoute", "trafficroutes");
-    for name in ["shop", "sticky", "slow", "flaky"] {
+    for name in ["shop", "sticky", "jar", "slow", "flaky"] {
         condition(&dps, name, "Accepted", "True").await;
         condition(&dps, name, "ResolvedRefs", "True").await;
         condition(&dps, name, "Ready", "True").await;
@@ -145,6 +161,34 @@ async fn destination_policies_shape_how_clients_reach_a_service() {
     }
     let used: std::collections::BTreeSet<&str> = by_user.values().map(|p| p[0]).collect();
     assert!(used.len() > 1, "30 users all on {used:?}");
+
+    // Hashing on a cookie: a request without it gets one set, the users spread; a client that
+    // sends it back always lands where its first request did.
+    let (ok, log) =
+        run_job(&client, &n, "cookie-less", "default", true, &get(&["http://jar/"], 20, &[])).await;
+    assert!(ok, "{log}");
+    let seen = parse(&log);
+    assert_eq!(seen.len(), 20, "{log}");
+    for s in &seen {
+        let set = s.header("set-cookie");
+        assert!(
+            set.starts_with("mycel-session=") && set.ends_with("; Path=/; Max-Age=60; HttpOnly"),
+            "{log}"
+        );
+    }
+    let spread: std::collections::BTreeSet<&str> = seen.iter().map(|s| s.pod()).collect();
+    assert!(spread.len() > 1, "20 new sessions all on {spread:?}");
+    let cookie = seen[0].header("set-cookie").split(';').next().unwrap().to_string();
+    let first_pod = seen[0].pod().to_string();
+    let again = get(&["http://jar/"], 20, &[&format!("cookie:{cookie}")]);
+    let (ok, log) = run_job(&client, &n, "cookie", "default", true, &again).await;
+    assert!(ok, "{log}");
+    let seen = parse(&log);
+    assert_eq!(seen.len(), 20, "{log}");
+    assert!(
+        seen.iter().all(|s| s.pod() == first_pod && s.header("set-cookie").is_empty()),
+        "{first_pod}: {log}"
+    );
 
     // Circuit breaking: 8 requests at once to a backend taking 5 s, 2 allowed in flight. The
     // admitted ones wait for it; the overflow is refused at once with 503 UO.

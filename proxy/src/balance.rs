@@ -515,6 +515,31 @@ pub fn request_key(lb: &LoadBalancer, headers: &hyper::HeaderMap, peer: Option<S
     connection_key(lb, peer)
 }
 
+/// The consistent-hash key of a request, and — hashing on a cookie the request lacks — the
+/// cookie to set on its response: a random value, which the key is made of, so that the client's
+/// next requests, carrying it, land where this one did.
+pub fn request_key_setting(
+    lb: &LoadBalancer,
+    headers: &hyper::HeaderMap,
+    peer: Option<SocketAddr>,
+) -> (Option<u64>, Option<hyper::header::HeaderValue>) {
+    let key = request_key(lb, headers, peer);
+    let Some(name) = lb.hash_cookie.as_ref().filter(|_| key.is_none()) else { return (key, None) };
+    if lb.algorithm != LbAlgorithm::ConsistentHash {
+        return (key, None);
+    }
+    let value = format!("{:016x}", fastrand::u64(..));
+    let mut cookie = format!("{name}={value}");
+    if let Some(p) = &lb.hash_cookie_path {
+        cookie.push_str(&format!("; Path={p}"));
+    }
+    if let Some(t) = lb.hash_cookie_ttl_s {
+        cookie.push_str(&format!("; Max-Age={t}"));
+    }
+    cookie.push_str("; HttpOnly");
+    (Some(hash_key(value.as_bytes())), hyper::header::HeaderValue::from_str(&cookie).ok())
+}
+
 /// The consistent-hash key of a connection: the client's IP, when hashing on it.
 pub fn connection_key(lb: &LoadBalancer, peer: Option<SocketAddr>) -> Option<u64> {
     (lb.algorithm == LbAlgorithm::ConsistentHash && lb.hash_source_ip)
@@ -729,6 +754,24 @@ mod tests {
         let e = set(LbAlgorithm::ConsistentHash, 5);
         let first = e.order(key(a1))[0];
         assert!((0..20).all(|_| e.order(key(a2))[0] == first));
+    }
+
+    #[test]
+    fn a_request_without_the_hash_cookie_gets_one_that_brings_it_back_to_the_same_endpoint() {
+        let lb = LoadBalancer {
+            algorithm: LbAlgorithm::ConsistentHash,
+            hash_cookie: Some("sid".into()),
+            hash_cookie_path: Some("/".into()),
+            hash_cookie_ttl_s: Some(60),
+            ..Default::default()
+        };
+        let (key, set) = request_key_setting(&lb, &hyper::HeaderMap::new(), None);
+        let set = set.expect("a cookie to set").to_str().unwrap().to_string();
+        assert!(set.starts_with("sid=") && set.ends_with("; Path=/; Max-Age=60; HttpOnly"), "{set}");
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert("cookie", format!("a=b; {}", set.split(';').next().unwrap()).parse().unwrap());
+        let (again, none) = request_key_setting(&lb, &headers, None);
+        assert_eq!((again, none), (key, None), "the same key, nothing set");
     }
 
     #[test]

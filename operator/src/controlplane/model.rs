@@ -678,7 +678,7 @@ impl Model {
                 any_implemented: true,
                 conflicts: o.conflicts.clone(),
                 unresolved: o.unresolved.clone(),
-                invalid: Vec::new(),
+                invalid: o.invalid.clone(),
                 not_in_effect,
             });
         }

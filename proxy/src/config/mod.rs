@@ -256,8 +256,14 @@ pub struct LoadBalancer {
     /// What `ConsistentHash` hashes: exactly one of these.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_header: Option<String>,
+    /// A request without the cookie gets one (a random value), set on its response with
+    /// `hashCookiePath` and `hashCookieTtlS` (none: a session cookie).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_cookie: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_cookie_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_cookie_ttl_s: Option<u64>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hash_source_ip: bool,
 }
@@ -335,6 +341,22 @@ impl Config {
                 .iter()
                 .filter(|x| **x)
                 .count();
+            if let Some(name) = &c.lb.hash_cookie
+                && !mycel_api::route::cookie_name(name)
+            {
+                return invalid(
+                    format!("clusters[{i}].lb.hashCookie"),
+                    format!("{name:?} is not a cookie name"),
+                );
+            }
+            if let Some(p) = &c.lb.hash_cookie_path
+                && !mycel_api::route::cookie_path(p)
+            {
+                return invalid(
+                    format!("clusters[{i}].lb.hashCookiePath"),
+                    format!("{p:?} is not a cookie path"),
+                );
+            }
             if c.lb.algorithm == LbAlgorithm::ConsistentHash && hash_keys != 1 {
                 return invalid(
                     format!("clusters[{i}].lb"),

@@ -84,7 +84,7 @@ async fn balanced(
     cluster: &Endpoints,
     shared: &Shared,
 ) -> Result<Response<Body>, ProxyError> {
-    let key = crate::balance::request_key(&cluster.lb, req.headers(), conn.peer);
+    let (key, set_cookie) = crate::balance::request_key_setting(&cluster.lb, req.headers(), conn.peer);
     let wait = conn.limits.upstream_response_header_timeout();
     let Some(first) = cluster.pick(key) else {
         return Err(ProxyError::NoHealthyUpstream { cluster: cluster.cluster.clone() });
@@ -122,7 +122,12 @@ async fn balanced(
         };
         attempts += 1;
         match send(req, addr, wait, &mut downstream_upgrade, cluster, shared).await? {
-            Attempt::Done(resp) => return Ok(resp),
+            Attempt::Done(mut resp) => {
+                if let Some(c) = set_cookie {
+                    resp.headers_mut().append(header::SET_COOKIE, c);
+                }
+                return Ok(resp);
+            }
             Attempt::NotSent(req, why) => {
                 cause = why;
                 next = Some(*req);

@@ -60,7 +60,11 @@ pub fn convert_cluster(c: &pb::Cluster) -> Result<config::Cluster, ConfigError> 
         };
         match &l.hash_on {
             Some(HashOn::Header(h)) => lb.hash_header = Some(h.clone()),
-            Some(HashOn::Cookie(h)) => lb.hash_cookie = Some(h.clone()),
+            Some(HashOn::Cookie(h)) => {
+                lb.hash_cookie = Some(h.clone());
+                lb.hash_cookie_path = (!l.cookie_path.is_empty()).then(|| l.cookie_path.clone());
+                lb.hash_cookie_ttl_s = (l.cookie_ttl_s > 0).then_some(u64::from(l.cookie_ttl_s));
+            }
             Some(HashOn::SourceIp(b)) => lb.hash_source_ip = *b,
             None => {}
         }

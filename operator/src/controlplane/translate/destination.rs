@@ -55,6 +55,30 @@ pub struct Outcome {
     pub service: Option<Key>,
     pub conflicts: Vec<String>,
     pub unresolved: Vec<String>,
+    /// Values no proxy could use, each naming the field: such a policy applies to nothing.
+    pub invalid: Vec<String>,
+}
+
+/// What of `spec` a proxy would refuse (the API server's checks are looser).
+fn invalid(spec: &DestinationPolicySpec) -> Vec<String> {
+    let mut out = Vec::new();
+    let hash = spec.load_balancer.as_ref().and_then(|l| l.consistent_hash.as_ref());
+    if let Some(c) = hash.and_then(|h| h.cookie.as_ref()) {
+        if !mycel_api::route::cookie_name(&c.name) {
+            out.push(format!(
+                "spec.loadBalancer.consistentHash.cookie.name: {:?} is not a cookie name (an RFC 6265 token)",
+                c.name
+            ));
+        }
+        if let Some(p) = &c.path
+            && !mycel_api::route::cookie_path(p)
+        {
+            out.push(format!(
+                "spec.loadBalancer.consistentHash.cookie.path: {p:?} is not a cookie path (/..., no ';' or spaces)"
+            ));
+        }
+    }
+    out
 }
 
 /// Which policy each Service gets (Service → policy), and what became of every policy.
@@ -79,8 +103,9 @@ pub fn decide(
     let mut winners: HashMap<Key, Key> = HashMap::new();
     let mut outcomes = HashMap::new();
     for (p, svc) in order {
-        let mut o = Outcome::default();
+        let mut o = Outcome { invalid: invalid(&p.spec), ..Default::default() };
         match svc {
+            _ if !o.invalid.is_empty() => {}
             None => o.unresolved.push(format!(
                 "host {}: not a Service name (name, name.namespace or name.namespace.svc.{domain})",
                 p.spec.host.0
@@ -129,21 +154,30 @@ pub fn apply(c: &mut pb::Cluster, spec: &DestinationPolicySpec) {
             LbAlgorithm::Random => Algorithm::Random,
             LbAlgorithm::ConsistentHash => Algorithm::ConsistentHash,
         };
-        // Hashing on a cookie is not implemented yet (the proxy would have to set it when a
-        // request has none): such a policy balances as if it hashed on nothing, round robin.
         let hash_on = lb.consistent_hash.as_ref().and_then(|h| {
             if let Some(name) = &h.header {
                 Some(HashOn::Header(name.to_ascii_lowercase()))
+            } else if let Some(cookie) = &h.cookie {
+                Some(HashOn::Cookie(cookie.name.clone()))
             } else {
                 h.source_ip.filter(|b| *b).map(HashOn::SourceIp)
             }
         });
+        let cookie = lb.consistent_hash.as_ref().and_then(|h| h.cookie.as_ref());
+        let cookie_path = cookie.and_then(|c| c.path.clone()).unwrap_or_default();
+        // Whole seconds, rounded up (Max-Age counts seconds).
+        let cookie_ttl_s = cookie
+            .and_then(|c| c.ttl.as_ref())
+            .and_then(|t| t.parse().ok())
+            .map(|d| d.as_millis().div_ceil(1000).clamp(1, u32::MAX as u128) as u32)
+            .unwrap_or(0);
         let algorithm = if algorithm == Algorithm::ConsistentHash && hash_on.is_none() {
             Algorithm::RoundRobin
         } else {
             algorithm
         };
-        c.load_balancer = Some(pb::LoadBalancer { algorithm: algorithm as i32, hash_on });
+        c.load_balancer =
+            Some(pb::LoadBalancer { algorithm: algorithm as i32, hash_on, cookie_path, cookie_ttl_s });
     }
     if let Some(pool) = &spec.connection_pool {
         if let Some(t) = pool.tcp.as_ref().and_then(|t| t.connect_timeout.as_ref()).and_then(ms) {
@@ -224,7 +258,7 @@ mod tests {
         assert_eq!(lb.algorithm, pb::load_balancer::Algorithm::ConsistentHash as i32);
         assert_eq!(lb.hash_on, Some(pb::load_balancer::HashOn::Header("x-user".into())));
         assert_eq!(c.connect_timeout_ms, 250);
-        // Hashing on the client's address; on a cookie (not implemented): round robin.
+        // Hashing on the client's address, or on a cookie (with the path and ttl of the one set).
         for (hash, algorithm, on) in [
             (
                 serde_json::json!({"sourceIp": true}),
@@ -232,9 +266,9 @@ mod tests {
                 Some(pb::load_balancer::HashOn::SourceIp(true)),
             ),
             (
-                serde_json::json!({"cookie": {"name": "session"}}),
-                pb::load_balancer::Algorithm::RoundRobin,
-                None,
+                serde_json::json!({"cookie": {"name": "session", "path": "/app", "ttl": "1500ms"}}),
+                pb::load_balancer::Algorithm::ConsistentHash,
+                Some(pb::load_balancer::HashOn::Cookie("session".into())),
             ),
         ] {
             let spec: DestinationPolicySpec = serde_json::from_value(serde_json::json!({
@@ -244,6 +278,9 @@ mod tests {
             let mut c = pb::Cluster::default();
             apply(&mut c, &spec);
             let lb = c.load_balancer.unwrap();
+            if matches!(on, Some(pb::load_balancer::HashOn::Cookie(_))) {
+                assert_eq!((lb.cookie_path.as_str(), lb.cookie_ttl_s), ("/app", 2), "ttl rounded up");
+            }
             assert_eq!((lb.algorithm, lb.hash_on), (algorithm as i32, on));
         }
         assert_eq!(c.max_requests, 3);

@@ -315,6 +315,10 @@ fn rule(
             }
         }
     }
+    // The API server counts characters; the proxy bounds bytes.
+    if r.direct_response.as_ref().and_then(|d| d.body.as_ref()).is_some_and(|b| b.len() > 4096) {
+        o.invalid.push(format!("{}: at most 4096 bytes (UTF-8)", field(".directResponse.body")));
+    }
     if r.redirect.as_ref().is_some_and(|rd| rd.prefix.is_some())
         && (r.matches.is_empty()
             || r.matches.iter().any(|m| m.path.as_ref().is_none_or(|p| p.prefix.is_none())))
