@@ -307,30 +307,32 @@ fn apply(c: &TestCluster, ns: &str, yaml: &str) -> (bool, String) {
 async fn a_field_not_implemented_yet_is_an_admission_warning_that_names_it() {
     let c = cluster().await;
     let ns = c.namespace("ledger").await.unwrap();
-    // TCP rules are on the ledger's not_yet list today; hosts, backends and timeouts work.
-    let route = "apiVersion: mycel.io/v1alpha1\nkind: TrafficRoute\nmetadata: {name: r}\nspec:\n  hosts: [reviews]\n  http:\n  - timeout: 2s\n    backends: [{service: reviews}]\n  tcp:\n  - port: 5432\n    backends: [{service: db}]\n";
+    // A connection limit is on the ledger's not_yet list today; the host and subsets work.
+    let route = "apiVersion: mycel.io/v1alpha1\nkind: DestinationPolicy\nmetadata: {name: r}\nspec:\n  host: reviews\n  connectionPool: {tcp: {maxConnections: 5, connectTimeout: 1s}}\n  subsets: [{name: v1, labels: {version: v1}}]\n";
     // The policies are read by the API server a moment after they are created: wait for the
     // first warning, then check exactly what it says.
-    let warned =
-        mycel_e2e::eventually("the TrafficRoute warning", std::time::Duration::from_secs(60), || async {
+    let warned = mycel_e2e::eventually(
+        "the DestinationPolicy warning",
+        std::time::Duration::from_secs(60),
+        || async {
             let (ok, err) = apply(&c, &ns.name, route);
             if !ok {
                 return Err(format!("refused: {err}"));
             }
             if err.contains("Warning:") { Ok(err) } else { Err("no warning yet".into()) }
-        })
-        .await;
-    for field in ["spec.tcp[].backends[].service", "spec.tcp[].port"] {
-        let line = warned.lines().find(|l| l.contains(&format!(": {field} is not implemented yet")));
-        assert!(line.is_some_and(|l| l.starts_with("Warning:")), "{field}:\n{warned}");
-    }
-    for implemented in ["spec.hosts[]", "spec.http[].timeout", "spec.http[].backends[].service"] {
+        },
+    )
+    .await;
+    let field = "spec.connectionPool.tcp.maxConnections";
+    let line = warned.lines().find(|l| l.contains(&format!(": {field} is not implemented yet")));
+    assert!(line.is_some_and(|l| l.starts_with("Warning:")), "{field}:\n{warned}");
+    for implemented in ["spec.host", "spec.connectionPool.tcp.connectTimeout", "spec.subsets[].name"] {
         assert!(
             !warned.contains(&format!(": {implemented} is")),
             "an implemented field is not warned about:\n{warned}"
         );
     }
-    assert!(!warned.contains("spec.http[].fault"), "an unset field is not warned about:\n{warned}");
+    assert!(!warned.contains("spec.failover"), "an unset field is not warned about:\n{warned}");
     // Only implemented fields: accepted without a word.
     let pa = "apiVersion: mycel.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: p}\nspec:\n  selector: {matchLabels: {app: web}}\n  mtls: {mode: STRICT}\n";
     let (ok, err) = apply(&c, &ns.name, pa);

@@ -82,6 +82,77 @@ spec:
     backends: [{service: grpc}]
 "#;
 
+/// Two TCP servers that greet with their pod's name, a Service for each and one in front, and a
+/// route splitting the front one's connections 80/20, closed after 1 s idle.
+const TCP: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: db-v1}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: db-v1}}
+  template:
+    metadata: {labels: {app: db-v1, tier: db}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: db
+        image: mycel-testapp:dev
+        args: ["tcp-echo", "--port", "9000", "--greet"]
+        env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
+        ports: [{name: tcp, containerPort: 9000}]
+        readinessProbe: {tcpSocket: {port: tcp}, periodSeconds: 1}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: db-v2}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: db-v2}}
+  template:
+    metadata: {labels: {app: db-v2, tier: db}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: db
+        image: mycel-testapp:dev
+        args: ["tcp-echo", "--port", "9000", "--greet"]
+        env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
+        ports: [{name: tcp, containerPort: 9000}]
+        readinessProbe: {tcpSocket: {port: tcp}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db}
+spec:
+  selector: {tier: db}
+  ports: [{name: tcp, port: 9000, targetPort: 9000}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db-v1}
+spec:
+  selector: {app: db-v1}
+  ports: [{name: tcp, port: 9000, targetPort: 9000}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db-v2}
+spec:
+  selector: {app: db-v2}
+  ports: [{name: tcp, port: 9000, targetPort: 9000}]
+---
+apiVersion: mycel.io/v1alpha1
+kind: TrafficRoute
+metadata: {name: db}
+spec:
+  hosts: [db]
+  tcp:
+  - port: 9000
+    idleTimeout: 1s
+    backends: [{service: db-v1, weight: 80}, {service: db-v2, weight: 20}]
+"#;
+
 const ROUTE: &str = r#"
 apiVersion: mycel.io/v1alpha1
 kind: TrafficRoute
@@ -158,6 +229,9 @@ async fn traffic_routes_steer_what_clients_send() {
     mesh.available("hang", 1).await;
     mesh.apply(&c, &GRPC.replace("mycel-testapp:dev", TESTAPP_IMAGE));
     mesh.available("grpc", 1).await;
+    mesh.apply(&c, &TCP.replace("mycel-testapp:dev", TESTAPP_IMAGE));
+    mesh.available("db-v1", 1).await;
+    mesh.available("db-v2", 1).await;
     mesh.apply(&c, ROUTE);
     let trs = mycel_api(&client, &n, "TrafficRoute", "trafficroutes");
     condition(&trs, "web", "Accepted", "True").await;
@@ -253,6 +327,33 @@ async fn traffic_routes_steer_what_clients_send() {
     let (ok, log) = run_job(&client, &n, "grpc-denied", "default", true, &check(true)).await;
     assert!(ok, "{log}");
     assert_eq!(log.lines().filter(|l| *l == "code: PermissionDenied").count(), 3, "{log}");
+
+    // TCP: 200 connections split 80/20 (each greeted by the pod it reached); an idle one is
+    // closed after the rule's 1 s.
+    condition(&trs, "db", "Ready", "True").await;
+    let who: Vec<String> = ["tcp-who", "--count", "200", "db:9000"].iter().map(|s| s.to_string()).collect();
+    let (ok, log) = run_job(&client, &n, "tcp-split", "default", true, &who).await;
+    assert!(ok, "{log}");
+    let pods: Vec<String> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| v["pod"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(pods.len(), 200, "{log}");
+    let v2 = pods.iter().filter(|p| p.starts_with("db-v2-")).count();
+    let v1 = pods.iter().filter(|p| p.starts_with("db-v1-")).count();
+    assert_eq!(v1 + v2, 200, "every connection reached one of them: {log}");
+    assert!((24..=56).contains(&v2), "db-v2 took {v2} of 200 connections (20 % asked)");
+    let idle: Vec<String> = ["tcp-who", "--count", "2", "--wait-close-ms", "8000", "db:9000"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let (ok, log) = run_job(&client, &n, "tcp-idle", "default", true, &idle).await;
+    assert!(ok, "{log}");
+    for l in log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+        let after = l["closed_after_ms"].as_u64().unwrap_or_else(|| panic!("not closed within 8 s: {log}"));
+        assert!((900..6000).contains(&after), "closed {after} ms after going idle, 1000 ms asked: {log}");
+    }
 
     // A header match goes to the canary, with the request and response headers edited.
     let canary = get(&["http://web/home"], 5, &["x-canary:yes", "x-secret:s3cret"]);

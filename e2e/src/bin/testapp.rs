@@ -40,6 +40,19 @@ enum Cmd {
     TcpEcho {
         #[arg(long, default_value_t = 9000)]
         port: u16,
+        /// First send `pod <name>\n` on each connection (a server-first greeting).
+        #[arg(long)]
+        greet: bool,
+    },
+    /// Connect to ADDR COUNT times, one after the other; print a JSON line for each: the pod
+    /// its greeting names, and (with --wait-close-ms) after how long the far side closed.
+    TcpWho {
+        addr: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// After the greeting, wait up to this long for the connection to be closed.
+        #[arg(long, default_value_t = 0)]
+        wait_close_ms: u64,
     },
     /// Serve gRPC (the standard health service, reporting SERVING) on PORT.
     GrpcEcho {
@@ -121,7 +134,8 @@ enum Cmd {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::HttpEcho { port, hang } => http_echo(port, hang).await,
-        Cmd::TcpEcho { port } => tcp_echo(port).await,
+        Cmd::TcpEcho { port, greet } => tcp_echo(port, greet).await,
+        Cmd::TcpWho { addr, count, wait_close_ms } => tcp_who(&addr, count, wait_close_ms).await,
         Cmd::GrpcEcho { port } => grpc_echo(port).await,
         Cmd::GrpcCheck { url, count, interval_ms, headers, report } => {
             grpc_check(url, count, Duration::from_millis(interval_ms), &headers, report).await
@@ -225,12 +239,17 @@ async fn http_echo(port: u16, hang: bool) -> anyhow::Result<()> {
     }
 }
 
-async fn tcp_echo(port: u16) -> anyhow::Result<()> {
+async fn tcp_echo(port: u16, greet: bool) -> anyhow::Result<()> {
     let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?;
+    let pod = pod_name();
     eprintln!("tcp-echo on :{port}");
     loop {
         let (mut stream, _) = listener.accept().await?;
+        let hello = format!("pod {pod}\n");
         tokio::spawn(async move {
+            if greet && stream.write_all(hello.as_bytes()).await.is_err() {
+                return;
+            }
             let mut buf = vec![0u8; 16 * 1024];
             loop {
                 match stream.read(&mut buf).await {
@@ -245,6 +264,45 @@ async fn tcp_echo(port: u16) -> anyhow::Result<()> {
             let _ = stream.shutdown().await;
         });
     }
+}
+
+async fn tcp_who(addr: &str, count: u32, wait_close_ms: u64) -> anyhow::Result<()> {
+    for _ in 0..count {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        // A byte first, so that the client's sidecar need not wait to tell the protocol.
+        s.write_all(b"x").await?;
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        let started = std::time::Instant::now();
+        while line.len() < 256 {
+            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte)).await??;
+            if n == 0 || byte[0] == b'\n' {
+                break;
+            }
+            line.push(byte[0]);
+        }
+        let greeting = String::from_utf8_lossy(&line).to_string();
+        let pod = greeting.strip_prefix("pod ").unwrap_or("").to_string();
+        let mut closed_after_ms = serde_json::Value::Null;
+        if wait_close_ms > 0 {
+            let greeted = std::time::Instant::now();
+            let mut buf = [0u8; 64];
+            // The echo of the byte sent, then nothing until the far side closes.
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_close_ms);
+            while let Ok(r) = tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+                if matches!(r, Ok(0) | Err(_)) {
+                    closed_after_ms = (greeted.elapsed().as_millis() as u64).into();
+                    break;
+                }
+            }
+        }
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        println!(
+            "{}",
+            serde_json::json!({"pod": pod, "closed_after_ms": closed_after_ms, "elapsed_ms": elapsed_ms})
+        );
+    }
+    Ok(())
 }
 
 async fn tcp_send(addr: &str, messages: &[String]) -> anyhow::Result<()> {

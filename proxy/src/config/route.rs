@@ -20,7 +20,22 @@ pub struct RouteTable {
     /// Namespaces of the clients it applies to; empty: every namespace.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub export_to: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub http: Vec<HttpRule>,
+    /// For connections that are not HTTP: at most one rule.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp: Vec<TcpRule>,
+}
+
+/// Where a TCP connection goes: a backend by weight, closed after an idle time.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpRule {
+    #[serde(default)]
+    pub name: String,
+    pub backends: Vec<WeightedCluster>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
@@ -302,8 +317,34 @@ impl RouteTable {
     /// whether a cluster exists (always true for a proxy whose clusters are streamed).
     pub fn validate(&self, field: &str, known: &dyn Fn(&str) -> bool) -> Result<(), ConfigError> {
         let invalid = |field: String, message: String| Err(ConfigError::Invalid { field, message });
-        if self.http.is_empty() {
+        if self.http.is_empty() && self.tcp.is_empty() {
             return invalid(format!("{field}.http"), "a route table needs at least one rule".into());
+        }
+        if self.tcp.len() > 1 {
+            return invalid(format!("{field}.tcp"), "at most one TCP rule".into());
+        }
+        for (i, rule) in self.tcp.iter().enumerate() {
+            let f = format!("{field}.tcp[{i}]");
+            if rule.backends.iter().all(|b| b.weight == 0) {
+                return invalid(format!("{f}.backends"), "needs a backend with a weight above 0".into());
+            }
+            if rule.backends.iter().map(|b| u64::from(b.weight)).sum::<u64>() > 1_000_000 {
+                return invalid(format!("{f}.backends"), "weights add up to more than 1000000".into());
+            }
+            for (j, b) in rule.backends.iter().enumerate() {
+                if !known(&b.cluster) {
+                    return invalid(
+                        format!("{f}.backends[{j}].cluster"),
+                        format!("no cluster named {:?}", b.cluster),
+                    );
+                }
+            }
+            if rule.idle_timeout_ms == Some(0) {
+                return invalid(
+                    format!("{f}.idleTimeoutMs"),
+                    "must be above 0 (leave it out for none)".into(),
+                );
+            }
         }
         for (i, rule) in self.http.iter().enumerate() {
             let f = format!("{field}.http[{i}]");

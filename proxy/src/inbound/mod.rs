@@ -87,6 +87,7 @@ async fn mesh_tls(stream: tokio::net::TcpStream, mut conn: Conn, shared: Arc<Sha
                     &conn,
                     endpoints,
                     shared,
+                    None,
                 )
                 .await;
             }

@@ -35,7 +35,7 @@ pub fn route(req: &Request<Body>, conn: &Conn, state: &State) -> Result<Route, P
     let crate::context::Target::Cluster(name) = &conn.target else {
         return Ok(Route { backend: conn.target.resolve(state)?, rule: None, matched_prefix: None });
     };
-    let Some(table) = state.routes(name) else {
+    let Some(table) = state.routes(name).filter(|t| t.has_http()) else {
         return Ok(Route { backend: conn.target.resolve(state)?, rule: None, matched_prefix: None });
     };
     let Some((rule, matched_prefix)) = table.select(req) else {

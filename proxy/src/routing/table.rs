@@ -15,6 +15,34 @@ use crate::config::route::{self as cfg, compile_regex};
 pub struct Table {
     pub source: String,
     rules: Vec<Arc<Rule>>,
+    /// Where connections that are not HTTP go.
+    pub tcp: Option<TcpRule>,
+}
+
+/// A TCP rule, compiled.
+pub struct TcpRule {
+    backends: Vec<(String, u32)>,
+    total_weight: u32,
+    pub idle_timeout: Option<Duration>,
+}
+
+impl TcpRule {
+    /// A backend cluster, chosen at random by weight.
+    pub fn pick_backend(&self) -> Option<&str> {
+        pick(&self.backends, self.total_weight)
+    }
+}
+
+/// One of `backends` at random by weight (`None` when there are none).
+fn pick(backends: &[(String, u32)], total: u32) -> Option<&str> {
+    let mut n = fastrand::u32(..total.max(1));
+    for (c, w) in backends {
+        if n < *w {
+            return Some(c);
+        }
+        n -= w;
+    }
+    backends.last().map(|(c, _)| c.as_str())
 }
 
 pub struct Rule {
@@ -216,10 +244,20 @@ impl Table {
                 })
             })
             .collect();
-        Table { source: t.source.clone(), rules }
+        let tcp = t.tcp.first().map(|r| TcpRule {
+            backends: r.backends.iter().map(|b| (b.cluster.clone(), b.weight)).collect(),
+            total_weight: r.backends.iter().map(|b| b.weight).sum(),
+            idle_timeout: r.idle_timeout_ms.map(Duration::from_millis),
+        });
+        Table { source: t.source.clone(), rules, tcp }
     }
 
     /// The first rule `req` matches, with the length of the path prefix it matched.
+    /// Whether it has HTTP rules (a table of TCP rules alone leaves HTTP requests alone).
+    pub fn has_http(&self) -> bool {
+        !self.rules.is_empty()
+    }
+
     pub fn select(&self, req: &Request<crate::http::Body>) -> Option<(&Arc<Rule>, Option<usize>)> {
         self.rules.iter().find_map(|r| {
             if r.matches.is_empty() {

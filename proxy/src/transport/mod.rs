@@ -253,9 +253,19 @@ pub async fn serve_plain(
             }
         }
         Seen::Opaque | Seen::MeshTls => {
-            let endpoints = conn.target.resolve(&shared.state.load());
-            if let Ok(endpoints) = endpoints {
-                Box::pin(tcp::serve(tcp::Stream::Plain(stream), &conn, endpoints, shared)).await;
+            // A Service's TCP rule (TrafficRoute `tcp`) picks the backend and the idle timeout.
+            let state = shared.state.load();
+            let rule = match &conn.target {
+                crate::context::Target::Cluster(name) => state.routes(name).and_then(|t| t.tcp.as_ref()),
+                crate::context::Target::Fixed(_) => None,
+            };
+            let (endpoints, idle) = match rule {
+                Some(r) => (r.pick_backend().and_then(|c| state.cluster(c).cloned()), r.idle_timeout),
+                None => (conn.target.resolve(&state).ok(), None),
+            };
+            drop(state);
+            if let Some(endpoints) = endpoints {
+                Box::pin(tcp::serve(tcp::Stream::Plain(stream), &conn, endpoints, shared, idle)).await;
             }
         }
     }

@@ -53,8 +53,15 @@ pub async fn connect(endpoints: &Endpoints, key: Option<u64>, mesh: &MeshTls) ->
     Err(last)
 }
 
-/// Proxies one connection to an endpoint of `cluster`, and counts the bytes both ways.
-pub async fn serve(downstream: Stream, conn: &Conn, cluster: Arc<Endpoints>, shared: Arc<Shared>) {
+/// Proxies one connection to an endpoint of `cluster`, and counts the bytes both ways. With
+/// `idle`, a connection that carries no byte either way for that long is closed (both sides).
+pub async fn serve(
+    downstream: Stream,
+    conn: &Conn,
+    cluster: Arc<Endpoints>,
+    shared: Arc<Shared>,
+    idle: Option<std::time::Duration>,
+) {
     let labels = &conn.labels;
     let key = crate::balance::connection_key(&cluster.lb, conn.peer);
     let upstream = match connect(&cluster, key, &shared.mesh).await {
@@ -65,6 +72,14 @@ pub async fn serve(downstream: Stream, conn: &Conn, cluster: Arc<Endpoints>, sha
         }
     };
     let copied = match (downstream, upstream) {
+        (down, up) if idle.is_some() => {
+            let start = std::time::Instant::now();
+            let last = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let mut down = Watched { inner: boxed(down), last: last.clone(), start };
+            let mut up = Watched { inner: boxed(up), last: last.clone(), start };
+            let copy = tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, 64 * 1024, 64 * 1024);
+            until_idle(copy, idle.unwrap_or_default(), &last, start).await
+        }
         (Stream::Plain(down), Stream::Plain(up)) => splice::copy_bidirectional(&down, &up).await,
         (down, up) => {
             let (mut down, mut up) = (boxed(down), boxed(up));
@@ -77,6 +92,74 @@ pub async fn serve(downstream: Stream, conn: &Conn, cluster: Arc<Endpoints>, sha
             shared.metrics.bytes_sent.get_or_create(labels).inc_by(to_client);
         }
         Err(e) => debug!(error = %e, "tcp: copy ended"),
+    }
+}
+
+/// Runs `copy` until it ends, or until no byte moved for `idle` (then the connection is closed:
+/// dropping the copy drops both sides).
+async fn until_idle(
+    copy: impl std::future::Future<Output = std::io::Result<(u64, u64)>>,
+    idle: std::time::Duration,
+    last: &std::sync::atomic::AtomicU64,
+    start: std::time::Instant,
+) -> std::io::Result<(u64, u64)> {
+    tokio::pin!(copy);
+    loop {
+        let since = std::time::Duration::from_millis(last.load(std::sync::atomic::Ordering::Relaxed));
+        let quiet = start.elapsed().saturating_sub(since);
+        if quiet >= idle {
+            debug!(?idle, "tcp: idle timeout");
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "idle timeout"));
+        }
+        tokio::select! {
+            r = &mut copy => return r,
+            _ = tokio::time::sleep(idle - quiet) => {}
+        }
+    }
+}
+
+/// A stream that notes when it last read bytes (ms since `start`).
+struct Watched {
+    inner: Box<dyn Io>,
+    last: Arc<std::sync::atomic::AtomicU64>,
+    start: std::time::Instant,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let ms = self.start.elapsed().as_millis() as u64;
+            self.last.store(ms, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

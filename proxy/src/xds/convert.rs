@@ -231,6 +231,19 @@ pub fn convert_route(t: &pb::RouteTable, namespace: &str) -> Result<Option<confi
         source: t.source.clone(),
         export_to: t.export_to.clone(),
         http,
+        tcp: t
+            .tcp
+            .iter()
+            .map(|r| route::TcpRule {
+                name: r.name.clone(),
+                backends: r
+                    .backends
+                    .iter()
+                    .map(|b| route::WeightedCluster { cluster: b.cluster.clone(), weight: b.weight })
+                    .collect(),
+                idle_timeout_ms: (r.idle_timeout_ms > 0).then(|| u64::from(r.idle_timeout_ms)),
+            })
+            .collect(),
     };
     table.validate(&format!("routes[{}]", t.name), &|_| true)?;
     Ok(Some(table))
@@ -246,6 +259,7 @@ mod tests {
             name: "web.shop.svc.cluster.local:80".into(),
             source: "TrafficRoute shop/web".into(),
             export_to: vec!["shop".into()],
+            tcp: vec![],
             http: vec![pb::HttpRule {
                 matches: vec![pb::HttpMatch {
                     path: Some(pb::StringMatch { kind: Some(pb::string_match::Kind::Prefix("/api".into())) }),

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use mycel_api::v1alpha1 as pb;
 use mycel_crds::{
     common::{NamedMatch, StringMatch},
-    traffic_route::{Backend, HeaderEdits, HttpRoute, TrafficRoute, TrafficRouteSpec},
+    traffic_route::{Backend, HeaderEdits, HttpRoute, TcpRoute, TrafficRoute, TrafficRouteSpec},
 };
 
 use crate::controlplane::discovery::Svc;
@@ -181,8 +181,18 @@ pub fn translate(
                         .enumerate()
                         .filter_map(|(i, r)| rule(r, i, Some(*port), tr, &cx, o))
                         .collect();
+                    // The first TCP rule for this port, if any.
+                    let tcp: Vec<pb::TcpRule> = tr
+                        .spec
+                        .tcp
+                        .iter()
+                        .enumerate()
+                        .find(|(_, r)| r.port.is_none_or(|p| p == *port))
+                        .map(|(i, r)| tcp_rule(r, i, tr, &cx, o))
+                        .into_iter()
+                        .collect();
                     // No rule for this port: its requests are not routed.
-                    if http.is_empty() {
+                    if http.is_empty() && tcp.is_empty() {
                         continue;
                     }
                     let table = pb::RouteTable {
@@ -190,6 +200,7 @@ pub fn translate(
                         source: source.clone(),
                         export_to: export.clone(),
                         http,
+                        tcp,
                     };
                     o.tables.insert(cluster, table);
                 }
@@ -386,6 +397,27 @@ fn rule(
     })
 }
 
+/// A TCP rule: its backends and idle timeout.
+fn tcp_rule(r: &TcpRoute, i: usize, tr: &Tr, cx: &Lookup, o: &mut Outcome) -> pb::TcpRule {
+    let field = format!("spec.tcp[{i}]");
+    let backends = r
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(j, b)| pb::RouteBackend {
+            cluster: backend(b, &format!("{field}.backends[{j}]"), tr, cx, o),
+            weight: if r.backends.len() == 1 { 100 } else { b.weight.unwrap_or(0).max(0) as u32 },
+        })
+        .collect();
+    let idle_timeout_ms = r
+        .idle_timeout
+        .as_ref()
+        .and_then(|d| d.parse().ok())
+        .map(|d| d.as_micros().div_ceil(1000).clamp(1, u32::MAX as u128) as u32)
+        .unwrap_or(0);
+    pb::TcpRule { name: format!("tcp-{i}"), backends, idle_timeout_ms }
+}
+
 /// The cluster a backend names. One that does not resolve is reported and named as it would be
 /// (`<service>:<port>`): the proxy answers 503 `NC` for its share rather than send it elsewhere.
 fn backend(b: &Backend, field: &str, tr: &Tr, cx: &Lookup, o: &mut Outcome) -> String {
@@ -575,6 +607,34 @@ mod tests {
         let t9090 = &o.tables["web.shop.svc.cluster.local:9090"];
         assert_eq!(t9090.http.len(), 3);
         assert_eq!(t9090.export_to, ["shop"]);
+    }
+
+    #[test]
+    fn a_tcp_rule_applies_to_its_port_with_its_backends_port_subset_and_idle_timeout() {
+        let r = tr(
+            "shop",
+            "web",
+            "2026-01-01T00:00:00Z",
+            "hosts: [web]\ntcp:\n- port: 9090\n  idleTimeout: 1.5ms\n  backends: [{service: web, port: 9090, weight: 70}, {service: v2, subset: ready, weight: 30}]\n",
+        );
+        let subsets = |_: &Key, _: &str, _: &str| Subset::Ready;
+        let out = translate(&[&r], &services, &subsets, "cluster.local");
+        let o = &out[&("shop".to_string(), "web".to_string())];
+        assert!(o.unresolved.is_empty(), "{o:?}");
+        assert_eq!(
+            o.tables.keys().collect::<Vec<_>>(),
+            ["web.shop.svc.cluster.local:9090"],
+            "port 80 has no rule"
+        );
+        let t = &o.tables["web.shop.svc.cluster.local:9090"];
+        assert!(t.http.is_empty());
+        let backends: Vec<(&str, u32)> =
+            t.tcp[0].backends.iter().map(|b| (b.cluster.as_str(), b.weight)).collect();
+        assert_eq!(
+            backends,
+            [("web.shop.svc.cluster.local:9090", 70), ("v2.shop.svc.cluster.local:80/ready", 30)]
+        );
+        assert_eq!(t.tcp[0].idle_timeout_ms, 2, "rounded up");
     }
 
     #[test]
