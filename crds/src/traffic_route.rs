@@ -72,6 +72,9 @@ pub struct Host(
 #[x_kube(validation = Rule::new(
     "[has(self.backends) && size(self.backends) > 0, has(self.redirect), has(self.directResponse)].filter(x, x).size() == 1"
 ).message("a rule needs exactly one of backends, redirect or directResponse"))]
+#[x_kube(validation = Rule::new(
+    "!(has(self.redirect) || has(self.directResponse)) || !(has(self.timeout) || has(self.retries) || has(self.fault) || has(self.rewrite) || has(self.headers) || has(self.mirror))"
+).message("a redirect or directResponse rule answers itself: it takes no timeout, retries, fault, rewrite, headers or mirror"))]
 pub struct HttpRoute {
     /// Name shown in metrics and logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -134,11 +137,11 @@ pub struct Redirect {
     pub port: Option<i32>,
     /// Replaces the whole path (the query is kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^/[^?#\s]*$"))]
+    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^/[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*$"))]
     pub path: Option<String>,
     /// Replaces the matched path prefix (requires a `prefix` path match).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^/[^?#\s]*$"))]
+    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^/[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*$"))]
     pub prefix: Option<String>,
     /// 301 (the default), 302, 303, 307 or 308.
     #[serde(default, skip_serializing_if = "Option::is_none")]

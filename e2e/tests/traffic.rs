@@ -280,11 +280,12 @@ async fn traffic_routes_steer_what_clients_send() {
     // Mirroring to a server that never answers: every original completes at once, and the
     // mirror receives its copies (all of one rule's, about half of the other's), host -shadow.
     let mut urls = vec!["http://web/mirrored"];
-    urls.extend(["http://web/half"; 10]);
+    // 20 + about 40 copies: within the 64 a sidecar keeps in flight to one mirror.
+    urls.extend(["http://web/half"; 4]);
     let (ok, log) = run_job(&client, &n, "mirror", "default", true, &get(&urls, 20, &[])).await;
     assert!(ok, "{log}");
     let seen = parse(&log);
-    assert_eq!(seen.len(), 220, "{log}");
+    assert_eq!(seen.len(), 100, "{log}");
     for s in &seen {
         assert_eq!(s.status, 200, "{log}");
         assert!(s.elapsed < Duration::from_secs(3), "an original waited for its mirror: {:?}", s.elapsed);
@@ -306,7 +307,7 @@ async fn traffic_routes_steer_what_clients_send() {
     .await;
     assert_eq!(counts.0, 20, "each request copied once");
     assert_eq!(counts.1, 20, "the copies' host is web-shadow");
-    assert!((70..=130).contains(&counts.2), "{} of 200 copied at 50 %", counts.2);
+    assert!((25..=55).contains(&counts.2), "{} of 80 copied at 50 %", counts.2);
 
     // gRPC by method: Check is routed to the server; with x-deny it is aborted in trailers
     // with the code asked (7, PERMISSION_DENIED), before reaching it.
@@ -343,7 +344,7 @@ async fn traffic_routes_steer_what_clients_send() {
     let v2 = pods.iter().filter(|p| p.starts_with("db-v2-")).count();
     let v1 = pods.iter().filter(|p| p.starts_with("db-v1-")).count();
     assert_eq!(v1 + v2, 200, "every connection reached one of them: {log}");
-    assert!((24..=56).contains(&v2), "db-v2 took {v2} of 200 connections (20 % asked)");
+    assert!((20..=60).contains(&v2), "db-v2 took {v2} of 200 connections (20 % asked, ±3.5σ)");
     let idle: Vec<String> = ["tcp-who", "--count", "2", "--wait-close-ms", "8000", "db:9000"]
         .iter()
         .map(|s| s.to_string())

@@ -57,6 +57,8 @@ pub struct Endpoints {
     /// Requests in flight to the whole set, and how many may be (circuit breaking).
     active: Arc<AtomicU64>,
     max_requests: Option<u32>,
+    /// Mirrored copies in flight to this set (so one mirror cannot take every place).
+    mirrors: Arc<AtomicU64>,
     outlier: Option<Outlier>,
 }
 
@@ -167,6 +169,7 @@ impl Endpoints {
             retry_budget: Default::default(),
             active: Arc::new(AtomicU64::new(0)),
             max_requests: None,
+            mirrors: Arc::new(AtomicU64::new(0)),
             outlier: None,
         }
     }
@@ -202,6 +205,20 @@ impl Endpoints {
             }
             match self.active.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed) {
                 Ok(_) => return Some(Admitted(Some(self.active.clone()))),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Takes a place for a mirrored copy to this set, at most `limit` at once.
+    pub fn admit_mirror(&self, limit: u64) -> Option<Admitted> {
+        let mut cur = self.mirrors.load(Ordering::Relaxed);
+        loop {
+            if cur >= limit {
+                return None;
+            }
+            match self.mirrors.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return Some(Admitted(Some(self.mirrors.clone()))),
                 Err(now) => cur = now,
             }
         }
@@ -279,6 +296,7 @@ impl Endpoints {
     /// and outlier records (so a pod cannot escape its ejection by flapping its readiness).
     pub fn inherit(&mut self, old: &Endpoints) {
         self.active = old.active.clone();
+        self.mirrors = old.mirrors.clone();
         if let Ok(old_ejected) = old.ejected.lock() {
             let kept: Vec<(SocketAddr, Instant)> =
                 old_ejected.iter().filter(|(a, _)| self.addrs.contains(a)).copied().collect();
@@ -515,9 +533,10 @@ pub fn request_key(lb: &LoadBalancer, headers: &hyper::HeaderMap, peer: Option<S
     connection_key(lb, peer)
 }
 
-/// The consistent-hash key of a request, and — hashing on a cookie the request lacks — the
-/// cookie to set on its response: a random value, which the key is made of, so that the client's
-/// next requests, carrying it, land where this one did.
+/// The consistent-hash key of a request, and — hashing on a cookie the request lacks, with a ttl
+/// (as Envoy: without one, the cookie is the app's own and is only read) — the cookie to set on
+/// its response: a random value, which the key is made of, so that the client's next requests,
+/// carrying it, land where this one did.
 pub fn request_key_setting(
     lb: &LoadBalancer,
     headers: &hyper::HeaderMap,
@@ -525,18 +544,15 @@ pub fn request_key_setting(
 ) -> (Option<u64>, Option<hyper::header::HeaderValue>) {
     let key = request_key(lb, headers, peer);
     let Some(name) = lb.hash_cookie.as_ref().filter(|_| key.is_none()) else { return (key, None) };
-    if lb.algorithm != LbAlgorithm::ConsistentHash {
+    let Some(ttl) = lb.hash_cookie_ttl_s.filter(|_| lb.algorithm == LbAlgorithm::ConsistentHash) else {
         return (key, None);
-    }
+    };
     let value = format!("{:016x}", fastrand::u64(..));
     let mut cookie = format!("{name}={value}");
     if let Some(p) = &lb.hash_cookie_path {
         cookie.push_str(&format!("; Path={p}"));
     }
-    if let Some(t) = lb.hash_cookie_ttl_s {
-        cookie.push_str(&format!("; Max-Age={t}"));
-    }
-    cookie.push_str("; HttpOnly");
+    cookie.push_str(&format!("; Max-Age={ttl}; HttpOnly"));
     (Some(hash_key(value.as_bytes())), hyper::header::HeaderValue::from_str(&cookie).ok())
 }
 

@@ -256,8 +256,8 @@ pub struct LoadBalancer {
     /// What `ConsistentHash` hashes: exactly one of these.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_header: Option<String>,
-    /// A request without the cookie gets one (a random value), set on its response with
-    /// `hashCookiePath` and `hashCookieTtlS` (none: a session cookie).
+    /// With `hashCookieTtlS`, a request without the cookie gets one (a random value), set on its
+    /// response with `hashCookiePath`; without, the cookie is the app's and is only read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_cookie: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -123,8 +123,15 @@ async fn balanced(
         attempts += 1;
         match send(req, addr, wait, &mut downstream_upgrade, cluster, shared).await? {
             Attempt::Done(mut resp) => {
+                // Never over a cookie of that name the app sets itself.
                 if let Some(c) = set_cookie {
-                    resp.headers_mut().append(header::SET_COOKIE, c);
+                    let name = c.as_bytes().split(|b| *b == b'=').next().unwrap_or_default().to_vec();
+                    let own = resp.headers().get_all(header::SET_COOKIE).iter().any(|v| {
+                        v.as_bytes().starts_with(&name) && v.as_bytes().get(name.len()) == Some(&b'=')
+                    });
+                    if !own {
+                        resp.headers_mut().append(header::SET_COOKIE, c);
+                    }
                 }
                 return Ok(resp);
             }

@@ -42,7 +42,9 @@ pub fn route(req: &Request<Body>, conn: &Conn, state: &State) -> Result<Route, P
         return Err(ProxyError::NoRoute { cluster: name.clone(), source: table.source.clone() });
     };
     if let Some(rd) = &rule.redirect {
-        return Err(redirect(req, rd, matched_prefix));
+        // Without a Host, the Service's name (the routed cluster is `<host>:<port>`).
+        let service = name.rsplit_once(':').map_or(name.as_str(), |(h, _)| h);
+        return Err(redirect(req, rd, matched_prefix, service));
     }
     if let Some(d) = &rule.direct_response {
         return Err(ProxyError::Direct {
@@ -59,12 +61,14 @@ pub fn route(req: &Request<Body>, conn: &Conn, state: &State) -> Result<Route, P
 }
 
 /// A rule's redirect for `req`: its URL with the parts the rule gives replaced. The host is the
-/// request's `Host` (or `:authority`) unless the rule names one; the port is the request's unless
-/// the rule names one or changes the scheme, and a scheme's default port is left out.
+/// request's `Host` (or `:authority`; without either, `service`) unless the rule names one; the
+/// port is the request's unless the rule names one, names a host (the whole authority is
+/// replaced, as in Envoy) or changes the scheme; a scheme's default port is left out.
 fn redirect(
     req: &Request<Body>,
     rd: &crate::config::route::Redirect,
     matched_prefix: Option<usize>,
+    service: &str,
 ) -> ProxyError {
     let status = hyper::StatusCode::from_u16(rd.code).unwrap_or(hyper::StatusCode::MOVED_PERMANENTLY);
     let authority = req
@@ -72,9 +76,11 @@ fn redirect(
         .authority()
         .cloned()
         .or_else(|| req.headers().get(header::HOST)?.to_str().ok()?.parse().ok());
-    let scheme = rd.scheme.as_deref().or_else(|| req.uri().scheme_str()).unwrap_or("http");
-    let host = rd.host.as_deref().or(authority.as_ref().map(|a| a.host())).unwrap_or("");
-    let port = rd.port.or_else(|| if rd.scheme.is_some() { None } else { authority.as_ref()?.port_u16() });
+    let own_scheme = req.uri().scheme_str().unwrap_or("http");
+    let scheme = rd.scheme.as_deref().unwrap_or(own_scheme);
+    let host = rd.host.as_deref().or(authority.as_ref().map(|a| a.host())).unwrap_or(service);
+    let keep_port = scheme == own_scheme && rd.host.is_none();
+    let port = rd.port.or_else(|| if keep_port { authority.as_ref()?.port_u16() } else { None });
     let port = port.filter(|p| !matches!((scheme, *p), ("http", 80) | ("https", 443)));
     let path = req.uri().path();
     let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
@@ -183,6 +189,9 @@ fn chance(percent: f64) -> bool {
 
 /// Mirrored copies in flight at once, per proxy; more are dropped (and counted).
 pub const MIRRORS_IN_FLIGHT: usize = 256;
+/// Of those, to one mirror cluster (so that one route's mirror that never answers cannot take
+/// every other route's places).
+const MIRRORS_PER_CLUSTER: u64 = 64;
 /// How long a mirrored copy may take before it is abandoned.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -192,10 +201,16 @@ const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
 /// Only a request without a body is copied (one with a body would have to be held for the copy).
 pub fn mirror(req: &Request<Body>, route: &Route, conn: &Conn, shared: &Arc<crate::Shared>) {
     let Some(m) = route.rule.as_ref().and_then(|r| r.mirror.as_ref()) else { return };
-    if !hyper::body::Body::is_end_stream(req.body()) || !chance(m.percent) {
+    // No body, and no protocol switch (a handshake copied would open a second tunnel).
+    let switch = req.method() == hyper::Method::CONNECT || req.headers().contains_key(header::UPGRADE);
+    if switch || !hyper::body::Body::is_end_stream(req.body()) || !chance(m.percent) {
         return;
     }
     let Some(backend) = shared.state.load().cluster(&m.cluster).cloned() else { return };
+    let Some(place) = backend.admit_mirror(MIRRORS_PER_CLUSTER) else {
+        shared.metrics.mirror(&m.cluster, "dropped");
+        return;
+    };
     let Ok(permit) = shared.mirrors.clone().try_acquire_owned() else {
         shared.metrics.mirror(&m.cluster, "dropped");
         return;
@@ -217,7 +232,7 @@ pub fn mirror(req: &Request<Body>, route: &Route, conn: &Conn, shared: &Arc<crat
     shared.metrics.mirror(&m.cluster, "sent");
     let (conn, state) = (conn.clone(), shared.clone());
     shared.tasks.spawn(async move {
-        let _place = permit;
+        let _places = (permit, place);
         let sent = crate::http::forward::forward(copy, &conn, &backend, &state);
         // The answer, if any, is dropped unread.
         let _ = tokio::time::timeout(MIRROR_TIMEOUT, sent).await;
@@ -337,6 +352,17 @@ mod tests {
         assert_eq!(r.status(), 301, "the default code");
         assert_eq!(r.headers()["location"], "https://auth.example/login", "a new scheme drops the port");
         assert_eq!(answer("/page?q").headers()["location"], "http://web:8443/other?q");
+        // A scheme given but unchanged keeps the port; a host given replaces the authority.
+        let state2 = State::build(
+            Config::parse("clusters:\n- {name: web, endpoints: ['127.0.0.1:1']}\nroutes:\n- cluster: web\n  http:\n  - name: same\n    match: [{path: {prefix: /same}}]\n    redirect: {scheme: http, path: /x}\n  - name: away\n    redirect: {host: auth.example}\n").unwrap(),
+            None,
+        );
+        let answer2 = |uri: &str| {
+            let req = Request::builder().uri(uri).header("host", "web:8080").body(empty()).unwrap();
+            route(&req, &conn, &state2).err().expect("an answer").into_response()
+        };
+        assert_eq!(answer2("/same").headers()["location"], "http://web:8080/x");
+        assert_eq!(answer2("/y").headers()["location"], "http://auth.example/y");
         let r = answer("/anything");
         assert_eq!(r.status(), 410);
         assert_eq!(r.headers()["content-type"], "text/plain; charset=utf-8");

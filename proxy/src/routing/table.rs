@@ -252,12 +252,12 @@ impl Table {
         Table { source: t.source.clone(), rules, tcp }
     }
 
-    /// The first rule `req` matches, with the length of the path prefix it matched.
     /// Whether it has HTTP rules (a table of TCP rules alone leaves HTTP requests alone).
     pub fn has_http(&self) -> bool {
         !self.rules.is_empty()
     }
 
+    /// The first rule `req` matches, with the length of the path prefix it matched.
     pub fn select(&self, req: &Request<crate::http::Body>) -> Option<(&Arc<Rule>, Option<usize>)> {
         self.rules.iter().find_map(|r| {
             if r.matches.is_empty() {

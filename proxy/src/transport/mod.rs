@@ -264,8 +264,13 @@ pub async fn serve_plain(
                 None => (conn.target.resolve(&state).ok(), None),
             };
             drop(state);
-            if let Some(endpoints) = endpoints {
-                Box::pin(tcp::serve(tcp::Stream::Plain(stream), &conn, endpoints, shared, idle)).await;
+            match endpoints {
+                Some(endpoints) => {
+                    Box::pin(tcp::serve(tcp::Stream::Plain(stream), &conn, endpoints, shared, idle)).await
+                }
+                None => {
+                    tracing::debug!(listener = %conn.listener(), "tcp: the connection's backend has no cluster; closed")
+                }
             }
         }
     }

@@ -3,7 +3,8 @@
 //! on, not turned into a full close).
 //!
 //! Between two plain TCP sockets the bytes never enter the proxy: `splice(2)` moves them through
-//! a pipe inside the kernel. Where TLS is on either side they are copied through user space.
+//! a pipe inside the kernel. Where TLS is on either side, or a TCP rule's idle timeout watches
+//! the connection, they are copied through user space.
 
 use std::sync::Arc;
 
@@ -118,7 +119,8 @@ async fn until_idle(
     }
 }
 
-/// A stream that notes when it last read bytes (ms since `start`).
+/// A stream that notes when it last read or wrote bytes (ms since `start`), so that a connection
+/// still draining to a slow reader is not idle.
 struct Watched {
     inner: Box<dyn Io>,
     last: Arc<std::sync::atomic::AtomicU64>,
@@ -147,7 +149,14 @@ impl AsyncWrite for Watched {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r
+            && *n > 0
+        {
+            let ms = self.start.elapsed().as_millis() as u64;
+            self.last.store(ms, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
     }
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
