@@ -82,44 +82,33 @@ spec:
     backends: [{service: grpc}]
 "#;
 
-/// Two TCP servers that greet with their pod's name, a Service for each and one in front, and a
-/// route splitting the front one's connections 80/20, closed after 1 s idle.
+/// A TCP server that greets with its pod's name, as Deployment `db-<version>` (label `tier: db`).
+fn greeter(version: &str) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: db-{version}}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: db-{version}}}}}
+  template:
+    metadata: {{labels: {{app: db-{version}, tier: db}}}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: db
+        image: {TESTAPP_IMAGE}
+        args: ["tcp-echo", "--port", "9000", "--greet"]
+        env: [{{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}]
+        ports: [{{name: tcp, containerPort: 9000}}]
+        readinessProbe: {{tcpSocket: {{port: tcp}}, periodSeconds: 1}}
+"#
+    )
+}
+
+/// A Service for each greeter and one in front of both, and a route splitting the front one's
+/// connections 80/20, closed after 1 s idle.
 const TCP: &str = r#"
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: db-v1}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: db-v1}}
-  template:
-    metadata: {labels: {app: db-v1, tier: db}}
-    spec:
-      terminationGracePeriodSeconds: 5
-      containers:
-      - name: db
-        image: mycel-testapp:dev
-        args: ["tcp-echo", "--port", "9000", "--greet"]
-        env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
-        ports: [{name: tcp, containerPort: 9000}]
-        readinessProbe: {tcpSocket: {port: tcp}, periodSeconds: 1}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: db-v2}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: db-v2}}
-  template:
-    metadata: {labels: {app: db-v2, tier: db}}
-    spec:
-      terminationGracePeriodSeconds: 5
-      containers:
-      - name: db
-        image: mycel-testapp:dev
-        args: ["tcp-echo", "--port", "9000", "--greet"]
-        env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
-        ports: [{name: tcp, containerPort: 9000}]
-        readinessProbe: {tcpSocket: {port: tcp}, periodSeconds: 1}
 ---
 apiVersion: v1
 kind: Service
@@ -229,7 +218,7 @@ async fn traffic_routes_steer_what_clients_send() {
     mesh.available("hang", 1).await;
     mesh.apply(&c, &GRPC.replace("mycel-testapp:dev", TESTAPP_IMAGE));
     mesh.available("grpc", 1).await;
-    mesh.apply(&c, &TCP.replace("mycel-testapp:dev", TESTAPP_IMAGE));
+    mesh.apply(&c, &format!("{}---\n{}{TCP}", greeter("v1"), greeter("v2")));
     mesh.available("db-v1", 1).await;
     mesh.available("db-v2", 1).await;
     mesh.apply(&c, ROUTE);

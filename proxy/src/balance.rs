@@ -106,6 +106,14 @@ impl Outcome {
 /// Longest ejection, unless the base time is longer (as Envoy's `max_ejection_time`).
 const MAX_EJECTION: Duration = Duration::from_secs(300);
 
+/// One more on `count` unless it is at `limit` already.
+fn take_place(count: &Arc<AtomicU64>, limit: u64) -> Option<Admitted> {
+    count
+        .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < limit).then_some(n + 1))
+        .ok()
+        .map(|_| Admitted(Some(count.clone())))
+}
+
 /// A request admitted under the set's `max_requests`; dropping it frees the place.
 pub struct Admitted(Option<Arc<AtomicU64>>);
 
@@ -198,30 +206,12 @@ impl Endpoints {
     /// (the request is refused at once, it never waits).
     pub fn admit(&self) -> Option<Admitted> {
         let Some(max) = self.max_requests else { return Some(Admitted(None)) };
-        let mut cur = self.active.load(Ordering::Relaxed);
-        loop {
-            if cur >= u64::from(max) {
-                return None;
-            }
-            match self.active.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => return Some(Admitted(Some(self.active.clone()))),
-                Err(now) => cur = now,
-            }
-        }
+        take_place(&self.active, u64::from(max))
     }
 
     /// Takes a place for a mirrored copy to this set, at most `limit` at once.
     pub fn admit_mirror(&self, limit: u64) -> Option<Admitted> {
-        let mut cur = self.mirrors.load(Ordering::Relaxed);
-        loop {
-            if cur >= limit {
-                return None;
-            }
-            match self.mirrors.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => return Some(Admitted(Some(self.mirrors.clone()))),
-                Err(now) => cur = now,
-            }
-        }
+        take_place(&self.mirrors, limit)
     }
 
     /// The set's limit on requests in flight, if it has one.

@@ -584,35 +584,11 @@ impl Model {
         trs.sort_by(|a, b| a.0.cmp(b.0));
         for (key, (o, since)) in trs {
             let Some(tr) = self.traffic_routes.live.get(key) else { continue };
-            // Every client proxy of this revision it is exported to holds it. The revisions of
-            // the sidecars in its own namespace decide which control plane writes its status.
-            let mine = |info: &PodInfo| {
-                self.opts.revision.as_ref().is_none_or(|r| info.revision.as_ref() == Some(r))
+            // Every client proxy of this revision it is exported to holds it.
+            let reaches = |ns: &str| {
+                o.tables.values().any(|t| t.export_to.is_empty() || t.export_to.iter().any(|e| e == ns))
             };
-            let reaches =
-                |ns: &String| o.tables.values().any(|t| t.export_to.is_empty() || t.export_to.contains(ns));
-            let mut workloads = Vec::new();
-            let mut revisions = Vec::new();
-            let mut reached_revisions = Vec::new();
-            for (pod, info) in &self.pods.live {
-                if !info.sidecar || info.finished || !reaches(&pod.0) {
-                    continue;
-                }
-                reached_revisions.extend(info.revision.clone());
-                if mine(info) {
-                    workloads.push((pod.clone(), *since));
-                }
-                if pod.0 == key.0 {
-                    revisions.extend(info.revision.clone());
-                }
-            }
-            // No sidecar in its own namespace: the revisions of the clients it reaches decide.
-            if revisions.is_empty() {
-                revisions = reached_revisions;
-            }
-            workloads.sort();
-            revisions.sort();
-            revisions.dedup();
+            let (workloads, revisions) = self.clients(&key.0, *since, reaches);
             let not_in_effect = o.tables.is_empty().then(|| {
                 if !o.invalid.is_empty() {
                     "it is not sent to any proxy: a value of it is invalid (see Accepted)".to_string()
@@ -640,29 +616,8 @@ impl Model {
         dps.sort_by(|a, b| a.0.cmp(b.0));
         for (key, (o, since)) in dps {
             let Some(dp) = self.destination_policies.live.get(key) else { continue };
-            // Clusters reach every proxy of this revision; the revisions of the sidecars in its
-            // own namespace decide which control plane writes its status (else every client's).
-            let mut workloads = Vec::new();
-            let mut revisions = Vec::new();
-            let mut reached_revisions = Vec::new();
-            for (pod, info) in &self.pods.live {
-                if !info.sidecar || info.finished {
-                    continue;
-                }
-                reached_revisions.extend(info.revision.clone());
-                if self.opts.revision.as_ref().is_none_or(|r| info.revision.as_ref() == Some(r)) {
-                    workloads.push((pod.clone(), *since));
-                }
-                if pod.0 == key.0 {
-                    revisions.extend(info.revision.clone());
-                }
-            }
-            if revisions.is_empty() {
-                revisions = reached_revisions;
-            }
-            workloads.sort();
-            revisions.sort();
-            revisions.dedup();
+            // Clusters reach every proxy of this revision.
+            let (workloads, revisions) = self.clients(&key.0, *since, |_| true);
             let not_in_effect = o.service.is_none().then(|| {
                 "it applies to no Service: its host is not one, or another policy has it (see Accepted and ResolvedRefs)".to_string()
             });
@@ -706,6 +661,40 @@ impl Model {
             }
         }
         v
+    }
+
+    /// For a mesh-scoped object of `namespace` that reaches the client pods of the namespaces
+    /// `reaches` accepts: those pods' proxies of this revision (each to hold version `since`),
+    /// and the revisions that decide which control plane writes its status — those of the
+    /// sidecars in its own namespace, or with none there, of every client it reaches.
+    fn clients(
+        &self,
+        namespace: &str,
+        since: u64,
+        reaches: impl Fn(&str) -> bool,
+    ) -> (Vec<(Key, u64)>, Vec<String>) {
+        let mine =
+            |info: &PodInfo| self.opts.revision.as_ref().is_none_or(|r| info.revision.as_ref() == Some(r));
+        let (mut workloads, mut revisions, mut reached) = (Vec::new(), Vec::new(), Vec::new());
+        for (pod, info) in &self.pods.live {
+            if !info.sidecar || info.finished || !reaches(&pod.0) {
+                continue;
+            }
+            reached.extend(info.revision.clone());
+            if mine(info) {
+                workloads.push((pod.clone(), since));
+            }
+            if pod.0 == namespace {
+                revisions.extend(info.revision.clone());
+            }
+        }
+        if revisions.is_empty() {
+            revisions = reached;
+        }
+        workloads.sort();
+        revisions.sort();
+        revisions.dedup();
+        (workloads, revisions)
     }
 
     fn snapshot(&self) -> Snapshot {

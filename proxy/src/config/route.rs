@@ -312,6 +312,32 @@ impl HeaderEdits {
     }
 }
 
+/// A rule's weighted backends (`f` is the rule): some weight when `required`, a bounded total,
+/// and clusters that exist.
+fn validate_backends(
+    f: &str,
+    backends: &[WeightedCluster],
+    required: bool,
+    known: &dyn Fn(&str) -> bool,
+) -> Result<(), ConfigError> {
+    let invalid = |field: String, message: String| Err(ConfigError::Invalid { field, message });
+    if required && backends.iter().all(|b| b.weight == 0) {
+        return invalid(format!("{f}.backends"), "needs a backend with a weight above 0".into());
+    }
+    if backends.iter().map(|b| u64::from(b.weight)).sum::<u64>() > 1_000_000 {
+        return invalid(format!("{f}.backends"), "weights add up to more than 1000000".into());
+    }
+    for (j, b) in backends.iter().enumerate() {
+        if !known(&b.cluster) {
+            return invalid(
+                format!("{f}.backends[{j}].cluster"),
+                format!("no cluster named {:?}", b.cluster),
+            );
+        }
+    }
+    Ok(())
+}
+
 impl RouteTable {
     /// Checks what types cannot; `field` is where the table is (`routes[3]`). `known` says
     /// whether a cluster exists (always true for a proxy whose clusters are streamed).
@@ -325,20 +351,7 @@ impl RouteTable {
         }
         for (i, rule) in self.tcp.iter().enumerate() {
             let f = format!("{field}.tcp[{i}]");
-            if rule.backends.iter().all(|b| b.weight == 0) {
-                return invalid(format!("{f}.backends"), "needs a backend with a weight above 0".into());
-            }
-            if rule.backends.iter().map(|b| u64::from(b.weight)).sum::<u64>() > 1_000_000 {
-                return invalid(format!("{f}.backends"), "weights add up to more than 1000000".into());
-            }
-            for (j, b) in rule.backends.iter().enumerate() {
-                if !known(&b.cluster) {
-                    return invalid(
-                        format!("{f}.backends[{j}].cluster"),
-                        format!("no cluster named {:?}", b.cluster),
-                    );
-                }
-            }
+            validate_backends(&f, &rule.backends, true, known)?;
             if rule.idle_timeout_ms == Some(0) {
                 return invalid(
                     format!("{f}.idleTimeoutMs"),
@@ -386,20 +399,7 @@ impl RouteTable {
                     return invalid(format!("{f}.directResponse.body"), "at most 4096 bytes".into());
                 }
             }
-            if local == 0 && (rule.backends.is_empty() || rule.backends.iter().all(|b| b.weight == 0)) {
-                return invalid(format!("{f}.backends"), "needs a backend with a weight above 0".into());
-            }
-            if rule.backends.iter().map(|b| u64::from(b.weight)).sum::<u64>() > 1_000_000 {
-                return invalid(format!("{f}.backends"), "weights add up to more than 1000000".into());
-            }
-            for (j, b) in rule.backends.iter().enumerate() {
-                if !known(&b.cluster) {
-                    return invalid(
-                        format!("{f}.backends[{j}].cluster"),
-                        format!("no cluster named {:?}", b.cluster),
-                    );
-                }
-            }
+            validate_backends(&f, &rule.backends, local == 0, known)?;
             if let Some(m) = &rule.mirror {
                 if !known(&m.cluster) {
                     return invalid(

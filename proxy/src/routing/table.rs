@@ -35,6 +35,9 @@ impl TcpRule {
 
 /// One of `backends` at random by weight (`None` when there are none).
 fn pick(backends: &[(String, u32)], total: u32) -> Option<&str> {
+    if let [(only, _)] = backends {
+        return Some(only);
+    }
     let mut n = fastrand::u32(..total.max(1));
     for (c, w) in backends {
         if n < *w {
@@ -270,18 +273,10 @@ impl Table {
 
 impl Rule {
     /// A backend cluster, chosen at random by weight.
+    /// (A rule without backends — a redirect, a direct response — answers before this is asked;
+    /// were it asked, the empty name is no cluster.)
     pub fn pick_backend(&self) -> &str {
-        if self.backends.len() == 1 {
-            return &self.backends[0].0;
-        }
-        let mut n = fastrand::u32(..self.total_weight.max(1));
-        for (c, w) in &self.backends {
-            if n < *w {
-                return c;
-            }
-            n -= w;
-        }
-        &self.backends[self.backends.len() - 1].0
+        pick(&self.backends, self.total_weight).unwrap_or_default()
     }
 }
 

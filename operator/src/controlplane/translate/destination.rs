@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use mycel_api::v1alpha1 as pb;
 use mycel_crds::destination_policy::{DestinationPolicy, DestinationPolicySpec, LbAlgorithm};
 
+use super::millis as ms;
 use super::route::service_of;
 use crate::controlplane::snapshot::Key;
 
@@ -136,11 +137,6 @@ pub fn decide(
 /// Whether `spec` defines the subset `name`.
 pub fn has_subset(spec: &DestinationPolicySpec, name: &str) -> bool {
     spec.subsets.iter().any(|s| s.name == name)
-}
-
-/// Rounded up to whole milliseconds: a positive duration never becomes 0 (which means "unset").
-fn ms(d: &mycel_crds::common::Duration) -> Option<u32> {
-    d.parse().ok().map(|d| d.as_micros().div_ceil(1000).clamp(1, u32::MAX as u128) as u32)
 }
 
 /// Puts what `spec` says into a cluster of its Service (or of one of its subsets).

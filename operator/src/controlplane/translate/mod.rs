@@ -7,3 +7,9 @@ pub mod destination;
 pub mod peer_policy;
 pub mod route;
 pub mod unimplemented;
+
+/// A duration in whole milliseconds, rounded up (a positive one never becomes 0, which proxies
+/// read as "none"); `None` when it does not parse.
+pub fn millis(d: &mycel_crds::common::Duration) -> Option<u32> {
+    d.parse().ok().map(|d| d.as_micros().div_ceil(1000).clamp(1, u32::MAX as u128) as u32)
+}

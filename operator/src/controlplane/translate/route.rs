@@ -272,19 +272,8 @@ fn rule(
                 .collect(),
         });
     }
-    let backends = r
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(j, b)| pb::RouteBackend {
-            cluster: backend(b, &field(&format!(".backends[{j}]")), tr, cx, o),
-            weight: if r.backends.len() == 1 { 100 } else { b.weight.unwrap_or(0).max(0) as u32 },
-        })
-        .collect();
-    // Rounded up: a positive duration never becomes 0 (which means none).
-    let ms = |d: &mycel_crds::common::Duration| {
-        d.parse().map(|d| d.as_micros().div_ceil(1000).clamp(1, u32::MAX as u128) as u32).unwrap_or(0)
-    };
+    let backends = weighted(&r.backends, &field(""), tr, cx, o);
+    let ms = |d: &mycel_crds::common::Duration| super::millis(d).unwrap_or(0);
     let fault = r.fault.as_ref().map(|f| pb::Fault {
         delay_percent: f.delay.as_ref().map(|d| d.percent).unwrap_or(0.0),
         delay_ms: f.delay.as_ref().map(|d| ms(&d.fixed_delay)).unwrap_or(0),
@@ -397,24 +386,21 @@ fn rule(
     })
 }
 
-/// A TCP rule: its backends and idle timeout.
-fn tcp_rule(r: &TcpRoute, i: usize, tr: &Tr, cx: &Lookup, o: &mut Outcome) -> pb::TcpRule {
-    let field = format!("spec.tcp[{i}]");
-    let backends = r
-        .backends
-        .iter()
+/// A rule's backends (`rule` is its field), each with its weight (a lone one takes everything).
+fn weighted(bs: &[Backend], rule: &str, tr: &Tr, cx: &Lookup, o: &mut Outcome) -> Vec<pb::RouteBackend> {
+    bs.iter()
         .enumerate()
         .map(|(j, b)| pb::RouteBackend {
-            cluster: backend(b, &format!("{field}.backends[{j}]"), tr, cx, o),
-            weight: if r.backends.len() == 1 { 100 } else { b.weight.unwrap_or(0).max(0) as u32 },
+            cluster: backend(b, &format!("{rule}.backends[{j}]"), tr, cx, o),
+            weight: if bs.len() == 1 { 100 } else { b.weight.unwrap_or(0).max(0) as u32 },
         })
-        .collect();
-    let idle_timeout_ms = r
-        .idle_timeout
-        .as_ref()
-        .and_then(|d| d.parse().ok())
-        .map(|d| d.as_micros().div_ceil(1000).clamp(1, u32::MAX as u128) as u32)
-        .unwrap_or(0);
+        .collect()
+}
+
+/// A TCP rule: its backends and idle timeout.
+fn tcp_rule(r: &TcpRoute, i: usize, tr: &Tr, cx: &Lookup, o: &mut Outcome) -> pb::TcpRule {
+    let backends = weighted(&r.backends, &format!("spec.tcp[{i}]"), tr, cx, o);
+    let idle_timeout_ms = r.idle_timeout.as_ref().and_then(super::millis).unwrap_or(0);
     pb::TcpRule { name: format!("tcp-{i}"), backends, idle_timeout_ms }
 }
 
