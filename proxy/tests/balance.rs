@@ -1,5 +1,6 @@
 //! Load balancing with real servers: consistent hashing keeps a user on one endpoint (by header
-//! and by cookie), and peak-EWMA sends most requests to the faster of two endpoints.
+//! and by cookie), peak-EWMA sends most requests to the faster of two endpoints, and a request
+//! whose connection an endpoint closes before answering goes to the other when it may be resent.
 
 use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, time::Duration};
 
@@ -7,7 +8,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use mycel_proxy::config::Config;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::AsyncReadExt,
+    net::{TcpListener, TcpStream},
+};
 
 async fn server(name: String, delay: Duration) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -116,5 +120,73 @@ async fn peak_ewma_favours_the_faster_endpoint() {
     let fast_share = counts.get("fast").copied().unwrap_or(0);
     eprintln!("peak-EWMA: {counts:?}");
     assert!(fast_share >= 160, "most of 200 requests went to the fast endpoint: {counts:?}");
+    proxy.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A server that reads each request and closes its connection without an answer, as an app
+/// does that exits while connections are open.
+async fn closer() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn send(front: SocketAddr, method: &str) -> (u16, String) {
+    let s = TcpStream::connect(front).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(s)).await.unwrap();
+    tokio::spawn(conn);
+    let body = if method == "POST" { Bytes::from_static(b"order") } else { Bytes::new() };
+    let req = Request::builder().method(method).uri("/").header("host", "svc").body(Full::new(body)).unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    (status, String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayable_request_whose_connection_breaks_goes_to_another_endpoint() {
+    let good = server("good".into(), Duration::ZERO).await;
+    let bad = closer().await;
+    let (proxy, front) = start("{algorithm: RoundRobin}", &[good, bad]).await;
+    // GET without a body: every one is answered, by the endpoint that answers.
+    for i in 0..10 {
+        let (status, body) = send(front, "GET").await;
+        assert_eq!((status, body.as_str()), (200, "good"), "GET {i}");
+    }
+    // A POST may have been acted on: it is not sent twice, so those that reached the closer fail.
+    let mut failed = 0;
+    for _ in 0..6 {
+        let (status, body) = send(front, "POST").await;
+        match status {
+            200 => assert_eq!(body, "good"),
+            502 => failed += 1,
+            other => panic!("POST: {other} {body}"),
+        }
+    }
+    assert!(failed >= 1, "round robin sent some POSTs to the closer, and they were not resent");
+    let metrics = {
+        let s = TcpStream::connect(proxy.admin).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(s)).await.unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("/metrics").header("host", "admin").body(Full::new(Bytes::new())).unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned()
+    };
+    assert!(
+        metrics.lines().any(|l| l.starts_with("mycel_proxy_retries_total{")
+            && l.contains("outcome=\"after_reset\"")
+            && !l.ends_with(" 0")),
+        "resends are counted:\n{metrics}"
+    );
     proxy.shutdown(Duration::from_secs(1)).await;
 }

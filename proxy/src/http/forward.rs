@@ -56,10 +56,15 @@ enum Attempt {
     NotSent(Box<Request<Body>>, String),
     /// The peer sidecar could not reach its app: the request went no further than that sidecar.
     PeerNotSent(String),
+    /// The connection broke before a response came (here, or between the peer sidecar and its
+    /// app): sent at most once more, to another endpoint, when the request is replayable.
+    Reset(ProxyError),
 }
 
 /// Sends `req` to an endpoint of `cluster`, trying the next one while the request has reached
-/// no app (a connection that could not be opened, or a peer sidecar whose app refused it).
+/// no app (a connection that could not be opened, or a peer sidecar whose app refused it), and
+/// once more when a replayable request's connection broke before its answer (an app that closed
+/// its connections as it shut down).
 pub async fn forward(
     req: Request<Body>,
     conn: &Conn,
@@ -91,6 +96,9 @@ async fn balanced(
     };
     let mut downstream_upgrade =
         is_upgrade(req.method(), req.headers()).then(|| hyper::upgrade::on(&mut req));
+    // Idempotent, without a body, not switching protocols: it may be sent again after a reset,
+    // as RFC 9110 §9.2.2 allows (Istio's default retries do the same for the 503 it makes).
+    let replayable = downstream_upgrade.is_none() && crate::routing::retry::Policy::replayable(&req);
     let (mut parts, body) = req.into_parts();
     let upgrade_header = parts.headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut parts.headers);
@@ -100,14 +108,17 @@ async fn balanced(
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     // A request that could not be sent comes back and goes to the next endpoint as it is. One
-    // that reached a peer sidecar whose app refused it can only be sent again from a copy of its
-    // head, kept for that case alone: a mesh endpoint, no body, and another endpoint to try.
+    // that reached a peer sidecar whose app refused it, or a replayable one whose connection
+    // broke, can only be sent again from a copy of its head, kept for those cases alone: no
+    // body, another endpoint to try, and a mesh endpoint or a replayable request.
     let copy = (hyper::body::Body::is_end_stream(&body)
         && cluster.addrs.len() > 1
-        && cluster.identity(first).is_some())
+        && (replayable || cluster.identity(first).is_some()))
     .then(|| parts.clone());
     let mut next = Some(Request::from_parts(parts, body));
     let (mut attempts, mut cause) = (0, String::new());
+    // The reset of the last try, if it was one; a replayable request is resent once.
+    let (mut reset, mut resent) = (None, false);
     // The other endpoints are only asked for once the first failed (asking moves a round robin).
     let rest = std::iter::once(()).flat_map(|_| cluster.order(key)).filter(|a| *a != first);
     for addr in std::iter::once(first).chain(rest) {
@@ -121,7 +132,8 @@ async fn balanced(
             },
         };
         attempts += 1;
-        match send(req, addr, wait, &mut downstream_upgrade, cluster, shared).await? {
+        let may_resend = replayable && copy.is_some() && !resent;
+        match send(req, addr, wait, &mut downstream_upgrade, may_resend, cluster, shared).await? {
             Attempt::Done(mut resp) => {
                 // Never over a cookie of that name the app sets itself.
                 if let Some(c) = set_cookie {
@@ -136,13 +148,18 @@ async fn balanced(
                 return Ok(resp);
             }
             Attempt::NotSent(req, why) => {
-                cause = why;
+                (cause, reset) = (why, None);
                 next = Some(*req);
             }
-            Attempt::PeerNotSent(why) => cause = why,
+            Attempt::PeerNotSent(why) => (cause, reset) = (why, None),
+            Attempt::Reset(e) if may_resend => {
+                shared.metrics.retry(&cluster.cluster, "after_reset");
+                (reset, resent) = (Some(e), true);
+            }
+            Attempt::Reset(e) => return Err(e),
         }
     }
-    Err(ProxyError::ConnectFailed { cluster: cluster.cluster.clone(), attempts, cause })
+    Err(reset.unwrap_or(ProxyError::ConnectFailed { cluster: cluster.cluster.clone(), attempts, cause }))
 }
 
 /// One try at one endpoint.
@@ -151,6 +168,7 @@ async fn send(
     addr: SocketAddr,
     wait: std::time::Duration,
     downstream_upgrade: &mut Option<hyper::upgrade::OnUpgrade>,
+    may_resend: bool,
     cluster: &Endpoints,
     shared: &Shared,
 ) -> Result<Attempt, ProxyError> {
@@ -181,11 +199,14 @@ async fn send(
             if identity.is_some() {
                 // A verified peer proxy: its reason is believed. One that says its app refused
                 // the request means the request went no further, so another endpoint may take it.
-                if let Some(e) = ProxyError::from_peer(resp.status(), resp.headers())
-                    && e.not_sent()
-                {
-                    cluster.eject(addr);
-                    return Ok(Attempt::PeerNotSent(e.to_string()));
+                if let Some(e) = ProxyError::from_peer(resp.status(), resp.headers()) {
+                    if e.not_sent() {
+                        cluster.eject(addr);
+                        return Ok(Attempt::PeerNotSent(e.to_string()));
+                    }
+                    if may_resend && e.reason() == "upstream_reset" {
+                        return Ok(Attempt::Reset(e));
+                    }
                 }
             } else {
                 // An app or a server outside the mesh cannot speak for a proxy.
@@ -216,7 +237,10 @@ async fn send(
         Err(SendError::Failed(e)) => {
             cluster.report(addr, Outcome::GatewayError);
             tracing::debug!(%addr, error = %error_chain(&e), "upstream exchange failed");
-            Err(ProxyError::UpstreamReset { cluster: cluster.cluster.clone(), cause: error_chain(&e) })
+            Ok(Attempt::Reset(ProxyError::UpstreamReset {
+                cluster: cluster.cluster.clone(),
+                cause: error_chain(&e),
+            }))
         }
     }
 }
