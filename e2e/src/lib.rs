@@ -175,7 +175,13 @@ impl TestCluster {
             "metadata": { "name": name, "labels": { "mycel.io/e2e": "true" }, "annotations": annotations }
         }))?;
         Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
-        Ok(TestNamespace { name, client })
+        Ok(TestNamespace {
+            name,
+            client,
+            kubectl: self.kubectl.clone(),
+            kubeconfig: self.kubeconfig.clone(),
+            deleted: false,
+        })
     }
 }
 
@@ -188,11 +194,54 @@ pub fn fake_node_annotations() -> serde_json::Value {
     })
 }
 
-/// A namespace owned by one test; [`TestNamespace::delete`] removes it (left for inspection if
-/// the test fails before).
+/// A namespace owned by one test; [`TestNamespace::delete`] removes it. A test that fails before
+/// (a panic drops it undeleted) still removes it and what its installations made outside it, with
+/// kubectl, so that a failure leaves the shared cluster as it found it; `MYCEL_E2E_KEEP_FAILED=1`
+/// keeps it for inspection instead.
 pub struct TestNamespace {
     pub name: String,
     client: Client,
+    kubectl: PathBuf,
+    kubeconfig: PathBuf,
+    deleted: bool,
+}
+
+/// The cluster-scoped kinds an installation makes (`kind` as kubectl names it).
+const INSTALLATION_CLUSTER_KINDS: &str =
+    "mutatingwebhookconfigurations,validatingwebhookconfigurations,clusterroles,clusterrolebindings";
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        if self.deleted || std::env::var_os("MYCEL_E2E_KEEP_FAILED").is_some_and(|v| v == "1") {
+            return;
+        }
+        let kubectl = |args: &[&str]| {
+            std::process::Command::new(&self.kubectl)
+                .arg("--kubeconfig")
+                .arg(&self.kubeconfig)
+                .args(args)
+                .stderr(std::process::Stdio::null())
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        let owned = format!("mycel.io/installation-namespace={}", self.name);
+        kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
+        // Finalizers only a gone operator would have removed.
+        for mi in kubectl(&["get", "meshinstallations.mycel.io", "-n", &self.name, "-o", "name"]).lines() {
+            kubectl(&[
+                "patch",
+                mi,
+                "-n",
+                &self.name,
+                "--type=merge",
+                "-p",
+                r#"{"metadata":{"finalizers":null}}"#,
+            ]);
+        }
+        kubectl(&["delete", INSTALLATION_CLUSTER_KINDS, "-l", &owned, "--wait=false"]);
+        eprintln!("(the failed test's namespace {} and what its installations made were removed)", self.name);
+    }
 }
 
 impl TestNamespace {
@@ -201,7 +250,7 @@ impl TestNamespace {
     /// namespace owns (labelled `mycel.io/installation-namespace=<this namespace>`, so never
     /// anything another test or a running demo made), and the finalizers that only a gone
     /// operator would have removed (they would hold the namespace in Terminating forever).
-    pub async fn delete(self) -> Result<(), Error> {
+    pub async fn delete(mut self) -> Result<(), Error> {
         use kube::{
             api::{DynamicObject, ListParams, Patch, PatchParams},
             core::{ApiResource, GroupVersionKind},
@@ -244,6 +293,7 @@ impl TestNamespace {
             let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
             let _ = api.delete_collection(&DeleteParams::background(), &owned).await;
         }
+        self.deleted = true;
         Ok(())
     }
 }

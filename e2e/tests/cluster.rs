@@ -33,6 +33,44 @@ async fn components_report_the_version_they_were_built_from() {
 }
 
 #[tokio::test]
+async fn a_test_that_fails_still_removes_its_namespace_and_what_its_installation_made() {
+    use k8s_openapi::api::{core::v1::Namespace, rbac::v1::ClusterRole};
+    let c = TestCluster::shared().await.unwrap();
+    let client = c.client().await.unwrap();
+    let ns = c.namespace("fails").await.unwrap();
+    let name = ns.name.clone();
+    // What an installation of that namespace makes outside it (its label says whose).
+    let roles: Api<ClusterRole> = Api::all(client.clone());
+    let role: ClusterRole = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("mycel-e2e-{name}"), "labels": {
+            "app.kubernetes.io/managed-by": "mycel-operator",
+            "mycel.io/installation-namespace": name,
+        }}
+    }))
+    .unwrap();
+    roles.create(&PostParams::default(), &role).await.unwrap();
+    // A test that panics while it owns the namespace.
+    let failed = tokio::spawn(async move {
+        let _owned = ns;
+        panic!("(this panic is the test's: a test failing before its clean-up)");
+    })
+    .await;
+    assert!(failed.is_err());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let gone =
+        namespaces.get_opt(&name).await.unwrap().is_none_or(|n| n.metadata.deletion_timestamp.is_some());
+    assert!(gone, "the failed test's namespace {name} is being deleted");
+    assert!(
+        roles
+            .get_opt(&format!("mycel-e2e-{name}"))
+            .await
+            .unwrap()
+            .is_none_or(|r| r.metadata.deletion_timestamp.is_some()),
+        "its installation's cluster role is removed"
+    );
+}
+
+#[tokio::test]
 async fn deployments_become_available_with_running_pods() {
     let c = TestCluster::shared().await.unwrap();
     let ns = c.fake_node_namespace("deploy").await.unwrap();
