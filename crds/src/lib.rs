@@ -9,6 +9,7 @@
 pub mod authorization_policy;
 pub mod common;
 pub mod destination_policy;
+pub mod gateway;
 pub mod ledger;
 pub mod mesh_installation;
 pub mod peer_authentication;
@@ -57,7 +58,12 @@ pub fn render_manifests() -> Vec<(String, String)> {
         resources.push(file);
     }
     // Admission warnings for fields not implemented yet, from docs/reference/field-ledger.yaml.
-    let warnings = ledger::warning_policies(&ledger::ledger(), &all_crds());
+    let mut warnings = ledger::warning_policies(&ledger::ledger(), &all_crds());
+    // And for mesh HTTPRoutes (their CRD is the Gateway API's, bundled in config/gateway-api).
+    if !warnings.is_empty() {
+        warnings.push_str("---\n");
+    }
+    warnings.push_str(&gateway::mesh_route_warnings());
     if !warnings.is_empty() {
         let file = "bases/not-implemented-warnings.yaml".to_string();
         files.push((file.clone(), format!("{HEADER}# From docs/reference/field-ledger.yaml.\n{warnings}")));

@@ -291,13 +291,19 @@ pub struct FaultAbort {
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.uriPrefix) || has(self.authority)")
-    .message("rewrite needs uriPrefix, authority, or both"))]
+#[x_kube(validation = Rule::new("has(self.uriPrefix) || has(self.authority) || has(self.path)")
+    .message("rewrite needs uriPrefix or path, authority, or both"))]
+#[x_kube(validation = Rule::new("!(has(self.uriPrefix) && has(self.path))")
+    .message("rewrite takes uriPrefix or path, not both"))]
 pub struct Rewrite {
     /// Replaces the matched path prefix (requires a `prefix` path match).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024), regex(pattern = r"^/"))]
     pub uri_prefix: Option<String>,
+    /// Replaces the whole path; the query is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^/[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*$"))]
+    pub path: Option<String>,
     /// Replaces the Host/:authority header.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]

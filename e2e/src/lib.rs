@@ -341,19 +341,22 @@ impl TestCluster {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
     }
 
-    /// Applies `config/crd` (server-side, idempotent) and waits until every CRD is Established.
+    /// Applies `config/crd` and the bundled Gateway API CRDs (`config/gateway-api`) server-side
+    /// (idempotent), and waits until every CRD is Established.
     pub fn install_crds(&self) -> Result<(), Error> {
-        let dir = Self::repo_root().join("config/crd");
-        let dir = dir.display().to_string();
-        self.kubectl_run(
-            &["apply", "--server-side", "--force-conflicts", "--field-manager=mycel-e2e", "-k", &dir],
-            None,
-        )?;
-        let names: Vec<String> = mycel_crds::all_crds()
+        for sub in ["config/crd", "config/gateway-api"] {
+            let dir = Self::repo_root().join(sub).display().to_string();
+            self.kubectl_run(
+                &["apply", "--server-side", "--force-conflicts", "--field-manager=mycel-e2e", "-k", &dir],
+                None,
+            )?;
+        }
+        let mut names: Vec<String> = mycel_crds::all_crds()
             .into_iter()
             .filter_map(|c| c.metadata.name)
             .map(|n| format!("crd/{n}"))
             .collect();
+        names.push("crd/httproutes.gateway.networking.k8s.io".into());
         let mut args = vec!["wait", "--for=condition=Established", "--timeout=60s"];
         args.extend(names.iter().map(String::as_str));
         self.kubectl_run(&args, None)?;

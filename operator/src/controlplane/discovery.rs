@@ -14,7 +14,7 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use mycel_crds::{
-    destination_policy::DestinationPolicy, peer_authentication::PeerAuthentication,
+    destination_policy::DestinationPolicy, gateway::HTTPRoute, peer_authentication::PeerAuthentication,
     traffic_route::TrafficRoute,
 };
 use tracing::warn;
@@ -32,6 +32,8 @@ pub enum Change {
     Pod(Box<watcher::Event<Pod>>),
     PeerAuth(Box<watcher::Event<PeerAuthentication>>),
     TrafficRoute(Box<watcher::Event<TrafficRoute>>),
+    /// A Gateway API HTTPRoute (mesh routes are those attached to a Service).
+    HttpRoute(Box<watcher::Event<HTTPRoute>>),
     DestinationPolicy(Box<watcher::Event<DestinationPolicy>>),
     /// An object of a kind not implemented yet (only its status is written).
     Unimplemented(Arc<Watched>, Box<watcher::Event<DynamicObject>>),
@@ -64,6 +66,7 @@ pub fn watch(client: Client) -> BoxStream<'static, Change> {
         events(Api::<PeerAuthentication>::all(client.clone()), |e| Change::PeerAuth(Box::new(e))),
         events(Api::<TrafficRoute>::all(client.clone()), |e| Change::TrafficRoute(Box::new(e))),
         events(Api::<DestinationPolicy>::all(client.clone()), |e| Change::DestinationPolicy(Box::new(e))),
+        http_route_events(client.clone()),
     ];
     for kind in KINDS.iter() {
         let kind = kind.clone();
@@ -71,6 +74,36 @@ pub fn watch(client: Client) -> BoxStream<'static, Change> {
         streams.push(dynamic_events(api, kind));
     }
     futures::stream::select_all(streams).boxed()
+}
+
+/// HTTPRoutes, when the cluster serves them (the Gateway API CRDs are installed with Mycel's,
+/// but may be missing); else an empty list, so that the model syncs. The CRDs installed later
+/// are seen after a restart of the control plane.
+fn http_route_events(client: Client) -> BoxStream<'static, Change> {
+    let group = format!("{}/v1", mycel_crds::gateway::GROUP);
+    futures::stream::once(async move {
+        loop {
+            match client.list_api_group_resources(&group).await {
+                Ok(list) if list.resources.iter().any(|r| r.name == "httproutes") => {
+                    return events(Api::<HTTPRoute>::all(client), |e| Change::HttpRoute(Box::new(e)));
+                }
+                Ok(_) => break,
+                Err(kube::Error::Api(s)) if s.code == 404 => break,
+                Err(e) => {
+                    warn!(error = %e, "cannot tell whether the cluster serves HTTPRoutes; asking again");
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                }
+            }
+        }
+        warn!("the cluster serves no HTTPRoute (Gateway API CRDs not installed): mesh routes come from TrafficRoutes only");
+        futures::stream::iter([
+            Change::HttpRoute(Box::new(watcher::Event::Init)),
+            Change::HttpRoute(Box::new(watcher::Event::InitDone)),
+        ])
+        .boxed()
+    })
+    .flatten()
+    .boxed()
 }
 
 /// The watch of a kind known only by its API resource.

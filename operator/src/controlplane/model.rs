@@ -23,7 +23,7 @@ use super::translate::{
     cluster::{self, Names, PodView},
     destination::{self, Dp},
     peer_policy::{self, PeerAuth},
-    route::{self, Outcome, Tr},
+    route::{self, Outcome, RouteKey, Tr},
     unimplemented::{self, KINDS, Unimplemented},
 };
 
@@ -76,6 +76,8 @@ pub(super) struct Model {
     pods: Kind<Arc<PodInfo>>,
     peer_auths: Kind<PeerAuth>,
     traffic_routes: Kind<Tr>,
+    /// Gateway API HTTPRoutes attached to a Service (GAMMA), as routes of the same model.
+    http_routes: Kind<Tr>,
     destination_policies: Kind<Dp>,
     /// A DestinationPolicy or a Service changed: which policy each Service gets is decided again.
     destinations_dirty: bool,
@@ -129,8 +131,8 @@ struct Routes {
     entries: Arc<HashMap<String, Arc<Entry>>>,
     sorted: Arc<Vec<String>>,
     log: ChangeLog,
-    /// Per TrafficRoute: what it became, and the version that last changed its tables.
-    outcomes: HashMap<Key, (Outcome, u64)>,
+    /// Per route: what it became, and the version that last changed its tables.
+    outcomes: HashMap<RouteKey, (Outcome, u64)>,
 }
 
 /// A collection of one resource.
@@ -148,6 +150,7 @@ impl Model {
             pods: Kind::default(),
             peer_auths: Kind::default(),
             traffic_routes: Kind::default(),
+            http_routes: Kind::default(),
             destination_policies: Kind::default(),
             destinations_dirty: true,
             destinations: Destinations::default(),
@@ -180,6 +183,7 @@ impl Model {
             && self.pods.synced
             && self.peer_auths.synced
             && self.traffic_routes.synced
+            && self.http_routes.synced
             && self.destination_policies.synced
             && self.unimplemented.values().all(|k| k.synced)
     }
@@ -204,6 +208,10 @@ impl Model {
             }
             Change::TrafficRoute(e) => {
                 let touched = self.traffic_routes.apply(*e, discovery::traffic_route_info);
+                self.routes_dirty |= !touched.is_empty();
+            }
+            Change::HttpRoute(e) => {
+                let touched = self.http_routes.apply(*e, super::translate::gamma::from_http_route);
                 self.routes_dirty |= !touched.is_empty();
             }
             Change::DestinationPolicy(e) => {
@@ -454,7 +462,7 @@ impl Model {
         if !std::mem::take(&mut self.routes_dirty) {
             return Vec::new();
         }
-        let trs: Vec<&Tr> = self.traffic_routes.live.values().collect();
+        let trs: Vec<&Tr> = self.traffic_routes.live.values().chain(self.http_routes.live.values()).collect();
         let services = |k: &Key| self.services.live.get(k).cloned();
         let subset = |k: &Key, cluster: &str, subset: &str| {
             if !self.destinations.applied.get(k).is_some_and(|p| destination::has_subset(p, subset)) {
@@ -556,6 +564,7 @@ impl Model {
                     unresolved: Vec::new(),
                     invalid: Vec::new(),
                     not_in_effect: None,
+                    parents: Vec::new(),
                 };
                 (key, reach)
             })
@@ -580,10 +589,11 @@ impl Model {
             s.revisions.sort();
             s.revisions.dedup();
         }
-        let mut trs: Vec<(&Key, &(Outcome, u64))> = self.routes.outcomes.iter().collect();
+        let mut trs: Vec<(&RouteKey, &(Outcome, u64))> = self.routes.outcomes.iter().collect();
         trs.sort_by(|a, b| a.0.cmp(b.0));
-        for (key, (o, since)) in trs {
-            let Some(tr) = self.traffic_routes.live.get(key) else { continue };
+        for ((kind, key), (o, since)) in trs {
+            let routes = if *kind == "HTTPRoute" { &self.http_routes } else { &self.traffic_routes };
+            let Some(tr) = routes.live.get(key) else { continue };
             // Every client proxy of this revision it is exported to holds it.
             let reaches = |ns: &str| {
                 o.tables.values().any(|t| t.export_to.is_empty() || t.export_to.iter().any(|e| e == ns))
@@ -597,7 +607,7 @@ impl Model {
                 }
             });
             v.push(PolicyReach {
-                kind: "TrafficRoute",
+                kind: tr.kind,
                 key: key.clone(),
                 generation: tr.generation,
                 type_url: mycel_api::ROUTE_TYPE,
@@ -610,6 +620,7 @@ impl Model {
                 unresolved: o.unresolved.clone(),
                 invalid: o.invalid.clone(),
                 not_in_effect,
+                parents: tr.parents.clone(),
             });
         }
         let mut dps: Vec<(&Key, &(destination::Outcome, u64))> = self.destinations.outcomes.iter().collect();
@@ -635,6 +646,7 @@ impl Model {
                 unresolved: o.unresolved.clone(),
                 invalid: o.invalid.clone(),
                 not_in_effect,
+                parents: Vec::new(),
             });
         }
         for kind in KINDS.iter() {
@@ -657,6 +669,7 @@ impl Model {
                     unresolved: Vec::new(),
                     invalid: Vec::new(),
                     not_in_effect: None,
+                    parents: Vec::new(),
                 });
             }
         }
@@ -878,6 +891,7 @@ mod tests {
             Change::Pod(Box::new(watcher::Event::InitDone)),
             Change::PeerAuth(Box::new(watcher::Event::InitDone)),
             Change::TrafficRoute(Box::new(watcher::Event::InitDone)),
+            Change::HttpRoute(Box::new(watcher::Event::InitDone)),
             Change::DestinationPolicy(Box::new(watcher::Event::InitDone)),
         ] {
             m.apply(c);
@@ -1093,6 +1107,7 @@ mod tests {
         send(Change::Pod(Box::new(watcher::Event::InitDone)));
         send(Change::PeerAuth(Box::new(watcher::Event::InitDone)));
         send(Change::TrafficRoute(Box::new(watcher::Event::InitDone)));
+        send(Change::HttpRoute(Box::new(watcher::Event::InitDone)));
         send(Change::DestinationPolicy(Box::new(watcher::Event::InitDone)));
         for kind in KINDS.iter() {
             send(Change::Unimplemented(kind.clone(), Box::new(watcher::Event::InitDone)));

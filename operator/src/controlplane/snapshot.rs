@@ -191,6 +191,8 @@ pub struct PolicyReach {
     pub invalid: Vec<String>,
     /// Why it reaches no proxy at all, when it does not (`Ready=False`, `NotInEffect`).
     pub not_in_effect: Option<String>,
+    /// A Gateway API route: the Service `parentRefs` (as written) its status is reported for.
+    pub parents: Vec<serde_json::Value>,
 }
 
 /// The mesh as proxies see it, at one version.

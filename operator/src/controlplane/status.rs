@@ -165,8 +165,7 @@ fn accepted(reach: &PolicyReach) -> Decided {
             status: "False",
             reason: "Conflicted",
             message: format!(
-                "another {} claims what it names; it does not apply there: {}",
-                reach.kind,
+                "another route or policy claims what it names; it does not apply there: {}",
                 named_list(&reach.conflicts)
             ),
         };
@@ -430,6 +429,9 @@ pub async fn run(
 }
 
 async fn write(client: &Client, reach: &PolicyReach, conditions: &[(Decided, Time)]) -> kube::Result<()> {
+    if reach.kind == "HTTPRoute" {
+        return write_route_parents(client, reach, conditions).await;
+    }
     let conditions: Vec<Condition> = conditions
         .iter()
         .map(|(d, t)| Condition {
@@ -463,6 +465,50 @@ async fn write(client: &Client, reach: &PolicyReach, conditions: &[(Decided, Tim
     api.patch_status(&reach.key.1, &params, &Patch::Apply(&patch)).await.map(|_| ())
 }
 
+/// A condition as the Gateway API names its reasons (`Invalid` is its `UnsupportedValue`, an
+/// unresolved backend its `BackendNotFound`).
+fn gateway_condition(d: &Decided, t: &Time, generation: i64) -> serde_json::Value {
+    let reason = match (d.type_, d.reason) {
+        ("Accepted", "Invalid") => "UnsupportedValue",
+        (_, r) => r,
+    };
+    json!({
+        "type": d.type_, "status": d.status, "reason": reason,
+        "message": clip(&d.message, MESSAGE_BYTES), "lastTransitionTime": t,
+        "observedGeneration": generation,
+    })
+}
+
+/// A Gateway API route's status: one entry per Service parent in `status.parents`, under Mycel's
+/// controller name; other controllers' entries are kept. The list is atomic, so it is read and
+/// written back whole, on the read's resourceVersion (a write that raced another fails, and is
+/// tried again later).
+async fn write_route_parents(
+    client: &Client,
+    reach: &PolicyReach,
+    conditions: &[(Decided, Time)],
+) -> kube::Result<()> {
+    let resource = ApiResource::erase::<mycel_crds::gateway::HTTPRoute>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &reach.key.0, &resource);
+    let current = api.get_status(&reach.key.1).await?;
+    let controller = super::translate::gamma::CONTROLLER;
+    let mut parents: Vec<serde_json::Value> = current.data["status"]["parents"]
+        .as_array()
+        .map(|ps| ps.iter().filter(|p| p["controllerName"] != controller).cloned().collect())
+        .unwrap_or_default();
+    let conditions: Vec<serde_json::Value> =
+        conditions.iter().map(|(d, t)| gateway_condition(d, t, reach.generation)).collect();
+    for p in &reach.parents {
+        parents.push(json!({"parentRef": p, "controllerName": controller, "conditions": conditions}));
+    }
+    parents.truncate(32);
+    let patch = json!({
+        "metadata": {"resourceVersion": current.metadata.resource_version},
+        "status": {"parents": parents},
+    });
+    api.patch_status(&reach.key.1, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -486,6 +532,7 @@ mod tests {
             unresolved: Vec::new(),
             invalid: Vec::new(),
             not_in_effect: None,
+            parents: Vec::new(),
         }
     }
 

@@ -168,6 +168,8 @@ impl RetryOn {
 pub enum StringMatch {
     Exact(String),
     Prefix(String),
+    /// A path prefix element by element: `/a` matches `/a` and `/a/b`, not `/ab`.
+    PathPrefix(String),
     /// Matched against the whole value.
     Regex(String),
     /// Only that the header or parameter is there.
@@ -234,6 +236,9 @@ pub struct Rewrite {
     pub uri_prefix: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authority: Option<String>,
+    /// Replaces the whole path (the query is kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
@@ -436,6 +441,19 @@ impl RouteTable {
                     && !p.starts_with('/')
                 {
                     return invalid(format!("{f}.rewrite.uriPrefix"), "must start with /".into());
+                }
+                if let Some(p) = &r.path
+                    && (!p.starts_with('/')
+                        || p.parse::<hyper::http::uri::PathAndQuery>().is_err()
+                        || p.contains('?'))
+                {
+                    return invalid(
+                        format!("{f}.rewrite.path"),
+                        "must be a path starting with / (no query)".into(),
+                    );
+                }
+                if r.path.is_some() && r.uri_prefix.is_some() {
+                    return invalid(format!("{f}.rewrite"), "path or uriPrefix, not both".into());
                 }
                 if let Some(a) = &r.authority
                     && a.parse::<hyper::http::uri::Authority>().is_err()

@@ -133,6 +133,15 @@ pub fn filters(req: &mut Request<Body>, route: &Route) {
             parts.path_and_query = Some(pq);
         }
     }
+    if let Some(path) = &rw.path {
+        let joined = match req.uri().query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.clone(),
+        };
+        if let Ok(pq) = joined.parse() {
+            parts.path_and_query = Some(pq);
+        }
+    }
     if let Some(a) = &rw.authority {
         if parts.authority.is_some() {
             parts.authority = Some(a.clone());
@@ -314,6 +323,34 @@ mod tests {
             Route { backend: route.backend.clone(), rule: Some(rule.clone()), matched_prefix: prefix };
         filters(&mut req, &route);
         assert_eq!(req.uri(), "/app/x");
+    }
+
+    #[test]
+    fn a_path_prefix_matches_whole_elements_and_rewrites_replace_the_prefix_or_the_whole_path() {
+        let c = Config::parse(
+            "clusters:\n- {name: web, endpoints: ['127.0.0.1:1']}\nroutes:\n- cluster: web\n  http:\n  - name: api\n    match: [{path: {pathPrefix: /api/}}]\n    backends: [{cluster: web}]\n    rewrite: {uriPrefix: /}\n  - name: full\n    match: [{path: {pathPrefix: /old}}]\n    backends: [{cluster: web}]\n    rewrite: {path: /new/place}\n",
+        )
+        .unwrap();
+        let state = State::build(c, None);
+        let table = state.routes("web").unwrap();
+        let run = |uri: &str| {
+            let mut req = Request::builder().uri(uri).header("host", "web").body(empty()).unwrap();
+            let (rule, prefix) = table.select(&req)?;
+            let name = rule.name.to_string();
+            let route = Route {
+                backend: state.cluster("web").unwrap().clone(),
+                rule: Some(rule.clone()),
+                matched_prefix: prefix,
+            };
+            filters(&mut req, &route);
+            Some((name, req.uri().to_string()))
+        };
+        let got = |uri: &str| run(uri).map(|(n, u)| format!("{n} {u}"));
+        assert_eq!(got("/api").as_deref(), Some("api /"), "a trailing / of the prefix is ignored");
+        assert_eq!(got("/api/items?id=3").as_deref(), Some("api /items?id=3"));
+        assert_eq!(got("/apis"), None, "not a whole element");
+        assert_eq!(got("/old/x?y=1").as_deref(), Some("full /new/place?y=1"), "the query is kept");
+        assert_eq!(got("/older"), None);
     }
 
     #[test]

@@ -67,11 +67,14 @@ pub struct Rule {
 pub struct Rewrite {
     pub uri_prefix: Option<String>,
     pub authority: Option<Authority>,
+    pub path: Option<String>,
 }
 
 enum Str {
     Exact(String),
     Prefix(String),
+    /// Without its trailing `/`.
+    PathPrefix(String),
     Regex(regex::Regex),
     Present,
     Absent,
@@ -82,6 +85,7 @@ impl Str {
         Some(match m {
             cfg::StringMatch::Exact(s) => Str::Exact(s.clone()),
             cfg::StringMatch::Prefix(s) => Str::Prefix(s.clone()),
+            cfg::StringMatch::PathPrefix(s) => Str::PathPrefix(s.trim_end_matches('/').to_string()),
             cfg::StringMatch::Regex(r) => Str::Regex(compile_regex(r).ok()?),
             cfg::StringMatch::Present => Str::Present,
             cfg::StringMatch::Absent => Str::Absent,
@@ -92,6 +96,10 @@ impl Str {
         match self {
             Str::Exact(s) => v == s,
             Str::Prefix(s) => v.starts_with(s.as_str()),
+            // `/a` (or `/`, kept as the empty string) is followed by the end or by `/`.
+            Str::PathPrefix(s) => {
+                v.strip_prefix(s.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            }
             Str::Regex(r) => r.is_match(v),
             Str::Present => true,
             Str::Absent => false,
@@ -116,7 +124,7 @@ impl Match {
         let prefix = match &self.path {
             None => None,
             Some(p) if !p.matches(path) => return None,
-            Some(Str::Prefix(s)) => Some(s.len()),
+            Some(Str::Prefix(s) | Str::PathPrefix(s)) => Some(s.len()),
             Some(_) => None,
         };
         for (name, m) in &self.headers {
@@ -238,6 +246,7 @@ impl Table {
                     rewrite: r.rewrite.as_ref().map(|rw| Rewrite {
                         uri_prefix: rw.uri_prefix.clone(),
                         authority: rw.authority.as_ref().and_then(|a| a.parse().ok()),
+                        path: rw.path.clone(),
                     }),
                     fault: r.fault.clone(),
                     retry: r.retry.as_ref().filter(|r| r.attempts > 0).map(super::retry::Policy::compile),

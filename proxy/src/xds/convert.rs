@@ -121,6 +121,7 @@ pub fn convert_route(t: &pb::RouteTable, namespace: &str) -> Result<Option<confi
                 None => None,
                 Some(Kind::Exact(s)) => Some(route::StringMatch::Exact(s.clone())),
                 Some(Kind::Prefix(s)) => Some(route::StringMatch::Prefix(s.clone())),
+                Some(Kind::PathPrefix(s)) => Some(route::StringMatch::PathPrefix(s.clone())),
                 Some(Kind::Regex(s)) => Some(route::StringMatch::Regex(s.clone())),
                 Some(Kind::Present(true)) => Some(route::StringMatch::Present),
                 Some(Kind::Absent(true)) => Some(route::StringMatch::Absent),
@@ -187,6 +188,7 @@ pub fn convert_route(t: &pb::RouteTable, namespace: &str) -> Result<Option<confi
             rewrite: r.rewrite.as_ref().map(|rw| route::Rewrite {
                 uri_prefix: (!rw.uri_prefix.is_empty()).then(|| rw.uri_prefix.clone()),
                 authority: (!rw.authority.is_empty()).then(|| rw.authority.clone()),
+                path: (!rw.path.is_empty()).then(|| rw.path.clone()),
             }),
             fault,
             retry: match &r.retry {

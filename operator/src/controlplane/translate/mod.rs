@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod destination;
+pub mod gamma;
 pub mod peer_policy;
 pub mod route;
 pub mod unimplemented;

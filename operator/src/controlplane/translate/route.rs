@@ -17,9 +17,12 @@ use mycel_crds::{
 use crate::controlplane::discovery::Svc;
 use crate::controlplane::snapshot::Key;
 
-/// A TrafficRoute as translation needs it.
+/// A route as translation needs it: a TrafficRoute, or a Gateway API route attached to a
+/// Service, turned into the same shape ([`super::gamma`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tr {
+    /// `TrafficRoute` or `HTTPRoute`.
+    pub kind: &'static str,
     pub namespace: String,
     pub name: String,
     pub generation: i64,
@@ -28,22 +31,48 @@ pub struct Tr {
     pub spec: TrafficRouteSpec,
     /// The fields it sets that are not implemented yet.
     pub not_implemented: Vec<String>,
+    /// Where each of `spec.http` came from in the object, when that is not `spec.http[i]` (an
+    /// HTTPRoute's rules are split into one per match and ordered by precedence).
+    pub fields: Vec<String>,
+    /// Likewise for the one match of each of `spec.http` (`spec.rules[i].matches[j]`).
+    pub match_fields: Vec<String>,
+    /// Its path prefixes match whole path elements (Gateway API's `PathPrefix`), not bytes.
+    pub element_prefixes: bool,
+    /// Gateway API: the Service parents (as written) that status is reported for.
+    pub parents: Vec<serde_json::Value>,
 }
+
+/// A route's identity across kinds: `(kind, (namespace, name))`.
+pub type RouteKey = (&'static str, Key);
 
 impl Tr {
     pub fn from_object(r: TrafficRoute, not_implemented: Vec<String>) -> Tr {
         Tr {
+            kind: "TrafficRoute",
             namespace: r.metadata.namespace.clone().unwrap_or_default(),
             name: r.metadata.name.clone().unwrap_or_default(),
             generation: r.metadata.generation.unwrap_or_default(),
             created: r.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default(),
             spec: r.spec,
             not_implemented,
+            fields: Vec::new(),
+            match_fields: Vec::new(),
+            element_prefixes: false,
+            parents: Vec::new(),
         }
     }
 
     fn label(&self) -> String {
-        format!("TrafficRoute {}/{}", self.namespace, self.name)
+        format!("{} {}/{}", self.kind, self.namespace, self.name)
+    }
+
+    pub fn key(&self) -> RouteKey {
+        (self.kind, (self.namespace.clone(), self.name.clone()))
+    }
+
+    /// The object's field that `spec.http[i]` came from.
+    fn http_field(&self, i: usize) -> String {
+        self.fields.get(i).cloned().unwrap_or_else(|| format!("spec.http[{i}]"))
     }
 }
 
@@ -101,12 +130,14 @@ pub fn translate(
     services: &dyn Fn(&Key) -> Option<Svc>,
     subsets: &Subsets,
     domain: &str,
-) -> HashMap<Key, Outcome> {
+) -> HashMap<RouteKey, Outcome> {
     let cx = Lookup { services, subsets, domain };
     let mut order: Vec<&Tr> = routes.to_vec();
-    order.sort_by(|a, b| (&a.created, &a.namespace, &a.name).cmp(&(&b.created, &b.namespace, &b.name)));
+    order.sort_by(|a, b| {
+        (&a.created, &a.namespace, &a.name, a.kind).cmp(&(&b.created, &b.namespace, &b.name, b.kind))
+    });
     let mut owner: HashMap<Key, String> = HashMap::new();
-    let mut out: HashMap<Key, Outcome> = HashMap::new();
+    let mut out: HashMap<RouteKey, Outcome> = HashMap::new();
     // A route that proxies could not use claims nothing.
     for tr in &order {
         let mut o = Outcome { export_to: export_to(tr), ..Default::default() };
@@ -116,15 +147,14 @@ pub fn translate(
         o.invalid.sort();
         o.invalid.dedup();
         o.unresolved.clear();
-        out.insert((tr.namespace.clone(), tr.name.clone()), o);
+        out.insert(tr.key(), o);
     }
     // Routes of a Service's own namespace claim it first (for every client they are exported
     // to); a route naming another namespace's Service applies to its own namespace's clients
     // only, and only where no route of that Service's namespace claimed it.
     for foreign in [false, true] {
         for tr in &order {
-            let o =
-                out.get_mut(&(tr.namespace.clone(), tr.name.clone())).expect("every route has an outcome");
+            let o = out.get_mut(&tr.key()).expect("every route has an outcome");
             if !o.invalid.is_empty() {
                 continue;
             }
@@ -251,10 +281,19 @@ fn rule(
     if !r.matches.is_empty() && for_port.is_empty() {
         return None;
     }
-    let field = |f: &str| format!("spec.http[{i}]{f}");
+    let at = tr.http_field(i);
+    let field = |f: &str| format!("{at}{f}");
+    let match_field =
+        |j: usize| tr.match_fields.get(i).cloned().unwrap_or_else(|| format!("{at}.match[{j}]"));
     let mut matches = Vec::new();
     for (j, m) in for_port.iter().enumerate() {
-        let path = m.path.as_ref().map(|p| string_match(p, &field(&format!(".match[{j}].path")), o));
+        let path = m.path.as_ref().map(|p| {
+            let mut m = string_match(p, &format!("{}.path", match_field(j)), o);
+            if let (true, Some(pb::string_match::Kind::Prefix(s))) = (tr.element_prefixes, &m.kind) {
+                m.kind = Some(pb::string_match::Kind::PathPrefix(s.clone()));
+            }
+            m
+        });
         matches.push(pb::HttpMatch {
             path,
             method: m.method.map(|m| format!("{m:?}").to_uppercase()).unwrap_or_default(),
@@ -262,17 +301,17 @@ fn rule(
                 .headers
                 .iter()
                 .enumerate()
-                .map(|(k, h)| named(h, &field(&format!(".match[{j}].headers[{k}]")), o, true))
+                .map(|(k, h)| named(h, &format!("{}.headers[{k}]", match_field(j)), o, true))
                 .collect(),
             query_params: m
                 .query_params
                 .iter()
                 .enumerate()
-                .map(|(k, q)| named(q, &field(&format!(".match[{j}].queryParams[{k}]")), o, false))
+                .map(|(k, q)| named(q, &format!("{}.queryParams[{k}]", match_field(j)), o, false))
                 .collect(),
         });
     }
-    let backends = weighted(&r.backends, &field(""), tr, cx, o);
+    let backends = weighted(&r.backends, &at, tr, cx, o);
     let ms = |d: &mycel_crds::common::Duration| super::millis(d).unwrap_or(0);
     let fault = r.fault.as_ref().map(|f| pb::Fault {
         delay_percent: f.delay.as_ref().map(|d| d.percent).unwrap_or(0.0),
@@ -371,6 +410,7 @@ fn rule(
         rewrite: r.rewrite.as_ref().map(|rw| pb::Rewrite {
             uri_prefix: rw.uri_prefix.clone().unwrap_or_default(),
             authority: rw.authority.clone().unwrap_or_default(),
+            path: rw.path.clone().unwrap_or_default(),
         }),
         fault,
         retry: r.retries.as_ref().map(|rt| pb::Retry {
@@ -391,7 +431,16 @@ fn weighted(bs: &[Backend], rule: &str, tr: &Tr, cx: &Lookup, o: &mut Outcome) -
     bs.iter()
         .enumerate()
         .map(|(j, b)| pb::RouteBackend {
-            cluster: backend(b, &format!("{rule}.backends[{j}]"), tr, cx, o),
+            cluster: backend(
+                b,
+                &format!(
+                    "{rule}.{}[{j}]",
+                    if tr.kind == "TrafficRoute" { "backends" } else { "backendRefs" }
+                ),
+                tr,
+                cx,
+                o,
+            ),
             weight: if bs.len() == 1 { 100 } else { b.weight.unwrap_or(0).max(0) as u32 },
         })
         .collect()
@@ -508,6 +557,11 @@ mod tests {
             created: created.into(),
             spec: serde_yaml::from_str(yaml).unwrap(),
             not_implemented: vec![],
+            kind: "TrafficRoute",
+            fields: vec![],
+            match_fields: vec![],
+            element_prefixes: false,
+            parents: vec![],
         }
     }
 
@@ -544,7 +598,7 @@ mod tests {
             }
         };
         let out = translate(&[&r], &services, &subsets, "cluster.local");
-        let o = &out[&("shop".to_string(), "web".to_string())];
+        let o = &out[&("TrafficRoute", ("shop".to_string(), "web".to_string()))];
         let backends: Vec<&str> = o.tables["web.shop.svc.cluster.local:80"].http[0]
             .backends
             .iter()
@@ -577,7 +631,7 @@ mod tests {
             "hosts: [web]\nexportTo: ['.']\nhttp:\n- name: admin\n  match: [{port: 9090}]\n  backends: [{service: web, port: 9090}]\n- name: canary\n  match: [{headers: [{name: X-User, exact: tester}]}]\n  backends: [{service: v2}]\n  timeout: 1s\n  retries: {attempts: 2, perTryTimeout: 200ms, retryOn: [5xx, retriable-4xx], backoff: 10ms}\n- backends: [{service: web, port: 80, weight: 90}, {service: v2, weight: 10}]\n",
         );
         let out = translate(&[&r], &services, &no_subsets, "cluster.local");
-        let o = &out[&("shop".to_string(), "web".to_string())];
+        let o = &out[&("TrafficRoute", ("shop".to_string(), "web".to_string()))];
         assert!(o.unresolved.is_empty() && o.conflicts.is_empty(), "{o:?}");
         assert_eq!(o.export_to.as_deref(), Some(&["shop".to_string()][..]));
         let t80 = &o.tables["web.shop.svc.cluster.local:80"];
@@ -605,7 +659,7 @@ mod tests {
         );
         let subsets = |_: &Key, _: &str, _: &str| Subset::Ready;
         let out = translate(&[&r], &services, &subsets, "cluster.local");
-        let o = &out[&("shop".to_string(), "web".to_string())];
+        let o = &out[&("TrafficRoute", ("shop".to_string(), "web".to_string()))];
         assert!(o.unresolved.is_empty(), "{o:?}");
         assert_eq!(
             o.tables.keys().collect::<Vec<_>>(),
@@ -632,7 +686,7 @@ mod tests {
             "hosts: [web]\nhttp:\n- match: [{path: {prefix: /a}}]\n  mirror: {service: web, port: 9090, percent: 25}\n  backends: [{service: v2}]\n- mirror: {service: gone}\n  backends: [{service: v2}]\n",
         );
         let out = translate(&[&r], &services, &no_subsets, "cluster.local");
-        let o = &out[&("shop".to_string(), "web".to_string())];
+        let o = &out[&("TrafficRoute", ("shop".to_string(), "web".to_string()))];
         let rules = &o.tables["web.shop.svc.cluster.local:80"].http;
         let m = rules[0].mirror.as_ref().unwrap();
         assert_eq!((m.cluster.as_str(), m.percent), ("web.shop.svc.cluster.local:9090", 25.0));
@@ -649,7 +703,7 @@ mod tests {
             "hosts: [web.shop]\nhttp:\n- backends: [{service: v2.shop}]\n",
         );
         let out = translate(&[&foreign], &services, &no_subsets, "cluster.local");
-        let o = &out[&("evil".to_string(), "grab".to_string())];
+        let o = &out[&("TrafficRoute", ("evil".to_string(), "grab".to_string()))];
         assert_eq!(o.tables["web.shop.svc.cluster.local:80"].export_to, ["evil"], "only evil's clients");
         let own = tr(
             "shop",
@@ -659,10 +713,10 @@ mod tests {
         );
         let out = translate(&[&foreign, &own], &services, &no_subsets, "cluster.local");
         assert!(
-            out[&("shop".to_string(), "web".to_string())].conflicts.is_empty(),
+            out[&("TrafficRoute", ("shop".to_string(), "web".to_string()))].conflicts.is_empty(),
             "the owner's route wins though newer"
         );
-        let lost = &out[&("evil".to_string(), "grab".to_string())];
+        let lost = &out[&("TrafficRoute", ("evil".to_string(), "grab".to_string()))];
         assert!(lost.tables.is_empty() && lost.conflicts[0].contains("TrafficRoute shop/web"), "{lost:?}");
         // An invalid route claims nothing; a rule only for another port makes no table.
         let bad = tr(
@@ -679,10 +733,10 @@ mod tests {
         );
         let out = translate(&[&bad, &port], &services, &no_subsets, "cluster.local");
         assert!(
-            out[&("shop".to_string(), "a-bad".to_string())].invalid[0]
+            out[&("TrafficRoute", ("shop".to_string(), "a-bad".to_string()))].invalid[0]
                 .contains("content-length may not be edited")
         );
-        let p = &out[&("shop".to_string(), "b-port".to_string())];
+        let p = &out[&("TrafficRoute", ("shop".to_string(), "b-port".to_string()))];
         assert!(p.conflicts.is_empty(), "{p:?}");
         assert_eq!(p.tables.keys().collect::<Vec<_>>(), ["web.shop.svc.cluster.local:9090"]);
         let q = &p.tables["web.shop.svc.cluster.local:9090"].http[0].matches[0].query_params[0];
@@ -704,7 +758,7 @@ mod tests {
             "hosts: [web, nothere]\nhttp:\n- backends: [{service: web}, {service: gone, weight: 0}]\n",
         );
         let out = translate(&[&new, &old], &services, &no_subsets, "cluster.local");
-        let lost = &out[&("shop".to_string(), "a-new".to_string())];
+        let lost = &out[&("TrafficRoute", ("shop".to_string(), "a-new".to_string()))];
         assert_eq!(lost.conflicts.len(), 1);
         assert!(lost.conflicts[0].contains("TrafficRoute shop/b-old"), "{:?}", lost.conflicts);
         assert!(lost.tables.is_empty());
@@ -713,7 +767,7 @@ mod tests {
             "{:?}",
             lost.unresolved
         );
-        let won = &out[&("shop".to_string(), "b-old".to_string())];
+        let won = &out[&("TrafficRoute", ("shop".to_string(), "b-old".to_string()))];
         assert_eq!(won.tables.len(), 2);
         let bad = tr(
             "shop",
@@ -722,7 +776,7 @@ mod tests {
             "hosts: [v2]\nhttp:\n- backends: [{service: web}, {service: gone, weight: 0}]\n",
         );
         let o = &translate(&[&bad], &services, &no_subsets, "cluster.local")
-            [&("shop".to_string(), "c".to_string())];
+            [&("TrafficRoute", ("shop".to_string(), "c".to_string()))];
         assert_eq!(o.tables.len(), 1, "what resolves is sent, the rest gets 503");
         assert!(
             o.unresolved
@@ -743,7 +797,7 @@ mod tests {
             "hosts: [v2]\nhttp:\n- backends: [{service: v2}]\n  match: [{path: {regex: '('}}]\n",
         );
         let o = &translate(&[&regex], &services, &no_subsets, "cluster.local")
-            [&("shop".to_string(), "d".to_string())];
+            [&("TrafficRoute", ("shop".to_string(), "d".to_string()))];
         assert!(o.invalid[0].starts_with("spec.http[0].match[0].path.regex"), "{:?}", o.invalid);
         assert!(o.tables.is_empty(), "an invalid route is sent to no proxy");
     }
