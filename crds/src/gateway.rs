@@ -261,6 +261,10 @@ pub const MESH_NOT_YET: &[(&str, &str)] = &[
         "!has(object.spec.rules) || object.spec.rules.all(r, !has(r.backendRefs) || r.backendRefs.all(b, !('namespace' in b) || b['namespace'] == request.namespace))",
     ),
     (
+        "spec.rules[].filters[].requestMirror.backendRef (another kind or namespace)",
+        "!has(object.spec.rules) || object.spec.rules.all(r, !has(r.filters) || r.filters.all(f, f.type != 'RequestMirror' || !has(f.requestMirror) || ((!has(f.requestMirror.backendRef.kind) || f.requestMirror.backendRef.kind == 'Service') && (!('namespace' in f.requestMirror.backendRef) || f.requestMirror.backendRef['namespace'] == request.namespace))))",
+    ),
+    (
         "spec.rules[].timeouts.backendRequest",
         "!has(object.spec.rules) || object.spec.rules.all(r, !has(r.timeouts) || !has(r.timeouts.backendRequest))",
     ),

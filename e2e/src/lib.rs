@@ -219,6 +219,7 @@ impl Drop for TestNamespace {
             std::process::Command::new(&self.kubectl)
                 .arg("--kubeconfig")
                 .arg(&self.kubeconfig)
+                .arg("--request-timeout=10s")
                 .args(args)
                 .stderr(std::process::Stdio::null())
                 .output()
@@ -240,7 +241,12 @@ impl Drop for TestNamespace {
             ]);
         }
         kubectl(&["delete", INSTALLATION_CLUSTER_KINDS, "-l", &owned, "--wait=false"]);
-        eprintln!("(the failed test's namespace {} and what its installations made were removed)", self.name);
+        if std::thread::panicking() {
+            eprintln!(
+                "(the failed test's namespace {} and what its installations made were removed)",
+                self.name
+            );
+        }
     }
 }
 
@@ -341,10 +347,15 @@ impl TestCluster {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
     }
 
-    /// Applies `config/crd` and the bundled Gateway API CRDs (`config/gateway-api`) server-side
-    /// (idempotent), and waits until every CRD is Established.
+    /// Applies `config/crd` server-side (idempotent), and the bundled Gateway API CRDs
+    /// (`config/gateway-api`) where the cluster has none (those of another install are left as
+    /// they are), and waits until every CRD is Established.
     pub fn install_crds(&self) -> Result<(), Error> {
-        for sub in ["config/crd", "config/gateway-api"] {
+        let gateway_api = self
+            .kubectl_run(&["get", "crd", "httproutes.gateway.networking.k8s.io", "-o", "name"], None)
+            .is_ok();
+        let dirs: &[&str] = if gateway_api { &["config/crd"] } else { &["config/crd", "config/gateway-api"] };
+        for sub in dirs {
             let dir = Self::repo_root().join(sub).display().to_string();
             self.kubectl_run(
                 &["apply", "--server-side", "--force-conflicts", "--field-manager=mycel-e2e", "-k", &dir],

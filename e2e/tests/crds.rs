@@ -371,7 +371,7 @@ async fn a_mesh_httproute_that_sets_what_is_not_done_yet_is_warned_and_a_gateway
         )
     };
     let service = "{group: '', kind: Service, name: web, port: 80}";
-    let not_yet = "{filters: [{type: CORS, cors: {allowOrigins: ['https://a.example']}}], backendRefs: [{name: web, port: 80, namespace: other}], timeouts: {request: 2s, backendRequest: 1s}}";
+    let not_yet = "{filters: [{type: CORS, cors: {allowOrigins: ['https://a.example']}}, {type: RequestMirror, requestMirror: {backendRef: {name: spy, namespace: other, port: 80}}}], backendRefs: [{name: web, port: 80, namespace: other}], timeouts: {request: 2s, backendRequest: 1s}}";
     let warned =
         mycel_e2e::eventually("the mesh HTTPRoute warning", std::time::Duration::from_secs(60), || async {
             let (ok, err) = apply(&c, &ns.name, &route("mesh", service, not_yet));
@@ -385,6 +385,7 @@ async fn a_mesh_httproute_that_sets_what_is_not_done_yet_is_warned_and_a_gateway
         "spec.rules[].filters[].cors",
         "spec.rules[].backendRefs[].namespace (ReferenceGrant)",
         "spec.rules[].timeouts.backendRequest",
+        "spec.rules[].filters[].requestMirror.backendRef (another kind or namespace)",
     ] {
         assert!(
             warned.contains(&format!(": {field} is not implemented yet for mesh routes")),

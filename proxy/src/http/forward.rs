@@ -117,8 +117,12 @@ async fn balanced(
     .then(|| parts.clone());
     let mut next = Some(Request::from_parts(parts, body));
     let (mut attempts, mut cause) = (0, String::new());
-    // The reset of the last try, if it was one; a replayable request is resent once.
+    // The reset of the last try, if it was one; a replayable request is resent once, from the
+    // destination's retry budget, which every replayable request earns a share of.
     let (mut reset, mut resent) = (None, false);
+    if replayable && copy.is_some() {
+        cluster.retry_budget.deposit();
+    }
     // The other endpoints are only asked for once the first failed (asking moves a round robin).
     let rest = std::iter::once(()).flat_map(|_| cluster.order(key)).filter(|a| *a != first);
     for addr in std::iter::once(first).chain(rest) {
@@ -152,7 +156,9 @@ async fn balanced(
                 next = Some(*req);
             }
             Attempt::PeerNotSent(why) => (cause, reset) = (why, None),
-            Attempt::Reset(e) if may_resend => {
+            // Like any retry, from the destination's budget (so that a failing one is not sent
+            // twice the load).
+            Attempt::Reset(e) if may_resend && cluster.retry_budget.withdraw() => {
                 shared.metrics.retry(&cluster.cluster, "after_reset");
                 (reset, resent) = (Some(e), true);
             }

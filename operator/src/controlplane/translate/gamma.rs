@@ -99,7 +99,9 @@ fn precedence(m: &HTTPRouteMatch, rule: usize, index: usize) -> Key {
     let (kind, len) = match m.path.as_ref() {
         None => (1, 1),
         Some(p) => {
-            let len = p.value.as_deref().unwrap_or("/").len();
+            // As the proxy compares it: without a trailing `/`.
+            let value = p.value.as_deref().unwrap_or("/");
+            let len = if value == "/" { 1 } else { value.trim_end_matches('/').len() };
             match p.type_.as_deref() {
                 Some("Exact") => (0, len),
                 Some("RegularExpression") => (2, len),
@@ -195,8 +197,17 @@ fn rule_of(
             weight: Some(b.weight.unwrap_or(1)),
         });
     }
-    // No backend and nothing that answers: the specification's 500.
-    if out.backends.is_empty() && out.redirect.is_none() {
+    // Relative weights: scaled down to what a proxy takes (their total at most 1 000 000).
+    let total: i64 = out.backends.iter().map(|b| i64::from(b.weight.unwrap_or(0).max(0))).sum();
+    if total > 1_000_000 {
+        for b in &mut out.backends {
+            let w = i64::from(b.weight.unwrap_or(0).max(0));
+            b.weight = Some(((w * 1_000_000) / total) as i32);
+        }
+    }
+    // No backend with a weight (or none at all) and nothing that answers: the specification's 500.
+    if out.backends.iter().all(|b| b.weight.unwrap_or(0) <= 0) && out.redirect.is_none() {
+        out.backends.clear();
         out.direct_response =
             Some(DirectResponse { status: 500, body: Some("the route rule has no backendRefs".into()) });
     }
@@ -207,6 +218,11 @@ fn rule_of(
         }
     }
     out
+}
+
+/// A replacement path as the proxy takes it: `""` (strip the prefix) is `/`, and it starts with `/`.
+fn absolute(p: &str) -> String {
+    if p.starts_with('/') { p.to_string() } else { format!("/{p}") }
 }
 
 fn edits(m: &mycel_crds::gateway::HeaderModifier) -> HeaderEdits {
@@ -234,8 +250,10 @@ fn filter(
         }
         ("RequestRedirect", HTTPRouteFilter { request_redirect: Some(rd), .. }) => {
             let (path, prefix) = match rd.path.as_ref() {
-                Some(p) if p.type_ == "ReplaceFullPath" => (p.replace_full_path.clone(), None),
-                Some(p) => (None, p.replace_prefix_match.clone()),
+                Some(p) if p.type_ == "ReplaceFullPath" => {
+                    (p.replace_full_path.as_deref().map(absolute), None)
+                }
+                Some(p) => (None, p.replace_prefix_match.as_deref().map(absolute)),
                 None => (None, None),
             };
             out.redirect = Some(Redirect {
@@ -250,8 +268,10 @@ fn filter(
         }
         ("URLRewrite", HTTPRouteFilter { url_rewrite: Some(rw), .. }) => {
             let (path, uri_prefix) = match rw.path.as_ref() {
-                Some(p) if p.type_ == "ReplaceFullPath" => (p.replace_full_path.clone(), None),
-                Some(p) => (None, p.replace_prefix_match.clone()),
+                Some(p) if p.type_ == "ReplaceFullPath" => {
+                    (p.replace_full_path.as_deref().map(absolute), None)
+                }
+                Some(p) => (None, p.replace_prefix_match.as_deref().map(absolute)),
                 None => (None, None),
             };
             out.rewrite = Some(Rewrite { uri_prefix, authority: rw.hostname.clone(), path });
@@ -260,6 +280,14 @@ fn filter(
             *mirrors += 1;
             if *mirrors > 1 {
                 not_implemented.push(format!("{field}.requestMirror (a second mirror of one rule)"));
+                return;
+            }
+            // Copies go only to a Service of the route's namespace (another needs a
+            // ReferenceGrant, not implemented yet): else nothing is copied.
+            if !m.backend_ref.is_service()
+                || m.backend_ref.namespace.as_deref().is_some_and(|n| n != namespace)
+            {
+                not_implemented.push(format!("{field}.requestMirror.backendRef (another kind or namespace)"));
                 return;
             }
             let percent = match (&m.percent, &m.fraction) {
@@ -400,5 +428,43 @@ spec:
         let rule = &tr.spec.http[0];
         assert_eq!(rule.direct_response.as_ref().map(|d| d.status), Some(500));
         assert!(rule.timeout.is_none(), "0s turns the timeout off");
+    }
+
+    #[test]
+    fn values_the_crd_accepts_become_what_a_proxy_takes() {
+        let r = route(
+            r#"
+metadata: {name: w, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: web}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /a/}}]
+    backendRefs: [{name: web, port: 80, weight: 0}]
+  - matches: [{path: {type: PathPrefix, value: /a}, headers: [{name: x, value: y}]}]
+    filters:
+    - {type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: ""}}}
+    - {type: RequestMirror, requestMirror: {backendRef: {name: spy, namespace: elsewhere, port: 80}}}
+    backendRefs: [{name: web, port: 80, weight: 1000000}, {name: web-v2, port: 80, weight: 1000000}]
+"#,
+        );
+        let tr = from_http_route(r).unwrap();
+        // `/a/` is `/a` to the proxy: the rule with a header match ranks first.
+        assert_eq!(tr.fields, ["spec.rules[1]", "spec.rules[0]"]);
+        let with_header = &tr.spec.http[0];
+        assert_eq!(
+            with_header.rewrite.as_ref().unwrap().uri_prefix.as_deref(),
+            Some("/"),
+            "\"\" strips the prefix"
+        );
+        assert!(with_header.mirror.is_none(), "no copies to another namespace without a grant");
+        let weights: Vec<i32> = with_header.backends.iter().map(|b| b.weight.unwrap()).collect();
+        assert_eq!(weights, [500_000, 500_000], "scaled to the proxy's bound, shares kept");
+        let zero = &tr.spec.http[1];
+        assert!(zero.backends.is_empty() && zero.direct_response.as_ref().is_some_and(|d| d.status == 500));
+        assert!(
+            tr.not_implemented.iter().any(|f| f.contains("requestMirror.backendRef")),
+            "{:?}",
+            tr.not_implemented
+        );
     }
 }
