@@ -51,7 +51,8 @@ pub struct ParentRef {
 }
 
 impl ParentRef {
-    /// Whether it names a Service (group `""` or `core`, kind `Service`).
+    /// Whether it names a Service (group `""` or `core`, kind `Service`). The API server defaults
+    /// a missing group to the Gateway API's, so a mesh route must say `group: ""`.
     pub fn is_service(&self) -> bool {
         self.kind.as_deref() == Some("Service")
             && matches!(self.group.as_deref(), None | Some("") | Some("core"))
@@ -302,7 +303,7 @@ pub fn mesh_route_warnings() -> String {
                 }]},
                 "matchConditions": [{
                     "name": "attached-to-a-service",
-                    "expression": "has(object.spec.parentRefs) && object.spec.parentRefs.exists(p, has(p.kind) && p.kind == 'Service')",
+                    "expression": "has(object.spec.parentRefs) && object.spec.parentRefs.exists(p, has(p.kind) && p.kind == 'Service' && (!has(p.group) || p.group == '' || p.group == 'core'))",
                 }],
                 "validations": validations,
             }

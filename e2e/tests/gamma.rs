@@ -2,7 +2,7 @@
 //! what meshed clients send to it, with the Gateway API's matching (element-wise path prefixes,
 //! an exact path first) and filters (header edits, prefix and full-path rewrites, a redirect);
 //! its status reports Mycel's parent entry (Accepted, ResolvedRefs, Ready once every proxy
-//! acknowledged it); a TrafficRoute for the same Service, newer, loses and names it; a route
+//! acknowledged it); a second HTTPRoute for the Service is merged; a TrafficRoute for the same Service, newer, loses and names it; a route
 //! attached to a Gateway only is left alone. Skipped (with a message) without a real node.
 
 use kube::{
@@ -38,6 +38,18 @@ spec:
   - matches: [{path: {type: PathPrefix, value: /full}}]
     filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /replaced}}}]
     backendRefs: [{name: web, port: 80}]
+"#;
+
+/// A second route for the same Service: merged with the first.
+const EXTRA: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web-extra}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web}]
+  rules:
+  - matches: [{path: {type: Exact, value: /extra}}]
+    backendRefs: [{name: web-v2, port: 80}]
 "#;
 
 const GATEWAY_ROUTE: &str = r#"
@@ -96,13 +108,14 @@ async fn an_httproute_attached_to_a_service_steers_its_clients() {
     mesh.apply(&c, &format!("{}---\n{}", echo("web", "web", "v1", 1), echo("web-v2", "web-v2", "v2", 1)));
     mesh.available("web", 1).await;
     mesh.available("web-v2", 1).await;
-    mesh.apply(&c, &format!("{ROUTE}---\n{GATEWAY_ROUTE}"));
+    mesh.apply(&c, &format!("{ROUTE}---\n{EXTRA}---\n{GATEWAY_ROUTE}"));
     let ar = ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
         "httproutes",
     );
     let routes: Api<DynamicObject> = Api::namespaced_with(client.clone(), &n, &ar);
     let entry = parent_entry(&routes, "web").await;
+    parent_entry(&routes, "web-extra").await;
     assert_eq!(entry["parentRef"]["name"], "web", "{entry}");
     assert_eq!(entry["parentRef"]["kind"], "Service", "{entry}");
     for t in ["Accepted", "ResolvedRefs"] {
@@ -116,6 +129,7 @@ async fn an_httproute_attached_to_a_service_steers_its_clients() {
         "http://web/v2/moved",
         "http://web/full/a?q=1",
         "http://web/other",
+        "http://web/extra",
     ];
     let (ok, log) = run_job(&client, &n, "gamma", "default", true, &get(&urls, 1, &["x-secret:1"])).await;
     assert!(ok, "{log}");
@@ -138,7 +152,12 @@ async fn an_httproute_attached_to_a_service_steers_its_clients() {
     assert_eq!(moved.header("location"), "http://web/new", "{log}");
     let full = by("http://web/full/a?q=1");
     assert_eq!(full.body["path"], "/replaced?q=1", "the whole path is replaced, the query kept: {log}");
-    assert!(by("http://web/other").pod().starts_with("web-"), "{log}");
+    let other = by("http://web/other");
+    assert!(
+        other.pod().starts_with("web-") && !other.pod().starts_with("web-v2-"),
+        "the default rule: {log}"
+    );
+    assert!(by("http://web/extra").pod().starts_with("web-v2-"), "the second route's rule, merged: {log}");
 
     // A newer TrafficRoute for the same Service loses to the HTTPRoute and names it.
     mesh.apply(&c, LATE);

@@ -56,7 +56,8 @@ pub fn from_http_route(r: HTTPRoute) -> Option<Tr> {
     let mut split: Vec<(Key, HttpRoute, String, String)> = Vec::new();
     for (i, rule) in r.spec.rules.iter().enumerate() {
         let at = format!("spec.rules[{i}]");
-        let base = rule_of(rule, i, &namespace, &at, &mut not_implemented);
+        let route_name = r.metadata.name.as_deref().unwrap_or_default();
+        let base = rule_of(rule, i, route_name, &namespace, &at, &mut not_implemented);
         let default = [HTTPRouteMatch::default()];
         let matches: &[HTTPRouteMatch] = if rule.matches.is_empty() { &default } else { &rule.matches };
         for (j, m) in matches.iter().enumerate() {
@@ -88,6 +89,7 @@ pub fn from_http_route(r: HTTPRoute) -> Option<Tr> {
         match_fields: split.iter().map(|s| s.3.clone()).collect(),
         element_prefixes: true,
         parents: parents_json,
+        precedence: split.iter().map(|s| (s.0.0, s.0.1, s.0.2, s.0.3, s.0.4)).collect(),
     })
 }
 
@@ -162,12 +164,13 @@ fn service(b: &BackendRef, namespace: &str) -> Host {
 fn rule_of(
     rule: &mycel_crds::gateway::HTTPRouteRule,
     i: usize,
+    route: &str,
     namespace: &str,
     at: &str,
     not_implemented: &mut Vec<String>,
 ) -> HttpRoute {
     let mut out = HttpRoute {
-        name: Some(rule.name.clone().unwrap_or_else(|| format!("rule-{i}"))),
+        name: Some(format!("{route}/{}", rule.name.clone().unwrap_or_else(|| format!("rule-{i}")))),
         ..Default::default()
     };
     let mut mirrors = 0;
@@ -371,11 +374,11 @@ spec:
         assert_eq!(
             names,
             [
-                ("rule-1", "spec.rules[1].matches[1]"),
-                ("rule-3", "spec.rules[3].matches[0]"),
-                ("rule-2", "spec.rules[2].matches[0]"),
-                ("rule-1", "spec.rules[1].matches[0]"),
-                ("rule-0", "spec.rules[0].matches[0]"),
+                ("web/rule-1", "spec.rules[1].matches[1]"),
+                ("web/rule-3", "spec.rules[3].matches[0]"),
+                ("web/rule-2", "spec.rules[2].matches[0]"),
+                ("web/rule-1", "spec.rules[1].matches[0]"),
+                ("web/rule-0", "spec.rules[0].matches[0]"),
             ],
             "exact first, then the longest prefix, then more headers, and `/` (the default match) last"
         );
@@ -428,6 +431,45 @@ spec:
         let rule = &tr.spec.http[0];
         assert_eq!(rule.direct_response.as_ref().map(|d| d.status), Some(500));
         assert!(rule.timeout.is_none(), "0s turns the timeout off");
+    }
+
+    #[test]
+    fn httproutes_of_one_namespace_for_one_service_merge_by_precedence_and_a_trafficroute_yields() {
+        let a = route(
+            "metadata: {name: a, namespace: shop}\nspec:\n  parentRefs: [{kind: Service, name: web}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /a}}]\n    backendRefs: [{name: web, port: 80}]\n",
+        );
+        let b = route(
+            "metadata: {name: b, namespace: shop}\nspec:\n  parentRefs: [{kind: Service, name: web}]\n  rules:\n  - backendRefs: [{name: web-v2, port: 80}]\n  - matches: [{path: {type: Exact, value: /a/x}}]\n    backendRefs: [{name: web-v2, port: 80}]\n",
+        );
+        let consumer = route(
+            "metadata: {name: c, namespace: front}\nspec:\n  parentRefs: [{kind: Service, name: web, namespace: shop}]\n  rules: [{backendRefs: [{name: web, namespace: shop, port: 80}]}]\n",
+        );
+        let (a, b, consumer) =
+            (from_http_route(a).unwrap(), from_http_route(b).unwrap(), from_http_route(consumer).unwrap());
+        let mut tr: Tr = a.clone();
+        (tr.kind, tr.name, tr.created) = ("TrafficRoute", "z".into(), "2030-01-01T00:00:00Z".into());
+        (tr.element_prefixes, tr.precedence, tr.parents) = (false, vec![], vec![]);
+        let subsets = |_: &crate::controlplane::snapshot::Key, _: &str, _: &str| Subset::Undefined;
+        let out = route::translate(&[&b, &tr, &consumer, &a], &services, &subsets, "cluster.local");
+        let key = |kind: &'static str, ns: &str, n: &str| (kind, (ns.to_string(), n.to_string()));
+        let (oa, ob) = (&out[&key("HTTPRoute", "shop", "a")], &out[&key("HTTPRoute", "shop", "b")]);
+        assert!(oa.conflicts.is_empty() && ob.conflicts.is_empty(), "{oa:?} {ob:?}");
+        let t = &oa.tables["web.shop.svc.cluster.local:80"];
+        assert_eq!(ob.tables["web.shop.svc.cluster.local:80"], *t, "both hold the merged table");
+        let names: Vec<&str> = t.http.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["b/rule-1", "a/rule-0", "b/rule-0"],
+            "exact, then /a, then / whichever route has it"
+        );
+        assert_eq!(t.source, "HTTPRoute shop/a (and 1 more)");
+        let lost = &out[&key("TrafficRoute", "shop", "z")];
+        assert!(lost.conflicts[0].contains("HTTPRoute shop/a"), "{lost:?}");
+        let c = &out[&key("HTTPRoute", "front", "c")];
+        assert!(
+            c.tables.is_empty() && c.conflicts[0].contains("HTTPRoute shop/a"),
+            "a consumer route yields: {c:?}"
+        );
     }
 
     #[test]

@@ -40,7 +40,16 @@ pub struct Tr {
     pub element_prefixes: bool,
     /// Gateway API: the Service parents (as written) that status is reported for.
     pub parents: Vec<serde_json::Value>,
+    /// Gateway API: the precedence of each of `spec.http` (lower first), by which the rules of
+    /// several HTTPRoutes for one Service are merged.
+    pub precedence: Vec<Precedence>,
 }
+
+/// A Gateway API match's rank (lower first): the path kind (exact, prefix, regex), the path's
+/// length (longer first), a method match first, more header matches, more query parameter
+/// matches.
+pub type Precedence =
+    (u8, std::cmp::Reverse<usize>, bool, std::cmp::Reverse<usize>, std::cmp::Reverse<usize>);
 
 /// A route's identity across kinds: `(kind, (namespace, name))`.
 pub type RouteKey = (&'static str, Key);
@@ -59,6 +68,7 @@ impl Tr {
             match_fields: Vec::new(),
             element_prefixes: false,
             parents: Vec::new(),
+            precedence: Vec::new(),
         }
     }
 
@@ -136,7 +146,11 @@ pub fn translate(
     order.sort_by(|a, b| {
         (&a.created, &a.namespace, &a.name, a.kind).cmp(&(&b.created, &b.namespace, &b.name, b.kind))
     });
-    let mut owner: HashMap<Key, String> = HashMap::new();
+    // Service → the label of the route that owns it, and (an HTTPRoute) its namespace.
+    let mut owner: HashMap<Key, (String, Option<String>)> = HashMap::new();
+    // Service → the HTTPRoutes of one namespace that route it, merged (in `order`'s order), with
+    // the clients they are exported to.
+    let mut merged: HashMap<Key, (Vec<usize>, Vec<String>)> = HashMap::new();
     let mut out: HashMap<RouteKey, Outcome> = HashMap::new();
     // A route that proxies could not use claims nothing.
     for tr in &order {
@@ -153,7 +167,7 @@ pub fn translate(
     // to); a route naming another namespace's Service applies to its own namespace's clients
     // only, and only where no route of that Service's namespace claimed it.
     for foreign in [false, true] {
-        for tr in &order {
+        for (rank, tr) in order.iter().enumerate() {
             let o = out.get_mut(&tr.key()).expect("every route has an outcome");
             if !o.invalid.is_empty() {
                 continue;
@@ -194,14 +208,28 @@ pub fn translate(
                 } else {
                     o.export_to.clone().unwrap_or_default()
                 };
-                if let Some(winner) = owner.get(&svc_key) {
-                    o.conflicts.push(format!(
-                        "host {}: {winner} routes Service {}/{} (a route of the Service's own namespace first, then the oldest, then by namespace and name)",
-                        host.0, svc_key.0, svc_key.1
-                    ));
+                let gateway = (tr.kind == "HTTPRoute").then(|| tr.namespace.clone());
+                match owner.get(&svc_key) {
+                    // HTTPRoutes of one namespace for one Service merge, as the Gateway API says.
+                    Some((_, Some(ns))) if gateway.as_ref() == Some(ns) => {
+                        merged.entry(svc_key.clone()).or_default().0.push(rank);
+                        continue;
+                    }
+                    Some((winner, _)) => {
+                        o.conflicts.push(format!(
+                            "host {}: {winner} routes Service {}/{} (a route of the Service's own namespace first, then the oldest, then by namespace and name)",
+                            host.0, svc_key.0, svc_key.1
+                        ));
+                        continue;
+                    }
+                    None => {}
+                }
+                owner.insert(svc_key.clone(), (source.clone(), gateway.clone()));
+                if gateway.is_some() {
+                    // Its tables are made below, with those of the routes merged into it.
+                    merged.insert(svc_key.clone(), (vec![rank], export));
                     continue;
                 }
-                owner.insert(svc_key.clone(), source.clone());
                 for (_, port) in &svc.ports {
                     let cluster = cluster_name(&svc_key, *port, domain);
                     let http: Vec<pb::HttpRule> = tr
@@ -234,6 +262,55 @@ pub fn translate(
                     };
                     o.tables.insert(cluster, table);
                 }
+            }
+        }
+    }
+    // Merged HTTPRoutes: one table per port of the Service, their rules ordered by precedence
+    // across the routes (ties: the older route, then namespace and name, then its order), held
+    // by each of them (for its status).
+    let mut services_merged: Vec<&Key> = merged.keys().collect();
+    services_merged.sort();
+    for svc_key in services_merged {
+        let (ranks, export) = &merged[svc_key];
+        let Some(svc) = services(svc_key) else { continue };
+        let labels: Vec<String> = ranks.iter().map(|r| order[*r].label()).collect();
+        let source = match labels.len() {
+            1 => labels[0].clone(),
+            n => format!("{} (and {} more)", labels[0], n - 1),
+        };
+        for (_, port) in &svc.ports {
+            let cluster = cluster_name(svc_key, *port, domain);
+            let mut rules: Vec<(Precedence, usize, usize, pb::HttpRule)> = Vec::new();
+            for &r in ranks {
+                let tr = order[r];
+                let o = out.get_mut(&tr.key()).expect("every route has an outcome");
+                for (i, hr) in tr.spec.http.iter().enumerate() {
+                    if let Some(rule) = rule(hr, i, Some(*port), tr, &cx, o) {
+                        let p = tr.precedence.get(i).copied().unwrap_or((
+                            1,
+                            std::cmp::Reverse(0),
+                            true,
+                            std::cmp::Reverse(0),
+                            std::cmp::Reverse(0),
+                        ));
+                        rules.push((p, r, i, rule));
+                    }
+                }
+            }
+            if rules.is_empty() {
+                continue;
+            }
+            rules.sort_by(|a, b| (&a.0, a.1, a.2).cmp(&(&b.0, b.1, b.2)));
+            let table = pb::RouteTable {
+                name: cluster.clone(),
+                source: source.clone(),
+                export_to: export.clone(),
+                http: rules.into_iter().map(|r| r.3).collect(),
+                tcp: Vec::new(),
+            };
+            for &r in ranks {
+                let o = out.get_mut(&order[r].key()).expect("every route has an outcome");
+                o.tables.insert(cluster.clone(), table.clone());
             }
         }
     }
@@ -562,6 +639,7 @@ mod tests {
             match_fields: vec![],
             element_prefixes: false,
             parents: vec![],
+            precedence: vec![],
         }
     }
 
