@@ -237,6 +237,62 @@ pub struct HTTPRouteTimeouts {
     pub backend_request: Option<String>,
 }
 
+/// Routes gRPC calls; attached to a Service it is a mesh route, as an HTTPRoute is.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "gateway.networking.k8s.io",
+    version = "v1",
+    kind = "GRPCRoute",
+    plural = "grpcroutes",
+    namespaced,
+    schema = "disabled"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GRPCRouteSpec {
+    #[serde(default)]
+    pub parent_refs: Vec<ParentRef>,
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    #[serde(default)]
+    pub rules: Vec<GRPCRouteRule>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GRPCRouteRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub matches: Vec<GRPCRouteMatch>,
+    /// The same filter types as an HTTPRoute's (`RequestHeaderModifier`,
+    /// `ResponseHeaderModifier`, `RequestMirror`, `ExtensionRef`).
+    #[serde(default)]
+    pub filters: Vec<HTTPRouteFilter>,
+    #[serde(default)]
+    pub backend_refs: Vec<HTTPBackendRef>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GRPCRouteMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<GRPCMethodMatch>,
+    #[serde(default)]
+    pub headers: Vec<HTTPNamedMatch>,
+}
+
+/// `type`: `Exact` (the default) or `RegularExpression`; `service`, `method` or both.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GRPCMethodMatch {
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub type_: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
 /// What a mesh HTTPRoute (one with a Service parent) may set that Mycel does not do yet: the
 /// field as a message names it, and a CEL expression that holds when the route does not set it.
 /// (`namespace` is a CEL reserved word: on these unstructured objects it is read as a map key.)
@@ -275,21 +331,25 @@ pub const MESH_NOT_YET: &[(&str, &str)] = &[
     ),
 ];
 
-/// The admission warnings for [`MESH_NOT_YET`]: a ValidatingAdmissionPolicy (warn only) on
-/// HTTPRoutes that name a Service as a parent (a Gateway's routes are not the mesh's business).
+/// The admission warnings for [`MESH_NOT_YET`]: a ValidatingAdmissionPolicy (warn only) each on
+/// HTTPRoutes and GRPCRoutes that name a Service as a parent (a Gateway's routes are not the
+/// mesh's business).
 pub fn mesh_route_warnings() -> String {
-    let name = "mycel-not-implemented-mesh-httproutes";
-    let validations: Vec<serde_json::Value> = MESH_NOT_YET
-        .iter()
-        .map(|(field, cel)| {
-            serde_json::json!({
-                "expression": cel,
-                "message": format!("{field} is not implemented yet for mesh routes (an HTTPRoute attached to a Service): it is accepted but changes nothing (docs/traffic.md)"),
+    let mut docs = Vec::new();
+    for (kind, plural) in [("HTTPRoute", "httproutes"), ("GRPCRoute", "grpcroutes")] {
+        let name = format!("mycel-not-implemented-mesh-{plural}");
+        // A GRPCRoute has no CORS filter and no timeouts.
+        let validations: Vec<serde_json::Value> = MESH_NOT_YET
+            .iter()
+            .filter(|(field, _)| kind == "HTTPRoute" || !(field.contains("cors") || field.contains("timeouts")))
+            .map(|(field, cel)| {
+                serde_json::json!({
+                    "expression": cel,
+                    "message": format!("{field} is not implemented yet for mesh routes ({} {kind} attached to a Service): it is accepted but changes nothing (docs/traffic.md)", if kind == "HTTPRoute" { "an" } else { "a" }),
+                })
             })
-        })
-        .collect();
-    let docs = [
-        serde_json::json!({
+            .collect();
+        docs.push(serde_json::json!({
             "apiVersion": "admissionregistration.k8s.io/v1",
             "kind": "ValidatingAdmissionPolicy",
             "metadata": {"name": name},
@@ -299,7 +359,7 @@ pub fn mesh_route_warnings() -> String {
                     "apiGroups": [GROUP],
                     "apiVersions": ["v1"],
                     "operations": ["CREATE", "UPDATE"],
-                    "resources": ["httproutes"],
+                    "resources": [plural],
                 }]},
                 "matchConditions": [{
                     "name": "attached-to-a-service",
@@ -307,14 +367,14 @@ pub fn mesh_route_warnings() -> String {
                 }],
                 "validations": validations,
             }
-        }),
-        serde_json::json!({
+        }));
+        docs.push(serde_json::json!({
             "apiVersion": "admissionregistration.k8s.io/v1",
             "kind": "ValidatingAdmissionPolicyBinding",
             "metadata": {"name": name},
             "spec": {"policyName": name, "validationActions": ["Warn"]}
-        }),
-    ];
+        }));
+    }
     docs.iter()
         .map(|d| serde_yaml::to_string(d).expect("JSON values serialise to YAML"))
         .collect::<Vec<_>>()

@@ -82,7 +82,7 @@ fn field<'a>(schema: &'a serde_yaml::Value, path: &str) -> Option<&'a serde_yaml
 }
 
 #[test]
-fn every_httproute_field_the_control_plane_reads_is_in_the_bundled_schema() {
+fn every_route_field_the_control_plane_reads_is_in_the_bundled_schema() {
     let text = std::fs::read_to_string(dir().join("gateway.networking.k8s.io_httproutes.yaml")).unwrap();
     let crd: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
     let v1 = crd["spec"]["versions"].as_sequence().unwrap().iter().find(|v| v["name"] == "v1").unwrap();
@@ -141,6 +141,30 @@ fn every_httproute_field_the_control_plane_reads_is_in_the_bundled_schema() {
         "status.parents[].conditions",
     ] {
         assert!(field(schema, path).is_some(), "the bundled HTTPRoute has no {path}");
+    }
+    let text = std::fs::read_to_string(dir().join("gateway.networking.k8s.io_grpcroutes.yaml")).unwrap();
+    let crd: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let v1 = crd["spec"]["versions"].as_sequence().unwrap().iter().find(|v| v["name"] == "v1").unwrap();
+    let grpc = &v1["schema"]["openAPIV3Schema"];
+    for path in [
+        "spec.parentRefs[].kind",
+        "spec.rules[].name",
+        "spec.rules[].matches[].method.type",
+        "spec.rules[].matches[].method.service",
+        "spec.rules[].matches[].method.method",
+        "spec.rules[].matches[].headers[].name",
+        "spec.rules[].matches[].headers[].type",
+        "spec.rules[].matches[].headers[].value",
+        "spec.rules[].filters[].type",
+        "spec.rules[].filters[].requestHeaderModifier.set[].name",
+        "spec.rules[].filters[].responseHeaderModifier.add[].name",
+        "spec.rules[].filters[].requestMirror.backendRef.name",
+        "spec.rules[].backendRefs[].name",
+        "spec.rules[].backendRefs[].port",
+        "spec.rules[].backendRefs[].weight",
+        "status.parents[].controllerName",
+    ] {
+        assert!(field(grpc, path).is_some(), "the bundled GRPCRoute has no {path}");
     }
     // The path match defaults to a PathPrefix of `/`, as the translation assumes.
     let m = field(schema, "spec.rules[].matches").unwrap();

@@ -368,6 +368,7 @@ impl TestCluster {
             .map(|n| format!("crd/{n}"))
             .collect();
         names.push("crd/httproutes.gateway.networking.k8s.io".into());
+        names.push("crd/grpcroutes.gateway.networking.k8s.io".into());
         let mut args = vec!["wait", "--for=condition=Established", "--timeout=60s"];
         args.extend(names.iter().map(String::as_str));
         self.kubectl_run(&args, None)?;

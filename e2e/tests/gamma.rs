@@ -11,6 +11,7 @@ use kube::{
 };
 use mycel_e2e::{
     TestCluster, eventually,
+    images::TESTAPP_IMAGE,
     mesh::{Installation, condition, echo, get, mycel_api, parse, run_job},
 };
 use serde_json::Value;
@@ -52,6 +53,45 @@ spec:
     backendRefs: [{name: web-v2, port: 80}]
 "#;
 
+/// A gRPC server (the standard health service) and a GRPCRoute that routes only `method`.
+fn grpc(method: &str) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: grpc}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: grpc}}}}
+  template:
+    metadata: {{labels: {{app: grpc}}}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: grpc
+        image: {TESTAPP_IMAGE}
+        args: ["grpc-echo", "--port", "9090"]
+        ports: [{{name: grpc, containerPort: 9090}}]
+        readinessProbe: {{tcpSocket: {{port: grpc}}, periodSeconds: 1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: grpc}}
+spec:
+  selector: {{app: grpc}}
+  ports: [{{name: grpc, port: 9090, targetPort: 9090}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {{name: grpc}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: grpc, port: 9090}}]
+  rules:
+  - matches: [{{method: {{service: grpc.health.v1.Health, method: {method}}}}}]
+    backendRefs: [{{name: grpc, port: 9090}}]
+"#
+    )
+}
+
 const GATEWAY_ROUTE: &str = r#"
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -73,7 +113,7 @@ spec:
 /// Mycel's entry in an HTTPRoute's `status.parents`, once its conditions are for the current
 /// generation and Ready is True.
 async fn parent_entry(api: &Api<DynamicObject>, name: &str) -> Value {
-    eventually(&format!("HTTPRoute {name} has Mycel's parent status"), Duration::from_secs(60), || async {
+    eventually(&format!("route {name} has Mycel's parent status"), Duration::from_secs(60), || async {
         let o = api.get(name).await.map_err(|e| e.to_string())?;
         let entry = o.data["status"]["parents"]
             .as_array()
@@ -171,5 +211,28 @@ async fn an_httproute_attached_to_a_service_steers_its_clients() {
         .as_array()
         .is_some_and(|ps| ps.iter().any(|p| p["controllerName"] == "mycel.io/mesh"));
     assert!(!ours, "a route of a Gateway is not the mesh's: {}", gw.data["status"]);
+
+    // A GRPCRoute by method: Check routed is answered; routing only Watch, Check gets no route
+    // (its sidecar answers UNIMPLEMENTED, as gRPC maps the 404 of no route).
+    mesh.apply(&c, &grpc("Check"));
+    mesh.available("grpc", 1).await;
+    let grpc_ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "GRPCRoute"),
+        "grpcroutes",
+    );
+    let grpc_routes: Api<DynamicObject> = Api::namespaced_with(client.clone(), &n, &grpc_ar);
+    parent_entry(&grpc_routes, "grpc").await;
+    let check: Vec<String> = ["grpc-check", "--report", "--count", "3", "http://grpc:9090"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let (ok, log) = run_job(&client, &n, "grpc-check", "default", true, &check).await;
+    assert!(ok, "{log}");
+    assert_eq!(log.lines().filter(|l| *l == "Serving").count(), 3, "{log}");
+    mesh.apply(&c, &grpc("Watch"));
+    parent_entry(&grpc_routes, "grpc").await;
+    let (ok, log) = run_job(&client, &n, "grpc-unrouted", "default", true, &check).await;
+    assert!(ok, "{log}");
+    assert_eq!(log.lines().filter(|l| *l == "code: Unimplemented").count(), 3, "{log}");
     mesh.finish().await;
 }

@@ -200,6 +200,54 @@ impl ProxyError {
         r
     }
 
+    /// The response a gRPC client gets (its request's content-type is `application/grpc…`):
+    /// trailers-only, HTTP 200 with the `grpc-status` the gRPC specification maps the status to
+    /// (404 `UNIMPLEMENTED`, 502/503/504/429 `UNAVAILABLE`, 400 `INTERNAL`, 401
+    /// `UNAUTHENTICATED`, 403 `PERMISSION_DENIED`, else `UNKNOWN`) and the reason in
+    /// `grpc-message`, as Envoy answers gRPC requests; [`ERROR_HEADER`] is kept. Redirects, direct
+    /// responses and aborts with a gRPC status are answered as they are.
+    pub fn into_grpc_response(self) -> Response<Body> {
+        let keep = matches!(
+            self,
+            ProxyError::Redirect { .. }
+                | ProxyError::Direct { .. }
+                | ProxyError::FaultAbort { grpc_status: Some(_), .. }
+        );
+        let message = self.message();
+        let mut r = self.into_response();
+        if keep {
+            return r;
+        }
+        let code: u32 = match r.status().as_u16() {
+            400 => 13,
+            401 => 16,
+            403 => 7,
+            404 => 12,
+            429 | 502 | 503 | 504 => 14,
+            _ => 2,
+        };
+        *r.status_mut() = StatusCode::OK;
+        *r.body_mut() = Full::new(Bytes::new()).map_err(|never| match never {}).boxed();
+        let h = r.headers_mut();
+        h.insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert("grpc-status", HeaderValue::from(code));
+        // Percent-encoded, as grpc-message is (RFC 3986 unreserved characters and space kept
+        // readable as %20).
+        let encoded: String = message
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' | b':' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        if let Ok(v) = HeaderValue::from_str(&encoded) {
+            h.insert("grpc-message", v);
+        }
+        r
+    }
+
     /// The error a peer sidecar reported in its response, if it did. Call only for responses
     /// that came over mutual TLS from a verified peer; for any other, [`strip`] the header.
     pub fn from_peer(status: StatusCode, headers: &HeaderMap) -> Option<ProxyError> {
@@ -264,6 +312,20 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(ERROR_HEADER, HeaderValue::from_static("garbage"));
         assert_eq!(ProxyError::from_peer(StatusCode::OK, &h), None, "not `<FLAG> <reason>`");
+    }
+
+    #[test]
+    fn a_grpc_client_gets_a_trailers_only_answer_with_the_mapped_status() {
+        let r = ProxyError::NoRoute { cluster: "grpc".into(), source: String::new() }.into_grpc_response();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "application/grpc");
+        assert_eq!(r.headers()["grpc-status"], "12", "404 is UNIMPLEMENTED");
+        assert_eq!(r.headers()[ERROR_HEADER], "NR no_route_matched");
+        assert!(r.headers()["grpc-message"].to_str().unwrap().starts_with("no%20rule%20of"));
+        let r = ProxyError::NoHealthyUpstream { cluster: "grpc".into() }.into_grpc_response();
+        assert_eq!(r.headers()["grpc-status"], "14", "503 is UNAVAILABLE");
+        let r = ProxyError::FaultAbort { status: StatusCode::OK, grpc_status: Some(7) }.into_grpc_response();
+        assert_eq!(r.headers()["grpc-status"], "7", "an abort's own code is kept");
     }
 }
 

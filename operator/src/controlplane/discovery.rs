@@ -14,7 +14,9 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use mycel_crds::{
-    destination_policy::DestinationPolicy, gateway::HTTPRoute, peer_authentication::PeerAuthentication,
+    destination_policy::DestinationPolicy,
+    gateway::{GRPCRoute, HTTPRoute},
+    peer_authentication::PeerAuthentication,
     traffic_route::TrafficRoute,
 };
 use tracing::warn;
@@ -34,6 +36,8 @@ pub enum Change {
     TrafficRoute(Box<watcher::Event<TrafficRoute>>),
     /// A Gateway API HTTPRoute (mesh routes are those attached to a Service).
     HttpRoute(Box<watcher::Event<HTTPRoute>>),
+    /// A Gateway API GRPCRoute.
+    GrpcRoute(Box<watcher::Event<GRPCRoute>>),
     DestinationPolicy(Box<watcher::Event<DestinationPolicy>>),
     /// An object of a kind not implemented yet (only its status is written).
     Unimplemented(Arc<Watched>, Box<watcher::Event<DynamicObject>>),
@@ -66,7 +70,28 @@ pub fn watch(client: Client) -> BoxStream<'static, Change> {
         events(Api::<PeerAuthentication>::all(client.clone()), |e| Change::PeerAuth(Box::new(e))),
         events(Api::<TrafficRoute>::all(client.clone()), |e| Change::TrafficRoute(Box::new(e))),
         events(Api::<DestinationPolicy>::all(client.clone()), |e| Change::DestinationPolicy(Box::new(e))),
-        http_route_events(client.clone()),
+        gateway_route_events(
+            client.clone(),
+            "httproutes",
+            |c| events(Api::<HTTPRoute>::all(c), |e| Change::HttpRoute(Box::new(e))),
+            || {
+                [
+                    Change::HttpRoute(Box::new(watcher::Event::Init)),
+                    Change::HttpRoute(Box::new(watcher::Event::InitDone)),
+                ]
+            },
+        ),
+        gateway_route_events(
+            client.clone(),
+            "grpcroutes",
+            |c| events(Api::<GRPCRoute>::all(c), |e| Change::GrpcRoute(Box::new(e))),
+            || {
+                [
+                    Change::GrpcRoute(Box::new(watcher::Event::Init)),
+                    Change::GrpcRoute(Box::new(watcher::Event::InitDone)),
+                ]
+            },
+        ),
     ];
     for kind in KINDS.iter() {
         let kind = kind.clone();
@@ -76,31 +101,30 @@ pub fn watch(client: Client) -> BoxStream<'static, Change> {
     futures::stream::select_all(streams).boxed()
 }
 
-/// HTTPRoutes, when the cluster serves them (the Gateway API CRDs are installed with Mycel's,
-/// but may be missing); else an empty list, so that the model syncs. The CRDs installed later
-/// are seen after a restart of the control plane.
-fn http_route_events(client: Client) -> BoxStream<'static, Change> {
+/// Gateway API routes of one kind (`plural`), when the cluster serves them (the Gateway API
+/// CRDs are installed apart from Mycel's, and may be missing); else an empty list (`empty`), so
+/// that the model syncs. CRDs installed later are seen after a restart of the control plane.
+fn gateway_route_events(
+    client: Client,
+    plural: &'static str,
+    watch: fn(Client) -> BoxStream<'static, Change>,
+    empty: fn() -> [Change; 2],
+) -> BoxStream<'static, Change> {
     let group = format!("{}/v1", mycel_crds::gateway::GROUP);
     futures::stream::once(async move {
         loop {
             match client.list_api_group_resources(&group).await {
-                Ok(list) if list.resources.iter().any(|r| r.name == "httproutes") => {
-                    return events(Api::<HTTPRoute>::all(client), |e| Change::HttpRoute(Box::new(e)));
-                }
+                Ok(list) if list.resources.iter().any(|r| r.name == plural) => return watch(client),
                 Ok(_) => break,
                 Err(kube::Error::Api(s)) if s.code == 404 => break,
                 Err(e) => {
-                    warn!(error = %e, "cannot tell whether the cluster serves HTTPRoutes; asking again");
+                    warn!(error = %e, plural, "cannot tell whether the cluster serves these Gateway API routes; asking again");
                     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
                 }
             }
         }
-        warn!("the cluster serves no HTTPRoute (Gateway API CRDs not installed): mesh routes come from TrafficRoutes only");
-        futures::stream::iter([
-            Change::HttpRoute(Box::new(watcher::Event::Init)),
-            Change::HttpRoute(Box::new(watcher::Event::InitDone)),
-        ])
-        .boxed()
+        warn!(plural, "the cluster does not serve these Gateway API routes (CRDs not installed): none are applied");
+        futures::stream::iter(empty()).boxed()
     })
     .flatten()
     .boxed()

@@ -78,6 +78,8 @@ pub(super) struct Model {
     traffic_routes: Kind<Tr>,
     /// Gateway API HTTPRoutes attached to a Service (GAMMA), as routes of the same model.
     http_routes: Kind<Tr>,
+    /// GRPCRoutes attached to a Service, likewise.
+    grpc_routes: Kind<Tr>,
     destination_policies: Kind<Dp>,
     /// A DestinationPolicy or a Service changed: which policy each Service gets is decided again.
     destinations_dirty: bool,
@@ -151,6 +153,7 @@ impl Model {
             peer_auths: Kind::default(),
             traffic_routes: Kind::default(),
             http_routes: Kind::default(),
+            grpc_routes: Kind::default(),
             destination_policies: Kind::default(),
             destinations_dirty: true,
             destinations: Destinations::default(),
@@ -184,6 +187,7 @@ impl Model {
             && self.peer_auths.synced
             && self.traffic_routes.synced
             && self.http_routes.synced
+            && self.grpc_routes.synced
             && self.destination_policies.synced
             && self.unimplemented.values().all(|k| k.synced)
     }
@@ -212,6 +216,10 @@ impl Model {
             }
             Change::HttpRoute(e) => {
                 let touched = self.http_routes.apply(*e, super::translate::gamma::from_http_route);
+                self.routes_dirty |= !touched.is_empty();
+            }
+            Change::GrpcRoute(e) => {
+                let touched = self.grpc_routes.apply(*e, super::translate::gamma::from_grpc_route);
                 self.routes_dirty |= !touched.is_empty();
             }
             Change::DestinationPolicy(e) => {
@@ -462,7 +470,13 @@ impl Model {
         if !std::mem::take(&mut self.routes_dirty) {
             return Vec::new();
         }
-        let trs: Vec<&Tr> = self.traffic_routes.live.values().chain(self.http_routes.live.values()).collect();
+        let trs: Vec<&Tr> = self
+            .traffic_routes
+            .live
+            .values()
+            .chain(self.http_routes.live.values())
+            .chain(self.grpc_routes.live.values())
+            .collect();
         let services = |k: &Key| self.services.live.get(k).cloned();
         let subset = |k: &Key, cluster: &str, subset: &str| {
             if !self.destinations.applied.get(k).is_some_and(|p| destination::has_subset(p, subset)) {
@@ -592,7 +606,11 @@ impl Model {
         let mut trs: Vec<(&RouteKey, &(Outcome, u64))> = self.routes.outcomes.iter().collect();
         trs.sort_by(|a, b| a.0.cmp(b.0));
         for ((kind, key), (o, since)) in trs {
-            let routes = if *kind == "HTTPRoute" { &self.http_routes } else { &self.traffic_routes };
+            let routes = match *kind {
+                "HTTPRoute" => &self.http_routes,
+                "GRPCRoute" => &self.grpc_routes,
+                _ => &self.traffic_routes,
+            };
             let Some(tr) = routes.live.get(key) else { continue };
             // Every client proxy of this revision it is exported to holds it.
             let reaches = |ns: &str| {
@@ -892,6 +910,7 @@ mod tests {
             Change::PeerAuth(Box::new(watcher::Event::InitDone)),
             Change::TrafficRoute(Box::new(watcher::Event::InitDone)),
             Change::HttpRoute(Box::new(watcher::Event::InitDone)),
+            Change::GrpcRoute(Box::new(watcher::Event::InitDone)),
             Change::DestinationPolicy(Box::new(watcher::Event::InitDone)),
         ] {
             m.apply(c);
@@ -1108,6 +1127,7 @@ mod tests {
         send(Change::PeerAuth(Box::new(watcher::Event::InitDone)));
         send(Change::TrafficRoute(Box::new(watcher::Event::InitDone)));
         send(Change::HttpRoute(Box::new(watcher::Event::InitDone)));
+        send(Change::GrpcRoute(Box::new(watcher::Event::InitDone)));
         send(Change::DestinationPolicy(Box::new(watcher::Event::InitDone)));
         for kind in KINDS.iter() {
             send(Change::Unimplemented(kind.clone(), Box::new(watcher::Event::InitDone)));

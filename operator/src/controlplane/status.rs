@@ -429,7 +429,7 @@ pub async fn run(
 }
 
 async fn write(client: &Client, reach: &PolicyReach, conditions: &[(Decided, Time)]) -> kube::Result<()> {
-    if reach.kind == "HTTPRoute" {
+    if reach.kind == "HTTPRoute" || reach.kind == "GRPCRoute" {
         return write_route_parents(client, reach, conditions).await;
     }
     let conditions: Vec<Condition> = conditions
@@ -488,7 +488,11 @@ async fn write_route_parents(
     reach: &PolicyReach,
     conditions: &[(Decided, Time)],
 ) -> kube::Result<()> {
-    let resource = ApiResource::erase::<mycel_crds::gateway::HTTPRoute>(&());
+    let resource = if reach.kind == "GRPCRoute" {
+        ApiResource::erase::<mycel_crds::gateway::GRPCRoute>(&())
+    } else {
+        ApiResource::erase::<mycel_crds::gateway::HTTPRoute>(&())
+    };
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &reach.key.0, &resource);
     let current = api.get_status(&reach.key.1).await?;
     let controller = super::translate::gamma::CONTROLLER;

@@ -554,8 +554,8 @@ pub fn control_plane_cluster_rules() -> Value {
         {"apiGroups": ["mycel.io"], "resources": ["peerauthentications/status", "trafficroutes/status", "destinationpolicies/status", "authorizationpolicies/status", "ratelimitpolicies/status"], "verbs": ["patch"]},
         // Gateway API mesh routes (`controlplane::translate::gamma`): watched; their status's
         // `parents` list is shared with other controllers, so it is read before it is written.
-        {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes"], "verbs": ["list", "watch"]},
-        {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes/status"], "verbs": ["get", "patch"]},
+        {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes", "grpcroutes"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes/status", "grpcroutes/status"], "verbs": ["get", "patch"]},
         // Which namespaces the revision injects (`controlplane::webhook::publish_roots`).
         {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
         // Sign: which service account a workload's projected token proves.
@@ -842,8 +842,8 @@ mod tests {
                     {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
                     {"apiGroups": ["mycel.io"], "resources": ["peerauthentications", "trafficroutes", "destinationpolicies", "authorizationpolicies", "ratelimitpolicies"], "verbs": ["list", "watch"]},
                     {"apiGroups": ["mycel.io"], "resources": ["peerauthentications/status", "trafficroutes/status", "destinationpolicies/status", "authorizationpolicies/status", "ratelimitpolicies/status"], "verbs": ["patch"]},
-                    {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes"], "verbs": ["list", "watch"]},
-                    {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes/status"], "verbs": ["get", "patch"]},
+                    {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes", "grpcroutes"], "verbs": ["list", "watch"]},
+                    {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes/status", "grpcroutes/status"], "verbs": ["get", "patch"]},
                     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
                     {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
                     {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["mycel-ca-root-cert"], "verbs": ["create", "patch"]},

@@ -66,6 +66,12 @@ pub enum Version {
 /// One request, whichever server read it: the direction's stack, then telemetry.
 pub async fn handle(req: Request<Body>, conn: &HttpConn, shared: &Arc<Shared>) -> Response<Body> {
     let started = Instant::now();
+    // A gRPC client's own sidecar answers it in gRPC's terms.
+    let grpc = conn.conn.direction == Direction::Outbound
+        && req
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let (cluster, result) = match valid(&req) {
         Err(e) => (None, Err(e)),
         Ok(()) => match conn.conn.direction {
@@ -75,7 +81,7 @@ pub async fn handle(req: Request<Body>, conn: &HttpConn, shared: &Arc<Shared>) -
     };
     let resp = result.unwrap_or_else(|e| {
         tracing::debug!(listener = %conn.conn.listener(), error = %e, "answered by the proxy");
-        e.into_response()
+        if grpc { e.into_grpc_response() } else { e.into_response() }
     });
     let cluster = match (&cluster, &conn.conn.target) {
         (Some(c), _) => c.cluster.as_str(),

@@ -11,7 +11,10 @@
 
 use mycel_crds::{
     common::{Duration, NamedMatch, StringMatch},
-    gateway::{BackendRef, HTTPRoute, HTTPRouteFilter, HTTPRouteMatch, ParentRef},
+    gateway::{
+        BackendRef, GRPCRoute, HTTPPathMatch, HTTPRoute, HTTPRouteFilter, HTTPRouteMatch, HTTPRouteRule,
+        HTTPRouteSpec, ParentRef,
+    },
     traffic_route::{
         Backend, DirectResponse, HeaderEdits, HeaderOperations, Host, HttpMatch, HttpMethod, HttpRoute,
         Mirror, Redirect, Rewrite, TrafficRouteSpec,
@@ -91,6 +94,57 @@ pub fn from_http_route(r: HTTPRoute) -> Option<Tr> {
         parents: parents_json,
         precedence: split.iter().map(|s| (s.0.0, s.0.1, s.0.2, s.0.3, s.0.4)).collect(),
     })
+}
+
+/// A GRPCRoute as a mesh route: each method match becomes a path match (gRPC calls are
+/// `POST /<service>/<method>`) — service and method an exact path, a service alone a prefix, a
+/// method alone or a `RegularExpression` a regular expression — and the rest is an HTTPRoute's.
+/// So an exact service and method rank first, then a service, then a method.
+pub fn from_grpc_route(r: GRPCRoute) -> Option<Tr> {
+    let rules = r
+        .spec
+        .rules
+        .iter()
+        .map(|rule| HTTPRouteRule {
+            name: rule.name.clone(),
+            matches: rule
+                .matches
+                .iter()
+                .map(|m| HTTPRouteMatch {
+                    path: m.method.as_ref().and_then(|mm| {
+                        let regex = mm.type_.as_deref() == Some("RegularExpression");
+                        let (kind, value) = match (regex, mm.service.as_deref(), mm.method.as_deref()) {
+                            (false, Some(s), Some(m)) => ("Exact", format!("/{s}/{m}")),
+                            (false, Some(s), None) => ("PathPrefix", format!("/{s}")),
+                            (false, None, Some(m)) => ("RegularExpression", format!("/[^/]+/{m}")),
+                            (false, None, None) => return None,
+                            (true, s, m) => (
+                                "RegularExpression",
+                                format!("/{}/{}", s.unwrap_or("[^/]+"), m.unwrap_or("[^/]+")),
+                            ),
+                        };
+                        Some(HTTPPathMatch { type_: Some(kind.into()), value: Some(value) })
+                    }),
+                    headers: m.headers.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            filters: rule.filters.clone(),
+            backend_refs: rule.backend_refs.clone(),
+            timeouts: None,
+        })
+        .collect();
+    let as_http = HTTPRoute {
+        metadata: r.metadata.clone(),
+        spec: HTTPRouteSpec {
+            parent_refs: r.spec.parent_refs.clone(),
+            hostnames: r.spec.hostnames.clone(),
+            rules,
+        },
+    };
+    let mut tr = from_http_route(as_http)?;
+    tr.kind = "GRPCRoute";
+    Some(tr)
 }
 
 /// Sorts first what the Gateway API ranks first.
@@ -470,6 +524,57 @@ spec:
             c.tables.is_empty() && c.conflicts[0].contains("HTTPRoute shop/a"),
             "a consumer route yields: {c:?}"
         );
+    }
+
+    #[test]
+    fn a_grpcroute_matches_methods_as_paths_exact_service_and_method_first() {
+        let r: GRPCRoute = serde_yaml::from_str(
+            r#"
+metadata: {name: g, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web}]
+  rules:
+  - matches: [{method: {method: Watch}}]
+    backendRefs: [{name: web, port: 80}]
+  - matches: [{method: {service: grpc.health.v1.Health}}]
+    backendRefs: [{name: web, port: 80}]
+  - matches: [{method: {service: grpc.health.v1.Health, method: Check}, headers: [{name: x-user, value: a}]}]
+    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {add: [{name: x-via, value: grpcroute}]}}]
+    backendRefs: [{name: web-v2, port: 80}]
+  - matches: [{method: {type: RegularExpression, service: 'pkg\..*'}}]
+    backendRefs: [{name: web, port: 80}]
+"#,
+        )
+        .unwrap();
+        let tr = from_grpc_route(r).unwrap();
+        assert_eq!(tr.kind, "GRPCRoute");
+        let paths: Vec<String> = tr
+            .spec
+            .http
+            .iter()
+            .map(|h| {
+                let p = h.matches[0].path.as_ref().unwrap();
+                format!("{:?} {:?} {:?}", p.exact, p.prefix, p.regex)
+            })
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                r#"Some("/grpc.health.v1.Health/Check") None None"#,
+                r#"None Some("/grpc.health.v1.Health") None"#,
+                r#"None None Some("/pkg\\..*/[^/]+")"#,
+                r#"None None Some("/[^/]+/Watch")"#,
+            ],
+            "service and method, then a service, then regular expressions (a method alone is one), longer first"
+        );
+        assert_eq!(tr.spec.http[0].matches[0].headers[0].name, "x-user");
+        assert!(
+            tr.spec.http[0].headers.as_ref().unwrap().request.as_ref().unwrap().add.contains_key("x-via")
+        );
+        let subsets = |_: &crate::controlplane::snapshot::Key, _: &str, _: &str| Subset::Undefined;
+        let out = route::translate(&[&tr], &services, &subsets, "cluster.local");
+        let o = &out[&("GRPCRoute", ("shop".to_string(), "g".to_string()))];
+        assert_eq!(o.tables["web.shop.svc.cluster.local:80"].source, "GRPCRoute shop/g");
     }
 
     #[test]

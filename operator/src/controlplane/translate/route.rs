@@ -21,7 +21,7 @@ use crate::controlplane::snapshot::Key;
 /// Service, turned into the same shape ([`super::gamma`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tr {
-    /// `TrafficRoute` or `HTTPRoute`.
+    /// `TrafficRoute`, `HTTPRoute` or `GRPCRoute`.
     pub kind: &'static str,
     pub namespace: String,
     pub name: String,
@@ -208,9 +208,10 @@ pub fn translate(
                 } else {
                     o.export_to.clone().unwrap_or_default()
                 };
-                let gateway = (tr.kind == "HTTPRoute").then(|| tr.namespace.clone());
+                let gateway = (tr.kind != "TrafficRoute").then(|| tr.namespace.clone());
                 match owner.get(&svc_key) {
-                    // HTTPRoutes of one namespace for one Service merge, as the Gateway API says.
+                    // Gateway API routes of one namespace for one Service merge, as the Gateway
+                    // API says.
                     Some((_, Some(ns))) if gateway.as_ref() == Some(ns) => {
                         merged.entry(svc_key.clone()).or_default().0.push(rank);
                         continue;
