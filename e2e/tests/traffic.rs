@@ -269,12 +269,13 @@ async fn traffic_routes_steer_what_clients_send() {
     // Mirroring to a server that never answers: every original completes at once, and the
     // mirror receives its copies (all of one rule's, about half of the other's), host -shadow.
     let mut urls = vec!["http://web/mirrored"];
-    // 20 + about 40 copies: within the 64 a sidecar keeps in flight to one mirror.
-    urls.extend(["http://web/half"; 4]);
+    // 20 + about 30 copies (at most 44 of 60 but once in 10 000): within the 64 a sidecar keeps
+    // in flight to one mirror, beyond which copies are dropped.
+    urls.extend(["http://web/half"; 3]);
     let (ok, log) = run_job(&client, &n, "mirror", "default", true, &get(&urls, 20, &[])).await;
     assert!(ok, "{log}");
     let seen = parse(&log);
-    assert_eq!(seen.len(), 100, "{log}");
+    assert_eq!(seen.len(), 80, "{log}");
     for s in &seen {
         assert_eq!(s.status, 200, "{log}");
         assert!(s.elapsed < Duration::from_secs(3), "an original waited for its mirror: {:?}", s.elapsed);
@@ -296,7 +297,7 @@ async fn traffic_routes_steer_what_clients_send() {
     .await;
     assert_eq!(counts.0, 20, "each request copied once");
     assert_eq!(counts.1, 20, "the copies' host is web-shadow");
-    assert!((25..=55).contains(&counts.2), "{} of 80 copied at 50 %", counts.2);
+    assert!((15..=45).contains(&counts.2), "{} of 60 copied at 50 %", counts.2);
 
     // gRPC by method: Check is routed to the server; with x-deny it is aborted in trailers
     // with the code asked (7, PERMISSION_DENIED), before reaching it.

@@ -68,3 +68,27 @@ async fn grpc_unary_streaming_trailers_and_multiplexing() {
     drop(stream);
     proxy.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_the_proxy_answers_reaches_a_grpc_client_as_a_grpc_status() {
+    // A cluster with no endpoints: the proxy's own 503, which a gRPC client reads as UNAVAILABLE.
+    let proxy = mycel_proxy::start(
+        Config::parse(
+            "admin: '127.0.0.1:0'\nlisteners:\n- {name: grpc, address: '127.0.0.1:0', protocol: http, direction: outbound, cluster: none}\nclusters:\n- {name: none, endpoints: []}\n",
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let front = proxy.listener("grpc").await.unwrap();
+    let channel = Channel::from_shared(format!("http://{front}")).unwrap().connect().await.unwrap();
+    let err =
+        HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("no endpoints for cluster none"), "{err:?}");
+    assert_eq!(
+        err.metadata().get("x-mycel-error").and_then(|v| v.to_str().ok()),
+        Some("UH no_healthy_upstream")
+    );
+    proxy.shutdown(Duration::from_secs(1)).await;
+}

@@ -16,7 +16,7 @@ use hyper_util::{
     server::conn::auto,
 };
 
-use crate::{Shared, config::Direction, context::HttpConn, drain};
+use crate::{Shared, config::Direction, context::HttpConn, drain, error::ProxyError};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -66,12 +66,14 @@ pub enum Version {
 /// One request, whichever server read it: the direction's stack, then telemetry.
 pub async fn handle(req: Request<Body>, conn: &HttpConn, shared: &Arc<Shared>) -> Response<Body> {
     let started = Instant::now();
-    // A gRPC client's own sidecar answers it in gRPC's terms.
+    // A gRPC client's own sidecar answers it in gRPC's terms (`application/grpc`, `+proto` and
+    // the like; not gRPC-Web, whose clients read HTTP statuses).
     let grpc = conn.conn.direction == Direction::Outbound
-        && req
-            .headers()
-            .get(hyper::header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        && req.headers().get(hyper::header::CONTENT_TYPE).is_some_and(|v| {
+            let v = v.as_bytes();
+            v.strip_prefix(b"application/grpc")
+                .is_some_and(|rest| rest.is_empty() || rest[0] == b'+' || rest[0] == b';')
+        });
     let (cluster, result) = match valid(&req) {
         Err(e) => (None, Err(e)),
         Ok(()) => match conn.conn.direction {
@@ -79,16 +81,28 @@ pub async fn handle(req: Request<Body>, conn: &HttpConn, shared: &Arc<Shared>) -
             Direction::Outbound => crate::outbound::request(req, conn, shared).await,
         },
     };
-    let resp = result.unwrap_or_else(|e| {
-        tracing::debug!(listener = %conn.conn.listener(), error = %e, "answered by the proxy");
-        if grpc { e.into_grpc_response() } else { e.into_response() }
-    });
+    // Metrics count the status the proxy decided on, before a gRPC client's translation.
+    let (status, resp) = match result {
+        Ok(resp) if grpc && !resp.headers().contains_key("grpc-status") => {
+            let status = resp.status().as_u16();
+            // An error a verified peer sidecar made (its header survives only from one).
+            match ProxyError::from_peer(resp.status(), resp.headers()) {
+                Some(e) => (status, e.into_grpc_response()),
+                None => (status, resp),
+            }
+        }
+        Ok(resp) => (resp.status().as_u16(), resp),
+        Err(e) => {
+            tracing::debug!(listener = %conn.conn.listener(), error = %e, "answered by the proxy");
+            (e.status().as_u16(), if grpc { e.into_grpc_response() } else { e.into_response() })
+        }
+    };
     let cluster = match (&cluster, &conn.conn.target) {
         (Some(c), _) => c.cluster.as_str(),
         (None, crate::context::Target::Cluster(name)) => name.as_str(),
         (None, crate::context::Target::Fixed(e)) => e.cluster.as_str(),
     };
-    conn.metrics.request(&shared.metrics, cluster, resp.status().as_u16(), started.elapsed());
+    conn.metrics.request(&shared.metrics, cluster, status, started.elapsed());
     resp
 }
 

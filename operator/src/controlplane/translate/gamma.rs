@@ -29,6 +29,11 @@ pub const CONTROLLER: &str = "mycel.io/mesh";
 /// An HTTPRoute as a route of the mesh; `None` when it names no Service as a parent (it is a
 /// gateway's, not the mesh's).
 pub fn from_http_route(r: HTTPRoute) -> Option<Tr> {
+    from_route(r, &|m, i, j| precedence(m, i, j))
+}
+
+/// An HTTPRoute (or a GRPCRoute as one) as a mesh route, its matches ranked by `rank`.
+fn from_route(r: HTTPRoute, rank: &dyn Fn(&HTTPRouteMatch, usize, usize) -> Key) -> Option<Tr> {
     let namespace = r.metadata.namespace.clone().unwrap_or_default();
     let parents: Vec<(usize, &ParentRef)> =
         r.spec.parent_refs.iter().enumerate().filter(|(_, p)| p.is_service()).collect();
@@ -68,7 +73,7 @@ pub fn from_http_route(r: HTTPRoute) -> Option<Tr> {
             let mut hm = match_of(m);
             hm.port = port;
             one.matches = vec![hm];
-            split.push((precedence(m, i, j), one, at.clone(), format!("{at}.matches[{j}]")));
+            split.push((rank(m, i, j), one, at.clone(), format!("{at}.matches[{j}]")));
         }
     }
     split.sort_by_key(|s| s.0);
@@ -101,6 +106,44 @@ pub fn from_http_route(r: HTTPRoute) -> Option<Tr> {
 /// method alone or a `RegularExpression` a regular expression — and the rest is an HTTPRoute's.
 /// So an exact service and method rank first, then a service, then a method.
 pub fn from_grpc_route(r: GRPCRoute) -> Option<Tr> {
+    // The Gateway API's order for GRPCRoute: the longer service, then the longer method, then
+    // more header matches (a match without a method is a catch-all, last).
+    let ranks: Vec<Vec<Key>> = r
+        .spec
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(i, rule)| {
+            if rule.matches.is_empty() {
+                return vec![(
+                    1,
+                    std::cmp::Reverse(0),
+                    true,
+                    std::cmp::Reverse(0),
+                    std::cmp::Reverse(0),
+                    i,
+                    0,
+                )];
+            }
+            rule.matches
+                .iter()
+                .enumerate()
+                .map(|(j, m)| {
+                    let service = m.method.as_ref().and_then(|mm| mm.service.as_deref()).map_or(0, str::len);
+                    let method = m.method.as_ref().and_then(|mm| mm.method.as_deref()).map_or(0, str::len);
+                    (
+                        if service + method > 0 { 0 } else { 1 },
+                        std::cmp::Reverse(service),
+                        method == 0,
+                        std::cmp::Reverse(method),
+                        std::cmp::Reverse(m.headers.len()),
+                        i,
+                        j,
+                    )
+                })
+                .collect()
+        })
+        .collect();
     let rules = r
         .spec
         .rules
@@ -120,7 +163,7 @@ pub fn from_grpc_route(r: GRPCRoute) -> Option<Tr> {
                             (false, None, None) => return None,
                             (true, s, m) => (
                                 "RegularExpression",
-                                format!("/{}/{}", s.unwrap_or("[^/]+"), m.unwrap_or("[^/]+")),
+                                format!("/(?:{})/(?:{})", s.unwrap_or("[^/]+"), m.unwrap_or("[^/]+")),
                             ),
                         };
                         Some(HTTPPathMatch { type_: Some(kind.into()), value: Some(value) })
@@ -142,7 +185,7 @@ pub fn from_grpc_route(r: GRPCRoute) -> Option<Tr> {
             rules,
         },
     };
-    let mut tr = from_http_route(as_http)?;
+    let mut tr = from_route(as_http, &|_, i, j| ranks[i][j])?;
     tr.kind = "GRPCRoute";
     Some(tr)
 }
@@ -543,6 +586,7 @@ spec:
     backendRefs: [{name: web-v2, port: 80}]
   - matches: [{method: {type: RegularExpression, service: 'pkg\..*'}}]
     backendRefs: [{name: web, port: 80}]
+  - backendRefs: [{name: web, port: 80}]
 "#,
         )
         .unwrap();
@@ -562,10 +606,11 @@ spec:
             [
                 r#"Some("/grpc.health.v1.Health/Check") None None"#,
                 r#"None Some("/grpc.health.v1.Health") None"#,
-                r#"None None Some("/pkg\\..*/[^/]+")"#,
+                r#"None None Some("/(?:pkg\\..*)/(?:[^/]+)")"#,
                 r#"None None Some("/[^/]+/Watch")"#,
+                r#"None Some("/") None"#,
             ],
-            "service and method, then a service, then regular expressions (a method alone is one), longer first"
+            "the longer service (an exact one first), then the longer method; a catch-all last"
         );
         assert_eq!(tr.spec.http[0].matches[0].headers[0].name, "x-user");
         assert!(
