@@ -21,6 +21,7 @@ pub const GROUP: &str = "gateway.networking.k8s.io";
     kind = "HTTPRoute",
     plural = "httproutes",
     namespaced,
+    status = "RouteStatus",
     schema = "disabled"
 )]
 #[serde(rename_all = "camelCase")]
@@ -31,6 +32,20 @@ pub struct HTTPRouteSpec {
     pub hostnames: Vec<String>,
     #[serde(default)]
     pub rules: Vec<HTTPRouteRule>,
+}
+
+/// A route's status, as far as Mycel reads it: which controllers have an entry in `parents`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct RouteStatus {
+    #[serde(default)]
+    pub parents: Vec<RouteParentStatus>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteParentStatus {
+    #[serde(default)]
+    pub controller_name: String,
 }
 
 /// What a route attaches to: a Gateway (the default kind) or, for the mesh, a Service.
@@ -245,6 +260,7 @@ pub struct HTTPRouteTimeouts {
     kind = "GRPCRoute",
     plural = "grpcroutes",
     namespaced,
+    status = "RouteStatus",
     schema = "disabled"
 )]
 #[serde(rename_all = "camelCase")]

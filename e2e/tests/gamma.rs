@@ -211,6 +211,16 @@ async fn an_httproute_attached_to_a_service_steers_its_clients() {
         .as_array()
         .is_some_and(|ps| ps.iter().any(|p| p["controllerName"] == "mycel.io/mesh"));
     assert!(!ours, "a route of a Gateway is not the mesh's: {}", gw.data["status"]);
+    // A route that no longer names the Service loses Mycel's status entry.
+    mesh.apply(&c, &EXTRA.replace(r#"{group: "", kind: Service, name: web}"#, "{name: some-gateway}"));
+    eventually("web-extra loses Mycel's entry", Duration::from_secs(60), || async {
+        let o = routes.get("web-extra").await.map_err(|e| e.to_string())?;
+        let ours = o.data["status"]["parents"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(|p| p["controllerName"] == "mycel.io/mesh"));
+        if ours { Err(o.data["status"].to_string()) } else { Ok(()) }
+    })
+    .await;
 
     // A GRPCRoute by method: Check routed is answered; routing only Watch, Check gets no route
     // (its sidecar answers UNIMPLEMENTED, as gRPC maps the 404 of no route).

@@ -496,16 +496,22 @@ async fn write_route_parents(
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &reach.key.0, &resource);
     let current = api.get_status(&reach.key.1).await?;
     let controller = super::translate::gamma::CONTROLLER;
-    let mut parents: Vec<serde_json::Value> = current.data["status"]["parents"]
-        .as_array()
-        .map(|ps| ps.iter().filter(|p| p["controllerName"] != controller).cloned().collect())
-        .unwrap_or_default();
+    let listed = current.data["status"]["parents"].as_array().cloned().unwrap_or_default();
+    let had_ours = listed.iter().any(|p| p["controllerName"] == controller);
+    // No Service parent any more, and no entry of ours to remove: nothing to write.
+    if reach.parents.is_empty() && !had_ours {
+        return Ok(());
+    }
+    let mut parents: Vec<serde_json::Value> =
+        listed.into_iter().filter(|p| p["controllerName"] != controller).collect();
+    // At most 32 entries (the CRD's bound): ours are kept, others' first ones with them.
+    let ours = reach.parents.len().min(32);
+    parents.truncate(32 - ours);
     let conditions: Vec<serde_json::Value> =
         conditions.iter().map(|(d, t)| gateway_condition(d, t, reach.generation)).collect();
-    for p in &reach.parents {
+    for p in reach.parents.iter().take(ours) {
         parents.push(json!({"parentRef": p, "controllerName": controller, "conditions": conditions}));
     }
-    parents.truncate(32);
     let patch = json!({
         "metadata": {"resourceVersion": current.metadata.resource_version},
         "status": {"parents": parents},

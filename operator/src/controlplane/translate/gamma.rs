@@ -27,7 +27,8 @@ use super::route::Tr;
 pub const CONTROLLER: &str = "mycel.io/mesh";
 
 /// An HTTPRoute as a route of the mesh; `None` when it names no Service as a parent (it is a
-/// gateway's, not the mesh's).
+/// gateway's, not the mesh's) — unless its status still has Mycel's entries (it had a Service
+/// parent before): then a route of no host and no parent, whose status write removes them.
 pub fn from_http_route(r: HTTPRoute) -> Option<Tr> {
     from_route(r, &|m, i, j| precedence(m, i, j))
 }
@@ -38,7 +39,27 @@ fn from_route(r: HTTPRoute, rank: &dyn Fn(&HTTPRouteMatch, usize, usize) -> Key)
     let parents: Vec<(usize, &ParentRef)> =
         r.spec.parent_refs.iter().enumerate().filter(|(_, p)| p.is_service()).collect();
     if parents.is_empty() {
-        return None;
+        let ours =
+            r.status.as_ref().is_some_and(|s| s.parents.iter().any(|p| p.controller_name == CONTROLLER));
+        return ours.then(|| Tr {
+            kind: "HTTPRoute",
+            namespace,
+            name: r.metadata.name.clone().unwrap_or_default(),
+            generation: r.metadata.generation.unwrap_or_default(),
+            created: r.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default(),
+            spec: TrafficRouteSpec {
+                hosts: Vec::new(),
+                export_to: Vec::new(),
+                http: Vec::new(),
+                tcp: Vec::new(),
+            },
+            not_implemented: Vec::new(),
+            fields: Vec::new(),
+            match_fields: Vec::new(),
+            element_prefixes: true,
+            parents: Vec::new(),
+            precedence: Vec::new(),
+        });
     }
     let mut not_implemented = Vec::new();
     let mut hosts = Vec::new();
@@ -184,6 +205,7 @@ pub fn from_grpc_route(r: GRPCRoute) -> Option<Tr> {
             hostnames: r.spec.hostnames.clone(),
             rules,
         },
+        status: r.status.clone(),
     };
     let mut tr = from_route(as_http, &|_, i, j| ranks[i][j])?;
     tr.kind = "GRPCRoute";
@@ -520,7 +542,14 @@ spec:
         let gw = route(
             "metadata: {name: g, namespace: shop}\nspec:\n  parentRefs: [{name: my-gateway}]\n  rules: [{backendRefs: [{name: web, port: 80}]}]\n",
         );
-        assert!(from_http_route(gw).is_none());
+        assert!(from_http_route(gw.clone()).is_none());
+        // One that had a Service parent, and so Mycel's status entry: kept to remove the entry.
+        let mut was = gw;
+        was.status = Some(
+            serde_json::from_value(serde_json::json!({"parents": [{"controllerName": CONTROLLER}]})).unwrap(),
+        );
+        let stale = from_http_route(was).unwrap();
+        assert!(stale.spec.hosts.is_empty() && stale.parents.is_empty() && stale.spec.http.is_empty());
         let empty = route(
             "metadata: {name: e, namespace: shop}\nspec:\n  parentRefs: [{kind: Service, name: web}]\n  rules: [{timeouts: {request: 0s}}]\n",
         );
