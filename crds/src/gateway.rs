@@ -353,7 +353,7 @@ pub const MESH_NOT_YET: &[(&str, &str)] = &[
 pub fn mesh_route_warnings() -> String {
     let mut docs = Vec::new();
     for (kind, plural) in [("HTTPRoute", "httproutes"), ("GRPCRoute", "grpcroutes")] {
-        let name = format!("mycel-not-implemented-mesh-{plural}");
+        let article = if kind == "HTTPRoute" { "an" } else { "a" };
         // A GRPCRoute has no CORS filter and no timeouts.
         let validations: Vec<serde_json::Value> = MESH_NOT_YET
             .iter()
@@ -361,38 +361,14 @@ pub fn mesh_route_warnings() -> String {
             .map(|(field, cel)| {
                 serde_json::json!({
                     "expression": cel,
-                    "message": format!("{field} is not implemented yet for mesh routes ({} {kind} attached to a Service): it is accepted but changes nothing (docs/traffic.md)", if kind == "HTTPRoute" { "an" } else { "a" }),
+                    "message": format!("{field} is not implemented yet for mesh routes ({article} {kind} attached to a Service): it is accepted but changes nothing (docs/traffic.md)"),
                 })
             })
             .collect();
-        docs.push(serde_json::json!({
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "ValidatingAdmissionPolicy",
-            "metadata": {"name": name},
-            "spec": {
-                "failurePolicy": "Ignore",
-                "matchConstraints": {"resourceRules": [{
-                    "apiGroups": [GROUP],
-                    "apiVersions": ["v1"],
-                    "operations": ["CREATE", "UPDATE"],
-                    "resources": [plural],
-                }]},
-                "matchConditions": [{
-                    "name": "attached-to-a-service",
-                    "expression": "has(object.spec.parentRefs) && object.spec.parentRefs.exists(p, has(p.kind) && p.kind == 'Service' && (!has(p.group) || p.group == '' || p.group == 'core'))",
-                }],
-                "validations": validations,
-            }
-        }));
-        docs.push(serde_json::json!({
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "ValidatingAdmissionPolicyBinding",
-            "metadata": {"name": name},
-            "spec": {"policyName": name, "validationActions": ["Warn"]}
-        }));
+        let service_parent = "has(object.spec.parentRefs) && object.spec.parentRefs.exists(p, has(p.kind) && p.kind == 'Service' && (!has(p.group) || p.group == '' || p.group == 'core'))";
+        let name = format!("mycel-not-implemented-mesh-{plural}");
+        let condition = Some(("attached-to-a-service", service_parent));
+        docs.extend(crate::ledger::warning_policy(&name, GROUP, "v1", plural, condition, validations));
     }
-    docs.iter()
-        .map(|d| serde_yaml::to_string(d).expect("JSON values serialise to YAML"))
-        .collect::<Vec<_>>()
-        .join("---\n")
+    crate::ledger::yaml_documents(&docs)
 }

@@ -275,28 +275,53 @@ pub fn warning_policies(ledger: &Ledger, crds: &[CustomResourceDefinition]) -> S
             .collect();
         let plural = &crd.spec.names.plural;
         let name = format!("mycel-not-implemented-{plural}");
-        docs.push(json!({
+        docs.extend(warning_policy(&name, crate::GROUP, crate::VERSION, plural, None, validations));
+    }
+    yaml_documents(&docs)
+}
+
+/// A ValidatingAdmissionPolicy `name` that only warns, with its binding: `validations` on every
+/// create and update of `plural` in `group`/`version` (those `match_condition`, a named CEL
+/// expression, selects when given).
+pub fn warning_policy(
+    name: &str,
+    group: &str,
+    version: &str,
+    plural: &str,
+    match_condition: Option<(&str, &str)>,
+    validations: Vec<Value>,
+) -> [Value; 2] {
+    let mut spec = json!({
+        "failurePolicy": "Ignore",
+        "matchConstraints": {"resourceRules": [{
+            "apiGroups": [group],
+            "apiVersions": [version],
+            "operations": ["CREATE", "UPDATE"],
+            "resources": [plural],
+        }]},
+        "validations": validations,
+    });
+    if let Some((condition, expression)) = match_condition {
+        spec["matchConditions"] = json!([{"name": condition, "expression": expression}]);
+    }
+    [
+        json!({
             "apiVersion": "admissionregistration.k8s.io/v1",
             "kind": "ValidatingAdmissionPolicy",
             "metadata": {"name": name},
-            "spec": {
-                "failurePolicy": "Ignore",
-                "matchConstraints": {"resourceRules": [{
-                    "apiGroups": [crate::GROUP],
-                    "apiVersions": [crate::VERSION],
-                    "operations": ["CREATE", "UPDATE"],
-                    "resources": [plural],
-                }]},
-                "validations": validations,
-            }
-        }));
-        docs.push(json!({
+            "spec": spec,
+        }),
+        json!({
             "apiVersion": "admissionregistration.k8s.io/v1",
             "kind": "ValidatingAdmissionPolicyBinding",
             "metadata": {"name": name},
             "spec": {"policyName": name, "validationActions": ["Warn"]}
-        }));
-    }
+        }),
+    ]
+}
+
+/// YAML documents, `---` between them.
+pub fn yaml_documents(docs: &[Value]) -> String {
     docs.iter()
         .map(|d| serde_yaml::to_string(d).expect("JSON values serialise to YAML"))
         .collect::<Vec<_>>()

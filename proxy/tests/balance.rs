@@ -140,16 +140,21 @@ async fn closer() -> SocketAddr {
     addr
 }
 
-async fn send(front: SocketAddr, method: &str) -> (u16, String) {
-    let s = TcpStream::connect(front).await.unwrap();
+/// `method path` to `addr` on a connection of its own (a POST with a body): status and body.
+async fn send_to(addr: SocketAddr, method: &str, path: &str, host: &str) -> (u16, String) {
+    let s = TcpStream::connect(addr).await.unwrap();
     let (mut send, conn) =
         hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(s)).await.unwrap();
     tokio::spawn(conn);
     let body = if method == "POST" { Bytes::from_static(b"order") } else { Bytes::new() };
-    let req = Request::builder().method(method).uri("/").header("host", "svc").body(Full::new(body)).unwrap();
+    let req = Request::builder().method(method).uri(path).header("host", host).body(Full::new(body)).unwrap();
     let resp = send.send_request(req).await.unwrap();
     let status = resp.status().as_u16();
     (status, String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned())
+}
+
+async fn send(front: SocketAddr, method: &str) -> (u16, String) {
+    send_to(front, method, "/", "svc").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,15 +187,7 @@ async fn a_replayable_request_whose_connection_breaks_goes_to_another_endpoint()
         }
     }
     assert!(failed >= 1, "round robin sent some POSTs to the closer, and they were not resent");
-    let metrics = {
-        let s = TcpStream::connect(proxy.admin).await.unwrap();
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(s)).await.unwrap();
-        tokio::spawn(conn);
-        let req = Request::get("/metrics").header("host", "admin").body(Full::new(Bytes::new())).unwrap();
-        let resp = send.send_request(req).await.unwrap();
-        String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned()
-    };
+    let (_, metrics) = send_to(proxy.admin, "GET", "/metrics", "admin").await;
     let resent: f64 = metrics
         .lines()
         .filter(|l| l.starts_with("mycel_proxy_retries_total{") && l.contains("outcome=\"after_reset\""))

@@ -38,29 +38,14 @@ fn from_route(r: HTTPRoute, rank: &dyn Fn(&HTTPRouteMatch, usize, usize) -> Key)
     let namespace = r.metadata.namespace.clone().unwrap_or_default();
     let parents: Vec<(usize, &ParentRef)> =
         r.spec.parent_refs.iter().enumerate().filter(|(_, p)| p.is_service()).collect();
-    if parents.is_empty() {
-        let ours =
-            r.status.as_ref().is_some_and(|s| s.parents.iter().any(|p| p.controller_name == CONTROLLER));
-        return ours.then(|| Tr {
-            kind: "HTTPRoute",
-            namespace,
-            name: r.metadata.name.clone().unwrap_or_default(),
-            generation: r.metadata.generation.unwrap_or_default(),
-            created: r.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default(),
-            spec: TrafficRouteSpec {
-                hosts: Vec::new(),
-                export_to: Vec::new(),
-                http: Vec::new(),
-                tcp: Vec::new(),
-            },
-            not_implemented: Vec::new(),
-            fields: Vec::new(),
-            match_fields: Vec::new(),
-            element_prefixes: true,
-            parents: Vec::new(),
-            precedence: Vec::new(),
-        });
+    // No Service parent: not the mesh's, unless Mycel's status entries are still there to
+    // remove (a route then of no host, no rule and no parent).
+    let stale = parents.is_empty()
+        && r.status.as_ref().is_some_and(|s| s.parents.iter().any(|p| p.controller_name == CONTROLLER));
+    if parents.is_empty() && !stale {
+        return None;
     }
+    let rules: &[HTTPRouteRule] = if stale { &[] } else { &r.spec.rules };
     let mut not_implemented = Vec::new();
     let mut hosts = Vec::new();
     let mut ports = Vec::new();
@@ -73,8 +58,8 @@ fn from_route(r: HTTPRoute, rank: &dyn Fn(&HTTPRouteMatch, usize, usize) -> Key)
         }
     }
     // One port for every parent, or none: a match can name one port.
-    let port = match ports.iter().all(|p| *p == ports[0]) {
-        true => ports[0],
+    let port = match ports.iter().all(|p| Some(p) == ports.first()) {
+        true => ports.first().copied().flatten(),
         false => {
             not_implemented.push("spec.parentRefs[].port (Service parents with different ports)".into());
             None
@@ -83,7 +68,7 @@ fn from_route(r: HTTPRoute, rank: &dyn Fn(&HTTPRouteMatch, usize, usize) -> Key)
     hosts.sort_by(|a, b| a.0.cmp(&b.0));
     hosts.dedup();
     let mut split: Vec<(Key, HttpRoute, String, String)> = Vec::new();
-    for (i, rule) in r.spec.rules.iter().enumerate() {
+    for (i, rule) in rules.iter().enumerate() {
         let at = format!("spec.rules[{i}]");
         let route_name = r.metadata.name.as_deref().unwrap_or_default();
         let base = rule_of(rule, i, route_name, &namespace, &at, &mut not_implemented);
@@ -342,6 +327,15 @@ fn rule_of(
     out
 }
 
+/// A path modifier as `(whole path, prefix)`, the one its type names set.
+fn replacement(p: Option<&mycel_crds::gateway::PathModifier>) -> (Option<String>, Option<String>) {
+    match p {
+        Some(p) if p.type_ == "ReplaceFullPath" => (p.replace_full_path.as_deref().map(absolute), None),
+        Some(p) => (None, p.replace_prefix_match.as_deref().map(absolute)),
+        None => (None, None),
+    }
+}
+
 /// A replacement path as the proxy takes it: `""` (strip the prefix) is `/`, and it starts with `/`.
 fn absolute(p: &str) -> String {
     if p.starts_with('/') { p.to_string() } else { format!("/{p}") }
@@ -371,13 +365,7 @@ fn filter(
             out.headers.get_or_insert_with(HeaderOperations::default).response = Some(edits(m));
         }
         ("RequestRedirect", HTTPRouteFilter { request_redirect: Some(rd), .. }) => {
-            let (path, prefix) = match rd.path.as_ref() {
-                Some(p) if p.type_ == "ReplaceFullPath" => {
-                    (p.replace_full_path.as_deref().map(absolute), None)
-                }
-                Some(p) => (None, p.replace_prefix_match.as_deref().map(absolute)),
-                None => (None, None),
-            };
+            let (path, prefix) = replacement(rd.path.as_ref());
             out.redirect = Some(Redirect {
                 scheme: rd.scheme.clone(),
                 host: rd.hostname.clone(),
@@ -389,13 +377,7 @@ fn filter(
             });
         }
         ("URLRewrite", HTTPRouteFilter { url_rewrite: Some(rw), .. }) => {
-            let (path, uri_prefix) = match rw.path.as_ref() {
-                Some(p) if p.type_ == "ReplaceFullPath" => {
-                    (p.replace_full_path.as_deref().map(absolute), None)
-                }
-                Some(p) => (None, p.replace_prefix_match.as_deref().map(absolute)),
-                None => (None, None),
-            };
+            let (path, uri_prefix) = replacement(rw.path.as_ref());
             out.rewrite = Some(Rewrite { uri_prefix, authority: rw.hostname.clone(), path });
         }
         ("RequestMirror", HTTPRouteFilter { request_mirror: Some(m), .. }) => {
