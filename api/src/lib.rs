@@ -17,6 +17,7 @@ pub const ROUTE_TYPE: &str = "mycel.io/Route";
 /// Resource type of the proxy's inbound mutual-TLS policy (one resource, `inbound`).
 pub const PEER_POLICY_TYPE: &str = "mycel.io/PeerPolicy";
 
+pub mod authz;
 pub mod codec;
 pub mod hash;
 pub mod metrics;

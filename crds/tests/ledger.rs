@@ -133,9 +133,13 @@ fn every_field_is_implemented_with_a_test_or_listed_as_not_yet() {
             None => problems.push(format!("{kind}: missing from the ledger")),
         }
     }
-    // Annotations: every `mycel.io/…` key the injector and webhook read.
+    // Annotations: every `mycel.io/…` key the injector, the webhook and the policy translation read.
     let mut read = BTreeSet::new();
-    for f in ["operator/inject/src/lib.rs", "operator/src/controlplane/webhook.rs"] {
+    for f in [
+        "operator/inject/src/lib.rs",
+        "operator/src/controlplane/webhook.rs",
+        "operator/src/controlplane/translate/authz.rs",
+    ] {
         let text = std::fs::read_to_string(root().join(f)).unwrap();
         for (i, _) in text.match_indices("\"mycel.io/") {
             let rest = &text[i + 1..];

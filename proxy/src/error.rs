@@ -52,6 +52,8 @@ pub enum ProxyError {
     Redirect { status: StatusCode, location: HeaderValue },
     /// A route rule answers with its own response (not an error: no reason header).
     Direct { status: StatusCode, body: Bytes },
+    /// An AuthorizationPolicy refused the request (which one is logged, never told the client).
+    Denied,
 }
 
 impl ProxyError {
@@ -70,13 +72,15 @@ impl ProxyError {
             ProxyError::RouteTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Peer { status, .. } => *status,
             ProxyError::Redirect { status, .. } | ProxyError::Direct { status, .. } => *status,
+            ProxyError::Denied => StatusCode::FORBIDDEN,
         }
     }
 
     /// Envoy's response flag: `NC` no cluster, `UH` no healthy upstream, `UO` overflow (circuit breaking), `UF` upstream connection
     /// failure, `URX` retry limit exceeded (more than one endpoint tried), `UC` upstream
     /// connection termination, `UPE` upstream protocol error, `UT` upstream request timeout,
-    /// `DPE` downstream protocol error, `NR` no route, `FI` fault injected.
+    /// `DPE` downstream protocol error, `NR` no route, `FI` fault injected, `RBAC` denied by
+    /// authorization policy.
     pub fn flag(&self) -> &str {
         match self {
             ProxyError::NoCluster { .. } => "NC",
@@ -94,6 +98,7 @@ impl ProxyError {
             ProxyError::Redirect { .. } | ProxyError::Direct { .. } => "-",
             ProxyError::RouteTimeout { .. } => "UT",
             ProxyError::Peer { flag, .. } => flag,
+            ProxyError::Denied => "RBAC",
         }
     }
 
@@ -114,6 +119,7 @@ impl ProxyError {
             ProxyError::Direct { .. } => "direct_response",
             ProxyError::RouteTimeout { .. } => "request_timeout",
             ProxyError::Peer { reason, .. } => reason,
+            ProxyError::Denied => "access_denied",
         }
     }
 
@@ -155,6 +161,9 @@ impl ProxyError {
             ProxyError::RouteTimeout { rule, after } => {
                 format!("route rule {rule}: no response within its timeout of {after:?}")
             }
+            // Worded as Istio's, which clients and tests of Istio users look for.
+            ProxyError::Denied => "RBAC: access denied".into(),
+            ProxyError::Peer { reason, .. } if reason == "access_denied" => "RBAC: access denied".into(),
             ProxyError::Peer { reason, .. } => format!("the destination's proxy answered: {reason}"),
             ProxyError::Redirect { location, .. } => {
                 format!("redirected to {}", String::from_utf8_lossy(location.as_bytes()))

@@ -129,6 +129,8 @@ impl MeshArgs {
             None => Config::parse("{}")?,
         };
         c.streamed = self.control_plane.is_some();
+        // No inbound connection is accepted before the control plane's first inbound policy.
+        c.inbound_pending = c.streamed;
         if self.mode.as_deref() == Some("gateway") {
             c.admin = "0.0.0.0:15020".parse()?;
         }

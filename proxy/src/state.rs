@@ -31,6 +31,8 @@ pub struct State {
     identities: HashMap<SocketAddr, Option<Arc<str>>>,
     /// Cluster → its route table, compiled.
     routes: HashMap<String, Arc<Table>>,
+    /// The authorization policies, compiled.
+    pub authz: Arc<crate::policy::authz::Engine>,
 }
 
 impl State {
@@ -93,7 +95,11 @@ impl State {
                 (t.cluster.clone(), kept.unwrap_or_else(|| Arc::new(Table::compile(t))))
             })
             .collect();
-        State { config, listeners, clusters, vips, identities, routes }
+        let authz = match old {
+            Some(o) if o.config.authorization == config.authorization => o.authz.clone(),
+            _ => Arc::new(crate::policy::authz::Engine::compile(&config.authorization)),
+        };
+        State { config, listeners, clusters, vips, identities, routes, authz }
     }
 
     pub fn listener(&self, name: &str) -> Option<&config::Listener> {

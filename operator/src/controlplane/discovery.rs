@@ -14,6 +14,7 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use mycel_crds::{
+    authorization_policy::AuthorizationPolicy,
     destination_policy::DestinationPolicy,
     gateway::{GRPCRoute, HTTPRoute},
     peer_authentication::PeerAuthentication,
@@ -33,6 +34,7 @@ pub enum Change {
     Slice(Box<watcher::Event<EndpointSlice>>),
     Pod(Box<watcher::Event<Pod>>),
     PeerAuth(Box<watcher::Event<PeerAuthentication>>),
+    AuthorizationPolicy(Box<watcher::Event<AuthorizationPolicy>>),
     TrafficRoute(Box<watcher::Event<TrafficRoute>>),
     /// A Gateway API HTTPRoute (mesh routes are those attached to a Service).
     HttpRoute(Box<watcher::Event<HTTPRoute>>),
@@ -68,6 +70,7 @@ pub fn watch(client: Client) -> BoxStream<'static, Change> {
         events(Api::<EndpointSlice>::all(client.clone()), |e| Change::Slice(Box::new(e))),
         events(Api::<Pod>::all(client.clone()), |e| Change::Pod(Box::new(e))),
         events(Api::<PeerAuthentication>::all(client.clone()), |e| Change::PeerAuth(Box::new(e))),
+        events(Api::<AuthorizationPolicy>::all(client.clone()), |e| Change::AuthorizationPolicy(Box::new(e))),
         events(Api::<TrafficRoute>::all(client.clone()), |e| Change::TrafficRoute(Box::new(e))),
         events(Api::<DestinationPolicy>::all(client.clone()), |e| Change::DestinationPolicy(Box::new(e))),
         gateway_route_events(

@@ -20,6 +20,7 @@ use tracing::{debug, info};
 use super::discovery::{self, Change, Kind, PodInfo, Slice, Svc};
 use super::snapshot::{ChangeLog, Collection, Entry, Key, PolicyReach, Scoped, Snapshot};
 use super::translate::{
+    authz::{self, Az},
     cluster::{self, Names, PodView},
     destination::{self, Dp},
     peer_policy::{self, PeerAuth},
@@ -64,6 +65,8 @@ struct Policy {
     policy: pb::PeerPolicy,
     /// The PeerAuthentications in force for it.
     decided_by: Vec<Key>,
+    /// The AuthorizationPolicies that select it.
+    authz_by: Vec<Key>,
     /// The snapshot version that last changed it.
     since: u64,
 }
@@ -75,6 +78,11 @@ pub(super) struct Model {
     slices: Kind<Slice>,
     pods: Kind<Arc<PodInfo>>,
     peer_auths: Kind<PeerAuth>,
+    authz_policies: Kind<Az>,
+    /// AuthorizationPolicies changed: their sorted list and the fallbacks are recomputed.
+    authz_dirty: bool,
+    /// AuthorizationPolicies by (namespace, name).
+    authz_sorted: Arc<Vec<Az>>,
     traffic_routes: Kind<Tr>,
     /// Gateway API HTTPRoutes attached to a Service (GAMMA), as routes of the same model.
     http_routes: Kind<Tr>,
@@ -151,6 +159,9 @@ impl Model {
             slices: Kind::default(),
             pods: Kind::default(),
             peer_auths: Kind::default(),
+            authz_policies: Kind::default(),
+            authz_dirty: true,
+            authz_sorted: Arc::new(Vec::new()),
             traffic_routes: Kind::default(),
             http_routes: Kind::default(),
             grpc_routes: Kind::default(),
@@ -185,6 +196,7 @@ impl Model {
             && self.slices.synced
             && self.pods.synced
             && self.peer_auths.synced
+            && self.authz_policies.synced
             && self.traffic_routes.synced
             && self.http_routes.synced
             && self.grpc_routes.synced
@@ -196,6 +208,7 @@ impl Model {
         !self.dirty_services.is_empty()
             || !self.dirty_pods.is_empty()
             || self.peer_auths_dirty
+            || self.authz_dirty
             || self.routes_dirty
             || self.destinations_dirty
             || self.unimplemented_dirty
@@ -249,12 +262,15 @@ impl Model {
                     return self.dirty();
                 }
                 self.peer_auths_dirty = true;
-                // The pods a policy can reach: its namespace's, or every pod for the root's.
-                let root = &self.opts.root_namespace;
-                let namespaces: HashSet<&String> = touched.iter().map(|(ns, _)| ns).collect();
-                let all = namespaces.contains(root);
-                let pods = self.pods.live.keys().filter(|(ns, _)| all || namespaces.contains(ns)).cloned();
-                self.dirty_pods.extend(pods);
+                self.pods_reached(&touched);
+            }
+            Change::AuthorizationPolicy(e) => {
+                let touched = self.authz_policies.apply(*e, |p| Some(Az::from_object(p)));
+                if touched.is_empty() {
+                    return self.dirty();
+                }
+                self.authz_dirty = true;
+                self.pods_reached(&touched);
             }
             Change::Unimplemented(kind, e) => {
                 let objects = self.unimplemented.entry(kind.kind).or_default();
@@ -277,44 +293,75 @@ impl Model {
         self.dirty()
     }
 
-    /// The policy collection of a pod of `namespace` with `labels`.
-    fn policy_of(&self, namespace: &str, labels: &BTreeMap<String, String>) -> (pb::PeerPolicy, Vec<Key>) {
+    /// The pods inbound policies of `touched` can reach become dirty: their namespaces', or
+    /// every pod for the root namespace's.
+    fn pods_reached(&mut self, touched: &[Key]) {
+        let root = &self.opts.root_namespace;
+        let namespaces: HashSet<&String> = touched.iter().map(|(ns, _)| ns).collect();
+        let all = namespaces.contains(root);
+        let pods = self.pods.live.keys().filter(|(ns, _)| all || namespaces.contains(ns)).cloned();
+        self.dirty_pods.extend(pods);
+    }
+
+    /// The inbound policy of a pod of `namespace` with `labels`, with the PeerAuthentications
+    /// and the AuthorizationPolicies that decide it.
+    fn policy_of(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> (pb::PeerPolicy, Vec<Key>, Vec<Key>) {
         let pas = &self.peer_auths_sorted;
         let root = &self.opts.root_namespace;
-        let policy = peer_policy::peer_policy(namespace, labels, pas, root, self.opts.mtls_mode);
+        let mut policy = peer_policy::peer_policy(namespace, labels, pas, root, self.opts.mtls_mode);
         let decided_by = peer_policy::in_force(namespace, labels, pas, root)
             .into_iter()
             .flatten()
             .map(|p| (p.namespace.clone(), p.name.clone()))
             .collect();
-        (policy, decided_by)
+        let azs = authz::for_workload(namespace, labels, &self.authz_sorted, root);
+        policy.authz = azs.iter().map(|a| a.policy.clone()).collect();
+        let authz_by = azs.iter().map(|a| (a.namespace.clone(), a.name.clone())).collect();
+        (policy, decided_by, authz_by)
+    }
+
+    /// What a proxy of `namespace` whose pod is not known yet receives.
+    fn fallback_policy(&self, namespace: &str) -> Arc<Collection> {
+        let empty = BTreeMap::new();
+        let (mut policy, _, _) = self.policy_of(namespace, &empty);
+        policy.authz = authz::for_unknown_workload(namespace, &self.authz_sorted, &self.opts.root_namespace);
+        single(peer_policy::resource(policy))
     }
 
     /// Recomputes the dirty pods' policies; returns whether any changed. The Services a pod
     /// with a changed policy backs become dirty (their endpoints' mTLS follows it).
     fn rebuild_policies(&mut self, version: u64) -> bool {
         let mut changed = false;
-        if std::mem::take(&mut self.peer_auths_dirty) {
+        let pas_dirty = std::mem::take(&mut self.peer_auths_dirty);
+        let azs_dirty = std::mem::take(&mut self.authz_dirty);
+        if pas_dirty || azs_dirty {
             let mut pas: Vec<PeerAuth> = self.peer_auths.live.values().cloned().collect();
             pas.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+            let mut azs: Vec<Az> = self.authz_policies.live.values().cloned().collect();
+            azs.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
             // The fallbacks only when the policies differ from those they were computed from
             // (and the first time).
-            if self.policy_default.entries.is_empty() || *self.peer_auths_sorted != pas {
+            if self.policy_default.entries.is_empty()
+                || *self.peer_auths_sorted != pas
+                || *self.authz_sorted != azs
+            {
                 self.peer_auths_sorted = Arc::new(pas);
-                let empty = BTreeMap::new();
-                let namespaces: HashSet<String> =
-                    self.peer_auths_sorted.iter().map(|p| p.namespace.clone()).collect();
+                self.authz_sorted = Arc::new(azs);
+                let namespaces: HashSet<String> = self
+                    .peer_auths_sorted
+                    .iter()
+                    .map(|p| p.namespace.clone())
+                    .chain(self.authz_sorted.iter().map(|a| a.namespace.clone()))
+                    .collect();
                 self.policy_by_namespace = Arc::new(
-                    namespaces
-                        .into_iter()
-                        .map(|ns| {
-                            let c = single(peer_policy::resource(self.policy_of(&ns, &empty).0));
-                            (ns, c)
-                        })
-                        .collect(),
+                    namespaces.into_iter().map(|ns| (ns.clone(), self.fallback_policy(&ns))).collect(),
                 );
-                // A namespace without a PeerAuthentication of its own sees the mesh's.
-                self.policy_default = single(peer_policy::resource(self.policy_of("", &empty).0));
+                // A namespace without a policy of its own sees the mesh's.
+                self.policy_default = self.fallback_policy("");
                 changed = true;
             }
         }
@@ -327,21 +374,26 @@ impl Model {
                 self.services_of_pod.remove(&pod);
                 continue;
             };
-            let (policy, mut decided_by) = self.policy_of(&pod.0, &info.labels);
+            let (policy, mut decided_by, authz_by) = self.policy_of(&pod.0, &info.labels);
             // In the root namespace, the namespace's and the mesh's policy are the same one.
             decided_by.dedup();
             match self.policies.get_mut(&pod) {
                 Some(p) if p.policy == policy => {
-                    if p.decided_by != decided_by {
+                    if p.decided_by != decided_by || p.authz_by != authz_by {
                         p.decided_by = decided_by;
+                        p.authz_by = authz_by;
                         changed = true;
                     }
                 }
-                _ => {
+                old => {
+                    // Endpoints' mutual TLS follows the mode, not the authorization policies.
+                    let mtls_changed =
+                        old.is_none_or(|p| p.policy.mode != policy.mode || p.policy.ports != policy.ports);
                     let collection = single(peer_policy::resource(policy.clone()));
                     Arc::make_mut(&mut self.policy_collections).insert(pod.clone(), collection);
-                    self.policies.insert(pod.clone(), Policy { policy, decided_by, since: version });
-                    if let Some(s) = self.services_of_pod.get(&pod) {
+                    self.policies
+                        .insert(pod.clone(), Policy { policy, decided_by, authz_by, since: version });
+                    if mtls_changed && let Some(s) = self.services_of_pod.get(&pod) {
                         self.dirty_services.extend(s.iter().cloned());
                     }
                     changed = true;
@@ -533,6 +585,7 @@ impl Model {
         let version = self.version + 1;
         let pods_or_policies = !self.dirty_pods.is_empty()
             || self.peer_auths_dirty
+            || self.authz_dirty
             || self.routes_dirty
             || self.destinations_dirty
             || std::mem::take(&mut self.unimplemented_dirty);
@@ -555,6 +608,70 @@ impl Model {
             self.statuses = Arc::new(s);
         }
         Some(changed)
+    }
+
+    /// For each AuthorizationPolicy, the workloads it selects and the version each needs.
+    fn authz_statuses(&self) -> Vec<PolicyReach> {
+        let mut by: BTreeMap<Key, PolicyReach> = self
+            .authz_sorted
+            .iter()
+            .map(|a| {
+                let key = (a.namespace.clone(), a.name.clone());
+                let reach = PolicyReach {
+                    kind: "AuthorizationPolicy",
+                    key: key.clone(),
+                    generation: a.generation,
+                    type_url: mycel_api::PEER_POLICY_TYPE,
+                    workloads: Vec::new(),
+                    without_proxy: 0,
+                    revisions: Vec::new(),
+                    not_implemented: Vec::new(),
+                    any_implemented: true,
+                    conflicts: Vec::new(),
+                    unresolved: Vec::new(),
+                    invalid: a.invalid.clone(),
+                    not_in_effect: None,
+                    parents: Vec::new(),
+                };
+                (key, reach)
+            })
+            .collect();
+        for (pod, p) in &self.policies {
+            let Some(info) = self.pods.live.get(pod).filter(|i| !i.finished) else { continue };
+            for a in &p.authz_by {
+                if let Some(s) = by.get_mut(a) {
+                    if info.sidecar {
+                        s.workloads.push((pod.clone(), p.since));
+                        s.revisions.extend(info.revision.clone());
+                    } else {
+                        s.without_proxy += 1;
+                    }
+                }
+            }
+        }
+        let root = &self.opts.root_namespace;
+        let mut v: Vec<PolicyReach> = by.into_values().collect();
+        for s in &mut v {
+            s.workloads.sort();
+            s.revisions.sort();
+            s.revisions.dedup();
+            if s.workloads.is_empty() && s.without_proxy == 0 {
+                let az = self.authz_sorted.iter().find(|a| (&a.namespace, &a.name) == (&s.key.0, &s.key.1));
+                let scope = if s.key.0 == *root {
+                    "any namespace (the root namespace's policy)".to_string()
+                } else {
+                    format!("namespace {}", s.key.0)
+                };
+                s.not_in_effect = Some(match az.and_then(|a| a.selector.as_ref()) {
+                    Some(sel) => {
+                        let labels: Vec<String> = sel.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        format!("its selector ({}) matches no running pod in {scope}", labels.join(","))
+                    }
+                    None => format!("there is no running pod in {scope}"),
+                });
+            }
+        }
+        v
     }
 
     /// For each PeerAuthentication, the workloads it decides and the version each needs.
@@ -603,6 +720,7 @@ impl Model {
             s.revisions.sort();
             s.revisions.dedup();
         }
+        v.extend(self.authz_statuses());
         let mut trs: Vec<(&RouteKey, &(Outcome, u64))> = self.routes.outcomes.iter().collect();
         trs.sort_by(|a, b| a.0.cmp(b.0));
         for ((kind, key), (o, since)) in trs {
@@ -908,6 +1026,7 @@ mod tests {
             Change::Slice(Box::new(watcher::Event::InitDone)),
             Change::Pod(Box::new(watcher::Event::InitDone)),
             Change::PeerAuth(Box::new(watcher::Event::InitDone)),
+            Change::AuthorizationPolicy(Box::new(watcher::Event::InitDone)),
             Change::TrafficRoute(Box::new(watcher::Event::InitDone)),
             Change::HttpRoute(Box::new(watcher::Event::InitDone)),
             Change::GrpcRoute(Box::new(watcher::Event::InitDone)),
@@ -1125,6 +1244,7 @@ mod tests {
         send(Change::Slice(Box::new(watcher::Event::InitDone)));
         send(Change::Pod(Box::new(watcher::Event::InitDone)));
         send(Change::PeerAuth(Box::new(watcher::Event::InitDone)));
+        send(Change::AuthorizationPolicy(Box::new(watcher::Event::InitDone)));
         send(Change::TrafficRoute(Box::new(watcher::Event::InitDone)));
         send(Change::HttpRoute(Box::new(watcher::Event::InitDone)));
         send(Change::GrpcRoute(Box::new(watcher::Event::InitDone)));

@@ -147,6 +147,18 @@ fn inert(reach: &PolicyReach) -> Vec<Decided> {
 /// `Accepted` of an object its kind implements: in effect, but for the fields it sets that are
 /// not implemented yet (named).
 fn accepted(reach: &PolicyReach) -> Decided {
+    if !reach.invalid.is_empty() && reach.kind == "AuthorizationPolicy" {
+        return Decided {
+            type_: "Accepted",
+            status: "False",
+            reason: "Invalid",
+            message: format!(
+                "generation {} has values no proxy can use, so it is enforced in its fail-closed form (a DENY denies every request to what it selects, an ALLOW allows none): {}",
+                reach.generation,
+                named_list(&reach.invalid)
+            ),
+        };
+    }
     if !reach.invalid.is_empty() {
         return Decided {
             type_: "Accepted",
@@ -228,7 +240,7 @@ pub fn decide(reach: &PolicyReach, held: &Held, writer: &Writer) -> Option<Vec<D
                 named_list(&reach.unresolved)
             ),
         }
-    } else if reach.kind == "PeerAuthentication" {
+    } else if reach.kind == "PeerAuthentication" || reach.kind == "AuthorizationPolicy" {
         Decided {
             type_: "ResolvedRefs",
             status: "True",
@@ -451,6 +463,9 @@ async fn write(client: &Client, reach: &PolicyReach, conditions: &[(Decided, Tim
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let resource = match reach.kind {
         "PeerAuthentication" => ApiResource::erase::<PeerAuthentication>(&()),
+        "AuthorizationPolicy" => {
+            ApiResource::erase::<mycel_crds::authorization_policy::AuthorizationPolicy>(&())
+        }
         "TrafficRoute" => ApiResource::erase::<TrafficRoute>(&()),
         "DestinationPolicy" => ApiResource::erase::<DestinationPolicy>(&()),
         kind => match KINDS.iter().find(|k| k.kind == kind) {
@@ -627,14 +642,14 @@ mod tests {
     #[test]
     fn a_kind_not_implemented_yet_is_not_accepted_and_names_what_it_sets() {
         let mut r = reach(vec![], 0);
-        r.kind = "AuthorizationPolicy";
+        r.kind = "RateLimitPolicy";
         r.any_implemented = false;
-        r.not_implemented = vec!["spec.action".into(), "spec.rules[].from[].source.principals[]".into()];
+        r.not_implemented = vec!["spec.limits[].requests".into(), "spec.limits[].unit".into()];
         let d = decide(&r, &Held::default(), writer(1));
         let accepted = d.iter().find(|c| c.type_ == "Accepted").unwrap();
         assert_eq!((accepted.status, accepted.reason), ("False", "FieldsNotImplemented"));
         assert!(
-            accepted.message.contains("spec.action, spec.rules[].from[].source.principals[]"),
+            accepted.message.contains("spec.limits[].requests, spec.limits[].unit"),
             "{}",
             accepted.message
         );

@@ -7,6 +7,7 @@ use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
+pub mod authz;
 pub mod route;
 pub use route::RouteTable;
 
@@ -33,6 +34,13 @@ pub struct Config {
     /// plane from PeerAuthentication).
     #[serde(default, skip_serializing_if = "InboundMtls::is_default")]
     pub inbound_mtls: InboundMtls,
+    /// Who may call this workload's inbound side (streamed from AuthorizationPolicy).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub authorization: Vec<authz::AuthzPolicy>,
+    /// Set while a streamed proxy has not received its first inbound policy: it then accepts
+    /// no inbound connection (no window in which every caller is allowed).
+    #[serde(skip)]
+    pub inbound_pending: bool,
     /// What a downstream client or an upstream may take of the proxy's time and memory.
     #[serde(default)]
     pub limits: Limits,
@@ -322,6 +330,7 @@ impl Config {
                 return invalid(field.into(), "must be above 0".into());
             }
         }
+        authz::validate(&self.authorization)?;
         if l.max_header_bytes < 8192 {
             return invalid("limits.maxHeaderBytes".into(), "must be at least 8192".into());
         }

@@ -1,9 +1,10 @@
 //! Traffic addressed to the workload. The order of concerns, for a connection
 //! ([`connection`]) and for each request ([`request`]):
 //!
-//! - connection: detect → mesh TLS and PeerAuthentication → connection-level authorization →
-//!   TCP to the app, or HTTP;
-//! - request: sanitize headers → request authentication → authorization → rate limit → app.
+//! - connection: admitted once the first inbound policy is in → detect → mesh TLS and
+//!   PeerAuthentication → TCP to the app (after connection-level authorization), or HTTP;
+//! - request: sanitize headers → normalise the path → request authentication → authorization →
+//!   rate limit → app.
 
 use std::sync::Arc;
 
@@ -33,6 +34,11 @@ pub async fn connection(
     // names its cluster.
     let mode = {
         let state = shared.state.load();
+        if policy::admit_connection(&conn, &state).is_err() {
+            drop(state);
+            reset(&stream);
+            return;
+        }
         conn.target.port().map_or(state.config.inbound_mtls.mode, |p| state.inbound_mode(p))
     };
     // Detect: mesh TLS is recognised by its ALPN, unless mutual TLS is disabled for this port
@@ -49,9 +55,9 @@ pub async fn connection(
         tracing::debug!(listener = %conn.listener(), peer = ?conn.peer, "plaintext refused: mutual TLS is STRICT here");
         return;
     }
-    // Connection-level authorization.
-    if let Err(e) = policy::authorize_connection(&conn) {
-        tracing::debug!(listener = %conn.listener(), peer = ?conn.peer, error = %e, "connection refused");
+    // Connection-level authorization of what is not HTTP.
+    if !matches!(seen, Seen::Http(_)) && policy::authorize_connection(&conn, &shared).is_err() {
+        reset(&stream);
         return;
     }
     transport::serve_plain(stream, seen, conn, shared, stop).await
@@ -74,8 +80,8 @@ async fn mesh_tls(stream: tokio::net::TcpStream, mut conn: Conn, shared: Arc<Sha
         }
     };
     conn.peer_id = Some(Arc::from(peer_id.as_str()));
-    if let Err(e) = policy::authorize_connection(&conn) {
-        tracing::debug!(listener = %conn.listener(), peer = %peer_id, error = %e, "connection refused");
+    if inner == mtls::Inner::Tcp && policy::authorize_connection(&conn, &shared).is_err() {
+        reset(tls.get_ref().0);
         return;
     }
     let _open = transport::opened(&conn, &shared);
@@ -113,8 +119,9 @@ pub async fn request(
     shared: &Arc<Shared>,
 ) -> (Option<Arc<Endpoints>>, Result<Response<Body>, ProxyError>) {
     sanitize(&mut req, conn);
+    normalize(&mut req);
     let admitted = policy::authenticate(&mut req, &conn.conn)
-        .and_then(|()| policy::authorize(&req, &conn.conn))
+        .and_then(|()| policy::authorize(&req, &conn.conn, shared))
         .and_then(|()| policy::rate_limit(&req, &conn.conn));
     if let Err(e) = admitted {
         return (None, Err(e));
@@ -125,6 +132,44 @@ pub async fn request(
     };
     let resp = http::forward::forward(req, &conn.conn, &app, shared).await;
     (Some(app), resp)
+}
+
+/// A refused connection ends with a reset, not a clean close, so that the client sees a refusal.
+fn reset(stream: &tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// The path the policies match and the app receives: normalised
+/// ([`policy::authz::normalize_path`]), so that no spelling of a path slips past a rule on it.
+fn normalize(req: &mut Request<Body>) {
+    // The host the policies match is the one the app receives: an absolute-form HTTP/1.1 target
+    // or an HTTP/2 `:authority` replaces a `Host` header that says otherwise (RFC 9112 §3.2.2).
+    if let Some(a) = req.uri().authority() {
+        let host = match a.port() {
+            Some(p) => format!("{}:{p}", a.host()),
+            None => a.host().to_string(),
+        };
+        let h2_without_host =
+            req.version() == hyper::Version::HTTP_2 && !req.headers().contains_key(hyper::header::HOST);
+        if !h2_without_host && let Ok(v) = HeaderValue::from_str(&host) {
+            req.headers_mut().insert(hyper::header::HOST, v);
+        }
+    }
+    let normalized = match policy::authz::normalize_path(req.uri().path()) {
+        std::borrow::Cow::Borrowed(_) => return,
+        std::borrow::Cow::Owned(p) => p,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    let pq = match req.uri().query() {
+        Some(q) => format!("{normalized}?{q}"),
+        None => normalized,
+    };
+    if let Ok(pq) = pq.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(uri) = hyper::Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
 }
 
 /// Headers that only this proxy may set: the caller's identity is the one it proved over mutual

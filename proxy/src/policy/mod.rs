@@ -1,16 +1,41 @@
 //! Policies a sidecar enforces on a request or connection: request authentication (JWT),
-//! authorization (AuthorizationPolicy) and rate limits (RateLimitPolicy). Each is a step of a
-//! direction's stack ([`crate::inbound`], [`crate::outbound`]); none is configured yet, so each
-//! admits everything, and the issues that implement them fill these functions.
+//! authorization (AuthorizationPolicy, [`authz`]) and rate limits (RateLimitPolicy). Each is a
+//! step of a direction's stack ([`crate::inbound`], [`crate::outbound`]); request
+//! authentication and rate limits are not configured yet, so they admit everything.
+
+pub mod authz;
 
 use hyper::Request;
 
-use crate::{context::Conn, error::ProxyError, http::Body};
+use crate::{Shared, context::Conn, error::ProxyError, http::Body, state::State};
 
-/// Connection-level authorization (rules on identities, namespaces, addresses and ports), before
-/// any byte reaches the app.
-pub fn authorize_connection(_conn: &Conn) -> Result<(), ProxyError> {
+/// Before anything else on an inbound connection: a streamed proxy that has not received its
+/// first inbound policy refuses every connection (there is no window in which every caller is
+/// allowed; the client's sidecar tries another endpoint).
+pub fn admit_connection(conn: &Conn, state: &State) -> Result<(), &'static str> {
+    if state.config.inbound_pending {
+        tracing::debug!(listener = %conn.listener(), peer = ?conn.peer, "connection refused: no inbound policy received yet");
+        return Err("no inbound policy received yet");
+    }
     Ok(())
+}
+
+/// Connection-level authorization of a connection that is not HTTP (TCP to the app): rules on
+/// identities, namespaces, addresses and ports, before any byte reaches the app. Rules that
+/// need HTTP attributes are read as [`authz`] says.
+pub fn authorize_connection(conn: &Conn, shared: &Shared) -> Result<(), ProxyError> {
+    let state = shared.state.load();
+    if state.authz.is_empty() {
+        return Ok(());
+    }
+    let attrs = authz::Attrs::peer(
+        conn.peer_id.as_deref(),
+        conn.peer.map(|p| p.ip()),
+        conn.target.port().unwrap_or(0),
+    );
+    let d = state.authz.evaluate(&attrs);
+    report(&d, shared, conn, "tcp", "-");
+    if d.allowed { Ok(()) } else { Err(ProxyError::Denied) }
 }
 
 /// Request authentication: the request principal from a JWT.
@@ -18,9 +43,66 @@ pub fn authenticate(_req: &mut Request<Body>, _conn: &Conn) -> Result<(), ProxyE
     Ok(())
 }
 
-/// Request-level authorization.
-pub fn authorize(_req: &Request<Body>, _conn: &Conn) -> Result<(), ProxyError> {
-    Ok(())
+/// Request-level authorization, on the normalised path ([`authz::normalize_path`], which the
+/// inbound stack applied to the request before).
+pub fn authorize(req: &Request<Body>, conn: &Conn, shared: &Shared) -> Result<(), ProxyError> {
+    let state = shared.state.load();
+    if state.authz.is_empty() {
+        return Ok(());
+    }
+    // The inbound stack made `Host` the authority's host and port (without user info) where the
+    // request has both.
+    let host = match req.uri().authority() {
+        Some(a) => match a.port() {
+            Some(p) => format!("{}:{p}", a.host()),
+            None => a.host().to_string(),
+        },
+        None => {
+            String::from_utf8_lossy(req.headers().get(hyper::header::HOST).map_or(&b""[..], |h| h.as_bytes()))
+                .into_owned()
+        }
+    }
+    .to_ascii_lowercase();
+    let mut attrs = authz::Attrs::peer(
+        conn.peer_id.as_deref(),
+        conn.peer.map(|p| p.ip()),
+        conn.target.port().unwrap_or(0),
+    );
+    attrs.http = Some(authz::HttpAttrs {
+        host: &host,
+        method: req.method().as_str(),
+        path: req.uri().path(),
+        headers: req.headers(),
+    });
+    let d = state.authz.evaluate(&attrs);
+    report(&d, shared, conn, req.method().as_str(), req.uri().path());
+    if d.allowed { Ok(()) } else { Err(ProxyError::Denied) }
+}
+
+/// Counts and logs a decision: every decision of a policy (and a denial for want of a matching
+/// ALLOW); AUDIT matches and dry-run verdicts besides.
+fn report(d: &authz::Decision, shared: &Shared, conn: &Conn, method: &str, path: &str) {
+    let m = &shared.metrics;
+    let peer = conn.peer_id.as_deref().unwrap_or("-");
+    let result = if d.allowed { "allowed" } else { "denied" };
+    match &d.by {
+        Some((policy, action)) => m.authz(action.as_str(), policy, result),
+        None if !d.allowed => m.authz("ALLOW", "none", result),
+        None => {}
+    }
+    if !d.allowed {
+        let policy = d.by.as_ref().map_or("none (no ALLOW policy matched)", |(p, _)| p);
+        tracing::info!(%policy, %peer, source = ?conn.peer, %method, %path, "authorization: denied");
+    }
+    for policy in &d.audited {
+        m.authz("AUDIT", policy, "audited");
+        tracing::info!(%policy, %peer, source = ?conn.peer, %method, %path, allowed = d.allowed, "authorization: audited");
+    }
+    for (policy, action, would_allow) in &d.dry_run {
+        let result = if *would_allow { "dry_run_allowed" } else { "dry_run_denied" };
+        m.authz(action.as_str(), policy, result);
+        tracing::info!(%policy, %peer, source = ?conn.peer, %method, %path, would = if *would_allow { "allow" } else { "deny" }, "authorization: dry run");
+    }
 }
 
 /// Local and global rate limits.

@@ -3,7 +3,10 @@
 use std::sync::Mutex;
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::{
+        EncodeLabelSet,
+        text::{encode_eof, encode_registry},
+    },
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
@@ -31,6 +34,18 @@ pub struct RetryLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    /// `ALLOW`, `DENY` or `AUDIT`: the deciding policy's action (`ALLOW` when ALLOW policies
+    /// exist and none matched).
+    pub action: String,
+    /// `<namespace>/<name>`, or `none` when no policy matched.
+    pub policy: String,
+    /// `allowed`, `denied`, `audited`, or for a dry-run policy `dry_run_allowed` /
+    /// `dry_run_denied` (what it would have decided).
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub result: String,
 }
@@ -42,6 +57,9 @@ pub struct Metrics {
     pub control_plane_connected: Gauge,
     pub config_updates: Family<ReloadLabels, Counter>,
     registry: Mutex<Registry>,
+    /// Metrics named without the `mycel_proxy` prefix (`mycel_authz_decisions_total`).
+    mesh_registry: Mutex<Registry>,
+    pub authz_decisions: Family<AuthzLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub retries: Family<RetryLabels, Counter>,
     pub mirrors: Family<RetryLabels, Counter>,
@@ -120,7 +138,16 @@ impl Default for Metrics {
         registry.register("active_connections", "Open downstream connections", active_connections.clone());
         registry.register("received_bytes", "Bytes read from downstream (TCP)", bytes_received.clone());
         registry.register("sent_bytes", "Bytes written to downstream (TCP)", bytes_sent.clone());
+        let mut mesh_registry = Registry::with_prefix("mycel");
+        let authz_decisions = Family::<AuthzLabels, Counter>::default();
+        mesh_registry.register(
+            "authz_decisions",
+            "Decisions of AuthorizationPolicies on inbound requests and connections, by deciding policy",
+            authz_decisions.clone(),
+        );
         Metrics {
+            mesh_registry: Mutex::new(mesh_registry),
+            authz_decisions,
             reloads,
             certificates,
             certificate_expiry,
@@ -151,6 +178,17 @@ impl Metrics {
         self.mirrors.get_or_create(&RetryLabels { cluster: cluster.into(), outcome: outcome.into() }).inc();
     }
 
+    /// Counts one authorization decision.
+    pub fn authz(&self, action: &str, policy: &str, result: &str) {
+        self.authz_decisions
+            .get_or_create(&AuthzLabels {
+                action: action.into(),
+                policy: policy.into(),
+                result: result.into(),
+            })
+            .inc();
+    }
+
     /// Counts a configuration reload, applied or rejected.
     pub fn reloaded(&self, applied: bool) {
         let result = if applied { "applied" } else { "rejected" };
@@ -175,8 +213,12 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         if let Ok(r) = self.registry.lock() {
-            let _ = encode(&mut out, &r);
+            let _ = encode_registry(&mut out, &r);
         }
+        if let Ok(r) = self.mesh_registry.lock() {
+            let _ = encode_registry(&mut out, &r);
+        }
+        let _ = encode_eof(&mut out);
         out
     }
 }

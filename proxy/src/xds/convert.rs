@@ -87,8 +87,90 @@ pub fn convert_cluster(c: &pb::Cluster) -> Result<config::Cluster, ConfigError> 
     })
 }
 
+/// The inbound policy in the proxy's model: mutual TLS, and the authorization policies.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InboundPolicy {
+    pub mtls: config::InboundMtls,
+    pub authz: Vec<config::authz::AuthzPolicy>,
+}
+
+/// The inbound policy from its streamed form.
+pub fn convert_policy(p: &pb::PeerPolicy) -> Result<InboundPolicy, ConfigError> {
+    use config::authz;
+    let strings = |v: &[String]| v.to_vec();
+    let ports = |v: &[u32], field: String| -> Result<Vec<u16>, ConfigError> {
+        v.iter()
+            .map(|p| {
+                u16::try_from(*p).ok().filter(|p| *p > 0).ok_or_else(|| ConfigError::Invalid {
+                    field: field.clone(),
+                    message: format!("{p} is not a TCP port"),
+                })
+            })
+            .collect()
+    };
+    let mut policies = Vec::with_capacity(p.authz.len());
+    for a in &p.authz {
+        let at = format!("authorization[{}]", a.name);
+        let action = match pb::AuthzAction::try_from(a.action) {
+            Ok(pb::AuthzAction::AuthzAllow) => authz::AuthzAction::Allow,
+            Ok(pb::AuthzAction::AuthzDeny) => authz::AuthzAction::Deny,
+            Ok(pb::AuthzAction::AuthzAudit) => authz::AuthzAction::Audit,
+            Err(_) => {
+                return Err(ConfigError::Invalid {
+                    field: format!("{at}.action"),
+                    message: format!("unknown action {}", a.action),
+                });
+            }
+        };
+        let mut rules = Vec::with_capacity(a.rules.len());
+        for (r, rule) in a.rules.iter().enumerate() {
+            let mut to = Vec::with_capacity(rule.to.len());
+            for (i, o) in rule.to.iter().enumerate() {
+                let f = |l: &str| format!("{at}.rules[{r}].to[{i}].operation.{l}");
+                to.push(authz::AuthzOperation {
+                    hosts: strings(&o.hosts),
+                    not_hosts: strings(&o.not_hosts),
+                    ports: ports(&o.ports, f("ports"))?,
+                    not_ports: ports(&o.not_ports, f("notPorts"))?,
+                    methods: strings(&o.methods),
+                    not_methods: strings(&o.not_methods),
+                    paths: strings(&o.paths),
+                    not_paths: strings(&o.not_paths),
+                });
+            }
+            rules.push(authz::AuthzRule {
+                from: rule
+                    .from
+                    .iter()
+                    .map(|s| authz::AuthzSource {
+                        principals: strings(&s.principals),
+                        not_principals: strings(&s.not_principals),
+                        namespaces: strings(&s.namespaces),
+                        not_namespaces: strings(&s.not_namespaces),
+                        ip_blocks: strings(&s.ip_blocks),
+                        not_ip_blocks: strings(&s.not_ip_blocks),
+                    })
+                    .collect(),
+                to,
+                when: rule
+                    .when
+                    .iter()
+                    .map(|c| authz::AuthzCondition {
+                        key: c.key.clone(),
+                        values: strings(&c.values),
+                        not_values: strings(&c.not_values),
+                    })
+                    .collect(),
+            });
+        }
+        policies.push(authz::AuthzPolicy { name: a.name.clone(), action, dry_run: a.dry_run, rules });
+    }
+    authz::validate(&policies)?;
+    Ok(InboundPolicy { mtls: convert_mtls(p)?, authz: policies })
+}
+
 /// The inbound mutual-TLS policy from its streamed form.
-pub fn convert_policy(p: &pb::PeerPolicy) -> Result<config::InboundMtls, ConfigError> {
+fn convert_mtls(p: &pb::PeerPolicy) -> Result<config::InboundMtls, ConfigError> {
     let mode = |m: i32, field: String| match pb::MtlsMode::try_from(m) {
         Ok(pb::MtlsMode::MtlsPermissive) => Ok(config::MtlsMode::Permissive),
         Ok(pb::MtlsMode::MtlsStrict) => Ok(config::MtlsMode::Strict),

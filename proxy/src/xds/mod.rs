@@ -19,7 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 mod convert;
-pub use convert::{convert_cluster, convert_policy, convert_route};
+pub use convert::{InboundPolicy, convert_cluster, convert_policy, convert_route};
 
 use crate::{
     ApplyError, Running,
@@ -157,14 +157,17 @@ struct Layers {
     base: Config,
     clusters: BTreeMap<String, config::Cluster>,
     routes: BTreeMap<String, config::RouteTable>,
-    inbound: Option<config::InboundMtls>,
+    inbound: Option<InboundPolicy>,
 }
 
 impl Layers {
     fn compose(&self) -> Result<Config, ConfigError> {
         let mut c = self.base.clone();
+        // Until the first policy arrives, a streamed proxy refuses inbound connections.
+        c.inbound_pending = c.streamed && self.inbound.is_none();
         if let Some(p) = &self.inbound {
-            c.inbound_mtls = p.clone();
+            c.inbound_mtls = p.mtls.clone();
+            c.authorization = p.authz.clone();
         }
         for (name, cluster) in &self.clusters {
             if self.base.clusters.iter().any(|b| &b.name == name) {
@@ -221,7 +224,7 @@ impl Layered {
     }
 
     /// Replaces the streamed inbound policy (`None`: the static one).
-    pub async fn set_inbound(&self, policy: Option<config::InboundMtls>) -> Result<(), ApplyError> {
+    pub async fn set_inbound(&self, policy: Option<InboundPolicy>) -> Result<(), ApplyError> {
         self.change(|l| l.inbound = policy).await
     }
 
@@ -270,7 +273,7 @@ pub async fn run(
 ) {
     let metrics = &layered.running.shared.metrics;
     let mut accepted: Accepted = BTreeMap::new();
-    let mut policy: Option<(String, config::InboundMtls)> = None;
+    let mut policy: Option<(String, InboundPolicy)> = None;
     let mut routes: Routes = BTreeMap::new();
     // A control plane of a release before route tables refuses the type (and the stream with
     // it): the proxy then goes on without routes rather than never becoming ready.
@@ -316,7 +319,7 @@ async fn session(
     boot: &Bootstrap,
     layered: &Layered,
     id: &Identity,
-    (accepted, policy, routes): (&mut Accepted, &mut Option<(String, config::InboundMtls)>, &mut Routes),
+    (accepted, policy, routes): (&mut Accepted, &mut Option<(String, InboundPolicy)>, &mut Routes),
     without_routes: bool,
     backoff: &mut Backoff,
 ) -> Result<(), SetupError> {
@@ -378,8 +381,10 @@ async fn session(
         } else {
             apply_clusters(&resp, accepted, layered).await
         };
+        // And once its inbound policy is in (until then it accepts no inbound connection).
         if clusters_synced
             && routes_synced
+            && policy.is_some()
             && !layered.running.shared.ready.swap(true, std::sync::atomic::Ordering::AcqRel)
         {
             info!(
@@ -485,7 +490,7 @@ async fn apply_routes(
 /// Applies a PeerPolicy response; the rejection, if any.
 async fn apply_policy(
     resp: &pb::DeltaResponse,
-    policy: &mut Option<(String, config::InboundMtls)>,
+    policy: &mut Option<(String, InboundPolicy)>,
     layered: &Layered,
 ) -> Option<pb::RejectReason> {
     let next = match resp.resources.iter().find(|r| r.name == "inbound") {
@@ -507,7 +512,7 @@ async fn apply_policy(
     match layered.set_inbound(next.as_ref().map(|(_, p)| p.clone())).await {
         Ok(()) => {
             if let Some((_, p)) = &next {
-                info!(mode = ?p.mode, ports = p.ports.len(), "inbound mutual-TLS policy applied");
+                info!(mode = ?p.mtls.mode, ports = p.mtls.ports.len(), authorization_policies = p.authz.len(), "inbound policy applied");
             }
             *policy = next;
             None
@@ -585,6 +590,23 @@ async fn apply_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inbound_connections_wait_for_the_first_inbound_policy_only() {
+        let mut base = Config::parse_with("{}", true).unwrap();
+        base.inbound_pending = true;
+        let mut layers = Layers { base, clusters: BTreeMap::new(), routes: BTreeMap::new(), inbound: None };
+        assert!(layers.compose().unwrap().inbound_pending, "no policy yet");
+        let deny = config::authz::AuthzPolicy {
+            name: "shop/deny".into(),
+            action: config::authz::AuthzAction::Deny,
+            ..Default::default()
+        };
+        layers.inbound = Some(InboundPolicy { mtls: Default::default(), authz: vec![deny.clone()] });
+        let c = layers.compose().unwrap();
+        assert!(!c.inbound_pending, "the first policy is in");
+        assert_eq!(c.authorization, [deny]);
+    }
 
     #[test]
     fn backoff_grows_with_jitter_and_is_capped() {

@@ -402,6 +402,7 @@ fn policy(mode: pb::MtlsMode) -> Arc<Collection> {
     let e = Entry::new(crate::controlplane::translate::peer_policy::resource(pb::PeerPolicy {
         mode: mode as i32,
         ports: Default::default(),
+        authz: Vec::new(),
     }));
     Arc::new(Collection::of([(e.resource.name.clone(), Arc::new(e))].into()))
 }

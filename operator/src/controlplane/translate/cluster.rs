@@ -165,10 +165,15 @@ mod tests {
             labels: Default::default(),
         };
         let plain = PodInfo { sidecar: false, ..sidecar.clone() };
-        let strict = pb::PeerPolicy { mode: pb::MtlsMode::MtlsStrict as i32, ports: Default::default() };
+        let strict = pb::PeerPolicy {
+            mode: pb::MtlsMode::MtlsStrict as i32,
+            ports: Default::default(),
+            authz: Vec::new(),
+        };
         let disabled_port = pb::PeerPolicy {
             mode: pb::MtlsMode::MtlsStrict as i32,
             ports: [(8080, pb::MtlsMode::MtlsDisable as i32)].into(),
+            authz: Vec::new(),
         };
         let pod = |k: &Key| match k.1.as_str() {
             "a" => Some(PodView { info: &sidecar, policy: &strict }),
@@ -210,7 +215,11 @@ mod tests {
                 .into(),
         };
         let (v1, v2) = (info("v1"), info("v2"));
-        let strict = pb::PeerPolicy { mode: pb::MtlsMode::MtlsStrict as i32, ports: Default::default() };
+        let strict = pb::PeerPolicy {
+            mode: pb::MtlsMode::MtlsStrict as i32,
+            ports: Default::default(),
+            authz: Vec::new(),
+        };
         let pod = |k: &Key| match k.1.as_str() {
             "v1" => Some(PodView { info: &v1, policy: &strict }),
             "v2" | "v2b" => Some(PodView { info: &v2, policy: &strict }),

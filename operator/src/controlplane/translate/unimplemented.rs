@@ -7,7 +7,6 @@ use std::sync::{Arc, LazyLock};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{CustomResourceExt, api::ApiResource};
 use mycel_crds::{
-    authorization_policy::AuthorizationPolicy,
     destination_policy::DestinationPolicy,
     ledger::{self, NotYet},
     mesh_installation::MeshInstallation,
@@ -32,10 +31,7 @@ pub static KINDS: LazyLock<Vec<Arc<Watched>>> = LazyLock::new(|| {
         let any_implemented = ledger.kinds.get(kind).is_some_and(|f| !f.implemented.is_empty());
         Arc::new(Watched { kind, resource, not_yet: NotYet::of(&ledger, &crd), any_implemented })
     };
-    vec![
-        of("AuthorizationPolicy", ApiResource::erase::<AuthorizationPolicy>(&()), AuthorizationPolicy::crd()),
-        of("RateLimitPolicy", ApiResource::erase::<RateLimitPolicy>(&()), RateLimitPolicy::crd()),
-    ]
+    vec![of("RateLimitPolicy", ApiResource::erase::<RateLimitPolicy>(&()), RateLimitPolicy::crd())]
 });
 
 /// TrafficRoute's fields not implemented yet (the kind is translated, but not all of it).
@@ -71,16 +67,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_authorization_policy_names_the_fields_it_sets_that_do_nothing_yet() {
-        let kind = KINDS.iter().find(|k| k.kind == "AuthorizationPolicy").unwrap();
-        assert!(!kind.any_implemented, "AuthorizationPolicy does nothing yet (issue 17)");
-        let deny = serde_json::json!({
-            "metadata": {"name": "deny", "namespace": "shop", "generation": 2},
-            "spec": {"action": "DENY", "rules": [{"from": [{"source": {"principals": ["spiffe://cluster.local/ns/x/sa/y"]}}]}]}
+    fn a_rate_limit_policy_names_the_fields_it_sets_that_do_nothing_yet() {
+        let kind = KINDS.iter().find(|k| k.kind == "RateLimitPolicy").unwrap();
+        assert!(!kind.any_implemented, "RateLimitPolicy does nothing yet (issue 18)");
+        let limit = serde_json::json!({
+            "metadata": {"name": "limit", "namespace": "shop", "generation": 2},
+            "spec": {"limits": [{"name": "l", "requests": 10, "unit": "second"}]}
         });
-        let u = translate(kind, &deny);
+        let u = translate(kind, &limit);
         assert_eq!(u.generation, 2);
-        assert!(u.fields.iter().any(|f| f == "spec.action"), "{:?}", u.fields);
-        assert!(u.fields.iter().any(|f| f.starts_with("spec.rules[].from[]")), "{:?}", u.fields);
+        assert!(u.fields.iter().any(|f| f == "spec.limits[].requests"), "{:?}", u.fields);
     }
 }

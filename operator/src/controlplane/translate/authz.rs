@@ -1,0 +1,267 @@
+//! AuthorizationPolicy → the `authz` list of a workload's inbound PeerPolicy: every policy that
+//! selects the workload, as Istio picks them — one with a selector in the workload's namespace
+//! (or, in the root namespace, in any namespace) whose labels it has; one without a selector in
+//! its namespace or in the root namespace (mesh-wide).
+
+use std::collections::BTreeMap;
+
+use mycel_api::v1alpha1 as pb;
+use mycel_crds::authorization_policy::{AuthorizationAction, AuthorizationPolicy};
+
+/// The annotation that makes a policy report what it would decide without enforcing it.
+pub const DRY_RUN: &str = "mycel.io/dry-run";
+
+/// An AuthorizationPolicy, as policy resolution needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Az {
+    pub namespace: String,
+    pub name: String,
+    pub generation: i64,
+    pub selector: Option<BTreeMap<String, String>>,
+    /// What proxies receive.
+    pub policy: pb::AuthzPolicy,
+    /// Values no proxy can use, each naming its field: the policy is then sent in its
+    /// fail-closed form (a DENY without its rules denies everything it selects; an ALLOW allows
+    /// nothing; an AUDIT audits nothing) and is `Accepted=False`.
+    pub invalid: Vec<String>,
+}
+
+impl Az {
+    pub fn from_object(p: AuthorizationPolicy) -> Az {
+        let namespace = p.metadata.namespace.clone().unwrap_or_default();
+        let name = p.metadata.name.clone().unwrap_or_default();
+        // Any other value than "true" enforces the policy.
+        let dry_run =
+            p.metadata.annotations.as_ref().and_then(|a| a.get(DRY_RUN)).is_some_and(|v| v == "true");
+        let spec = p.spec;
+        let action = match spec.action {
+            AuthorizationAction::Allow => pb::AuthzAction::AuthzAllow,
+            AuthorizationAction::Deny => pb::AuthzAction::AuthzDeny,
+            AuthorizationAction::Audit => pb::AuthzAction::AuthzAudit,
+        };
+        let strings = |v: &Option<Vec<String>>| v.clone().unwrap_or_default();
+        let rules: Vec<pb::AuthzRule> = spec
+            .rules
+            .iter()
+            .map(|r| pb::AuthzRule {
+                from: r
+                    .from
+                    .iter()
+                    .map(|f| {
+                        let s = &f.source;
+                        pb::AuthzSource {
+                            // Istio's form has no scheme; one written with it means the same.
+                            principals: s.principals.iter().flatten().map(|p| principal(&p.0)).collect(),
+                            not_principals: s
+                                .not_principals
+                                .iter()
+                                .flatten()
+                                .map(|p| principal(&p.0))
+                                .collect(),
+                            namespaces: s.namespaces.iter().flatten().map(|n| n.0.clone()).collect(),
+                            not_namespaces: s.not_namespaces.iter().flatten().map(|n| n.0.clone()).collect(),
+                            ip_blocks: s.ip_blocks.iter().flatten().map(|b| b.0.clone()).collect(),
+                            not_ip_blocks: s.not_ip_blocks.iter().flatten().map(|b| b.0.clone()).collect(),
+                        }
+                    })
+                    .collect(),
+                to: r
+                    .to
+                    .iter()
+                    .map(|t| {
+                        let o = &t.operation;
+                        let ports = |v: &Option<Vec<mycel_crds::authorization_policy::Port>>| {
+                            v.iter().flatten().map(|p| p.0 as u32).collect()
+                        };
+                        pb::AuthzOperation {
+                            hosts: strings(&o.hosts),
+                            not_hosts: strings(&o.not_hosts),
+                            ports: ports(&o.ports),
+                            not_ports: ports(&o.not_ports),
+                            methods: strings(&o.methods),
+                            not_methods: strings(&o.not_methods),
+                            paths: strings(&o.paths),
+                            not_paths: strings(&o.not_paths),
+                        }
+                    })
+                    .collect(),
+                when: r
+                    .when
+                    .iter()
+                    .map(|c| pb::AuthzCondition {
+                        key: c.key.clone(),
+                        values: strings(&c.values),
+                        not_values: strings(&c.not_values),
+                    })
+                    .collect(),
+            })
+            .collect();
+        let invalid = invalid_values(&rules);
+        let rules = match (invalid.is_empty(), action) {
+            (true, _) => rules,
+            (false, pb::AuthzAction::AuthzDeny) => vec![pb::AuthzRule::default()],
+            (false, _) => Vec::new(),
+        };
+        Az {
+            invalid,
+            policy: pb::AuthzPolicy {
+                name: format!("{namespace}/{name}"),
+                action: action as i32,
+                dry_run,
+                rules,
+            },
+            namespace,
+            name,
+            generation: p.metadata.generation.unwrap_or_default(),
+            selector: spec.selector.map(|s| s.match_labels),
+        }
+    }
+
+    /// Whether it selects pods of `namespace` with `labels`.
+    pub fn applies(&self, namespace: &str, labels: &BTreeMap<String, String>, root: &str) -> bool {
+        let here = self.namespace == namespace || self.namespace == root;
+        match &self.selector {
+            Some(s) => here && s.iter().all(|(k, v)| labels.get(k) == Some(v)),
+            None => here,
+        }
+    }
+
+    /// Whether it could select some pod of `namespace` (by its selector).
+    pub fn may_select_in(&self, namespace: &str, root: &str) -> bool {
+        self.selector.is_some() && (self.namespace == namespace || self.namespace == root)
+    }
+}
+
+fn principal(p: &str) -> String {
+    p.strip_prefix("spiffe://").unwrap_or(p).to_string()
+}
+
+/// The values of `rules` that a proxy would reject (the schema admits them), each naming its field.
+fn invalid_values(rules: &[pb::AuthzRule]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (r, rule) in rules.iter().enumerate() {
+        for (i, o) in rule.to.iter().enumerate() {
+            for (list, paths) in [("paths", &o.paths), ("notPaths", &o.not_paths)] {
+                for (j, p) in paths.iter().enumerate() {
+                    if let Some(e) = mycel_api::authz::path_template_error(p) {
+                        out.push(format!("spec.rules[{r}].to[{i}].operation.{list}[{j}]: {e}"));
+                    }
+                }
+            }
+        }
+        for (i, c) in rule.when.iter().enumerate() {
+            for (list, values) in [("values", &c.values), ("notValues", &c.not_values)] {
+                for (j, v) in values.iter().enumerate() {
+                    if let Some(e) = mycel_api::authz::condition_value_error(&c.key, v) {
+                        out.push(format!("spec.rules[{r}].when[{i}].{list}[{j}]: {e}"));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The policies that select a pod, in (namespace, name) order as `azs` is.
+pub fn for_workload<'a>(
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    azs: &'a [Az],
+    root: &str,
+) -> Vec<&'a Az> {
+    azs.iter().filter(|a| a.applies(namespace, labels, root)).collect()
+}
+
+/// What a proxy whose pod the control plane does not know yet receives for a namespace: the
+/// namespace-wide and mesh-wide policies, and — when a policy with a selector might select it —
+/// a DENY of everything, so that it accepts nothing until its own policies are known.
+pub fn for_unknown_workload(namespace: &str, azs: &[Az], root: &str) -> Vec<pb::AuthzPolicy> {
+    let mut v: Vec<pb::AuthzPolicy> = for_workload(namespace, &BTreeMap::new(), azs, root)
+        .into_iter()
+        .filter(|a| a.selector.is_none())
+        .map(|a| a.policy.clone())
+        .collect();
+    if azs.iter().any(|a| a.may_select_in(namespace, root)) {
+        v.push(pb::AuthzPolicy {
+            name: "mycel/workload-not-known-yet".into(),
+            action: pb::AuthzAction::AuthzDeny as i32,
+            dry_run: false,
+            rules: vec![pb::AuthzRule::default()],
+        });
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn az(ns: &str, name: &str, sel: Option<(&str, &str)>) -> Az {
+        Az {
+            namespace: ns.into(),
+            name: name.into(),
+            generation: 1,
+            selector: sel.map(|(k, v)| [(k.to_string(), v.to_string())].into()),
+            policy: pb::AuthzPolicy { name: format!("{ns}/{name}"), ..Default::default() },
+            invalid: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn policies_select_as_istio_does() {
+        let root = "mycel-system";
+        let web: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
+        let azs = vec![
+            az("mycel-system", "mesh-deny", None),
+            az("mycel-system", "mesh-web", Some(("app", "web"))),
+            az("other", "ns-wide", None),
+            az("shop", "api-only", Some(("app", "api"))),
+            az("shop", "ns-wide", None),
+            az("shop", "web-only", Some(("app", "web"))),
+        ];
+        let names = |v: Vec<&Az>| v.iter().map(|a| a.policy.name.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            names(for_workload("shop", &web, &azs, root)),
+            ["mycel-system/mesh-deny", "mycel-system/mesh-web", "shop/ns-wide", "shop/web-only"]
+        );
+        let unknown: Vec<String> =
+            for_unknown_workload("shop", &azs, root).into_iter().map(|p| p.name).collect();
+        assert_eq!(unknown, ["mycel-system/mesh-deny", "shop/ns-wide", "mycel/workload-not-known-yet"]);
+        let placeholder = for_unknown_workload("shop", &azs, root).pop().unwrap();
+        assert_eq!(placeholder.action, pb::AuthzAction::AuthzDeny as i32, "denies every request");
+        assert_eq!(placeholder.rules, [pb::AuthzRule::default()]);
+        let quiet = vec![az("shop", "ns-wide", None)];
+        assert_eq!(for_unknown_workload("shop", &quiet, root).len(), 1, "no selector: nothing to wait for");
+    }
+
+    #[test]
+    fn a_value_no_proxy_can_use_makes_the_policy_fail_closed() {
+        let object = |action: &str| -> AuthorizationPolicy {
+            let spec = serde_json::from_value(serde_json::json!({"action": action, "rules": [
+                {"from": [{"source": {"principals": ["spiffe://cluster.local/ns/a/sa/b"]}}]},
+                {"when": [{"key": "destination.port", "values": ["http"]}]}
+            ]}))
+            .unwrap();
+            let mut p = AuthorizationPolicy::new("p", spec);
+            p.metadata.namespace = Some("shop".into());
+            p
+        };
+        let deny = Az::from_object(object("DENY"));
+        assert_eq!(
+            deny.invalid,
+            ["spec.rules[1].when[0].values[0]: \"http\" is not a value destination.port can have"]
+        );
+        assert_eq!(deny.policy.rules, [pb::AuthzRule::default()], "a DENY denies everything it selects");
+        let allow = Az::from_object(object("ALLOW"));
+        assert!(allow.policy.rules.is_empty(), "an ALLOW allows nothing");
+        let mut fine = object("DENY");
+        fine.spec.rules.truncate(1);
+        let fine = Az::from_object(fine);
+        assert!(fine.invalid.is_empty());
+        assert_eq!(
+            fine.policy.rules[0].from[0].principals,
+            ["cluster.local/ns/a/sa/b"],
+            "without the scheme"
+        );
+    }
+}

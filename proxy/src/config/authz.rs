@@ -1,0 +1,279 @@
+//! Authorization policies in the proxy's model (streamed from AuthorizationPolicy, or written in
+//! a static configuration): who may call this workload's inbound side, and how. The evaluation
+//! is [`crate::policy::authz`]'s.
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+
+/// One policy. Its rules are ORed: the policy matches a request that matches any; no rule matches
+/// nothing.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzPolicy {
+    /// `<namespace>/<name>`, in metrics and logs.
+    pub name: String,
+    #[serde(default)]
+    pub action: AuthzAction,
+    /// Evaluated and reported, never enforced.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+    #[serde(default)]
+    pub rules: Vec<AuthzRule>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AuthzAction {
+    #[default]
+    Allow,
+    Deny,
+    Audit,
+}
+
+impl AuthzAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthzAction::Allow => "ALLOW",
+            AuthzAction::Deny => "DENY",
+            AuthzAction::Audit => "AUDIT",
+        }
+    }
+}
+
+/// Every present part must match: any `from`, any `to`, every `when`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzRule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<AuthzSource>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<AuthzOperation>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<AuthzCondition>,
+}
+
+/// Who calls. An empty list is not set; set lists are ANDed, the values of one ORed.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzSource {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_namespaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_blocks: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ip_blocks: Vec<String>,
+}
+
+/// What is called.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzOperation {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ports: Vec<u16>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_paths: Vec<String>,
+}
+
+/// A condition on one attribute.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzCondition {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_values: Vec<String>,
+}
+
+/// The condition keys the proxy knows.
+pub const CONDITION_KEYS: &[&str] = &[
+    "source.ip",
+    "source.namespace",
+    "source.principal",
+    "destination.port",
+    "request.method",
+    "request.path",
+    "request.headers[<name>]",
+];
+
+/// Checks what a policy list holds that the evaluation could not use; errors name the field
+/// (`authorization[<policy>].rules[2].from[0].source.ipBlocks[1]`).
+pub fn validate(policies: &[AuthzPolicy]) -> Result<(), ConfigError> {
+    let invalid = |field: String, message: String| Err(ConfigError::Invalid { field, message });
+    let mut names = std::collections::BTreeSet::new();
+    for p in policies {
+        let at = format!("authorization[{}]", p.name);
+        if p.name.is_empty() || !names.insert(p.name.as_str()) {
+            return invalid(format!("{at}.name"), "must be set and unique".into());
+        }
+        for (r, rule) in p.rules.iter().enumerate() {
+            for (i, s) in rule.from.iter().enumerate() {
+                for (list, blocks) in [("ipBlocks", &s.ip_blocks), ("notIpBlocks", &s.not_ip_blocks)] {
+                    for (j, b) in blocks.iter().enumerate() {
+                        if !mycel_api::authz::is_ip_block(b) {
+                            return invalid(
+                                format!("{at}.rules[{r}].from[{i}].source.{list}[{j}]"),
+                                format!("{b:?} is not an IP address or a CIDR"),
+                            );
+                        }
+                    }
+                }
+            }
+            for (i, o) in rule.to.iter().enumerate() {
+                for (list, ports) in [("ports", &o.ports), ("notPorts", &o.not_ports)] {
+                    if ports.contains(&0) {
+                        return invalid(
+                            format!("{at}.rules[{r}].to[{i}].operation.{list}"),
+                            "0 is not a port".into(),
+                        );
+                    }
+                }
+                for (list, paths) in [("paths", &o.paths), ("notPaths", &o.not_paths)] {
+                    for (j, path) in paths.iter().enumerate() {
+                        if let Some(m) = mycel_api::authz::path_template_error(path) {
+                            return invalid(format!("{at}.rules[{r}].to[{i}].operation.{list}[{j}]"), m);
+                        }
+                    }
+                }
+            }
+            for (i, c) in rule.when.iter().enumerate() {
+                let field = format!("{at}.rules[{r}].when[{i}]");
+                if ConditionKey::parse(&c.key).is_none() {
+                    return invalid(
+                        format!("{field}.key"),
+                        format!("{:?} is not one of {}", c.key, CONDITION_KEYS.join(", ")),
+                    );
+                }
+                for (list, values) in [("values", &c.values), ("notValues", &c.not_values)] {
+                    for (j, v) in values.iter().enumerate() {
+                        if let Some(m) = mycel_api::authz::condition_value_error(&c.key, v) {
+                            return invalid(format!("{field}.{list}[{j}]"), m);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A `when` key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConditionKey {
+    SourceIp,
+    SourceNamespace,
+    SourcePrincipal,
+    DestinationPort,
+    RequestMethod,
+    RequestPath,
+    /// Lowercased.
+    RequestHeader(String),
+}
+
+impl ConditionKey {
+    pub fn parse(key: &str) -> Option<ConditionKey> {
+        Some(match key {
+            "source.ip" => ConditionKey::SourceIp,
+            "source.namespace" => ConditionKey::SourceNamespace,
+            "source.principal" => ConditionKey::SourcePrincipal,
+            "destination.port" => ConditionKey::DestinationPort,
+            "request.method" => ConditionKey::RequestMethod,
+            "request.path" => ConditionKey::RequestPath,
+            _ => {
+                let name = key.strip_prefix("request.headers[")?.strip_suffix(']')?;
+                if name.is_empty() || hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    return None;
+                }
+                ConditionKey::RequestHeader(name.to_ascii_lowercase())
+            }
+        })
+    }
+
+    /// Whether only an HTTP request has it.
+    pub fn http(&self) -> bool {
+        matches!(
+            self,
+            ConditionKey::RequestMethod | ConditionKey::RequestPath | ConditionKey::RequestHeader(_)
+        )
+    }
+}
+
+/// An address block: `10.0.0.0/8`, `fd00::/8`, or one address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = a.parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max)?,
+            None => max,
+        };
+        Some(Cidr { addr, prefix })
+    }
+
+    /// Whether `ip` is in the block (an IPv4-mapped IPv6 address counts as its IPv4 one).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(a) & mask == u32::from(b) & mask
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(a) & mask == u128::from(b) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_contain_their_addresses() {
+        let c = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(c.contains("10.1.200.3".parse().unwrap()));
+        assert!(!c.contains("10.2.0.1".parse().unwrap()));
+        assert!(c.contains("::ffff:10.1.0.9".parse().unwrap()), "IPv4-mapped");
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("192.0.2.1".parse().unwrap()));
+        assert!(Cidr::parse("fd00::1").unwrap().contains("fd00::1".parse().unwrap()));
+        assert!(!Cidr::parse("fd00::1").unwrap().contains("fd00::2".parse().unwrap()));
+        assert!(Cidr::parse("10.0.0.0/33").is_none());
+        assert!(Cidr::parse("ten").is_none());
+    }
+}

@@ -1,0 +1,709 @@
+//! AuthorizationPolicy, evaluated as Istio does: a matching DENY denies; else, with no ALLOW
+//! policy, the request is allowed; else a matching ALLOW allows; else it is denied. AUDIT
+//! policies and dry-run ones change nothing: what they match (or, for a dry-run one, what it
+//! would have decided) is reported.
+//!
+//! A connection that is not HTTP has no request attributes. A rule that needs them is then read
+//! as Istio reads it: in an ALLOW (or AUDIT) policy it matches nothing; in a DENY policy its HTTP
+//! parts are ignored, so it denies the connections that match the rest.
+
+use std::{borrow::Cow, net::IpAddr, sync::Arc};
+
+use hyper::HeaderMap;
+
+use crate::config::authz::{
+    AuthzAction, AuthzCondition, AuthzOperation, AuthzPolicy, AuthzRule, AuthzSource, Cidr, ConditionKey,
+};
+
+/// A string pattern: exact, `*` (anything present), `prefix*` or `*suffix`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pat {
+    Any,
+    Exact(Box<str>),
+    Prefix(Box<str>),
+    Suffix(Box<str>),
+}
+
+impl Pat {
+    fn parse(s: &str) -> Pat {
+        if s == "*" {
+            Pat::Any
+        } else if let Some(rest) = s.strip_prefix('*') {
+            Pat::Suffix(rest.into())
+        } else if let Some(rest) = s.strip_suffix('*') {
+            Pat::Prefix(rest.into())
+        } else {
+            Pat::Exact(s.into())
+        }
+    }
+
+    fn lowercase(s: &str) -> Pat {
+        Pat::parse(&s.to_ascii_lowercase())
+    }
+
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            Pat::Any => true,
+            Pat::Exact(e) => **e == *v,
+            Pat::Prefix(p) => v.starts_with(&**p),
+            Pat::Suffix(s) => v.ends_with(&**s),
+        }
+    }
+}
+
+/// A path pattern: a [`Pat`], or a template of segments where `{*}` is one segment and a last
+/// `{**}` the rest (one segment or more).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathPattern {
+    Simple(Pat),
+    Template(Vec<Segment>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Segment {
+    Literal(Box<str>),
+    One,
+    Rest,
+}
+
+impl PathPattern {
+    pub fn parse(s: &str) -> Result<PathPattern, String> {
+        if let Some(e) = mycel_api::authz::path_template_error(s) {
+            return Err(e);
+        }
+        if !s.contains('{') {
+            return Ok(PathPattern::Simple(Pat::parse(s)));
+        }
+        let segments = s[1..]
+            .split('/')
+            .map(|p| match p {
+                "{*}" => Segment::One,
+                "{**}" => Segment::Rest,
+                p => Segment::Literal(p.into()),
+            })
+            .collect();
+        Ok(PathPattern::Template(segments))
+    }
+
+    fn matches(&self, path: &str) -> bool {
+        match self {
+            PathPattern::Simple(p) => p.matches(path),
+            PathPattern::Template(segments) => {
+                let Some(rest) = path.strip_prefix('/') else { return false };
+                let mut parts = rest.split('/');
+                for (i, s) in segments.iter().enumerate() {
+                    match s {
+                        Segment::Rest => {
+                            let tail: Vec<&str> = parts.by_ref().collect();
+                            return !tail.is_empty()
+                                && tail.iter().all(|p| !p.is_empty())
+                                && i == segments.len() - 1;
+                        }
+                        Segment::One => match parts.next() {
+                            Some(p) if !p.is_empty() => {}
+                            _ => return false,
+                        },
+                        Segment::Literal(l) => match parts.next() {
+                            Some(p) if p == &**l => {}
+                            _ => return false,
+                        },
+                    }
+                }
+                parts.next().is_none()
+            }
+        }
+    }
+}
+
+/// What a request or connection offers to the rules.
+pub struct Attrs<'a> {
+    /// The peer's SPIFFE ID without `spiffe://`, when it proved one over mutual TLS.
+    pub principal: Option<&'a str>,
+    /// The peer's namespace (from its SPIFFE ID).
+    pub namespace: Option<&'a str>,
+    pub source_ip: Option<IpAddr>,
+    /// The port the workload listens on.
+    pub port: u16,
+    /// `None` for a connection that is not HTTP.
+    pub http: Option<HttpAttrs<'a>>,
+}
+
+pub struct HttpAttrs<'a> {
+    /// The authority (`Host`), lowercased by the caller.
+    pub host: &'a str,
+    pub method: &'a str,
+    /// The normalised path, without the query.
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+impl<'a> Attrs<'a> {
+    /// The attributes of a peer: `spiffe://td/ns/<ns>/sa/<sa>` gives principal and namespace.
+    pub fn peer(peer_id: Option<&'a str>, source_ip: Option<IpAddr>, port: u16) -> Attrs<'a> {
+        // Only a workload identity of the form the mesh CA signs has a namespace.
+        let id = peer_id.and_then(|id| id.parse::<mycel_api::spiffe::SpiffeId>().ok());
+        let principal = id.as_ref().and(peer_id).map(|id| id.strip_prefix("spiffe://").unwrap_or(id));
+        let namespace = match (id, principal) {
+            (Some(id), Some(p)) => {
+                // `<td>/ns/<ns>/sa/<sa>`: the namespace is a slice of the principal.
+                let start = id.trust_domain().len() + "/ns/".len();
+                p.get(start..start + id.namespace().len())
+            }
+            _ => None,
+        };
+        Attrs { principal, namespace, source_ip, port, http: None }
+    }
+}
+
+/// A list condition: `yes` (set: one must match a present value) and `no` (set: none may match).
+#[derive(Clone, Debug, Default)]
+struct Field<T> {
+    yes: Vec<T>,
+    no: Vec<T>,
+}
+
+impl<T> Field<T> {
+    fn new(yes: Vec<T>, no: Vec<T>) -> Field<T> {
+        Field { yes, no }
+    }
+
+    fn is_set(&self) -> bool {
+        !self.yes.is_empty() || !self.no.is_empty()
+    }
+
+    /// Whether `v` passes: any of `yes` matches it (when `yes` is set) and none of `no` does. An
+    /// absent value matches no pattern (so it fails `yes` and passes `no`).
+    fn check<V: Copy>(&self, v: Option<V>, m: impl Fn(&T, V) -> bool) -> bool {
+        let any = |list: &[T]| v.is_some_and(|v| list.iter().any(|t| m(t, v)));
+        (self.yes.is_empty() || any(&self.yes)) && !any(&self.no)
+    }
+}
+
+#[derive(Debug)]
+struct Source {
+    principals: Field<Pat>,
+    namespaces: Field<Pat>,
+    ip_blocks: Field<Cidr>,
+}
+
+#[derive(Debug)]
+struct Operation {
+    hosts: Field<Pat>,
+    ports: Field<u16>,
+    methods: Field<String>,
+    paths: Field<PathPattern>,
+}
+
+#[derive(Debug)]
+enum Values {
+    Patterns(Field<Pat>),
+    Blocks(Field<Cidr>),
+    Ports(Field<u16>),
+}
+
+#[derive(Debug)]
+struct Condition {
+    key: ConditionKey,
+    values: Values,
+}
+
+#[derive(Debug)]
+struct Rule {
+    from: Vec<Source>,
+    to: Vec<Operation>,
+    when: Vec<Condition>,
+}
+
+#[derive(Debug)]
+struct Policy {
+    name: Arc<str>,
+    action: AuthzAction,
+    rules: Vec<Rule>,
+}
+
+impl Source {
+    fn compile(s: &AuthzSource) -> Source {
+        let pats = |v: &[String]| v.iter().map(|s| Pat::parse(s)).collect();
+        let blocks = |v: &[String]| v.iter().filter_map(|s| Cidr::parse(s)).collect();
+        Source {
+            principals: Field::new(pats(&s.principals), pats(&s.not_principals)),
+            namespaces: Field::new(pats(&s.namespaces), pats(&s.not_namespaces)),
+            ip_blocks: Field::new(blocks(&s.ip_blocks), blocks(&s.not_ip_blocks)),
+        }
+    }
+
+    fn matches(&self, a: &Attrs) -> bool {
+        self.principals.check(a.principal, |p, v| p.matches(v))
+            && self.namespaces.check(a.namespace, |p, v| p.matches(v))
+            && self.ip_blocks.check(a.source_ip, |c, ip| c.contains(ip))
+    }
+}
+
+impl Operation {
+    fn compile(o: &AuthzOperation) -> Operation {
+        let hosts = |v: &[String]| v.iter().map(|s| Pat::lowercase(s)).collect();
+        let paths = |v: &[String]| v.iter().filter_map(|s| PathPattern::parse(s).ok()).collect();
+        Operation {
+            hosts: Field::new(hosts(&o.hosts), hosts(&o.not_hosts)),
+            ports: Field::new(o.ports.clone(), o.not_ports.clone()),
+            methods: Field::new(o.methods.clone(), o.not_methods.clone()),
+            paths: Field::new(paths(&o.paths), paths(&o.not_paths)),
+        }
+    }
+
+    /// `lenient`: what an HTTP-only part counts as on a connection that is not HTTP.
+    fn matches(&self, a: &Attrs, lenient: bool) -> bool {
+        if !self.ports.check(Some(a.port), |p, v| *p == v) {
+            return false;
+        }
+        if !(self.hosts.is_set() || self.methods.is_set() || self.paths.is_set()) {
+            return true;
+        }
+        let Some(h) = &a.http else { return lenient };
+        // A host pattern without a port also matches the authority with one.
+        let host = |p: &Pat, v: &str| {
+            p.matches(v)
+                || v.rsplit_once(':')
+                    .is_some_and(|(h, port)| port.bytes().all(|b| b.is_ascii_digit()) && p.matches(h))
+        };
+        self.hosts.check(Some(h.host), host)
+            && self.methods.check(Some(h.method), |m, v| m == v)
+            && self.paths.check(Some(h.path), |p, v| p.matches(v))
+    }
+}
+
+impl Condition {
+    fn compile(c: &AuthzCondition) -> Option<Condition> {
+        let key = ConditionKey::parse(&c.key)?;
+        let values = match key {
+            ConditionKey::SourceIp => Values::Blocks(Field::new(
+                c.values.iter().filter_map(|s| Cidr::parse(s)).collect(),
+                c.not_values.iter().filter_map(|s| Cidr::parse(s)).collect(),
+            )),
+            ConditionKey::DestinationPort => Values::Ports(Field::new(
+                c.values.iter().filter_map(|s| s.parse().ok()).collect(),
+                c.not_values.iter().filter_map(|s| s.parse().ok()).collect(),
+            )),
+            _ => Values::Patterns(Field::new(
+                c.values.iter().map(|s| Pat::parse(s)).collect(),
+                c.not_values.iter().map(|s| Pat::parse(s)).collect(),
+            )),
+        };
+        Some(Condition { key, values })
+    }
+
+    fn matches(&self, a: &Attrs, lenient: bool) -> bool {
+        if self.key.http() && a.http.is_none() {
+            return lenient;
+        }
+        let text = |f: &Field<Pat>, v: Option<&str>| f.check(v, |p, v| p.matches(v));
+        match (&self.key, &self.values) {
+            (ConditionKey::SourceIp, Values::Blocks(f)) => f.check(a.source_ip, |c, ip| c.contains(ip)),
+            (ConditionKey::DestinationPort, Values::Ports(f)) => f.check(Some(a.port), |p, v| *p == v),
+            (ConditionKey::SourceNamespace, Values::Patterns(f)) => text(f, a.namespace),
+            (ConditionKey::SourcePrincipal, Values::Patterns(f)) => text(f, a.principal),
+            (key, Values::Patterns(f)) => {
+                let Some(h) = &a.http else { return lenient };
+                match key {
+                    ConditionKey::RequestMethod => text(f, Some(h.method)),
+                    ConditionKey::RequestPath => text(f, Some(h.path)),
+                    ConditionKey::RequestHeader(name) => {
+                        // Several values of one header read as one, comma-joined (as Envoy does).
+                        // Bytes that are not text are read lossily: a header's presence always counts.
+                        let mut all = h
+                            .headers
+                            .get_all(name.as_str())
+                            .iter()
+                            .map(|v| String::from_utf8_lossy(v.as_bytes()));
+                        let joined: Option<Cow<str>> = match (all.next(), all.next()) {
+                            (None, _) => None,
+                            (Some(one), None) => Some(one),
+                            (Some(a), Some(b)) => {
+                                let mut s = format!("{a},{b}");
+                                for v in all {
+                                    s.push(',');
+                                    s.push_str(&v);
+                                }
+                                Some(Cow::Owned(s))
+                            }
+                        };
+                        text(f, joined.as_deref())
+                    }
+                    _ => false,
+                }
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Rule {
+    fn compile(r: &AuthzRule) -> Rule {
+        Rule {
+            from: r.from.iter().map(Source::compile).collect(),
+            to: r.to.iter().map(Operation::compile).collect(),
+            when: r.when.iter().filter_map(Condition::compile).collect(),
+        }
+    }
+
+    fn matches(&self, a: &Attrs, lenient: bool) -> bool {
+        (self.from.is_empty() || self.from.iter().any(|s| s.matches(a)))
+            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(a, lenient)))
+            && self.when.iter().all(|c| c.matches(a, lenient))
+    }
+}
+
+impl Policy {
+    fn matches(&self, a: &Attrs) -> bool {
+        let lenient = self.action == AuthzAction::Deny;
+        self.rules.iter().any(|r| r.matches(a, lenient))
+    }
+}
+
+/// The compiled policies of one workload.
+#[derive(Debug, Default)]
+pub struct Engine {
+    deny: Vec<Policy>,
+    allow: Vec<Policy>,
+    audit: Vec<Policy>,
+    dry_run: Vec<Policy>,
+}
+
+/// What the policies decided.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// The policy that decided (`None`: no policy matched — allowed without ALLOW policies,
+    /// denied with some).
+    pub by: Option<(Arc<str>, AuthzAction)>,
+    /// AUDIT policies that matched.
+    pub audited: Vec<Arc<str>>,
+    /// Dry-run policies: (name, action, whether it would have allowed the request).
+    pub dry_run: Vec<(Arc<str>, AuthzAction, bool)>,
+}
+
+impl Engine {
+    /// Compiles validated policies ([`crate::config::authz::validate`]).
+    pub fn compile(policies: &[AuthzPolicy]) -> Engine {
+        let mut e = Engine::default();
+        for p in policies {
+            let c = Policy {
+                name: Arc::from(p.name.as_str()),
+                action: p.action,
+                rules: p.rules.iter().map(Rule::compile).collect(),
+            };
+            match (p.dry_run, p.action) {
+                (_, AuthzAction::Audit) => e.audit.push(c),
+                (true, _) => e.dry_run.push(c),
+                (false, AuthzAction::Deny) => e.deny.push(c),
+                (false, AuthzAction::Allow) => e.allow.push(c),
+            }
+        }
+        e
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.deny.is_empty() && self.allow.is_empty() && self.audit.is_empty() && self.dry_run.is_empty()
+    }
+
+    pub fn evaluate(&self, a: &Attrs) -> Decision {
+        let mut d = Decision {
+            audited: self.audit.iter().filter(|p| p.matches(a)).map(|p| p.name.clone()).collect(),
+            dry_run: self
+                .dry_run
+                .iter()
+                .map(|p| {
+                    let m = p.matches(a);
+                    (p.name.clone(), p.action, if p.action == AuthzAction::Deny { !m } else { m })
+                })
+                .collect(),
+            ..Decision::default()
+        };
+        if let Some(p) = self.deny.iter().find(|p| p.matches(a)) {
+            d.by = Some((p.name.clone(), AuthzAction::Deny));
+            return d;
+        }
+        if self.allow.is_empty() {
+            d.allowed = true;
+            return d;
+        }
+        if let Some(p) = self.allow.iter().find(|p| p.matches(a)) {
+            d.by = Some((p.name.clone(), AuthzAction::Allow));
+            d.allowed = true;
+        }
+        d
+    }
+}
+
+/// A request path normalised as Istio's `BASE` normalisation with merged slashes: backslashes
+/// become `/`, percent-encoded unreserved characters (`%61` is `a`, `%2E` is `.`) are decoded
+/// and other escapes uppercased, runs of `/` merged, and `.` and `..` segments resolved (never
+/// above the root), so that `/admin/../admin`, `/%61dmin` and `//admin` are all `/admin`.
+/// `%2F` stays encoded. Case is kept.
+pub fn normalize_path(path: &str) -> Cow<'_, str> {
+    let plain = path.starts_with('/')
+        && !path.bytes().any(|b| b == b'%' || b == b'\\')
+        && !path.contains("//")
+        && !path.contains("/.");
+    if plain {
+        return Cow::Borrowed(path);
+    }
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let b = path.as_bytes();
+    let mut decoded = String::with_capacity(path.len() + 1);
+    if !path.starts_with(['/', '\\']) {
+        decoded.push('/');
+    }
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'%'
+            && b.len() - i >= 3
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            let v = h * 16 + l;
+            if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') {
+                decoded.push(v as char);
+            } else {
+                decoded.push('%');
+                decoded.push(b[i + 1].to_ascii_uppercase() as char);
+                decoded.push(b[i + 2].to_ascii_uppercase() as char);
+            }
+            i += 3;
+            continue;
+        }
+        // The path is ASCII in a valid URI; anything else is kept as it is.
+        let ch = path[i..].chars().next().unwrap_or('\u{fffd}');
+        decoded.push(if ch == '\\' { '/' } else { ch });
+        i += ch.len_utf8();
+    }
+    // Segments after the leading slash; empty ones (merged slashes) dropped, dots resolved.
+    let mut out: Vec<&str> = Vec::new();
+    let mut trailing = decoded.ends_with('/');
+    let segments: Vec<&str> = decoded[1..].split('/').collect();
+    let last = segments.len().saturating_sub(1);
+    for (i, s) in segments.iter().enumerate() {
+        match *s {
+            "" => {}
+            "." => trailing |= i == last,
+            ".." => {
+                out.pop();
+                trailing |= i == last;
+            }
+            s => out.push(s),
+        }
+    }
+    let mut n = String::with_capacity(decoded.len());
+    for s in &out {
+        n.push('/');
+        n.push_str(s);
+    }
+    if out.is_empty() || trailing {
+        n.push('/');
+    }
+    Cow::Owned(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::authz::{AuthzCondition, AuthzOperation, AuthzSource};
+
+    fn policy(name: &str, action: AuthzAction, rules: Vec<AuthzRule>) -> AuthzPolicy {
+        AuthzPolicy { name: name.into(), action, dry_run: false, rules }
+    }
+
+    fn from(s: AuthzSource) -> AuthzRule {
+        AuthzRule { from: vec![s], ..Default::default() }
+    }
+
+    fn to(o: AuthzOperation) -> AuthzRule {
+        AuthzRule { to: vec![o], ..Default::default() }
+    }
+
+    const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+    const BATCH: &str = "spiffe://cluster.local/ns/jobs/sa/batch";
+
+    fn request<'a>(
+        peer: Option<&'a str>,
+        method: &'a str,
+        path: &'a str,
+        headers: &'a HeaderMap,
+    ) -> Attrs<'a> {
+        let mut a = Attrs::peer(peer, Some("10.1.2.3".parse().unwrap()), 8080);
+        a.http = Some(HttpAttrs { host: "api.shop:80", method, path, headers });
+        a
+    }
+
+    #[test]
+    fn deny_first_then_allow_lists_then_default_deny() {
+        let h = HeaderMap::new();
+        let allowed = |e: &Engine, peer, path| e.evaluate(&request(peer, "GET", path, &h)).allowed;
+        // No policy: everything passes.
+        assert!(allowed(&Engine::compile(&[]), None, "/"));
+        let deny_batch = policy(
+            "shop/deny-batch",
+            AuthzAction::Deny,
+            vec![from(AuthzSource { namespaces: vec!["jobs".into()], ..Default::default() })],
+        );
+        let e = Engine::compile(std::slice::from_ref(&deny_batch));
+        assert!(!allowed(&e, Some(BATCH), "/"), "DENY by namespace");
+        assert!(allowed(&e, Some(WEB), "/"), "no ALLOW policy: the rest passes");
+        assert!(allowed(&e, None, "/"), "plaintext has no namespace");
+        let allow_web = policy(
+            "shop/allow-web",
+            AuthzAction::Allow,
+            vec![from(AuthzSource {
+                principals: vec!["cluster.local/ns/shop/sa/*".into()],
+                ..Default::default()
+            })],
+        );
+        let e = Engine::compile(&[deny_batch.clone(), allow_web.clone()]);
+        let d = e.evaluate(&request(Some(WEB), "GET", "/", &h));
+        assert_eq!((d.allowed, d.by), (true, Some((Arc::from("shop/allow-web"), AuthzAction::Allow))));
+        let d = e.evaluate(&request(None, "GET", "/", &h));
+        assert_eq!((d.allowed, d.by), (false, None), "an ALLOW exists and none matches");
+        let d = e.evaluate(&request(Some(BATCH), "GET", "/", &h));
+        assert_eq!(d.by, Some((Arc::from("shop/deny-batch"), AuthzAction::Deny)), "DENY before ALLOW");
+        // `rules: [{}]` allows everything; an ALLOW without rules allows nothing.
+        let all = policy("shop/all", AuthzAction::Allow, vec![AuthzRule::default()]);
+        assert!(allowed(&Engine::compile(&[all]), None, "/x"));
+        let nothing = policy("shop/nothing", AuthzAction::Allow, vec![]);
+        assert!(!allowed(&Engine::compile(&[nothing]), Some(WEB), "/"));
+    }
+
+    #[test]
+    fn operations_and_conditions_match_as_istio_does() {
+        let mut h = HeaderMap::new();
+        h.append("x-team", "blue".parse().unwrap());
+        let deny = |o: AuthzOperation| Engine::compile(&[policy("ns/p", AuthzAction::Deny, vec![to(o)])]);
+        let denied =
+            |e: &Engine, method: &str, path: &str| !e.evaluate(&request(Some(WEB), method, path, &h)).allowed;
+        let paths = |p: &[&str]| AuthzOperation {
+            paths: p.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let e = deny(paths(&["/admin", "/api/*", "*.json", "/v1/{*}/items/{**}"]));
+        assert!(denied(&e, "GET", "/admin"));
+        assert!(!denied(&e, "GET", "/admin/x"), "exact");
+        assert!(denied(&e, "GET", "/api/"));
+        assert!(denied(&e, "GET", "/data.json"));
+        assert!(denied(&e, "GET", "/v1/a/items/b/c"));
+        assert!(!denied(&e, "GET", "/v1/a/b/items/c"), "{{*}} is one segment");
+        assert!(!denied(&e, "GET", "/v1/a/items"), "{{**}} needs a segment");
+        let e = deny(AuthzOperation { not_methods: vec!["GET".into()], ..Default::default() });
+        assert!(denied(&e, "POST", "/"));
+        assert!(!denied(&e, "GET", "/"));
+        let e =
+            deny(AuthzOperation { hosts: vec!["API.shop".into()], ports: vec![8080], ..Default::default() });
+        assert!(denied(&e, "GET", "/"), "host without port, case-insensitive");
+        let e = deny(AuthzOperation { not_ports: vec![8080], ..Default::default() });
+        assert!(!denied(&e, "GET", "/"));
+        let when = |key: &str, values: &[&str], not: &[&str]| {
+            let c = AuthzCondition {
+                key: key.into(),
+                values: values.iter().map(|s| s.to_string()).collect(),
+                not_values: not.iter().map(|s| s.to_string()).collect(),
+            };
+            Engine::compile(&[policy(
+                "ns/p",
+                AuthzAction::Deny,
+                vec![AuthzRule { when: vec![c], ..Default::default() }],
+            )])
+        };
+        assert!(denied(&when("request.headers[X-Team]", &["bl*"], &[]), "GET", "/"));
+        assert!(!denied(&when("request.headers[x-other]", &["*"], &[]), "GET", "/"), "absent header");
+        assert!(
+            denied(&when("request.headers[x-other]", &[], &["x"]), "GET", "/"),
+            "absent passes notValues"
+        );
+        assert!(denied(&when("source.ip", &["10.1.0.0/16"], &[]), "GET", "/"));
+        assert!(denied(&when("source.namespace", &["shop"], &[]), "GET", "/"));
+        assert!(!denied(&when("destination.port", &["9090"], &[]), "GET", "/"));
+        assert!(denied(&when("request.path", &["/a*"], &[]), "GET", "/abc"));
+    }
+
+    /// A DENY policy of one rule, written as the proxy's configuration spells it (the CRD's field
+    /// names, without its `source` and `operation` wrappers).
+    fn deny_rule(rule: &str) -> Engine {
+        let p: AuthzPolicy =
+            serde_yaml::from_str(&format!("name: ns/p\naction: DENY\nrules: [{rule}]")).unwrap();
+        Engine::compile(&[p])
+    }
+
+    #[test]
+    fn not_forms_match_what_the_positive_forms_do_not() {
+        let h = HeaderMap::new();
+        let denied = |rule: &str, peer: Option<&str>, path: &str| {
+            !deny_rule(rule).evaluate(&request(peer, "GET", path, &h)).allowed
+        };
+        // The request comes from 10.1.2.3, to api.shop:80, port 8080.
+        assert!(denied("{from: [{ipBlocks: [10.1.0.0/16]}]}", None, "/"));
+        assert!(!denied("{from: [{ipBlocks: [10.2.0.0/16]}]}", None, "/"));
+        assert!(denied("{from: [{notIpBlocks: [10.2.0.0/16]}]}", None, "/"));
+        assert!(!denied("{from: [{notIpBlocks: [10.1.2.3]}]}", None, "/"));
+        let not_shop = "{from: [{notNamespaces: [shop]}]}";
+        assert!(!denied(not_shop, Some(WEB), "/"));
+        assert!(denied(not_shop, Some(BATCH), "/"));
+        assert!(denied(not_shop, None, "/"), "plaintext is in no namespace, so not in shop");
+        let not_web = "{from: [{notPrincipals: [cluster.local/ns/shop/*]}]}";
+        assert!(!denied(not_web, Some(WEB), "/"));
+        assert!(denied(not_web, Some(BATCH), "/"));
+        assert!(!denied("{to: [{notHosts: ['*.shop']}]}", None, "/"));
+        assert!(denied("{to: [{notHosts: [web]}]}", None, "/"));
+        let not_public = "{to: [{notPaths: [/public/*]}]}";
+        assert!(!denied(not_public, None, "/public/x"));
+        assert!(denied(not_public, None, "/private"));
+        assert!(!denied("{to: [{notMethods: [GET]}]}", None, "/"));
+        assert!(!deny_rule("{to: [{notMethods: [GET]}]}").evaluate(&request(None, "POST", "/", &h)).allowed);
+        assert!(!denied("{to: [{notPorts: [8080]}]}", None, "/"));
+        assert!(denied("{to: [{notPorts: [9090]}]}", None, "/"));
+    }
+
+    #[test]
+    fn a_connection_that_is_not_http_reads_http_rules_as_istio_does() {
+        let http_rule = to(AuthzOperation { methods: vec!["GET".into()], ..Default::default() });
+        let l4 = Attrs::peer(Some(WEB), Some("10.1.2.3".parse().unwrap()), 5432);
+        let deny = Engine::compile(&[policy("ns/d", AuthzAction::Deny, vec![http_rule.clone()])]);
+        assert!(!deny.evaluate(&l4).allowed, "a DENY ignores its HTTP parts");
+        let allow = Engine::compile(&[policy("ns/a", AuthzAction::Allow, vec![http_rule])]);
+        assert!(!allow.evaluate(&l4).allowed, "an ALLOW with HTTP parts matches nothing");
+        let by_port = to(AuthzOperation { ports: vec![5432], ..Default::default() });
+        let allow = Engine::compile(&[policy("ns/a", AuthzAction::Allow, vec![by_port])]);
+        assert!(allow.evaluate(&l4).allowed, "an L4-only ALLOW");
+    }
+
+    #[test]
+    fn audit_and_dry_run_policies_change_nothing_and_are_reported() {
+        let h = HeaderMap::new();
+        let mut dry = policy("ns/dry", AuthzAction::Deny, vec![AuthzRule::default()]);
+        dry.dry_run = true;
+        let audit = policy("ns/audit", AuthzAction::Audit, vec![AuthzRule::default()]);
+        let e = Engine::compile(&[dry, audit]);
+        let d = e.evaluate(&request(Some(WEB), "GET", "/", &h));
+        assert!(d.allowed);
+        assert_eq!(d.audited, vec![Arc::from("ns/audit")]);
+        assert_eq!(d.dry_run, vec![(Arc::from("ns/dry"), AuthzAction::Deny, false)]);
+    }
+
+    #[test]
+    fn paths_are_normalised_before_matching() {
+        for (input, want) in [
+            ("/admin", "/admin"),
+            ("/admin/../admin", "/admin"),
+            ("/%61dmin", "/admin"),
+            ("//admin", "/admin"),
+            ("/a/./b/", "/a/b/"),
+            ("/a/b/..", "/a/"),
+            ("/../../x", "/x"),
+            ("/%2e%2e/admin", "/admin"),
+            ("/a%2fb", "/a%2Fb"),
+            ("\\admin\\x", "/admin/x"),
+            ("/x%zz", "/x%zz"),
+            ("", "/"),
+            ("/", "/"),
+        ] {
+            assert_eq!(normalize_path(input), want, "{input}");
+        }
+    }
+}
