@@ -4,13 +4,7 @@
 
 /// Whether `s` is an IP address or a CIDR (`10.0.0.0/8`, `fd00::/8`).
 pub fn is_ip_block(s: &str) -> bool {
-    let (a, p) = match s.split_once('/') {
-        Some((a, p)) => (a, Some(p)),
-        None => (s, None),
-    };
-    let Ok(addr) = a.parse::<std::net::IpAddr>() else { return false };
-    let max = if addr.is_ipv4() { 32 } else { 128 };
-    p.is_none_or(|p| p.parse::<u8>().is_ok_and(|p| p <= max))
+    s.parse::<crate::net::Cidr>().is_ok()
 }
 
 /// Why a path pattern with a template (`{*}` one segment, a last `{**}` the rest) is not one;

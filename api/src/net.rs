@@ -29,6 +29,27 @@ impl std::str::FromStr for Cidr {
     }
 }
 
+impl Cidr {
+    /// Whether `ip` is in the block (an IPv4-mapped IPv6 address counts as its IPv4 one).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(a) & mask == u32::from(b) & mask
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(a) & mask == u128::from(b) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
 impl std::fmt::Display for Cidr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
@@ -55,5 +76,17 @@ mod tests {
         assert!("example.com/8".parse::<Cidr>().is_err());
         assert_eq!(parse_cidr_list("10.0.0.0/8, fd00::/8").unwrap().len(), 2);
         assert!(parse_cidr_list("10.0.0.0/8,nope").unwrap_err().contains("\"nope\""));
+    }
+
+    #[test]
+    fn blocks_contain_their_addresses() {
+        let c: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(c.contains("10.1.200.3".parse().unwrap()));
+        assert!(!c.contains("10.2.0.1".parse().unwrap()));
+        assert!(c.contains("::ffff:10.1.0.9".parse().unwrap()), "IPv4-mapped");
+        assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains("192.0.2.1".parse().unwrap()));
+        let one: Cidr = "fd00::1".parse().unwrap();
+        assert!(one.contains("fd00::1".parse().unwrap()));
+        assert!(!one.contains("fd00::2".parse().unwrap()));
     }
 }

@@ -610,17 +610,21 @@ impl Model {
         Some(changed)
     }
 
-    /// For each AuthorizationPolicy, the workloads it selects and the version each needs.
-    fn authz_statuses(&self) -> Vec<PolicyReach> {
-        let mut by: BTreeMap<Key, PolicyReach> = self
-            .authz_sorted
-            .iter()
-            .map(|a| {
-                let key = (a.namespace.clone(), a.name.clone());
+    /// A reach for each object of a kind that decides inbound policies — (key, generation,
+    /// invalid values) — with the pods whose policy it decides (`decides`) and the version
+    /// each pod's proxy must hold.
+    fn inbound_reaches(
+        &self,
+        kind: &'static str,
+        objects: impl Iterator<Item = (Key, i64, Vec<String>)>,
+        decides: fn(&Policy) -> &[Key],
+    ) -> Vec<PolicyReach> {
+        let mut by: BTreeMap<Key, PolicyReach> = objects
+            .map(|(key, generation, invalid)| {
                 let reach = PolicyReach {
-                    kind: "AuthorizationPolicy",
+                    kind,
                     key: key.clone(),
-                    generation: a.generation,
+                    generation,
                     type_url: mycel_api::PEER_POLICY_TYPE,
                     workloads: Vec::new(),
                     without_proxy: 0,
@@ -629,7 +633,7 @@ impl Model {
                     any_implemented: true,
                     conflicts: Vec::new(),
                     unresolved: Vec::new(),
-                    invalid: a.invalid.clone(),
+                    invalid,
                     not_in_effect: None,
                     parents: Vec::new(),
                 };
@@ -638,8 +642,8 @@ impl Model {
             .collect();
         for (pod, p) in &self.policies {
             let Some(info) = self.pods.live.get(pod).filter(|i| !i.finished) else { continue };
-            for a in &p.authz_by {
-                if let Some(s) = by.get_mut(a) {
+            for k in decides(p) {
+                if let Some(s) = by.get_mut(k) {
                     if info.sidecar {
                         s.workloads.push((pod.clone(), p.since));
                         s.revisions.extend(info.revision.clone());
@@ -649,77 +653,52 @@ impl Model {
                 }
             }
         }
-        let root = &self.opts.root_namespace;
         let mut v: Vec<PolicyReach> = by.into_values().collect();
         for s in &mut v {
             s.workloads.sort();
             s.revisions.sort();
             s.revisions.dedup();
-            if s.workloads.is_empty() && s.without_proxy == 0 {
-                let az = self.authz_sorted.iter().find(|a| (&a.namespace, &a.name) == (&s.key.0, &s.key.1));
-                let scope = if s.key.0 == *root {
-                    "any namespace (the root namespace's policy)".to_string()
-                } else {
-                    format!("namespace {}", s.key.0)
-                };
-                s.not_in_effect = Some(match az.and_then(|a| a.selector.as_ref()) {
-                    Some(sel) => {
-                        let labels: Vec<String> = sel.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                        format!("its selector ({}) matches no running pod in {scope}", labels.join(","))
-                    }
-                    None => format!("there is no running pod in {scope}"),
-                });
-            }
         }
         v
     }
 
-    /// For each PeerAuthentication, the workloads it decides and the version each needs.
+    /// For each AuthorizationPolicy, the workloads it selects and the version each needs.
+    fn authz_statuses(&self) -> Vec<PolicyReach> {
+        let objects = self
+            .authz_sorted
+            .iter()
+            .map(|a| ((a.namespace.clone(), a.name.clone()), a.generation, a.invalid.clone()));
+        let mut v = self.inbound_reaches("AuthorizationPolicy", objects, |p| &p.authz_by);
+        let root = &self.opts.root_namespace;
+        // Both in (namespace, name) order, one reach per policy.
+        for (s, az) in v.iter_mut().zip(self.authz_sorted.iter()) {
+            if !s.workloads.is_empty() || s.without_proxy > 0 {
+                continue;
+            }
+            let scope = if s.key.0 == *root {
+                "any namespace (the root namespace's policy)".to_string()
+            } else {
+                format!("namespace {}", s.key.0)
+            };
+            s.not_in_effect = Some(match &az.selector {
+                Some(sel) => {
+                    let labels: Vec<String> = sel.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    format!("its selector ({}) matches no running pod in {scope}", labels.join(","))
+                }
+                None => format!("there is no running pod in {scope}"),
+            });
+        }
+        v
+    }
+
+    /// For each PeerAuthentication, the workloads it decides and the version each needs; then
+    /// each AuthorizationPolicy and route.
     fn policy_statuses(&self) -> Vec<PolicyReach> {
-        let mut by: BTreeMap<Key, PolicyReach> = self
+        let objects = self
             .peer_auths_sorted
             .iter()
-            .map(|p| {
-                let key = (p.namespace.clone(), p.name.clone());
-                let reach = PolicyReach {
-                    kind: "PeerAuthentication",
-                    key: key.clone(),
-                    generation: p.generation,
-                    type_url: mycel_api::PEER_POLICY_TYPE,
-                    workloads: Vec::new(),
-                    without_proxy: 0,
-                    revisions: Vec::new(),
-                    not_implemented: Vec::new(),
-                    any_implemented: true,
-                    conflicts: Vec::new(),
-                    unresolved: Vec::new(),
-                    invalid: Vec::new(),
-                    not_in_effect: None,
-                    parents: Vec::new(),
-                };
-                (key, reach)
-            })
-            .collect();
-        for (pod, p) in &self.policies {
-            let Some(info) = self.pods.live.get(pod).filter(|i| !i.finished) else { continue };
-            let sidecar = info.sidecar;
-            for pa in &p.decided_by {
-                if let Some(s) = by.get_mut(pa) {
-                    if sidecar {
-                        s.workloads.push((pod.clone(), p.since));
-                        s.revisions.extend(info.revision.clone());
-                    } else {
-                        s.without_proxy += 1;
-                    }
-                }
-            }
-        }
-        let mut v: Vec<PolicyReach> = by.into_values().collect();
-        for s in &mut v {
-            s.workloads.sort();
-            s.revisions.sort();
-            s.revisions.dedup();
-        }
+            .map(|p| ((p.namespace.clone(), p.name.clone()), p.generation, Vec::new()));
+        let mut v = self.inbound_reaches("PeerAuthentication", objects, |p| &p.decided_by);
         v.extend(self.authz_statuses());
         let mut trs: Vec<(&RouteKey, &(Outcome, u64))> = self.routes.outcomes.iter().collect();
         trs.sort_by(|a, b| a.0.cmp(b.0));

@@ -145,10 +145,7 @@ fn normalize(req: &mut Request<Body>) {
     // The host the policies match is the one the app receives: an absolute-form HTTP/1.1 target
     // or an HTTP/2 `:authority` replaces a `Host` header that says otherwise (RFC 9112 §3.2.2).
     if let Some(a) = req.uri().authority() {
-        let host = match a.port() {
-            Some(p) => format!("{}:{p}", a.host()),
-            None => a.host().to_string(),
-        };
+        let host = policy::authz::host_of(a);
         let h2_without_host =
             req.version() == hyper::Version::HTTP_2 && !req.headers().contains_key(hyper::header::HOST);
         if !h2_without_host && let Ok(v) = HeaderValue::from_str(&host) {

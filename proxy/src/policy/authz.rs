@@ -10,9 +10,10 @@
 use std::{borrow::Cow, net::IpAddr, sync::Arc};
 
 use hyper::HeaderMap;
+use mycel_api::net::Cidr;
 
 use crate::config::authz::{
-    AuthzAction, AuthzCondition, AuthzOperation, AuthzPolicy, AuthzRule, AuthzSource, Cidr, ConditionKey,
+    AuthzAction, AuthzCondition, AuthzOperation, AuthzPolicy, AuthzRule, AuthzSource, ConditionKey,
 };
 
 /// A string pattern: exact, `*` (anything present), `prefix*` or `*suffix`.
@@ -137,6 +138,15 @@ pub struct HttpAttrs<'a> {
     pub headers: &'a HeaderMap,
 }
 
+/// `host[:port]` of an authority, without user info: the host the policies match and the app
+/// receives.
+pub fn host_of(a: &hyper::http::uri::Authority) -> String {
+    match a.port() {
+        Some(p) => format!("{}:{p}", a.host()),
+        None => a.host().to_string(),
+    }
+}
+
 impl<'a> Attrs<'a> {
     /// The attributes of a peer: `spiffe://td/ns/<ns>/sa/<sa>` gives principal and namespace.
     pub fn peer(peer_id: Option<&'a str>, source_ip: Option<IpAddr>, port: u16) -> Attrs<'a> {
@@ -224,7 +234,7 @@ struct Policy {
 impl Source {
     fn compile(s: &AuthzSource) -> Source {
         let pats = |v: &[String]| v.iter().map(|s| Pat::parse(s)).collect();
-        let blocks = |v: &[String]| v.iter().filter_map(|s| Cidr::parse(s)).collect();
+        let blocks = |v: &[String]| v.iter().filter_map(|s| s.parse::<Cidr>().ok()).collect();
         Source {
             principals: Field::new(pats(&s.principals), pats(&s.not_principals)),
             namespaces: Field::new(pats(&s.namespaces), pats(&s.not_namespaces)),
@@ -277,8 +287,8 @@ impl Condition {
         let key = ConditionKey::parse(&c.key)?;
         let values = match key {
             ConditionKey::SourceIp => Values::Blocks(Field::new(
-                c.values.iter().filter_map(|s| Cidr::parse(s)).collect(),
-                c.not_values.iter().filter_map(|s| Cidr::parse(s)).collect(),
+                c.values.iter().filter_map(|s| s.parse::<Cidr>().ok()).collect(),
+                c.not_values.iter().filter_map(|s| s.parse::<Cidr>().ok()).collect(),
             )),
             ConditionKey::DestinationPort => Values::Ports(Field::new(
                 c.values.iter().filter_map(|s| s.parse().ok()).collect(),

@@ -28,14 +28,15 @@ pub fn authorize_connection(conn: &Conn, shared: &Shared) -> Result<(), ProxyErr
     if state.authz.is_empty() {
         return Ok(());
     }
-    let attrs = authz::Attrs::peer(
-        conn.peer_id.as_deref(),
-        conn.peer.map(|p| p.ip()),
-        conn.target.port().unwrap_or(0),
-    );
+    let attrs = peer_attrs(conn);
     let d = state.authz.evaluate(&attrs);
     report(&d, shared, conn, "tcp", "-");
     if d.allowed { Ok(()) } else { Err(ProxyError::Denied) }
+}
+
+/// What the connection tells the policies about the caller (its port: the app's).
+fn peer_attrs(conn: &Conn) -> authz::Attrs<'_> {
+    authz::Attrs::peer(conn.peer_id.as_deref(), conn.peer.map(|p| p.ip()), conn.target.port().unwrap_or(0))
 }
 
 /// Request authentication: the request principal from a JWT.
@@ -53,21 +54,14 @@ pub fn authorize(req: &Request<Body>, conn: &Conn, shared: &Shared) -> Result<()
     // The inbound stack made `Host` the authority's host and port (without user info) where the
     // request has both.
     let host = match req.uri().authority() {
-        Some(a) => match a.port() {
-            Some(p) => format!("{}:{p}", a.host()),
-            None => a.host().to_string(),
-        },
+        Some(a) => authz::host_of(a),
         None => {
             String::from_utf8_lossy(req.headers().get(hyper::header::HOST).map_or(&b""[..], |h| h.as_bytes()))
                 .into_owned()
         }
     }
     .to_ascii_lowercase();
-    let mut attrs = authz::Attrs::peer(
-        conn.peer_id.as_deref(),
-        conn.peer.map(|p| p.ip()),
-        conn.target.port().unwrap_or(0),
-    );
+    let mut attrs = peer_attrs(conn);
     attrs.http = Some(authz::HttpAttrs {
         host: &host,
         method: req.method().as_str(),
