@@ -54,6 +54,8 @@ pub enum ProxyError {
     Direct { status: StatusCode, body: Bytes },
     /// An AuthorizationPolicy refused the request (which one is logged, never told the client).
     Denied,
+    /// The request's JSON Web Token failed its RequestAuthentication rule (`detail` says how).
+    Unauthenticated { detail: &'static str },
 }
 
 impl ProxyError {
@@ -73,6 +75,7 @@ impl ProxyError {
             ProxyError::Peer { status, .. } => *status,
             ProxyError::Redirect { status, .. } | ProxyError::Direct { status, .. } => *status,
             ProxyError::Denied => StatusCode::FORBIDDEN,
+            ProxyError::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -99,6 +102,8 @@ impl ProxyError {
             ProxyError::RouteTimeout { .. } => "UT",
             ProxyError::Peer { flag, .. } => flag,
             ProxyError::Denied => "RBAC",
+            // Envoy's jwt_authn sets no flag of its own.
+            ProxyError::Unauthenticated { .. } => "-",
         }
     }
 
@@ -120,6 +125,7 @@ impl ProxyError {
             ProxyError::RouteTimeout { .. } => "request_timeout",
             ProxyError::Peer { reason, .. } => reason,
             ProxyError::Denied => "access_denied",
+            ProxyError::Unauthenticated { .. } => "jwt_invalid",
         }
     }
 
@@ -163,6 +169,7 @@ impl ProxyError {
             }
             // Worded as Istio's, which clients and tests of Istio users look for.
             ProxyError::Denied => "RBAC: access denied".into(),
+            ProxyError::Unauthenticated { detail } => format!("Jwt verification fails: {detail}"),
             ProxyError::Peer { reason, .. } if reason == "access_denied" => "RBAC: access denied".into(),
             ProxyError::Peer { reason, .. } => format!("the destination's proxy answered: {reason}"),
             ProxyError::Redirect { location, .. } => {
@@ -197,6 +204,13 @@ impl ProxyError {
         *r.status_mut() = self.status();
         if let Ok(v) = HeaderValue::from_str(&format!("{} {}", self.flag(), self.reason())) {
             r.headers_mut().insert(ERROR_HEADER, v);
+        }
+        if let ProxyError::Unauthenticated { detail } = &self {
+            // RFC 6750 §3: the challenge of a bearer token that failed.
+            let v = format!("Bearer error=\"invalid_token\", error_description=\"{detail}\"");
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                r.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, v);
+            }
         }
         if let ProxyError::FaultAbort { grpc_status: Some(code), .. } = self {
             // Trailers-only: the status in the headers of an empty response.

@@ -33,6 +33,8 @@ pub struct State {
     routes: HashMap<String, Arc<Table>>,
     /// The authorization policies, compiled.
     pub authz: Arc<crate::policy::authz::Engine>,
+    /// The request authentication rules, compiled (their key sets parsed).
+    pub authn: Arc<crate::policy::jwt::Authenticator>,
 }
 
 impl State {
@@ -99,7 +101,11 @@ impl State {
             Some(o) if o.config.authorization == config.authorization => o.authz.clone(),
             _ => Arc::new(crate::policy::authz::Engine::compile(&config.authorization)),
         };
-        State { config, listeners, clusters, vips, identities, routes, authz }
+        let authn = match old {
+            Some(o) if o.config.request_authentication == config.request_authentication => o.authn.clone(),
+            _ => Arc::new(crate::policy::jwt::Authenticator::compile(&config.request_authentication)),
+        };
+        State { config, listeners, clusters, vips, identities, routes, authz, authn }
     }
 
     pub fn listener(&self, name: &str) -> Option<&config::Listener> {

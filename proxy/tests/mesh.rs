@@ -46,8 +46,14 @@ async fn app(name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
                     async move {
                         let mut resp =
                             Response::new(Full::new(Bytes::from(format!("{name} {}", req.uri().path()))));
-                        if let Some(v) = req.headers().get("x-forwarded-client-cert") {
-                            resp.headers_mut().insert("x-seen-xfcc", v.clone());
+                        for (h, seen) in [
+                            ("x-forwarded-client-cert", "x-seen-xfcc"),
+                            ("x-user", "x-seen-user"),
+                            ("authorization", "x-seen-authorization"),
+                        ] {
+                            if let Some(v) = req.headers().get(h) {
+                                resp.headers_mut().insert(seen, v.clone());
+                            }
                         }
                         let authority = req
                             .uri()
@@ -175,6 +181,97 @@ async fn the_app_sees_the_verified_caller_and_never_a_forged_one() {
         assert!(resp.starts_with("http/1.1 200"), "{resp}");
         assert!(!resp.contains("x-seen-xfcc"), "{head:?} forged an identity:\n{resp}");
     }
+
+    client.shutdown(Duration::from_secs(1)).await;
+    server.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Request authentication and an ALLOW on its principal, in the server's sidecar, with a client's
+/// sidecar in front: no token is 403, a token that fails is 401 with a bearer challenge (through
+/// the client's sidecar), a valid one reaches the app with its claim in a header and without the
+/// token; a claim-based rule decides on what the token says.
+#[tokio::test]
+async fn json_web_tokens_are_verified_in_the_inbound_sidecar() {
+    use base64::Engine as _;
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    let pki = Pki::new();
+    let (app_addr, hits) = app("shop").await;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let raw = key.public_key_raw();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwks = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "x": b64(&raw[1..33]), "y": b64(&raw[33..])}]});
+    let config = format!(
+        r#"admin: '127.0.0.1:0'
+listeners:
+- {{name: inbound, address: '127.0.0.1:0', protocol: auto, direction: inbound, cluster: app}}
+clusters:
+- {{name: app, endpoints: ['{app_addr}']}}
+requestAuthentication:
+- policy: shop/jwt
+  issuer: https://idp.test
+  audiences: [shop]
+  jwks: '{jwks}'
+  outputClaimToHeaders: [{{header: x-user, claim: sub}}]
+authorization:
+- name: shop/require-jwt
+  action: ALLOW
+  rules:
+  - from: [{{requestPrincipals: ['https://idp.test/*']}}]
+    when: [{{key: 'request.auth.claims[role]', notValues: [guest]}}]
+"#
+    );
+    let server = mycel_proxy::start(Config::parse(&config).unwrap()).await.unwrap();
+    server.shared.mesh.set_identity(&pki.identity(SERVER)).unwrap();
+    let inbound = server.listener("inbound").await.unwrap();
+    let client = client_sidecar(&pki, &[("shop", vec![(inbound, SERVER)])]).await;
+    let front = client.listener("shop").await.unwrap();
+    let signer = EncodingKey::from_ec_der(&key.serialize_der());
+    let now = jsonwebtoken::get_current_timestamp();
+    let token = |claims: serde_json::Value| {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some("k1".into());
+        format!("Bearer {}", encode(&h, &claims, &signer).unwrap())
+    };
+    let claims = |sub: &str, exp: u64, role: &str| serde_json::json!({"iss": "https://idp.test", "sub": sub, "aud": "shop", "exp": exp, "role": role});
+
+    let (status, _, body) = get(front, "/", &[("x-user", "admin")]).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (
+            403,
+            "RBAC: access denied
+"
+        ),
+        "no token, no principal"
+    );
+    let valid = token(claims("alice", now + 300, "member"));
+    let (status, headers, body) = get(front, "/", &[("authorization", &valid), ("x-user", "admin")]).await;
+    assert_eq!((status, body.as_str()), (200, "shop /"), "{headers:?}");
+    assert_eq!(headers["x-seen-user"], "alice", "the verified claim, not the client's header");
+    assert!(!headers.contains_key("x-seen-authorization"), "the token is not forwarded");
+    let guest = token(claims("bob", now + 300, "guest"));
+    assert_eq!(get(front, "/", &[("authorization", &guest)]).await.0, 403, "a claim-based rule");
+    let before = hits.load(Ordering::SeqCst);
+    for (bad, why) in [
+        (token(claims("alice", now - 3600, "member")), "the token has expired"),
+        (
+            token(serde_json::json!({"iss": "https://other.test", "sub": "x", "aud": "shop"})),
+            "the token's issuer is not configured",
+        ),
+        (
+            token(serde_json::json!({"iss": "https://idp.test", "sub": "x", "aud": "billing"})),
+            "the token's audiences are not allowed",
+        ),
+    ] {
+        let (status, headers, body) = get(front, "/", &[("authorization", &bad)]).await;
+        assert_eq!(status, 401, "{why}: {body}");
+        assert_eq!(body, format!("Jwt verification fails: {why}\n"));
+        let challenge = headers["www-authenticate"].to_str().unwrap();
+        assert!(challenge.starts_with("Bearer error=\"invalid_token\""), "{challenge}");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), before, "no refused request reached the app");
+    let metrics = server.shared.metrics.render();
+    assert!(metrics.contains(r#"mycel_jwt_refused_total{policy="shop/jwt"} 2"#), "{metrics}");
 
     client.shutdown(Duration::from_secs(1)).await;
     server.shutdown(Duration::from_secs(1)).await;

@@ -61,6 +61,11 @@ pub struct AuthzSource {
     pub principals: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_principals: Vec<String>,
+    /// `<iss>/<sub>` of the request's valid token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_request_principals: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub namespaces: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -113,6 +118,10 @@ pub const CONDITION_KEYS: &[&str] = &[
     "request.method",
     "request.path",
     "request.headers[<name>]",
+    "request.auth.principal",
+    "request.auth.audiences",
+    "request.auth.presenter",
+    "request.auth.claims[<name>]",
 ];
 
 /// Checks what a policy list holds that the evaluation could not use; errors name the field
@@ -187,6 +196,11 @@ pub enum ConditionKey {
     RequestPath,
     /// Lowercased.
     RequestHeader(String),
+    RequestAuthPrincipal,
+    RequestAuthAudiences,
+    RequestAuthPresenter,
+    /// The claim's name, then names inside it (`request.auth.claims[a][b]`).
+    RequestAuthClaim(Vec<String>),
 }
 
 impl ConditionKey {
@@ -198,6 +212,22 @@ impl ConditionKey {
             "destination.port" => ConditionKey::DestinationPort,
             "request.method" => ConditionKey::RequestMethod,
             "request.path" => ConditionKey::RequestPath,
+            "request.auth.principal" => ConditionKey::RequestAuthPrincipal,
+            "request.auth.audiences" => ConditionKey::RequestAuthAudiences,
+            "request.auth.presenter" => ConditionKey::RequestAuthPresenter,
+            _ if key.starts_with("request.auth.claims[") => {
+                let mut rest = key.strip_prefix("request.auth.claims")?;
+                let mut path = Vec::new();
+                while !rest.is_empty() {
+                    let (name, tail) = rest.strip_prefix('[')?.split_once(']')?;
+                    if name.is_empty() || name.contains('[') || path.len() == 8 {
+                        return None;
+                    }
+                    path.push(name.to_string());
+                    rest = tail;
+                }
+                ConditionKey::RequestAuthClaim(path)
+            }
             _ => {
                 let name = key.strip_prefix("request.headers[")?.strip_suffix(']')?;
                 if name.is_empty() || hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
@@ -210,9 +240,12 @@ impl ConditionKey {
 
     /// Whether only an HTTP request has it.
     pub fn http(&self) -> bool {
-        matches!(
+        !matches!(
             self,
-            ConditionKey::RequestMethod | ConditionKey::RequestPath | ConditionKey::RequestHeader(_)
+            ConditionKey::SourceIp
+                | ConditionKey::SourceNamespace
+                | ConditionKey::SourcePrincipal
+                | ConditionKey::DestinationPort
         )
     }
 }

@@ -7,6 +7,7 @@ use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
+pub mod authn;
 pub mod authz;
 pub mod route;
 pub use route::RouteTable;
@@ -37,6 +38,10 @@ pub struct Config {
     /// Who may call this workload's inbound side (streamed from AuthorizationPolicy).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub authorization: Vec<authz::AuthzPolicy>,
+    /// Which JSON Web Tokens this workload's inbound side accepts (streamed from
+    /// RequestAuthentication).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_authentication: Vec<authn::JwtRule>,
     /// Set while a streamed proxy has not received its first inbound policy: it then accepts
     /// no inbound connection (no window in which every caller is allowed).
     #[serde(skip)]
@@ -331,6 +336,7 @@ impl Config {
             }
         }
         authz::validate(&self.authorization)?;
+        authn::validate(&self.request_authentication)?;
         if l.max_header_bytes < 8192 {
             return invalid("limits.maxHeaderBytes".into(), "must be at least 8192".into());
         }

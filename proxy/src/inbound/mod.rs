@@ -120,8 +120,8 @@ pub async fn request(
 ) -> (Option<Arc<Endpoints>>, Result<Response<Body>, ProxyError>) {
     sanitize(&mut req, conn);
     normalize(&mut req);
-    let admitted = policy::authenticate(&mut req, &conn.conn)
-        .and_then(|()| policy::authorize(&req, &conn.conn, shared))
+    let admitted = policy::authenticate(&mut req, &conn.conn, shared)
+        .and_then(|auth| policy::authorize(&req, auth.as_ref(), &conn.conn, shared))
         .and_then(|()| policy::rate_limit(&req, &conn.conn));
     if let Err(e) = admitted {
         return (None, Err(e));

@@ -136,6 +136,8 @@ pub struct HttpAttrs<'a> {
     /// The normalised path, without the query.
     pub path: &'a str,
     pub headers: &'a HeaderMap,
+    /// What the request's valid token says (request authentication), if it has one.
+    pub auth: Option<&'a crate::policy::jwt::Authn>,
 }
 
 /// `host[:port]` of an authority, without user info: the host the policies match and the app
@@ -187,11 +189,19 @@ impl<T> Field<T> {
         let any = |list: &[T]| v.is_some_and(|v| list.iter().any(|t| m(t, v)));
         (self.yes.is_empty() || any(&self.yes)) && !any(&self.no)
     }
+
+    /// [`Field::check`] of an attribute with several values (a claim that is a list): one value
+    /// must match `yes`, and no value `no`.
+    fn check_any(&self, values: &[String], m: impl Fn(&T, &str) -> bool) -> bool {
+        let any = |list: &[T]| values.iter().any(|v| list.iter().any(|t| m(t, v)));
+        (self.yes.is_empty() || any(&self.yes)) && !any(&self.no)
+    }
 }
 
 #[derive(Debug)]
 struct Source {
     principals: Field<Pat>,
+    request_principals: Field<Pat>,
     namespaces: Field<Pat>,
     ip_blocks: Field<Cidr>,
 }
@@ -237,15 +247,25 @@ impl Source {
         let blocks = |v: &[String]| v.iter().filter_map(|s| s.parse::<Cidr>().ok()).collect();
         Source {
             principals: Field::new(pats(&s.principals), pats(&s.not_principals)),
+            request_principals: Field::new(pats(&s.request_principals), pats(&s.not_request_principals)),
             namespaces: Field::new(pats(&s.namespaces), pats(&s.not_namespaces)),
             ip_blocks: Field::new(blocks(&s.ip_blocks), blocks(&s.not_ip_blocks)),
         }
     }
 
-    fn matches(&self, a: &Attrs) -> bool {
+    /// `lenient`: what the request principals (an HTTP attribute) count as on a connection
+    /// that is not HTTP.
+    fn matches(&self, a: &Attrs, lenient: bool) -> bool {
+        let request = || match &a.http {
+            None => lenient,
+            Some(h) => {
+                self.request_principals.check(h.auth.map(|x| x.principal.as_str()), |p, v| p.matches(v))
+            }
+        };
         self.principals.check(a.principal, |p, v| p.matches(v))
             && self.namespaces.check(a.namespace, |p, v| p.matches(v))
             && self.ip_blocks.check(a.source_ip, |c, ip| c.contains(ip))
+            && (!self.request_principals.is_set() || request())
     }
 }
 
@@ -317,6 +337,17 @@ impl Condition {
                 match key {
                     ConditionKey::RequestMethod => text(f, Some(h.method)),
                     ConditionKey::RequestPath => text(f, Some(h.path)),
+                    ConditionKey::RequestAuthPrincipal => text(f, h.auth.map(|x| x.principal.as_str())),
+                    ConditionKey::RequestAuthPresenter => {
+                        text(f, h.auth.and_then(|x| x.presenter.as_deref()))
+                    }
+                    ConditionKey::RequestAuthAudiences => {
+                        f.check_any(h.auth.map_or(&[][..], |x| &x.audiences), |p, v| p.matches(v))
+                    }
+                    ConditionKey::RequestAuthClaim(path) => {
+                        let values = h.auth.map(|x| x.claim(path)).unwrap_or_default();
+                        f.check_any(&values, |p, v| p.matches(v))
+                    }
                     ConditionKey::RequestHeader(name) => {
                         // Several values of one header read as one, comma-joined (as Envoy does).
                         // Bytes that are not text are read lossily: a header's presence always counts.
@@ -357,7 +388,7 @@ impl Rule {
     }
 
     fn matches(&self, a: &Attrs, lenient: bool) -> bool {
-        (self.from.is_empty() || self.from.iter().any(|s| s.matches(a)))
+        (self.from.is_empty() || self.from.iter().any(|s| s.matches(a, lenient)))
             && (self.to.is_empty() || self.to.iter().any(|o| o.matches(a, lenient)))
             && self.when.iter().all(|c| c.matches(a, lenient))
     }
@@ -541,8 +572,90 @@ mod tests {
         headers: &'a HeaderMap,
     ) -> Attrs<'a> {
         let mut a = Attrs::peer(peer, Some("10.1.2.3".parse().unwrap()), 8080);
-        a.http = Some(HttpAttrs { host: "api.shop:80", method, path, headers });
+        a.http = Some(HttpAttrs { host: "api.shop:80", method, path, headers, auth: None });
         a
+    }
+
+    #[test]
+    fn request_principals_and_claims_match_the_token_and_nothing_without_one() {
+        let h = HeaderMap::new();
+        let auth = crate::policy::jwt::Authn {
+            principal: "https://idp.example/alice".into(),
+            claims: serde_json::json!({"groups": ["admins", "dev"], "org": {"tier": "gold"}, "level": 3})
+                .as_object()
+                .unwrap()
+                .clone(),
+            audiences: vec!["shop".into()],
+            presenter: Some("web".into()),
+        };
+        let e = Engine::compile(&[policy(
+            "shop/require-jwt",
+            AuthzAction::Allow,
+            vec![AuthzRule {
+                from: vec![AuthzSource {
+                    request_principals: vec!["https://idp.example/*".into()],
+                    ..Default::default()
+                }],
+                when: vec![
+                    AuthzCondition {
+                        key: "request.auth.claims[groups]".into(),
+                        values: vec!["admins".into()],
+                        ..Default::default()
+                    },
+                    AuthzCondition {
+                        key: "request.auth.claims[org][tier]".into(),
+                        values: vec!["gold".into()],
+                        ..Default::default()
+                    },
+                    AuthzCondition {
+                        key: "request.auth.claims[level]".into(),
+                        not_values: vec!["1".into()],
+                        ..Default::default()
+                    },
+                    AuthzCondition {
+                        key: "request.auth.audiences".into(),
+                        values: vec!["shop".into()],
+                        ..Default::default()
+                    },
+                    AuthzCondition {
+                        key: "request.auth.presenter".into(),
+                        values: vec!["web".into()],
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            }],
+        )]);
+        let with = |a: Option<&crate::policy::jwt::Authn>| {
+            let mut r = request(Some(WEB), "GET", "/", &h);
+            r.http.as_mut().unwrap().auth = a;
+            e.evaluate(&r).allowed
+        };
+        assert!(with(Some(&auth)));
+        assert!(!with(None), "no token: no request principal");
+        let mut other = auth.clone();
+        other.claims.insert("groups".into(), serde_json::json!(["dev"]));
+        assert!(!with(Some(&other)), "the claim lacks the value");
+        let mut other = auth.clone();
+        other.principal = "https://evil.example/alice".into();
+        assert!(!with(Some(&other)));
+        // notRequestPrincipals ["*"] is the request without a token; on TCP an ALLOW on request
+        // principals matches nothing.
+        let e = Engine::compile(&[policy(
+            "shop/deny-anonymous",
+            AuthzAction::Deny,
+            vec![from(AuthzSource { not_request_principals: vec!["*".into()], ..Default::default() })],
+        )]);
+        let mut r = request(Some(WEB), "GET", "/", &h);
+        assert!(!e.evaluate(&r).allowed, "anonymous denied");
+        r.http.as_mut().unwrap().auth = Some(&auth);
+        assert!(e.evaluate(&r).allowed);
+        assert!(ConditionKey::parse("request.auth.claims[]").is_none());
+        assert!(ConditionKey::parse("request.auth.claims[a]b").is_none());
+        assert_eq!(
+            ConditionKey::parse("request.auth.claims[a][b]"),
+            Some(ConditionKey::RequestAuthClaim(vec!["a".into(), "b".into()]))
+        );
     }
 
     #[test]

@@ -1,9 +1,10 @@
-//! Policies a sidecar enforces on a request or connection: request authentication (JWT),
-//! authorization (AuthorizationPolicy, [`authz`]) and rate limits (RateLimitPolicy). Each is a
-//! step of a direction's stack ([`crate::inbound`], [`crate::outbound`]); request
-//! authentication and rate limits are not configured yet, so they admit everything.
+//! Policies a sidecar enforces on a request or connection: request authentication (JWT,
+//! [`jwt`]), authorization (AuthorizationPolicy, [`authz`]) and rate limits (RateLimitPolicy).
+//! Each is a step of a direction's stack ([`crate::inbound`], [`crate::outbound`]); rate limits
+//! are not configured yet, so they admit everything.
 
 pub mod authz;
+pub mod jwt;
 
 use hyper::Request;
 
@@ -39,14 +40,42 @@ fn peer_attrs(conn: &Conn) -> authz::Attrs<'_> {
     authz::Attrs::peer(conn.peer_id.as_deref(), conn.peer.map(|p| p.ip()), conn.target.port().unwrap_or(0))
 }
 
-/// Request authentication: the request principal from a JWT.
-pub fn authenticate(_req: &mut Request<Body>, _conn: &Conn) -> Result<(), ProxyError> {
-    Ok(())
+/// Request authentication: the request principal and claims of a valid JWT ([`jwt`]); a request
+/// whose token fails is refused with 401, one without a token passes without them.
+pub fn authenticate(
+    req: &mut Request<Body>,
+    conn: &Conn,
+    shared: &Shared,
+) -> Result<Option<jwt::Authn>, ProxyError> {
+    let state = shared.state.load();
+    if state.authn.is_empty() {
+        return Ok(None);
+    }
+    let query = req.uri().query().map(str::to_string);
+    match state.authn.authenticate(req.headers_mut(), query.as_deref()) {
+        Ok(None) => Ok(None),
+        Ok(Some((a, policy))) => {
+            tracing::debug!(%policy, principal = %a.principal, "request authentication: valid token");
+            Ok(Some(a))
+        }
+        Err((refused, policy)) => {
+            let policy = policy.as_deref().unwrap_or("-");
+            shared.metrics.jwt_refused(policy);
+            let peer = conn.peer_id.as_deref().unwrap_or("-");
+            tracing::info!(%policy, %peer, source = ?conn.peer, method = %req.method(), path = %req.uri().path(), reason = refused.reason, "request authentication: token refused");
+            Err(ProxyError::Unauthenticated { detail: refused.reason })
+        }
+    }
 }
 
 /// Request-level authorization, on the normalised path ([`authz::normalize_path`], which the
 /// inbound stack applied to the request before).
-pub fn authorize(req: &Request<Body>, conn: &Conn, shared: &Shared) -> Result<(), ProxyError> {
+pub fn authorize(
+    req: &Request<Body>,
+    auth: Option<&jwt::Authn>,
+    conn: &Conn,
+    shared: &Shared,
+) -> Result<(), ProxyError> {
     let state = shared.state.load();
     if state.authz.is_empty() {
         return Ok(());
@@ -67,6 +96,7 @@ pub fn authorize(req: &Request<Body>, conn: &Conn, shared: &Shared) -> Result<()
         method: req.method().as_str(),
         path: req.uri().path(),
         headers: req.headers(),
+        auth,
     });
     let d = state.authz.evaluate(&attrs);
     report(&d, shared, conn, req.method().as_str(), req.uri().path());

@@ -50,6 +50,13 @@ pub struct ReloadLabels {
     pub result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JwtLabels {
+    /// `<namespace>/<name>` of the RequestAuthentication whose rule refused the token, or `-`
+    /// when no rule took it (its issuer has none).
+    pub policy: String,
+}
+
 pub struct Metrics {
     pub reloads: Family<ReloadLabels, Counter>,
     pub certificates: Family<ReloadLabels, Counter>,
@@ -60,6 +67,7 @@ pub struct Metrics {
     /// Metrics named without the `mycel_proxy` prefix (`mycel_authz_decisions_total`).
     mesh_registry: Mutex<Registry>,
     pub authz_decisions: Family<AuthzLabels, Counter>,
+    pub jwt_refused: Family<JwtLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub retries: Family<RetryLabels, Counter>,
     pub mirrors: Family<RetryLabels, Counter>,
@@ -145,9 +153,16 @@ impl Default for Metrics {
             "Decisions of AuthorizationPolicies on inbound requests and connections, by deciding policy",
             authz_decisions.clone(),
         );
+        let jwt_refused = Family::<JwtLabels, Counter>::default();
+        mesh_registry.register(
+            "jwt_refused",
+            "Inbound requests refused with 401 because their JSON Web Token failed, by policy",
+            jwt_refused.clone(),
+        );
         Metrics {
             mesh_registry: Mutex::new(mesh_registry),
             authz_decisions,
+            jwt_refused,
             reloads,
             certificates,
             certificate_expiry,
@@ -187,6 +202,11 @@ impl Metrics {
                 result: result.into(),
             })
             .inc();
+    }
+
+    /// Counts a request refused for its token.
+    pub fn jwt_refused(&self, policy: &str) {
+        self.jwt_refused.get_or_create(&JwtLabels { policy: policy.into() }).inc();
     }
 
     /// Counts a configuration reload, applied or rejected.

@@ -92,6 +92,7 @@ pub fn convert_cluster(c: &pb::Cluster) -> Result<config::Cluster, ConfigError> 
 pub struct InboundPolicy {
     pub mtls: config::InboundMtls,
     pub authz: Vec<config::authz::AuthzPolicy>,
+    pub jwt: Vec<config::authn::JwtRule>,
 }
 
 /// The inbound policy from its streamed form.
@@ -149,6 +150,8 @@ pub fn convert_policy(p: &pb::PeerPolicy) -> Result<InboundPolicy, ConfigError> 
                         not_namespaces: strings(&s.not_namespaces),
                         ip_blocks: strings(&s.ip_blocks),
                         not_ip_blocks: strings(&s.not_ip_blocks),
+                        request_principals: strings(&s.request_principals),
+                        not_request_principals: strings(&s.not_request_principals),
                     })
                     .collect(),
                 to,
@@ -166,7 +169,32 @@ pub fn convert_policy(p: &pb::PeerPolicy) -> Result<InboundPolicy, ConfigError> 
         policies.push(authz::AuthzPolicy { name: a.name.clone(), action, dry_run: a.dry_run, rules });
     }
     authz::validate(&policies)?;
-    Ok(InboundPolicy { mtls: convert_mtls(p)?, authz: policies })
+    let jwt: Vec<config::authn::JwtRule> = p
+        .jwt
+        .iter()
+        .map(|r| config::authn::JwtRule {
+            policy: r.policy.clone(),
+            issuer: r.issuer.clone(),
+            audiences: r.audiences.clone(),
+            jwks: r.jwks.clone(),
+            from_headers: r
+                .from_headers
+                .iter()
+                .map(|h| config::authn::JwtHeader { name: h.name.clone(), prefix: h.prefix.clone() })
+                .collect(),
+            from_params: r.from_params.clone(),
+            from_cookies: r.from_cookies.clone(),
+            forward_original_token: r.forward_original_token,
+            output_claim_to_headers: r
+                .output_claim_to_headers
+                .iter()
+                .map(|o| config::authn::ClaimToHeader { header: o.header.clone(), claim: o.claim.clone() })
+                .collect(),
+            clock_skew_seconds: u64::from(r.clock_skew_seconds),
+        })
+        .collect();
+    config::authn::validate(&jwt)?;
+    Ok(InboundPolicy { mtls: convert_mtls(p)?, authz: policies, jwt })
 }
 
 /// The inbound mutual-TLS policy from its streamed form.

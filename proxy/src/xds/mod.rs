@@ -168,6 +168,7 @@ impl Layers {
         if let Some(p) = &self.inbound {
             c.inbound_mtls = p.mtls.clone();
             c.authorization = p.authz.clone();
+            c.request_authentication = p.jwt.clone();
         }
         for (name, cluster) in &self.clusters {
             if self.base.clusters.iter().any(|b| &b.name == name) {
@@ -602,7 +603,8 @@ mod tests {
             action: config::authz::AuthzAction::Deny,
             ..Default::default()
         };
-        layers.inbound = Some(InboundPolicy { mtls: Default::default(), authz: vec![deny.clone()] });
+        layers.inbound =
+            Some(InboundPolicy { mtls: Default::default(), authz: vec![deny.clone()], jwt: Vec::new() });
         let c = layers.compose().unwrap();
         assert!(!c.inbound_pending, "the first policy is in");
         assert_eq!(c.authorization, [deny]);

@@ -403,6 +403,7 @@ fn policy(mode: pb::MtlsMode) -> Arc<Collection> {
         mode: mode as i32,
         ports: Default::default(),
         authz: Vec::new(),
+        jwt: Vec::new(),
     }));
     Arc::new(Collection::of([(e.resource.name.clone(), Arc::new(e))].into()))
 }

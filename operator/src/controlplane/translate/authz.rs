@@ -62,6 +62,9 @@ impl Az {
                             not_namespaces: s.not_namespaces.iter().flatten().map(|n| n.0.clone()).collect(),
                             ip_blocks: s.ip_blocks.iter().flatten().map(|b| b.0.clone()).collect(),
                             not_ip_blocks: s.not_ip_blocks.iter().flatten().map(|b| b.0.clone()).collect(),
+                            // Not in the AuthorizationPolicy kind until RequestAuthentication is.
+                            request_principals: Vec::new(),
+                            not_request_principals: Vec::new(),
                         }
                     })
                     .collect(),

@@ -169,11 +169,13 @@ mod tests {
             mode: pb::MtlsMode::MtlsStrict as i32,
             ports: Default::default(),
             authz: Vec::new(),
+            jwt: Vec::new(),
         };
         let disabled_port = pb::PeerPolicy {
             mode: pb::MtlsMode::MtlsStrict as i32,
             ports: [(8080, pb::MtlsMode::MtlsDisable as i32)].into(),
             authz: Vec::new(),
+            jwt: Vec::new(),
         };
         let pod = |k: &Key| match k.1.as_str() {
             "a" => Some(PodView { info: &sidecar, policy: &strict }),
@@ -219,6 +221,7 @@ mod tests {
             mode: pb::MtlsMode::MtlsStrict as i32,
             ports: Default::default(),
             authz: Vec::new(),
+            jwt: Vec::new(),
         };
         let pod = |k: &Key| match k.1.as_str() {
             "v1" => Some(PodView { info: &v1, policy: &strict }),
