@@ -78,8 +78,8 @@ pub struct RuleTo {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new(
-    "has(self.principals) || has(self.notPrincipals) || has(self.namespaces) || has(self.notNamespaces) || has(self.ipBlocks) || has(self.notIpBlocks)"
-).message("source needs at least one of principals, notPrincipals, namespaces, notNamespaces, ipBlocks, notIpBlocks"))]
+    "has(self.principals) || has(self.notPrincipals) || has(self.requestPrincipals) || has(self.notRequestPrincipals) || has(self.namespaces) || has(self.notNamespaces) || has(self.ipBlocks) || has(self.notIpBlocks)"
+).message("source needs at least one of principals, requestPrincipals, namespaces, ipBlocks or their not* forms"))]
 pub struct Source {
     /// Peer identities as `<trust-domain>/ns/<ns>/sa/<sa>`, with `*` as prefix or suffix wildcard.
     /// Requires mutual TLS.
@@ -89,6 +89,14 @@ pub struct Source {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 64))]
     pub not_principals: Option<Vec<Principal>>,
+    /// Token identities as `<iss>/<sub>` of a token a RequestAuthentication verified, with `*`
+    /// as prefix or suffix wildcard (`*` alone: any verified token). HTTP only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub request_principals: Option<Vec<RequestPrincipal>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub not_request_principals: Option<Vec<RequestPrincipal>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 64))]
     pub namespaces: Option<Vec<NamespaceName>>,
@@ -109,6 +117,10 @@ pub struct Source {
 pub struct Principal(
     #[schemars(length(min = 1, max = 512), regex(pattern = r"^(\*|\*?[A-Za-z0-9._~/:%-]+\*?)$"))] pub String,
 );
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(transparent)]
+pub struct RequestPrincipal(#[schemars(length(min = 1, max = 1024), regex(pattern = r"^\S+$"))] pub String);
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(transparent)]
@@ -171,11 +183,13 @@ pub struct Port(#[schemars(range(min = 1, max = 65535))] pub i32);
     .message("a when condition needs values or notValues"))]
 pub struct RuleCondition {
     /// `source.ip`, `source.namespace`, `source.principal`, `destination.port`,
-    /// `request.method`, `request.path` or `request.headers[<name>]`.
+    /// `request.method`, `request.path`, `request.headers[<name>]`, or of the request's verified
+    /// token: `request.auth.principal`, `request.auth.audiences`, `request.auth.presenter`,
+    /// `request.auth.claims[<name>]` (nested: `request.auth.claims[<a>][<b>]`).
     #[schemars(
         length(min = 1, max = 256),
         regex(
-            pattern = r"^(source\.ip|source\.namespace|source\.principal|destination\.port|request\.method|request\.path|request\.headers\[[A-Za-z0-9-]+\])$"
+            pattern = r"^(source\.ip|source\.namespace|source\.principal|destination\.port|request\.method|request\.path|request\.headers\[[A-Za-z0-9-]+\]|request\.auth\.(principal|audiences|presenter|claims(\[[^\[\]]+\]){1,8}))$"
         )
     )]
     pub key: String,

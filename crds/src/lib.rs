@@ -14,6 +14,7 @@ pub mod ledger;
 pub mod mesh_installation;
 pub mod peer_authentication;
 pub mod rate_limit_policy;
+pub mod request_authentication;
 pub mod traffic_route;
 
 pub use authorization_policy::{AuthorizationPolicy, AuthorizationPolicySpec};
@@ -22,6 +23,7 @@ pub use destination_policy::{DestinationPolicy, DestinationPolicySpec};
 pub use mesh_installation::{MeshInstallation, MeshInstallationSpec, MeshInstallationStatus};
 pub use peer_authentication::{PeerAuthentication, PeerAuthenticationSpec};
 pub use rate_limit_policy::{RateLimitPolicy, RateLimitPolicySpec};
+pub use request_authentication::{RequestAuthentication, RequestAuthenticationSpec};
 pub use traffic_route::{TrafficRoute, TrafficRouteSpec};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -40,6 +42,7 @@ pub fn all_crds() -> Vec<CustomResourceDefinition> {
         DestinationPolicy::crd(),
         PeerAuthentication::crd(),
         AuthorizationPolicy::crd(),
+        RequestAuthentication::crd(),
         RateLimitPolicy::crd(),
     ]
 }

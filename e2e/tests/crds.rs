@@ -28,6 +28,7 @@ async fn every_sample_applies_and_kubectl_shows_ready_columns() {
         "destinationpolicy",
         "peerauthentication",
         "authorizationpolicy",
+        "requestauthentication",
         "ratelimitpolicy",
     ] {
         assert!(out.contains(&format!("{kind}.mycel.io/")), "{kind} missing in:\n{out}");
@@ -40,6 +41,7 @@ async fn every_sample_applies_and_kubectl_shows_ready_columns() {
         ("destinationpolicies", vec!["HOST"]),
         ("peerauthentications", vec!["MODE"]),
         ("authorizationpolicies", vec!["ACTION"]),
+        ("requestauthentications", vec!["ISSUERS"]),
         ("ratelimitpolicies", vec![]),
     ] {
         let table = c.kubectl_run(&["get", kind, "-n", &ns.name], None).unwrap();
@@ -111,6 +113,26 @@ async fn wrong_resources_are_rejected_naming_the_field() {
         ("MeshInstallation", json!({"mtls": {"mode": "strict"}}), vec!["spec.mtls.mode", "STRICT"]),
         ("PeerAuthentication", json!({"mtls": {"mode": "ON"}}), vec!["spec.mtls.mode"]),
         ("AuthorizationPolicy", json!({"action": "REJECT"}), vec!["spec.action"]),
+        (
+            "RequestAuthentication",
+            json!({"jwtRules": [{"issuer": "a"}]}),
+            vec!["spec.jwtRules[0]", "exactly one of jwks"],
+        ),
+        (
+            "RequestAuthentication",
+            json!({"jwtRules": [{"issuer": "a", "jwksUri": "ftp://keys"}]}),
+            vec!["spec.jwtRules[0].jwksUri"],
+        ),
+        (
+            "RequestAuthentication",
+            json!({"jwtRules": [{"issuer": "a", "jwks": "{}", "outputClaimToHeaders": [{"header": "Host", "claim": "sub"}]}]}),
+            vec!["spec.jwtRules[0].outputClaimToHeaders[0].header", "set by the mesh"],
+        ),
+        (
+            "RequestAuthentication",
+            json!({"jwtRules": [{"issuer": "a", "jwks": "{}"}, {"issuer": "a", "jwks": "{}"}]}),
+            vec!["spec.jwtRules", "one rule only"],
+        ),
         (
             "DestinationPolicy",
             json!({"host": "a", "loadBalancer": {"algorithm": "Fastest"}}),

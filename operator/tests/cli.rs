@@ -14,5 +14,5 @@ fn help_version_and_crds() {
     assert!(ok && h.contains("control-plane") && h.contains("run"), "{h}");
     let (ok, crds) = run(&["crds"]);
     assert!(ok);
-    assert_eq!(crds.matches("kind: CustomResourceDefinition").count(), 6);
+    assert_eq!(crds.matches("kind: CustomResourceDefinition").count(), 7);
 }

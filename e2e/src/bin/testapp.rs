@@ -5,7 +5,8 @@
 //! `tcp-echo` echoes bytes (and honours half-close); `get` is an HTTP client that fetches a URL a
 //! number of times and prints each body, failing on any error; `grpc-echo` serves the gRPC health
 //! service (unary and server-streaming calls) and `grpc-check` calls it; `ws-echo` echoes WebSocket
-//! messages and `ws-send` sends some and prints the echoes.
+//! messages and `ws-send` sends some and prints the echoes; `jwks-serve` serves JSON Web Key
+//! Sets, rotated on request, and says who fetched them.
 
 use std::{convert::Infallible, net::SocketAddr, time::Duration};
 
@@ -82,6 +83,15 @@ enum Cmd {
         #[arg(long)]
         to: String,
     },
+    /// Serve JSON Web Key Sets on PORT: `GET /jwks` answers the current SET (the first at
+    /// start, `max-age=5`) and records who asked; `GET /rotate?to=N` makes SET number N
+    /// (from 0) current; `GET /fetches` lists the peer addresses of every `/jwks` request.
+    JwksServe {
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        #[arg(long = "set", required = true)]
+        sets: Vec<String>,
+    },
     /// Echo WebSocket messages on PORT.
     WsEcho {
         #[arg(long, default_value_t = 8081)]
@@ -142,6 +152,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::HttpRelay { port, to } => http_relay(port, to).await,
         Cmd::WsEcho { port } => ws_echo(port).await,
+        Cmd::JwksServe { port, sets } => jwks_serve(port, sets).await,
         Cmd::WsSend { url, messages } => ws_send(&url, &messages).await,
         Cmd::Get { urls, count, timeout, no_reuse, interval_ms, headers, report, concurrency } => {
             let opts = GetOptions {
@@ -232,6 +243,50 @@ async fn http_echo(port: u16, hang: bool) -> anyhow::Result<()> {
                         "peer": peer.to_string(), "headers": headers,
                     });
                     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body.to_string()))))
+                }
+            });
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
+/// The current key set and who fetched, shared by the connections of `jwks-serve`.
+struct KeySets {
+    sets: Vec<String>,
+    current: usize,
+    fetches: Vec<String>,
+}
+
+async fn jwks_serve(port: u16, sets: Vec<String>) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?;
+    eprintln!("jwks-serve on :{port} with {} key sets", sets.len());
+    let state = std::sync::Arc::new(std::sync::Mutex::new(KeySets { sets, current: 0, fetches: Vec::new() }));
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let state = state.clone();
+                async move {
+                    let mut s = state.lock().unwrap();
+                    let r = Response::builder();
+                    let r = match req.uri().path() {
+                        "/jwks" => {
+                            s.fetches.push(peer.ip().to_string());
+                            eprintln!("jwks: set {} to {peer}", s.current);
+                            r.header("cache-control", "max-age=5").body(s.sets[s.current].clone())
+                        }
+                        "/rotate" => match query_param::<usize>(&req, "to").filter(|n| *n < s.sets.len()) {
+                            Some(n) => {
+                                s.current = n;
+                                r.body(format!("set {n}"))
+                            }
+                            None => r.status(400).body("no such set".to_string()),
+                        },
+                        "/fetches" => r.body(serde_json::json!(s.fetches).to_string()),
+                        _ => r.body("ok".to_string()),
+                    };
+                    Ok::<_, Infallible>(r.unwrap().map(|b| Full::new(Bytes::from(b))))
                 }
             });
             let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;

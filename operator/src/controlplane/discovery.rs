@@ -18,6 +18,7 @@ use mycel_crds::{
     destination_policy::DestinationPolicy,
     gateway::{GRPCRoute, HTTPRoute},
     peer_authentication::PeerAuthentication,
+    request_authentication::RequestAuthentication,
     traffic_route::TrafficRoute,
 };
 use tracing::warn;
@@ -35,6 +36,14 @@ pub enum Change {
     Pod(Box<watcher::Event<Pod>>),
     PeerAuth(Box<watcher::Event<PeerAuthentication>>),
     AuthorizationPolicy(Box<watcher::Event<AuthorizationPolicy>>),
+    RequestAuthentication(Box<watcher::Event<RequestAuthentication>>),
+    /// What a fetch of a `jwksUri` found: the key set, or why there is none.
+    Jwks {
+        uri: String,
+        /// The epoch of the following that fetched it (`Fetched::epoch`).
+        epoch: u64,
+        result: Result<String, String>,
+    },
     TrafficRoute(Box<watcher::Event<TrafficRoute>>),
     /// A Gateway API HTTPRoute (mesh routes are those attached to a Service).
     HttpRoute(Box<watcher::Event<HTTPRoute>>),
@@ -71,6 +80,9 @@ pub fn watch(client: Client) -> BoxStream<'static, Change> {
         events(Api::<Pod>::all(client.clone()), |e| Change::Pod(Box::new(e))),
         events(Api::<PeerAuthentication>::all(client.clone()), |e| Change::PeerAuth(Box::new(e))),
         events(Api::<AuthorizationPolicy>::all(client.clone()), |e| Change::AuthorizationPolicy(Box::new(e))),
+        events(Api::<RequestAuthentication>::all(client.clone()), |e| {
+            Change::RequestAuthentication(Box::new(e))
+        }),
         events(Api::<TrafficRoute>::all(client.clone()), |e| Change::TrafficRoute(Box::new(e))),
         events(Api::<DestinationPolicy>::all(client.clone()), |e| Change::DestinationPolicy(Box::new(e))),
         gateway_route_events(

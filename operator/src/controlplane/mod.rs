@@ -9,6 +9,7 @@
 /// Sidecar injection (its own crate, so that `mycelctl inject` needs nothing else of the operator).
 pub use mycel_inject as inject;
 pub mod discovery;
+pub mod jwks;
 pub mod metrics;
 pub mod model;
 pub mod server;

@@ -20,6 +20,7 @@ use tracing::{debug, info};
 use super::discovery::{self, Change, Kind, PodInfo, Slice, Svc};
 use super::snapshot::{ChangeLog, Collection, Entry, Key, PolicyReach, Scoped, Snapshot};
 use super::translate::{
+    authn::{self, Fetched, Ra},
     authz::{self, Az},
     cluster::{self, Names, PodView},
     destination::{self, Dp},
@@ -67,8 +68,22 @@ struct Policy {
     decided_by: Vec<Key>,
     /// The AuthorizationPolicies that select it.
     authz_by: Vec<Key>,
+    /// The RequestAuthentications that select it.
+    authn_by: Vec<Key>,
+    /// Issuers a RequestAuthentication of `authn_by` names that an earlier one has: (the later
+    /// one, why).
+    authn_shadowed: Vec<(Key, String)>,
     /// The snapshot version that last changed it.
     since: u64,
+}
+
+/// A pod's inbound policy and the policies that decide it.
+struct Inbound {
+    policy: pb::PeerPolicy,
+    decided_by: Vec<Key>,
+    authz_by: Vec<Key>,
+    authn_by: Vec<Key>,
+    authn_shadowed: Vec<(Key, String)>,
 }
 
 /// The state discovery owns; only its task touches it.
@@ -83,6 +98,19 @@ pub(super) struct Model {
     authz_dirty: bool,
     /// AuthorizationPolicies by (namespace, name).
     authz_sorted: Arc<Vec<Az>>,
+    request_auths: Kind<Ra>,
+    /// RequestAuthentications (or a key set they fetch) changed.
+    authn_dirty: bool,
+    /// A fetched key set changed: the fallbacks are recomputed even if no policy did.
+    jwks_dirty: bool,
+    /// RequestAuthentications by (namespace, name).
+    authn_sorted: Arc<Vec<Ra>>,
+    /// What was fetched of each `jwksUri` the policies name.
+    fetched: HashMap<String, Fetched>,
+    /// The `jwksUri`s the policies name, with the timeout of a fetch: the fetcher follows it.
+    jwks_wanted: watch::Sender<BTreeMap<String, (Duration, u64)>>,
+    /// The epoch of the latest URI followed ([`Fetched::epoch`]).
+    jwks_epoch: u64,
     traffic_routes: Kind<Tr>,
     /// Gateway API HTTPRoutes attached to a Service (GAMMA), as routes of the same model.
     http_routes: Kind<Tr>,
@@ -162,6 +190,13 @@ impl Model {
             authz_policies: Kind::default(),
             authz_dirty: true,
             authz_sorted: Arc::new(Vec::new()),
+            request_auths: Kind::default(),
+            authn_dirty: true,
+            jwks_dirty: false,
+            authn_sorted: Arc::new(Vec::new()),
+            fetched: HashMap::new(),
+            jwks_wanted: watch::Sender::new(BTreeMap::new()),
+            jwks_epoch: 0,
             traffic_routes: Kind::default(),
             http_routes: Kind::default(),
             grpc_routes: Kind::default(),
@@ -197,6 +232,10 @@ impl Model {
             && self.pods.synced
             && self.peer_auths.synced
             && self.authz_policies.synced
+            && self.request_auths.synced
+            // Before the first snapshot, every key set has been tried once (a fetch is bounded
+            // in time): a restarted control plane does not send rules without their keys.
+            && (self.version > 0 || self.fetched.values().all(|f| f.keys.is_some() || f.error.is_some()))
             && self.traffic_routes.synced
             && self.http_routes.synced
             && self.grpc_routes.synced
@@ -209,6 +248,7 @@ impl Model {
             || !self.dirty_pods.is_empty()
             || self.peer_auths_dirty
             || self.authz_dirty
+            || self.authn_dirty
             || self.routes_dirty
             || self.destinations_dirty
             || self.unimplemented_dirty
@@ -272,6 +312,39 @@ impl Model {
                 self.authz_dirty = true;
                 self.pods_reached(&touched);
             }
+            Change::RequestAuthentication(e) => {
+                let domain = self.opts.cluster_domain.clone();
+                let touched = self.request_auths.apply(*e, |p| Some(Ra::from_object(p, &domain)));
+                if touched.is_empty() {
+                    return self.dirty();
+                }
+                self.follow_uris();
+                self.authn_dirty = true;
+                self.pods_reached(&touched);
+            }
+            Change::Jwks { uri, epoch, result } => {
+                let Some(f) = self.fetched.get_mut(&uri).filter(|f| f.epoch == epoch) else {
+                    return self.dirty();
+                };
+                let before = f.clone();
+                match result {
+                    Ok(keys) => *f = Fetched { keys: Some(keys), error: None, epoch },
+                    Err(e) => f.error = Some(e),
+                }
+                if *f == before {
+                    return self.dirty();
+                }
+                let touched: Vec<Key> = self
+                    .request_auths
+                    .live
+                    .iter()
+                    .filter(|(_, ra)| ra.rules.iter().any(|r| r.uri.as_deref() == Some(uri.as_str())))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                self.authn_dirty = true;
+                self.jwks_dirty = true;
+                self.pods_reached(&touched);
+            }
             Change::Unimplemented(kind, e) => {
                 let objects = self.unimplemented.entry(kind.kind).or_default();
                 let touched = objects.apply(*e, |o| {
@@ -293,6 +366,37 @@ impl Model {
         self.dirty()
     }
 
+    /// Which key sets to fetch, after a RequestAuthentication changed: a URI named for the first
+    /// time (or again) starts unfetched in a new epoch; one no policy names is forgotten; one
+    /// over its namespace's quota is not fetched, and says so.
+    fn follow_uris(&mut self) {
+        let mut ras: Vec<&Ra> = self.request_auths.live.values().collect();
+        ras.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        let (want, over) = authn::uris(&ras);
+        self.fetched.retain(|u, f| want.contains_key(u) || (over.contains(u) && f.epoch == 0));
+        for u in want.keys() {
+            if self.fetched.get(u).is_none_or(|f| f.epoch == 0) {
+                self.jwks_epoch += 1;
+                let f = Fetched { epoch: self.jwks_epoch, ..Default::default() };
+                self.fetched.insert(u.clone(), f);
+            }
+        }
+        for u in over {
+            let error = format!(
+                "the namespace's policies name more than {} distinct jwksUris: this one is not fetched",
+                authn::MAX_URIS_PER_NAMESPACE
+            );
+            self.fetched.insert(u, Fetched { keys: None, error: Some(error), epoch: 0 });
+        }
+        let wanted: BTreeMap<String, (Duration, u64)> =
+            want.into_iter().map(|(u, t)| (u.clone(), (t, self.fetched[&u].epoch))).collect();
+        self.jwks_wanted.send_if_modified(|w| {
+            let changed = *w != wanted;
+            *w = wanted;
+            changed
+        });
+    }
+
     /// The pods inbound policies of `touched` can reach become dirty: their namespaces', or
     /// every pod for the root namespace's.
     fn pods_reached(&mut self, touched: &[Key]) {
@@ -303,13 +407,8 @@ impl Model {
         self.dirty_pods.extend(pods);
     }
 
-    /// The inbound policy of a pod of `namespace` with `labels`, with the PeerAuthentications
-    /// and the AuthorizationPolicies that decide it.
-    fn policy_of(
-        &self,
-        namespace: &str,
-        labels: &BTreeMap<String, String>,
-    ) -> (pb::PeerPolicy, Vec<Key>, Vec<Key>) {
+    /// The inbound policy of a pod of `namespace` with `labels`, with the policies that decide it.
+    fn policy_of(&self, namespace: &str, labels: &BTreeMap<String, String>) -> Inbound {
         let pas = &self.peer_auths_sorted;
         let root = &self.opts.root_namespace;
         let mut policy = peer_policy::peer_policy(namespace, labels, pas, root, self.opts.mtls_mode);
@@ -321,14 +420,54 @@ impl Model {
         let azs = authz::for_workload(namespace, labels, &self.authz_sorted, root);
         policy.authz = azs.iter().map(|a| a.policy.clone()).collect();
         let authz_by = azs.iter().map(|a| (a.namespace.clone(), a.name.clone())).collect();
-        (policy, decided_by, authz_by)
+        let mut ras: Vec<&Ra> =
+            self.authn_sorted.iter().filter(|r| r.applies(namespace, labels, root)).collect();
+        // The root namespace's rules first: a namespace cannot redefine the mesh's issuers.
+        ras.sort_by_key(|r| r.namespace != *root);
+        let (jwt, shadowed) = authn::merge(&ras, &self.fetched);
+        policy.jwt = jwt;
+        let authn_by = ras.iter().map(|r| (r.namespace.clone(), r.name.clone())).collect();
+        let authn_shadowed = shadowed
+            .into_iter()
+            .map(|(loser, issuer, why)| {
+                let why = match why {
+                    authn::Left::Shadowed(winner) => format!(
+                        "issuer {issuer}: RequestAuthentication {}/{} also names it and comes first (by namespace and name), so its rule verifies the tokens",
+                        winner.namespace, winner.name
+                    ),
+                    authn::Left::OverLimit => format!(
+                        "issuer {issuer}: a workload it selects has {} JWT rules or {} KiB of keys from the policies before it, so this rule is left out there and the issuer's tokens are refused",
+                        authn::MAX_RULES_PER_WORKLOAD,
+                        authn::MAX_KEY_BYTES_PER_WORKLOAD / 1024
+                    ),
+                };
+                ((loser.namespace.clone(), loser.name.clone()), why)
+            })
+            .collect();
+        Inbound { policy, decided_by, authz_by, authn_by, authn_shadowed }
     }
 
     /// What a proxy of `namespace` whose pod is not known yet receives.
     fn fallback_policy(&self, namespace: &str) -> Arc<Collection> {
+        let root = &self.opts.root_namespace;
         let empty = BTreeMap::new();
-        let (mut policy, _, _) = self.policy_of(namespace, &empty);
-        policy.authz = authz::for_unknown_workload(namespace, &self.authz_sorted, &self.opts.root_namespace);
+        let mut policy = self.policy_of(namespace, &empty).policy;
+        policy.authz = authz::for_unknown_workload(namespace, &self.authz_sorted, root);
+        // Only the policies without a selector: which others apply is known with the pod, and
+        // until it is, such a proxy accepts nothing (as for an AuthorizationPolicy).
+        let mut ras: Vec<&Ra> = self
+            .authn_sorted
+            .iter()
+            .filter(|r| r.selector.is_none() && r.applies(namespace, &empty, root))
+            .collect();
+        ras.sort_by_key(|r| r.namespace != *root);
+        policy.jwt = authn::merge(&ras, &self.fetched).0;
+        let may_select = |r: &Ra| r.selector.is_some() && (r.namespace == namespace || r.namespace == *root);
+        if self.authn_sorted.iter().any(may_select)
+            && !policy.authz.iter().any(|a| a.name == authz::NOT_KNOWN_YET)
+        {
+            policy.authz.push(authz::not_known_yet());
+        }
         single(peer_policy::resource(policy))
     }
 
@@ -338,24 +477,32 @@ impl Model {
         let mut changed = false;
         let pas_dirty = std::mem::take(&mut self.peer_auths_dirty);
         let azs_dirty = std::mem::take(&mut self.authz_dirty);
-        if pas_dirty || azs_dirty {
+        let ras_dirty = std::mem::take(&mut self.authn_dirty);
+        let keys_dirty = std::mem::take(&mut self.jwks_dirty);
+        if pas_dirty || azs_dirty || ras_dirty {
             let mut pas: Vec<PeerAuth> = self.peer_auths.live.values().cloned().collect();
             pas.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
             let mut azs: Vec<Az> = self.authz_policies.live.values().cloned().collect();
             azs.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+            let mut ras: Vec<Ra> = self.request_auths.live.values().cloned().collect();
+            ras.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
             // The fallbacks only when the policies differ from those they were computed from
             // (and the first time).
             if self.policy_default.entries.is_empty()
                 || *self.peer_auths_sorted != pas
                 || *self.authz_sorted != azs
+                || *self.authn_sorted != ras
+                || keys_dirty
             {
                 self.peer_auths_sorted = Arc::new(pas);
                 self.authz_sorted = Arc::new(azs);
+                self.authn_sorted = Arc::new(ras);
                 let namespaces: HashSet<String> = self
                     .peer_auths_sorted
                     .iter()
                     .map(|p| p.namespace.clone())
                     .chain(self.authz_sorted.iter().map(|a| a.namespace.clone()))
+                    .chain(self.authn_sorted.iter().map(|a| a.namespace.clone()))
                     .collect();
                 self.policy_by_namespace = Arc::new(
                     namespaces.into_iter().map(|ns| (ns.clone(), self.fallback_policy(&ns))).collect(),
@@ -374,14 +521,21 @@ impl Model {
                 self.services_of_pod.remove(&pod);
                 continue;
             };
-            let (policy, mut decided_by, authz_by) = self.policy_of(&pod.0, &info.labels);
+            let Inbound { policy, mut decided_by, authz_by, authn_by, authn_shadowed } =
+                self.policy_of(&pod.0, &info.labels);
             // In the root namespace, the namespace's and the mesh's policy are the same one.
             decided_by.dedup();
             match self.policies.get_mut(&pod) {
                 Some(p) if p.policy == policy => {
-                    if p.decided_by != decided_by || p.authz_by != authz_by {
+                    if p.decided_by != decided_by
+                        || p.authz_by != authz_by
+                        || p.authn_by != authn_by
+                        || p.authn_shadowed != authn_shadowed
+                    {
                         p.decided_by = decided_by;
                         p.authz_by = authz_by;
+                        p.authn_by = authn_by;
+                        p.authn_shadowed = authn_shadowed;
                         changed = true;
                     }
                 }
@@ -391,8 +545,8 @@ impl Model {
                         old.is_none_or(|p| p.policy.mode != policy.mode || p.policy.ports != policy.ports);
                     let collection = single(peer_policy::resource(policy.clone()));
                     Arc::make_mut(&mut self.policy_collections).insert(pod.clone(), collection);
-                    self.policies
-                        .insert(pod.clone(), Policy { policy, decided_by, authz_by, since: version });
+                    let p = Policy { policy, decided_by, authz_by, authn_by, authn_shadowed, since: version };
+                    self.policies.insert(pod.clone(), p);
                     if mtls_changed && let Some(s) = self.services_of_pod.get(&pod) {
                         self.dirty_services.extend(s.iter().cloned());
                     }
@@ -586,6 +740,7 @@ impl Model {
         let pods_or_policies = !self.dirty_pods.is_empty()
             || self.peer_auths_dirty
             || self.authz_dirty
+            || self.authn_dirty
             || self.routes_dirty
             || self.destinations_dirty
             || std::mem::take(&mut self.unimplemented_dirty);
@@ -669,26 +824,82 @@ impl Model {
             .iter()
             .map(|a| ((a.namespace.clone(), a.name.clone()), a.generation, a.invalid.clone()));
         let mut v = self.inbound_reaches("AuthorizationPolicy", objects, |p| &p.authz_by);
-        let root = &self.opts.root_namespace;
         // Both in (namespace, name) order, one reach per policy.
         for (s, az) in v.iter_mut().zip(self.authz_sorted.iter()) {
-            if !s.workloads.is_empty() || s.without_proxy > 0 {
-                continue;
-            }
-            let scope = if s.key.0 == *root {
-                "any namespace (the root namespace's policy)".to_string()
-            } else {
-                format!("namespace {}", s.key.0)
-            };
-            s.not_in_effect = Some(match &az.selector {
-                Some(sel) => {
-                    let labels: Vec<String> = sel.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                    format!("its selector ({}) matches no running pod in {scope}", labels.join(","))
-                }
-                None => format!("there is no running pod in {scope}"),
-            });
+            self.selects_nothing(s, az.selector.as_ref());
         }
         v
+    }
+
+    /// For each RequestAuthentication, the workloads it selects and the version each needs;
+    /// the key sets not fetched, and the issuers another policy has.
+    fn authn_statuses(&self) -> Vec<PolicyReach> {
+        let objects = self
+            .authn_sorted
+            .iter()
+            .map(|a| ((a.namespace.clone(), a.name.clone()), a.generation, a.invalid.clone()));
+        let mut v = self.inbound_reaches("RequestAuthentication", objects, |p| &p.authn_by);
+        let mut shadowed: BTreeMap<&Key, Vec<String>> = BTreeMap::new();
+        for p in self.policies.values() {
+            for (k, why) in &p.authn_shadowed {
+                shadowed.entry(k).or_default().push(why.clone());
+            }
+        }
+        for (s, ra) in v.iter_mut().zip(self.authn_sorted.iter()) {
+            self.selects_nothing(s, ra.selector.as_ref());
+            let never: Vec<String> = ra
+                .rules
+                .iter()
+                .filter(|r| {
+                    r.uri.as_ref().is_some_and(|u| self.fetched.get(u).is_none_or(|f| f.keys.is_none()))
+                })
+                .map(|r| r.rule.issuer.clone())
+                .collect();
+            if s.not_in_effect.is_none() && !never.is_empty() {
+                s.not_in_effect = Some(format!(
+                    "the keys of issuer(s) {} were never fetched, so every token of theirs is refused (see ResolvedRefs)",
+                    never.join(", ")
+                ));
+            }
+            for (i, r) in ra.rules.iter().enumerate() {
+                let Some(uri) = &r.uri else { continue };
+                let f = self.fetched.get(uri).cloned().unwrap_or_default();
+                let at = format!("spec.jwtRules[{i}].jwksUri {uri}");
+                match (f.keys.is_some(), f.error) {
+                    (false, None) => s.unresolved.push(format!("{at}: not fetched yet")),
+                    (false, Some(e)) => s.unresolved.push(format!("{at}: {e}")),
+                    (true, Some(e)) => s.unresolved.push(format!(
+                        "{at}: the last fetch failed ({e}); the keys fetched before it are in use"
+                    )),
+                    (true, None) => {}
+                }
+            }
+            if let Some(mut why) = shadowed.remove(&s.key) {
+                why.sort();
+                why.dedup();
+                s.conflicts = why;
+            }
+        }
+        v
+    }
+
+    /// Says why an inbound policy with `selector` is in effect nowhere, when it selects no pod.
+    fn selects_nothing(&self, s: &mut PolicyReach, selector: Option<&BTreeMap<String, String>>) {
+        if !s.workloads.is_empty() || s.without_proxy > 0 {
+            return;
+        }
+        let scope = if s.key.0 == self.opts.root_namespace {
+            "any namespace (the root namespace's policy)".to_string()
+        } else {
+            format!("namespace {}", s.key.0)
+        };
+        s.not_in_effect = Some(match selector {
+            Some(sel) => {
+                let labels: Vec<String> = sel.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!("its selector ({}) matches no running pod in {scope}", labels.join(","))
+            }
+            None => format!("there is no running pod in {scope}"),
+        });
     }
 
     /// For each PeerAuthentication, the workloads it decides and the version each needs; then
@@ -700,6 +911,7 @@ impl Model {
             .map(|p| ((p.namespace.clone(), p.name.clone()), p.generation, Vec::new()));
         let mut v = self.inbound_reaches("PeerAuthentication", objects, |p| &p.decided_by);
         v.extend(self.authz_statuses());
+        v.extend(self.authn_statuses());
         let mut trs: Vec<(&RouteKey, &(Outcome, u64))> = self.routes.outcomes.iter().collect();
         trs.sort_by(|a, b| a.0.cmp(b.0));
         for ((kind, key), (o, since)) in trs {
@@ -857,17 +1069,21 @@ impl Model {
 }
 
 /// Starts discovery against the cluster; the receiver always holds the newest snapshot.
+/// The key sets the RequestAuthentications name are fetched beside it ([`super::jwks`]).
 pub fn start(client: Client, opts: Options) -> watch::Receiver<Arc<Snapshot>> {
-    start_with(discovery::watch(client), opts)
+    let model = Model::new(opts);
+    let (keys_tx, keys_rx) = futures::channel::mpsc::unbounded();
+    tokio::spawn(super::jwks::run(model.jwks_wanted.subscribe(), keys_tx));
+    start_with(futures::stream::select(discovery::watch(client), keys_rx), model)
 }
 
 /// Discovery fed from any stream of changes (tests and the benchmark feed it directly).
 fn start_with(
     changes: impl Stream<Item = Change> + Send + Unpin + 'static,
-    opts: Options,
+    model: Model,
 ) -> watch::Receiver<Arc<Snapshot>> {
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
-    tokio::spawn(run(changes, Model::new(opts), tx));
+    tokio::spawn(run(changes, model, tx));
     rx
 }
 
@@ -1006,6 +1222,7 @@ mod tests {
             Change::Pod(Box::new(watcher::Event::InitDone)),
             Change::PeerAuth(Box::new(watcher::Event::InitDone)),
             Change::AuthorizationPolicy(Box::new(watcher::Event::InitDone)),
+            Change::RequestAuthentication(Box::new(watcher::Event::InitDone)),
             Change::TrafficRoute(Box::new(watcher::Event::InitDone)),
             Change::HttpRoute(Box::new(watcher::Event::InitDone)),
             Change::GrpcRoute(Box::new(watcher::Event::InitDone)),
@@ -1186,6 +1403,80 @@ mod tests {
         assert_eq!(reach.workloads, [(("ns".to_string(), "pod-10.0.0.1".to_string()), after.version)]);
     }
 
+    fn jwt_rules(snap: &Snapshot, ns: &str, pod: &str) -> Vec<pb::JwtRule> {
+        let c = snap.collection(mycel_api::PEER_POLICY_TYPE, ns, pod);
+        match &c.entries[peer_policy::NAME].resource.kind {
+            Some(pb::resource::Kind::PeerPolicy(p)) => p.jwt.clone(),
+            _ => panic!("not a policy"),
+        }
+    }
+
+    #[test]
+    fn fetched_key_sets_reach_the_selected_workloads_and_the_policy_status() {
+        let mut m = synced_model();
+        let mut web = pod("10.0.0.1", "web");
+        web.metadata.labels = Some([("app".to_string(), "web".to_string())].into());
+        let proxy = k8s_openapi::api::core::v1::Container {
+            name: crate::controlplane::inject::PROXY.into(),
+            ..Default::default()
+        };
+        web.spec.as_mut().unwrap().init_containers = Some(vec![proxy]);
+        m.apply(Change::Pod(Box::new(watcher::Event::Apply(web))));
+        m.apply(Change::Pod(Box::new(watcher::Event::Apply(pod("10.0.0.2", "api")))));
+        let uri = "https://idp.example/keys";
+        let ra: mycel_crds::RequestAuthentication = serde_json::from_value(serde_json::json!({
+            "apiVersion": "mycel.io/v1alpha1", "kind": "RequestAuthentication",
+            "metadata": {"name": "jwt", "namespace": "ns", "generation": 2},
+            "spec": {"selector": {"matchLabels": {"app": "web"}},
+                     "jwtRules": [{"issuer": "https://idp.example", "jwksUri": uri}]}
+        }))
+        .unwrap();
+        m.apply(Change::RequestAuthentication(Box::new(watcher::Event::Apply(ra))));
+        rebuild(&mut m);
+        assert_eq!(m.jwks_wanted.borrow().keys().collect::<Vec<_>>(), [uri], "the fetcher is told");
+        let snap = m.snapshot();
+        let rules = jwt_rules(&snap, "ns", "pod-10.0.0.1");
+        assert_eq!((rules.len(), rules[0].jwks.as_str()), (1, ""), "not fetched: sent without keys");
+        assert!(jwt_rules(&snap, "ns", "pod-10.0.0.2").is_empty(), "not selected");
+        assert!(jwt_rules(&snap, "ns", "not-known-yet").is_empty(), "a selector's rules wait for the pod");
+        let unknown = snap.collection(mycel_api::PEER_POLICY_TYPE, "ns", "not-known-yet");
+        match &unknown.entries[peer_policy::NAME].resource.kind {
+            Some(pb::resource::Kind::PeerPolicy(p)) => {
+                let names: Vec<&str> = p.authz.iter().map(|a| a.name.as_str()).collect();
+                assert_eq!(names, [authz::NOT_KNOWN_YET], "and until then it accepts nothing");
+            }
+            _ => panic!("not a policy"),
+        }
+        let reach =
+            |m: &Model| m.statuses.iter().find(|r| r.kind == "RequestAuthentication").unwrap().clone();
+        assert_eq!(reach(&m).unresolved, [format!("spec.jwtRules[0].jwksUri {uri}: not fetched yet")]);
+
+        let keys = r#"{"keys":[]}"#.to_string();
+        m.apply(Change::Jwks { uri: uri.into(), epoch: 1, result: Ok(keys.clone()) });
+        rebuild(&mut m);
+        assert_eq!(jwt_rules(&m.snapshot(), "ns", "pod-10.0.0.1")[0].jwks, keys);
+        let r = reach(&m);
+        assert!(r.unresolved.is_empty(), "{:?}", r.unresolved);
+        assert_eq!(r.workloads, [(("ns".to_string(), "pod-10.0.0.1".to_string()), m.version)]);
+        // A failed refresh keeps the keys, and says so.
+        m.apply(Change::Jwks { uri: uri.into(), epoch: 1, result: Err("answered 503".into()) });
+        rebuild(&mut m);
+        assert_eq!(jwt_rules(&m.snapshot(), "ns", "pod-10.0.0.1")[0].jwks, keys);
+        assert!(reach(&m).unresolved[0].contains("the last fetch failed (answered 503)"), "{:?}", reach(&m));
+        // A result for a URI no policy names any more is dropped.
+        m.apply(Change::RequestAuthentication(Box::new(watcher::Event::Delete(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "mycel.io/v1alpha1", "kind": "RequestAuthentication",
+                "metadata": {"name": "jwt", "namespace": "ns"}, "spec": {}
+            }))
+            .unwrap(),
+        ))));
+        rebuild(&mut m);
+        assert!(m.jwks_wanted.borrow().is_empty());
+        assert!(!m.apply(Change::Jwks { uri: uri.into(), epoch: 1, result: Ok(keys) }), "nothing dirty");
+        assert!(jwt_rules(&m.snapshot(), "ns", "pod-10.0.0.1").is_empty());
+    }
+
     #[test]
     fn an_event_that_changes_nothing_kept_costs_no_version() {
         let mut m = synced_model();
@@ -1217,13 +1508,14 @@ mod tests {
         let debounce = Duration::from_secs(1);
         let opts = Options { debounce, debounce_max: Duration::from_secs(10), ..Options::default() };
         let (tx, changes) = futures::channel::mpsc::unbounded();
-        let mut rx = start_with(changes, opts);
+        let mut rx = start_with(changes, Model::new(opts));
         let send = |c: Change| tx.unbounded_send(c).unwrap();
         send(Change::Service(Box::new(watcher::Event::InitDone)));
         send(Change::Slice(Box::new(watcher::Event::InitDone)));
         send(Change::Pod(Box::new(watcher::Event::InitDone)));
         send(Change::PeerAuth(Box::new(watcher::Event::InitDone)));
         send(Change::AuthorizationPolicy(Box::new(watcher::Event::InitDone)));
+        send(Change::RequestAuthentication(Box::new(watcher::Event::InitDone)));
         send(Change::TrafficRoute(Box::new(watcher::Event::InitDone)));
         send(Change::HttpRoute(Box::new(watcher::Event::InitDone)));
         send(Change::GrpcRoute(Box::new(watcher::Event::InitDone)));

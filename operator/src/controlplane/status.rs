@@ -147,6 +147,18 @@ fn inert(reach: &PolicyReach) -> Vec<Decided> {
 /// `Accepted` of an object its kind implements: in effect, but for the fields it sets that are
 /// not implemented yet (named).
 fn accepted(reach: &PolicyReach) -> Decided {
+    if !reach.invalid.is_empty() && reach.kind == "RequestAuthentication" {
+        return Decided {
+            type_: "Accepted",
+            status: "False",
+            reason: "Invalid",
+            message: format!(
+                "generation {} has values no proxy can use; the rules that have them are sent without keys, so every token of their issuers is refused: {}",
+                reach.generation,
+                named_list(&reach.invalid)
+            ),
+        };
+    }
     if !reach.invalid.is_empty() && reach.kind == "AuthorizationPolicy" {
         return Decided {
             type_: "Accepted",
@@ -223,7 +235,17 @@ pub fn decide(reach: &PolicyReach, held: &Held, writer: &Writer) -> Option<Vec<D
         return None;
     }
     let accepted = accepted(reach);
-    let refs = if !reach.unresolved.is_empty() && reach.kind == "DestinationPolicy" {
+    let refs = if !reach.unresolved.is_empty() && reach.kind == "RequestAuthentication" {
+        Decided {
+            type_: "ResolvedRefs",
+            status: "False",
+            reason: "KeysNotFetched",
+            message: format!(
+                "{}; a rule whose keys were never fetched refuses every token of its issuer, one whose last fetch failed keeps the keys it had",
+                named_list(&reach.unresolved)
+            ),
+        }
+    } else if !reach.unresolved.is_empty() && reach.kind == "DestinationPolicy" {
         Decided {
             type_: "ResolvedRefs",
             status: "False",
@@ -239,6 +261,13 @@ pub fn decide(reach: &PolicyReach, held: &Held, writer: &Writer) -> Option<Vec<D
                 "{}; what does not resolve is left out (a backend that does not gets its share answered 503)",
                 named_list(&reach.unresolved)
             ),
+        }
+    } else if reach.kind == "RequestAuthentication" {
+        Decided {
+            type_: "ResolvedRefs",
+            status: "True",
+            reason: "ResolvedRefs",
+            message: "every key set is inline or was fetched from its jwksUri".into(),
         }
     } else if reach.kind == "PeerAuthentication" || reach.kind == "AuthorizationPolicy" {
         Decided {
@@ -465,6 +494,9 @@ async fn write(client: &Client, reach: &PolicyReach, conditions: &[(Decided, Tim
         "PeerAuthentication" => ApiResource::erase::<PeerAuthentication>(&()),
         "AuthorizationPolicy" => {
             ApiResource::erase::<mycel_crds::authorization_policy::AuthorizationPolicy>(&())
+        }
+        "RequestAuthentication" => {
+            ApiResource::erase::<mycel_crds::request_authentication::RequestAuthentication>(&())
         }
         "TrafficRoute" => ApiResource::erase::<TrafficRoute>(&()),
         "DestinationPolicy" => ApiResource::erase::<DestinationPolicy>(&()),

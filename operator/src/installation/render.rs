@@ -448,7 +448,7 @@ pub fn render(eff: &Effective, owner: &Value, ca_bundle_pem: &str) -> Vec<Desire
                 "clientConfig": {"service": {"name": cp, "namespace": ns, "path": "/validate", "port": 443}, "caBundle": ca_bundle},
                 "rules": [{
                     "apiGroups": ["mycel.io"], "apiVersions": ["v1alpha1"], "operations": ["CREATE", "UPDATE"],
-                    "resources": ["trafficroutes", "destinationpolicies", "peerauthentications", "authorizationpolicies", "ratelimitpolicies"]
+                    "resources": ["trafficroutes", "destinationpolicies", "peerauthentications", "authorizationpolicies", "requestauthentications", "ratelimitpolicies"]
                 }],
                 "objectSelector": {"matchExpressions": [{"key": LABEL_REV, "operator": "In", "values": [eff.revision]}]}
             }]
@@ -549,9 +549,9 @@ pub fn control_plane_cluster_rules() -> Value {
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
         // Every policy kind: PeerAuthentication is translated, the others only reported on
         // (`controlplane::translate::unimplemented`).
-        {"apiGroups": ["mycel.io"], "resources": ["peerauthentications", "trafficroutes", "destinationpolicies", "authorizationpolicies", "ratelimitpolicies"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["mycel.io"], "resources": ["peerauthentications", "trafficroutes", "destinationpolicies", "authorizationpolicies", "requestauthentications", "ratelimitpolicies"], "verbs": ["list", "watch"]},
         // Policy status (`controlplane::status`): conditions, a server-side apply; no get.
-        {"apiGroups": ["mycel.io"], "resources": ["peerauthentications/status", "trafficroutes/status", "destinationpolicies/status", "authorizationpolicies/status", "ratelimitpolicies/status"], "verbs": ["patch"]},
+        {"apiGroups": ["mycel.io"], "resources": ["peerauthentications/status", "trafficroutes/status", "destinationpolicies/status", "authorizationpolicies/status", "requestauthentications/status", "ratelimitpolicies/status"], "verbs": ["patch"]},
         // Gateway API mesh routes (`controlplane::translate::gamma`): watched; their status's
         // `parents` list is shared with other controllers, so it is read before it is written.
         {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes", "grpcroutes"], "verbs": ["list", "watch"]},
@@ -840,8 +840,8 @@ mod tests {
                 json!([
                     {"apiGroups": [""], "resources": ["services", "pods"], "verbs": ["list", "watch"]},
                     {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
-                    {"apiGroups": ["mycel.io"], "resources": ["peerauthentications", "trafficroutes", "destinationpolicies", "authorizationpolicies", "ratelimitpolicies"], "verbs": ["list", "watch"]},
-                    {"apiGroups": ["mycel.io"], "resources": ["peerauthentications/status", "trafficroutes/status", "destinationpolicies/status", "authorizationpolicies/status", "ratelimitpolicies/status"], "verbs": ["patch"]},
+                    {"apiGroups": ["mycel.io"], "resources": ["peerauthentications", "trafficroutes", "destinationpolicies", "authorizationpolicies", "requestauthentications", "ratelimitpolicies"], "verbs": ["list", "watch"]},
+                    {"apiGroups": ["mycel.io"], "resources": ["peerauthentications/status", "trafficroutes/status", "destinationpolicies/status", "authorizationpolicies/status", "requestauthentications/status", "ratelimitpolicies/status"], "verbs": ["patch"]},
                     {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes", "grpcroutes"], "verbs": ["list", "watch"]},
                     {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes/status", "grpcroutes/status"], "verbs": ["get", "patch"]},
                     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},

@@ -54,7 +54,18 @@ pub struct ClaimToHeader {
 }
 
 /// Header names that only this proxy may set, whatever a rule says.
-const RESERVED: &[&str] = &["host", "x-forwarded-client-cert", crate::error::ERROR_HEADER];
+const RESERVED: &[&str] = &[
+    "host",
+    "x-forwarded-client-cert",
+    crate::error::ERROR_HEADER,
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "te",
+    "upgrade",
+    "keep-alive",
+    "proxy-connection",
+];
 
 /// Checks what the verification could not use; errors name the field
 /// (`requestAuthentication[<issuer>].fromHeaders[0].name`). A key set that does not parse is not

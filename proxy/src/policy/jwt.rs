@@ -212,9 +212,6 @@ impl Authenticator {
     /// Checks the request's tokens. On success, headers that carried a token are removed (unless
     /// the rule forwards it) and claims are copied to the rules' output headers.
     pub fn authenticate(&self, headers: &mut HeaderMap, query: Option<&str>) -> Verdict {
-        for h in &self.outputs {
-            headers.remove(h);
-        }
         // Every (rule, location, token) found; a token in a place two rules share is the same.
         let mut found: Vec<(usize, &Location, String)> = Vec::new();
         for (i, r) in self.rules.iter().enumerate() {
@@ -226,6 +223,11 @@ impl Authenticator {
                     found.push((i, l, t));
                 }
             }
+        }
+        // Then what a client sent in a header a claim goes to (a rule may output to a header
+        // another reads its token from: the token is read first).
+        for h in &self.outputs {
+            headers.remove(h);
         }
         if found.is_empty() {
             return Ok(None);
@@ -493,6 +495,7 @@ mod tests {
         }
     }
 
+    /// Also a RequestAuthentication's `clockSkew` (the rule's `clock_skew_seconds`).
     #[test]
     fn tokens_that_fail_are_refused_and_a_missing_one_passes_without_a_principal() {
         let (key, jwk) = keypair(Algorithm::ES256, "k1");
@@ -562,6 +565,8 @@ mod tests {
         assert!(unfetched.authenticate(&mut bearer(&with(good, &key)), None).is_err());
     }
 
+    /// A RequestAuthentication's `fromHeaders`, `fromParams`, `fromCookies`,
+    /// `forwardOriginalToken` and `outputClaimToHeaders`, as the stream carries them.
     #[test]
     fn tokens_are_found_where_the_rule_says_and_claims_reach_headers() {
         let (key, jwk) = keypair(Algorithm::EdDSA, "k1");
@@ -608,6 +613,30 @@ mod tests {
         h.insert("x-jwt", HeaderValue::from_str(&t).unwrap());
         assert!(a.authenticate(&mut h, None).unwrap().is_some());
         assert!(h.contains_key("x-jwt"));
+        // A rule that outputs a claim to the header another reads its token from: the token is
+        // read first, so a bad one is refused rather than removed unread.
+        let (other_key, other_jwk) = keypair(Algorithm::EdDSA, "k2");
+        let mut reader = rule("iss-b", &[&other_jwk]);
+        reader.from_headers =
+            vec![crate::config::authn::JwtHeader { name: "x-user".into(), prefix: String::new() }];
+        let a = Authenticator::compile(&[rule_outputting_x_user(&jwk), reader]);
+        let forged =
+            token(Algorithm::EdDSA, "k2", &key, json!({"iss": "iss-b", "sub": "eve", "aud": "shop"}));
+        let mut h = HeaderMap::new();
+        h.insert("x-user", HeaderValue::from_str(&forged).unwrap());
+        assert_eq!(reason(a.authenticate(&mut h, None)), "no key of the issuer's key set verifies the token");
+        let good =
+            token(Algorithm::EdDSA, "k2", &other_key, json!({"iss": "iss-b", "sub": "eve", "aud": "shop"}));
+        let mut h = HeaderMap::new();
+        h.insert("x-user", HeaderValue::from_str(&good).unwrap());
+        assert_eq!(a.authenticate(&mut h, None).unwrap().unwrap().0.principal, "iss-b/eve");
+    }
+
+    fn rule_outputting_x_user(jwk: &serde_json::Value) -> JwtRule {
+        let mut r = rule("iss-a", &[jwk]);
+        r.output_claim_to_headers =
+            vec![crate::config::authn::ClaimToHeader { header: "x-user".into(), claim: "sub".into() }];
+        r
     }
 
     #[test]

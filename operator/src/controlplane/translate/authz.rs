@@ -62,9 +62,18 @@ impl Az {
                             not_namespaces: s.not_namespaces.iter().flatten().map(|n| n.0.clone()).collect(),
                             ip_blocks: s.ip_blocks.iter().flatten().map(|b| b.0.clone()).collect(),
                             not_ip_blocks: s.not_ip_blocks.iter().flatten().map(|b| b.0.clone()).collect(),
-                            // Not in the AuthorizationPolicy kind until RequestAuthentication is.
-                            request_principals: Vec::new(),
-                            not_request_principals: Vec::new(),
+                            request_principals: s
+                                .request_principals
+                                .iter()
+                                .flatten()
+                                .map(|p| p.0.clone())
+                                .collect(),
+                            not_request_principals: s
+                                .not_request_principals
+                                .iter()
+                                .flatten()
+                                .map(|p| p.0.clone())
+                                .collect(),
                         }
                     })
                     .collect(),
@@ -122,16 +131,28 @@ impl Az {
 
     /// Whether it selects pods of `namespace` with `labels`.
     pub fn applies(&self, namespace: &str, labels: &BTreeMap<String, String>, root: &str) -> bool {
-        let here = self.namespace == namespace || self.namespace == root;
-        match &self.selector {
-            Some(s) => here && s.iter().all(|(k, v)| labels.get(k) == Some(v)),
-            None => here,
-        }
+        selects(&self.namespace, self.selector.as_ref(), namespace, labels, root)
     }
 
     /// Whether it could select some pod of `namespace` (by its selector).
     pub fn may_select_in(&self, namespace: &str, root: &str) -> bool {
         self.selector.is_some() && (self.namespace == namespace || self.namespace == root)
+    }
+}
+
+/// Whether an inbound policy of `own` namespace with `selector` selects pods of `namespace`
+/// with `labels`: one in their namespace or in the root namespace, whose labels it has.
+pub fn selects(
+    own: &str,
+    selector: Option<&BTreeMap<String, String>>,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    root: &str,
+) -> bool {
+    let here = own == namespace || own == root;
+    match selector {
+        Some(s) => here && s.iter().all(|(k, v)| labels.get(k) == Some(v)),
+        None => here,
     }
 }
 
@@ -185,14 +206,22 @@ pub fn for_unknown_workload(namespace: &str, azs: &[Az], root: &str) -> Vec<pb::
         .map(|a| a.policy.clone())
         .collect();
     if azs.iter().any(|a| a.may_select_in(namespace, root)) {
-        v.push(pb::AuthzPolicy {
-            name: "mycel/workload-not-known-yet".into(),
-            action: pb::AuthzAction::AuthzDeny as i32,
-            dry_run: false,
-            rules: vec![pb::AuthzRule::default()],
-        });
+        v.push(not_known_yet());
     }
     v
+}
+
+/// The name of [`not_known_yet`].
+pub const NOT_KNOWN_YET: &str = "mycel/workload-not-known-yet";
+
+/// A DENY of every request, for a proxy whose pod's policies are not known yet.
+pub fn not_known_yet() -> pb::AuthzPolicy {
+    pb::AuthzPolicy {
+        name: NOT_KNOWN_YET.into(),
+        action: pb::AuthzAction::AuthzDeny as i32,
+        dry_run: false,
+        rules: vec![pb::AuthzRule::default()],
+    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! one file per resource kind. Nothing here reads a cluster or keeps state; the model calls them
 //! for what is dirty and stores what they return.
 
+pub mod authn;
 pub mod authz;
 pub mod cluster;
 pub mod destination;
