@@ -37,6 +37,12 @@ bench-proxy:
     RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -j2 -p mycel-proxy --target {{host}}
     MYCEL_BENCH_PROXY={{justfile_directory()}}/target/{{host}}/release/mycel-proxy cargo bench -p mycel-proxy --bench proxy
 
+# What authorization policies cost a sidecar: 50 ALLOW policies of 10 rules each (the matching
+# rule last) against none, CPU per request in interleaved rounds; writes docs/benchmarks/authz.{md,json}.
+bench-authz:
+    RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -j2 -p mycel-proxy --target {{host}}
+    MYCEL_BENCH_ONLY=authz MYCEL_BENCH_PROXY={{justfile_directory()}}/target/{{host}}/release/mycel-proxy cargo bench -p mycel-proxy --bench proxy
+
 # The proxy benchmark with a baseline binary in the same rounds (e.g. a static release build of
 # main before a change): writes docs/benchmarks/proxy-vs-baseline.{md,json}.
 bench-proxy-baseline baseline:
@@ -57,4 +63,4 @@ bench-control-plane-baseline baseline:
     MYCEL_BENCH_BASELINE={{baseline}} MYCEL_BENCH_PROXIES=${MYCEL_BENCH_PROXIES:-1000} cargo bench -p mycel-e2e --bench control_plane
 
 # Every benchmark.
-bench: bench-proxy bench-control-plane
+bench: bench-proxy bench-authz bench-control-plane

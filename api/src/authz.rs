@@ -34,7 +34,7 @@ pub fn path_template_error(s: &str) -> Option<String> {
 /// Why a `when` value is not one its key can have; `None` when it is.
 pub fn condition_value_error(key: &str, v: &str) -> Option<String> {
     let ok = match key {
-        "source.ip" => is_ip_block(v),
+        "source.ip" | "remote.ip" => is_ip_block(v),
         "destination.port" => v.parse::<u16>().is_ok_and(|p| p > 0),
         _ => true,
     };

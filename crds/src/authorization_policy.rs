@@ -78,8 +78,8 @@ pub struct RuleTo {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new(
-    "has(self.principals) || has(self.notPrincipals) || has(self.requestPrincipals) || has(self.notRequestPrincipals) || has(self.namespaces) || has(self.notNamespaces) || has(self.ipBlocks) || has(self.notIpBlocks)"
-).message("source needs at least one of principals, requestPrincipals, namespaces, ipBlocks or their not* forms"))]
+    "has(self.principals) || has(self.notPrincipals) || has(self.requestPrincipals) || has(self.notRequestPrincipals) || has(self.namespaces) || has(self.notNamespaces) || has(self.ipBlocks) || has(self.notIpBlocks) || has(self.remoteIpBlocks) || has(self.notRemoteIpBlocks)"
+).message("source needs at least one of principals, requestPrincipals, namespaces, ipBlocks, remoteIpBlocks or their not* forms"))]
 pub struct Source {
     /// Peer identities as `<trust-domain>/ns/<ns>/sa/<sa>`, with `*` as prefix or suffix wildcard.
     /// Requires mutual TLS.
@@ -110,6 +110,14 @@ pub struct Source {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 64))]
     pub not_ip_blocks: Option<Vec<IpBlock>>,
+    /// The original client's IPs or CIDRs. A sidecar trusts no forwarding hop, so there it is
+    /// the peer's address (as `ipBlocks`); `X-Forwarded-For` is not believed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub remote_ip_blocks: Option<Vec<IpBlock>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub not_remote_ip_blocks: Option<Vec<IpBlock>>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -182,14 +190,14 @@ pub struct Port(#[schemars(range(min = 1, max = 65535))] pub i32);
 #[x_kube(validation = Rule::new("has(self.values) || has(self.notValues)")
     .message("a when condition needs values or notValues"))]
 pub struct RuleCondition {
-    /// `source.ip`, `source.namespace`, `source.principal`, `destination.port`,
+    /// `source.ip`, `remote.ip`, `source.namespace`, `source.principal`, `destination.port`,
     /// `request.method`, `request.path`, `request.headers[<name>]`, or of the request's verified
     /// token: `request.auth.principal`, `request.auth.audiences`, `request.auth.presenter`,
     /// `request.auth.claims[<name>]` (nested: `request.auth.claims[<a>][<b>]`).
     #[schemars(
         length(min = 1, max = 256),
         regex(
-            pattern = r"^(source\.ip|source\.namespace|source\.principal|destination\.port|request\.method|request\.path|request\.headers\[[A-Za-z0-9-]+\]|request\.auth\.(principal|audiences|presenter|claims(\[[^\[\]]+\]){1,8}))$"
+            pattern = r"^(source\.ip|remote\.ip|source\.namespace|source\.principal|destination\.port|request\.method|request\.path|request\.headers\[[A-Za-z0-9-]+\]|request\.auth\.(principal|audiences|presenter|claims(\[[^\[\]]+\]){1,8}))$"
         )
     )]
     pub key: String,

@@ -251,6 +251,12 @@ async fn authorization_policies_decide_who_may_call() {
     assert_eq!(parse(&log).first().map(|s| s.status), Some(403), "denied by default: {log}");
     mesh.apply(&c, ALLOW_OPEN);
     condition(&azs, "allow-open", "Ready", "True").await;
+    let accepted = condition(&azs, "allow-open", "Accepted", "True").await;
+    let message = accepted["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("spec.rules[0] (methods, paths) need HTTP attributes"),
+        "the TCP reading is said: {accepted}"
+    );
     let (ok, log) = run_job(
         &client,
         &n,

@@ -791,6 +791,7 @@ impl Model {
                     invalid,
                     not_in_effect: None,
                     parents: Vec::new(),
+                    notes: Vec::new(),
                 };
                 (key, reach)
             })
@@ -827,6 +828,7 @@ impl Model {
         // Both in (namespace, name) order, one reach per policy.
         for (s, az) in v.iter_mut().zip(self.authz_sorted.iter()) {
             self.selects_nothing(s, az.selector.as_ref());
+            s.notes = az.notes.clone();
         }
         v
     }
@@ -948,6 +950,7 @@ impl Model {
                 invalid: o.invalid.clone(),
                 not_in_effect,
                 parents: tr.parents.clone(),
+                notes: Vec::new(),
             });
         }
         let mut dps: Vec<(&Key, &(destination::Outcome, u64))> = self.destinations.outcomes.iter().collect();
@@ -974,6 +977,7 @@ impl Model {
                 invalid: o.invalid.clone(),
                 not_in_effect,
                 parents: Vec::new(),
+                notes: Vec::new(),
             });
         }
         for kind in KINDS.iter() {
@@ -997,6 +1001,7 @@ impl Model {
                     invalid: Vec::new(),
                     not_in_effect: None,
                     parents: Vec::new(),
+                    notes: Vec::new(),
                 });
             }
         }

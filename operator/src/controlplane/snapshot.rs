@@ -193,6 +193,8 @@ pub struct PolicyReach {
     pub not_in_effect: Option<String>,
     /// A Gateway API route: the Service `parentRefs` (as written) its status is reported for.
     pub parents: Vec<serde_json::Value>,
+    /// What a user should know of how it is enforced, that changes nothing (said in `Accepted`).
+    pub notes: Vec<String>,
 }
 
 /// The mesh as proxies see it, at one version.

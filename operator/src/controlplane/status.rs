@@ -195,12 +195,11 @@ fn accepted(reach: &PolicyReach) -> Decided {
         };
     }
     if reach.not_implemented.is_empty() {
-        return Decided {
-            type_: "Accepted",
-            status: "True",
-            reason: "Accepted",
-            message: format!("generation {} is translated into proxy config", reach.generation),
-        };
+        let mut message = format!("generation {} is translated into proxy config", reach.generation);
+        if !reach.notes.is_empty() {
+            message.push_str(&format!(". Note: {}", named_list(&reach.notes)));
+        }
+        return Decided { type_: "Accepted", status: "True", reason: "Accepted", message };
     }
     Decided {
         type_: "Accepted",
@@ -590,6 +589,7 @@ mod tests {
             invalid: Vec::new(),
             not_in_effect: None,
             parents: Vec::new(),
+            notes: Vec::new(),
         }
     }
 

@@ -74,6 +74,11 @@ pub struct AuthzSource {
     pub ip_blocks: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_ip_blocks: Vec<String>,
+    /// The original client's address (in a sidecar, the peer's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote_ip_blocks: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_remote_ip_blocks: Vec<String>,
 }
 
 /// What is called.
@@ -112,6 +117,7 @@ pub struct AuthzCondition {
 /// The condition keys the proxy knows.
 pub const CONDITION_KEYS: &[&str] = &[
     "source.ip",
+    "remote.ip",
     "source.namespace",
     "source.principal",
     "destination.port",
@@ -136,7 +142,12 @@ pub fn validate(policies: &[AuthzPolicy]) -> Result<(), ConfigError> {
         }
         for (r, rule) in p.rules.iter().enumerate() {
             for (i, s) in rule.from.iter().enumerate() {
-                for (list, blocks) in [("ipBlocks", &s.ip_blocks), ("notIpBlocks", &s.not_ip_blocks)] {
+                for (list, blocks) in [
+                    ("ipBlocks", &s.ip_blocks),
+                    ("notIpBlocks", &s.not_ip_blocks),
+                    ("remoteIpBlocks", &s.remote_ip_blocks),
+                    ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+                ] {
                     for (j, b) in blocks.iter().enumerate() {
                         if !mycel_api::authz::is_ip_block(b) {
                             return invalid(
@@ -189,6 +200,7 @@ pub fn validate(policies: &[AuthzPolicy]) -> Result<(), ConfigError> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConditionKey {
     SourceIp,
+    RemoteIp,
     SourceNamespace,
     SourcePrincipal,
     DestinationPort,
@@ -207,6 +219,7 @@ impl ConditionKey {
     pub fn parse(key: &str) -> Option<ConditionKey> {
         Some(match key {
             "source.ip" => ConditionKey::SourceIp,
+            "remote.ip" => ConditionKey::RemoteIp,
             "source.namespace" => ConditionKey::SourceNamespace,
             "source.principal" => ConditionKey::SourcePrincipal,
             "destination.port" => ConditionKey::DestinationPort,
@@ -243,6 +256,7 @@ impl ConditionKey {
         !matches!(
             self,
             ConditionKey::SourceIp
+                | ConditionKey::RemoteIp
                 | ConditionKey::SourceNamespace
                 | ConditionKey::SourcePrincipal
                 | ConditionKey::DestinationPort

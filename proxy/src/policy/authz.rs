@@ -123,6 +123,9 @@ pub struct Attrs<'a> {
     /// The peer's namespace (from its SPIFFE ID).
     pub namespace: Option<&'a str>,
     pub source_ip: Option<IpAddr>,
+    /// The original client's address (`remoteIpBlocks`, `remote.ip`): a sidecar trusts no
+    /// forwarding hop, so it is the peer's.
+    pub remote_ip: Option<IpAddr>,
     /// The port the workload listens on.
     pub port: u16,
     /// `None` for a connection that is not HTTP.
@@ -163,7 +166,7 @@ impl<'a> Attrs<'a> {
             }
             _ => None,
         };
-        Attrs { principal, namespace, source_ip, port, http: None }
+        Attrs { principal, namespace, source_ip, remote_ip: source_ip, port, http: None }
     }
 }
 
@@ -204,6 +207,7 @@ struct Source {
     request_principals: Field<Pat>,
     namespaces: Field<Pat>,
     ip_blocks: Field<Cidr>,
+    remote_ip_blocks: Field<Cidr>,
 }
 
 #[derive(Debug)]
@@ -250,6 +254,7 @@ impl Source {
             request_principals: Field::new(pats(&s.request_principals), pats(&s.not_request_principals)),
             namespaces: Field::new(pats(&s.namespaces), pats(&s.not_namespaces)),
             ip_blocks: Field::new(blocks(&s.ip_blocks), blocks(&s.not_ip_blocks)),
+            remote_ip_blocks: Field::new(blocks(&s.remote_ip_blocks), blocks(&s.not_remote_ip_blocks)),
         }
     }
 
@@ -265,6 +270,7 @@ impl Source {
         self.principals.check(a.principal, |p, v| p.matches(v))
             && self.namespaces.check(a.namespace, |p, v| p.matches(v))
             && self.ip_blocks.check(a.source_ip, |c, ip| c.contains(ip))
+            && self.remote_ip_blocks.check(a.remote_ip, |c, ip| c.contains(ip))
             && (!self.request_principals.is_set() || request())
     }
 }
@@ -306,7 +312,7 @@ impl Condition {
     fn compile(c: &AuthzCondition) -> Option<Condition> {
         let key = ConditionKey::parse(&c.key)?;
         let values = match key {
-            ConditionKey::SourceIp => Values::Blocks(Field::new(
+            ConditionKey::SourceIp | ConditionKey::RemoteIp => Values::Blocks(Field::new(
                 c.values.iter().filter_map(|s| s.parse::<Cidr>().ok()).collect(),
                 c.not_values.iter().filter_map(|s| s.parse::<Cidr>().ok()).collect(),
             )),
@@ -329,6 +335,7 @@ impl Condition {
         let text = |f: &Field<Pat>, v: Option<&str>| f.check(v, |p, v| p.matches(v));
         match (&self.key, &self.values) {
             (ConditionKey::SourceIp, Values::Blocks(f)) => f.check(a.source_ip, |c, ip| c.contains(ip)),
+            (ConditionKey::RemoteIp, Values::Blocks(f)) => f.check(a.remote_ip, |c, ip| c.contains(ip)),
             (ConditionKey::DestinationPort, Values::Ports(f)) => f.check(Some(a.port), |p, v| *p == v),
             (ConditionKey::SourceNamespace, Values::Patterns(f)) => text(f, a.namespace),
             (ConditionKey::SourcePrincipal, Values::Patterns(f)) => text(f, a.principal),
@@ -408,6 +415,153 @@ pub struct Engine {
     allow: Vec<Policy>,
     audit: Vec<Policy>,
     dry_run: Vec<Policy>,
+    /// Which rules of `deny` and `allow` an HTTP request's path may match.
+    deny_index: PathIndex,
+    allow_index: PathIndex,
+}
+
+/// The rules of a list of policies by the literal path prefix they need: a rule whose every
+/// operation names `paths` can only match a path that starts with one of their literal prefixes
+/// (an exact path, a `prefix*`, a template up to its first `{*}`); other rules are candidates
+/// for every path. So a request is matched against the rules its path may meet, not all of
+/// them — in (policy, rule) order, so the first policy to match is the one that would have.
+#[derive(Debug, Default)]
+struct PathIndex {
+    /// (policy, rule) by rule id, ids in list order.
+    rules: Vec<(u32, u32)>,
+    /// Rules without a path prefix, sorted.
+    anywhere: Vec<u32>,
+    /// A byte trie of prefixes; node 0 is the empty prefix.
+    nodes: Vec<TrieNode>,
+}
+
+#[derive(Debug, Default)]
+struct TrieNode {
+    children: Vec<(u8, u32)>,
+    rules: Vec<u32>,
+}
+
+/// The literal prefix a path pattern needs, if it needs one beyond `/`.
+fn literal_prefix(p: &PathPattern) -> Option<String> {
+    match p {
+        PathPattern::Simple(Pat::Exact(e) | Pat::Prefix(e)) => Some(e.to_string()),
+        PathPattern::Simple(_) => None,
+        PathPattern::Template(segments) => {
+            let mut prefix = String::from("/");
+            for s in segments {
+                match s {
+                    Segment::Literal(l) => {
+                        prefix.push_str(l);
+                        prefix.push('/');
+                    }
+                    _ => return Some(prefix),
+                }
+            }
+            // Only literals: the exact path (without the slash added after the last).
+            prefix.pop();
+            Some(prefix)
+        }
+    }
+}
+
+impl PathIndex {
+    fn build(policies: &[Policy]) -> PathIndex {
+        let mut x = PathIndex { nodes: vec![TrieNode::default()], ..Default::default() };
+        for (pi, p) in policies.iter().enumerate() {
+            for (ri, r) in p.rules.iter().enumerate() {
+                let id = x.rules.len() as u32;
+                x.rules.push((pi as u32, ri as u32));
+                // Every operation must need a prefix (any one of them may match).
+                let prefixes: Option<Vec<String>> = if r.to.is_empty() {
+                    None
+                } else {
+                    r.to.iter()
+                        .map(|o| {
+                            if o.paths.yes.is_empty() {
+                                return None;
+                            }
+                            o.paths.yes.iter().map(literal_prefix).collect::<Option<Vec<String>>>()
+                        })
+                        .collect::<Option<Vec<Vec<String>>>>()
+                        .map(|v| v.concat())
+                };
+                match prefixes {
+                    None => x.anywhere.push(id),
+                    Some(list) => {
+                        for prefix in list {
+                            let node = x.insert(prefix.as_bytes());
+                            let rules = &mut x.nodes[node].rules;
+                            if rules.last() != Some(&id) {
+                                rules.push(id);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        x
+    }
+
+    fn insert(&mut self, prefix: &[u8]) -> usize {
+        let mut node = 0;
+        for &b in prefix {
+            node = match self.nodes[node].children.iter().find(|(c, _)| *c == b) {
+                Some((_, n)) => *n as usize,
+                None => {
+                    let n = self.nodes.len();
+                    self.nodes.push(TrieNode::default());
+                    self.nodes[node].children.push((b, n as u32));
+                    n
+                }
+            };
+        }
+        node
+    }
+
+    /// The first policy of `policies` (those the index was built from) with a rule that matches.
+    fn first_match<'p>(&self, policies: &'p [Policy], a: &Attrs, path: &str) -> Option<&'p Policy> {
+        let mut found: Vec<u32> = Vec::new();
+        let mut node = 0;
+        let Some(root) = self.nodes.first() else {
+            // Not built (an empty engine): a scan.
+            return policies.iter().find(|p| p.matches(a));
+        };
+        found.extend_from_slice(&root.rules);
+        for &b in path.as_bytes() {
+            match self.nodes[node].children.iter().find(|(c, _)| *c == b) {
+                Some((_, n)) => node = *n as usize,
+                None => break,
+            }
+            found.extend_from_slice(&self.nodes[node].rules);
+        }
+        found.sort_unstable();
+        found.dedup();
+        // Merge with the rules that may match anywhere, in id order.
+        let (mut i, mut j) = (0, 0);
+        while i < found.len() || j < self.anywhere.len() {
+            let id = match (found.get(i), self.anywhere.get(j)) {
+                (Some(f), Some(w)) if f < w => {
+                    i += 1;
+                    *f
+                }
+                (Some(f), None) => {
+                    i += 1;
+                    *f
+                }
+                (_, Some(w)) => {
+                    j += 1;
+                    *w
+                }
+                (None, None) => break,
+            };
+            let (pi, ri) = self.rules[id as usize];
+            let p = &policies[pi as usize];
+            if p.rules[ri as usize].matches(a, p.action == AuthzAction::Deny) {
+                return Some(p);
+            }
+        }
+        None
+    }
 }
 
 /// What the policies decided.
@@ -440,7 +594,17 @@ impl Engine {
                 (false, AuthzAction::Allow) => e.allow.push(c),
             }
         }
+        e.deny_index = PathIndex::build(&e.deny);
+        e.allow_index = PathIndex::build(&e.allow);
         e
+    }
+
+    /// The first policy of a list that matches: through its path index for an HTTP request.
+    fn first<'p>(policies: &'p [Policy], index: &PathIndex, a: &Attrs) -> Option<&'p Policy> {
+        match &a.http {
+            Some(h) => index.first_match(policies, a, h.path),
+            None => policies.iter().find(|p| p.matches(a)),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -460,7 +624,7 @@ impl Engine {
                 .collect(),
             ..Decision::default()
         };
-        if let Some(p) = self.deny.iter().find(|p| p.matches(a)) {
+        if let Some(p) = Engine::first(&self.deny, &self.deny_index, a) {
             d.by = Some((p.name.clone(), AuthzAction::Deny));
             return d;
         }
@@ -468,7 +632,7 @@ impl Engine {
             d.allowed = true;
             return d;
         }
-        if let Some(p) = self.allow.iter().find(|p| p.matches(a)) {
+        if let Some(p) = Engine::first(&self.allow, &self.allow_index, a) {
             d.by = Some((p.name.clone(), AuthzAction::Allow));
             d.allowed = true;
         }
@@ -741,6 +905,8 @@ mod tests {
             "absent passes notValues"
         );
         assert!(denied(&when("source.ip", &["10.1.0.0/16"], &[]), "GET", "/"));
+        assert!(denied(&when("remote.ip", &["10.1.2.3"], &[]), "GET", "/"));
+        assert!(!denied(&when("remote.ip", &[], &["10.0.0.0/8"]), "GET", "/"));
         assert!(denied(&when("source.namespace", &["shop"], &[]), "GET", "/"));
         assert!(!denied(&when("destination.port", &["9090"], &[]), "GET", "/"));
         assert!(denied(&when("request.path", &["/a*"], &[]), "GET", "/abc"));
@@ -765,6 +931,16 @@ mod tests {
         assert!(!denied("{from: [{ipBlocks: [10.2.0.0/16]}]}", None, "/"));
         assert!(denied("{from: [{notIpBlocks: [10.2.0.0/16]}]}", None, "/"));
         assert!(!denied("{from: [{notIpBlocks: [10.1.2.3]}]}", None, "/"));
+        // remoteIpBlocks: a sidecar trusts no forwarding hop, so the original client is the peer
+        // (an X-Forwarded-For it sends changes nothing).
+        assert!(denied("{from: [{remoteIpBlocks: [10.1.0.0/16]}]}", None, "/"));
+        assert!(!denied("{from: [{remoteIpBlocks: [192.0.2.1]}]}", None, "/"));
+        assert!(denied("{from: [{notRemoteIpBlocks: [10.2.0.0/16]}]}", None, "/"));
+        assert!(!denied("{from: [{notRemoteIpBlocks: [10.1.2.3/32]}]}", None, "/"));
+        let mut forwarded = HeaderMap::new();
+        forwarded.insert("x-forwarded-for", hyper::header::HeaderValue::from_static("192.0.2.1"));
+        let e = deny_rule("{from: [{remoteIpBlocks: [192.0.2.1]}]}");
+        assert!(e.evaluate(&request(None, "GET", "/", &forwarded)).allowed, "X-Forwarded-For is not trusted");
         let not_shop = "{from: [{notNamespaces: [shop]}]}";
         assert!(!denied(not_shop, Some(WEB), "/"));
         assert!(denied(not_shop, Some(BATCH), "/"));
@@ -827,6 +1003,90 @@ mod tests {
             ("/", "/"),
         ] {
             assert_eq!(normalize_path(input), want, "{input}");
+        }
+    }
+    #[test]
+    fn the_path_index_finds_the_policy_a_scan_finds() {
+        let rules = [
+            "{to: [{paths: [/api/*]}]}",
+            "{to: [{paths: [/exact]}, {paths: ['/v1/{*}/items/{**}']}]}",
+            "{to: [{paths: ['*.json']}]}",
+            "{to: [{paths: ['/{*}/x']}]}",
+            "{to: [{paths: ['/{**}']}]}",
+            "{to: [{paths: ['/v1/{**}'], notPaths: [/v1/secret/*]}]}",
+            "{to: [{paths: [/p/*], ports: [9090]}]}",
+            "{to: [{paths: [/m/*]}]}, {to: [{methods: [DELETE]}]}, {to: [{paths: [/]}]}",
+            "{to: [{notPaths: [/api/*]}]}",
+            "{to: [{methods: [POST]}]}",
+            "{from: [{namespaces: [shop]}]}",
+            "{to: [{paths: [/a, /ab, /abc/*]}], when: [{key: 'request.headers[x-team]', values: [blue]}]}",
+            "{to: [{paths: [/api/v2/*]}, {methods: [DELETE]}]}",
+            "{to: [{paths: ['*']}]}",
+        ];
+        let mut policies = Vec::new();
+        for (i, r) in rules.iter().enumerate() {
+            for action in ["ALLOW", "DENY"] {
+                let y = format!("name: ns/{action}-{i}\naction: {action}\nrules: [{r}]");
+                policies.push(serde_yaml::from_str::<AuthzPolicy>(&y).unwrap());
+            }
+        }
+        let mut teams = HeaderMap::new();
+        teams.insert("x-team", hyper::header::HeaderValue::from_static("blue"));
+        let none = HeaderMap::new();
+        let paths = [
+            "/",
+            "/api",
+            "/api/",
+            "/api/v2/x",
+            "/exact",
+            "/exactly",
+            "/v1/a/items/b",
+            "/v1/a/items",
+            "/d.json",
+            "/a",
+            "/ab",
+            "/abc/d",
+            "/abc",
+            "/x",
+            "/q/x",
+            "/v1/secret/k",
+            "/v1/open",
+            "/p/1",
+            "/m/1",
+        ];
+        crate::config::authz::validate(&policies).unwrap();
+        let mut reversed = policies.clone();
+        reversed.reverse();
+        // Every suffix of the list and of its reverse (so that each can be the first match).
+        let lists: Vec<&[AuthzPolicy]> = (0..policies.len())
+            .map(|s| &policies[s..])
+            .chain((0..reversed.len()).map(|s| &reversed[s..]))
+            .collect();
+        for (start, list) in lists.into_iter().enumerate() {
+            let e = Engine::compile(list);
+            for path in paths {
+                for method in ["GET", "POST", "DELETE"] {
+                    for (peer, headers) in [(None, &none), (Some(WEB), &teams), (Some(BATCH), &none)] {
+                        let a = request(peer, method, path, headers);
+                        for (list, index) in [(&e.allow, &e.allow_index), (&e.deny, &e.deny_index)] {
+                            let scan = list.iter().find(|p| p.matches(&a)).map(|p| p.name.clone());
+                            let indexed = index.first_match(list, &a, path).map(|p| p.name.clone());
+                            assert_eq!(indexed, scan, "{method} {path} from {peer:?}, list {start}");
+                        }
+                        // And through the engine.
+                        let d = e.evaluate(&a);
+                        let scan_deny = e.deny.iter().find(|p| p.matches(&a));
+                        let scan_allow = e.allow.iter().find(|p| p.matches(&a));
+                        let want = match (scan_deny, scan_allow) {
+                            (Some(p), _) => (false, Some(p.name.clone())),
+                            (None, _) if e.allow.is_empty() => (true, None),
+                            (None, Some(p)) => (true, Some(p.name.clone())),
+                            (None, None) => (false, None),
+                        };
+                        assert_eq!((d.allowed, d.by.map(|b| b.0)), want, "{method} {path}");
+                    }
+                }
+            }
         }
     }
 }

@@ -150,6 +150,8 @@ pub fn convert_policy(p: &pb::PeerPolicy) -> Result<InboundPolicy, ConfigError> 
                         not_namespaces: strings(&s.not_namespaces),
                         ip_blocks: strings(&s.ip_blocks),
                         not_ip_blocks: strings(&s.not_ip_blocks),
+                        remote_ip_blocks: strings(&s.remote_ip_blocks),
+                        not_remote_ip_blocks: strings(&s.not_remote_ip_blocks),
                         request_principals: strings(&s.request_principals),
                         not_request_principals: strings(&s.not_request_principals),
                     })

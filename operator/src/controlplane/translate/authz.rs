@@ -24,6 +24,8 @@ pub struct Az {
     /// fail-closed form (a DENY without its rules denies everything it selects; an ALLOW allows
     /// nothing; an AUDIT audits nothing) and is `Accepted=False`.
     pub invalid: Vec<String>,
+    /// How its rules read on connections that are not HTTP, when that differs (for its status).
+    pub notes: Vec<String>,
 }
 
 impl Az {
@@ -62,6 +64,18 @@ impl Az {
                             not_namespaces: s.not_namespaces.iter().flatten().map(|n| n.0.clone()).collect(),
                             ip_blocks: s.ip_blocks.iter().flatten().map(|b| b.0.clone()).collect(),
                             not_ip_blocks: s.not_ip_blocks.iter().flatten().map(|b| b.0.clone()).collect(),
+                            remote_ip_blocks: s
+                                .remote_ip_blocks
+                                .iter()
+                                .flatten()
+                                .map(|b| b.0.clone())
+                                .collect(),
+                            not_remote_ip_blocks: s
+                                .not_remote_ip_blocks
+                                .iter()
+                                .flatten()
+                                .map(|b| b.0.clone())
+                                .collect(),
                             request_principals: s
                                 .request_principals
                                 .iter()
@@ -109,6 +123,7 @@ impl Az {
             })
             .collect();
         let invalid = invalid_values(&rules);
+        let notes = tcp_notes(&spec.rules, spec.action);
         let rules = match (invalid.is_empty(), action) {
             (true, _) => rules,
             (false, pb::AuthzAction::AuthzDeny) => vec![pb::AuthzRule::default()],
@@ -116,6 +131,7 @@ impl Az {
         };
         Az {
             invalid,
+            notes,
             policy: pb::AuthzPolicy {
                 name: format!("{namespace}/{name}"),
                 action: action as i32,
@@ -154,6 +170,73 @@ pub fn selects(
         Some(s) => here && s.iter().all(|(k, v)| labels.get(k) == Some(v)),
         None => here,
     }
+}
+
+/// The rules that need HTTP attributes, and what that means on a TCP connection, as Istio reads
+/// them: an ALLOW (or AUDIT) rule matches nothing there, a DENY rule decides on the rest. A rule
+/// needs them when every operation of its `to` does, every source of its `from` does, or a
+/// `when` condition is on the request (operations and sources are alternatives).
+fn tcp_notes(
+    rules: &[mycel_crds::authorization_policy::AuthorizationRule],
+    action: AuthorizationAction,
+) -> Vec<String> {
+    let http_of_operation = |o: &mycel_crds::authorization_policy::Operation| {
+        let mut what = Vec::new();
+        for (name, set) in [
+            ("hosts", o.hosts.is_some() || o.not_hosts.is_some()),
+            ("methods", o.methods.is_some() || o.not_methods.is_some()),
+            ("paths", o.paths.is_some() || o.not_paths.is_some()),
+        ] {
+            if set {
+                what.push(name);
+            }
+        }
+        what
+    };
+    let needs_http = |r: &mycel_crds::authorization_policy::AuthorizationRule| {
+        let mut what: Vec<&str> = Vec::new();
+        let ops: Vec<Vec<&str>> = r.to.iter().map(|t| http_of_operation(&t.operation)).collect();
+        if !ops.is_empty() && ops.iter().all(|w| !w.is_empty()) {
+            for w in ops.into_iter().flatten() {
+                if !what.contains(&w) {
+                    what.push(w);
+                }
+            }
+        }
+        let by_token = |f: &mycel_crds::authorization_policy::RuleFrom| {
+            f.source.request_principals.is_some() || f.source.not_request_principals.is_some()
+        };
+        if !r.from.is_empty() && r.from.iter().all(by_token) {
+            what.push("requestPrincipals");
+        }
+        if r.when.iter().any(|c| c.key.starts_with("request.")) {
+            what.push("request.* conditions");
+        }
+        what
+    };
+    let http: Vec<String> = rules
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let what = needs_http(r);
+            (!what.is_empty()).then(|| format!("spec.rules[{i}] ({})", what.join(", ")))
+        })
+        .collect();
+    if http.is_empty() {
+        return Vec::new();
+    }
+    let effect = match action {
+        AuthorizationAction::Deny => {
+            "on a connection that is not HTTP (TCP) their HTTP attributes are left out, so each denies the whole connection when the rest of it matches"
+        }
+        AuthorizationAction::Audit => {
+            "on a connection that is not HTTP (TCP) they match nothing, so they audit no TCP connection"
+        }
+        AuthorizationAction::Allow => {
+            "on a connection that is not HTTP (TCP) they match nothing, so they let no TCP client in"
+        }
+    };
+    vec![format!("{} need HTTP attributes: {effect}", http.join(", "))]
 }
 
 fn principal(p: &str) -> String {
@@ -236,6 +319,7 @@ mod tests {
             selector: sel.map(|(k, v)| [(k.to_string(), v.to_string())].into()),
             policy: pb::AuthzPolicy { name: format!("{ns}/{name}"), ..Default::default() },
             invalid: Vec::new(),
+            notes: Vec::new(),
         }
     }
 
@@ -279,6 +363,23 @@ mod tests {
             p
         };
         let deny = Az::from_object(object("DENY"));
+        assert!(deny.notes.is_empty(), "no HTTP attribute: {:?}", deny.notes);
+        let mut http = object("ALLOW");
+        http.spec.rules[0].to = vec![
+            serde_json::from_value(serde_json::json!({"operation": {"paths": ["/a"], "ports": [80]}}))
+                .unwrap(),
+        ];
+        let mut either = http.clone();
+        either.spec.rules[0]
+            .to
+            .push(serde_json::from_value(serde_json::json!({"operation": {"ports": [5432]}})).unwrap());
+        assert!(Az::from_object(either).notes.is_empty(), "its port-only operation admits TCP");
+        assert_eq!(
+            Az::from_object(http).notes,
+            [
+                "spec.rules[0] (paths) need HTTP attributes: on a connection that is not HTTP (TCP) they match nothing, so they let no TCP client in"
+            ]
+        );
         assert_eq!(
             deny.invalid,
             ["spec.rules[1].when[0].values[0]: \"http\" is not a value destination.port can have"]
