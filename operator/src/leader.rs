@@ -69,16 +69,29 @@ pub async fn campaign(client: Client, cfg: Config, leading: watch::Sender<bool>)
 }
 
 /// Gives the lease up (on shutdown), so a standby takes over at once.
+/// The caller stops campaigning first. A write that raced another (409) is tried again on a
+/// fresh read, a few times.
 pub async fn release(client: Client, cfg: &Config) {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
-    if let Ok(mut lease) = api.get(&cfg.name).await
-        && let Some(spec) = lease.spec.as_mut()
-        && spec.holder_identity.as_deref() == Some(cfg.identity.as_str())
-    {
+    for _ in 0..3 {
+        let Ok(mut lease) = api.get(&cfg.name).await else { return };
+        let Some(spec) = lease.spec.as_mut() else { return };
+        if spec.holder_identity.as_deref() != Some(cfg.identity.as_str()) {
+            return;
+        }
         spec.holder_identity = None;
         spec.renew_time = None;
-        let _ = api.replace(&cfg.name, &PostParams::default(), &lease).await;
-        info!(lease = %cfg.name, "released the lease");
+        match api.replace(&cfg.name, &PostParams::default(), &lease).await {
+            Ok(_) => {
+                info!(lease = %cfg.name, "released the lease");
+                return;
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => continue,
+            Err(e) => {
+                tracing::warn!(lease = %cfg.name, error = %e, "could not release the lease; it runs out instead");
+                return;
+            }
+        }
     }
 }
 

@@ -139,12 +139,13 @@ async fn main() -> anyhow::Result<()> {
                 renew: Duration::from_secs(lease_renew_secs),
             };
             let (lost_tx, lost_rx) = tokio::sync::oneshot::channel();
+            let mut campaign = None;
             if leader_elect {
                 let (leading_tx, mut leading_rx) = tokio::sync::watch::channel(false);
                 let (client, lease) = (client.clone(), lease.clone());
-                tokio::spawn(async move {
+                campaign = Some(tokio::spawn(async move {
                     let _ = lost_tx.send(leader::campaign(client, lease, leading_tx).await);
-                });
+                }));
                 tracing::info!("waiting to become leader");
                 tokio::select! {
                     _ = leading_rx.wait_for(|l| *l) => {}
@@ -171,7 +172,10 @@ async fn main() -> anyhow::Result<()> {
             if let Some(why) = lost.lock().ok().and_then(|mut l| l.take()) {
                 anyhow::bail!("stopped reconciling: {why}");
             }
-            if leader_elect {
+            if let Some(campaign) = campaign {
+                // No renewal may race the release (or take the lease back after it).
+                campaign.abort();
+                let _ = campaign.await;
                 leader::release(client, &lease).await;
             }
             tracing::info!("operator stopped");
