@@ -395,6 +395,70 @@ pub fn decide(reach: &PolicyReach, held: &Held, writer: &Writer) -> Option<Vec<D
 /// What was last written to each object, with when each condition's status last changed.
 type Written = HashMap<(&'static str, Key), (i64, Vec<(Decided, Time)>)>;
 
+/// The conditions objects had when this control plane first saw them: (type, status, when it
+/// became so), so that a restarted control plane keeps the transition times of what did not
+/// change.
+type Seen = HashMap<(&'static str, Key), Vec<(String, String, Time)>>;
+
+/// When condition `d` became what it is: as last written, else as the object already said, else
+/// now.
+fn since(
+    previous: Option<&Vec<(Decided, Time)>>,
+    seen: Option<&Vec<(String, String, Time)>>,
+    d: &Decided,
+    now: &Time,
+) -> Time {
+    if let Some(c) = previous {
+        // Written by this control plane: its own record decides.
+        return c
+            .iter()
+            .find(|(p, _)| p.type_ == d.type_ && p.status == d.status)
+            .map_or_else(|| now.clone(), |(_, t)| t.clone());
+    }
+    seen.and_then(|c| c.iter().find(|(t, s, _)| t == d.type_ && s == d.status))
+        .map_or_else(|| now.clone(), |(_, _, t)| t.clone())
+}
+
+/// The conditions every object of `kind` has now (one list; none for a kind whose status is not
+/// a plain condition list, or when the list fails).
+async fn seen_of(client: &Client, kind: &'static str) -> Seen {
+    let Some(resource) = resource_of(kind) else { return Seen::new() };
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+    let list = match api.list(&Default::default()).await {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(kind, error = %e, "cannot read the conditions objects have: their transition times start now");
+            return Seen::new();
+        }
+    };
+    list.items
+        .into_iter()
+        .filter_map(|o| {
+            let key = (o.metadata.namespace.clone()?, o.metadata.name.clone()?);
+            let conditions: Vec<Condition> =
+                serde_json::from_value(o.data["status"]["conditions"].clone()).ok()?;
+            let v = conditions.into_iter().map(|c| (c.type_, c.status, c.last_transition_time)).collect();
+            Some(((kind, key), v))
+        })
+        .collect()
+}
+
+/// Where objects of a kind are written.
+fn resource_of(kind: &str) -> Option<ApiResource> {
+    Some(match kind {
+        "PeerAuthentication" => ApiResource::erase::<PeerAuthentication>(&()),
+        "AuthorizationPolicy" => {
+            ApiResource::erase::<mycel_crds::authorization_policy::AuthorizationPolicy>(&())
+        }
+        "RequestAuthentication" => {
+            ApiResource::erase::<mycel_crds::request_authentication::RequestAuthentication>(&())
+        }
+        "TrafficRoute" => ApiResource::erase::<TrafficRoute>(&()),
+        "DestinationPolicy" => ApiResource::erase::<DestinationPolicy>(&()),
+        kind => KINDS.iter().find(|k| k.kind == kind)?.resource.clone(),
+    })
+}
+
 /// Writes policy status until the snapshots end: after every snapshot and every change of what
 /// proxies hold, coalesced over `settle`.
 pub async fn run(
@@ -405,6 +469,7 @@ pub async fn run(
     settle: Duration,
 ) {
     let mut written: Written = HashMap::new();
+    let (mut seen, mut seen_kinds): (Seen, HashSet<&'static str>) = Default::default();
     // Objects whose last write failed, not tried again before the instant unless their
     // generation changes: a write the API server refuses is not repeated at every wake.
     let mut failed: HashMap<(&'static str, Key), (tokio::time::Instant, i64)> = HashMap::new();
@@ -416,6 +481,11 @@ pub async fn run(
                 snap.policies.iter().map(|r| (r.kind, r.key.clone())).collect();
             written.retain(|k, _| live.contains(k));
             failed.retain(|k, _| live.contains(k));
+            for reach in snap.policies.iter() {
+                if seen_kinds.insert(reach.kind) {
+                    seen.extend(seen_of(&client, reach.kind).await);
+                }
+            }
             for reach in snap.policies.iter() {
                 let Some(decided) = decide(reach, &held, &writer) else { continue };
                 let id = (reach.kind, reach.key.clone());
@@ -435,19 +505,15 @@ pub async fn run(
                 let with_times: Vec<(Decided, Time)> = decided
                     .into_iter()
                     .map(|d| {
-                        let since = previous
-                            .and_then(|(_, c)| {
-                                c.iter().find(|(p, _)| p.type_ == d.type_ && p.status == d.status)
-                            })
-                            .map(|(_, t)| t.clone())
-                            .unwrap_or_else(|| now.clone());
-                        (d, since)
+                        let t = since(previous.map(|(_, c)| c), seen.get(&id), &d, &now);
+                        (d, t)
                     })
                     .collect();
                 match write(&client, reach, &with_times).await {
                     Ok(()) => {
                         debug!(kind = reach.kind, namespace = %reach.key.0, name = %reach.key.1, "status written");
                         failed.remove(&id);
+                        seen.remove(&id);
                         written.insert(id, (reach.generation, with_times));
                     }
                     // Gone meanwhile, refused, or the API server is away: tried again later.
@@ -489,23 +555,9 @@ async fn write(client: &Client, reach: &PolicyReach, conditions: &[(Decided, Tim
         "status": {"observedGeneration": reach.generation, "conditions": conditions},
     });
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let resource = match reach.kind {
-        "PeerAuthentication" => ApiResource::erase::<PeerAuthentication>(&()),
-        "AuthorizationPolicy" => {
-            ApiResource::erase::<mycel_crds::authorization_policy::AuthorizationPolicy>(&())
-        }
-        "RequestAuthentication" => {
-            ApiResource::erase::<mycel_crds::request_authentication::RequestAuthentication>(&())
-        }
-        "TrafficRoute" => ApiResource::erase::<TrafficRoute>(&()),
-        "DestinationPolicy" => ApiResource::erase::<DestinationPolicy>(&()),
-        kind => match KINDS.iter().find(|k| k.kind == kind) {
-            Some(k) => k.resource.clone(),
-            None => {
-                warn!(kind, "no status writer for this kind");
-                return Ok(());
-            }
-        },
+    let Some(resource) = resource_of(reach.kind) else {
+        warn!(kind = reach.kind, "no status writer for this kind");
+        return Ok(());
     };
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &reach.key.0, &resource);
     api.patch_status(&reach.key.1, &params, &Patch::Apply(&patch)).await.map(|_| ())
@@ -568,6 +620,22 @@ async fn write_route_parents(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_condition_keeps_when_it_became_so_across_restarts() {
+        let at = |s: &str| Time(s.parse().unwrap());
+        let (then, now) = (at("2026-11-01T10:00:00Z"), at("2026-12-03T10:00:00Z"));
+        let ready = |status| Decided { type_: "Ready", status, reason: "Ready", message: String::new() };
+        // A fresh control plane: the object's own condition, when its status is the same.
+        let seen = vec![("Ready".to_string(), "True".to_string(), then.clone())];
+        assert_eq!(since(None, Some(&seen), &ready("True"), &now), then);
+        assert_eq!(since(None, Some(&seen), &ready("False"), &now), now, "a transition is now");
+        assert_eq!(since(None, None, &ready("True"), &now), now, "never seen: now");
+        // Once written, the control plane's own record decides.
+        let written = vec![(ready("True"), at("2026-12-01T00:00:00Z"))];
+        assert_eq!(since(Some(&written), Some(&seen), &ready("True"), &now), written[0].1);
+        assert_eq!(since(Some(&written), Some(&seen), &ready("False"), &now), now);
+    }
 
     fn key(ns: &str, n: &str) -> Key {
         (ns.into(), n.into())
