@@ -96,24 +96,7 @@ async fn inbound_proxy(name: &str, upstream: SocketAddr, extra: &str) -> (Proc, 
         "admin: '127.0.0.1:{}'\nlisteners:\n- {{name: inbound, address: '{addr}', protocol: http, direction: inbound, cluster: app}}\nclusters:\n- {{name: app, endpoints: ['{upstream}']}}\n{extra}",
         free_port()
     );
-    let proc = mesh_free_proxy(name, &cfg, addr).await;
-    (proc, addr)
-}
-
-/// A proxy of the build under test run from `config` alone (no control plane).
-async fn mesh_free_proxy(name: &str, config: &str, listen: SocketAddr) -> Proc {
-    let cfg = dir().join(format!("{name}.yaml"));
-    std::fs::write(&cfg, config).unwrap();
-    let child = Command::new(proxy_binary())
-        .args(["run", "--concurrency", "1", "--config"])
-        .arg(&cfg)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    wait_port(listen).await;
-    Proc { child }
+    (spawn_proxy(&proxy_binary(), name, &cfg, &[], addr).await, addr)
 }
 
 /// `policies` ALLOW policies of `rules` rules each, none matching the benchmark's `GET /` but
@@ -341,26 +324,36 @@ async fn mycel_of(
     upstream: SocketAddr,
 ) -> (Proc, SocketAddr) {
     let port = free_port();
+    let config = format!(
+        "admin: '127.0.0.1:{}'\nlisteners:\n- {{name: front, address: '127.0.0.1:{port}', protocol: {protocol}, cluster: back}}\nclusters:\n- {{name: back, lb: {{algorithm: RoundRobin}}, endpoints: ['{upstream}']}}\n",
+        free_port()
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    (spawn_proxy(binary, name, &config, &[], addr).await, addr)
+}
+
+/// Runs `binary` with `config` (written as `<name>.yaml`) and `extra` arguments, one worker,
+/// until it listens on `listen`.
+async fn spawn_proxy(
+    binary: &std::path::Path,
+    name: &str,
+    config: &str,
+    extra: &[std::ffi::OsString],
+    listen: SocketAddr,
+) -> Proc {
     let cfg = dir().join(format!("{name}.yaml"));
-    std::fs::write(
-        &cfg,
-        format!(
-            "admin: '127.0.0.1:{}'\nlisteners:\n- {{name: front, address: '127.0.0.1:{port}', protocol: {protocol}, cluster: back}}\nclusters:\n- {{name: back, lb: {{algorithm: RoundRobin}}, endpoints: ['{upstream}']}}\n",
-            free_port()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&cfg, config).unwrap();
     let child = Command::new(binary)
         .args(["run", "--concurrency", "1", "--config"])
         .arg(&cfg)
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    wait_port(addr).await;
-    (Proc { child }, addr)
+    wait_port(listen).await;
+    Proc { child }
 }
 
 /// nginx with one worker in front of `upstream`: proxying HTTP/1.1 (`grpc` false) or gRPC
@@ -1347,24 +1340,25 @@ mod mesh {
 /// A sidecar of the mesh: `config` (its listeners and clusters), its identity from the
 /// benchmark's control plane at `cp` as `namespace/service-account`.
 async fn mesh_proxy(name: &str, config: &str, cp: SocketAddr, sa: &str, listen: SocketAddr) -> Proc {
-    let cfg = dir().join(format!("{name}.yaml"));
-    std::fs::write(&cfg, config).unwrap();
     let d = dir();
-    let child = Command::new(proxy_binary())
-        .args(["run", "--concurrency", "1", "--config"])
-        .arg(&cfg)
-        .args(["--control-plane", &cp.to_string(), "--control-plane-name", mesh::NAME, "--ca-roots"])
-        .arg(d.join("ca.pem"))
-        .arg("--token")
-        .arg(d.join("token"))
-        .args(["--pod-namespace", "bench", "--service-account", sa, "--pod-name", name])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    wait_port(listen).await;
-    Proc { child }
+    let extra: Vec<std::ffi::OsString> = [
+        "--control-plane".into(),
+        cp.to_string().into(),
+        "--control-plane-name".into(),
+        mesh::NAME.into(),
+        "--ca-roots".into(),
+        d.join("ca.pem").into(),
+        "--token".into(),
+        d.join("token").into(),
+        "--pod-namespace".into(),
+        "bench".into(),
+        "--service-account".into(),
+        sa.into(),
+        "--pod-name".into(),
+        name.into(),
+    ]
+    .into();
+    spawn_proxy(&proxy_binary(), name, config, &extra, listen).await
 }
 
 /// Two sidecars over mutual TLS in front of `upstream`: the client's outbound listener (the

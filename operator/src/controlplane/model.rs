@@ -453,17 +453,10 @@ impl Model {
         let empty = BTreeMap::new();
         let mut policy = self.policy_of(namespace, &empty).policy;
         policy.authz = authz::for_unknown_workload(namespace, &self.authz_sorted, root);
-        // Only the policies without a selector: which others apply is known with the pod, and
-        // until it is, such a proxy accepts nothing (as for an AuthorizationPolicy).
-        let mut ras: Vec<&Ra> = self
-            .authn_sorted
-            .iter()
-            .filter(|r| r.selector.is_none() && r.applies(namespace, &empty, root))
-            .collect();
-        ras.sort_by_key(|r| r.namespace != *root);
-        policy.jwt = authn::merge(&ras, &self.fetched).0;
-        let may_select = |r: &Ra| r.selector.is_some() && (r.namespace == namespace || r.namespace == *root);
-        if self.authn_sorted.iter().any(may_select)
+        // Its JWT rules are those of the policies without a selector (a selector names at least
+        // one label, so none selects a pod without labels); which others apply is known with the
+        // pod, and until it is, such a proxy accepts nothing (as for an AuthorizationPolicy).
+        if self.authn_sorted.iter().any(|r| r.may_select_in(namespace, root))
             && !policy.authz.iter().any(|a| a.name == authz::NOT_KNOWN_YET)
         {
             policy.authz.push(authz::not_known_yet());

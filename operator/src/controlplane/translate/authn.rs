@@ -129,6 +129,11 @@ impl Ra {
     pub fn applies(&self, namespace: &str, labels: &BTreeMap<String, String>, root: &str) -> bool {
         super::authz::selects(&self.namespace, self.selector.as_ref(), namespace, labels, root)
     }
+
+    /// Whether it could select some pod of `namespace` (by its selector).
+    pub fn may_select_in(&self, namespace: &str, root: &str) -> bool {
+        super::authz::may_select_in(&self.namespace, self.selector.is_some(), namespace, root)
+    }
 }
 
 /// Why a key set cannot be one: not JSON, no `keys` list, or no key a proxy verifies with

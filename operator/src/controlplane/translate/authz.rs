@@ -152,7 +152,7 @@ impl Az {
 
     /// Whether it could select some pod of `namespace` (by its selector).
     pub fn may_select_in(&self, namespace: &str, root: &str) -> bool {
-        self.selector.is_some() && (self.namespace == namespace || self.namespace == root)
+        may_select_in(&self.namespace, self.selector.is_some(), namespace, root)
     }
 }
 
@@ -237,6 +237,12 @@ fn tcp_notes(
         }
     };
     vec![format!("{} need HTTP attributes: {effect}", http.join(", "))]
+}
+
+/// Whether an inbound policy of `own` namespace, with a selector or not, could select some pod of
+/// `namespace` by its selector.
+pub fn may_select_in(own: &str, has_selector: bool, namespace: &str, root: &str) -> bool {
+    has_selector && (own == namespace || own == root)
 }
 
 fn principal(p: &str) -> String {
