@@ -1,6 +1,6 @@
-//! `RateLimitPolicy`: request-rate limits and longer-window quotas on the selected workloads'
-//! inbound traffic, counted per proxy by token bucket, per a key (global, client IP, principal,
-//! or a header value).
+//! `RateLimitPolicy`: request-rate limits on the selected workloads' inbound traffic, counted
+//! in each of their sidecars by token bucket, per a key (one bucket, client IP, principal, a
+//! header value, the path or a JWT claim).
 
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -41,11 +41,14 @@ pub struct RateLimitPolicySpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.burst) || self.burst >= self.requests")
     .message("burst must be at least requests").field_path(".burst"))]
+#[x_kube(validation = Rule::new("!has(self.overrides) || (has(self.key) && self.key.type != 'Global')")
+    .message("overrides need a key other than Global (they name values of the key)")
+    .field_path(".overrides"))]
 pub struct RateLimit {
     /// Shown in metrics and in the `x-mycel-ratelimit` response header.
     #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: String,
-    /// Requests allowed per `unit` (a `day` unit makes it a daily quota).
+    /// Requests allowed per `unit`, refilled continuously (10 per second: one every 100 ms).
     #[schemars(range(min = 1, max = 1_000_000_000))]
     pub requests: i64,
     pub unit: RateUnit,
@@ -63,6 +66,32 @@ pub struct RateLimit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 400, max = 599))]
     pub status: Option<i32>,
+    /// Count and report the requests it would refuse, and refuse none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<bool>,
+    /// Other limits for named values of the key (a bigger one for one client).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("self.all(o, self.exists_one(p, p.value == o.value))")
+        .message("override values must be unique"))]
+    pub overrides: Option<Vec<LimitOverride>>,
+}
+
+/// The limit of one value of the key.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.burst) || self.burst >= self.requests")
+    .message("burst must be at least requests").field_path(".burst"))]
+pub struct LimitOverride {
+    /// The key's value: a principal (`cluster.local/ns/shop/sa/batch`), an address, a header
+    /// value, a path or a claim's value.
+    #[schemars(length(min = 1, max = 256))]
+    pub value: String,
+    #[schemars(range(min = 1, max = 1_000_000_000))]
+    pub requests: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000_000))]
+    pub burst: Option<i64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -80,12 +109,20 @@ pub enum RateUnit {
 #[x_kube(validation = Rule::new("self.type == 'Header' ? has(self.header) : !has(self.header)")
     .message("header is required when type is Header, and allowed only then")
     .field_path(".header"))]
+#[x_kube(validation = Rule::new("self.type == 'Claim' ? has(self.claim) : !has(self.claim)")
+    .message("claim is required when type is Claim, and allowed only then")
+    .field_path(".claim"))]
 pub struct LimitKey {
     #[serde(rename = "type")]
     pub kind: LimitKeyType,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 256))]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"))]
     pub header: Option<String>,
+    /// A claim of the request's verified JSON Web Token (RequestAuthentication), `a.b` for a
+    /// nested one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub claim: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -99,4 +136,8 @@ pub enum LimitKeyType {
     SourcePrincipal,
     /// One bucket per value of a request header.
     Header,
+    /// One bucket per request path (normalised, without the query).
+    Path,
+    /// One bucket per value of a claim of the request's verified JSON Web Token.
+    Claim,
 }

@@ -270,6 +270,26 @@ async fn wrong_resources_are_rejected_naming_the_field() {
             json!({"limits": [{"name": "a", "requests": 10, "unit": "second", "key": {"type": "Header"}}]}),
             vec!["spec.limits[0].key.header", "required when type is Header"],
         ),
+        (
+            "RateLimitPolicy",
+            json!({"limits": [{"name": "a", "requests": 10, "unit": "second", "key": {"type": "Claim"}}]}),
+            vec!["spec.limits[0].key.claim", "required when type is Claim"],
+        ),
+        (
+            "RateLimitPolicy",
+            json!({"limits": [{"name": "a", "requests": 10, "unit": "second", "overrides": [{"value": "x", "requests": 20}]}]}),
+            vec!["spec.limits[0].overrides", "need a key other than Global"],
+        ),
+        (
+            "RateLimitPolicy",
+            json!({"limits": [{"name": "a", "requests": 10, "unit": "second", "key": {"type": "SourceIP"}, "overrides": [{"value": "x", "requests": 20, "burst": 5}]}]}),
+            vec!["spec.limits[0].overrides[0].burst", "at least requests"],
+        ),
+        (
+            "RateLimitPolicy",
+            json!({"limits": [{"name": "a", "requests": 10, "unit": "second", "key": {"type": "SourceIP"}, "overrides": [{"value": "x", "requests": 20}, {"value": "x", "requests": 30}]}]}),
+            vec!["spec.limits[0].overrides", "override values must be unique"],
+        ),
     ];
     let mut failures = Vec::new();
     for (kind, spec, wanted) in cases {

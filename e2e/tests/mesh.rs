@@ -322,34 +322,6 @@ spec:
     pas.delete("web-plain", &Default::default()).await.unwrap();
     sidecars_apply(&client, &n, &names, "STRICT").await;
 
-    // A kind not implemented yet is not reported as in effect: its status says so, naming the
-    // fields it sets.
-    let rl_ar = ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("mycel.io", "v1alpha1", "RateLimitPolicy"),
-        "ratelimitpolicies",
-    );
-    let rls = Api::<DynamicObject>::namespaced_with(client.clone(), &n, &rl_ar);
-    let limit: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "mycel.io/v1alpha1", "kind": "RateLimitPolicy",
-        "metadata": {"name": "limit"}, "spec": {"limits": [{"name": "l", "requests": 10, "unit": "second"}]}
-    }))
-    .unwrap();
-    rls.create(&PostParams::default(), &limit).await.unwrap();
-    eventually("the RateLimitPolicy says it is not implemented", Duration::from_secs(30), || async {
-        let o = rls.get("limit").await.map_err(|e| e.to_string())?;
-        let conds = o.data["status"]["conditions"].as_array().cloned().unwrap_or_default();
-        let accepted = conds.iter().find(|c| c["type"] == "Accepted").cloned().unwrap_or_default();
-        let ready = conds.iter().find(|c| c["type"] == "Ready").cloned().unwrap_or_default();
-        let ok = accepted["status"] == "False"
-            && accepted["reason"] == "FieldsNotImplemented"
-            && accepted["message"].as_str().is_some_and(|m| m.contains("spec.limits[].requests"))
-            && accepted["observedGeneration"].as_i64() == o.metadata.generation
-            && ready["status"] == "False";
-        if ok { Ok(()) } else { Err(format!("{:#}", o.data["status"])) }
-    })
-    .await;
-    rls.delete("limit", &Default::default()).await.unwrap();
-
     // gRPC (HTTP/2), WebSocket and opaque TCP cross two sidecars too, over mutual TLS.
     let multi = format!(
         r#"apiVersion: apps/v1

@@ -23,6 +23,8 @@ use crate::config::{self, LbAlgorithm, LoadBalancer};
 pub const EJECTION: Duration = Duration::from_secs(5);
 /// Latency assumed for an endpoint before anything was measured.
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// The most a refusal for a rate limit makes an endpoint cost.
+const MAX_REFUSAL_COST: Duration = Duration::from_secs(1);
 /// Decay time of the latency average.
 const DECAY: Duration = Duration::from_secs(10);
 /// Size of the Maglev lookup table (a prime well above any endpoint count).
@@ -60,6 +62,8 @@ pub struct Endpoints {
     /// Mirrored copies in flight to this set (so one mirror cannot take every place).
     mirrors: Arc<AtomicU64>,
     outlier: Option<Outlier>,
+    /// The port is declared HTTP (no TCP fallback in detection).
+    pub http: bool,
 }
 
 /// Outlier detection's settings and each endpoint's record.
@@ -179,6 +183,7 @@ impl Endpoints {
             max_requests: None,
             mirrors: Arc::new(AtomicU64::new(0)),
             outlier: None,
+            http: false,
         }
     }
 
@@ -188,6 +193,7 @@ impl Endpoints {
         e.identities =
             e.addrs.iter().map(|a| c.mtls_endpoints.get(a).map(|id| Arc::from(id.as_str()))).collect();
         e.max_requests = c.max_requests;
+        e.http = c.http;
         e.outlier = c.outlier_detection.as_ref().map(|o| {
             let now = Instant::now();
             let fresh = Record { consecutive_5xx: 0, consecutive_gateway: 0, ejections: 0, settled: now };
@@ -329,6 +335,7 @@ impl Endpoints {
             && self.connect_timeout == connect_timeout
             && self.lb == c.lb
             && self.max_requests == c.max_requests
+            && self.http == c.http
             && self.outlier.as_ref().map(|o| &o.cfg) == c.outlier_detection.as_ref()
             && self
                 .addrs
@@ -451,7 +458,19 @@ impl Endpoints {
         if let Some(i) = i {
             self.stats[i].in_flight.fetch_add(1, Ordering::Relaxed);
         }
-        InFlight { endpoints: self, index: i, started: Instant::now() }
+        InFlight { endpoints: self, index: i, started: Instant::now(), refused: false }
+    }
+
+    /// A refusal for a rate limit: the endpoint's cost doubles (at least [`DEFAULT_RTT`], at
+    /// most [`MAX_REFUSAL_COST`]), so that callers go to replicas that still have room.
+    fn observe_refusal(&self, i: usize) {
+        if let Ok(mut g) = self.stats[i].ewma.lock() {
+            let (cost, at) = *g;
+            let now = Instant::now();
+            let w = (-now.duration_since(at).as_secs_f64() / DECAY.as_secs_f64()).exp();
+            let next = (cost * w * 2.0).max(DEFAULT_RTT.as_secs_f64()).min(MAX_REFUSAL_COST.as_secs_f64());
+            *g = (next.max(cost * w), now);
+        }
     }
 
     fn observe(&self, i: usize, rtt: Duration) {
@@ -491,13 +510,27 @@ pub struct InFlight<'a> {
     endpoints: &'a Endpoints,
     index: Option<usize>,
     started: Instant,
+    refused: bool,
+}
+
+impl InFlight<'_> {
+    /// Ends it as refused by the endpoint's proxy for a rate limit: not a latency sample (fast,
+    /// such answers would draw more traffic to the endpoint that refuses most) but a penalty,
+    /// so that callers spread over the replicas that still have room.
+    pub fn refused(mut self) {
+        self.refused = true;
+    }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         if let Some(i) = self.index {
             self.endpoints.stats[i].in_flight.fetch_sub(1, Ordering::Relaxed);
-            self.endpoints.observe(i, self.started.elapsed());
+            if self.refused {
+                self.endpoints.observe_refusal(i);
+            } else {
+                self.endpoints.observe(i, self.started.elapsed());
+            }
         }
     }
 }
@@ -634,6 +667,7 @@ mod tests {
             mtls_endpoints: Default::default(),
             max_requests: Some(2),
             outlier_detection: Some(o),
+            http: false,
         };
         Endpoints::from_config(&c, Duration::from_secs(1))
     }
@@ -727,6 +761,28 @@ mod tests {
         e.observe(0, Duration::from_millis(500));
         let slow = (0..2000).filter(|_| e.order(None)[0] == addr(1)).count();
         assert_eq!(slow, 0);
+    }
+
+    #[test]
+    fn a_refusal_for_a_rate_limit_sends_callers_to_the_other_replicas() {
+        let e = set(LbAlgorithm::PeakEwma, 2);
+        for _ in 0..20 {
+            e.observe(0, Duration::from_millis(20));
+            e.observe(1, Duration::from_millis(20));
+        }
+        let before = e.stats[1].ewma.lock().unwrap().0;
+        // Endpoint 2 answers one fast refusal: counted as fast, it would draw every request.
+        e.start(addr(2)).refused();
+        assert_eq!(e.in_flight(1), 0, "the request is over");
+        let other = (0..1000).filter(|_| e.order(None)[0] == addr(1)).count();
+        assert_eq!(other, 1000, "the replica that refused costs more now");
+        let cost = e.stats[1].ewma.lock().unwrap().0;
+        assert!((cost / before - 2.0).abs() < 0.01, "doubled: {before} → {cost}");
+        for _ in 0..100 {
+            e.start(addr(2)).refused();
+        }
+        let cost = e.stats[1].ewma.lock().unwrap().0;
+        assert!(cost <= MAX_REFUSAL_COST.as_secs_f64(), "bounded: {cost}");
     }
 
     #[test]

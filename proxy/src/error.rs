@@ -19,6 +19,9 @@ use crate::http::Body;
 /// `UH no_healthy_upstream`.
 pub const ERROR_HEADER: &str = "x-mycel-error";
 
+/// Header naming the limit that refused a request (RateLimitPolicy).
+pub const RATELIMIT_HEADER: &str = "x-mycel-ratelimit";
+
 /// Why the proxy answered a request itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProxyError {
@@ -56,6 +59,15 @@ pub enum ProxyError {
     Denied,
     /// The request's JSON Web Token failed its RequestAuthentication rule (`detail` says how).
     Unauthenticated { detail: &'static str },
+    /// A RateLimitPolicy's limit has no token for the request: its name, the status it answers
+    /// with, its rate (`requests` per `per_seconds`) and how long until a token is there.
+    RateLimited {
+        limit: String,
+        status: StatusCode,
+        requests: u64,
+        per_seconds: u64,
+        retry_after: std::time::Duration,
+    },
 }
 
 impl ProxyError {
@@ -76,6 +88,7 @@ impl ProxyError {
             ProxyError::Redirect { status, .. } | ProxyError::Direct { status, .. } => *status,
             ProxyError::Denied => StatusCode::FORBIDDEN,
             ProxyError::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
+            ProxyError::RateLimited { status, .. } => *status,
         }
     }
 
@@ -104,6 +117,7 @@ impl ProxyError {
             ProxyError::Denied => "RBAC",
             // Envoy's jwt_authn sets no flag of its own.
             ProxyError::Unauthenticated { .. } => "-",
+            ProxyError::RateLimited { .. } => "RL",
         }
     }
 
@@ -126,6 +140,7 @@ impl ProxyError {
             ProxyError::Peer { reason, .. } => reason,
             ProxyError::Denied => "access_denied",
             ProxyError::Unauthenticated { .. } => "jwt_invalid",
+            ProxyError::RateLimited { .. } => "rate_limited",
         }
     }
 
@@ -170,6 +185,7 @@ impl ProxyError {
             // Worded as Istio's, which clients and tests of Istio users look for.
             ProxyError::Denied => "RBAC: access denied".into(),
             ProxyError::Unauthenticated { detail } => format!("Jwt verification fails: {detail}"),
+            ProxyError::RateLimited { limit, .. } => format!("rate limited by {limit}"),
             ProxyError::Peer { reason, .. } if reason == "access_denied" => "RBAC: access denied".into(),
             ProxyError::Peer { reason, .. } => format!("the destination's proxy answered: {reason}"),
             ProxyError::Redirect { location, .. } => {
@@ -212,6 +228,22 @@ impl ProxyError {
                 r.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, v);
             }
         }
+        if let ProxyError::RateLimited { limit, requests, per_seconds, retry_after, .. } = &self {
+            // draft-ietf-httpapi-ratelimit-headers-09: the policy (quota `q` per window `w`
+            // seconds) and the state of its bucket (`r` left, a token again in `t` seconds).
+            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            let h = r.headers_mut();
+            for (name, value) in [
+                ("retry-after", secs.to_string()),
+                ("ratelimit-policy", format!("\"{limit}\";q={requests};w={per_seconds}")),
+                ("ratelimit", format!("\"{limit}\";r=0;t={secs}")),
+                (RATELIMIT_HEADER, limit.clone()),
+            ] {
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    h.insert(name, v);
+                }
+            }
+        }
         if let ProxyError::FaultAbort { grpc_status: Some(code), .. } = self {
             // Trailers-only: the status in the headers of an empty response.
             *r.body_mut() = Full::new(Bytes::new()).map_err(|never| match never {}).boxed();
@@ -226,8 +258,8 @@ impl ProxyError {
     /// The response a gRPC client gets (its request's content-type is `application/grpc…`):
     /// trailers-only, HTTP 200 with the `grpc-status` the gRPC specification maps the status to
     /// (404 `UNIMPLEMENTED`, 502/503/504/429 `UNAVAILABLE`, 400 `INTERNAL`, 401
-    /// `UNAUTHENTICATED`, 403 `PERMISSION_DENIED`, else `UNKNOWN`) and the reason in
-    /// `grpc-message`, as Envoy answers gRPC requests; [`ERROR_HEADER`] is kept. Redirects, direct
+    /// `UNAUTHENTICATED`, 403 `PERMISSION_DENIED`, else `UNKNOWN`; a rate limit's refusal
+    /// `RESOURCE_EXHAUSTED`) and the reason in `grpc-message`, as Envoy answers gRPC requests; [`ERROR_HEADER`] is kept. Redirects, direct
     /// responses and aborts with a gRPC status are answered as they are.
     pub fn into_grpc_response(self) -> Response<Body> {
         let keep = matches!(
@@ -237,11 +269,20 @@ impl ProxyError {
                 | ProxyError::FaultAbort { grpc_status: Some(_), .. }
         );
         let message = self.message();
+        // This proxy's rate limit, or the destination's (its sidecar answers HTTP, the client's
+        // translates).
+        let limited = match &self {
+            ProxyError::RateLimited { .. } => true,
+            ProxyError::Peer { flag, .. } => flag == "RL",
+            _ => false,
+        };
         let mut r = self.into_response();
         if keep {
             return r;
         }
         let code: u32 = match r.status().as_u16() {
+            // RESOURCE_EXHAUSTED, whatever status the limit answers HTTP with.
+            _ if limited => 8,
             400 => 13,
             401 => 16,
             403 => 7,
@@ -294,6 +335,12 @@ impl ProxyError {
     }
 }
 
+/// Whether a peer proxy's answer is a refusal for a rate limit (call only for an answer from a
+/// verified peer).
+pub fn rate_limited_by_peer(headers: &HeaderMap) -> bool {
+    headers.get(ERROR_HEADER).is_some_and(|v| v.as_bytes().starts_with(b"RL "))
+}
+
 /// Removes the error header from a message that did not come from a verified peer proxy.
 pub fn strip(headers: &mut HeaderMap) {
     headers.remove(ERROR_HEADER);
@@ -310,6 +357,38 @@ impl std::error::Error for ProxyError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rate_limited_request_gets_the_limit_its_policy_and_when_to_retry() {
+        let e = || ProxyError::RateLimited {
+            limit: "per-client".into(),
+            status: StatusCode::TOO_MANY_REQUESTS,
+            requests: 10,
+            per_seconds: 60,
+            retry_after: std::time::Duration::from_millis(5200),
+        };
+        let r = e().into_response();
+        assert_eq!(r.status(), 429);
+        let h = r.headers();
+        assert_eq!(h[ERROR_HEADER], "RL rate_limited");
+        assert_eq!(h[RATELIMIT_HEADER], "per-client");
+        assert_eq!(h["retry-after"], "6", "rounded up");
+        assert_eq!(h["ratelimit-policy"], "\"per-client\";q=10;w=60");
+        assert_eq!(h["ratelimit"], "\"per-client\";r=0;t=6");
+        let peer = ProxyError::from_peer(r.status(), r.headers()).unwrap();
+        let g = peer.into_grpc_response();
+        assert_eq!(
+            &g.headers()["grpc-status"],
+            &HeaderValue::from(8),
+            "the destination's refusal, translated"
+        );
+        let g = e().into_grpc_response();
+        assert_eq!(
+            (g.status().as_u16(), &g.headers()["grpc-status"]),
+            (200, &HeaderValue::from(8)),
+            "RESOURCE_EXHAUSTED"
+        );
+    }
 
     #[test]
     fn a_response_says_why_in_one_header_and_hides_addresses() {

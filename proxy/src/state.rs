@@ -35,6 +35,8 @@ pub struct State {
     pub authz: Arc<crate::policy::authz::Engine>,
     /// The request authentication rules, compiled (their key sets parsed).
     pub authn: Arc<crate::policy::jwt::Authenticator>,
+    /// The rate limits, with their buckets (kept across updates that leave a limit as it was).
+    pub ratelimit: Arc<crate::policy::ratelimit::Limiter>,
 }
 
 impl State {
@@ -105,7 +107,14 @@ impl State {
             Some(o) if o.config.request_authentication == config.request_authentication => o.authn.clone(),
             _ => Arc::new(crate::policy::jwt::Authenticator::compile(&config.request_authentication)),
         };
-        State { config, listeners, clusters, vips, identities, routes, authz, authn }
+        let ratelimit = match old {
+            Some(o) if o.config.rate_limits == config.rate_limits => o.ratelimit.clone(),
+            _ => Arc::new(crate::policy::ratelimit::Limiter::compile(
+                &config.rate_limits,
+                old.map(|o| &*o.ratelimit),
+            )),
+        };
+        State { config, listeners, clusters, vips, identities, routes, authz, authn, ratelimit }
     }
 
     pub fn listener(&self, name: &str) -> Option<&config::Listener> {

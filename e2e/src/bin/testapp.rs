@@ -6,7 +6,8 @@
 //! number of times and prints each body, failing on any error; `grpc-echo` serves the gRPC health
 //! service (unary and server-streaming calls) and `grpc-check` calls it; `ws-echo` echoes WebSocket
 //! messages and `ws-send` sends some and prints the echoes; `jwks-serve` serves JSON Web Key
-//! Sets, rotated on request, and says who fetched them.
+//! Sets, rotated on request, and says who fetched them; `load` offers requests at a steady rate
+//! and reports, per second, what was sent and what came back.
 
 use std::{convert::Infallible, net::SocketAddr, time::Duration};
 
@@ -110,6 +111,24 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
     },
+    /// GET URL at RATE requests per second for SECONDS, on a pool of kept-alive connections,
+    /// then print one JSON line per second — `{"second", "sent", "statuses": {"200": n, …},
+    /// "pods": {<pod>: n}, "errors"}` (sent by when a request left, answered by when its
+    /// response came; `pods` counts the 200s by the `pod` their JSON body names) — and a
+    /// last line with the totals (`"second": null`). At most MAX_IN_FLIGHT wait at once; a
+    /// request that cannot be sent for that counts as `skipped`.
+    Load {
+        url: String,
+        #[arg(long)]
+        rate: u32,
+        #[arg(long)]
+        seconds: u32,
+        #[arg(long, default_value_t = 64)]
+        max_in_flight: usize,
+        /// A request header, `name:value` (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
+    },
     /// GET each URL COUNT times (in turn), printing each response body on one line. `{i}` in a
     /// URL or a header value is the round's number.
     Get {
@@ -164,6 +183,9 @@ async fn main() -> anyhow::Result<()> {
             };
             let runs = (0..concurrency.max(1)).map(|_| get(&urls, count, &opts));
             futures::future::try_join_all(runs).await.map(|_| ())
+        }
+        Cmd::Load { url, rate, seconds, max_in_flight, headers } => {
+            load(&url, rate, seconds, max_in_flight, &headers).await
         }
         Cmd::TcpSend { addr, messages, repeat, interval_ms } => {
             let mut n = 0u32;
@@ -433,6 +455,111 @@ async fn get(urls: &[String], count: u32, o: &GetOptions) -> anyhow::Result<()> 
             tokio::time::sleep(interval).await;
         }
     }
+    Ok(())
+}
+
+/// What `load` saw in one second.
+#[derive(Default, Clone)]
+struct Second {
+    sent: u64,
+    skipped: u64,
+    statuses: std::collections::BTreeMap<u16, u64>,
+    pods: std::collections::BTreeMap<String, u64>,
+    errors: u64,
+}
+
+async fn load(
+    url: &str,
+    rate: u32,
+    seconds: u32,
+    max_in_flight: usize,
+    headers: &[String],
+) -> anyhow::Result<()> {
+    use std::sync::{Arc, Mutex};
+    anyhow::ensure!(rate > 0 && seconds > 0, "--rate and --seconds must be above 0");
+    let uri: hyper::Uri = url.parse()?;
+    let mut pairs = Vec::new();
+    for h in headers {
+        let (k, v) = h.split_once(':').ok_or_else(|| anyhow::anyhow!("--header {h:?}: use name:value"))?;
+        pairs.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let per = Arc::new(Mutex::new(vec![Second::default(); seconds as usize + 30]));
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = tokio::time::Instant::now();
+    let second_of = move |at: tokio::time::Instant| (at - start).as_secs() as usize;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let total = u64::from(rate) * u64::from(seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..total {
+        tick.tick().await;
+        // When it leaves, not when it was due: a starved client shows as a lower rate.
+        let s = second_of(tokio::time::Instant::now()).min(per.lock().unwrap().len() - 1);
+        if in_flight.load(std::sync::atomic::Ordering::Relaxed) >= max_in_flight {
+            per.lock().unwrap()[s].skipped += 1;
+            continue;
+        }
+        per.lock().unwrap()[s].sent += 1;
+        let mut req = Request::get(uri.clone());
+        for (k, v) in &pairs {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        let req = req.body(Full::new(Bytes::new()))?;
+        let (client, per, in_flight) = (client.clone(), per.clone(), in_flight.clone());
+        in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tasks.spawn(async move {
+            let got = tokio::time::timeout(Duration::from_secs(10), async {
+                let resp = client.request(req).await?;
+                let status = resp.status().as_u16();
+                let body = resp.into_body().collect().await?.to_bytes();
+                let pod = (status == 200)
+                    .then(|| serde_json::from_slice::<serde_json::Value>(&body).ok())
+                    .flatten()
+                    .and_then(|v| v["pod"].as_str().map(str::to_string));
+                anyhow::Ok((status, pod))
+            })
+            .await;
+            in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            let done = second_of(tokio::time::Instant::now());
+            let mut per = per.lock().unwrap();
+            let last = per.len() - 1;
+            let slot = &mut per[done.min(last)];
+            match got {
+                Ok(Ok((status, pod))) => {
+                    *slot.statuses.entry(status).or_default() += 1;
+                    if let Some(p) = pod {
+                        *slot.pods.entry(p).or_default() += 1;
+                    }
+                }
+                _ => slot.errors += 1,
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let per = per.lock().unwrap().clone();
+    let line = |second: Option<usize>, s: &Second| {
+        let statuses: serde_json::Map<String, serde_json::Value> =
+            s.statuses.iter().map(|(k, v)| (k.to_string(), (*v).into())).collect();
+        serde_json::json!({"second": second, "sent": s.sent, "skipped": s.skipped, "statuses": statuses, "pods": s.pods, "errors": s.errors})
+    };
+    let mut sum = Second::default();
+    let last =
+        per.iter().rposition(|s| s.sent + s.skipped + s.errors > 0 || !s.statuses.is_empty()).unwrap_or(0);
+    for (i, s) in per.iter().enumerate().take(last + 1) {
+        println!("{}", line(Some(i), s));
+        sum.sent += s.sent;
+        sum.skipped += s.skipped;
+        sum.errors += s.errors;
+        for (k, v) in &s.statuses {
+            *sum.statuses.entry(*k).or_default() += v;
+        }
+        for (k, v) in &s.pods {
+            *sum.pods.entry(k.clone()).or_default() += v;
+        }
+    }
+    println!("{}", line(None, &sum));
     Ok(())
 }
 

@@ -36,6 +36,7 @@ pub enum Change {
     Pod(Box<watcher::Event<Pod>>),
     PeerAuth(Box<watcher::Event<PeerAuthentication>>),
     AuthorizationPolicy(Box<watcher::Event<AuthorizationPolicy>>),
+    RateLimitPolicy(Box<watcher::Event<mycel_crds::rate_limit_policy::RateLimitPolicy>>),
     RequestAuthentication(Box<watcher::Event<RequestAuthentication>>),
     /// What a fetch of a `jwksUri` found: the key set, or why there is none.
     Jwks {
@@ -80,6 +81,9 @@ pub fn watch(client: Client) -> BoxStream<'static, Change> {
         events(Api::<Pod>::all(client.clone()), |e| Change::Pod(Box::new(e))),
         events(Api::<PeerAuthentication>::all(client.clone()), |e| Change::PeerAuth(Box::new(e))),
         events(Api::<AuthorizationPolicy>::all(client.clone()), |e| Change::AuthorizationPolicy(Box::new(e))),
+        events(Api::<mycel_crds::rate_limit_policy::RateLimitPolicy>::all(client.clone()), |e| {
+            Change::RateLimitPolicy(Box::new(e))
+        }),
         events(Api::<RequestAuthentication>::all(client.clone()), |e| {
             Change::RequestAuthentication(Box::new(e))
         }),
@@ -233,12 +237,14 @@ impl<T: PartialEq> Kind<T> {
 }
 
 /// A Service as the model needs it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Svc {
     /// Virtual IPs (none for a headless Service).
     pub ips: Vec<String>,
     /// (port name, port) of its TCP ports.
     pub ports: Vec<(String, i32)>,
+    /// The `appProtocol` of the ports that have one, by port name.
+    pub app_protocols: BTreeMap<String, String>,
 }
 
 /// One endpoint of an EndpointSlice.
@@ -280,14 +286,18 @@ pub fn service_info(s: Service) -> Option<Svc> {
         ips.extend(spec.cluster_ip);
     }
     ips.retain(|ip| ip != "None" && !ip.is_empty());
-    let ports = spec
+    let tcp: Vec<_> = spec
         .ports
         .unwrap_or_default()
         .into_iter()
         .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
-        .map(|p| (p.name.unwrap_or_default(), p.port))
         .collect();
-    Some(Svc { ips, ports })
+    let app_protocols = tcp
+        .iter()
+        .filter_map(|p| Some((p.name.clone().unwrap_or_default(), p.app_protocol.clone()?)))
+        .collect();
+    let ports = tcp.into_iter().map(|p| (p.name.unwrap_or_default(), p.port)).collect();
+    Some(Svc { ips, ports, app_protocols })
 }
 
 pub fn slice_info(s: EndpointSlice) -> Option<Slice> {

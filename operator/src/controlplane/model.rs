@@ -25,6 +25,7 @@ use super::translate::{
     cluster::{self, Names, PodView},
     destination::{self, Dp},
     peer_policy::{self, PeerAuth},
+    ratelimit::{self, Rl},
     route::{self, Outcome, RouteKey, Tr},
     unimplemented::{self, KINDS, Unimplemented},
 };
@@ -73,6 +74,10 @@ struct Policy {
     /// Issuers a RequestAuthentication of `authn_by` names that an earlier one has: (the later
     /// one, why).
     authn_shadowed: Vec<(Key, String)>,
+    /// The RateLimitPolicies whose limits it counts.
+    rl_by: Vec<Key>,
+    /// Those that select it but are left out for the bound on limits.
+    rl_over: Vec<Key>,
     /// The snapshot version that last changed it.
     since: u64,
 }
@@ -84,6 +89,8 @@ struct Inbound {
     authz_by: Vec<Key>,
     authn_by: Vec<Key>,
     authn_shadowed: Vec<(Key, String)>,
+    rl_by: Vec<Key>,
+    rl_over: Vec<Key>,
 }
 
 /// The state discovery owns; only its task touches it.
@@ -111,6 +118,11 @@ pub(super) struct Model {
     jwks_wanted: watch::Sender<BTreeMap<String, (Duration, u64)>>,
     /// The epoch of the latest URI followed ([`Fetched::epoch`]).
     jwks_epoch: u64,
+    rate_limits: Kind<Rl>,
+    /// RateLimitPolicies changed.
+    rl_dirty: bool,
+    /// RateLimitPolicies by (namespace, name).
+    rl_sorted: Arc<Vec<Rl>>,
     traffic_routes: Kind<Tr>,
     /// Gateway API HTTPRoutes attached to a Service (GAMMA), as routes of the same model.
     http_routes: Kind<Tr>,
@@ -197,6 +209,9 @@ impl Model {
             fetched: HashMap::new(),
             jwks_wanted: watch::Sender::new(BTreeMap::new()),
             jwks_epoch: 0,
+            rate_limits: Kind::default(),
+            rl_dirty: true,
+            rl_sorted: Arc::new(Vec::new()),
             traffic_routes: Kind::default(),
             http_routes: Kind::default(),
             grpc_routes: Kind::default(),
@@ -233,6 +248,7 @@ impl Model {
             && self.peer_auths.synced
             && self.authz_policies.synced
             && self.request_auths.synced
+            && self.rate_limits.synced
             // Before the first snapshot, every key set has been tried once (a fetch is bounded
             // in time): a restarted control plane does not send rules without their keys.
             && (self.version > 0 || self.fetched.values().all(|f| f.keys.is_some() || f.error.is_some()))
@@ -249,6 +265,7 @@ impl Model {
             || self.peer_auths_dirty
             || self.authz_dirty
             || self.authn_dirty
+            || self.rl_dirty
             || self.routes_dirty
             || self.destinations_dirty
             || self.unimplemented_dirty
@@ -310,6 +327,14 @@ impl Model {
                     return self.dirty();
                 }
                 self.authz_dirty = true;
+                self.pods_reached(&touched);
+            }
+            Change::RateLimitPolicy(e) => {
+                let touched = self.rate_limits.apply(*e, |p| Some(Rl::from_object(p)));
+                if touched.is_empty() {
+                    return self.dirty();
+                }
+                self.rl_dirty = true;
                 self.pods_reached(&touched);
             }
             Change::RequestAuthentication(e) => {
@@ -444,7 +469,12 @@ impl Model {
                 ((loser.namespace.clone(), loser.name.clone()), why)
             })
             .collect();
-        Inbound { policy, decided_by, authz_by, authn_by, authn_shadowed }
+        let (limits, by, over) = ratelimit::for_workload(namespace, labels, &self.rl_sorted, root);
+        policy.rate_limits = limits;
+        let key = |r: &&Rl| (r.namespace.clone(), r.name.clone());
+        let rl_by = by.iter().map(key).collect();
+        let rl_over = over.iter().map(key).collect();
+        Inbound { policy, decided_by, authz_by, authn_by, authn_shadowed, rl_by, rl_over }
     }
 
     /// What a proxy of `namespace` whose pod is not known yet receives.
@@ -456,7 +486,8 @@ impl Model {
         // Its JWT rules are those of the policies without a selector (a selector names at least
         // one label, so none selects a pod without labels); which others apply is known with the
         // pod, and until it is, such a proxy accepts nothing (as for an AuthorizationPolicy).
-        if self.authn_sorted.iter().any(|r| r.may_select_in(namespace, root))
+        if (self.authn_sorted.iter().any(|r| r.may_select_in(namespace, root))
+            || self.rl_sorted.iter().any(|r| r.may_select_in(namespace, root)))
             && !policy.authz.iter().any(|a| a.name == authz::NOT_KNOWN_YET)
         {
             policy.authz.push(authz::not_known_yet());
@@ -472,30 +503,36 @@ impl Model {
         let azs_dirty = std::mem::take(&mut self.authz_dirty);
         let ras_dirty = std::mem::take(&mut self.authn_dirty);
         let keys_dirty = std::mem::take(&mut self.jwks_dirty);
-        if pas_dirty || azs_dirty || ras_dirty {
+        let rls_dirty = std::mem::take(&mut self.rl_dirty);
+        if pas_dirty || azs_dirty || ras_dirty || rls_dirty {
             let mut pas: Vec<PeerAuth> = self.peer_auths.live.values().cloned().collect();
             pas.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
             let mut azs: Vec<Az> = self.authz_policies.live.values().cloned().collect();
             azs.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
             let mut ras: Vec<Ra> = self.request_auths.live.values().cloned().collect();
             ras.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+            let mut rls: Vec<Rl> = self.rate_limits.live.values().cloned().collect();
+            rls.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
             // The fallbacks only when the policies differ from those they were computed from
             // (and the first time).
             if self.policy_default.entries.is_empty()
                 || *self.peer_auths_sorted != pas
                 || *self.authz_sorted != azs
                 || *self.authn_sorted != ras
+                || *self.rl_sorted != rls
                 || keys_dirty
             {
                 self.peer_auths_sorted = Arc::new(pas);
                 self.authz_sorted = Arc::new(azs);
                 self.authn_sorted = Arc::new(ras);
+                self.rl_sorted = Arc::new(rls);
                 let namespaces: HashSet<String> = self
                     .peer_auths_sorted
                     .iter()
                     .map(|p| p.namespace.clone())
                     .chain(self.authz_sorted.iter().map(|a| a.namespace.clone()))
                     .chain(self.authn_sorted.iter().map(|a| a.namespace.clone()))
+                    .chain(self.rl_sorted.iter().map(|a| a.namespace.clone()))
                     .collect();
                 self.policy_by_namespace = Arc::new(
                     namespaces.into_iter().map(|ns| (ns.clone(), self.fallback_policy(&ns))).collect(),
@@ -514,7 +551,7 @@ impl Model {
                 self.services_of_pod.remove(&pod);
                 continue;
             };
-            let Inbound { policy, mut decided_by, authz_by, authn_by, authn_shadowed } =
+            let Inbound { policy, mut decided_by, authz_by, authn_by, authn_shadowed, rl_by, rl_over } =
                 self.policy_of(&pod.0, &info.labels);
             // In the root namespace, the namespace's and the mesh's policy are the same one.
             decided_by.dedup();
@@ -524,11 +561,15 @@ impl Model {
                         || p.authz_by != authz_by
                         || p.authn_by != authn_by
                         || p.authn_shadowed != authn_shadowed
+                        || p.rl_by != rl_by
+                        || p.rl_over != rl_over
                     {
                         p.decided_by = decided_by;
                         p.authz_by = authz_by;
                         p.authn_by = authn_by;
                         p.authn_shadowed = authn_shadowed;
+                        p.rl_by = rl_by;
+                        p.rl_over = rl_over;
                         changed = true;
                     }
                 }
@@ -538,7 +579,16 @@ impl Model {
                         old.is_none_or(|p| p.policy.mode != policy.mode || p.policy.ports != policy.ports);
                     let collection = single(peer_policy::resource(policy.clone()));
                     Arc::make_mut(&mut self.policy_collections).insert(pod.clone(), collection);
-                    let p = Policy { policy, decided_by, authz_by, authn_by, authn_shadowed, since: version };
+                    let p = Policy {
+                        policy,
+                        decided_by,
+                        authz_by,
+                        authn_by,
+                        authn_shadowed,
+                        rl_by,
+                        rl_over,
+                        since: version,
+                    };
                     self.policies.insert(pod.clone(), p);
                     if mtls_changed && let Some(s) = self.services_of_pod.get(&pod) {
                         self.dirty_services.extend(s.iter().cloned());
@@ -734,6 +784,7 @@ impl Model {
             || self.peer_auths_dirty
             || self.authz_dirty
             || self.authn_dirty
+            || self.rl_dirty
             || self.routes_dirty
             || self.destinations_dirty
             || std::mem::take(&mut self.unimplemented_dirty);
@@ -878,6 +929,41 @@ impl Model {
         v
     }
 
+    /// For each RateLimitPolicy, the workloads that count its limits and the version each needs;
+    /// the workloads that leave it out for the bound on limits.
+    fn rl_statuses(&self) -> Vec<PolicyReach> {
+        let objects = self
+            .rl_sorted
+            .iter()
+            .map(|a| ((a.namespace.clone(), a.name.clone()), a.generation, a.invalid.clone()));
+        let mut v = self.inbound_reaches("RateLimitPolicy", objects, |p| &p.rl_by);
+        let mut over: BTreeMap<&Key, usize> = BTreeMap::new();
+        for (pod, p) in &self.policies {
+            if !self.pods.live.get(pod).is_some_and(|i| !i.finished && i.sidecar) {
+                continue;
+            }
+            for k in &p.rl_over {
+                *over.entry(k).or_default() += 1;
+            }
+        }
+        for (s, rl) in v.iter_mut().zip(self.rl_sorted.iter()) {
+            let Some(n) = over.get(&s.key) else {
+                self.selects_nothing(s, rl.selector.as_ref());
+                continue;
+            };
+            s.conflicts.push(format!(
+                "{n} pod(s) it selects already count {} limits of the policies before it (the root namespace's, then by namespace and name), so its limits are left out there",
+                ratelimit::MAX_LIMITS_PER_WORKLOAD
+            ));
+            if s.workloads.is_empty() {
+                s.not_in_effect = Some(format!(
+                    "its limits are left out at every pod it selects ({n}): they already count as many limits as a sidecar does (see Accepted)"
+                ));
+            }
+        }
+        v
+    }
+
     /// Says why an inbound policy with `selector` is in effect nowhere, when it selects no pod.
     fn selects_nothing(&self, s: &mut PolicyReach, selector: Option<&BTreeMap<String, String>>) {
         if !s.workloads.is_empty() || s.without_proxy > 0 {
@@ -907,6 +993,7 @@ impl Model {
         let mut v = self.inbound_reaches("PeerAuthentication", objects, |p| &p.decided_by);
         v.extend(self.authz_statuses());
         v.extend(self.authn_statuses());
+        v.extend(self.rl_statuses());
         let mut trs: Vec<(&RouteKey, &(Outcome, u64))> = self.routes.outcomes.iter().collect();
         trs.sort_by(|a, b| a.0.cmp(b.0));
         for ((kind, key), (o, since)) in trs {
@@ -1221,6 +1308,7 @@ mod tests {
             Change::PeerAuth(Box::new(watcher::Event::InitDone)),
             Change::AuthorizationPolicy(Box::new(watcher::Event::InitDone)),
             Change::RequestAuthentication(Box::new(watcher::Event::InitDone)),
+            Change::RateLimitPolicy(Box::new(watcher::Event::InitDone)),
             Change::TrafficRoute(Box::new(watcher::Event::InitDone)),
             Change::HttpRoute(Box::new(watcher::Event::InitDone)),
             Change::GrpcRoute(Box::new(watcher::Event::InitDone)),
@@ -1514,6 +1602,7 @@ mod tests {
         send(Change::PeerAuth(Box::new(watcher::Event::InitDone)));
         send(Change::AuthorizationPolicy(Box::new(watcher::Event::InitDone)));
         send(Change::RequestAuthentication(Box::new(watcher::Event::InitDone)));
+        send(Change::RateLimitPolicy(Box::new(watcher::Event::InitDone)));
         send(Change::TrafficRoute(Box::new(watcher::Event::InitDone)));
         send(Change::HttpRoute(Box::new(watcher::Event::InitDone)));
         send(Change::GrpcRoute(Box::new(watcher::Event::InitDone)));

@@ -159,6 +159,18 @@ fn accepted(reach: &PolicyReach) -> Decided {
             ),
         };
     }
+    if !reach.invalid.is_empty() && reach.kind == "RateLimitPolicy" {
+        return Decided {
+            type_: "Accepted",
+            status: "False",
+            reason: "Invalid",
+            message: format!(
+                "generation {} has values no proxy can use; the limits that have them are not sent (the others are): {}",
+                reach.generation,
+                named_list(&reach.invalid)
+            ),
+        };
+    }
     if !reach.invalid.is_empty() && reach.kind == "AuthorizationPolicy" {
         return Decided {
             type_: "Accepted",
@@ -268,7 +280,7 @@ pub fn decide(reach: &PolicyReach, held: &Held, writer: &Writer) -> Option<Vec<D
             reason: "ResolvedRefs",
             message: "every key set is inline or was fetched from its jwksUri".into(),
         }
-    } else if reach.kind == "PeerAuthentication" || reach.kind == "AuthorizationPolicy" {
+    } else if matches!(reach.kind, "PeerAuthentication" | "AuthorizationPolicy" | "RateLimitPolicy") {
         Decided {
             type_: "ResolvedRefs",
             status: "True",
@@ -453,6 +465,7 @@ fn resource_of(kind: &str) -> Option<ApiResource> {
         "RequestAuthentication" => {
             ApiResource::erase::<mycel_crds::request_authentication::RequestAuthentication>(&())
         }
+        "RateLimitPolicy" => ApiResource::erase::<mycel_crds::rate_limit_policy::RateLimitPolicy>(&()),
         "TrafficRoute" => ApiResource::erase::<TrafficRoute>(&()),
         "DestinationPolicy" => ApiResource::erase::<DestinationPolicy>(&()),
         kind => KINDS.iter().find(|k| k.kind == kind)?.resource.clone(),
@@ -742,7 +755,7 @@ mod tests {
     #[test]
     fn a_kind_not_implemented_yet_is_not_accepted_and_names_what_it_sets() {
         let mut r = reach(vec![], 0);
-        r.kind = "RateLimitPolicy";
+        r.kind = "SomeKind";
         r.any_implemented = false;
         r.not_implemented = vec!["spec.limits[].requests".into(), "spec.limits[].unit".into()];
         let d = decide(&r, &Held::default(), writer(1));

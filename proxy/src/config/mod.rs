@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod authn;
 pub mod authz;
+pub mod ratelimit;
 pub mod route;
 pub use route::RouteTable;
 
@@ -42,6 +43,13 @@ pub struct Config {
     /// RequestAuthentication).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub request_authentication: Vec<authn::JwtRule>,
+    /// Token buckets on this workload's inbound requests (streamed from RateLimitPolicy).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        with = "serde_yaml::with::singleton_map_recursive"
+    )]
+    pub rate_limits: Vec<ratelimit::RateLimit>,
     /// Set while a streamed proxy has not received its first inbound policy: it then accepts
     /// no inbound connection (no window in which every caller is allowed).
     #[serde(skip)]
@@ -194,6 +202,10 @@ pub struct Cluster {
     /// Endpoints that keep failing are ejected for a while.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetection>,
+    /// The port is declared HTTP: an outbound connection to it is served as HTTP whatever its
+    /// first bytes (a client that connects ahead of its first request is not taken for TCP).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub http: bool,
 }
 
 /// When an endpoint that keeps failing is ejected, and for how long (Envoy's and Istio's
@@ -337,6 +349,7 @@ impl Config {
         }
         authz::validate(&self.authorization)?;
         authn::validate(&self.request_authentication)?;
+        ratelimit::validate(&self.rate_limits)?;
         if l.max_header_bytes < 8192 {
             return invalid("limits.maxHeaderBytes".into(), "must be at least 8192".into());
         }

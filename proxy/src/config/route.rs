@@ -296,6 +296,31 @@ impl StringMatch {
     }
 }
 
+impl HttpMatch {
+    /// That a proxy can compile it (`mf` names it in the error).
+    pub fn validate(&self, mf: &str) -> Result<(), ConfigError> {
+        if let Some(p) = &self.path {
+            p.validate(&format!("{mf}.path"))?;
+        }
+        if let Some(method) = &self.method
+            && hyper::Method::from_bytes(method.as_bytes()).is_err()
+        {
+            return Err(ConfigError::Invalid {
+                field: format!("{mf}.method"),
+                message: format!("{method:?} is not an HTTP method"),
+            });
+        }
+        for (k, h) in self.headers.iter().enumerate() {
+            header_name(&format!("{mf}.headers[{k}].name"), &h.name)?;
+            h.value.validate(&format!("{mf}.headers[{k}]"))?;
+        }
+        for (k, q) in self.query_params.iter().enumerate() {
+            q.value.validate(&format!("{mf}.queryParams[{k}]"))?;
+        }
+        Ok(())
+    }
+}
+
 impl HeaderEdits {
     fn validate(&self, field: &str) -> Result<(), ConfigError> {
         for k in self.set.keys().chain(self.add.keys()).chain(&self.remove) {
@@ -417,22 +442,7 @@ impl RouteTable {
                 }
             }
             for (j, m) in rule.matches.iter().enumerate() {
-                let mf = format!("{f}.match[{j}]");
-                if let Some(p) = &m.path {
-                    p.validate(&format!("{mf}.path"))?;
-                }
-                if let Some(method) = &m.method
-                    && hyper::Method::from_bytes(method.as_bytes()).is_err()
-                {
-                    return invalid(format!("{mf}.method"), format!("{method:?} is not an HTTP method"));
-                }
-                for (k, h) in m.headers.iter().enumerate() {
-                    header_name(&format!("{mf}.headers[{k}].name"), &h.name)?;
-                    h.value.validate(&format!("{mf}.headers[{k}]"))?;
-                }
-                for (k, q) in m.query_params.iter().enumerate() {
-                    q.value.validate(&format!("{mf}.queryParams[{k}]"))?;
-                }
+                m.validate(&format!("{f}.match[{j}]"))?;
             }
             rule.request_headers.validate(&format!("{f}.requestHeaders"))?;
             rule.response_headers.validate(&format!("{f}.responseHeaders"))?;

@@ -198,10 +198,18 @@ async fn send(
         return Err(ProxyError::UpstreamTimeout { cluster: cluster.cluster.clone(), after: wait });
     };
     unanswered.armed = false;
-    drop(in_flight);
+    match &result {
+        Ok(resp) if identity.is_some() && crate::error::rate_limited_by_peer(resp.headers()) => {
+            in_flight.refused()
+        }
+        _ => drop(in_flight),
+    }
     match result {
         Ok(mut resp) => {
-            cluster.report(addr, Outcome::of_status(resp.status()));
+            // A peer's refusal for a rate limit says nothing of the endpoint's health (whatever
+            // status the limit answers with).
+            let limited = identity.is_some() && crate::error::rate_limited_by_peer(resp.headers());
+            cluster.report(addr, if limited { Outcome::Success } else { Outcome::of_status(resp.status()) });
             if identity.is_some() {
                 // A verified peer proxy: its reason is believed. One that says its app refused
                 // the request means the request went no further, so another endpoint may take it.

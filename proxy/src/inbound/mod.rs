@@ -2,7 +2,8 @@
 //! ([`connection`]) and for each request ([`request`]):
 //!
 //! - connection: admitted once the first inbound policy is in → detect → mesh TLS and
-//!   PeerAuthentication → TCP to the app (after connection-level authorization), or HTTP;
+//!   PeerAuthentication → TCP to the app (after connection-level authorization and rate
+//!   limits), or HTTP;
 //! - request: sanitize headers → normalise the path → request authentication → authorization →
 //!   rate limit → app.
 
@@ -56,7 +57,10 @@ pub async fn connection(
         return;
     }
     // Connection-level authorization of what is not HTTP.
-    if !matches!(seen, Seen::Http(_)) && policy::authorize_connection(&conn, &shared).is_err() {
+    if !matches!(seen, Seen::Http(_))
+        && (policy::authorize_connection(&conn, &shared).is_err()
+            || policy::rate_limit_connection(&conn, &shared).is_err())
+    {
         reset(&stream);
         return;
     }
@@ -80,7 +84,10 @@ async fn mesh_tls(stream: tokio::net::TcpStream, mut conn: Conn, shared: Arc<Sha
         }
     };
     conn.peer_id = Some(Arc::from(peer_id.as_str()));
-    if inner == mtls::Inner::Tcp && policy::authorize_connection(&conn, &shared).is_err() {
+    if inner == mtls::Inner::Tcp
+        && (policy::authorize_connection(&conn, &shared).is_err()
+            || policy::rate_limit_connection(&conn, &shared).is_err())
+    {
         reset(tls.get_ref().0);
         return;
     }
@@ -120,9 +127,10 @@ pub async fn request(
 ) -> (Option<Arc<Endpoints>>, Result<Response<Body>, ProxyError>) {
     sanitize(&mut req, conn);
     normalize(&mut req);
-    let admitted = policy::authenticate(&mut req, &conn.conn, shared)
-        .and_then(|auth| policy::authorize(&req, auth.as_ref(), &conn.conn, shared))
-        .and_then(|()| policy::rate_limit(&req, &conn.conn));
+    let admitted = policy::authenticate(&mut req, &conn.conn, shared).and_then(|auth| {
+        policy::authorize(&req, auth.as_ref(), &conn.conn, shared)?;
+        policy::rate_limit(&req, auth.as_ref(), &conn.conn, shared)
+    });
     if let Err(e) = admitted {
         return (None, Err(e));
     }

@@ -3,7 +3,7 @@
 //!
 //! - connection: original destination → Service (virtual address) or the address itself (see
 //!   [`crate::transport::target`]) → detect → TCP to the Service's endpoints, or HTTP;
-//! - request: route → filters → fault → rate limit → mirror → timeout → retry → connection-pool
+//! - request: route → filters → fault → (rate limit: not yet outbound) → mirror → timeout → retry → connection-pool
 //!   limits → balance → endpoint (mutual TLS dial), the last three in [`crate::http::forward`].
 
 use std::sync::Arc;
@@ -17,7 +17,6 @@ use crate::{
     drain,
     error::ProxyError,
     http::{self, Body},
-    policy,
     routing::{self, retry},
     transport::{self},
 };
@@ -29,6 +28,15 @@ pub async fn connection(
     shared: Arc<Shared>,
     stop: drain::Watch,
 ) {
+    // A Service port declared HTTP is served as HTTP, whatever the first bytes say (or how long
+    // they take): a pooled connection opened ahead of its first request must not become a TCP
+    // tunnel that no request policy of the destination sees.
+    if conn.protocol == crate::config::Protocol::Auto
+        && conn.target.resolve(&shared.state.load()).is_ok_and(|e| e.http)
+    {
+        conn.protocol = crate::config::Protocol::Http;
+        conn.labels.protocol = "http".into();
+    }
     let seen = transport::sniff(&stream, &mut conn, false).await;
     transport::serve_plain(stream, seen, conn, shared, stop).await
 }
@@ -45,11 +53,8 @@ pub async fn request(
         Err(e) => return (None, Err(e)),
     };
     routing::filters(&mut req, &route);
-    let admitted = match routing::fault(&req, &route).await {
-        Ok(()) => policy::rate_limit(&req, &conn.conn),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = admitted {
+    // Rate limits of outbound requests go here (RateLimitPolicy's are inbound today).
+    if let Err(e) = routing::fault(&req, &route).await {
         return (Some(route.backend), Err(e));
     }
     routing::mirror(&req, &route, &conn.conn, shared);

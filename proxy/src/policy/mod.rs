@@ -1,10 +1,11 @@
 //! Policies a sidecar enforces on a request or connection: request authentication (JWT,
-//! [`jwt`]), authorization (AuthorizationPolicy, [`authz`]) and rate limits (RateLimitPolicy).
-//! Each is a step of a direction's stack ([`crate::inbound`], [`crate::outbound`]); rate limits
-//! are not configured yet, so they admit everything.
+//! [`jwt`]), authorization (AuthorizationPolicy, [`authz`]) and rate limits (RateLimitPolicy,
+//! [`ratelimit`]). Each is a step of a direction's stack ([`crate::inbound`],
+//! [`crate::outbound`]).
 
 pub mod authz;
 pub mod jwt;
+pub mod ratelimit;
 
 use hyper::Request;
 
@@ -129,7 +130,78 @@ fn report(d: &authz::Decision, shared: &Shared, conn: &Conn, method: &str, path:
     }
 }
 
-/// Local and global rate limits.
-pub fn rate_limit(_req: &Request<Body>, _conn: &Conn) -> Result<(), ProxyError> {
-    Ok(())
+/// Local rate limits: the request is admitted if every limit whose match applies has a token
+/// for its key (and takes one from each), else refused with 429 or the limit's status.
+pub fn rate_limit(
+    req: &Request<Body>,
+    auth: Option<&jwt::Authn>,
+    conn: &Conn,
+    shared: &Shared,
+) -> Result<(), ProxyError> {
+    limited(Some(req), auth, conn, shared)
+}
+
+/// Local rate limits on a connection that is not HTTP: it counts as one request against every
+/// limit on its port (their HTTP parts read as absent), so that no request escapes the limits
+/// by riding a connection the proxy does not parse. Refused: reset.
+pub fn rate_limit_connection(conn: &Conn, shared: &Shared) -> Result<(), ProxyError> {
+    limited(None, None, conn, shared)
+}
+
+fn limited(
+    req: Option<&Request<Body>>,
+    auth: Option<&jwt::Authn>,
+    conn: &Conn,
+    shared: &Shared,
+) -> Result<(), ProxyError> {
+    let state = shared.state.load();
+    if state.ratelimit.is_empty() {
+        return Ok(());
+    }
+    let who = ratelimit::Subject {
+        // The principal authorization sees (a workload identity of the mesh's form).
+        principal: peer_attrs(conn).principal,
+        ip: conn.peer.map(|p| p.ip()),
+        port: conn.target.port().unwrap_or(0),
+        auth,
+    };
+    let path = req.map_or("-", |r| r.uri().path());
+    let peer = conn.peer_id.as_deref().unwrap_or("-");
+    let count = |l: &ratelimit::Limit, d: ratelimit::Decision| {
+        let counters = l.counters.get_or_init(|| {
+            ["allowed", "limited", "shadow_limited"].map(|result| {
+                let labels = crate::telemetry::metrics::RateLimitLabels {
+                    policy: l.config.policy.clone(),
+                    limit: l.config.name.clone(),
+                    result: result.into(),
+                };
+                shared.metrics.ratelimit_decisions.get_or_create(&labels).clone()
+            })
+        });
+        let i = match d {
+            ratelimit::Decision::Allowed => 0,
+            ratelimit::Decision::Limited => 1,
+            ratelimit::Decision::ShadowLimited => 2,
+        };
+        counters[i].inc();
+        if d == ratelimit::Decision::ShadowLimited {
+            tracing::debug!(policy = %l.config.policy, limit = %l.config.name, %peer, %path, "rate limit: would refuse (shadow)");
+        }
+    };
+    let refused = match state.ratelimit.check(req, &who, std::time::Instant::now(), count) {
+        Ok(()) => return Ok(()),
+        Err(r) => r,
+    };
+    let c = &refused.limit.config;
+    tracing::debug!(policy = %c.policy, limit = %c.name, %peer, source = ?conn.peer, %path, "rate limit: refused");
+    Err(ProxyError::RateLimited {
+        limit: c.name.clone(),
+        status: c
+            .status
+            .and_then(|s| hyper::StatusCode::from_u16(s).ok())
+            .unwrap_or(hyper::StatusCode::TOO_MANY_REQUESTS),
+        requests: refused.rate.requests,
+        per_seconds: refused.rate.per_seconds,
+        retry_after: refused.retry_after,
+    })
 }

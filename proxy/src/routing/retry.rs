@@ -70,6 +70,9 @@ impl Policy {
         use cfg::RetryOn as R;
         let has = |c: R| self.on.contains(&c);
         let status = match outcome {
+            // A peer's refusal for a rate limit: another try would spend another replica's
+            // tokens on a caller over its limit (the header is only there from a verified peer).
+            Ok(r) if crate::error::rate_limited_by_peer(r.headers()) => return false,
             Ok(r) => r.status(),
             Err(e) => match e {
                 ProxyError::ConnectFailed { .. } | ProxyError::NoHealthyUpstream { .. } => {
@@ -201,6 +204,9 @@ mod tests {
         let reset = ProxyError::UpstreamReset { cluster: "c".into(), cause: "eof".into() };
         assert!(p.retries(&Err(reset)), "a reset is a 5xx");
         assert!(!p.retries(&Err(ProxyError::NoRoute { cluster: "c".into(), source: String::new() })));
+        let mut limited = resp(503, None).unwrap();
+        limited.headers_mut().insert(crate::error::ERROR_HEADER, "RL rate_limited".parse().unwrap());
+        assert!(!p.retries(&Ok(limited)), "a peer's rate-limit refusal is never retried, even as a 503");
         let backoff = (0..10).map(|n| p.backoff(n)).max().unwrap();
         assert!(backoff <= DEFAULT_BACKOFF * 10, "{backoff:?}");
     }

@@ -114,7 +114,40 @@ struct Match {
     query: Vec<(String, Str)>,
 }
 
+/// A compiled match of a rule of another kind (a rate limit's), as a route rule's matches.
+pub struct Matcher(Match);
+
+impl Matcher {
+    /// Compiles a validated match.
+    pub fn compile(m: &cfg::HttpMatch) -> Matcher {
+        Matcher(Match::compile(m))
+    }
+
+    pub fn matches(&self, req: &Request<crate::http::Body>) -> bool {
+        self.0.test(req).is_some()
+    }
+}
+
 impl Match {
+    fn compile(m: &cfg::HttpMatch) -> Match {
+        Match {
+            path: m.path.as_ref().and_then(Str::compile),
+            method: m.method.as_ref().and_then(|s| hyper::Method::from_bytes(s.as_bytes()).ok()),
+            headers: m
+                .headers
+                .iter()
+                .filter_map(|h| {
+                    Some((HeaderName::from_bytes(h.name.as_bytes()).ok()?, Str::compile(&h.value)?))
+                })
+                .collect(),
+            query: m
+                .query_params
+                .iter()
+                .filter_map(|q| Some((q.name.clone(), Str::compile(&q.value)?)))
+                .collect(),
+        }
+    }
+
     /// Whether `req` matches; for a `prefix` path match, how many bytes it matched.
     fn test(&self, req: &Request<crate::http::Body>) -> Option<Option<usize>> {
         if self.method.as_ref().is_some_and(|m| m != req.method()) {
@@ -206,29 +239,7 @@ impl Table {
             .http
             .iter()
             .map(|r| {
-                let matches = r
-                    .matches
-                    .iter()
-                    .map(|m| Match {
-                        path: m.path.as_ref().and_then(Str::compile),
-                        method: m.method.as_ref().and_then(|s| hyper::Method::from_bytes(s.as_bytes()).ok()),
-                        headers: m
-                            .headers
-                            .iter()
-                            .filter_map(|h| {
-                                Some((
-                                    HeaderName::from_bytes(h.name.as_bytes()).ok()?,
-                                    Str::compile(&h.value)?,
-                                ))
-                            })
-                            .collect(),
-                        query: m
-                            .query_params
-                            .iter()
-                            .filter_map(|q| Some((q.name.clone(), Str::compile(&q.value)?)))
-                            .collect(),
-                    })
-                    .collect();
+                let matches = r.matches.iter().map(Match::compile).collect();
                 let backends: Vec<(String, u32)> = r
                     .backends
                     .iter()

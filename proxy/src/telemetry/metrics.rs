@@ -57,6 +57,15 @@ pub struct JwtLabels {
     pub policy: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitLabels {
+    /// `<namespace>/<name>` of the RateLimitPolicy.
+    pub policy: String,
+    pub limit: String,
+    /// `allowed`, `limited`, or for a shadow limit `shadow_limited` (it would have refused).
+    pub result: String,
+}
+
 pub struct Metrics {
     pub reloads: Family<ReloadLabels, Counter>,
     pub certificates: Family<ReloadLabels, Counter>,
@@ -68,6 +77,7 @@ pub struct Metrics {
     mesh_registry: Mutex<Registry>,
     pub authz_decisions: Family<AuthzLabels, Counter>,
     pub jwt_refused: Family<JwtLabels, Counter>,
+    pub ratelimit_decisions: Family<RateLimitLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub retries: Family<RetryLabels, Counter>,
     pub mirrors: Family<RetryLabels, Counter>,
@@ -159,8 +169,15 @@ impl Default for Metrics {
             "Inbound requests refused with 401 because their JSON Web Token failed, by policy",
             jwt_refused.clone(),
         );
+        let ratelimit_decisions = Family::<RateLimitLabels, Counter>::default();
+        mesh_registry.register(
+            "ratelimit_decisions",
+            "Decisions of RateLimitPolicy limits on inbound requests, by policy and limit",
+            ratelimit_decisions.clone(),
+        );
         Metrics {
             mesh_registry: Mutex::new(mesh_registry),
+            ratelimit_decisions,
             authz_decisions,
             jwt_refused,
             reloads,

@@ -77,6 +77,7 @@ pub fn convert_cluster(c: &pb::Cluster) -> Result<config::Cluster, ConfigError> 
         addresses,
         mtls_endpoints,
         max_requests: (c.max_requests > 0).then_some(c.max_requests),
+        http: c.http,
         outlier_detection: c.outlier_detection.as_ref().map(|o| config::OutlierDetection {
             consecutive_5xx: o.consecutive_5xx,
             consecutive_gateway: o.consecutive_gateway,
@@ -93,6 +94,7 @@ pub struct InboundPolicy {
     pub mtls: config::InboundMtls,
     pub authz: Vec<config::authz::AuthzPolicy>,
     pub jwt: Vec<config::authn::JwtRule>,
+    pub rate_limits: Vec<config::ratelimit::RateLimit>,
 }
 
 /// The inbound policy from its streamed form.
@@ -196,7 +198,70 @@ pub fn convert_policy(p: &pb::PeerPolicy) -> Result<InboundPolicy, ConfigError> 
         })
         .collect();
     config::authn::validate(&jwt)?;
-    Ok(InboundPolicy { mtls: convert_mtls(p)?, authz: policies, jwt })
+    let rate_limits = convert_rate_limits(p)?;
+    config::ratelimit::validate(&rate_limits)?;
+    Ok(InboundPolicy { mtls: convert_mtls(p)?, authz: policies, jwt, rate_limits })
+}
+
+/// The rate limits of an inbound policy from their streamed form.
+fn convert_rate_limits(p: &pb::PeerPolicy) -> Result<Vec<config::ratelimit::RateLimit>, ConfigError> {
+    use config::ratelimit::{LimitKey, Override, RateLimit};
+    let mut out = Vec::with_capacity(p.rate_limits.len());
+    for l in &p.rate_limits {
+        let at = format!("rateLimits[{}/{}]", l.policy, l.name);
+        let key = l.key.clone().unwrap_or_default();
+        let key = match pb::RateLimitKeyType::try_from(key.r#type) {
+            Ok(pb::RateLimitKeyType::RateLimitKeyGlobal) => LimitKey::Global,
+            Ok(pb::RateLimitKeyType::RateLimitKeySourceIp) => LimitKey::SourceIp,
+            Ok(pb::RateLimitKeyType::RateLimitKeySourcePrincipal) => LimitKey::SourcePrincipal,
+            Ok(pb::RateLimitKeyType::RateLimitKeyHeader) => LimitKey::Header(key.name),
+            Ok(pb::RateLimitKeyType::RateLimitKeyPath) => LimitKey::Path,
+            Ok(pb::RateLimitKeyType::RateLimitKeyClaim) => LimitKey::Claim(key.name),
+            Err(_) => {
+                return Err(ConfigError::Invalid {
+                    field: format!("{at}.key"),
+                    message: format!("unknown key type {}", key.r#type),
+                });
+            }
+        };
+        let matches = match &l.r#match {
+            Some(m) => Some(http_match(m, &format!("{at}.match"))?),
+            None => None,
+        };
+        let port = match l.port {
+            0 => None,
+            p => Some(u16::try_from(p).map_err(|_| ConfigError::Invalid {
+                field: format!("{at}.port"),
+                message: format!("{p} is not a TCP port"),
+            })?),
+        };
+        let status = match l.status {
+            0 => None,
+            s => Some(u16::try_from(s).unwrap_or(0)),
+        };
+        out.push(RateLimit {
+            policy: l.policy.clone(),
+            name: l.name.clone(),
+            requests: l.requests,
+            per_seconds: l.per_seconds,
+            burst: Some(l.burst).filter(|b| *b > 0),
+            key,
+            matches,
+            port,
+            status,
+            shadow: l.shadow,
+            overrides: l
+                .overrides
+                .iter()
+                .map(|o| Override {
+                    value: o.value.clone(),
+                    requests: o.requests,
+                    burst: Some(o.burst).filter(|b| *b > 0),
+                })
+                .collect(),
+        });
+    }
+    Ok(out)
 }
 
 /// The inbound mutual-TLS policy from its streamed form.
@@ -219,6 +284,45 @@ fn convert_mtls(p: &pb::PeerPolicy) -> Result<config::InboundMtls, ConfigError> 
     Ok(config::InboundMtls { mode: mode(p.mode, "peerPolicy.mode".into())?, ports })
 }
 
+/// A streamed match in the proxy's model (`at` names it in an error).
+fn http_match(m: &pb::HttpMatch, at: &str) -> Result<route::HttpMatch, ConfigError> {
+    Ok(route::HttpMatch {
+        path: string_match(&m.path, format!("{at}.path"))?,
+        method: (!m.method.is_empty()).then(|| m.method.clone()),
+        headers: named(&m.headers, format!("{at}.headers"))?,
+        query_params: named(&m.query_params, format!("{at}.queryParams"))?,
+    })
+}
+
+fn string_match(
+    m: &Option<pb::StringMatch>,
+    field: String,
+) -> Result<Option<route::StringMatch>, ConfigError> {
+    use pb::string_match::Kind;
+    Ok(match m.as_ref().and_then(|m| m.kind.as_ref()) {
+        None => None,
+        Some(Kind::Exact(s)) => Some(route::StringMatch::Exact(s.clone())),
+        Some(Kind::Prefix(s)) => Some(route::StringMatch::Prefix(s.clone())),
+        Some(Kind::PathPrefix(s)) => Some(route::StringMatch::PathPrefix(s.clone())),
+        Some(Kind::Regex(s)) => Some(route::StringMatch::Regex(s.clone())),
+        Some(Kind::Present(true)) => Some(route::StringMatch::Present),
+        Some(Kind::Absent(true)) => Some(route::StringMatch::Absent),
+        Some(Kind::Present(false) | Kind::Absent(false)) => {
+            return Err(ConfigError::Invalid { field, message: "a match kind set to false".into() });
+        }
+    })
+}
+
+fn named(v: &[pb::NamedMatch], f: String) -> Result<Vec<route::NamedMatch>, ConfigError> {
+    v.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let value = string_match(&m.r#match, format!("{f}[{i}]"))?.unwrap_or(route::StringMatch::Present);
+            Ok(route::NamedMatch { name: m.name.clone(), value })
+        })
+        .collect()
+}
+
 /// A streamed route table in the proxy's model; `None` when it is not exported to the proxy's
 /// own namespace (it is accepted, and changes nothing here).
 pub fn convert_route(t: &pb::RouteTable, namespace: &str) -> Result<Option<config::RouteTable>, ConfigError> {
@@ -226,35 +330,6 @@ pub fn convert_route(t: &pb::RouteTable, namespace: &str) -> Result<Option<confi
         return Ok(None);
     }
     let field = |f: String| format!("routes[{}].{f}", t.name);
-    let string_match =
-        |m: &Option<pb::StringMatch>, f: String| -> Result<Option<route::StringMatch>, ConfigError> {
-            use pb::string_match::Kind;
-            Ok(match m.as_ref().and_then(|m| m.kind.as_ref()) {
-                None => None,
-                Some(Kind::Exact(s)) => Some(route::StringMatch::Exact(s.clone())),
-                Some(Kind::Prefix(s)) => Some(route::StringMatch::Prefix(s.clone())),
-                Some(Kind::PathPrefix(s)) => Some(route::StringMatch::PathPrefix(s.clone())),
-                Some(Kind::Regex(s)) => Some(route::StringMatch::Regex(s.clone())),
-                Some(Kind::Present(true)) => Some(route::StringMatch::Present),
-                Some(Kind::Absent(true)) => Some(route::StringMatch::Absent),
-                Some(Kind::Present(false) | Kind::Absent(false)) => {
-                    return Err(ConfigError::Invalid {
-                        field: field(f),
-                        message: "a match kind set to false".into(),
-                    });
-                }
-            })
-        };
-    let named = |v: &[pb::NamedMatch], f: String| -> Result<Vec<route::NamedMatch>, ConfigError> {
-        v.iter()
-            .enumerate()
-            .map(|(i, m)| {
-                let value =
-                    string_match(&m.r#match, format!("{f}[{i}]"))?.unwrap_or(route::StringMatch::Present);
-                Ok(route::NamedMatch { name: m.name.clone(), value })
-            })
-            .collect()
-    };
     let edits = |e: &Option<pb::HeaderEdits>| {
         e.as_ref()
             .map(|e| route::HeaderEdits {
@@ -268,13 +343,7 @@ pub fn convert_route(t: &pb::RouteTable, namespace: &str) -> Result<Option<confi
     for (i, r) in t.http.iter().enumerate() {
         let mut matches = Vec::new();
         for (j, m) in r.matches.iter().enumerate() {
-            let f = format!("http[{i}].match[{j}]");
-            matches.push(route::HttpMatch {
-                path: string_match(&m.path, format!("{f}.path"))?,
-                method: (!m.method.is_empty()).then(|| m.method.clone()),
-                headers: named(&m.headers, format!("{f}.headers"))?,
-                query_params: named(&m.query_params, format!("{f}.queryParams"))?,
-            });
+            matches.push(http_match(m, &field(format!("http[{i}].match[{j}]")))?);
         }
         let fault = r.fault.as_ref().map(|f| route::Fault {
             delay: (f.delay_ms > 0)

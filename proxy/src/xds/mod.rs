@@ -169,6 +169,7 @@ impl Layers {
             c.inbound_mtls = p.mtls.clone();
             c.authorization = p.authz.clone();
             c.request_authentication = p.jwt.clone();
+            c.rate_limits = p.rate_limits.clone();
         }
         for (name, cluster) in &self.clusters {
             if self.base.clusters.iter().any(|b| &b.name == name) {
@@ -603,8 +604,12 @@ mod tests {
             action: config::authz::AuthzAction::Deny,
             ..Default::default()
         };
-        layers.inbound =
-            Some(InboundPolicy { mtls: Default::default(), authz: vec![deny.clone()], jwt: Vec::new() });
+        layers.inbound = Some(InboundPolicy {
+            mtls: Default::default(),
+            authz: vec![deny.clone()],
+            jwt: Vec::new(),
+            rate_limits: Vec::new(),
+        });
         let c = layers.compose().unwrap();
         assert!(!c.inbound_pending, "the first policy is in");
         assert_eq!(c.authorization, [deny]);

@@ -404,6 +404,7 @@ fn policy(mode: pb::MtlsMode) -> Arc<Collection> {
         ports: Default::default(),
         authz: Vec::new(),
         jwt: Vec::new(),
+        rate_limits: Vec::new(),
     }));
     Arc::new(Collection::of([(e.resource.name.clone(), Arc::new(e))].into()))
 }

@@ -112,6 +112,7 @@ pub fn clusters<'a>(
                 addresses,
                 max_requests: 0,
                 outlier_detection: None,
+                http: declared_http(port_name, svc.app_protocols.get(port_name).map(String::as_str)),
             };
             if let Some(p) = policy {
                 destination::apply(&mut cluster, p);
@@ -135,9 +136,46 @@ pub fn clusters<'a>(
     Translated { clusters: out, pods }
 }
 
+/// Whether a Service port is declared HTTP, as Istio reads it: its `appProtocol` (`http`,
+/// `http2`, `grpc`, `grpc-web`, `h2c`, `kubernetes.io/h2c`, `kubernetes.io/ws`), or without one
+/// its name (one of those, alone or before a `-`).
+pub fn declared_http(name: &str, app_protocol: Option<&str>) -> bool {
+    const HTTP: &[&str] = &["http", "http2", "grpc", "grpc-web", "h2c"];
+    match app_protocol {
+        Some(p) => {
+            let p = p.to_ascii_lowercase();
+            HTTP.contains(&p.as_str()) || p == "kubernetes.io/h2c" || p == "kubernetes.io/ws"
+        }
+        None => {
+            let name = name.to_ascii_lowercase();
+            HTTP.iter().any(|h| name == *h || name.strip_prefix(h).is_some_and(|rest| rest.starts_with('-')))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_is_declared_http_by_its_app_protocol_or_its_name() {
+        for (name, app, http) in [
+            ("http", None, true),
+            ("http-web", None, true),
+            ("grpc", None, true),
+            ("grpc-web", None, true),
+            ("http2-api", None, true),
+            ("httpx", None, false),
+            ("tcp", None, false),
+            ("", None, false),
+            ("web", Some("http"), true),
+            ("web", Some("kubernetes.io/h2c"), true),
+            ("http", Some("tcp"), false),
+            ("http", Some("mysql"), false),
+        ] {
+            assert_eq!(declared_http(name, app), http, "{name} {app:?}");
+        }
+    }
     use crate::controlplane::discovery::SliceEndpoint;
 
     fn endpoint(ip: &str, pod: &str) -> SliceEndpoint {
@@ -151,7 +189,11 @@ mod tests {
 
     #[test]
     fn endpoints_are_dialled_with_mtls_where_their_own_proxy_expects_it() {
-        let svc = Svc { ips: vec!["10.96.0.5".into(), "fd00::5".into()], ports: vec![("http".into(), 80)] };
+        let svc = Svc {
+            ips: vec!["10.96.0.5".into(), "fd00::5".into()],
+            ports: vec![("http".into(), 80)],
+            ..Default::default()
+        };
         let slice = Slice {
             service: "web".into(),
             ports: vec![("http".into(), 8080)],
@@ -170,12 +212,14 @@ mod tests {
             ports: Default::default(),
             authz: Vec::new(),
             jwt: Vec::new(),
+            rate_limits: Vec::new(),
         };
         let disabled_port = pb::PeerPolicy {
             mode: pb::MtlsMode::MtlsStrict as i32,
             ports: [(8080, pb::MtlsMode::MtlsDisable as i32)].into(),
             authz: Vec::new(),
             jwt: Vec::new(),
+            rate_limits: Vec::new(),
         };
         let pod = |k: &Key| match k.1.as_str() {
             "a" => Some(PodView { info: &sidecar, policy: &strict }),
@@ -198,7 +242,8 @@ mod tests {
 
     #[test]
     fn a_subset_is_a_cluster_of_the_endpoints_whose_pods_carry_its_labels() {
-        let svc = Svc { ips: vec!["10.96.0.5".into()], ports: vec![("http".into(), 80)] };
+        let svc =
+            Svc { ips: vec!["10.96.0.5".into()], ports: vec![("http".into(), 80)], ..Default::default() };
         let slice = Slice {
             service: "web".into(),
             ports: vec![("http".into(), 8080)],
@@ -222,6 +267,7 @@ mod tests {
             ports: Default::default(),
             authz: Vec::new(),
             jwt: Vec::new(),
+            rate_limits: Vec::new(),
         };
         let pod = |k: &Key| match k.1.as_str() {
             "v1" => Some(PodView { info: &v1, policy: &strict }),

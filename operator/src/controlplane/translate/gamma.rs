@@ -432,9 +432,11 @@ mod tests {
 
     fn services(k: &crate::controlplane::snapshot::Key) -> Option<Svc> {
         match (k.0.as_str(), k.1.as_str()) {
-            ("shop", "web" | "web-v2") => {
-                Some(Svc { ips: vec!["10.96.0.1".into()], ports: vec![("http".into(), 80)] })
-            }
+            ("shop", "web" | "web-v2") => Some(Svc {
+                ips: vec!["10.96.0.1".into()],
+                ports: vec![("http".into(), 80)],
+                ..Default::default()
+            }),
             _ => None,
         }
     }

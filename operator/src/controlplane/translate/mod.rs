@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod destination;
 pub mod gamma;
 pub mod peer_policy;
+pub mod ratelimit;
 pub mod route;
 pub mod unimplemented;
 

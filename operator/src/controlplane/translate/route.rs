@@ -366,7 +366,7 @@ fn rule(
     let mut matches = Vec::new();
     for (j, m) in for_port.iter().enumerate() {
         let path = m.path.as_ref().map(|p| {
-            let mut m = string_match(p, &format!("{}.path", match_field(j)), o);
+            let mut m = string_match(p, &format!("{}.path", match_field(j)), &mut o.invalid);
             if let (true, Some(pb::string_match::Kind::Prefix(s))) = (tr.element_prefixes, &m.kind) {
                 m.kind = Some(pb::string_match::Kind::PathPrefix(s.clone()));
             }
@@ -379,13 +379,15 @@ fn rule(
                 .headers
                 .iter()
                 .enumerate()
-                .map(|(k, h)| named(h, &format!("{}.headers[{k}]", match_field(j)), o, true))
+                .map(|(k, h)| named(h, &format!("{}.headers[{k}]", match_field(j)), &mut o.invalid, true))
                 .collect(),
             query_params: m
                 .query_params
                 .iter()
                 .enumerate()
-                .map(|(k, q)| named(q, &format!("{}.queryParams[{k}]", match_field(j)), o, false))
+                .map(|(k, q)| {
+                    named(q, &format!("{}.queryParams[{k}]", match_field(j)), &mut o.invalid, false)
+                })
                 .collect(),
         });
     }
@@ -574,20 +576,45 @@ fn backend(b: &Backend, field: &str, tr: &Tr, cx: &Lookup, o: &mut Outcome) -> S
     }
 }
 
-fn check_regex(re: &str, field: &str, o: &mut Outcome) {
+fn check_regex(re: &str, field: &str, invalid: &mut Vec<String>) {
     if let Err(e) = mycel_api::route::compile_regex(re) {
-        o.invalid.push(format!("{field}.regex: {e}"));
+        invalid.push(format!("{field}.regex: {e}"));
     }
 }
 
-fn string_match(m: &StringMatch, field: &str, o: &mut Outcome) -> pb::StringMatch {
+/// A match of the TrafficRoute shape (also a RateLimitPolicy's), `field` naming it in what
+/// `invalid` gets (a regex no proxy can compile). Its `port` is not part of it.
+pub fn http_match(
+    m: &mycel_crds::traffic_route::HttpMatch,
+    field: &str,
+    invalid: &mut Vec<String>,
+) -> pb::HttpMatch {
+    pb::HttpMatch {
+        path: m.path.as_ref().map(|p| string_match(p, &format!("{field}.path"), invalid)),
+        method: m.method.map(|m| format!("{m:?}").to_uppercase()).unwrap_or_default(),
+        headers: m
+            .headers
+            .iter()
+            .enumerate()
+            .map(|(k, h)| named(h, &format!("{field}.headers[{k}]"), invalid, true))
+            .collect(),
+        query_params: m
+            .query_params
+            .iter()
+            .enumerate()
+            .map(|(k, q)| named(q, &format!("{field}.queryParams[{k}]"), invalid, false))
+            .collect(),
+    }
+}
+
+fn string_match(m: &StringMatch, field: &str, invalid: &mut Vec<String>) -> pb::StringMatch {
     use pb::string_match::Kind;
     let kind = if let Some(s) = &m.exact {
         Kind::Exact(s.clone())
     } else if let Some(s) = &m.prefix {
         Kind::Prefix(s.clone())
     } else if let Some(s) = &m.regex {
-        check_regex(s, field, o);
+        check_regex(s, field, invalid);
         Kind::Regex(s.clone())
     } else {
         Kind::Present(true)
@@ -596,14 +623,14 @@ fn string_match(m: &StringMatch, field: &str, o: &mut Outcome) -> pb::StringMatc
 }
 
 /// A header (`header`: its name case-insensitive, so lowercased) or query parameter match.
-fn named(m: &NamedMatch, field: &str, o: &mut Outcome, header: bool) -> pb::NamedMatch {
+fn named(m: &NamedMatch, field: &str, invalid: &mut Vec<String>, header: bool) -> pb::NamedMatch {
     use pb::string_match::Kind;
     let kind = if let Some(s) = &m.exact {
         Kind::Exact(s.clone())
     } else if let Some(s) = &m.prefix {
         Kind::Prefix(s.clone())
     } else if let Some(s) = &m.regex {
-        check_regex(s, field, o);
+        check_regex(s, field, invalid);
         Kind::Regex(s.clone())
     } else if m.present == Some(false) {
         Kind::Absent(true)
@@ -649,8 +676,13 @@ mod tests {
             ("shop", "web") => Some(Svc {
                 ips: vec!["10.96.0.1".into()],
                 ports: vec![("http".into(), 80), ("admin".into(), 9090)],
+                ..Default::default()
             }),
-            ("shop", "v2") => Some(Svc { ips: vec!["10.96.0.2".into()], ports: vec![("http".into(), 80)] }),
+            ("shop", "v2") => Some(Svc {
+                ips: vec!["10.96.0.2".into()],
+                ports: vec![("http".into(), 80)],
+                ..Default::default()
+            }),
             _ => None,
         }
     }

@@ -1,0 +1,251 @@
+//! RateLimitPolicy → the `rate_limits` of a workload's inbound PeerPolicy: the limits of every
+//! policy that selects the workload (as an AuthorizationPolicy selects it, [`authz::selects`]),
+//! in namespace and name order, each counted by the workload's sidecar in its own token buckets.
+
+use std::collections::BTreeMap;
+
+use mycel_api::v1alpha1 as pb;
+use mycel_crds::rate_limit_policy::{LimitKeyType, RateLimitPolicy, RateUnit};
+
+use super::authz;
+
+/// The most limits one workload's sidecar counts: each keeps a bounded table of buckets, so
+/// their number bounds the memory. The limits of the policies after it (the root namespace's
+/// first, then namespace and name order) are left out there, and those policies say so.
+pub const MAX_LIMITS_PER_WORKLOAD: usize = 64;
+
+/// A RateLimitPolicy, as policy resolution needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rl {
+    pub namespace: String,
+    pub name: String,
+    pub generation: i64,
+    pub selector: Option<BTreeMap<String, String>>,
+    /// What proxies receive: its limits without those of `invalid`.
+    pub limits: Vec<pb::RateLimit>,
+    /// Values no proxy can use, each naming its field; the limit that has one is not sent.
+    pub invalid: Vec<String>,
+}
+
+impl Rl {
+    pub fn from_object(p: RateLimitPolicy) -> Rl {
+        let namespace = p.metadata.namespace.clone().unwrap_or_default();
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let policy = format!("{namespace}/{name}");
+        let mut invalid = Vec::new();
+        let mut limits = Vec::new();
+        for (i, l) in p.spec.limits.iter().enumerate() {
+            let at = format!("spec.limits[{i}]");
+            let mut bad = Vec::new();
+            let matched =
+                l.matches.as_ref().map(|m| super::route::http_match(m, &format!("{at}.match"), &mut bad));
+            if l.key.as_ref().is_some_and(|k| k.kind == LimitKeyType::SourceIP) {
+                for (j, o) in l.overrides.iter().flatten().enumerate() {
+                    if o.value.parse::<std::net::IpAddr>().is_err() {
+                        bad.push(format!(
+                            "{at}.overrides[{j}].value: {:?} is not an IP address (the key is SourceIP)",
+                            o.value
+                        ));
+                    }
+                }
+            }
+            if !bad.is_empty() {
+                invalid.extend(bad);
+                continue;
+            }
+            let key = l.key.as_ref();
+            let kind = key.map(|k| k.kind).unwrap_or_default();
+            let (key_type, key_name) = match kind {
+                LimitKeyType::Global => (pb::RateLimitKeyType::RateLimitKeyGlobal, String::new()),
+                LimitKeyType::SourceIP => (pb::RateLimitKeyType::RateLimitKeySourceIp, String::new()),
+                LimitKeyType::SourcePrincipal => {
+                    (pb::RateLimitKeyType::RateLimitKeySourcePrincipal, String::new())
+                }
+                LimitKeyType::Header => (
+                    pb::RateLimitKeyType::RateLimitKeyHeader,
+                    key.and_then(|k| k.header.clone()).unwrap_or_default().to_ascii_lowercase(),
+                ),
+                LimitKeyType::Path => (pb::RateLimitKeyType::RateLimitKeyPath, String::new()),
+                LimitKeyType::Claim => (
+                    pb::RateLimitKeyType::RateLimitKeyClaim,
+                    key.and_then(|k| k.claim.clone()).unwrap_or_default(),
+                ),
+            };
+            let value = |v: &str| match kind {
+                // Istio's principal form has no scheme; one written with it means the same.
+                LimitKeyType::SourcePrincipal => v.strip_prefix("spiffe://").unwrap_or(v).to_string(),
+                _ => v.to_string(),
+            };
+            let requests = l.requests.max(1) as u64;
+            limits.push(pb::RateLimit {
+                policy: policy.clone(),
+                name: l.name.clone(),
+                requests,
+                per_seconds: per_seconds(l.unit),
+                burst: l.burst.map_or(requests, |b| b.max(1) as u64),
+                key: Some(pb::RateLimitKey { r#type: key_type as i32, name: key_name }),
+                r#match: matched,
+                port: l.matches.as_ref().and_then(|m| m.port).map_or(0, |p| p.max(0) as u32),
+                status: l.status.map_or(0, |s| s.max(0) as u32),
+                shadow: l.shadow.unwrap_or(false),
+                overrides: l
+                    .overrides
+                    .iter()
+                    .flatten()
+                    .map(|o| {
+                        let requests = o.requests.max(1) as u64;
+                        pb::RateLimitOverride {
+                            value: value(&o.value),
+                            requests,
+                            burst: o.burst.map_or(requests, |b| b.max(1) as u64),
+                        }
+                    })
+                    .collect(),
+            });
+        }
+        Rl {
+            namespace,
+            name,
+            generation: p.metadata.generation.unwrap_or_default(),
+            selector: p.spec.selector.map(|s| s.match_labels),
+            limits,
+            invalid,
+        }
+    }
+
+    /// Whether it selects pods of `namespace` with `labels`.
+    pub fn applies(&self, namespace: &str, labels: &BTreeMap<String, String>, root: &str) -> bool {
+        authz::selects(&self.namespace, self.selector.as_ref(), namespace, labels, root)
+    }
+
+    /// Whether it could select some pod of `namespace` (by its selector).
+    pub fn may_select_in(&self, namespace: &str, root: &str) -> bool {
+        authz::may_select_in(&self.namespace, self.selector.is_some(), namespace, root)
+    }
+}
+
+/// The length of a unit, in seconds.
+pub fn per_seconds(unit: RateUnit) -> u64 {
+    match unit {
+        RateUnit::Second => 1,
+        RateUnit::Minute => 60,
+        RateUnit::Hour => 3600,
+        RateUnit::Day => 86_400,
+    }
+}
+
+/// What a workload of `namespace` with `labels` counts: the limits of the policies of `sorted`
+/// (in namespace and name order) that select it, the root namespace's first (a namespace
+/// cannot push the mesh's limits out), at most [`MAX_LIMITS_PER_WORKLOAD`]; the policies that
+/// count there; and those left out for the bound.
+pub fn for_workload<'a>(
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    sorted: &'a [Rl],
+    root: &str,
+) -> (Vec<pb::RateLimit>, Vec<&'a Rl>, Vec<&'a Rl>) {
+    let mut limits = Vec::new();
+    let mut by = Vec::new();
+    let mut over = Vec::new();
+    let mut applying: Vec<&Rl> = sorted.iter().filter(|r| r.applies(namespace, labels, root)).collect();
+    applying.sort_by_key(|r| r.namespace != root);
+    for rl in applying {
+        if limits.len() + rl.limits.len() > MAX_LIMITS_PER_WORKLOAD {
+            over.push(rl);
+            continue;
+        }
+        limits.extend(rl.limits.iter().cloned());
+        by.push(rl);
+    }
+    (limits, by, over)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rl(ns: &str, name: &str, yaml: &str) -> Rl {
+        let mut p: RateLimitPolicy = serde_yaml::from_str(&format!(
+            "apiVersion: mycel.io/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: {name}, namespace: {ns}, generation: 3}}\nspec: {yaml}"
+        ))
+        .unwrap();
+        p.metadata.generation = Some(3);
+        Rl::from_object(p)
+    }
+
+    #[test]
+    fn a_policy_becomes_the_limits_its_workloads_count() {
+        let r = rl(
+            "shop",
+            "api",
+            r#"{selector: {matchLabels: {app: api}}, limits: [
+                {name: per-client, requests: 10, unit: minute, burst: 20, key: {type: SourcePrincipal},
+                 overrides: [{value: "spiffe://cluster.local/ns/shop/sa/batch", requests: 100}],
+                 match: {method: GET, path: {prefix: /api}, port: 8080}, status: 503, shadow: true},
+                {name: per-key, requests: 5, unit: day, key: {type: Header, header: X-Api-Key}}]}"#,
+        );
+        assert!(r.invalid.is_empty(), "{:?}", r.invalid);
+        let [a, b] = &r.limits[..] else { panic!("{:?}", r.limits) };
+        assert_eq!((a.policy.as_str(), a.name.as_str()), ("shop/api", "per-client"));
+        assert_eq!(
+            (a.requests, a.per_seconds, a.burst, a.port, a.status, a.shadow),
+            (10, 60, 20, 8080, 503, true)
+        );
+        assert_eq!(a.key.as_ref().unwrap().r#type, pb::RateLimitKeyType::RateLimitKeySourcePrincipal as i32);
+        assert_eq!(a.overrides[0].value, "cluster.local/ns/shop/sa/batch", "the principal's form, no scheme");
+        assert_eq!((a.overrides[0].requests, a.overrides[0].burst), (100, 100), "burst defaults to requests");
+        let m = a.r#match.as_ref().unwrap();
+        assert_eq!(m.method, "GET");
+        assert_eq!(m.path.as_ref().unwrap().kind, Some(pb::string_match::Kind::Prefix("/api".into())));
+        assert_eq!((b.requests, b.per_seconds, b.burst, b.status, b.shadow), (5, 86_400, 5, 0, false));
+        assert_eq!(b.key.as_ref().unwrap().name, "x-api-key", "header names are lowercased");
+    }
+
+    #[test]
+    fn a_limit_with_a_value_no_proxy_can_use_is_left_out_and_named() {
+        let r = rl(
+            "shop",
+            "bad",
+            r#"{limits: [{name: bad, requests: 1, unit: second, match: {path: {regex: "(?=x)"}}},
+                         {name: good, requests: 1, unit: second}]}"#,
+        );
+        assert_eq!(r.limits.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(), ["good"]);
+        assert!(r.invalid[0].starts_with("spec.limits[0].match.path.regex"), "{:?}", r.invalid);
+    }
+
+    #[test]
+    fn a_workload_counts_the_limits_of_the_policies_that_select_it_up_to_the_bound() {
+        let labels = BTreeMap::from([("app".to_string(), "api".to_string())]);
+        let many: String = (0..32).map(|i| format!("{{name: l{i}, requests: 1, unit: second}},")).collect();
+        // Namespace `app` sorts before the root namespace: its policies must not push the
+        // mesh's limit out.
+        let sorted = vec![
+            rl("app", "a", &format!("{{limits: [{many}]}}")),
+            rl("app", "b", &format!("{{selector: {{matchLabels: {{app: api}}}}, limits: [{many}]}}")),
+            rl(
+                "app",
+                "c",
+                "{selector: {matchLabels: {app: web}}, limits: [{name: w, requests: 1, unit: second}]}",
+            ),
+            rl("mycel-system", "mesh", "{limits: [{name: m, requests: 1, unit: second}]}"),
+            rl("other", "d", "{limits: [{name: o, requests: 1, unit: second}]}"),
+        ];
+        let (limits, by, over) = for_workload("app", &labels, &sorted, "mycel-system");
+        let names = |v: &[&Rl]| v.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&by), ["mesh", "a"], "the mesh's first, then in order, until the bound");
+        assert_eq!(names(&over), ["b"], "left out, and it says so");
+        assert_eq!(limits.len(), 33);
+    }
+
+    #[test]
+    fn an_override_of_an_address_must_be_one() {
+        let r = rl(
+            "shop",
+            "ip",
+            r#"{limits: [{name: ip, requests: 1, unit: second, key: {type: SourceIP}, overrides: [{value: "10.0.0.1", requests: 2}, {value: "ten", requests: 2}]}]}"#,
+        );
+        assert!(r.limits.is_empty());
+        assert_eq!(r.invalid.len(), 1, "{:?}", r.invalid);
+        assert!(r.invalid[0].starts_with("spec.limits[0].overrides[1].value"), "{:?}", r.invalid);
+    }
+}
