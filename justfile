@@ -43,6 +43,12 @@ bench-authz:
     RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -j2 -p mycel-proxy --target {{host}}
     MYCEL_BENCH_ONLY=authz MYCEL_BENCH_PROXY={{justfile_directory()}}/target/{{host}}/release/mycel-proxy cargo bench -p mycel-proxy --bench proxy
 
+# What local rate limits cost a request (CPU, p50/p99), against no limit, in interleaved rounds:
+# writes docs/benchmarks/ratelimit.{md,json}.
+bench-ratelimit:
+    RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -j2 -p mycel-proxy --target {{host}}
+    MYCEL_BENCH_ONLY=ratelimit MYCEL_BENCH_PROXY={{justfile_directory()}}/target/{{host}}/release/mycel-proxy cargo bench -p mycel-proxy --bench proxy
+
 # The proxy benchmark with a baseline binary in the same rounds (e.g. a static release build of
 # main before a change): writes docs/benchmarks/proxy-vs-baseline.{md,json}.
 bench-proxy-baseline baseline:
@@ -63,4 +69,4 @@ bench-control-plane-baseline baseline:
     MYCEL_BENCH_BASELINE={{baseline}} MYCEL_BENCH_PROXIES=${MYCEL_BENCH_PROXIES:-1000} cargo bench -p mycel-e2e --bench control_plane
 
 # Every benchmark.
-bench: bench-proxy bench-authz bench-control-plane
+bench: bench-proxy bench-authz bench-ratelimit bench-control-plane
