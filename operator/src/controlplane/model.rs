@@ -1498,6 +1498,59 @@ mod tests {
     }
 
     #[test]
+    fn rate_limits_reach_the_selected_workloads_and_a_policy_left_out_everywhere_says_so() {
+        let mut m = synced_model();
+        let mut web = pod("10.0.0.1", "web");
+        web.metadata.labels = Some([("app".to_string(), "web".to_string())].into());
+        let proxy = k8s_openapi::api::core::v1::Container {
+            name: crate::controlplane::inject::PROXY.into(),
+            ..Default::default()
+        };
+        web.spec.as_mut().unwrap().init_containers = Some(vec![proxy]);
+        m.apply(Change::Pod(Box::new(watcher::Event::Apply(web))));
+        m.apply(Change::Pod(Box::new(watcher::Event::Apply(pod("10.0.0.2", "api")))));
+        let rlp = |name: &str, limits: usize| -> mycel_crds::rate_limit_policy::RateLimitPolicy {
+            let limits: Vec<serde_json::Value> = (0..limits)
+                .map(|i| serde_json::json!({"name": format!("l{i}"), "requests": 10, "unit": "second"}))
+                .collect();
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "mycel.io/v1alpha1", "kind": "RateLimitPolicy",
+                "metadata": {"name": name, "namespace": "ns", "generation": 1},
+                "spec": {"selector": {"matchLabels": {"app": "web"}}, "limits": limits}
+            }))
+            .unwrap()
+        };
+        for (name, n) in [("a", 32), ("b", 32), ("c", 1)] {
+            m.apply(Change::RateLimitPolicy(Box::new(watcher::Event::Apply(rlp(name, n)))));
+        }
+        rebuild(&mut m);
+        let snap = m.snapshot();
+        let limits = |ns: &str, pod: &str| match &snap
+            .collection(mycel_api::PEER_POLICY_TYPE, ns, pod)
+            .entries[peer_policy::NAME]
+            .resource
+            .kind
+        {
+            Some(pb::resource::Kind::PeerPolicy(p)) => (p.rate_limits.len(), p.authz.len()),
+            _ => panic!("not a policy"),
+        };
+        assert_eq!(limits("ns", "pod-10.0.0.1"), (64, 0), "a and b, up to the bound");
+        assert_eq!(limits("ns", "pod-10.0.0.2"), (0, 0), "not selected");
+        assert_eq!(
+            limits("ns", "not-known-yet"),
+            (0, 1),
+            "a selector's limits wait for the pod, accepting nothing"
+        );
+        let reach = |name: &str| {
+            m.statuses.iter().find(|r| r.kind == "RateLimitPolicy" && r.key.1 == name).unwrap().clone()
+        };
+        assert_eq!(reach("a").workloads.len(), 1);
+        let c = reach("c");
+        assert!(c.workloads.is_empty() && c.conflicts[0].contains("left out"), "{c:?}");
+        assert!(c.not_in_effect.as_deref().is_some_and(|w| w.contains("every pod it selects")), "{c:?}");
+    }
+
+    #[test]
     fn fetched_key_sets_reach_the_selected_workloads_and_the_policy_status() {
         let mut m = synced_model();
         let mut web = pod("10.0.0.1", "web");
