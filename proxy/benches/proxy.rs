@@ -171,23 +171,9 @@ async fn authz() {
             runs[i].push((n as f64, cpu));
         }
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
-    let list = |v: &[f64], d: usize| v.iter().map(|x| format!("{x:.d$}")).collect::<Vec<_>>().join(", ");
     let per_request: Vec<Vec<f64>> =
         runs.iter().map(|r| r.iter().map(|(n, cpu)| cpu * 1e6 / n).collect()).collect();
-    let machine = format!(
-        "{} CPUs, {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()
-    );
-    let date =
-        String::from_utf8(Command::new("date").arg("+%F").output().map(|o| o.stdout).unwrap_or_default())
-            .unwrap_or_default()
-            .trim()
-            .to_string();
+    let (machine, date) = machine_and_date();
     let mut md = format!(
         "# Authorization policy cost\n\nMachine: {machine}. Date: {date}. Command: `just bench-authz` ({secs} s per measurement, {rounds} rounds, the sidecars taking turns).\n\n\
 Three inbound sidecars of the same build, one worker each, in front of the same HTTP/1.1 server, each loaded in a closed loop (64 keep-alive connections, `GET /`): \
@@ -283,23 +269,9 @@ async fn ratelimit() {
             lat_runs[i].push((p50, p99, achieved));
         }
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
-    let list = |v: &[f64], d: usize| v.iter().map(|x| format!("{x:.d$}")).collect::<Vec<_>>().join(", ");
     let per_request: Vec<Vec<f64>> =
         cpu_runs.iter().map(|r| r.iter().map(|(n, cpu)| cpu * 1e6 / n).collect()).collect();
-    let machine = format!(
-        "{} CPUs, {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()
-    );
-    let date =
-        String::from_utf8(Command::new("date").arg("+%F").output().map(|o| o.stdout).unwrap_or_default())
-            .unwrap_or_default()
-            .trim()
-            .to_string();
+    let (machine, date) = machine_and_date();
     let mut md = format!(
         "# Local rate limit cost\n\nMachine: {machine}. Date: {date}. Command: `just bench-ratelimit` ({secs} s per measurement, {rounds} rounds, the sidecars taking turns).\n\n\
 Three inbound sidecars of the same build, one worker each, in front of the same HTTP/1.1 server (`GET /`): one without limits; one with one limit (one bucket); \
@@ -345,6 +317,32 @@ latency is measured in an open loop at {rate:.0} req/s over 16 connections (from
     std::fs::write(out_dir.join("ratelimit.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
     drop((none, single, three));
     let _ = std::fs::remove_dir_all(dir());
+}
+
+/// The median of rounds.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Rounds as a list, `d` decimals each.
+fn list(v: &[f64], d: usize) -> String {
+    v.iter().map(|x| format!("{x:.d$}")).collect::<Vec<_>>().join(", ")
+}
+
+/// What a report says of where and when it ran.
+fn machine_and_date() -> (String, String) {
+    let machine = format!(
+        "{} CPUs, {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()
+    );
+    let date =
+        String::from_utf8(Command::new("date").arg("+%F").output().map(|o| o.stdout).unwrap_or_default())
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+    (machine, date)
 }
 
 // --- helper processes --------------------------------------------------------------------------

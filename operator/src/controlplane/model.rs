@@ -1497,9 +1497,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn rate_limits_reach_the_selected_workloads_and_a_policy_left_out_everywhere_says_so() {
-        let mut m = synced_model();
+    /// `pod-10.0.0.1` (account `web`, label `app: web`) with a Mycel sidecar.
+    fn meshed_web_pod() -> Pod {
         let mut web = pod("10.0.0.1", "web");
         web.metadata.labels = Some([("app".to_string(), "web".to_string())].into());
         let proxy = k8s_openapi::api::core::v1::Container {
@@ -1507,7 +1506,13 @@ mod tests {
             ..Default::default()
         };
         web.spec.as_mut().unwrap().init_containers = Some(vec![proxy]);
-        m.apply(Change::Pod(Box::new(watcher::Event::Apply(web))));
+        web
+    }
+
+    #[test]
+    fn rate_limits_reach_the_selected_workloads_and_a_policy_left_out_everywhere_says_so() {
+        let mut m = synced_model();
+        m.apply(Change::Pod(Box::new(watcher::Event::Apply(meshed_web_pod()))));
         m.apply(Change::Pod(Box::new(watcher::Event::Apply(pod("10.0.0.2", "api")))));
         let rlp = |name: &str, limits: usize| -> mycel_crds::rate_limit_policy::RateLimitPolicy {
             let limits: Vec<serde_json::Value> = (0..limits)
@@ -1553,14 +1558,7 @@ mod tests {
     #[test]
     fn fetched_key_sets_reach_the_selected_workloads_and_the_policy_status() {
         let mut m = synced_model();
-        let mut web = pod("10.0.0.1", "web");
-        web.metadata.labels = Some([("app".to_string(), "web".to_string())].into());
-        let proxy = k8s_openapi::api::core::v1::Container {
-            name: crate::controlplane::inject::PROXY.into(),
-            ..Default::default()
-        };
-        web.spec.as_mut().unwrap().init_containers = Some(vec![proxy]);
-        m.apply(Change::Pod(Box::new(watcher::Event::Apply(web))));
+        m.apply(Change::Pod(Box::new(watcher::Event::Apply(meshed_web_pod()))));
         m.apply(Change::Pod(Box::new(watcher::Event::Apply(pod("10.0.0.2", "api")))));
         let uri = "https://idp.example/keys";
         let ra: mycel_crds::RequestAuthentication = serde_json::from_value(serde_json::json!({
