@@ -1,7 +1,11 @@
 //! Compiles the protobuf contract with protox (pure Rust), so no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/mycel/v1alpha1/config.proto", "proto/mycel/v1alpha1/ca.proto"];
+    let files = [
+        "proto/mycel/v1alpha1/config.proto",
+        "proto/mycel/v1alpha1/ca.proto",
+        "proto/mycel/v1alpha1/ratelimit.proto",
+    ];
     let fds = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()
         .build_transport(false)

@@ -68,6 +68,9 @@ pub enum ProxyError {
         per_seconds: u64,
         retry_after: std::time::Duration,
     },
+    /// A global limit applies and the rate-limit service could not decide in time; the limit's
+    /// failure mode is Closed.
+    RateLimitUnavailable { limit: String, cause: String },
 }
 
 impl ProxyError {
@@ -89,6 +92,7 @@ impl ProxyError {
             ProxyError::Denied => StatusCode::FORBIDDEN,
             ProxyError::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
             ProxyError::RateLimited { status, .. } => *status,
+            ProxyError::RateLimitUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -118,6 +122,8 @@ impl ProxyError {
             // Envoy's jwt_authn sets no flag of its own.
             ProxyError::Unauthenticated { .. } => "-",
             ProxyError::RateLimited { .. } => "RL",
+            // Envoy's: the rate-limit service failed (failure_mode_deny).
+            ProxyError::RateLimitUnavailable { .. } => "RLSE",
         }
     }
 
@@ -141,6 +147,7 @@ impl ProxyError {
             ProxyError::Denied => "access_denied",
             ProxyError::Unauthenticated { .. } => "jwt_invalid",
             ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::RateLimitUnavailable { .. } => "rate_limit_service_unavailable",
         }
     }
 
@@ -186,6 +193,9 @@ impl ProxyError {
             ProxyError::Denied => "RBAC: access denied".into(),
             ProxyError::Unauthenticated { detail } => format!("Jwt verification fails: {detail}"),
             ProxyError::RateLimited { limit, .. } => format!("rate limited by {limit}"),
+            ProxyError::RateLimitUnavailable { limit, cause } => format!(
+                "the rate-limit service could not decide limit {limit} ({cause}), whose failureMode is Closed"
+            ),
             ProxyError::Peer { reason, .. } if reason == "access_denied" => "RBAC: access denied".into(),
             ProxyError::Peer { reason, .. } => format!("the destination's proxy answered: {reason}"),
             ProxyError::Redirect { location, .. } => {

@@ -35,6 +35,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod policy;
 pub mod pool;
+pub mod rls;
 pub mod routing;
 pub mod state;
 #[allow(unsafe_code)]
@@ -84,6 +85,8 @@ pub struct Shared {
     pub mirrors: Arc<tokio::sync::Semaphore>,
     /// The app's probes, by `/app-health/<container>/<kind>` path (set at injection).
     pub app_probes: RwLock<std::collections::HashMap<String, serde_json::Value>>,
+    /// The client of the rate-limit service the configuration names (global limits).
+    pub rate_limit_client: std::sync::Mutex<Option<Arc<policy::global::Client>>>,
 }
 
 /// A started proxy: where it listens, how to reconfigure it, and how to stop it.
@@ -195,6 +198,7 @@ pub async fn start(config: Config) -> Result<Running, ApplyError> {
         ready: AtomicBool::new(false),
         app_probes: RwLock::new(Default::default()),
         mirrors: Arc::new(tokio::sync::Semaphore::new(routing::MIRRORS_IN_FLIGHT)),
+        rate_limit_client: std::sync::Mutex::new(None),
     });
     let admin_listener = bind(config.admin).map_err(|source| ApplyError::Bind {
         field: "admin".into(),

@@ -50,6 +50,9 @@ pub struct Config {
         with = "serde_yaml::with::singleton_map_recursive"
     )]
     pub rate_limits: Vec<ratelimit::RateLimit>,
+    /// Where the limits of scope Global are decided (streamed with the inbound policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_service: Option<ratelimit::Service>,
     /// Set while a streamed proxy has not received its first inbound policy: it then accepts
     /// no inbound connection (no window in which every caller is allowed).
     #[serde(skip)]
@@ -349,7 +352,7 @@ impl Config {
         }
         authz::validate(&self.authorization)?;
         authn::validate(&self.request_authentication)?;
-        ratelimit::validate(&self.rate_limits)?;
+        ratelimit::validate(&self.rate_limits, self.rate_limit_service.as_ref())?;
         if l.max_header_bytes < 8192 {
             return invalid("limits.maxHeaderBytes".into(), "must be at least 8192".into());
         }

@@ -46,10 +46,60 @@ pub struct RateLimit {
     pub shadow: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub overrides: Vec<Override>,
+    /// Counted by the mesh's rate-limit service, in one counter per key shared by every proxy
+    /// the policy selects, instead of in this proxy's buckets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global: Option<Global>,
 }
 
 fn one() -> u64 {
     1
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How a global limit is counted and what happens while it cannot be.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Global {
+    /// Admit (true) or refuse with 503 (false) while the rate-limit service cannot decide.
+    #[serde(default = "yes")]
+    pub failure_open: bool,
+    /// A quota: `requests` per calendar window in `time_zone`, reset at its boundary (and no
+    /// rate); a rate (GCRA) when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Window>,
+    /// IANA name of the windows' time zone (UTC when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+}
+
+/// The calendar window of a quota.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Window {
+    Hour,
+    Day,
+    Month,
+}
+
+/// Where global limits are decided: the mesh's rate-limit service.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    /// `host:port`.
+    pub address: String,
+    /// The SPIFFE ID its certificate must carry.
+    pub identity: String,
+    /// How long a decision may take before a limit's failure mode applies.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_timeout_ms() -> u64 {
+    200
 }
 
 /// What is counted apart: one bucket for all (`global`), or one per value of the key. A request
@@ -90,10 +140,21 @@ pub struct Override {
 /// That every limit can be counted: rates and bucket sizes above zero, names unique within a
 /// policy, a status that is an error, matches that compile; `rateLimits[<policy>/<name>]` names
 /// the one that fails.
-pub fn validate(limits: &[RateLimit]) -> Result<(), ConfigError> {
+pub fn validate(limits: &[RateLimit], service: Option<&Service>) -> Result<(), ConfigError> {
     let invalid = |field: String, message: &str| Err(ConfigError::Invalid { field, message: message.into() });
     if limits.len() > MAX_LIMITS {
         return invalid("rateLimits".into(), &format!("more than {MAX_LIMITS} limits"));
+    }
+    if let Some(s) = service {
+        if s.address.is_empty() || s.address.len() > 253 || !s.address.contains(':') {
+            return invalid("rateLimitService.address".into(), "must be host:port");
+        }
+        if !s.identity.starts_with("spiffe://") {
+            return invalid("rateLimitService.identity".into(), "must be a SPIFFE ID");
+        }
+        if !(1..=10_000).contains(&s.timeout_ms) {
+            return invalid("rateLimitService.timeoutMs".into(), "must be within 1-10000");
+        }
     }
     let mut names = std::collections::HashSet::new();
     for l in limits {
@@ -118,8 +179,11 @@ pub fn validate(limits: &[RateLimit]) -> Result<(), ConfigError> {
         if !(1..=MAX_REQUESTS).contains(&l.requests) {
             return invalid(format!("{at}.requests"), "must be within 1-1000000000");
         }
-        if !(1..=MAX_PER_SECONDS).contains(&l.per_seconds) {
-            return invalid(format!("{at}.perSeconds"), "must be within 1-86400");
+        // A quota's unit is its calendar window, up to a month of 31 days.
+        let longest =
+            if l.global.as_ref().is_some_and(|g| g.window.is_some()) { 31 * 86_400 } else { MAX_PER_SECONDS };
+        if !(1..=longest).contains(&l.per_seconds) {
+            return invalid(format!("{at}.perSeconds"), &format!("must be within 1-{longest}"));
         }
         if l.burst.is_some_and(|b| !(1..=MAX_REQUESTS).contains(&b)) {
             return invalid(format!("{at}.burst"), "must be within 1-1000000000");
@@ -148,6 +212,24 @@ pub fn validate(limits: &[RateLimit]) -> Result<(), ConfigError> {
                     format!("{at}.overrides[{i}]"),
                     "requests and burst must be within 1-1000000000",
                 );
+            }
+        }
+        if let Some(g) = &l.global {
+            if service.is_none() {
+                return invalid(
+                    format!("{at}.global"),
+                    "no rate-limit service is configured (rateLimitService) to count it",
+                );
+            }
+            if g.time_zone.as_ref().is_some_and(|z| {
+                z.is_empty()
+                    || z.len() > 64
+                    || !z.bytes().all(|b| b.is_ascii_alphanumeric() || b"/_+-".contains(&b))
+            }) {
+                return invalid(format!("{at}.global.timeZone"), "is not an IANA time zone name");
+            }
+            if g.time_zone.is_some() && g.window.is_none() {
+                return invalid(format!("{at}.global.timeZone"), "applies to a quota's window only");
             }
         }
         if !l.overrides.is_empty() && l.key.is_global() {

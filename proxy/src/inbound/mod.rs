@@ -59,7 +59,7 @@ pub async fn connection(
     // Connection-level authorization of what is not HTTP.
     if !matches!(seen, Seen::Http(_))
         && (policy::authorize_connection(&conn, &shared).is_err()
-            || policy::rate_limit_connection(&conn, &shared).is_err())
+            || policy::rate_limit_connection(&conn, &shared).await.is_err())
     {
         reset(&stream);
         return;
@@ -86,7 +86,7 @@ async fn mesh_tls(stream: tokio::net::TcpStream, mut conn: Conn, shared: Arc<Sha
     conn.peer_id = Some(Arc::from(peer_id.as_str()));
     if inner == mtls::Inner::Tcp
         && (policy::authorize_connection(&conn, &shared).is_err()
-            || policy::rate_limit_connection(&conn, &shared).is_err())
+            || policy::rate_limit_connection(&conn, &shared).await.is_err())
     {
         reset(tls.get_ref().0);
         return;
@@ -127,11 +127,14 @@ pub async fn request(
 ) -> (Option<Arc<Endpoints>>, Result<Response<Body>, ProxyError>) {
     sanitize(&mut req, conn);
     normalize(&mut req);
-    let admitted = policy::authenticate(&mut req, &conn.conn, shared).and_then(|auth| {
-        policy::authorize(&req, auth.as_ref(), &conn.conn, shared)?;
-        policy::rate_limit(&req, auth.as_ref(), &conn.conn, shared)
-    });
-    if let Err(e) = admitted {
+    let auth = match policy::authenticate(&mut req, &conn.conn, shared) {
+        Ok(a) => a,
+        Err(e) => return (None, Err(e)),
+    };
+    if let Err(e) = policy::authorize(&req, auth.as_ref(), &conn.conn, shared) {
+        return (None, Err(e));
+    }
+    if let Err(e) = policy::rate_limit(&req, auth.as_ref(), &conn.conn, shared).await {
         return (None, Err(e));
     }
     let app = match conn.conn.target.resolve(&shared.state.load()) {

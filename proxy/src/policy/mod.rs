@@ -4,6 +4,7 @@
 //! [`crate::outbound`]).
 
 pub mod authz;
+pub mod global;
 pub mod jwt;
 pub mod ratelimit;
 
@@ -132,23 +133,23 @@ fn report(d: &authz::Decision, shared: &Shared, conn: &Conn, method: &str, path:
 
 /// Local rate limits: the request is admitted if every limit whose match applies has a token
 /// for its key (and takes one from each), else refused with 429 or the limit's status.
-pub fn rate_limit(
+pub async fn rate_limit(
     req: &Request<Body>,
     auth: Option<&jwt::Authn>,
     conn: &Conn,
     shared: &Shared,
 ) -> Result<(), ProxyError> {
-    limited(Some(req), auth, conn, shared)
+    limited(Some(req), auth, conn, shared).await
 }
 
 /// Local rate limits on a connection that is not HTTP: it counts as one request against every
 /// limit on its port (their HTTP parts read as absent), so that no request escapes the limits
 /// by riding a connection the proxy does not parse. Refused: reset.
-pub fn rate_limit_connection(conn: &Conn, shared: &Shared) -> Result<(), ProxyError> {
-    limited(None, None, conn, shared)
+pub async fn rate_limit_connection(conn: &Conn, shared: &Shared) -> Result<(), ProxyError> {
+    limited(None, None, conn, shared).await
 }
 
-fn limited(
+async fn limited(
     req: Option<&Request<Body>>,
     auth: Option<&jwt::Authn>,
     conn: &Conn,
@@ -169,7 +170,7 @@ fn limited(
     let peer = conn.peer_id.as_deref().unwrap_or("-");
     let count = |l: &ratelimit::Limit, d: ratelimit::Decision| {
         let counters = l.counters.get_or_init(|| {
-            ["allowed", "limited", "shadow_limited"].map(|result| {
+            ["allowed", "limited", "shadow_limited", "failure_open", "failure_closed"].map(|result| {
                 let labels = crate::telemetry::metrics::RateLimitLabels {
                     policy: l.config.policy.clone(),
                     limit: l.config.name.clone(),
@@ -182,14 +183,18 @@ fn limited(
             ratelimit::Decision::Allowed => 0,
             ratelimit::Decision::Limited => 1,
             ratelimit::Decision::ShadowLimited => 2,
+            ratelimit::Decision::FailureOpen => 3,
+            ratelimit::Decision::FailureClosed => 4,
         };
         counters[i].inc();
         if d == ratelimit::Decision::ShadowLimited {
             tracing::debug!(policy = %l.config.policy, limit = %l.config.name, %peer, %path, "rate limit: would refuse (shadow)");
         }
     };
-    let refused = match state.ratelimit.check(req, &who, std::time::Instant::now(), count) {
-        Ok(()) => return Ok(()),
+    let mut count = count;
+    let refused = match state.ratelimit.check(req, &who, std::time::Instant::now(), &mut count) {
+        Ok(hits) if hits.is_empty() => return Ok(()),
+        Ok(hits) => return counted_globally(&hits, &state, shared, count, peer, path).await,
         Err(r) => r,
     };
     let c = &refused.limit.config;
@@ -204,4 +209,114 @@ fn limited(
         per_seconds: refused.rate.per_seconds,
         retry_after: refused.retry_after,
     })
+}
+
+/// The rate-limit service's decision on the global limits a request hits (admitted by every
+/// local one): refused by the first enforcing limit it refuses; while it cannot decide, each
+/// limit's failure mode.
+async fn counted_globally(
+    hits: &[ratelimit::Hit],
+    state: &State,
+    shared: &Shared,
+    mut count: impl FnMut(&ratelimit::Limit, ratelimit::Decision),
+    peer: &str,
+    path: &str,
+) -> Result<(), ProxyError> {
+    use ratelimit::Decision;
+    let client = rate_limit_client(state, shared);
+    let asked = match &client {
+        Some(c) => c.check(hits).await,
+        None => Err("no usable rate-limit service is configured".to_string()),
+    };
+    let verdicts = match asked {
+        Ok(v) => v,
+        Err(cause) => {
+            let mut closed = None;
+            for h in hits {
+                let open = h.limit.config.global.as_ref().is_none_or(|g| g.failure_open);
+                count(&h.limit, if open { Decision::FailureOpen } else { Decision::FailureClosed });
+                if !open && closed.is_none() {
+                    closed = Some(h.limit.config.name.clone());
+                }
+            }
+            let service = state.config.rate_limit_service.as_ref().map(|s| s.address.as_str()).unwrap_or("-");
+            // Once in 10 s at warn (every request may fail alike while the service is down).
+            static LAST_WARN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default();
+            let last = LAST_WARN.load(std::sync::atomic::Ordering::Relaxed);
+            if now >= last + 10
+                && LAST_WARN
+                    .compare_exchange(
+                        last,
+                        now,
+                        std::sync::atomic::Ordering::Relaxed,
+                        std::sync::atomic::Ordering::Relaxed,
+                    )
+                    .is_ok()
+            {
+                tracing::warn!(%service, %cause, refused = closed.is_some(), "rate limit: the rate-limit service did not decide (the limits' failure modes apply; counted in mycel_ratelimit_decisions_total as failure_open or failure_closed)");
+            } else {
+                tracing::debug!(%service, %cause, refused = closed.is_some(), "rate limit: the rate-limit service did not decide");
+            }
+            return match closed {
+                Some(limit) => Err(ProxyError::RateLimitUnavailable { limit, cause }),
+                None => Ok(()),
+            };
+        }
+    };
+    let mut refused = None;
+    for (h, v) in hits.iter().zip(&verdicts) {
+        let c = &h.limit.config;
+        let d = match (v.admitted, c.shadow) {
+            (true, _) => Decision::Allowed,
+            (false, true) => Decision::ShadowLimited,
+            (false, false) => Decision::Limited,
+        };
+        count(&h.limit, d);
+        if d == Decision::ShadowLimited {
+            tracing::debug!(policy = %c.policy, limit = %c.name, %peer, %path, "rate limit: would refuse (shadow, global)");
+        }
+        if d == Decision::Limited && refused.is_none() {
+            refused = Some((h, v));
+        }
+    }
+    let Some((h, v)) = refused else { return Ok(()) };
+    let c = &h.limit.config;
+    tracing::debug!(policy = %c.policy, limit = %c.name, %peer, %path, "rate limit: refused (global)");
+    Err(ProxyError::RateLimited {
+        limit: c.name.clone(),
+        status: c
+            .status
+            .and_then(|s| hyper::StatusCode::from_u16(s).ok())
+            .unwrap_or(hyper::StatusCode::TOO_MANY_REQUESTS),
+        requests: h.rate.requests,
+        per_seconds: h.rate.per_seconds,
+        retry_after: std::time::Duration::from_millis(v.retry_after_ms.min(86_400_000 * 31)),
+    })
+}
+
+/// The client of the service the configuration names, made on first use and again when it
+/// names another.
+fn rate_limit_client(state: &State, shared: &Shared) -> Option<std::sync::Arc<global::Client>> {
+    let service = state.config.rate_limit_service.as_ref()?;
+    let mut slot = shared.rate_limit_client.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = slot.as_ref()
+        && c.service == *service
+    {
+        return Some(c.clone());
+    }
+    match global::Client::new(service, shared.mesh.clone()) {
+        Ok(c) => {
+            let c = std::sync::Arc::new(c);
+            *slot = Some(c.clone());
+            Some(c)
+        }
+        Err(e) => {
+            tracing::warn!("rate limit: {e}");
+            None
+        }
+    }
 }

@@ -56,8 +56,8 @@ pub struct Limit {
     claim: Vec<String>,
     seed: RandomState,
     buckets: Mutex<Buckets>,
-    /// allowed, limited, shadow_limited (set at the first decision).
-    pub counters: OnceLock<[Counter; 3]>,
+    /// allowed, limited, shadow_limited, failure_open, failure_closed (set at the first decision).
+    pub counters: OnceLock<[Counter; 5]>,
 }
 
 /// A bucket's rate: `requests` per `per_seconds`, `burst` at most.
@@ -169,6 +169,26 @@ pub enum Decision {
     Limited,
     /// A shadow limit that would have refused it.
     ShadowLimited,
+    /// A global limit the rate-limit service could not decide: admitted (failure mode Open).
+    FailureOpen,
+    /// The same, refused (failure mode Closed).
+    FailureClosed,
+}
+
+/// A request a global limit counts: what the rate-limit service is asked (its rate with the
+/// key's override applied).
+pub struct Hit {
+    pub limit: Arc<Limit>,
+    /// The key's value ("" when it has none).
+    pub key: String,
+    pub rate: Rate,
+}
+
+impl Rate {
+    /// The bucket size, a whole number of requests.
+    pub fn burst(&self) -> u64 {
+        self.burst as u64
+    }
 }
 
 /// A refused request: the limit, the rate its key has there, and how long until its bucket has
@@ -277,26 +297,36 @@ impl Limiter {
         self.limits.is_empty()
     }
 
-    /// Counts a request (`None`: a connection that is not HTTP) against every limit that
+    /// Counts a request (`None`: a connection that is not HTTP) against every local limit that
     /// applies to it, telling `decided` each decision: admitted if every enforcing limit has a
     /// token, then each takes one (a shadow limit without one says so); else refused by the
-    /// first without one, and no bucket is touched.
+    /// first without one, and no bucket is touched. An admitted request comes back with the
+    /// global limits that apply to it, for the rate-limit service to count.
     pub fn check(
         &self,
         req: Option<&Request<Body>>,
         who: &Subject<'_>,
         now: Instant,
         mut decided: impl FnMut(&Limit, Decision),
-    ) -> Result<(), Refused> {
+    ) -> Result<Vec<Hit>, Refused> {
         // Every bucket involved is locked at once, in the limits' order (the same for every
         // request, so no two requests wait on each other in a cycle).
         let mut held: Vec<(&Arc<Limit>, MutexGuard<'_, Buckets>, Slot, Rate)> = Vec::new();
+        let mut hits = Vec::new();
         for l in &self.limits {
             if !l.applies(req, who) {
                 continue;
             }
             let value = l.value(req, who);
             let rate = value.as_deref().and_then(|v| l.overrides.get(v)).copied().unwrap_or(l.rate);
+            if l.config.global.is_some() {
+                hits.push(Hit {
+                    limit: Arc::clone(l),
+                    key: value.map(|v| v.into_owned()).unwrap_or_default(),
+                    rate,
+                });
+                continue;
+            }
             // Requests without a value share one bucket (hashed apart from every value's).
             let key = match value.as_deref() {
                 Some(v) => l.seed.hash_one((1u8, v)),
@@ -323,7 +353,12 @@ impl Limiter {
                 decided(l, Decision::ShadowLimited);
             }
         }
-        Ok(())
+        Ok(hits)
+    }
+
+    /// Whether any limit is global (counted by the rate-limit service).
+    pub fn has_global(&self) -> bool {
+        self.limits.iter().any(|l| l.config.global.is_some())
     }
 }
 

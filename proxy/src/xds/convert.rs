@@ -95,6 +95,7 @@ pub struct InboundPolicy {
     pub authz: Vec<config::authz::AuthzPolicy>,
     pub jwt: Vec<config::authn::JwtRule>,
     pub rate_limits: Vec<config::ratelimit::RateLimit>,
+    pub rate_limit_service: Option<config::ratelimit::Service>,
 }
 
 /// The inbound policy from its streamed form.
@@ -199,8 +200,13 @@ pub fn convert_policy(p: &pb::PeerPolicy) -> Result<InboundPolicy, ConfigError> 
         .collect();
     config::authn::validate(&jwt)?;
     let rate_limits = convert_rate_limits(p)?;
-    config::ratelimit::validate(&rate_limits)?;
-    Ok(InboundPolicy { mtls: convert_mtls(p)?, authz: policies, jwt, rate_limits })
+    let rate_limit_service = p.rate_limit_service.as_ref().map(|s| config::ratelimit::Service {
+        address: s.address.clone(),
+        identity: s.identity.clone(),
+        timeout_ms: if s.timeout_ms == 0 { 200 } else { u64::from(s.timeout_ms) },
+    });
+    config::ratelimit::validate(&rate_limits, rate_limit_service.as_ref())?;
+    Ok(InboundPolicy { mtls: convert_mtls(p)?, authz: policies, jwt, rate_limits, rate_limit_service })
 }
 
 /// The rate limits of an inbound policy from their streamed form.
@@ -239,6 +245,22 @@ fn convert_rate_limits(p: &pb::PeerPolicy) -> Result<Vec<config::ratelimit::Rate
             0 => None,
             s => Some(u16::try_from(s).unwrap_or(0)),
         };
+        let global = l.global.then(|| config::ratelimit::Global {
+            failure_open: l.failure_open,
+            window: match pb::QuotaWindow::try_from(l.window) {
+                Ok(pb::QuotaWindow::Hour) => Some(config::ratelimit::Window::Hour),
+                Ok(pb::QuotaWindow::Day) => Some(config::ratelimit::Window::Day),
+                Ok(pb::QuotaWindow::Month) => Some(config::ratelimit::Window::Month),
+                _ => None,
+            },
+            time_zone: Some(l.time_zone.clone()).filter(|z| !z.is_empty()),
+        });
+        if !l.global && (l.window != 0 || !l.time_zone.is_empty()) {
+            return Err(ConfigError::Invalid {
+                field: format!("{at}.window"),
+                message: "a quota's window needs a global limit".into(),
+            });
+        }
         out.push(RateLimit {
             policy: l.policy.clone(),
             name: l.name.clone(),
@@ -259,6 +281,7 @@ fn convert_rate_limits(p: &pb::PeerPolicy) -> Result<Vec<config::ratelimit::Rate
                     burst: Some(o.burst).filter(|b| *b > 0),
                 })
                 .collect(),
+            global,
         });
     }
     Ok(out)

@@ -170,6 +170,7 @@ impl Layers {
             c.authorization = p.authz.clone();
             c.request_authentication = p.jwt.clone();
             c.rate_limits = p.rate_limits.clone();
+            c.rate_limit_service = p.rate_limit_service.clone();
         }
         for (name, cluster) in &self.clusters {
             if self.base.clusters.iter().any(|b| &b.name == name) {
@@ -609,6 +610,7 @@ mod tests {
             authz: vec![deny.clone()],
             jwt: Vec::new(),
             rate_limits: Vec::new(),
+            rate_limit_service: None,
         });
         let c = layers.compose().unwrap();
         assert!(!c.inbound_pending, "the first policy is in");

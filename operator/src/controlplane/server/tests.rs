@@ -405,6 +405,7 @@ fn policy(mode: pb::MtlsMode) -> Arc<Collection> {
         authz: Vec::new(),
         jwt: Vec::new(),
         rate_limits: Vec::new(),
+        rate_limit_service: None,
     }));
     Arc::new(Collection::of([(e.resource.name.clone(), Arc::new(e))].into()))
 }

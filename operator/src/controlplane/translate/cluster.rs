@@ -213,6 +213,7 @@ mod tests {
             authz: Vec::new(),
             jwt: Vec::new(),
             rate_limits: Vec::new(),
+            rate_limit_service: None,
         };
         let disabled_port = pb::PeerPolicy {
             mode: pb::MtlsMode::MtlsStrict as i32,
@@ -220,6 +221,7 @@ mod tests {
             authz: Vec::new(),
             jwt: Vec::new(),
             rate_limits: Vec::new(),
+            rate_limit_service: None,
         };
         let pod = |k: &Key| match k.1.as_str() {
             "a" => Some(PodView { info: &sidecar, policy: &strict }),
@@ -268,6 +270,7 @@ mod tests {
             authz: Vec::new(),
             jwt: Vec::new(),
             rate_limits: Vec::new(),
+            rate_limit_service: None,
         };
         let pod = |k: &Key| match k.1.as_str() {
             "v1" => Some(PodView { info: &v1, policy: &strict }),

@@ -87,7 +87,14 @@ pub fn peer_policy(
     let ports = workload
         .map(|w| w.ports.iter().map(|(port, m)| (*port, to_pb(*m).unwrap_or(mode) as i32)).collect())
         .unwrap_or_default();
-    pb::PeerPolicy { mode: mode as i32, ports, authz: Vec::new(), jwt: Vec::new(), rate_limits: Vec::new() }
+    pb::PeerPolicy {
+        mode: mode as i32,
+        ports,
+        authz: Vec::new(),
+        jwt: Vec::new(),
+        rate_limits: Vec::new(),
+        rate_limit_service: None,
+    }
 }
 
 /// The policy as the resource streams send.

@@ -101,6 +101,11 @@ impl Rl {
                         }
                     })
                     .collect(),
+                // Local until RateLimitPolicy has a scope.
+                global: false,
+                failure_open: true,
+                window: pb::QuotaWindow::None as i32,
+                time_zone: String::new(),
             });
         }
         Rl {

@@ -1,0 +1,263 @@
+//! The counters in Redis: a standalone server (one connection, multiplexed, reconnecting) or a
+//! Redis Cluster (the redis crate's cluster client, which follows slot moves). Every decision
+//! is one Lua script over one key, so it is atomic on its own and lives in one slot.
+//!
+//! Rates use GCRA (the generic cell rate algorithm): one key holds the theoretical arrival time
+//! (TAT) of the next request; a request is admitted if it arrives no earlier than `burst`
+//! emission intervals before the TAT, and then moves it one interval on. One key of one number
+//! per counter, no per-request entries (a sliding log would keep one per request), and exact
+//! at any rate a 64-bit float of milliseconds resolves (intervals down to about a microsecond).
+//! Quotas are counters per calendar window: the key names the window's start, so a new window
+//! starts from zero at its boundary; the key expires a minute after the window ends.
+
+use std::time::Duration;
+
+use redis::{IntoConnectionInfo, Script, aio::ConnectionLike};
+use tokio::sync::Mutex;
+
+/// Where the counters are.
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    /// `host:port`, or for a cluster the seed nodes.
+    pub addresses: Vec<String>,
+    pub cluster: bool,
+    pub password: Option<String>,
+    /// Each operation's bound (a decision that waits longer fails, and the proxy's failure
+    /// mode applies).
+    pub timeout: Duration,
+}
+
+enum Conn {
+    Single(redis::aio::ConnectionManager),
+    /// Connected on first use (a cluster client connects eagerly), again after a failure.
+    Cluster(Box<Cluster>),
+}
+
+struct Cluster {
+    client: redis::cluster::ClusterClient,
+    conn: Mutex<Option<redis::cluster_async::ClusterConnection>>,
+}
+
+pub struct Store {
+    conn: Conn,
+    timeout: Duration,
+    gcra: Script,
+    quota: Script,
+    peek_gcra: Script,
+}
+
+/// What a script decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub admitted: bool,
+    pub remaining: u64,
+    /// Refused: until one would be admitted. A quota: until its window ends.
+    pub retry_after_ms: u64,
+    pub used: u64,
+}
+
+const GCRA: &str = r"
+local now = tonumber(ARGV[1])
+local interval = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allow_at = new_tat - burst * interval
+if now < allow_at then
+  return {0, 0, math.ceil(allow_at - now), math.ceil((tat - now) / interval)}
+end
+redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', math.ceil(new_tat - now) + 1000)
+return {1, math.floor((now - allow_at) / interval), 0, math.ceil((new_tat - now) / interval)}
+";
+
+const PEEK_GCRA: &str = r"
+local now = tonumber(ARGV[1])
+local interval = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local left = math.floor((now + burst * interval - tat) / interval)
+return {1, left, math.ceil(tat - now), math.ceil((tat - now) / interval)}
+";
+
+const QUOTA: &str = r"
+local limit = tonumber(ARGV[1])
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+if ARGV[3] == '0' then
+  return {1, math.max(limit - used, 0), 0, used}
+end
+if used + 1 > limit then
+  return {0, 0, 0, used}
+end
+used = redis.call('INCR', KEYS[1])
+if used == 1 then redis.call('PEXPIREAT', KEYS[1], ARGV[2]) end
+return {1, limit - used, 0, used}
+";
+
+impl Store {
+    /// Within a Tokio runtime (the connection task is spawned at once, connected on first use).
+    pub fn new(cfg: &RedisConfig) -> Result<Store, String> {
+        let info = |a: &str| -> Result<redis::ConnectionInfo, String> {
+            let url = if a.contains("://") { a.to_string() } else { format!("redis://{a}") };
+            let info =
+                url.as_str().into_connection_info().map_err(|e| format!("redis address {a:?}: {e}"))?;
+            Ok(match &cfg.password {
+                Some(p) => {
+                    let settings = info.redis_settings().clone().set_password(p);
+                    info.set_redis_settings(settings)
+                }
+                None => info,
+            })
+        };
+        let conn = if cfg.cluster {
+            let nodes = cfg.addresses.iter().map(|a| info(a)).collect::<Result<Vec<_>, _>>()?;
+            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+                .connection_timeout(cfg.timeout)
+                .response_timeout(cfg.timeout)
+                .build()
+                .map_err(|e| format!("redis cluster: {e}"))?;
+            Conn::Cluster(Box::new(Cluster { client, conn: Mutex::new(None) }))
+        } else {
+            let [address] = cfg.addresses.as_slice() else {
+                return Err("a standalone Redis has one address".into());
+            };
+            let client = redis::Client::open(info(address)?).map_err(|e| format!("redis: {e}"))?;
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(cfg.timeout))
+                .set_response_timeout(Some(cfg.timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_secs(1));
+            Conn::Single(
+                redis::aio::ConnectionManager::new_lazy_with_config(client, config)
+                    .map_err(|e| format!("redis: {e}"))?,
+            )
+        };
+        Ok(Store {
+            conn,
+            timeout: cfg.timeout,
+            gcra: Script::new(GCRA),
+            quota: Script::new(QUOTA),
+            peek_gcra: Script::new(PEEK_GCRA),
+        })
+    }
+
+    /// A rate: `burst` at once, then one per `interval_ms`.
+    pub async fn gcra(
+        &self,
+        key: &str,
+        now_ms: f64,
+        interval_ms: f64,
+        burst: u64,
+    ) -> Result<Outcome, String> {
+        let mut inv = self.gcra.prepare_invoke();
+        inv.key(key).arg(now_ms).arg(interval_ms).arg(burst);
+        self.run(&inv).await
+    }
+
+    /// What is left of a rate, counting nothing.
+    pub async fn peek_gcra(
+        &self,
+        key: &str,
+        now_ms: f64,
+        interval_ms: f64,
+        burst: u64,
+    ) -> Result<Outcome, String> {
+        let mut inv = self.peek_gcra.prepare_invoke();
+        inv.key(key).arg(now_ms).arg(interval_ms).arg(burst);
+        self.run(&inv).await
+    }
+
+    /// A quota of `limit` in the window the key names, which ends at `expire_at_ms`;
+    /// `count: false` only reads it.
+    pub async fn quota(
+        &self,
+        key: &str,
+        limit: u64,
+        expire_at_ms: i64,
+        count: bool,
+    ) -> Result<Outcome, String> {
+        let mut inv = self.quota.prepare_invoke();
+        inv.key(key).arg(limit).arg(expire_at_ms).arg(if count { "1" } else { "0" });
+        self.run(&inv).await
+    }
+
+    /// Whether Redis answers.
+    pub async fn ping(&self) -> Result<(), String> {
+        let cmd = redis::cmd("PING");
+        let run = async {
+            match &self.conn {
+                Conn::Single(c) => {
+                    let mut c = c.clone();
+                    c.req_packed_command(&cmd).await.map(drop)
+                }
+                Conn::Cluster(_) => {
+                    let mut c = self.cluster().await?;
+                    let r = c.req_packed_command(&cmd).await.map(drop);
+                    if r.is_err() {
+                        self.forget_cluster().await;
+                    }
+                    r
+                }
+            }
+        };
+        tokio::time::timeout(self.timeout, run)
+            .await
+            .map_err(|_| format!("Redis did not answer within {:?}", self.timeout))?
+            .map_err(|e| e.to_string())
+    }
+
+    async fn run(&self, inv: &redis::ScriptInvocation<'_>) -> Result<Outcome, String> {
+        let run = async {
+            let v: Vec<i64> = match &self.conn {
+                Conn::Single(c) => {
+                    let mut c = c.clone();
+                    inv.invoke_async(&mut c).await?
+                }
+                Conn::Cluster(_) => {
+                    let mut c = self.cluster().await?;
+                    let r = inv.invoke_async(&mut c).await;
+                    if r.is_err() {
+                        self.forget_cluster().await;
+                    }
+                    r?
+                }
+            };
+            Ok::<_, redis::RedisError>(v)
+        };
+        let v = tokio::time::timeout(self.timeout, run)
+            .await
+            .map_err(|_| format!("Redis did not answer within {:?}", self.timeout))?
+            .map_err(|e| e.to_string())?;
+        let [admitted, remaining, retry, used] = v.as_slice() else {
+            return Err(format!("the script answered {v:?}"));
+        };
+        Ok(Outcome {
+            admitted: *admitted == 1,
+            remaining: (*remaining).max(0) as u64,
+            retry_after_ms: (*retry).max(0) as u64,
+            used: (*used).max(0) as u64,
+        })
+    }
+
+    async fn cluster(&self) -> redis::RedisResult<redis::cluster_async::ClusterConnection> {
+        let Conn::Cluster(c) = &self.conn else { unreachable!("called for a cluster") };
+        let mut slot = c.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = c.client.get_async_connection().await?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn forget_cluster(&self) {
+        if let Conn::Cluster(c) = &self.conn {
+            // The cluster client reconnects nodes itself; a fresh one also finds a new topology
+            // after every seed was down.
+            if let Ok(mut s) = c.conn.try_lock() {
+                *s = None;
+            }
+        }
+    }
+}

@@ -1,0 +1,438 @@
+//! Global rate limits and quotas end to end on loopback: inbound sidecars ask the rate-limit
+//! service (the library's server, over mutual TLS with certificates of a test CA), which counts
+//! in a real Redis (`redis-server`, started here on a free loopback port).
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use common::Pki;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::{Request, Response, body::Bytes, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use jiff::Timestamp;
+use mycel_api::v1alpha1 as pb;
+use mycel_proxy::{
+    Running,
+    config::Config,
+    rls::{
+        Grpc, Service,
+        store::{RedisConfig, Store},
+    },
+    tls::mtls::MeshTls,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+const DOMAIN: &str = "test.local";
+const RLS: &str = "spiffe://test.local/ns/mycel-system/sa/mycel-ratelimit";
+const SHOP: &str = "spiffe://test.local/ns/shop/sa/server";
+const WEB: &str = "spiffe://test.local/ns/web/sa/client";
+
+/// A redis-server of its own on a free loopback port, stopped when dropped.
+struct Redis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    async fn start() -> Redis {
+        let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+        let mut r = Redis { port, child: None };
+        r.restart().await;
+        r
+    }
+
+    async fn restart(&mut self) {
+        self.stop();
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--dir", "/tmp"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("redis-server: {e} (scripts/setup installs it: apt-get install redis-server)")
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut c) = TcpStream::connect(("127.0.0.1", self.port)).await {
+                let mut buf = [0u8; 7];
+                if c.write_all(b"PING\r\n").await.is_ok()
+                    && c.read_exact(&mut buf).await.is_ok()
+                    && &buf == b"+PONG\r\n"
+                {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "redis-server did not answer on port {} in 20 s", self.port);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn service(redis: &Redis) -> Arc<Service> {
+    let store = Store::new(&RedisConfig {
+        addresses: vec![redis.address()],
+        cluster: false,
+        password: None,
+        timeout: Duration::from_millis(300),
+    })
+    .unwrap();
+    Arc::new(Service::new(Arc::new(store), "mycel-system".into(), DOMAIN.into()))
+}
+
+/// The rate-limit service on a loopback port, over mutual TLS as `RLS`.
+async fn rate_limit_service(pki: &Pki, redis: &Redis) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let mesh = Arc::new(MeshTls::default());
+    mesh.set_identity(&pki.identity(RLS)).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let grpc = Grpc { service: service(redis), local: false };
+    (addr, tokio::spawn(mycel_proxy::rls::serve::serve(l, grpc, Some(mesh))))
+}
+
+/// An app that answers 200.
+async fn app() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc = service_fn(|_req: Request<hyper::body::Incoming>| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An inbound sidecar of the shop in front of `app`, counting `limits` (YAML list items) at the
+/// rate-limit service `rls`.
+async fn sidecar(pki: &Pki, app: SocketAddr, rls: SocketAddr, limits: &str) -> (Running, SocketAddr) {
+    let yaml = format!(
+        "admin: '127.0.0.1:0'\nlisteners:\n- {{name: inbound, address: '127.0.0.1:0', protocol: auto, direction: inbound, cluster: app}}\nclusters:\n- {{name: app, endpoints: ['{app}']}}\nrateLimitService: {{address: '{rls}', identity: '{RLS}', timeoutMs: 1000}}\nrateLimits:\n{limits}"
+    );
+    let proxy = mycel_proxy::start(Config::parse(&yaml).unwrap()).await.unwrap();
+    proxy.shared.mesh.set_identity(&pki.identity(SHOP)).unwrap();
+    let addr = proxy.listener("inbound").await.unwrap();
+    (proxy, addr)
+}
+
+async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, hyper::HeaderMap) {
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::builder().uri(path).header("host", "shop");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        tx.send_request(req.body(Empty::<Bytes>::new()).unwrap()),
+    )
+    .await
+    .expect("the sidecar answers within 10 s")
+    .unwrap();
+    let (parts, body) = resp.into_parts();
+    let _ = body.collect().await;
+    (parts.status.as_u16(), parts.headers)
+}
+
+#[tokio::test]
+async fn two_sidecars_share_one_counter() {
+    let (pki, redis) = (Pki::new(), Redis::start().await);
+    let (rls, _s) = rate_limit_service(&pki, &redis).await;
+    let app = app().await;
+    let limits = "- {policy: shop/limits, name: shared, requests: 10, perSeconds: 3600, global: {}}\n";
+    let (_a, a) = sidecar(&pki, app, rls, limits).await;
+    let (_b, b) = sidecar(&pki, app, rls, limits).await;
+    let (mut admitted, mut refused) = (0, 0);
+    for _ in 0..8 {
+        for at in [a, b] {
+            let (status, headers) = get(at, "/", &[]).await;
+            match status {
+                200 => admitted += 1,
+                429 => {
+                    refused += 1;
+                    assert_eq!(headers["x-mycel-error"], "RL rate_limited", "{headers:?}");
+                    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+                    // One request in 360 s comes back.
+                    assert!((300..=360).contains(&retry), "retry-after {retry}");
+                }
+                s => panic!("status {s}: {headers:?}"),
+            }
+        }
+    }
+    assert_eq!((admitted, refused), (10, 6), "10 an hour across both sidecars, not 10 each");
+}
+
+#[tokio::test]
+async fn each_value_of_the_key_has_its_own_counter_across_sidecars() {
+    let (pki, redis) = (Pki::new(), Redis::start().await);
+    let (rls, _s) = rate_limit_service(&pki, &redis).await;
+    let app = app().await;
+    let limits = "- {policy: shop/limits, name: per-user, requests: 3, perSeconds: 3600, key: {header: x-user}, global: {}}\n";
+    let (_a, a) = sidecar(&pki, app, rls, limits).await;
+    let (_b, b) = sidecar(&pki, app, rls, limits).await;
+    for _ in 0..3 {
+        assert_eq!(get(a, "/", &[("x-user", "alice")]).await.0, 200);
+    }
+    assert_eq!(get(b, "/", &[("x-user", "alice")]).await.0, 429, "alice spent hers at the other sidecar");
+    assert_eq!(get(b, "/", &[("x-user", "bob")]).await.0, 200);
+    // A value longer than the service takes is counted by its digest, still apart.
+    let (long_a, long_b) = ("a".repeat(5000), "b".repeat(5000));
+    for _ in 0..3 {
+        assert_eq!(get(a, "/", &[("x-user", &long_a)]).await.0, 200);
+    }
+    assert_eq!(get(b, "/", &[("x-user", &long_a)]).await.0, 429);
+    assert_eq!(get(b, "/", &[("x-user", &long_b)]).await.0, 200);
+}
+
+/// A client of the service that proves `id`.
+fn client(pki: &Pki, rls: SocketAddr, id: &str) -> mycel_proxy::policy::global::Client {
+    let mesh = Arc::new(MeshTls::default());
+    mesh.set_identity(&pki.identity(id)).unwrap();
+    let s = mycel_proxy::config::ratelimit::Service {
+        address: rls.to_string(),
+        identity: RLS.into(),
+        timeout_ms: 2000,
+    };
+    mycel_proxy::policy::global::Client::new(&s, mesh).unwrap()
+}
+
+fn hit(policy: &str) -> pb::Hit {
+    pb::Hit {
+        policy: policy.into(),
+        limit: "l".into(),
+        key: String::new(),
+        requests: 5,
+        per_seconds: 60,
+        burst: 5,
+        window: pb::QuotaWindow::None as i32,
+        time_zone: String::new(),
+        shadow: false,
+    }
+}
+
+#[tokio::test]
+async fn a_tenant_cannot_spend_another_tenants_counters() {
+    let (pki, redis) = (Pki::new(), Redis::start().await);
+    let (rls, _s) = rate_limit_service(&pki, &redis).await;
+    let web = client(&pki, rls, WEB);
+    let ask = |hits: Vec<pb::Hit>| web.ask(pb::CheckRequest { hits });
+    let e = ask(vec![hit("shop/limits")]).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("namespace web"), "{}", e.message());
+    // Its own namespace's and the root namespace's it may.
+    let v = ask(vec![hit("web/limits"), hit("mycel-system/mesh")]).await.unwrap();
+    assert!(v.iter().all(|v| v.admitted), "{v:?}");
+    assert_eq!(v[0].remaining, 4);
+    // A caller of another trust domain may not.
+    let other = client(&pki, rls, "spiffe://elsewhere.local/ns/web/sa/client");
+    let e = other.ask(pb::CheckRequest { hits: vec![hit("web/limits")] }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // Out of bounds: the field named.
+    let e = ask(vec![hit("web/limits"); 65]).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let mut long = hit("web/limits");
+    long.key = "k".repeat(513);
+    let e = ask(vec![long]).await.unwrap_err();
+    assert!(e.message().contains("hits[0]") && e.message().contains("key"), "{}", e.message());
+    // Plaintext gets no answer at all.
+    let mut c = TcpStream::connect(rls).await.unwrap();
+    c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf)).await.unwrap().unwrap_or(0);
+    assert!(n == 0 || buf[0] == 0x15, "plaintext gets a TLS alert or nothing, not HTTP/2: {:?}", &buf[..n]);
+}
+
+#[tokio::test]
+async fn while_redis_is_down_each_limit_fails_open_or_closed() {
+    let (pki, mut redis) = (Pki::new(), Redis::start().await);
+    let (rls, _s) = rate_limit_service(&pki, &redis).await;
+    let app = app().await;
+    let (open, o) = sidecar(
+        &pki,
+        app,
+        rls,
+        "- {policy: shop/open, name: open, requests: 1000, perSeconds: 60, global: {failureOpen: true}}\n",
+    )
+    .await;
+    let (_closed, c) = sidecar(
+        &pki,
+        app,
+        rls,
+        "- {policy: shop/closed, name: closed, requests: 1000, perSeconds: 60, global: {failureOpen: false}}\n",
+    )
+    .await;
+    assert_eq!(get(o, "/", &[]).await.0, 200);
+    assert_eq!(get(c, "/", &[]).await.0, 200);
+    redis.stop();
+    let started = Instant::now();
+    assert_eq!(get(o, "/", &[]).await.0, 200, "fail open: admitted");
+    let (status, headers) = get(c, "/", &[]).await;
+    assert_eq!(status, 503, "fail closed: refused");
+    assert_eq!(headers["x-mycel-error"], "RLSE rate_limit_service_unavailable");
+    // Within the service's timeout (1 s here) each, not a hang.
+    assert!(started.elapsed() < Duration::from_secs(8), "took {:?}", started.elapsed());
+    let metrics = admin_metrics(open.admin).await;
+    assert!(
+        metrics.lines().any(|l| l.starts_with("mycel_ratelimit_decisions_total")
+            && l.contains("result=\"failure_open\"")
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    // Back when Redis is.
+    redis.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get(c, "/", &[]).await.0 != 200 {
+        assert!(Instant::now() < deadline, "still refused 30 s after Redis came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn admin_metrics(admin: SocketAddr) -> String {
+    let s = TcpStream::connect(admin).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder().uri("/metrics").header("host", "admin").body(Empty::<Bytes>::new()).unwrap();
+    let body = tx.send_request(req).await.unwrap().into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+#[tokio::test]
+async fn a_daily_quota_outlives_the_service_and_the_sidecar_that_counted_it() {
+    let (pki, redis) = (Pki::new(), Redis::start().await);
+    let app = app().await;
+    let limits = "- {policy: shop/quota, name: daily, requests: 5, perSeconds: 86400, global: {window: day, timeZone: UTC}}\n";
+    {
+        let (rls, service) = rate_limit_service(&pki, &redis).await;
+        let (_a, a) = sidecar(&pki, app, rls, limits).await;
+        for _ in 0..5 {
+            assert_eq!(get(a, "/", &[]).await.0, 200);
+        }
+        let (status, headers) = get(a, "/", &[]).await;
+        assert_eq!(status, 429);
+        // Until midnight UTC.
+        let retry: i64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+        let now = Timestamp::now().as_second();
+        let midnight = (now / 86_400 + 1) * 86_400;
+        assert!((retry - (midnight - now)).abs() <= 5, "retry-after {retry}, midnight in {}", midnight - now);
+        service.abort();
+    }
+    // Another service, another sidecar: the same count, in Redis.
+    let (rls, _s) = rate_limit_service(&pki, &redis).await;
+    let (_b, b) = sidecar(&pki, app, rls, limits).await;
+    assert_eq!(get(b, "/", &[]).await.0, 429);
+}
+
+fn rate(key: &str, requests: u64, per_seconds: u64, burst: u64) -> pb::Hit {
+    pb::Hit {
+        policy: "shop/limits".into(),
+        limit: "rate".into(),
+        key: key.into(),
+        requests,
+        per_seconds,
+        burst,
+        window: pb::QuotaWindow::None as i32,
+        time_zone: String::new(),
+        shadow: false,
+    }
+}
+
+/// The service's decisions by its clock, moved by the test: a rate admits what it says over
+/// time whatever share each caller asks, and a quota starts anew at its window's boundary.
+#[tokio::test]
+async fn rates_hold_over_time_and_quotas_reset_at_the_boundary() {
+    let redis = Redis::start().await;
+    let s = service(&redis);
+    let t0 = Timestamp::now().as_millisecond();
+    // 50 a second, burst 50, for 10 s: three callers asking every 2, 3 and 7 ms (about 976
+    // asks a second between them).
+    let mut admitted = 0;
+    for ms in 0..10_000i64 {
+        for every in [2, 3, 7] {
+            if ms % every == 0 {
+                let now = Timestamp::from_millisecond(t0 + ms).unwrap();
+                let v = s.check(SHOP, &[rate("k", 50, 1, 50)], now).await.unwrap();
+                admitted += v[0].admitted as u32;
+            }
+        }
+    }
+    // The burst, then one each 20 ms over the 10 s after the first.
+    assert!((549..=551).contains(&admitted), "admitted {admitted}");
+
+    // A day in Berlin, asked one millisecond before the next local midnight and at it.
+    let quota = |tz: &str| pb::Hit {
+        limit: "quota".into(),
+        requests: 3,
+        per_seconds: 86_400,
+        burst: 0,
+        window: pb::QuotaWindow::Day as i32,
+        time_zone: tz.into(),
+        ..rate("k", 0, 0, 0)
+    };
+    let berlin = jiff::tz::TimeZone::get("Europe/Berlin").unwrap();
+    let (_, midnight) =
+        mycel_proxy::rls::window_bounds(Timestamp::now(), &berlin, pb::QuotaWindow::Day).unwrap();
+    let before = Timestamp::from_millisecond(midnight - 1).unwrap();
+    for _ in 0..3 {
+        assert!(s.check(SHOP, &[quota("Europe/Berlin")], before).await.unwrap()[0].admitted);
+    }
+    let v = s.check(SHOP, &[quota("Europe/Berlin")], before).await.unwrap();
+    assert!(!v[0].admitted);
+    assert_eq!(v[0].retry_after_ms, 1, "until local midnight");
+    let at = Timestamp::from_millisecond(midnight).unwrap();
+    let v = s.check(SHOP, &[quota("Europe/Berlin")], at).await.unwrap();
+    assert!(v[0].admitted && v[0].remaining == 2, "{v:?}");
+    // The same instant is still the 3rd in UTC: another window, another counter.
+    assert!(s.check(SHOP, &[quota("UTC")], before).await.unwrap()[0].admitted);
+
+    // What is left, without counting.
+    let r = pb::RemainingRequest {
+        policy: "shop/limits".into(),
+        limit: "quota".into(),
+        key: "k".into(),
+        requests: 3,
+        per_seconds: 86_400,
+        burst: 0,
+        window: pb::QuotaWindow::Day as i32,
+        time_zone: "Europe/Berlin".into(),
+    };
+    for _ in 0..2 {
+        let left = s.remaining(&r, at).await.unwrap();
+        assert_eq!((left.used, left.remaining), (1, 2));
+        assert_eq!(left.window_start, at.to_string());
+        assert_eq!(left.reset_ms, 86_400_000);
+    }
+}
