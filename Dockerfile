@@ -16,6 +16,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && mkdir -p /out \
  && cp target/x86_64-unknown-linux-gnu/release/mycel-operator \
        target/x86_64-unknown-linux-gnu/release/mycel-proxy \
+       target/x86_64-unknown-linux-gnu/release/mycel-ratelimit \
        target/x86_64-unknown-linux-gnu/release/mycelctl /out/
 
 FROM gcr.io/distroless/static-debian12:nonroot AS operator
@@ -29,5 +30,6 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends iptables \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/mycel-proxy /usr/local/bin/mycel-proxy
+COPY --from=build /out/mycel-ratelimit /usr/local/bin/mycel-ratelimit
 USER 1337:1337
 ENTRYPOINT ["/usr/local/bin/mycel-proxy"]

@@ -81,6 +81,10 @@ pub struct MeshInstallationSpec {
     /// The sidecar-injection and validation webhooks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<WebhookSpec>,
+    /// The rate-limit service (`mycel-ratelimit-<revision>`), which counts RateLimitPolicy
+    /// limits of `scope: Global` in Redis; deployed when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
 }
 
 fn default_revision() -> String {
@@ -274,6 +278,59 @@ pub enum ServiceType {
     ClusterIP,
     NodePort,
     LoadBalancer,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.timeout) || duration(self.timeout) <= duration('10s')")
+    .message("timeout must be at most 10s").field_path(".timeout"))]
+pub struct RateLimitSpec {
+    /// Replicas of the service (default 2); each proxy keeps one connection to one of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 20))]
+    pub replicas: Option<i32>,
+    pub redis: RedisSpec,
+    /// How long a proxy waits for a decision before the limit's `failureMode` applies
+    /// (default 200ms, at most 10s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// Where the counters are kept.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisSpec {
+    /// `host:port` of a standalone Redis, or with `cluster: true` seed nodes of a Redis Cluster.
+    #[schemars(length(min = 1, max = 16))]
+    pub addresses: Vec<RedisAddress>,
+    /// A Redis Cluster: keys are spread over its masters, and moves of slots followed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<bool>,
+    /// The Redis password: a key of a Secret in the installation's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret: Option<SecretKeySelector>,
+}
+
+/// `host:port`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(transparent)]
+pub struct RedisAddress(
+    #[schemars(
+        length(min = 3, max = 260),
+        regex(pattern = r"^[A-Za-z0-9.-]+:[0-9]{1,5}$|^\[[0-9A-Fa-f:.]+\]:[0-9]{1,5}$")
+    )]
+    pub String,
+);
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeySelector {
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

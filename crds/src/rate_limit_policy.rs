@@ -44,11 +44,29 @@ pub struct RateLimitPolicySpec {
 #[x_kube(validation = Rule::new("!has(self.overrides) || (has(self.key) && self.key.type != 'Global')")
     .message("overrides need a key other than Global (they name values of the key)")
     .field_path(".overrides"))]
+#[x_kube(validation = Rule::new("!has(self.window) || self.window != 'Calendar' || (has(self.scope) && self.scope == 'Global')")
+    .message("a Calendar window is a quota counted by the rate-limit service: set scope: Global")
+    .field_path(".window"))]
+#[x_kube(validation = Rule::new("!has(self.window) || self.window != 'Calendar' || self.unit in ['hour', 'day', 'month']")
+    .message("a Calendar window is an hour, a day or a month: set unit to one of them")
+    .field_path(".unit"))]
+#[x_kube(validation = Rule::new("self.unit != 'month' || (has(self.window) && self.window == 'Calendar')")
+    .message("unit month is a calendar quota only: set window: Calendar and scope: Global")
+    .field_path(".unit"))]
+#[x_kube(validation = Rule::new("!has(self.timeZone) || (has(self.window) && self.window == 'Calendar')")
+    .message("timeZone applies to a Calendar window only").field_path(".timeZone"))]
+#[x_kube(validation = Rule::new("!has(self.failureMode) || (has(self.scope) && self.scope == 'Global')")
+    .message("failureMode applies to scope Global only (a local limit needs no service)")
+    .field_path(".failureMode"))]
+#[x_kube(validation = Rule::new("!has(self.window) || self.window != 'Calendar' || (!has(self.burst) && (!has(self.overrides) || self.overrides.all(o, !has(o.burst))))")
+    .message("a Calendar quota has no burst: it admits requests per window, however they come")
+    .field_path(".burst"))]
 pub struct RateLimit {
     /// Shown in metrics and in the `x-mycel-ratelimit` response header.
     #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: String,
-    /// Requests allowed per `unit`, refilled continuously (10 per second: one every 100 ms).
+    /// Requests allowed per `unit`: refilled continuously (10 per second: one every 100 ms), or
+    /// per calendar window (`window: Calendar`).
     #[schemars(range(min = 1, max = 1_000_000_000))]
     pub requests: i64,
     pub unit: RateUnit,
@@ -75,6 +93,45 @@ pub struct RateLimit {
     #[x_kube(validation = Rule::new("self.all(o, self.exists_one(p, p.value == o.value))")
         .message("override values must be unique"))]
     pub overrides: Option<Vec<LimitOverride>>,
+    /// Where it is counted: `Local` (default), by each selected sidecar on its own, so every
+    /// replica admits `requests` per `unit`; `Global`, once for all of them, by the mesh's
+    /// rate-limit service in Redis (the MeshInstallation's `spec.rateLimit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<LimitScope>,
+    /// `Rolling` (default): `requests` per `unit`, refilled continuously. `Calendar` (Global
+    /// only): a quota of `requests` per calendar hour, day or month in `timeZone`, starting
+    /// anew at each boundary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<LimitWindow>,
+    /// The IANA time zone of a Calendar window's boundaries (default UTC), e.g. `Europe/Berlin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$"))]
+    pub time_zone: Option<String>,
+    /// While the rate-limit service cannot decide (unreachable, or Redis is): `Open` (default)
+    /// admits, `Closed` refuses with 503.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_mode: Option<FailureMode>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum LimitScope {
+    #[default]
+    Local,
+    Global,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum LimitWindow {
+    #[default]
+    Rolling,
+    Calendar,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum FailureMode {
+    #[default]
+    Open,
+    Closed,
 }
 
 /// The limit of one value of the key.
@@ -102,6 +159,8 @@ pub enum RateUnit {
     Minute,
     Hour,
     Day,
+    /// A calendar month (Calendar windows only).
+    Month,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]

@@ -302,6 +302,28 @@ pub fn testapp_image() -> Result<ImageSpec, Error> {
     })
 }
 
+/// Redis, from Debian's `redis-server`, for the rate-limit service's counters.
+pub const REDIS_IMAGE: &str = "docker.io/mycel/redis:test";
+
+/// The Redis image: the host's `redis-server` (scripts/setup installs it) and its libraries.
+pub fn redis_image() -> Result<ImageSpec, Error> {
+    let bin = Path::new("/usr/bin/redis-server");
+    if !bin.exists() {
+        return Err(Error::Command("redis-server not installed: scripts/setup installs it".into()));
+    }
+    let mut entries = with_libs("/usr/bin/redis-server", bin)?;
+    entries.extend(glibc_name_service()?);
+    entries.push(Entry::Dir { path: "/tmp".into(), mode: 0o1777 });
+    entries.push(Entry::Dir { path: "/data".into(), mode: 0o1777 });
+    Ok(ImageSpec {
+        reference: REDIS_IMAGE.into(),
+        entries,
+        entrypoint: vec!["/usr/bin/redis-server".into()],
+        cmd: vec![],
+        env: vec!["PATH=/usr/bin".into()],
+    })
+}
+
 /// Version tag of the operator and proxy images: what a MeshInstallation installs by default.
 pub fn mycel_version() -> String {
     format!("v{}", env!("CARGO_PKG_VERSION"))
@@ -322,10 +344,14 @@ pub fn operator_image() -> Result<ImageSpec, Error> {
     })
 }
 
-/// The proxy image, with iptables (nft backend, its extensions) for `mycel-proxy init`.
+/// The proxy image, with iptables (nft backend, its extensions) for `mycel-proxy init`, and
+/// `mycel-ratelimit`.
 pub fn proxy_image() -> Result<ImageSpec, Error> {
     let bin = crate::process::workspace_binary("mycel-proxy")?;
     let mut entries = with_libs("/usr/local/bin/mycel-proxy", &bin)?;
+    // The rate-limit service ships in the same image (the operator runs it by its command).
+    let rls = crate::process::workspace_binary("mycel-ratelimit")?;
+    entries.extend(with_libs("/usr/local/bin/mycel-ratelimit", &rls)?);
     entries.extend(glibc_name_service()?);
     let xtables = Path::new("/usr/sbin/xtables-nft-multi");
     if !xtables.exists() {

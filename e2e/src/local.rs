@@ -420,6 +420,7 @@ fn load_images(state: &Path, bin_dir: &Path) -> Result<(), Error> {
         ("test-app", images::testapp_image()),
         ("operator", images::operator_image()),
         ("proxy", images::proxy_image()),
+        ("redis", images::redis_image()),
     ] {
         match spec {
             Ok(spec) => specs.push(spec),

@@ -120,9 +120,22 @@ pub struct Installation {
     pub client: Client,
 }
 
+/// `a` with `b`'s keys set over it.
+fn merged(mut a: Value, b: Value) -> Value {
+    if let (Some(a), Value::Object(b)) = (a.as_object_mut(), b) {
+        a.extend(b);
+    }
+    a
+}
+
 impl Installation {
     /// Installs a revision (default profile) and waits until it is Ready.
     pub async fn start(c: &TestCluster, prefix: &str) -> Installation {
+        Installation::start_with(c, prefix, json!({})).await
+    }
+
+    /// The same, with more of the MeshInstallation's `spec` (merged over the revision).
+    pub async fn start_with(c: &TestCluster, prefix: &str, spec: Value) -> Installation {
         let client = c.client().await.unwrap();
         c.install_crds().unwrap();
         let root = c.namespace(prefix).await.unwrap();
@@ -131,7 +144,7 @@ impl Installation {
         let mis = mi_api(&client, &root.name);
         let mi: DynamicObject = serde_json::from_value(json!({
             "apiVersion": "mycel.io/v1alpha1", "kind": "MeshInstallation",
-            "metadata": {"name": "mesh"}, "spec": {"revision": revision}
+            "metadata": {"name": "mesh"}, "spec": merged(json!({"revision": revision}), spec)
         }))
         .unwrap();
         mis.create(&PostParams::default(), &mi).await.unwrap();
@@ -172,7 +185,12 @@ impl Installation {
 
     /// Waits until Deployment `name` of the application namespace has `replicas` available.
     pub async fn available(&self, name: &str, replicas: i32) {
-        let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), &self.app.name);
+        self.available_in(&self.app.name, name, replicas).await
+    }
+
+    /// Waits until Deployment `name` of `namespace` has `replicas` available.
+    pub async fn available_in(&self, namespace: &str, name: &str, replicas: i32) {
+        let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), namespace);
         let ok = tokio::time::timeout(
             Duration::from_secs(120),
             await_condition(deployments, name, move |d: Option<&Deployment>| {
@@ -181,7 +199,7 @@ impl Installation {
         )
         .await;
         if ok.is_err() {
-            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.app.name);
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
             let listed = pods.list(&ListParams::default()).await.unwrap();
             let states: Vec<String> = listed
                 .items

@@ -290,6 +290,46 @@ async fn wrong_resources_are_rejected_naming_the_field() {
             json!({"limits": [{"name": "a", "requests": 10, "unit": "second", "key": {"type": "SourceIP"}, "overrides": [{"value": "x", "requests": 20}, {"value": "x", "requests": 30}]}]}),
             vec!["spec.limits[0].overrides", "override values must be unique"],
         ),
+        (
+            "RateLimitPolicy",
+            json!({"limits": [{"name": "a", "requests": 10, "unit": "day", "window": "Calendar"}]}),
+            vec!["spec.limits[0].window", "set scope: Global"],
+        ),
+        (
+            "RateLimitPolicy",
+            json!({"limits": [{"name": "a", "requests": 10, "unit": "minute", "scope": "Global", "window": "Calendar"}]}),
+            vec!["spec.limits[0].unit", "an hour, a day or a month"],
+        ),
+        (
+            "RateLimitPolicy",
+            json!({"limits": [{"name": "a", "requests": 10, "unit": "month", "scope": "Global"}]}),
+            vec!["spec.limits[0].unit", "window: Calendar"],
+        ),
+        (
+            "RateLimitPolicy",
+            json!({"limits": [{"name": "a", "requests": 10, "unit": "day", "scope": "Global", "timeZone": "Europe/Berlin"}]}),
+            vec!["spec.limits[0].timeZone", "Calendar window only"],
+        ),
+        (
+            "RateLimitPolicy",
+            json!({"limits": [{"name": "a", "requests": 10, "unit": "second", "failureMode": "Closed"}]}),
+            vec!["spec.limits[0].failureMode", "scope Global only"],
+        ),
+        (
+            "RateLimitPolicy",
+            json!({"limits": [{"name": "a", "requests": 10, "unit": "day", "burst": 20, "scope": "Global", "window": "Calendar"}]}),
+            vec!["spec.limits[0].burst", "no burst"],
+        ),
+        (
+            "MeshInstallation",
+            json!({"rateLimit": {"redis": {"addresses": ["redis:6379"]}, "timeout": "30s"}}),
+            vec!["spec.rateLimit.timeout", "at most 10s"],
+        ),
+        (
+            "MeshInstallation",
+            json!({"rateLimit": {"redis": {"addresses": ["redis"]}}}),
+            vec!["spec.rateLimit.redis.addresses[0]"],
+        ),
     ];
     let mut failures = Vec::new();
     for (kind, spec, wanted) in cases {

@@ -14,7 +14,7 @@ use kube::{
 };
 use mycel_e2e::{
     TestCluster,
-    images::TESTAPP_IMAGE,
+    images::{REDIS_IMAGE, TESTAPP_IMAGE},
     mesh::{Installation, condition, echo, get, mycel_api, parse, run_job},
     port_forward_get,
 };
@@ -127,6 +127,9 @@ impl Load {
     }
 }
 
+/// The tests that measure rates run their loads one at a time (a 2-core machine).
+static MEASURING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn load(url: &str, rate: u32) -> Vec<String> {
     ["load", url, "--rate", &rate.to_string(), "--seconds", &SECONDS.to_string()]
         .iter()
@@ -162,6 +165,7 @@ async fn local_rate_limits_admit_their_rate_per_caller_and_replica() {
 
     // Three callers at once: one far over its limit, one with an override, one under it. Each
     // replica counts each caller in its own bucket.
+    let measuring = MEASURING.lock().await;
     let (h, v, q) =
         (load("http://web/limited", 100), load("http://web/limited", 150), load("http://web/limited", 4));
     let hammer = run_job(&client, &n, "hammer", "default", true, &h);
@@ -201,6 +205,8 @@ async fn local_rate_limits_admit_their_rate_per_caller_and_replica() {
         let sent = l.total["sent"].as_u64().unwrap_or(0);
         assert!(l.other() * 100 <= sent, "only 200 and 429, every request answered: {}", l.log);
     }
+
+    drop(measuring);
 
     // A quota per API key (2 per minute per replica): refused with its status and the headers
     // that say which limit and when to come back; another key is not touched.
@@ -260,5 +266,134 @@ async fn local_rate_limits_admit_their_rate_per_caller_and_replica() {
     for name in ["web-limits", "grpc-limit"] {
         rlps.delete(name, &Default::default()).await.unwrap();
     }
+    mesh.finish().await;
+}
+
+/// Redis for the rate-limit service, in the installation's namespace.
+fn redis() -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: redis}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: redis}}}}
+  template:
+    metadata: {{labels: {{app: redis}}}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: redis
+        image: {REDIS_IMAGE}
+        args: ["--bind", "0.0.0.0", "--port", "6379", "--protected-mode", "no", "--save", "", "--appendonly", "no", "--dir", "/data"]
+        readinessProbe: {{tcpSocket: {{port: 6379}}, periodSeconds: 1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: redis}}
+spec:
+  selector: {{app: redis}}
+  ports: [{{name: tcp-redis, port: 6379}}]
+"#
+    )
+}
+
+const GLOBAL: &str = r#"apiVersion: mycel.io/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: global}
+spec:
+  selector: {matchLabels: {app: web}}
+  limits:
+  - {name: global, requests: 50, unit: second, scope: Global}
+"#;
+
+/// Three client pods at unequal rates, started at the same second: the admitted requests per
+/// second of all of them over the steady window, the offered, and those by each server pod.
+async fn global_round(mesh: &Installation, round: &str) -> (f64, f64, BTreeMap<String, f64>) {
+    let (client, n) = (&mesh.client, &mesh.app.name);
+    let start_at = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+        + 25_000)
+        .to_string();
+    let args = |rate: u32| {
+        let mut a = load("http://web/", rate);
+        a.extend(["--start-at-ms".to_string(), start_at.clone()]);
+        a
+    };
+    let (a, b, c) = (args(70), args(45), args(25));
+    let (ja, jb, jc) = (format!("{round}-a"), format!("{round}-b"), format!("{round}-c"));
+    let ((ok_a, la), (ok_b, lb), (ok_c, lc)) = tokio::join!(
+        run_job(client, n, &ja, "default", true, &a),
+        run_job(client, n, &jb, "default", true, &b),
+        run_job(client, n, &jc, "default", true, &c),
+    );
+    assert!(ok_a && ok_b && ok_c, "{la}\n{lb}\n{lc}");
+    let loads = [Load::of(la), Load::of(lb), Load::of(lc)];
+    let (mut offered, mut admitted, mut pods) = (0.0, 0.0, BTreeMap::new());
+    for l in &loads {
+        let late = l.total["late_ms"].as_u64().unwrap_or(u64::MAX);
+        assert!(late <= 2_000, "every client started within 2 s of the others ({late} ms late): {}", l.log);
+        let sent = l.total["sent"].as_u64().unwrap_or(0);
+        assert!(l.other() * 100 <= sent, "only 200 and 429, every request answered: {}", l.log);
+        let (o, a, p) = l.steady();
+        offered += o;
+        admitted += a;
+        for (pod, r) in p {
+            *pods.entry(pod).or_default() += r;
+        }
+    }
+    (offered, admitted, pods)
+}
+
+#[tokio::test]
+async fn a_global_limit_admits_its_rate_in_total_across_clients_and_replicas() {
+    let c = TestCluster::shared().await.unwrap();
+    if c.local().is_some_and(|l| !l.info.real_node) {
+        mycel_e2e::skip("the local cluster has no real node (not root, or MYCEL_REAL_NODE=0)");
+        return;
+    }
+    let mesh = Installation::start_with(
+        &c,
+        "rl-global",
+        json!({"rateLimit": {"replicas": 2, "redis": {"addresses": ["redis:6379"]}}}),
+    )
+    .await;
+    let (client, n, root) = (mesh.client.clone(), mesh.app.name.clone(), mesh.root.name.clone());
+    c.kubectl_run(&["apply", "-n", &root, "-f", "-"], Some(&redis())).unwrap();
+    mesh.available_in(&root, "redis", 1).await;
+    mesh.available_in(&root, &format!("mycel-ratelimit-{}", mesh.revision), 2).await;
+    mesh.apply(&c, &echo("web", "web", "v1", 2));
+    mesh.apply(&c, GLOBAL);
+    mesh.available("web", 2).await;
+    let rlps = mycel_api(&client, &n, "RateLimitPolicy", "ratelimitpolicies");
+    let ready = condition(&rlps, "global", "Ready", "True").await;
+    assert!(ready["message"].as_str().unwrap_or("").contains("2 selected workload"), "{ready}");
+
+    let measuring = MEASURING.lock().await;
+    for (round, replicas) in [("two", 2), ("three", 3)] {
+        if replicas == 3 {
+            // More servers: still 50 a second in all (a per-replica share would give 75).
+            c.kubectl_run(&["scale", "-n", &n, "deployment/web", "--replicas=3"], None).unwrap();
+            mesh.available("web", 3).await;
+            mycel_e2e::eventually(
+                "the policy holds at 3 workloads",
+                std::time::Duration::from_secs(60),
+                || async {
+                    let o = rlps.get("global").await.map_err(|e| e.to_string())?;
+                    let msg = o.data["status"]["conditions"].to_string();
+                    if msg.contains("3 selected workload") { Ok(()) } else { Err(msg) }
+                },
+            )
+            .await;
+        }
+        let (offered, admitted, pods) = global_round(&mesh, round).await;
+        println!(
+            "global limit (50/s, {replicas} server replicas, 3 clients at 70/45/25): offered {offered:.1}/s, admitted {admitted:.2}/s {pods:?}"
+        );
+        assert!(offered >= 120.0, "the offered load is well above the limit: {offered}");
+        assert!((47.5..=52.5).contains(&admitted), "50 ± 5 % a second in total: {admitted} {pods:?}");
+        assert_eq!(pods.len(), replicas, "every replica admits some: {pods:?}");
+    }
+    drop(measuring);
+    rlps.delete("global", &Default::default()).await.unwrap();
     mesh.finish().await;
 }

@@ -224,6 +224,8 @@ async fn main() -> anyhow::Result<()> {
             let trust_domain = pick(trust_domain, mesh.trust_domain, "cluster.local");
             let namespace = pick(namespace, mesh.namespace, "mycel-system");
             let revision = pick(revision, mesh.revision, "default");
+            let rate_limit_service =
+                mesh.rate_limit.as_ref().map(|r| r.service(&namespace, &revision, &trust_domain));
             let mut settings = controlplane::Settings {
                 namespace: namespace.clone(),
                 revision: revision.clone(),
@@ -243,7 +245,8 @@ async fn main() -> anyhow::Result<()> {
                     mtls_mode: mesh.mtls_mode.unwrap_or_default(),
                     debounce: Duration::from_millis(debounce_ms),
                     debounce_max: Duration::from_millis(debounce_ms * 10),
-                    revision: Some(revision),
+                    revision: Some(revision.clone()),
+                    rate_limit_service,
                 },
                 trust_domain,
             };

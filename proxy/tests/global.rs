@@ -40,12 +40,23 @@ const WEB: &str = "spiffe://test.local/ns/web/sa/client";
 struct Redis {
     port: u16,
     child: Option<Child>,
+    /// A node of a Redis Cluster: its state file.
+    cluster_file: Option<String>,
 }
 
 impl Redis {
     async fn start() -> Redis {
         let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
-        let mut r = Redis { port, child: None };
+        let mut r = Redis { port, child: None, cluster_file: None };
+        r.restart().await;
+        r
+    }
+
+    /// A node of a Redis Cluster, not yet joined to one.
+    async fn cluster_node() -> Redis {
+        let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+        let file = format!("mycel-test-nodes-{port}-{}.conf", std::process::id());
+        let mut r = Redis { port, child: None, cluster_file: Some(file) };
         r.restart().await;
         r
     }
@@ -55,6 +66,10 @@ impl Redis {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--save", "", "--appendonly", "no", "--dir", "/tmp"])
+            .args(match &self.cluster_file {
+                Some(f) => vec!["--cluster-enabled", "yes", "--cluster-config-file", f.as_str()],
+                None => vec![],
+            })
             .stdout(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| {
@@ -92,7 +107,17 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.stop();
+        if let Some(f) = &self.cluster_file {
+            let _ = std::fs::remove_file(format!("/tmp/{f}"));
+        }
     }
+}
+
+/// The number of keys a Redis node holds.
+fn keys_at(port: u16) -> u64 {
+    let out =
+        Command::new("redis-cli").args(["-p", &port.to_string(), "DBSIZE"]).output().expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or_else(|_| panic!("DBSIZE said {out:?}"))
 }
 
 fn service(redis: &Redis) -> Arc<Service> {
@@ -435,4 +460,58 @@ async fn rates_hold_over_time_and_quotas_reset_at_the_boundary() {
         assert_eq!(left.window_start, at.to_string());
         assert_eq!(left.reset_ms, 86_400_000);
     }
+}
+
+/// A Redis Cluster of 3 masters carries the same counters: keys spread over every master, each
+/// counted exactly.
+#[tokio::test]
+async fn a_redis_cluster_of_three_masters_carries_the_counters() {
+    let nodes = [Redis::cluster_node().await, Redis::cluster_node().await, Redis::cluster_node().await];
+    let mut create = Command::new("redis-cli");
+    create.args(["--cluster", "create"]);
+    for n in &nodes {
+        create.arg(n.address());
+    }
+    let out = create.args(["--cluster-replicas", "0", "--cluster-yes"]).output().expect("redis-cli");
+    assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
+    // Until every node agrees the cluster is whole.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for n in &nodes {
+        loop {
+            let info = Command::new("redis-cli")
+                .args(["-p", &n.port.to_string(), "CLUSTER", "INFO"])
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the cluster did not become whole in 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let store = Store::new(&RedisConfig {
+        addresses: vec![nodes[0].address()],
+        cluster: true,
+        password: None,
+        timeout: Duration::from_millis(1000),
+    })
+    .unwrap();
+    let s = Service::new(Arc::new(store), "mycel-system".into(), DOMAIN.into());
+    let now = Timestamp::now();
+    // 30 keys, 5 an hour each: 7 asks of each admit 5.
+    for k in 0..30 {
+        let key = format!("user-{k}");
+        let admitted = {
+            let mut n = 0;
+            for _ in 0..7 {
+                n += s.check(SHOP, &[rate(&key, 5, 3600, 5)], now).await.unwrap()[0].admitted as u32;
+            }
+            n
+        };
+        assert_eq!(admitted, 5, "{key}");
+    }
+    let spread: Vec<u64> = nodes.iter().map(|n| keys_at(n.port)).collect();
+    assert_eq!(spread.iter().sum::<u64>(), 30, "{spread:?}");
+    assert!(spread.iter().all(|&n| n > 0), "every master holds some: {spread:?}");
+    assert!(s.store.ping().await.is_ok());
 }

@@ -128,6 +128,10 @@ enum Cmd {
         /// A request header, `name:value` (repeatable).
         #[arg(long = "header")]
         headers: Vec<String>,
+        /// Start at this wall-clock time (Unix milliseconds), so that loads of several pods
+        /// count the same seconds; the totals line says how late it started (`late_ms`).
+        #[arg(long)]
+        start_at_ms: Option<u64>,
     },
     /// GET each URL COUNT times (in turn), printing each response body on one line. `{i}` in a
     /// URL or a header value is the round's number.
@@ -184,8 +188,8 @@ async fn main() -> anyhow::Result<()> {
             let runs = (0..concurrency.max(1)).map(|_| get(&urls, count, &opts));
             futures::future::try_join_all(runs).await.map(|_| ())
         }
-        Cmd::Load { url, rate, seconds, max_in_flight, headers } => {
-            load(&url, rate, seconds, max_in_flight, &headers).await
+        Cmd::Load { url, rate, seconds, max_in_flight, headers, start_at_ms } => {
+            load(&url, rate, seconds, max_in_flight, &headers, start_at_ms).await
         }
         Cmd::TcpSend { addr, messages, repeat, interval_ms } => {
             let mut n = 0u32;
@@ -474,8 +478,18 @@ async fn load(
     seconds: u32,
     max_in_flight: usize,
     headers: &[String],
+    start_at_ms: Option<u64>,
 ) -> anyhow::Result<()> {
     use std::sync::{Arc, Mutex};
+    let mut late_ms = 0;
+    if let Some(at) = start_at_ms {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+        if at > now {
+            tokio::time::sleep(Duration::from_millis(at - now)).await;
+        } else {
+            late_ms = now - at;
+        }
+    }
     anyhow::ensure!(rate > 0 && seconds > 0, "--rate and --seconds must be above 0");
     let uri: hyper::Uri = url.parse()?;
     let mut pairs = Vec::new();
@@ -559,7 +573,9 @@ async fn load(
             *sum.pods.entry(k.clone()).or_default() += v;
         }
     }
-    println!("{}", line(None, &sum));
+    let mut total = line(None, &sum);
+    total["late_ms"] = late_ms.into();
+    println!("{total}");
     Ok(())
 }
 

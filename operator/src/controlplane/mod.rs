@@ -93,6 +93,32 @@ pub struct MeshFile {
     pub mtls_mode: Option<mycel_crds::peer_authentication::PeerMtlsMode>,
     /// `spec.controlPlane.replicas`.
     pub control_plane_replicas: Option<i32>,
+    /// `spec.rateLimit`: the rate-limit service runs (`mycel-ratelimit-<revision>`).
+    pub rate_limit: Option<MeshRateLimit>,
+}
+
+/// The parts of the rate-limit service the control plane tells proxies.
+#[derive(Deserialize, Debug, Default)]
+#[serde(rename_all = "camelCase", default)]
+pub struct MeshRateLimit {
+    pub timeout_ms: u64,
+}
+
+impl MeshRateLimit {
+    /// Where proxies reach it and the identity it must prove.
+    pub fn service(
+        &self,
+        namespace: &str,
+        revision: &str,
+        trust_domain: &str,
+    ) -> mycel_api::v1alpha1::RateLimitService {
+        let name = format!("mycel-ratelimit-{revision}");
+        mycel_api::v1alpha1::RateLimitService {
+            address: format!("{name}.{namespace}.svc:{}", crate::installation::render::PORT_RATELIMIT),
+            identity: mycel_api::spiffe::SpiffeId::new(trust_domain, namespace, &name).to_string(),
+            timeout_ms: self.timeout_ms.clamp(1, 10_000) as u32,
+        }
+    }
 }
 
 /// A running control plane.

@@ -46,6 +46,8 @@ pub struct Options {
     /// The revision this control plane serves: the status of a mesh-wide object (a
     /// TrafficRoute) counts only the proxies of this revision's sidecars (`None`: all).
     pub revision: Option<String>,
+    /// The installation's rate-limit service (`spec.rateLimit`), which counts global limits.
+    pub rate_limit_service: Option<pb::RateLimitService>,
 }
 
 impl Default for Options {
@@ -58,6 +60,7 @@ impl Default for Options {
             debounce: Duration::from_millis(10),
             debounce_max: Duration::from_millis(100),
             revision: None,
+            rate_limit_service: None,
         }
     }
 }
@@ -330,7 +333,9 @@ impl Model {
                 self.pods_reached(&touched);
             }
             Change::RateLimitPolicy(e) => {
-                let touched = self.rate_limits.apply(*e, |p| Some(Rl::from_object(p)));
+                let touched = self
+                    .rate_limits
+                    .apply(*e, |p| Some(Rl::from_object(p, self.opts.rate_limit_service.is_some())));
                 if touched.is_empty() {
                     return self.dirty();
                 }
@@ -470,6 +475,9 @@ impl Model {
             })
             .collect();
         let (limits, by, over) = ratelimit::for_workload(namespace, labels, &self.rl_sorted, root);
+        // The service only where a limit needs it.
+        policy.rate_limit_service =
+            if limits.iter().any(|l| l.global) { self.opts.rate_limit_service.clone() } else { None };
         policy.rate_limits = limits;
         let key = |r: &&Rl| (r.namespace.clone(), r.name.clone());
         let rl_by = by.iter().map(key).collect();
@@ -1300,7 +1308,11 @@ mod tests {
     }
 
     fn synced_model() -> Model {
-        let mut m = Model::new(Options::default());
+        synced_model_with(Options::default())
+    }
+
+    fn synced_model_with(opts: Options) -> Model {
+        let mut m = Model::new(opts);
         for c in [
             Change::Service(Box::new(watcher::Event::InitDone)),
             Change::Slice(Box::new(watcher::Event::InitDone)),
@@ -1553,6 +1565,64 @@ mod tests {
         let c = reach("c");
         assert!(c.workloads.is_empty() && c.conflicts[0].contains("left out"), "{c:?}");
         assert!(c.not_in_effect.as_deref().is_some_and(|w| w.contains("every pod it selects")), "{c:?}");
+    }
+
+    #[test]
+    fn a_global_limit_brings_the_rate_limit_service_to_its_workloads_and_needs_one() {
+        let rlp = |name: &str, scope: &str| -> mycel_crds::rate_limit_policy::RateLimitPolicy {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "mycel.io/v1alpha1", "kind": "RateLimitPolicy",
+                "metadata": {"name": name, "namespace": "ns", "generation": 1},
+                "spec": {"selector": {"matchLabels": {"app": "web"}},
+                         "limits": [{"name": "l", "requests": 10, "unit": "second", "scope": scope}]}
+            }))
+            .unwrap()
+        };
+        let service = crate::controlplane::MeshRateLimit { timeout_ms: 300 }.service(
+            "mycel-system",
+            "canary",
+            "cluster.local",
+        );
+        assert_eq!(service.address, "mycel-ratelimit-canary.mycel-system.svc:15090");
+        assert_eq!(service.identity, "spiffe://cluster.local/ns/mycel-system/sa/mycel-ratelimit-canary");
+        let peer = |m: &mut Model| {
+            rebuild(m);
+            match &m.snapshot().collection(mycel_api::PEER_POLICY_TYPE, "ns", "pod-10.0.0.1").entries
+                [peer_policy::NAME]
+                .resource
+                .kind
+            {
+                Some(pb::resource::Kind::PeerPolicy(p)) => p.clone(),
+                _ => panic!("not a policy"),
+            }
+        };
+        for (with_service, scope) in [(true, "Local"), (true, "Global"), (false, "Global")] {
+            let opts =
+                Options { rate_limit_service: with_service.then(|| service.clone()), ..Options::default() };
+            let mut m = synced_model_with(opts);
+            m.apply(Change::Pod(Box::new(watcher::Event::Apply(meshed_web_pod()))));
+            m.apply(Change::RateLimitPolicy(Box::new(watcher::Event::Apply(rlp("p", scope)))));
+            let p = peer(&mut m);
+            match (with_service, scope) {
+                (true, "Local") => {
+                    assert_eq!((p.rate_limits.len(), p.rate_limit_service.as_ref()), (1, None), "not needed");
+                }
+                (true, _) => {
+                    assert!(p.rate_limits[0].global);
+                    assert_eq!(p.rate_limit_service.as_ref(), Some(&service));
+                }
+                _ => {
+                    assert!(p.rate_limits.is_empty(), "no service to count it");
+                    let r = m.statuses.iter().find(|r| r.kind == "RateLimitPolicy").unwrap();
+                    assert!(
+                        r.invalid
+                            .iter()
+                            .any(|i| i.contains("spec.limits[0].scope") && i.contains("spec.rateLimit")),
+                        "{r:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

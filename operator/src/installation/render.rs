@@ -75,7 +75,26 @@ pub struct Effective {
     pub access_log_format: AccessLogFormat,
     pub gateway: Option<Gateway>,
     pub webhook_failure_policy: FailurePolicy,
+    /// The rate-limit service, when the installation enables it (`spec.rateLimit`).
+    pub rate_limit: Option<RateLimit>,
 }
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    pub replicas: i32,
+    pub redis_addresses: Vec<String>,
+    pub redis_cluster: bool,
+    /// `(Secret, key)` of the Redis password.
+    pub redis_password_secret: Option<(String, String)>,
+    /// What proxies wait for a decision.
+    pub timeout_ms: u64,
+    pub resources: Value,
+}
+
+/// The rate-limit service's port for proxies (mutual TLS), and its local one (`mycelctl quota`).
+pub const PORT_RATELIMIT: i32 = 15090;
+pub const PORT_RATELIMIT_LOCAL: i32 = 15091;
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -152,6 +171,21 @@ impl Effective {
                 ),
             }),
             webhook_failure_policy: spec.webhook.clone().map(|w| w.failure_policy).unwrap_or_default(),
+            rate_limit: spec.rate_limit.clone().map(|r| RateLimit {
+                replicas: r.replicas.unwrap_or(2),
+                redis_addresses: r.redis.addresses.iter().map(|a| a.0.clone()).collect(),
+                redis_cluster: r.redis.cluster.unwrap_or(false),
+                redis_password_secret: r.redis.password_secret.map(|p| (p.name, p.key)),
+                // The schema bounds it to (0, 10s].
+                timeout_ms: r
+                    .timeout
+                    .and_then(|t| t.parse().ok())
+                    .map_or(200, |d: std::time::Duration| (d.as_millis() as u64).clamp(1, 10_000)),
+                resources: to_value(
+                    r.resources,
+                    json!({"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "256Mi"}}),
+                ),
+            }),
         }
     }
 
@@ -162,6 +196,12 @@ impl Effective {
     pub fn cluster_scoped_name(&self, what: &str) -> String {
         format!("mycel-{what}-{}-{}", self.namespace, self.revision)
     }
+    /// The rate-limit service's Deployment, Service and ServiceAccount (its mesh identity is
+    /// `…/sa/mycel-ratelimit-<rev>`).
+    pub fn rate_limit_name(&self) -> String {
+        format!("mycel-ratelimit-{}", self.revision)
+    }
+
     pub fn gateway_name(&self) -> String {
         format!("mycel-ingressgateway-{}", self.revision)
     }
@@ -536,6 +576,91 @@ pub fn render(eff: &Effective, owner: &Value, ca_bundle_pem: &str) -> Vec<Desire
             }),
         );
     }
+
+    if let Some(rl) = &eff.rate_limit {
+        let name = eff.rate_limit_name();
+        let mut rl_labels = labels.clone();
+        rl_labels.insert("app".into(), "mycel-ratelimit".into());
+        let rl_selector = json!({"app": "mycel-ratelimit", LABEL_REV: eff.revision});
+        // Like the gateway's: an identity of its own for mutual TLS, no Kubernetes API token.
+        push(
+            ar("", "v1", "ServiceAccount", "serviceaccounts"),
+            true,
+            name.clone(),
+            json!({"metadata": meta(&name, true, &rl_labels), "automountServiceAccountToken": false}),
+        );
+        let mut env = vec![
+            json!({"name": "MYCEL_REDIS_ADDRESSES", "value": rl.redis_addresses.join(",")}),
+            json!({"name": "MYCEL_REDIS_CLUSTER", "value": rl.redis_cluster.to_string()}),
+            json!({"name": "MYCEL_ROOT_NAMESPACE", "value": ns}),
+            json!({"name": "MYCEL_CONTROL_PLANE", "value": format!("{cp}.{ns}.svc:{PORT_XDS}")}),
+            json!({"name": "MYCEL_REVISION", "value": eff.revision}),
+            json!({"name": "MYCEL_TRUST_DOMAIN", "value": eff.trust_domain}),
+            json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
+            json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
+            json!({"name": "SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}}),
+            json!({"name": "RUST_LOG", "value": log_level(eff.proxy_log_level)}),
+        ];
+        if let Some((secret, key)) = &rl.redis_password_secret {
+            env.push(json!({"name": "MYCEL_REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}));
+        }
+        push(
+            deployment_resource(),
+            true,
+            name.clone(),
+            json!({
+                "metadata": meta(&name, true, &rl_labels),
+                "spec": {
+                    "replicas": rl.replicas,
+                    "selector": {"matchLabels": rl_selector},
+                    "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+                    "template": {
+                        "metadata": {"labels": rl_labels},
+                        "spec": {
+                            "serviceAccountName": name,
+                            "automountServiceAccountToken": false,
+                            "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+                            "containers": [{
+                                "name": "ratelimit",
+                                "image": eff.proxy_image,
+                                "imagePullPolicy": pull_policy(eff.pull_policy),
+                                "command": ["/usr/local/bin/mycel-ratelimit"],
+                                "env": env,
+                                "volumeMounts": [
+                                    {"name": "mycel-token", "mountPath": "/var/run/secrets/tokens", "readOnly": true},
+                                    {"name": "mycel-ca-root", "mountPath": "/etc/mycel/ca", "readOnly": true},
+                                ],
+                                "ports": [
+                                    {"name": "grpc", "containerPort": PORT_RATELIMIT},
+                                    {"name": "http-admin", "containerPort": 15020},
+                                ],
+                                // Ready while it has a certificate and Redis answers.
+                                "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": 15020}, "periodSeconds": 2},
+                                "resources": rl.resources,
+                                "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}},
+                            }],
+                            "volumes": [
+                                {"name": "mycel-token", "projected": {"sources": [{"serviceAccountToken": {"audience": "mycel-ca", "expirationSeconds": 43200, "path": "mycel-token"}}]}},
+                                {"name": "mycel-ca-root", "configMap": {"name": ROOT_CONFIGMAP}},
+                            ]
+                        }
+                    }
+                }
+            }),
+        );
+        push(
+            ar("", "v1", "Service", "services"),
+            true,
+            name.clone(),
+            json!({
+                "metadata": meta(&name, true, &rl_labels),
+                "spec": {
+                    "selector": rl_selector,
+                    "ports": [{"name": "grpc", "port": PORT_RATELIMIT, "targetPort": PORT_RATELIMIT, "appProtocol": "grpc"}]
+                }
+            }),
+        );
+    }
     out
 }
 
@@ -871,6 +996,65 @@ mod tests {
             assert_eq!(pod["serviceAccountName"], "mycel-control-plane-canary");
             assert_eq!(pod["volumes"][1]["secret"]["secretName"], ca, "the Secret the Role names");
         }
+    }
+
+    #[test]
+    fn spec_rate_limit_runs_the_rate_limit_service_against_its_redis() {
+        let images = ImageDefaults::default();
+        let none =
+            Effective::resolve(&mi(json!({"revision": "default", "trustDomain": "cluster.local"})), &images);
+        assert!(
+            !render(&none, &json!({}), "CA").iter().any(|d| d.name.contains("ratelimit")),
+            "off unless set"
+        );
+        let eff = Effective::resolve(
+            &mi(json!({"revision": "default", "trustDomain": "cluster.local", "rateLimit": {
+                "replicas": 3, "timeout": "300ms",
+                "redis": {"addresses": ["redis-0.redis:6379", "redis-1.redis:6379"], "cluster": true,
+                          "passwordSecret": {"name": "redis-auth", "key": "password"}},
+                "resources": {"requests": {"cpu": "20m"}, "limits": {"memory": "64Mi"}, "claims": [{"name": "gpu", "request": "r"}]}
+            }})),
+            &images,
+        );
+        let out = render(&eff, &json!({}), "CA");
+        let d = body(&out, "Deployment", "mycel-ratelimit-default");
+        assert_eq!(d["spec"]["replicas"], 3);
+        let pod = &d["spec"]["template"]["spec"];
+        assert_eq!(pod["serviceAccountName"], "mycel-ratelimit-default", "its mesh identity");
+        assert_eq!(pod["automountServiceAccountToken"], false);
+        assert_eq!(
+            body(&out, "ServiceAccount", "mycel-ratelimit-default")["automountServiceAccountToken"],
+            false
+        );
+        let c = &pod["containers"][0];
+        assert_eq!(c["command"], json!(["/usr/local/bin/mycel-ratelimit"]));
+        assert_eq!(c["image"], eff.proxy_image, "it ships in the proxy image");
+        assert_eq!(
+            c["resources"],
+            json!({"requests": {"cpu": "20m"}, "limits": {"memory": "64Mi"}, "claims": [{"name": "gpu", "request": "r"}]})
+        );
+        let env = |name: &str| {
+            c["env"].as_array().unwrap().iter().find(|e| e["name"] == name).cloned().unwrap_or_default()
+        };
+        assert_eq!(env("MYCEL_REDIS_ADDRESSES")["value"], "redis-0.redis:6379,redis-1.redis:6379");
+        assert_eq!(env("MYCEL_REDIS_CLUSTER")["value"], "true");
+        assert_eq!(
+            env("MYCEL_REDIS_PASSWORD")["valueFrom"],
+            json!({"secretKeyRef": {"name": "redis-auth", "key": "password"}})
+        );
+        assert_eq!(env("MYCEL_ROOT_NAMESPACE")["value"], "mycel-system");
+        assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/healthz/ready");
+        let svc = body(&out, "Service", "mycel-ratelimit-default");
+        assert_eq!(svc["spec"]["ports"][0]["port"], PORT_RATELIMIT);
+        // The control plane learns the proxies' timeout from the mesh file.
+        let file: crate::controlplane::MeshFile =
+            serde_json::from_value(serde_json::to_value(&eff).unwrap()).unwrap();
+        assert_eq!(file.rate_limit.map(|r| r.timeout_ms), Some(300));
+        assert!(
+            !render(&eff, &json!({}), "CA").iter().any(|d| d.resource.kind.ends_with("Binding")
+                && d.body["subjects"].to_string().contains("ratelimit")),
+            "nothing grants it API access"
+        );
     }
 
     #[test]

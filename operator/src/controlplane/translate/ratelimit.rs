@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use mycel_api::v1alpha1 as pb;
-use mycel_crds::rate_limit_policy::{LimitKeyType, RateLimitPolicy, RateUnit};
+use mycel_crds::rate_limit_policy::{
+    FailureMode, LimitKeyType, LimitScope, LimitWindow, RateLimitPolicy, RateUnit,
+};
 
 use super::authz;
 
@@ -28,7 +30,9 @@ pub struct Rl {
 }
 
 impl Rl {
-    pub fn from_object(p: RateLimitPolicy) -> Rl {
+    /// `service`: whether the installation runs the rate-limit service (`spec.rateLimit`), which
+    /// every limit of `scope: Global` needs.
+    pub fn from_object(p: RateLimitPolicy, service: bool) -> Rl {
         let namespace = p.metadata.namespace.clone().unwrap_or_default();
         let name = p.metadata.name.clone().unwrap_or_default();
         let policy = format!("{namespace}/{name}");
@@ -49,10 +53,25 @@ impl Rl {
                     }
                 }
             }
+            let global = l.scope == Some(LimitScope::Global);
+            if global && !service {
+                bad.push(format!(
+                    "{at}.scope: Global limits are counted by the mesh's rate-limit service, which this installation does not run: set spec.rateLimit (its Redis) in the MeshInstallation, or scope: Local"
+                ));
+            }
+            if let Some(z) = &l.time_zone
+                && z != "UTC"
+                && jiff::tz::TimeZone::get(z).is_err()
+            {
+                bad.push(format!(
+                    "{at}.timeZone: {z:?} is not an IANA time zone (such as Europe/Berlin or UTC)"
+                ));
+            }
             if !bad.is_empty() {
                 invalid.extend(bad);
                 continue;
             }
+            let calendar = global && l.window == Some(LimitWindow::Calendar);
             let key = l.key.as_ref();
             let kind = key.map(|k| k.kind).unwrap_or_default();
             let (key_type, key_name) = match kind {
@@ -82,7 +101,8 @@ impl Rl {
                 name: l.name.clone(),
                 requests,
                 per_seconds: per_seconds(l.unit),
-                burst: l.burst.map_or(requests, |b| b.max(1) as u64),
+                // A calendar quota has none (the schema says so); its counter is the window's.
+                burst: if calendar { requests } else { l.burst.map_or(requests, |b| b.max(1) as u64) },
                 key: Some(pb::RateLimitKey { r#type: key_type as i32, name: key_name }),
                 r#match: matched,
                 port: l.matches.as_ref().and_then(|m| m.port).map_or(0, |p| p.max(0) as u32),
@@ -101,11 +121,15 @@ impl Rl {
                         }
                     })
                     .collect(),
-                // Local until RateLimitPolicy has a scope.
-                global: false,
-                failure_open: true,
-                window: pb::QuotaWindow::None as i32,
-                time_zone: String::new(),
+                global,
+                failure_open: l.failure_mode != Some(FailureMode::Closed),
+                window: match (calendar, l.unit) {
+                    (false, _) | (true, RateUnit::Second | RateUnit::Minute) => pb::QuotaWindow::None,
+                    (true, RateUnit::Hour) => pb::QuotaWindow::Hour,
+                    (true, RateUnit::Day) => pb::QuotaWindow::Day,
+                    (true, RateUnit::Month) => pb::QuotaWindow::Month,
+                } as i32,
+                time_zone: if calendar { l.time_zone.clone().unwrap_or_default() } else { String::new() },
             });
         }
         Rl {
@@ -136,6 +160,8 @@ pub fn per_seconds(unit: RateUnit) -> u64 {
         RateUnit::Minute => 60,
         RateUnit::Hour => 3600,
         RateUnit::Day => 86_400,
+        // The longest month: the unit a quota's `RateLimit-Policy` header names.
+        RateUnit::Month => 31 * 86_400,
     }
 }
 
@@ -175,7 +201,7 @@ mod tests {
         ))
         .unwrap();
         p.metadata.generation = Some(3);
-        Rl::from_object(p)
+        Rl::from_object(p, true)
     }
 
     #[test]
@@ -204,6 +230,50 @@ mod tests {
         assert_eq!(m.path.as_ref().unwrap().kind, Some(pb::string_match::Kind::Prefix("/api".into())));
         assert_eq!((b.requests, b.per_seconds, b.burst, b.status, b.shadow), (5, 86_400, 5, 0, false));
         assert_eq!(b.key.as_ref().unwrap().name, "x-api-key", "header names are lowercased");
+    }
+
+    #[test]
+    fn global_limits_and_calendar_quotas_say_how_the_service_counts_them() {
+        let r = rl(
+            "shop",
+            "global",
+            r#"{limits: [
+                {name: rate, requests: 50, unit: second, burst: 60, scope: Global, failureMode: Closed},
+                {name: monthly, requests: 1000, unit: month, scope: Global, window: Calendar, timeZone: Europe/Berlin},
+                {name: hourly, requests: 100, unit: hour, scope: Global, window: Calendar},
+                {name: local, requests: 5, unit: second},
+                {name: nowhere, requests: 5, unit: day, scope: Global, window: Calendar, timeZone: Mars/Olympus}]}"#,
+        );
+        let [rate, monthly, hourly, local] = &r.limits[..] else { panic!("{:?}", r.limits) };
+        assert!(rate.global && !rate.failure_open, "failureMode Closed");
+        assert_eq!(
+            (rate.window, rate.burst, rate.per_seconds),
+            (pb::QuotaWindow::None as i32, 60, 1),
+            "a rate"
+        );
+        assert!(monthly.global && monthly.failure_open, "failureMode defaults to Open");
+        assert_eq!(
+            (monthly.window, monthly.time_zone.as_str()),
+            (pb::QuotaWindow::Month as i32, "Europe/Berlin")
+        );
+        assert_eq!((monthly.requests, monthly.burst, monthly.per_seconds), (1000, 1000, 31 * 86_400));
+        assert_eq!((hourly.window, hourly.time_zone.as_str()), (pb::QuotaWindow::Hour as i32, ""), "UTC");
+        assert!(!local.global, "scope defaults to Local");
+        assert_eq!(r.invalid.len(), 1, "{:?}", r.invalid);
+        assert!(r.invalid[0].starts_with("spec.limits[4].timeZone") && r.invalid[0].contains("Mars/Olympus"));
+        // Without the installation's service, a Global limit is named and left out.
+        let mut p: RateLimitPolicy = serde_yaml::from_str(
+            "apiVersion: mycel.io/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: g, namespace: shop}\nspec: {limits: [{name: g, requests: 1, unit: second, scope: Global}]}",
+        )
+        .unwrap();
+        p.metadata.generation = Some(1);
+        let r = Rl::from_object(p, false);
+        assert!(r.limits.is_empty());
+        assert!(
+            r.invalid[0].starts_with("spec.limits[0].scope") && r.invalid[0].contains("spec.rateLimit"),
+            "{:?}",
+            r.invalid
+        );
     }
 
     #[test]
