@@ -52,9 +52,15 @@ impl Redis {
         r
     }
 
-    /// A node of a Redis Cluster, not yet joined to one.
+    /// A node of a Redis Cluster, not yet joined to one. Its bus is on port + 10000, so the
+    /// port is one below 55536.
     async fn cluster_node() -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+        let port = loop {
+            let p = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+            if p < 55_536 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+                break p;
+            }
+        };
         let file = format!("mycel-test-nodes-{port}-{}.conf", std::process::id());
         let mut r = Redis { port, child: None, cluster_file: Some(file) };
         r.restart().await;
@@ -125,7 +131,9 @@ fn service(redis: &Redis) -> Arc<Service> {
         addresses: vec![redis.address()],
         cluster: false,
         password: None,
-        timeout: Duration::from_millis(300),
+        // Generous: a loaded 2-core machine may take its time (the failure test's bound is the
+        // sidecars' timeout, not this one).
+        timeout: Duration::from_secs(5),
     })
     .unwrap();
     Arc::new(Service::new(Arc::new(store), "mycel-system".into(), DOMAIN.into()))
@@ -282,6 +290,17 @@ async fn a_tenant_cannot_spend_another_tenants_counters() {
     let v = ask(vec![hit("web/limits"), hit("mycel-system/mesh")]).await.unwrap();
     assert!(v.iter().all(|v| v.admitted), "{v:?}");
     assert_eq!(v[0].remaining, 4);
+    // A root-namespace policy applies across the mesh, but one namespace cannot spend it for
+    // another: each namespace has its own counter.
+    let shop = client(&pki, rls, SHOP);
+    for _ in 0..5 {
+        let v = shop.ask(pb::CheckRequest { hits: vec![hit("mycel-system/mesh")] }).await.unwrap();
+        assert!(v[0].admitted);
+    }
+    let v = shop.ask(pb::CheckRequest { hits: vec![hit("mycel-system/mesh")] }).await.unwrap();
+    assert!(!v[0].admitted, "shop spent its 5");
+    let v = ask(vec![hit("mycel-system/mesh")]).await.unwrap();
+    assert!(v[0].admitted && v[0].remaining == 3, "web's are its own: {v:?}");
     // A caller of another trust domain may not.
     let other = client(&pki, rls, "spiffe://elsewhere.local/ns/web/sa/client");
     let e = other.ask(pb::CheckRequest { hits: vec![hit("web/limits")] }).await.unwrap_err();
@@ -453,6 +472,7 @@ async fn rates_hold_over_time_and_quotas_reset_at_the_boundary() {
         burst: 0,
         window: pb::QuotaWindow::Day as i32,
         time_zone: "Europe/Berlin".into(),
+        namespace: String::new(),
     };
     for _ in 0..2 {
         let left = s.remaining(&r, at).await.unwrap();
@@ -514,4 +534,104 @@ async fn a_redis_cluster_of_three_masters_carries_the_counters() {
     assert_eq!(spread.iter().sum::<u64>(), 30, "{spread:?}");
     assert!(spread.iter().all(|&n| n > 0), "every master holds some: {spread:?}");
     assert!(s.store.ping().await.is_ok());
+}
+
+/// A Redis that vanishes from the network without closing anything (its node gone, say): the
+/// store notices by its timeout, and once Redis is reachable again it is used again on a new
+/// connection, without a restart (the old one stays open and silent).
+#[tokio::test]
+async fn a_silent_connection_to_redis_is_replaced() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let redis = Redis::start().await;
+    // A TCP relay to Redis that can go silent: a silenced connection is kept open but relays
+    // nothing, ever; new connections are relayed again once it is healed.
+    let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let silent = Arc::new(AtomicBool::new(false));
+    let epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let target = redis.address();
+    {
+        let (silent, epoch) = (silent.clone(), epoch.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = relay.accept().await.unwrap();
+                let mine = epoch.load(SeqCst);
+                let (silent, epoch, target) = (silent.clone(), epoch.clone(), target.clone());
+                tokio::spawn(async move {
+                    let mut outbound = TcpStream::connect(&target).await.unwrap();
+                    let (mut ir, mut iw) = inbound.split();
+                    let (mut or, mut ow) = outbound.split();
+                    let live = || !silent.load(SeqCst) && epoch.load(SeqCst) == mine;
+                    let mut a = [0u8; 4096];
+                    let mut b = [0u8; 4096];
+                    loop {
+                        tokio::select! {
+                            n = ir.read(&mut a) => {
+                                let Ok(n @ 1..) = n else { return };
+                                if live() { let _ = ow.write_all(&a[..n]).await; }
+                            }
+                            n = or.read(&mut b) => {
+                                let Ok(n @ 1..) = n else { return };
+                                if live() { let _ = iw.write_all(&b[..n]).await; }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+    }
+    let store = Store::new(&RedisConfig {
+        addresses: vec![relay_addr.to_string()],
+        cluster: false,
+        password: None,
+        timeout: Duration::from_millis(500),
+    })
+    .unwrap();
+    let ask = || store.gcra("mycel:rl:shop/p:l:k", Timestamp::now().as_millisecond() as f64, 10.0, 100);
+    assert!(ask().await.is_ok());
+    // Gone silent: every decision fails within the timeout, none hangs.
+    silent.store(true, SeqCst);
+    epoch.fetch_add(1, SeqCst);
+    for _ in 0..3 {
+        let started = Instant::now();
+        assert!(ask().await.is_err());
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    }
+    // Reachable again (for new connections only): decided again without a restart.
+    silent.store(false, SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ask().await.is_err() {
+        assert!(Instant::now() < deadline, "still failing 20 s after Redis came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One address cannot take every connection slot of the service: past its bound a connection
+/// is closed at once, and its stalled handshakes time out and free their slots.
+#[tokio::test]
+async fn one_address_cannot_hold_every_connection() {
+    let (pki, redis) = (Pki::new(), Redis::start().await);
+    let (rls, _s) = rate_limit_service(&pki, &redis).await;
+    let mut stalled = Vec::new();
+    for _ in 0..mycel_proxy::rls::serve::MAX_CONNECTIONS_PER_ADDRESS {
+        stalled.push(TcpStream::connect(rls).await.unwrap());
+    }
+    // Until the service has counted them all, one more may still be let in to wait.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut extra = TcpStream::connect(rls).await.unwrap();
+        let mut buf = [0u8; 1];
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(500), extra.read(&mut buf)).await {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a connection past the bound was not closed");
+    }
+    // The stalled handshakes end (5 s), and a proxy of that address is served again.
+    let web = client(&pki, rls, WEB);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while web.ask(pb::CheckRequest { hits: vec![hit("web/limits")] }).await.is_err() {
+        assert!(Instant::now() < deadline, "not served 20 s later");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(stalled);
 }

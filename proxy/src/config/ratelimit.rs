@@ -231,6 +231,27 @@ pub fn validate(limits: &[RateLimit], service: Option<&Service>) -> Result<(), C
             if g.time_zone.is_some() && g.window.is_none() {
                 return invalid(format!("{at}.global.timeZone"), "applies to a quota's window only");
             }
+            // What the rate-limit service accepts, so that no request's check is refused whole.
+            if l.policy.split_once('/').is_none_or(|(ns, name)| ns.is_empty() || name.is_empty()) {
+                return invalid(
+                    format!("{at}.policy"),
+                    "a global limit names its policy as <namespace>/<name> (the rate-limit service counts by it)",
+                );
+            }
+            if l.name.len() > 63 {
+                return invalid(format!("{at}.name"), "a global limit's name has at most 63 characters");
+            }
+            let rates = std::iter::once((l.requests, l.burst))
+                .chain(l.overrides.iter().map(|o| (o.requests, o.burst)));
+            for (requests, burst) in rates {
+                let burst = burst.unwrap_or(requests) as f64;
+                if g.window.is_none() && burst * l.per_seconds as f64 / requests as f64 > 31.0 * 86_400.0 {
+                    return invalid(
+                        format!("{at}.burst"),
+                        "burst × perSeconds / requests must be at most 31 days",
+                    );
+                }
+            }
         }
         if !l.overrides.is_empty() && l.key.is_global() {
             return invalid(format!("{at}.overrides"), "need a key other than global");

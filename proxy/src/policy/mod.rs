@@ -233,7 +233,9 @@ async fn counted_globally(
         Err(cause) => {
             let mut closed = None;
             for h in hits {
-                let open = h.limit.config.global.as_ref().is_none_or(|g| g.failure_open);
+                // A shadow limit never refuses, not even while it cannot be counted.
+                let open =
+                    h.limit.config.shadow || h.limit.config.global.as_ref().is_none_or(|g| g.failure_open);
                 count(&h.limit, if open { Decision::FailureOpen } else { Decision::FailureClosed });
                 if !open && closed.is_none() {
                     closed = Some(h.limit.config.name.clone());
@@ -315,7 +317,8 @@ fn rate_limit_client(state: &State, shared: &Shared) -> Option<std::sync::Arc<gl
             Some(c)
         }
         Err(e) => {
-            tracing::warn!("rate limit: {e}");
+            // Every request would say it: the failure modes' warning (once in 10 s) covers it.
+            tracing::debug!("rate limit: {e}");
             None
         }
     }

@@ -609,6 +609,23 @@ mod tests {
             ("- {name: l, requests: 1, overrides: [{value: a, requests: 2}]}", "rateLimits[/l].overrides"),
             ("- {name: l, requests: 1}\n- {name: l, requests: 2}", "rateLimits[/l].name"),
             ("- {name: l, requests: 1, match: {path: {regex: '(?=x)'}}}", "rateLimits[/l].match.path.regex"),
+            ("- {name: l, requests: 1, global: {}}", "rateLimits[/l].global"),
+            (
+                "- {name: l, requests: 1, global: {}}\nrateLimitService: {address: 'rls:1', identity: 'spiffe://x/ns/a/sa/b'}",
+                "rateLimits[/l].policy",
+            ),
+            (
+                "- {policy: a/p, name: l, requests: 1, perSeconds: 86400, burst: 40, global: {}}\nrateLimitService: {address: 'rls:1', identity: 'spiffe://x/ns/a/sa/b'}",
+                "rateLimits[a/p/l].burst",
+            ),
+            (
+                "- {policy: a/p, name: l, requests: 1, global: {timeZone: UTC}}\nrateLimitService: {address: 'rls:1', identity: 'spiffe://x/ns/a/sa/b'}",
+                "rateLimits[a/p/l].global.timeZone",
+            ),
+            (
+                "- {policy: a/p, name: l, requests: 1}\nrateLimitService: {address: 'rls', identity: 'spiffe://x/ns/a/sa/b'}",
+                "rateLimitService.address",
+            ),
         ] {
             match Config::parse(&format!("rateLimits:\n{yaml}")) {
                 Err(crate::config::ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{yaml}"),

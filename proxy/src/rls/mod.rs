@@ -107,11 +107,12 @@ impl Service {
         }
         let mut counters = Vec::with_capacity(hits.len());
         for (i, h) in hits.iter().enumerate() {
-            self.authorize(caller, &h.policy).inspect_err(|_| {
+            let ns = self.authorize(caller, &h.policy).inspect_err(|_| {
                 self.metrics.forbidden.fetch_add(1, Ordering::Relaxed);
             })?;
             let c = self
                 .counter(
+                    &ns,
                     &h.policy,
                     &h.limit,
                     &h.key,
@@ -169,8 +170,14 @@ impl Service {
         r: &pb::RemainingRequest,
         now: Timestamp,
     ) -> Result<pb::RemainingResponse, Status> {
+        let ns = match r.policy.split_once('/') {
+            Some((ns, _)) if ns == self.root_namespace => r.namespace.as_str(),
+            Some((ns, _)) => ns,
+            None => "",
+        };
         let c = self
             .counter(
+                ns,
                 &r.policy,
                 &r.limit,
                 &r.key,
@@ -211,8 +218,9 @@ impl Service {
         }
     }
 
-    /// A caller counts against its own namespace's policies and the root namespace's.
-    fn authorize(&self, caller: &str, policy: &str) -> Result<(), Status> {
+    /// A caller counts against its own namespace's policies and the root namespace's: its
+    /// namespace, which also keeps its counters of the root namespace's policies apart.
+    fn authorize(&self, caller: &str, policy: &str) -> Result<String, Status> {
         let id: mycel_api::spiffe::SpiffeId = caller.parse().map_err(|_| {
             Status::permission_denied(format!("{caller} is not a workload identity of the mesh"))
         })?;
@@ -230,12 +238,14 @@ impl Service {
                 self.root_namespace
             )));
         }
-        Ok(())
+        Ok(id.namespace().to_string())
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// `namespace`: the caller's (a root-namespace policy counts each namespace apart).
     fn counter(
         &self,
+        namespace: &str,
         policy: &str,
         limit: &str,
         key: &str,
@@ -252,6 +262,15 @@ impl Service {
         if !dns_name(ns, 63) || !dns_name(name, 253) {
             return Err(format!("policy {policy:?} is not <namespace>/<name> of Kubernetes names"));
         }
+        // A root-namespace policy applies across the mesh, counted apart for each namespace.
+        let scope = if ns == self.root_namespace {
+            if !dns_name(namespace, 63) {
+                return Err(format!("the namespace {namespace:?} of a root-namespace policy's counter"));
+            }
+            format!("{policy}@{namespace}")
+        } else {
+            policy.to_string()
+        };
         if !dns_name(limit, 63) {
             return Err(format!("limit {limit:?} is not a name of lowercase letters, digits and '-'"));
         }
@@ -276,12 +295,19 @@ impl Service {
             if interval_ms * burst as f64 > MAX_MEMORY_MS {
                 return Err("burst × perSeconds / requests must be at most 31 days".into());
             }
-            return Ok(Counter::Rate { key: format!("mycel:rl:{policy}:{limit}:{key}"), interval_ms, burst });
+            return Ok(Counter::Rate { key: format!("mycel:rl:{scope}:{limit}:{key}"), interval_ms, burst });
         }
         let tz = self.zone(time_zone)?;
         let (start_ms, end_ms) = window_bounds(now, &tz, window)?;
+        // The window's kind and start name it: an hour and a month that start at the same
+        // instant are two counters.
+        let kind = match window {
+            pb::QuotaWindow::Hour => "h",
+            pb::QuotaWindow::Day => "d",
+            _ => "m",
+        };
         Ok(Counter::Quota {
-            key: format!("mycel:q:{policy}:{limit}:{}:{key}", start_ms / 1000),
+            key: format!("mycel:q:{scope}:{limit}:{kind}{}:{key}", start_ms / 1000),
             limit: requests,
             start_ms,
             end_ms,
@@ -465,8 +491,8 @@ mod tests {
     async fn a_caller_counts_its_own_namespace_and_the_root_only() {
         let s = service();
         let a = "spiffe://cluster.local/ns/a/sa/web";
-        assert!(s.authorize(a, "a/limits").is_ok());
-        assert!(s.authorize(a, "mycel-system/mesh-wide").is_ok());
+        assert_eq!(s.authorize(a, "a/limits").unwrap(), "a");
+        assert_eq!(s.authorize(a, "mycel-system/mesh-wide").unwrap(), "a");
         let e = s.authorize(a, "b/limits").unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         assert!(e.message().contains("namespace a"), "{}", e.message());
@@ -486,7 +512,7 @@ mod tests {
                  burst,
                  window: pb::QuotaWindow,
                  tz: &str| {
-            s.counter(policy, limit, key, requests, per, burst, window as i32, tz, now)
+            s.counter("a", policy, limit, key, requests, per, burst, window as i32, tz, now)
         };
         use pb::QuotaWindow::*;
         assert_eq!(
@@ -506,12 +532,19 @@ mod tests {
         assert_eq!(
             c("a/p", "l", "k", 10, 0, 0, Day, "UTC"),
             Ok(Counter::Quota {
-                key: format!("mycel:q:a/p:l:{}:k", now.as_second()),
+                key: format!("mycel:q:a/p:l:d{}:k", now.as_second()),
                 limit: 10,
                 start_ms: now.as_millisecond(),
                 end_ms: now.as_millisecond() + 86_400_000,
             })
         );
-        assert!(s.counter("a/p", "l", "", 10, 1, 10, 9, "", now).unwrap_err().contains("window"));
+        assert!(s.counter("a", "a/p", "l", "", 10, 1, 10, 9, "", now).unwrap_err().contains("window"));
+        // The root namespace's policies: one counter per namespace that counts them.
+        let root = |ns: &str| s.counter(ns, "mycel-system/p", "l", "k", 10, 1, 10, 0, "", now);
+        assert_eq!(
+            root("a"),
+            Ok(Counter::Rate { key: "mycel:rl:mycel-system/p@a:l:k".into(), interval_ms: 100.0, burst: 10 })
+        );
+        assert_ne!(root("a"), root("b"));
     }
 }

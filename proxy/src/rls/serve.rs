@@ -1,9 +1,11 @@
 //! Serving the rate-limit service: gRPC over HTTP/2, over mutual TLS from mesh proxies (the
 //! caller's proven SPIFFE ID rides into the request as [`super::Caller`]) or in plaintext on a
 //! loopback port for `mycelctl quota`. Every connection is bounded: the handshake in time, the
-//! number open at once, streams per connection, header and message sizes.
+//! number open at once (in all, and from one address: one pod cannot take every slot), streams
+//! per connection, header and message sizes. A connection over a bound is closed at once, not
+//! queued, so none waits behind another's slow handshake.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{net::TcpListener, sync::Semaphore};
@@ -11,8 +13,9 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use super::{Caller, Grpc};
 use crate::tls::mtls::{Inner, MeshTls};
 
-/// Connections served at once; more wait in the listen queue.
+/// Connections served at once, and from one address (a pod's proxy keeps one).
 pub const MAX_CONNECTIONS: usize = 4096;
+pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 32;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_STREAMS: u32 = 256;
 const MAX_HEADERS: u32 = 16 * 1024;
@@ -21,9 +24,9 @@ const MAX_HEADERS: u32 = 16 * 1024;
 /// `mesh` is `None` (the local port).
 pub async fn serve(listener: TcpListener, grpc: Grpc, mesh: Option<Arc<MeshTls>>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_address: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     let server = super::server(grpc);
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
@@ -32,10 +35,18 @@ pub async fn serve(listener: TcpListener, grpc: Grpc, mesh: Option<Arc<MeshTls>>
                 continue;
             }
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "refused: {MAX_CONNECTIONS} connections open");
+            continue;
+        };
+        let Some(held) = Held::take(&per_address, peer.ip()) else {
+            tracing::debug!(%peer, "refused: {MAX_CONNECTIONS_PER_ADDRESS} connections open from its address");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let (mesh, server) = (mesh.clone(), server.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, held);
             let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             b.timer(TokioTimer::new())
                 .max_concurrent_streams(MAX_STREAMS)
@@ -74,5 +85,35 @@ pub async fn serve(listener: TcpListener, grpc: Grpc, mesh: Option<Arc<MeshTls>>
                 tracing::debug!(%peer, "connection: {e}");
             }
         });
+    }
+}
+
+/// One connection counted against its address, until dropped.
+struct Held {
+    counts: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Held {
+    fn take(counts: &Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<Held> {
+        let mut m = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= MAX_CONNECTIONS_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(Held { counts: counts.clone(), ip })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut m = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
     }
 }

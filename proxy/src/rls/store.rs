@@ -28,9 +28,44 @@ pub struct RedisConfig {
 }
 
 enum Conn {
-    Single(redis::aio::ConnectionManager),
+    Single(Box<Single>),
     /// Connected on first use (a cluster client connects eagerly), again after a failure.
     Cluster(Box<Cluster>),
+}
+
+/// A standalone Redis: the crate's manager reconnects when the connection drops, not when it
+/// stops answering (a Redis gone from the network leaves the socket open until the kernel gives
+/// up), so a decision that times out or fails on I/O replaces it, at most once a second.
+struct Single {
+    client: redis::Client,
+    config: redis::aio::ConnectionManagerConfig,
+    manager: std::sync::Mutex<(redis::aio::ConnectionManager, std::time::Instant)>,
+}
+
+impl Single {
+    fn get(&self) -> redis::aio::ConnectionManager {
+        self.manager.lock().unwrap_or_else(|e| e.into_inner()).0.clone()
+    }
+
+    fn renew(&self) {
+        let mut m = self.manager.lock().unwrap_or_else(|e| e.into_inner());
+        if m.1.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        match redis::aio::ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
+            Ok(fresh) => *m = (fresh, std::time::Instant::now()),
+            Err(e) => tracing::warn!("redis: cannot make a new connection: {e}"),
+        }
+    }
+}
+
+/// Whether an error says the connection, not the command, failed.
+fn connection_failed(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
 }
 
 struct Cluster {
@@ -91,7 +126,8 @@ if used + 1 > limit then
   return {0, 0, 0, used}
 end
 used = redis.call('INCR', KEYS[1])
-if used == 1 then redis.call('PEXPIREAT', KEYS[1], ARGV[2]) end
+-- Every time, so that the key expires with its window whatever wrote it first.
+redis.call('PEXPIREAT', KEYS[1], ARGV[2])
 return {1, limit - used, 0, used}
 ";
 
@@ -128,10 +164,13 @@ impl Store {
                 .set_response_timeout(Some(cfg.timeout))
                 .set_number_of_retries(1)
                 .set_max_delay(Duration::from_secs(1));
-            Conn::Single(
-                redis::aio::ConnectionManager::new_lazy_with_config(client, config)
-                    .map_err(|e| format!("redis: {e}"))?,
-            )
+            let manager = redis::aio::ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                .map_err(|e| format!("redis: {e}"))?;
+            Conn::Single(Box::new(Single {
+                client,
+                config,
+                manager: std::sync::Mutex::new((manager, std::time::Instant::now())),
+            }))
         };
         Ok(Store {
             conn,
@@ -187,9 +226,12 @@ impl Store {
         let cmd = redis::cmd("PING");
         let run = async {
             match &self.conn {
-                Conn::Single(c) => {
-                    let mut c = c.clone();
-                    c.req_packed_command(&cmd).await.map(drop)
+                Conn::Single(s) => {
+                    let r = s.get().req_packed_command(&cmd).await.map(drop);
+                    if r.as_ref().is_err_and(connection_failed) {
+                        s.renew();
+                    }
+                    r
                 }
                 Conn::Cluster(_) => {
                     let mut c = self.cluster().await?;
@@ -203,16 +245,27 @@ impl Store {
         };
         tokio::time::timeout(self.timeout, run)
             .await
-            .map_err(|_| format!("Redis did not answer within {:?}", self.timeout))?
+            .map_err(|_| self.timed_out())?
             .map_err(|e| e.to_string())
+    }
+
+    /// No answer in time: the connection may be dead without knowing it.
+    fn timed_out(&self) -> String {
+        if let Conn::Single(s) = &self.conn {
+            s.renew();
+        }
+        format!("Redis did not answer within {:?}", self.timeout)
     }
 
     async fn run(&self, inv: &redis::ScriptInvocation<'_>) -> Result<Outcome, String> {
         let run = async {
             let v: Vec<i64> = match &self.conn {
-                Conn::Single(c) => {
-                    let mut c = c.clone();
-                    inv.invoke_async(&mut c).await?
+                Conn::Single(s) => {
+                    let r = inv.invoke_async(&mut s.get()).await;
+                    if r.as_ref().is_err_and(connection_failed) {
+                        s.renew();
+                    }
+                    r?
                 }
                 Conn::Cluster(_) => {
                     let mut c = self.cluster().await?;
@@ -227,7 +280,7 @@ impl Store {
         };
         let v = tokio::time::timeout(self.timeout, run)
             .await
-            .map_err(|_| format!("Redis did not answer within {:?}", self.timeout))?
+            .map_err(|_| self.timed_out())?
             .map_err(|e| e.to_string())?;
         let [admitted, remaining, retry, used] = v.as_slice() else {
             return Err(format!("the script answered {v:?}"));
