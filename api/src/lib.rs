@@ -22,6 +22,7 @@ pub mod codec;
 pub mod hash;
 pub mod metrics;
 pub mod net;
+pub mod ratelimit;
 pub mod route;
 pub mod spiffe;
 

@@ -299,8 +299,11 @@ pub struct RateLimitSpec {
 }
 
 /// Where the counters are kept.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.cluster) && self.cluster) || size(self.addresses) == 1")
+    .message("a standalone Redis has one address: set cluster: true to name seed nodes of a Redis Cluster")
+    .field_path(".addresses"))]
 pub struct RedisSpec {
     /// `host:port` of a standalone Redis, or with `cluster: true` seed nodes of a Redis Cluster.
     #[schemars(length(min = 1, max = 16))]
@@ -319,7 +322,9 @@ pub struct RedisSpec {
 pub struct RedisAddress(
     #[schemars(
         length(min = 3, max = 260),
-        regex(pattern = r"^[A-Za-z0-9.-]+:[0-9]{1,5}$|^\[[0-9A-Fa-f:.]+\]:[0-9]{1,5}$")
+        regex(
+            pattern = r"^([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"
+        )
     )]
     pub String,
 );

@@ -61,6 +61,12 @@ pub struct RateLimitPolicySpec {
 #[x_kube(validation = Rule::new("!has(self.window) || self.window != 'Calendar' || (!has(self.burst) && (!has(self.overrides) || self.overrides.all(o, !has(o.burst))))")
     .message("a Calendar quota has no burst: it admits requests per window, however they come")
     .field_path(".burst"))]
+#[x_kube(validation = Rule::new("!has(self.scope) || self.scope != 'Global' || (has(self.window) && self.window == 'Calendar') || !has(self.burst) || self.burst * (self.unit == 'second' ? 1 : self.unit == 'minute' ? 60 : self.unit == 'hour' ? 3600 : 86400) <= 2678400 * self.requests")
+    .message("a global rate remembers at most 31 days: burst × unit / requests must be at most that (lower the burst, or count a quota with window: Calendar)")
+    .field_path(".burst"))]
+#[x_kube(validation = Rule::new("!has(self.scope) || self.scope != 'Global' || (has(self.window) && self.window == 'Calendar') || !has(self.overrides) || self.overrides.all(o, !has(o.burst) || o.burst * (self.unit == 'second' ? 1 : self.unit == 'minute' ? 60 : self.unit == 'hour' ? 3600 : 86400) <= 2678400 * o.requests)")
+    .message("a global rate remembers at most 31 days: an override's burst × unit / requests must be at most that")
+    .field_path(".overrides"))]
 pub struct RateLimit {
     /// Shown in metrics and in the `x-mycel-ratelimit` response header.
     #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]

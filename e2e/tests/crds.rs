@@ -330,6 +330,26 @@ async fn wrong_resources_are_rejected_naming_the_field() {
             json!({"rateLimit": {"redis": {"addresses": ["redis"]}}}),
             vec!["spec.rateLimit.redis.addresses[0]"],
         ),
+        (
+            "MeshInstallation",
+            json!({"rateLimit": {"redis": {"addresses": ["redis:65536"]}}}),
+            vec!["spec.rateLimit.redis.addresses[0]"],
+        ),
+        (
+            "MeshInstallation",
+            json!({"rateLimit": {"redis": {"addresses": ["redis-0:6379", "redis-1:6379"]}}}),
+            vec!["spec.rateLimit.redis.addresses", "set cluster: true"],
+        ),
+        (
+            "RateLimitPolicy",
+            json!({"limits": [{"name": "a", "requests": 1, "unit": "day", "burst": 32, "scope": "Global"}]}),
+            vec!["spec.limits[0].burst", "31 days"],
+        ),
+        (
+            "RateLimitPolicy",
+            json!({"limits": [{"name": "a", "requests": 1, "unit": "day", "scope": "Global", "key": {"type": "SourceIP"}, "overrides": [{"value": "10.0.0.1", "requests": 1, "burst": 40}]}]}),
+            vec!["spec.limits[0].overrides", "31 days"],
+        ),
     ];
     let mut failures = Vec::new();
     for (kind, spec, wanted) in cases {

@@ -70,7 +70,7 @@ pub enum ProxyError {
     },
     /// A global limit applies and the rate-limit service could not decide in time; the limit's
     /// failure mode is Closed.
-    RateLimitUnavailable { limit: String, cause: String },
+    RateLimitUnavailable { limit: String },
 }
 
 impl ProxyError {
@@ -193,9 +193,10 @@ impl ProxyError {
             ProxyError::Denied => "RBAC: access denied".into(),
             ProxyError::Unauthenticated { detail } => format!("Jwt verification fails: {detail}"),
             ProxyError::RateLimited { limit, .. } => format!("rate limited by {limit}"),
-            ProxyError::RateLimitUnavailable { limit, cause } => format!(
-                "the rate-limit service could not decide limit {limit} ({cause}), whose failureMode is Closed"
-            ),
+            // Why is in the proxy's log: what it names (addresses, Redis) is not the client's.
+            ProxyError::RateLimitUnavailable { limit } => {
+                format!("the rate-limit service could not decide limit {limit}, whose failureMode is Closed")
+            }
             ProxyError::Peer { reason, .. } if reason == "access_denied" => "RBAC: access denied".into(),
             ProxyError::Peer { reason, .. } => format!("the destination's proxy answered: {reason}"),
             ProxyError::Redirect { location, .. } => {

@@ -635,3 +635,53 @@ async fn one_address_cannot_hold_every_connection() {
     }
     drop(stalled);
 }
+
+#[tokio::test]
+async fn a_request_that_stops_halfway_is_ended_and_others_are_served() {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let redis = Redis::start().await;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    // The local port serves the same bounds as the mutual-TLS one.
+    tokio::spawn(mycel_proxy::rls::serve::serve(l, Grpc { service: service(&redis), local: true }, None));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);
+    // A gRPC message that says it has 1000 bytes, and sends 10 of them.
+    let mut part = vec![0u8, 0, 0, 0x03, 0xe8];
+    part.extend([0u8; 10]);
+    tx.send(Ok(Frame::data(Bytes::from(part)))).await.unwrap();
+    let req = Request::post(format!("http://{addr}/mycel.v1alpha1.RateLimits/Remaining"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .unwrap();
+    let started = Instant::now();
+    let stalled = tokio::spawn(send.send_request(req));
+    // Meanwhile another caller is answered.
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut other = pb::rate_limits_client::RateLimitsClient::new(channel);
+    let asked = pb::RemainingRequest {
+        policy: "shop/p".into(),
+        limit: "l".into(),
+        requests: 10,
+        per_seconds: 1,
+        burst: 10,
+        ..Default::default()
+    };
+    let left = other.remaining(asked).await.expect("answered while another request stalls");
+    assert_eq!(left.get_ref().remaining, 10);
+    let resp = tokio::time::timeout(Duration::from_secs(20), stalled)
+        .await
+        .expect("the stalled request is ended, not held")
+        .unwrap()
+        .unwrap();
+    let waited = started.elapsed();
+    assert_eq!(resp.headers().get("grpc-status").map(|v| v.as_bytes()), Some(&b"4"[..]), "{resp:?}");
+    assert!(waited >= Duration::from_secs(4), "ended by the request bound (5 s), not sooner: {waited:?}");
+    drop(tx);
+}

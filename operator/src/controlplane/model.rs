@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::discovery::{self, Change, Kind, PodInfo, Slice, Svc};
-use super::snapshot::{ChangeLog, Collection, Entry, Key, PolicyReach, Scoped, Snapshot};
+use super::snapshot::{ChangeLog, Collection, Degraded, Entry, Key, PolicyReach, Scoped, Snapshot};
 use super::translate::{
     authn::{self, Fetched, Ra},
     authz::{self, Az},
@@ -62,6 +62,18 @@ impl Default for Options {
             revision: None,
             rate_limit_service: None,
         }
+    }
+}
+
+impl Options {
+    /// The (namespace, name) of the rate-limit service's Service, from the address proxies reach
+    /// it at (`<name>.<namespace>.svc:<port>`).
+    fn rate_limit_service_key(&self) -> Option<Key> {
+        let address = &self.rate_limit_service.as_ref()?.address;
+        let mut host = address.rsplit_once(':')?.0.split('.');
+        let name = host.next()?;
+        let namespace = host.next()?;
+        Some((namespace.to_string(), name.to_string()))
     }
 }
 
@@ -142,6 +154,8 @@ pub(super) struct Model {
     unimplemented: BTreeMap<&'static str, Kind<Unimplemented>>,
     /// One of those changed: statuses are recomputed.
     unimplemented_dirty: bool,
+    /// The rate-limit service's endpoints changed: the statuses of global limits are recomputed.
+    rl_service_dirty: bool,
     // Dirty sets, emptied by `rebuild`.
     dirty_services: HashSet<Key>,
     dirty_pods: HashSet<Key>,
@@ -241,6 +255,7 @@ impl Model {
             routes: Routes::default(),
             statuses: Arc::new(Vec::new()),
             version: 0,
+            rl_service_dirty: false,
         }
     }
 
@@ -315,6 +330,9 @@ impl Model {
                     }
                 }
                 self.slices_of.retain(|_, s| !s.is_empty());
+                if self.opts.rate_limit_service_key().is_some_and(|k| self.dirty_services.contains(&k)) {
+                    self.rl_service_dirty = true;
+                }
             }
             Change::PeerAuth(e) => {
                 let touched = self.peer_auths.apply(*e, discovery::peer_auth_info);
@@ -795,7 +813,8 @@ impl Model {
             || self.rl_dirty
             || self.routes_dirty
             || self.destinations_dirty
-            || std::mem::take(&mut self.unimplemented_dirty);
+            || std::mem::take(&mut self.unimplemented_dirty)
+            || std::mem::take(&mut self.rl_service_dirty);
         // Policies first: endpoints' mutual TLS is computed from them.
         let policies = self.rebuild_policies(version);
         self.rebuild_destinations(version);
@@ -844,6 +863,7 @@ impl Model {
                     not_in_effect: None,
                     parents: Vec::new(),
                     notes: Vec::new(),
+                    degraded: None,
                 };
                 (key, reach)
             })
@@ -945,6 +965,7 @@ impl Model {
             .iter()
             .map(|a| ((a.namespace.clone(), a.name.clone()), a.generation, a.invalid.clone()));
         let mut v = self.inbound_reaches("RateLimitPolicy", objects, |p| &p.rl_by);
+        let service = self.rate_limit_service_health();
         let mut over: BTreeMap<&Key, usize> = BTreeMap::new();
         for (pod, p) in &self.policies {
             if !self.pods.live.get(pod).is_some_and(|i| !i.finished && i.sidecar) {
@@ -955,6 +976,9 @@ impl Model {
             }
         }
         for (s, rl) in v.iter_mut().zip(self.rl_sorted.iter()) {
+            if rl.limits.iter().any(|l| l.global) {
+                s.degraded = Some(service.clone());
+            }
             let Some(n) = over.get(&s.key) else {
                 self.selects_nothing(s, rl.selector.as_ref());
                 continue;
@@ -970,6 +994,34 @@ impl Model {
             }
         }
         v
+    }
+
+    /// Whether the rate-limit service counts global limits: it has a ready replica (whose
+    /// readiness says it reaches Redis).
+    fn rate_limit_service_health(&self) -> Degraded {
+        let Some(key) = self.opts.rate_limit_service_key() else {
+            return Degraded::Yes {
+                reason: "RateLimitServiceUnavailable",
+                message: "the installation runs no rate-limit service (spec.rateLimit)".into(),
+            };
+        };
+        let (mut ready, mut all) = (0, 0);
+        for e in self.slices_of.get(&key).into_iter().flatten().filter_map(|k| self.slices.live.get(k)) {
+            for ep in &e.endpoints {
+                all += 1;
+                ready += usize::from(ep.ready);
+            }
+        }
+        if ready > 0 {
+            return Degraded::No;
+        }
+        Degraded::Yes {
+            reason: "RateLimitServiceUnavailable",
+            message: format!(
+                "the rate-limit service {}/{} has no ready replica ({all} not ready): it is not running, or it cannot reach Redis (its readiness pings Redis); until it can, its global limits admit (failureMode: Open) or refuse with 503 (failureMode: Closed) what they cannot decide",
+                key.0, key.1
+            ),
+        }
     }
 
     /// Says why an inbound policy with `selector` is in effect nowhere, when it selects no pod.
@@ -1039,6 +1091,7 @@ impl Model {
                 not_in_effect,
                 parents: tr.parents.clone(),
                 notes: Vec::new(),
+                degraded: None,
             });
         }
         let mut dps: Vec<(&Key, &(destination::Outcome, u64))> = self.destinations.outcomes.iter().collect();
@@ -1066,6 +1119,7 @@ impl Model {
                 not_in_effect,
                 parents: Vec::new(),
                 notes: Vec::new(),
+                degraded: None,
             });
         }
         for kind in KINDS.iter() {
@@ -1090,6 +1144,7 @@ impl Model {
                     not_in_effect: None,
                     parents: Vec::new(),
                     notes: Vec::new(),
+                    degraded: None,
                 });
             }
         }
@@ -1606,10 +1661,32 @@ mod tests {
             match (with_service, scope) {
                 (true, "Local") => {
                     assert_eq!((p.rate_limits.len(), p.rate_limit_service.as_ref()), (1, None), "not needed");
+                    let r = m.statuses.iter().find(|r| r.kind == "RateLimitPolicy").unwrap();
+                    assert_eq!(r.degraded, None, "local limits depend on nothing");
                 }
                 (true, _) => {
                     assert!(p.rate_limits[0].global);
                     assert_eq!(p.rate_limit_service.as_ref(), Some(&service));
+                    // Degraded until the service has a ready replica (which reaches Redis).
+                    let degraded = |m: &Model| {
+                        m.statuses.iter().find(|r| r.kind == "RateLimitPolicy").unwrap().degraded.clone()
+                    };
+                    let reason = "RateLimitServiceUnavailable";
+                    assert!(matches!(degraded(&m), Some(Degraded::Yes { reason: r, .. }) if r == reason));
+                    let mut rl = |ready: bool| {
+                        let mut s = slice("rl-1", "mycel-ratelimit-canary", &[("10.0.9.1", ready)]);
+                        s.metadata.namespace = Some("mycel-system".into());
+                        m.apply(Change::Slice(Box::new(watcher::Event::Apply(s))));
+                        rebuild(&mut m);
+                        degraded(&m)
+                    };
+                    assert_eq!(rl(true), Some(Degraded::No));
+                    let away = rl(false);
+                    assert!(
+                        matches!(&away, Some(Degraded::Yes { message, .. }) if message.contains("mycel-system/mycel-ratelimit-canary has no ready replica")),
+                        "{away:?}"
+                    );
+                    assert_eq!(rl(true), Some(Degraded::No), "and back without anything else changing");
                 }
                 _ => {
                     assert!(p.rate_limits.is_empty(), "no service to count it");

@@ -195,6 +195,19 @@ pub struct PolicyReach {
     pub parents: Vec<serde_json::Value>,
     /// What a user should know of how it is enforced, that changes nothing (said in `Accepted`).
     pub notes: Vec<String>,
+    /// Whether it is enforced as written while something it depends on is away: a global limit
+    /// while the rate-limit service cannot reach Redis (`Degraded=True`, `Ready=False`). `None`
+    /// for what has no such dependency (no `Degraded` condition).
+    pub degraded: Option<Degraded>,
+}
+
+/// A dependency of a policy that is away, or that is there (for kinds that have one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Degraded {
+    /// It is met: `Degraded=False`.
+    No,
+    /// It is not: `Degraded=True` with this reason and message.
+    Yes { reason: &'static str, message: String },
 }
 
 /// The mesh as proxies see it, at one version.

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::server::{ProxyStatus, Registry, clip};
-use super::snapshot::{Key, PolicyReach, Snapshot};
+use super::snapshot::{Degraded, Key, PolicyReach, Snapshot};
 use super::translate::unimplemented::KINDS;
 
 /// The field manager of the conditions.
@@ -401,7 +401,28 @@ pub fn decide(reach: &PolicyReach, held: &Held, writer: &Writer) -> Option<Vec<D
             }
         }
     };
-    Some(vec![accepted, refs, ready])
+    let mut conditions = vec![accepted, refs, ready];
+    match &reach.degraded {
+        None => {}
+        Some(Degraded::No) => conditions.push(Decided {
+            type_: "Degraded",
+            status: "False",
+            reason: "AsExpected",
+            message: "the rate-limit service that counts its global limits has a ready replica, which reaches Redis".into(),
+        }),
+        Some(Degraded::Yes { reason, message }) => {
+            if conditions[2].status == "True" {
+                conditions[2] = Decided {
+                    type_: "Ready",
+                    status: "False",
+                    reason,
+                    message: format!("its global limits are not counted: {message}"),
+                };
+            }
+            conditions.push(Decided { type_: "Degraded", status: "True", reason, message: message.clone() });
+        }
+    }
+    Some(conditions)
 }
 
 /// What was last written to each object, with when each condition's status last changed.
@@ -671,6 +692,7 @@ mod tests {
             not_in_effect: None,
             parents: Vec::new(),
             notes: Vec::new(),
+            degraded: None,
         }
     }
 
@@ -728,6 +750,38 @@ mod tests {
         assert_eq!((ready(&d).status, ready(&d).reason), ("True", "Ready"));
         assert!(ready(&d).message.contains("all 2"), "{}", ready(&d).message);
         assert_eq!(d.iter().map(|c| c.type_).collect::<Vec<_>>(), ["Accepted", "ResolvedRefs", "Ready"]);
+    }
+
+    #[test]
+    fn global_limits_are_not_ready_while_the_rate_limit_service_cannot_count_them() {
+        let r = PolicyReach {
+            kind: "RateLimitPolicy",
+            degraded: Some(Degraded::No),
+            ..reach(vec![(key("shop", "a"), 5)], 0)
+        };
+        let d = decide(&r, &held(&[("a", 5)]), writer(1));
+        assert_eq!((ready(&d).status, ready(&d).reason), ("True", "Ready"));
+        let degraded = d.iter().find(|c| c.type_ == "Degraded").unwrap();
+        assert_eq!((degraded.status, degraded.reason), ("False", "AsExpected"));
+        let away = PolicyReach {
+            degraded: Some(Degraded::Yes {
+                reason: "RateLimitServiceUnavailable",
+                message: "no ready replica".into(),
+            }),
+            ..r.clone()
+        };
+        let d = decide(&away, &held(&[("a", 5)]), writer(1));
+        assert_eq!((ready(&d).status, ready(&d).reason), ("False", "RateLimitServiceUnavailable"));
+        assert!(ready(&d).message.contains("no ready replica"), "{}", ready(&d).message);
+        let degraded = d.iter().find(|c| c.type_ == "Degraded").unwrap();
+        assert_eq!((degraded.status, degraded.reason), ("True", "RateLimitServiceUnavailable"));
+        // A proxy that has not acknowledged it yet is said first.
+        let d = decide(&away, &held(&[("a", 4)]), writer(1));
+        assert_eq!(ready(&d).reason, "Pending");
+        assert_eq!(d.iter().find(|c| c.type_ == "Degraded").unwrap().status, "True");
+        // Kinds without such a dependency have no Degraded condition.
+        let d = decide(&reach(vec![], 0), &held(&[]), writer(1));
+        assert!(d.iter().all(|c| c.type_ != "Degraded"));
     }
 
     #[test]

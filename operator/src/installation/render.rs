@@ -635,7 +635,8 @@ pub fn render(eff: &Effective, owner: &Value, ca_bundle_pem: &str) -> Vec<Desire
                                     {"name": "http-admin", "containerPort": 15020},
                                 ],
                                 // Ready while it has a certificate and Redis answers.
-                                "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": 15020}, "periodSeconds": 2},
+                                // Its check waits up to 2 s for Redis: the kubelet waits longer.
+                                "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": 15020}, "periodSeconds": 2, "timeoutSeconds": 3},
                                 "resources": rl.resources,
                                 "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}},
                             }],

@@ -244,8 +244,9 @@ pub fn validate(limits: &[RateLimit], service: Option<&Service>) -> Result<(), C
             let rates = std::iter::once((l.requests, l.burst))
                 .chain(l.overrides.iter().map(|o| (o.requests, o.burst)));
             for (requests, burst) in rates {
-                let burst = burst.unwrap_or(requests) as f64;
-                if g.window.is_none() && burst * l.per_seconds as f64 / requests as f64 > 31.0 * 86_400.0 {
+                let burst = burst.unwrap_or(requests);
+                if g.window.is_none() && !mycel_api::ratelimit::within_memory(requests, l.per_seconds, burst)
+                {
                     return invalid(
                         format!("{at}.burst"),
                         "burst × perSeconds / requests must be at most 31 days",

@@ -97,22 +97,4 @@ fn hit(h: &Hit) -> pb::Hit {
     }
 }
 
-/// The key as the service is told it: a long value by its SHA-256 (the service bounds what it
-/// accepts; two values still count apart).
-pub fn key(value: &str) -> String {
-    use sha2::Digest;
-    // A value that looks like a digest is sent as one too, so that none stands for another.
-    if value.len() <= MAX_KEY_AS_IS && !value.starts_with('#') {
-        return value.to_string();
-    }
-    let digest = sha2::Sha256::digest(value.as_bytes());
-    let mut out = String::with_capacity(65);
-    out.push('#');
-    for b in digest {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
-}
-
-/// Longer key values are sent as their digest.
-pub const MAX_KEY_AS_IS: usize = 256;
+pub use mycel_api::ratelimit::{MAX_KEY_AS_IS, counter_key as key};

@@ -264,7 +264,7 @@ async fn counted_globally(
                 tracing::debug!(%service, %cause, refused = closed.is_some(), "rate limit: the rate-limit service did not decide");
             }
             return match closed {
-                Some(limit) => Err(ProxyError::RateLimitUnavailable { limit, cause }),
+                Some(limit) => Err(ProxyError::RateLimitUnavailable { limit }),
                 None => Ok(()),
             };
         }

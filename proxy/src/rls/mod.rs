@@ -29,7 +29,6 @@ pub const MAX_KEY: usize = 512;
 const MAX_REQUESTS: u64 = 1_000_000_000;
 /// The longest unit of a rate (a day), and the longest a rate's counter may remember (31 days).
 const MAX_PER_SECONDS: u64 = 86_400;
-const MAX_MEMORY_MS: f64 = 31.0 * 86_400_000.0;
 /// Time zones kept resolved.
 const MAX_ZONES: usize = 64;
 
@@ -277,6 +276,14 @@ impl Service {
         if key.len() > MAX_KEY {
             return Err(format!("the key is longer than {MAX_KEY} bytes"));
         }
+        // Braces would name a Redis Cluster hash tag: a client would choose the slot.
+        let digest;
+        let key = if key.contains(['{', '}']) {
+            digest = mycel_api::ratelimit::digest(key);
+            digest.as_str()
+        } else {
+            key
+        };
         if !(1..=MAX_REQUESTS).contains(&requests) {
             return Err(format!("requests must be within 1-{MAX_REQUESTS}"));
         }
@@ -291,11 +298,18 @@ impl Service {
             if !(1..=MAX_REQUESTS).contains(&burst) {
                 return Err(format!("burst must be within 1-{MAX_REQUESTS}"));
             }
-            let interval_ms = per_seconds as f64 * 1000.0 / requests as f64;
-            if interval_ms * burst as f64 > MAX_MEMORY_MS {
+            if !mycel_api::ratelimit::within_memory(requests, per_seconds, burst) {
                 return Err("burst × perSeconds / requests must be at most 31 days".into());
             }
-            return Ok(Counter::Rate { key: format!("mycel:rl:{scope}:{limit}:{key}"), interval_ms, burst });
+            let interval_ms = per_seconds as f64 * 1000.0 / requests as f64;
+            // The rate names the counter: a caller that states another rate counts apart (it
+            // cannot move a policy's counter with a rate of its own), and a changed limit starts
+            // full.
+            return Ok(Counter::Rate {
+                key: format!("mycel:rl:{scope}:{limit}:{requests}/{per_seconds}/{burst}:{key}"),
+                interval_ms,
+                burst,
+            });
         }
         let tz = self.zone(time_zone)?;
         let (start_ms, end_ms) = window_bounds(now, &tz, window)?;
@@ -307,7 +321,7 @@ impl Service {
             _ => "m",
         };
         Ok(Counter::Quota {
-            key: format!("mycel:q:{scope}:{limit}:{kind}{}:{key}", start_ms / 1000),
+            key: format!("mycel:q:{scope}:{limit}:{requests}:{kind}{}:{key}", start_ms / 1000),
             limit: requests,
             start_ms,
             end_ms,
@@ -517,7 +531,26 @@ mod tests {
         use pb::QuotaWindow::*;
         assert_eq!(
             c("a/p", "l", "k", 10, 1, 10, None, ""),
-            Ok(Counter::Rate { key: "mycel:rl:a/p:l:k".into(), interval_ms: 100.0, burst: 10 })
+            Ok(Counter::Rate { key: "mycel:rl:a/p:l:10/1/10:k".into(), interval_ms: 100.0, burst: 10 })
+        );
+        // A caller that states another rate counts apart: it cannot push the policy's counter.
+        let key = |c: Result<Counter, String>| match c {
+            Ok(Counter::Rate { key, .. } | Counter::Quota { key, .. }) => key,
+            Err(e) => panic!("{e}"),
+        };
+        assert_ne!(
+            key(c("a/p", "l", "k", 1, 86_400, 31, None, "")),
+            key(c("a/p", "l", "k", 10, 1, 10, None, ""))
+        );
+        assert_ne!(
+            key(c("a/p", "l", "k", 10, 0, 0, Day, "")),
+            key(c("a/p", "l", "k", 1_000_000, 0, 0, Day, ""))
+        );
+        // Braces would choose the Redis Cluster slot: such a value is named by its digest.
+        let tagged = key(c("a/p", "l", "{x}", 10, 1, 10, None, ""));
+        assert!(
+            !tagged.contains(['{', '}']) && tagged.ends_with(&mycel_api::ratelimit::digest("{x}")),
+            "{tagged}"
         );
         assert!(c("a/p", "l", &"x".repeat(MAX_KEY + 1), 10, 1, 10, None, "").unwrap_err().contains("key"));
         assert!(c("A/p", "l", "", 10, 1, 10, None, "").unwrap_err().contains("policy"));
@@ -532,7 +565,7 @@ mod tests {
         assert_eq!(
             c("a/p", "l", "k", 10, 0, 0, Day, "UTC"),
             Ok(Counter::Quota {
-                key: format!("mycel:q:a/p:l:d{}:k", now.as_second()),
+                key: format!("mycel:q:a/p:l:10:d{}:k", now.as_second()),
                 limit: 10,
                 start_ms: now.as_millisecond(),
                 end_ms: now.as_millisecond() + 86_400_000,
@@ -543,7 +576,11 @@ mod tests {
         let root = |ns: &str| s.counter(ns, "mycel-system/p", "l", "k", 10, 1, 10, 0, "", now);
         assert_eq!(
             root("a"),
-            Ok(Counter::Rate { key: "mycel:rl:mycel-system/p@a:l:k".into(), interval_ms: 100.0, burst: 10 })
+            Ok(Counter::Rate {
+                key: "mycel:rl:mycel-system/p@a:l:10/1/10:k".into(),
+                interval_ms: 100.0,
+                burst: 10
+            })
         );
         assert_ne!(root("a"), root("b"));
     }

@@ -17,15 +17,23 @@ use crate::tls::mtls::{Inner, MeshTls};
 pub const MAX_CONNECTIONS: usize = 4096;
 pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 32;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-const MAX_STREAMS: u32 = 256;
+const MAX_STREAMS: u32 = 32;
 const MAX_HEADERS: u32 = 16 * 1024;
+/// What a peer may send ahead of what is read: a check's message is some kilobytes.
+const STREAM_WINDOW: u32 = 64 * 1024;
+const CONNECTION_WINDOW: u32 = 256 * 1024;
+/// Requests decided at once, over every connection: the others wait, unread, and each request
+/// (its body included) has [`REQUEST_TIMEOUT`] in all. So a peer that sends half a message and
+/// stops holds a slot for seconds, and the memory of partial messages is bounded.
+const MAX_IN_FLIGHT: usize = 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves `grpc` on `listener`: over mutual TLS with `mesh`'s identity, or in plaintext when
 /// `mesh` is `None` (the local port).
 pub async fn serve(listener: TcpListener, grpc: Grpc, mesh: Option<Arc<MeshTls>>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let per_address: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>> = Arc::default();
-    let server = super::server(grpc);
+    let server = bounded(super::server(grpc), Arc::new(Semaphore::new(MAX_IN_FLIGHT)));
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -51,6 +59,8 @@ pub async fn serve(listener: TcpListener, grpc: Grpc, mesh: Option<Arc<MeshTls>>
             b.timer(TokioTimer::new())
                 .max_concurrent_streams(MAX_STREAMS)
                 .max_header_list_size(MAX_HEADERS)
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
                 .keep_alive_interval(Duration::from_secs(30))
                 .keep_alive_timeout(Duration::from_secs(10));
             let Some(mesh) = mesh else {
@@ -86,6 +96,49 @@ pub async fn serve(listener: TcpListener, grpc: Grpc, mesh: Option<Arc<MeshTls>>
             }
         });
     }
+}
+
+/// `server`, each request within [`REQUEST_TIMEOUT`] (body included; then `DEADLINE_EXCEEDED`)
+/// and at most as many at once as `in_flight` has permits.
+fn bounded<S>(
+    server: S,
+    in_flight: Arc<Semaphore>,
+) -> impl tower::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<tonic::body::Body>,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static
+where
+    S: tower::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    use tower::ServiceExt;
+    tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let (server, in_flight) = (server.clone(), in_flight.clone());
+        async move {
+            let decided = tokio::time::timeout(REQUEST_TIMEOUT, async move {
+                let _permit = in_flight.acquire_owned().await;
+                server.oneshot(req).await
+            })
+            .await;
+            match decided {
+                Ok(r) => r,
+                Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
+                    "the request was not read and decided within {REQUEST_TIMEOUT:?}"
+                ))
+                .into_http()),
+            }
+        }
+    })
 }
 
 /// One connection counted against its address, until dropped.

@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use redis::{IntoConnectionInfo, Script, aio::ConnectionLike};
-use tokio::sync::Mutex;
+use std::sync::Arc;
 
 /// Where the counters are.
 #[derive(Clone, Debug)]
@@ -68,9 +68,22 @@ fn connection_failed(e: &redis::RedisError) -> bool {
         || e.is_unrecoverable_error()
 }
 
+/// A Redis Cluster: connected in a task of its own (connecting reads the topology and reaches
+/// every master, which may take longer than one decision may wait; a decision that gives up
+/// does not abandon it), replaced after a failure or a timeout, at most once a second.
 struct Cluster {
     client: redis::cluster::ClusterClient,
-    conn: Mutex<Option<redis::cluster_async::ClusterConnection>>,
+    state: Arc<std::sync::Mutex<ClusterState>>,
+    connected: Arc<tokio::sync::Notify>,
+}
+
+#[derive(Default)]
+struct ClusterState {
+    conn: Option<redis::cluster_async::ClusterConnection>,
+    connecting: bool,
+    /// When the connection was last replaced.
+    forgotten: Option<std::time::Instant>,
+    last_error: String,
 }
 
 pub struct Store {
@@ -153,7 +166,7 @@ impl Store {
                 .response_timeout(cfg.timeout)
                 .build()
                 .map_err(|e| format!("redis cluster: {e}"))?;
-            Conn::Cluster(Box::new(Cluster { client, conn: Mutex::new(None) }))
+            Conn::Cluster(Box::new(Cluster { client, state: Arc::default(), connected: Arc::default() }))
         } else {
             let [address] = cfg.addresses.as_slice() else {
                 return Err("a standalone Redis has one address".into());
@@ -237,7 +250,7 @@ impl Store {
                     let mut c = self.cluster().await?;
                     let r = c.req_packed_command(&cmd).await.map(drop);
                     if r.is_err() {
-                        self.forget_cluster().await;
+                        self.forget_cluster();
                     }
                     r
                 }
@@ -251,8 +264,9 @@ impl Store {
 
     /// No answer in time: the connection may be dead without knowing it.
     fn timed_out(&self) -> String {
-        if let Conn::Single(s) = &self.conn {
-            s.renew();
+        match &self.conn {
+            Conn::Single(s) => s.renew(),
+            Conn::Cluster(_) => self.forget_cluster(),
         }
         format!("Redis did not answer within {:?}", self.timeout)
     }
@@ -271,7 +285,7 @@ impl Store {
                     let mut c = self.cluster().await?;
                     let r = inv.invoke_async(&mut c).await;
                     if r.is_err() {
-                        self.forget_cluster().await;
+                        self.forget_cluster();
                     }
                     r?
                 }
@@ -295,22 +309,53 @@ impl Store {
 
     async fn cluster(&self) -> redis::RedisResult<redis::cluster_async::ClusterConnection> {
         let Conn::Cluster(c) = &self.conn else { unreachable!("called for a cluster") };
-        let mut slot = c.conn.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
-        }
-        let c = c.client.get_async_connection().await?;
-        *slot = Some(c.clone());
-        Ok(c)
+        let notified = {
+            let mut st = c.state.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(conn) = &st.conn {
+                return Ok(conn.clone());
+            }
+            // Made before the task can say it is done, so that its word is not missed.
+            let notified = c.connected.clone().notified_owned();
+            if !st.connecting {
+                st.connecting = true;
+                let (client, state, connected) = (c.client.clone(), c.state.clone(), c.connected.clone());
+                tokio::spawn(async move {
+                    let r = client.get_async_connection().await;
+                    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                    st.connecting = false;
+                    match r {
+                        Ok(conn) => st.conn = Some(conn),
+                        Err(e) => {
+                            tracing::warn!("redis cluster: cannot connect: {e}");
+                            st.last_error = e.to_string();
+                        }
+                    }
+                    drop(st);
+                    connected.notify_waiters();
+                });
+            }
+            notified
+        };
+        notified.await;
+        let st = c.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.conn.clone().ok_or_else(|| {
+            redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                format!("cannot connect to the Redis Cluster: {}", st.last_error),
+            ))
+        })
     }
 
-    async fn forget_cluster(&self) {
+    fn forget_cluster(&self) {
         if let Conn::Cluster(c) = &self.conn {
             // The cluster client reconnects nodes itself; a fresh one also finds a new topology
             // after every seed was down.
-            if let Ok(mut s) = c.conn.try_lock() {
-                *s = None;
+            let mut st = c.state.lock().unwrap_or_else(|e| e.into_inner());
+            if st.forgotten.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return;
             }
+            st.conn = None;
+            st.forgotten = Some(std::time::Instant::now());
         }
     }
 }

@@ -67,11 +67,28 @@ impl Rl {
                     "{at}.timeZone: {z:?} is not an IANA time zone (such as Europe/Berlin or UTC)"
                 ));
             }
+            let calendar = global && l.window == Some(LimitWindow::Calendar);
+            if global && !calendar {
+                // What the proxy and the rate-limit service refuse: a proxy would reject the
+                // whole policy update, so the limit is left out here, and said.
+                let per = per_seconds(l.unit);
+                let rates = std::iter::once(("", l.requests, l.burst))
+                    .chain(l.overrides.iter().flatten().map(|o| ("override's ", o.requests, o.burst)));
+                for (what, requests, burst) in rates {
+                    let requests = requests.max(1) as u64;
+                    let burst = burst.map_or(requests, |b| b.max(1) as u64);
+                    if !mycel_api::ratelimit::within_memory(requests, per, burst) {
+                        bad.push(format!(
+                            "{at}: a global limit's {what}burst × unit / requests is at most 31 days (burst {burst} over {requests} a {:?}): lower the burst, or count it as a quota (window: Calendar)",
+                            l.unit
+                        ));
+                    }
+                }
+            }
             if !bad.is_empty() {
                 invalid.extend(bad);
                 continue;
             }
-            let calendar = global && l.window == Some(LimitWindow::Calendar);
             let key = l.key.as_ref();
             let kind = key.map(|k| k.kind).unwrap_or_default();
             let (key_type, key_name) = match kind {
@@ -242,9 +259,14 @@ mod tests {
                 {name: monthly, requests: 1000, unit: month, scope: Global, window: Calendar, timeZone: Europe/Berlin},
                 {name: hourly, requests: 100, unit: hour, scope: Global, window: Calendar},
                 {name: local, requests: 5, unit: second},
-                {name: nowhere, requests: 5, unit: day, scope: Global, window: Calendar, timeZone: Mars/Olympus}]}"#,
+                {name: nowhere, requests: 5, unit: day, scope: Global, window: Calendar, timeZone: Mars/Olympus},
+                {name: edge, requests: 1, unit: day, burst: 31, scope: Global},
+                {name: forever, requests: 1, unit: day, burst: 32, scope: Global},
+                {name: vip, requests: 1, unit: day, scope: Global, key: {type: SourcePrincipal},
+                 overrides: [{value: a/ns/b/sa/c, requests: 2, burst: 63}]}]}"#,
         );
-        let [rate, monthly, hourly, local] = &r.limits[..] else { panic!("{:?}", r.limits) };
+        let [rate, monthly, hourly, local, edge] = &r.limits[..] else { panic!("{:?}", r.limits) };
+        assert_eq!(edge.burst, 31, "31 days of memory is the bound");
         assert!(rate.global && !rate.failure_open, "failureMode Closed");
         assert_eq!(
             (rate.window, rate.burst, rate.per_seconds),
@@ -259,8 +281,19 @@ mod tests {
         assert_eq!((monthly.requests, monthly.burst, monthly.per_seconds), (1000, 1000, 31 * 86_400));
         assert_eq!((hourly.window, hourly.time_zone.as_str()), (pb::QuotaWindow::Hour as i32, ""), "UTC");
         assert!(!local.global, "scope defaults to Local");
-        assert_eq!(r.invalid.len(), 1, "{:?}", r.invalid);
+        assert_eq!(r.invalid.len(), 3, "{:?}", r.invalid);
         assert!(r.invalid[0].starts_with("spec.limits[4].timeZone") && r.invalid[0].contains("Mars/Olympus"));
+        // What the proxy would refuse (its whole policy update with it) is left out here.
+        assert!(
+            r.invalid[1].starts_with("spec.limits[6]:") && r.invalid[1].contains("31 days"),
+            "{:?}",
+            r.invalid
+        );
+        assert!(
+            r.invalid[2].starts_with("spec.limits[7]:") && r.invalid[2].contains("override's"),
+            "{:?}",
+            r.invalid
+        );
         // Without the installation's service, a Global limit is named and left out.
         let mut p: RateLimitPolicy = serde_yaml::from_str(
             "apiVersion: mycel.io/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: g, namespace: shop}\nspec: {limits: [{name: g, requests: 1, unit: second, scope: Global}]}",
