@@ -7,6 +7,7 @@
 use std::process::ExitCode;
 
 mod portforward;
+mod quota;
 mod top;
 
 use anyhow::Context;
@@ -74,6 +75,26 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// What is left of a RateLimitPolicy's global limits and quotas, as the rate-limit service
+    /// counts them (asked through a port-forward to one of its pods; counts nothing).
+    Quota {
+        /// The RateLimitPolicy.
+        policy: String,
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        /// The key's value for keyed limits: a principal (cluster.local/ns/shop/sa/web), an
+        /// address, a header value, a path, a claim.
+        #[arg(long)]
+        key: Option<String>,
+        /// For a policy of the root namespace (counted apart for each namespace): whose.
+        #[arg(long)]
+        caller_namespace: Option<String>,
+        /// Namespace of the installation (its root namespace, where the service runs).
+        #[arg(long, default_value = "mycel-system")]
+        mesh_namespace: String,
+        #[arg(long, default_value = "default")]
+        revision: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -125,6 +146,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", routes_table(&config));
             }
+        }
+        Cmd::Quota { policy, namespace, key, caller_namespace, mesh_namespace, revision } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rows = rt.block_on(async {
+                let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+                let api: kube::Api<mycel_crds::rate_limit_policy::RateLimitPolicy> =
+                    kube::Api::namespaced(client.clone(), &namespace);
+                let p = api.get(&policy).await.with_context(|| format!("RateLimitPolicy {namespace}/{policy}"))?;
+                let ask = quota::Ask {
+                    namespace: &namespace,
+                    policy: &policy,
+                    key: key.as_deref(),
+                    caller_namespace: caller_namespace.as_deref(),
+                    root_namespace: &mesh_namespace,
+                };
+                let reqs = quota::requests(&p, &ask)?;
+                anyhow::ensure!(
+                    !reqs.is_empty(),
+                    "{namespace}/{policy} has no global limit (scope: Global): local limits are counted in each sidecar, see its metrics"
+                );
+                let selector = format!("app=mycel-ratelimit,mycel.io/rev={revision}");
+                let pod = portforward::running_pod(&client, &mesh_namespace, &selector).await.with_context(|| {
+                    format!("the rate-limit service of revision {revision:?} in {mesh_namespace:?} (does the MeshInstallation set spec.rateLimit?)")
+                })?;
+                quota::ask(&client, &mesh_namespace, &pod, reqs).await
+            })?;
+            print!("{}", quota::table(&rows));
         }
         Cmd::ProxyStatus { control_plane, namespace, revision, json } => {
             let body = match control_plane {

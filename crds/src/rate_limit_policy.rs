@@ -169,6 +169,20 @@ pub enum RateUnit {
     Month,
 }
 
+impl RateUnit {
+    /// Its length in seconds; a month counts as the longest, 31 days (the unit a quota's
+    /// `RateLimit-Policy` header names).
+    pub fn seconds(self) -> u64 {
+        match self {
+            RateUnit::Second => 1,
+            RateUnit::Minute => 60,
+            RateUnit::Hour => 3600,
+            RateUnit::Day => 86_400,
+            RateUnit::Month => 31 * 86_400,
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.type == 'Header' ? has(self.header) : !has(self.header)")

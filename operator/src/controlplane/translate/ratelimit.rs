@@ -172,14 +172,7 @@ impl Rl {
 
 /// The length of a unit, in seconds.
 pub fn per_seconds(unit: RateUnit) -> u64 {
-    match unit {
-        RateUnit::Second => 1,
-        RateUnit::Minute => 60,
-        RateUnit::Hour => 3600,
-        RateUnit::Day => 86_400,
-        // The longest month: the unit a quota's `RateLimit-Policy` header names.
-        RateUnit::Month => 31 * 86_400,
-    }
+    unit.seconds()
 }
 
 /// What a workload of `namespace` with `labels` counts: the limits of the policies of `sorted`
