@@ -4,8 +4,12 @@
 //! an override lifts one caller's limit, a quiet caller under its limit is not touched by the
 //! others; a per-header quota refuses with its status and the RateLimit headers; a shadow limit
 //! refuses nothing and counts what it would have refused; gRPC gets RESOURCE_EXHAUSTED; the
-//! policy is Ready once the selected sidecars hold it. Skipped (with a message) without a real
-//! node.
+//! policy is Ready once the selected sidecars hold it. Global limits (through the rate-limit
+//! service and a Redis pod): 50/s in total over unequal clients and 2, then 3 replicas; keyed by
+//! identity with an override; a daily quota that outlives restarts of the service and the
+//! server (and `mycelctl quota` shows it spent); shadow; Redis scaled to zero gives Degraded,
+//! Open admits, Closed refuses with 503, and Redis back makes it count again. Skipped (with a
+//! message) without a real node.
 
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::{
@@ -418,4 +422,209 @@ async fn failure_open(client: &kube::Client, n: &str) -> u64 {
         }
     }
     total
+}
+
+fn global_keys(n: &str) -> String {
+    format!(
+        r#"apiVersion: mycel.io/v1alpha1
+kind: RateLimitPolicy
+metadata: {{name: global-keys}}
+spec:
+  selector: {{matchLabels: {{app: web}}}}
+  limits:
+  - name: per-caller
+    requests: 3
+    unit: minute
+    scope: Global
+    key: {{type: SourcePrincipal}}
+    match: {{path: {{prefix: /caller}}}}
+    overrides: [{{value: cluster.local/ns/{n}/sa/vip, requests: 100}}]
+  - name: daily
+    requests: 4
+    unit: day
+    scope: Global
+    window: Calendar
+    timeZone: Europe/Berlin
+    match: {{path: {{exact: /quota}}}}
+  - {{name: shadow, requests: 2, unit: minute, scope: Global, shadow: true, match: {{path: {{prefix: /shadow}}}}}}
+  - {{name: open, requests: 1, unit: minute, scope: Global, match: {{path: {{prefix: /open}}}}}}
+  - {{name: closed, requests: 1, unit: minute, scope: Global, failureMode: Closed, match: {{path: {{prefix: /closed}}}}}}
+"#
+    )
+}
+
+/// The statuses of `count` GETs of `url` from a meshed pod of service account `sa`.
+async fn statuses(mesh: &Installation, job: &str, sa: &str, url: &str, count: u32) -> Vec<u64> {
+    let (ok, log) = run_job(&mesh.client, &mesh.app.name, job, sa, true, &get(&[url], count, &[])).await;
+    assert!(ok, "{log}");
+    let seen = parse(&log);
+    assert_eq!(seen.len(), count as usize, "every request answered: {log}");
+    seen.iter().map(|s| s.status).collect()
+}
+
+/// Deletes the pods of `selector` and waits until as many others are ready in their place.
+async fn restart(client: &kube::Client, ns: &str, selector: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let old: Vec<String> = pods
+        .list(&ListParams::default().labels(selector))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    assert!(!old.is_empty(), "pods of {selector} in {ns}");
+    for p in &old {
+        pods.delete(p, &Default::default()).await.unwrap();
+    }
+    mycel_e2e::eventually(
+        &format!("new ready pods of {selector}"),
+        std::time::Duration::from_secs(120),
+        || async {
+            let list = pods.list(&ListParams::default().labels(selector)).await.map_err(|e| e.to_string())?;
+            let ready = list
+                .items
+                .iter()
+                .filter(|p| {
+                    !old.contains(p.metadata.name.as_ref().unwrap())
+                        && p.metadata.deletion_timestamp.is_none()
+                })
+                .filter(|p| {
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                })
+                .count();
+            if ready >= old.len() { Ok(()) } else { Err(format!("{ready} of {} ready", old.len())) }
+        },
+    )
+    .await;
+}
+
+/// `mycelctl quota` of the policy, as its user sees it.
+fn mycelctl_quota(c: &TestCluster, mesh: &Installation, policy: &str) -> String {
+    let out = std::process::Command::new(mycel_e2e::process::workspace_binary("mycelctl").unwrap())
+        .args(["quota", policy, "-n", &mesh.app.name, "--mesh-namespace", &mesh.root.name, "--revision"])
+        .arg(&mesh.revision)
+        .env("KUBECONFIG", c.kubeconfig())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
+    table
+}
+
+#[tokio::test]
+async fn global_keys_quotas_shadow_and_failure_modes_as_configured() {
+    let c = TestCluster::shared().await.unwrap();
+    if c.local().is_some_and(|l| !l.info.real_node) {
+        mycel_e2e::skip("the local cluster has no real node (not root, or MYCEL_REAL_NODE=0)");
+        return;
+    }
+    let _measuring = MEASURING.lock().await;
+    let mesh = Installation::start_with(
+        &c,
+        "rl-keys",
+        json!({"rateLimit": {"replicas": 1, "redis": {"addresses": ["redis:6379"]}, "timeout": "1s"}}),
+    )
+    .await;
+    let (client, n, root) = (mesh.client.clone(), mesh.app.name.clone(), mesh.root.name.clone());
+    let service = format!("mycel-ratelimit-{}", mesh.revision);
+    for sa in ["vip", "quiet"] {
+        let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": sa}})).unwrap();
+        Api::<ServiceAccount>::namespaced(client.clone(), &n)
+            .create(&PostParams::default(), &sa)
+            .await
+            .unwrap();
+    }
+    c.kubectl_run(&["apply", "-n", &root, "-f", "-"], Some(&redis())).unwrap();
+    mesh.available_in(&root, "redis", 1).await;
+    mesh.available_in(&root, &service, 1).await;
+    mesh.apply(&c, &echo("web", "web", "v1", 1));
+    mesh.apply(&c, &global_keys(&n));
+    mesh.available("web", 1).await;
+    let rlps = mycel_api(&client, &n, "RateLimitPolicy", "ratelimitpolicies");
+    condition(&rlps, "global-keys", "Ready", "True").await;
+    let healthy = condition(&rlps, "global-keys", "Degraded", "False").await;
+    assert!(healthy["message"].as_str().unwrap_or("").contains("reaches Redis"), "{healthy}");
+
+    // Per identity: one caller spends its 3 a minute, another is not touched, the override
+    // lifts one identity's limit.
+    let url = "http://web/caller";
+    let (hammer, quiet, vip) = tokio::join!(
+        statuses(&mesh, "hammer", "default", url, 6),
+        statuses(&mesh, "quiet", "quiet", url, 3),
+        statuses(&mesh, "vip", "vip", url, 6),
+    );
+    assert_eq!(hammer, [200, 200, 200, 429, 429, 429], "3 a minute for this caller");
+    assert_eq!(quiet, [200, 200, 200], "another caller has its own counter");
+    assert_eq!(vip, [200; 6], "the override's 100 a minute");
+
+    // A daily quota: 4, then refused until midnight in Berlin; it outlives restarts of the
+    // rate-limit service and of the server's pod.
+    let q = statuses(&mesh, "quota-a", "default", "http://web/quota", 6).await;
+    assert_eq!(q, [200, 200, 200, 200, 429, 429], "4 a day");
+    let table = mycelctl_quota(&c, &mesh, "global-keys");
+    let daily = table.lines().find(|l| l.starts_with("daily ")).unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        daily.contains(" 4 ") && daily.contains(" 0/4 ") && daily.contains("day in europe/berlin"),
+        "{table}"
+    );
+    let caller = table.lines().find(|l| l.starts_with("per-caller ")).unwrap_or_else(|| panic!("{table}"));
+    assert!(caller.contains("--key"), "a keyed limit asks for its value: {table}");
+    restart(&client, &root, "app=mycel-ratelimit").await;
+    restart(&client, &n, "app=web").await;
+    condition(&rlps, "global-keys", "Ready", "True").await;
+    let q = statuses(&mesh, "quota-b", "default", "http://web/quota", 2).await;
+    assert_eq!(q, [429, 429], "the day's quota is still spent after the restarts");
+
+    // Shadow: refuses nothing, counts what it would have refused.
+    let s = statuses(&mesh, "shadow", "default", "http://web/shadow", 5).await;
+    assert_eq!(s, [200; 5]);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &n);
+    let web = pods.list(&ListParams::default().labels("app=web")).await.unwrap().items;
+    let web =
+        web.iter().find(|p| p.metadata.deletion_timestamp.is_none()).unwrap().metadata.name.clone().unwrap();
+    let (_, metrics) = port_forward_get(&client, &n, &web, 15020, "/metrics").await.unwrap();
+    let count = |limit: &str, result: &str| -> u64 {
+        let want = format!(
+            r#"mycel_ratelimit_decisions_total{{policy="{n}/global-keys",limit="{limit}",result="{result}"}} "#
+        );
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&want))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0) as u64
+    };
+    assert_eq!((count("shadow", "shadow_limited"), count("shadow", "allowed")), (3, 2), "{metrics}");
+
+    // Redis goes away: the policy says so, Open admits, Closed refuses with 503; Redis back,
+    // it counts again without a restart.
+    c.kubectl_run(&["scale", "-n", &root, "deployment/redis", "--replicas=0"], None).unwrap();
+    let degraded = condition(&rlps, "global-keys", "Degraded", "True").await;
+    assert_eq!(degraded["reason"], "RateLimitServiceUnavailable", "{degraded}");
+    let ready = condition(&rlps, "global-keys", "Ready", "False").await;
+    assert_eq!(ready["reason"], "RateLimitServiceUnavailable", "{ready}");
+    let closed_args = get(&["http://web/closed"], 2, &[]);
+    let (open, closed) = tokio::join!(
+        statuses(&mesh, "open", "default", "http://web/open", 3),
+        run_job(&client, &n, "closed", "default", true, &closed_args),
+    );
+    assert_eq!(open, [200; 3], "failureMode Open admits what it cannot count (1 a minute otherwise)");
+    let (ok, log) = closed;
+    let closed = parse(&log);
+    assert!(ok && closed.len() == 2, "{log}");
+    for r in &closed {
+        assert_eq!(r.status, 503, "{log}");
+        assert_eq!(r.header("x-mycel-error"), "RLSE rate_limit_service_unavailable", "{log}");
+    }
+    c.kubectl_run(&["scale", "-n", &root, "deployment/redis", "--replicas=1"], None).unwrap();
+    condition(&rlps, "global-keys", "Degraded", "False").await;
+    condition(&rlps, "global-keys", "Ready", "True").await;
+    let closed = statuses(&mesh, "closed-again", "default", "http://web/closed", 2).await;
+    assert_eq!(closed, [200, 429], "counted again: 1 a minute");
+
+    rlps.delete("global-keys", &Default::default()).await.unwrap();
+    mesh.finish().await;
 }
