@@ -305,13 +305,16 @@ pub fn testapp_image() -> Result<ImageSpec, Error> {
 /// Redis, from Debian's `redis-server`, for the rate-limit service's counters.
 pub const REDIS_IMAGE: &str = "docker.io/mycel/redis:test";
 
-/// The Redis image: the host's `redis-server` (scripts/setup installs it) and its libraries.
+/// The Redis image: the host's `redis-server` and `redis-cli` (scripts/setup installs them) and
+/// their libraries.
 pub fn redis_image() -> Result<ImageSpec, Error> {
     let bin = Path::new("/usr/bin/redis-server");
     if !bin.exists() {
         return Err(Error::Command("redis-server not installed: scripts/setup installs it".into()));
     }
     let mut entries = with_libs("/usr/bin/redis-server", bin)?;
+    // redis-cli too: forming a Redis Cluster of pods (`--cluster create`), asking a node.
+    entries.extend(with_libs("/usr/bin/redis-cli", Path::new("/usr/bin/redis-cli"))?);
     entries.extend(glibc_name_service()?);
     entries.push(Entry::Dir { path: "/tmp".into(), mode: 0o1777 });
     entries.push(Entry::Dir { path: "/data".into(), mode: 0o1777 });

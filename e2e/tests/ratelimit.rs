@@ -628,3 +628,118 @@ async fn global_keys_quotas_shadow_and_failure_modes_as_configured() {
     rlps.delete("global-keys", &Default::default()).await.unwrap();
     mesh.finish().await;
 }
+
+/// Three Redis nodes in cluster mode, each its own Deployment and Service (a seed).
+fn redis_cluster() -> String {
+    let mut y = String::new();
+    for node in ["a", "b", "c"] {
+        y.push_str(&format!(
+            r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: redis-{node}}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: redis-cluster, node: "{node}"}}}}
+  template:
+    metadata: {{labels: {{app: redis-cluster, node: "{node}"}}}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: redis
+        image: {REDIS_IMAGE}
+        args: ["--bind", "0.0.0.0", "--port", "6379", "--protected-mode", "no", "--save", "", "--appendonly", "no", "--dir", "/data", "--cluster-enabled", "yes", "--cluster-config-file", "/data/nodes.conf"]
+        readinessProbe: {{tcpSocket: {{port: 6379}}, periodSeconds: 1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: redis-{node}}}
+spec:
+  selector: {{app: redis-cluster, node: "{node}"}}
+  ports: [{{name: tcp-redis, port: 6379}}]
+---
+"#
+        ));
+    }
+    y
+}
+
+#[tokio::test]
+async fn a_redis_cluster_of_three_master_pods_carries_a_global_limit() {
+    let c = TestCluster::shared().await.unwrap();
+    if c.local().is_some_and(|l| !l.info.real_node) {
+        mycel_e2e::skip("the local cluster has no real node (not root, or MYCEL_REAL_NODE=0)");
+        return;
+    }
+    let _measuring = MEASURING.lock().await;
+    let seeds = ["redis-a:6379", "redis-b:6379", "redis-c:6379"];
+    let mesh = Installation::start_with(
+        &c,
+        "rl-cluster",
+        json!({"rateLimit": {"replicas": 2, "redis": {"addresses": seeds, "cluster": true}, "timeout": "1s"}}),
+    )
+    .await;
+    let (client, n, root) = (mesh.client.clone(), mesh.app.name.clone(), mesh.root.name.clone());
+    c.kubectl_run(&["apply", "-n", &root, "-f", "-"], Some(&redis_cluster())).unwrap();
+    for node in ["a", "b", "c"] {
+        mesh.available_in(&root, &format!("redis-{node}"), 1).await;
+    }
+    // Form the cluster: every node a master of a third of the slots.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &root);
+    let nodes = pods.list(&ListParams::default().labels("app=redis-cluster")).await.unwrap().items;
+    let ips: Vec<String> = nodes
+        .iter()
+        .map(|p| format!("{}:6379", p.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap()))
+        .collect();
+    let first = nodes[0].metadata.name.clone().unwrap();
+    let mut create = vec!["exec", "-n", &root, &first, "--", "redis-cli", "--cluster", "create"];
+    create.extend(ips.iter().map(String::as_str));
+    create.push("--cluster-yes");
+    c.kubectl_run(&create, None).unwrap();
+    mycel_e2e::eventually("the Redis Cluster is formed", std::time::Duration::from_secs(60), || async {
+        let info = c
+            .kubectl_run(&["exec", "-n", &root, &first, "--", "redis-cli", "cluster", "info"], None)
+            .map_err(|e| e.to_string())?;
+        if info.contains("cluster_state:ok") && info.contains("cluster_size:3") { Ok(()) } else { Err(info) }
+    })
+    .await;
+    mesh.available_in(&root, &format!("mycel-ratelimit-{}", mesh.revision), 2).await;
+    mesh.apply(&c, &echo("web", "web", "v1", 2));
+    mesh.apply(&c, GLOBAL);
+    mesh.available("web", 2).await;
+    let rlps = mycel_api(&client, &n, "RateLimitPolicy", "ratelimitpolicies");
+    condition(&rlps, "global", "Ready", "True").await;
+    condition(&rlps, "global", "Degraded", "False").await;
+
+    let (offered, admitted, pods_admitted) = global_round(&mesh, "cluster").await;
+    println!(
+        "global limit in a 3-master Redis Cluster (50/s, 2 server replicas, 3 clients at 70/45/25): offered {offered:.1}/s, admitted {admitted:.2}/s {pods_admitted:?}"
+    );
+    assert!(offered >= 120.0, "the offered load is well above the limit: {offered}");
+    let undecided = failure_open(&client, &n).await;
+    assert!(
+        (47.5..=52.5).contains(&admitted),
+        "50 ± 5 % a second in total: {admitted} {pods_admitted:?} ({undecided} admitted undecided)"
+    );
+    // The counts were made in the cluster: its masters ran the scripts, about one per request.
+    let mut scripts = 0;
+    for p in &nodes {
+        let name = p.metadata.name.clone().unwrap();
+        let out = c
+            .kubectl_run(&["exec", "-n", &root, &name, "--", "redis-cli", "info", "commandstats"], None)
+            .unwrap();
+        for l in out.lines() {
+            if let Some(rest) = l.strip_prefix("cmdstat_evalsha:").or_else(|| l.strip_prefix("cmdstat_eval:"))
+            {
+                let calls = rest.split(',').find_map(|f| f.strip_prefix("calls=")).unwrap_or("0");
+                scripts += calls.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    println!("Redis Cluster: {scripts} scripts run for about {:.0} requests", offered * WINDOW as f64);
+    assert!(
+        scripts as f64 >= offered * WINDOW as f64 * 0.9,
+        "the cluster counted the requests: {scripts} scripts, {offered}/s offered"
+    );
+    rlps.delete("global", &Default::default()).await.unwrap();
+    mesh.finish().await;
+}
