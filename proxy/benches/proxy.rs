@@ -207,7 +207,7 @@ the rules its path may meet (and those without paths); the third sidecar shows t
 
 // --- rate limits --------------------------------------------------------------------------------
 
-/// What a request pays for local rate limits that admit it: CPU per request (closed loop) and
+/// What a request pays for local and global rate limits that admit it: CPU per request (closed loop) and
 /// added p50/p99 latency (open loop at a fixed rate), against a sidecar without limits, in
 /// interleaved rounds; writes docs/benchmarks/ratelimit.{md,json}.
 async fn ratelimit() {
@@ -239,11 +239,26 @@ async fn ratelimit() {
     }
     assert_eq!(refused, 5, "a limit of 5 refuses 5 of 10");
     drop(small);
-    let targets = [
+    let mut targets = vec![
         ("no limit", none_addr, none.pid()),
         ("1 limit (one bucket)", single_addr, single.pid()),
         ("3 limits (one bucket, by address, by path)", three_addr, three.pid()),
     ];
+    // A global limit: a sidecar of the mesh asks the rate-limit service, which counts in Redis.
+    let global = match Global::start(upstream).await {
+        Ok(g) => Some(g),
+        Err(why) => {
+            println!("no global limit rows: {why}");
+            None
+        }
+    };
+    if let Some(g) = &global {
+        targets.push(("1 global limit (rate-limit service, Redis)", g.sidecar_addr, g.sidecar.pid()));
+    }
+    let global_at = global.as_ref().map(|_| targets.len() - 1);
+    // Per round, of the global target's closed loop: (requests, service CPU s, Redis CPU s,
+    // Redis scripts).
+    let mut global_runs: Vec<(f64, f64, f64, f64)> = Vec::new();
     // Per round, per target: (requests, CPU seconds) closed loop; (p50, p99) µs open loop.
     let mut cpu_runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); targets.len()];
     let mut lat_runs: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); targets.len()];
@@ -252,8 +267,13 @@ async fn ratelimit() {
             let i = (k + round) % targets.len();
             let (name, addr, pid) = targets[i];
             let cpu0 = cpu_seconds(pid);
+            let others0 = global.as_ref().filter(|_| Some(i) == global_at).map(|g| g.counters());
             let (n, took) = closed_loop(addr, secs, 64).await;
             let cpu = cpu_seconds(pid) - cpu0;
+            if let (Some(g), Some((s0, r0, c0))) = (&global, others0) {
+                let (s1, r1, c1) = g.counters();
+                global_runs.push((n as f64, s1 - s0, r1 - r0, c1 - c0));
+            }
             let run = open_loop(addr, rate, secs, 16).await;
             let (p50, p99) =
                 (run.hist.value_at_quantile(0.5) as f64, run.hist.value_at_quantile(0.99) as f64);
@@ -273,9 +293,9 @@ async fn ratelimit() {
         cpu_runs.iter().map(|r| r.iter().map(|(n, cpu)| cpu * 1e6 / n).collect()).collect();
     let (machine, date) = machine_and_date();
     let mut md = format!(
-        "# Local rate limit cost\n\nMachine: {machine}. Date: {date}. Command: `just bench-ratelimit` ({secs} s per measurement, {rounds} rounds, the sidecars taking turns).\n\n\
-Three inbound sidecars of the same build, one worker each, in front of the same HTTP/1.1 server (`GET /`): one without limits; one with one limit (one bucket); \
-one with three (one bucket, one per client address, one per path with a match). The limits are high enough never to refuse, so the figures are the cost of counting \
+        "# Rate limit cost\n\nMachine: {machine}. Date: {date}. Command: `just bench-ratelimit` ({secs} s per measurement, {rounds} rounds, the sidecars taking turns).\n\n\
+Inbound sidecars of the same build, one worker each, in front of the same HTTP/1.1 server (`GET /`): one without limits; one with one local limit (one bucket); \
+one with three (one bucket, one per client address, one per path with a match); and, with redis-server installed, one with a global limit (below). The limits are high enough never to refuse, so the figures are the cost of counting \
 (a fourth sidecar with a limit of 5 was checked to refuse 5 of 10 requests first). CPU per request is the sidecar's CPU time in a closed loop (64 keep-alive connections); \
 latency is measured in an open loop at {rate:.0} req/s over 16 connections (from when each request was due).\n\n\
 | target | CPU µs per request (median) | each round | p50 µs (median) | p99 µs (median) | achieved req/s (open loop) |\n|---|---|---|---|---|---|\n"
@@ -305,7 +325,44 @@ latency is measured in an open loop at {rate:.0} req/s over 16 connections (from
         ));
         ratios.push(json!({"target": targets[k].0, "cpu_per_round": r, "p99_per_round": p99}));
     }
-    md.push_str("\nGlobal limits (a shared counter in Redis) are not built yet, so this benchmark has no row for them.\n");
+    let mut global_json = json!(null);
+    if let Some(g) = &global {
+        let service_us: Vec<f64> = global_runs.iter().map(|(n, s, _, _)| s * 1e6 / n).collect();
+        let per_core: Vec<f64> = global_runs.iter().map(|(n, s, _, _)| n / s).collect();
+        let redis_us: Vec<f64> = global_runs.iter().map(|(n, _, r, _)| r * 1e6 / n).collect();
+        let scripts: Vec<f64> = global_runs.iter().map(|(n, _, _, c)| c / n).collect();
+        let undecided_rounds = undecided(g.sidecar_admin).await;
+        let (limit, acc_secs, a, b, undecided) = g.accuracy(secs).await;
+        let admitted = (a + b) as f64 / acc_secs;
+        md.push_str(&format!(
+            "\n## Global limit\n\nThe fourth sidecar is a mesh sidecar (its certificate from the benchmark's CA) with one global limit, high enough never to refuse: \
+for each request it asks `mycel-ratelimit` (the same build, over mutual TLS, one HTTP/2 connection), which runs one Lua script in a local `redis-server` \
+(Debian's, no persistence). Its row above is the sidecar's own CPU and the latency a client sees; the service and Redis spend, per request (same closed loops):\n\n\
+| | median | each round |\n|---|---|---|\n\
+| rate-limit service CPU µs per request | {:.2} | {} |\n\
+| rate-limit service: requests decided per CPU second (per core) | {:.0} | {} |\n\
+| Redis CPU µs per request | {:.2} | {} |\n\
+| Redis scripts per request | {:.3} | {} |\n\n\
+Over all its rounds the sidecar admitted {undecided_rounds} requests undecided (no answer within its 1 s timeout, failure mode Open).\n\n\
+**Accuracy under load**: two such sidecars share a global limit of {limit}/s; each is loaded as fast as 32 connections go, at once, for {acc_secs:.0} s after a second \
+that spends the burst: they admitted {a} and {b}, **{admitted:.1}/s in all ({:+.2} % of the limit)**; {undecided} requests were admitted undecided (failure mode Open, \
+no answer within the 1 s timeout).\n",
+            median(service_us.clone()),
+            list(&service_us, 2),
+            median(per_core.clone()),
+            list(&per_core, 0),
+            median(redis_us.clone()),
+            list(&redis_us, 2),
+            median(scripts.clone()),
+            list(&scripts, 3),
+            (admitted / limit as f64 - 1.0) * 100.0,
+        ));
+        global_json = json!({"service_cpu_us_per_request": service_us, "service_requests_per_cpu_second": per_core,
+            "redis_cpu_us_per_request": redis_us, "redis_scripts_per_request": scripts, "undecided_in_rounds": undecided_rounds,
+            "accuracy": {"limit_per_second": limit, "seconds": acc_secs, "admitted": [a, b], "admitted_per_second": admitted, "undecided": undecided}});
+    } else {
+        md.push_str("\nNo global limit rows: redis-server was not found (scripts/setup installs it).\n");
+    }
     println!("{md}");
     let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks");
     std::fs::create_dir_all(&out_dir).unwrap();
@@ -313,10 +370,250 @@ latency is measured in an open loop at {rate:.0} req/s over 16 connections (from
     let json = json!({"machine": machine, "date": date, "seconds": secs, "rounds": rounds, "open_loop_rate": rate,
         "cpu_us_per_request": targets.iter().zip(&per_request).map(|((n, _, _), v)| json!({"target": n, "rounds": v})).collect::<Vec<_>>(),
         "latency_us": targets.iter().zip(&lat_runs).map(|((n, _, _), v)| json!({"target": n, "p50_p99_achieved": v})).collect::<Vec<_>>(),
-        "ratios": ratios});
+        "ratios": ratios, "global": global_json});
     std::fs::write(out_dir.join("ratelimit.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
-    drop((none, single, three));
+    drop((none, single, three, global));
     let _ = std::fs::remove_dir_all(dir());
+}
+
+/// Redis, the rate-limit service, and a mesh sidecar with a global limit in front of the app.
+struct Global {
+    redis: Proc,
+    redis_port: u16,
+    service: Proc,
+    service_addr: SocketAddr,
+    cp: SocketAddr,
+    upstream: SocketAddr,
+    sidecar: Proc,
+    sidecar_addr: SocketAddr,
+    sidecar_admin: SocketAddr,
+}
+
+const RLS_ID: &str = "spiffe://cluster.local/ns/mycel-system/sa/mycel-ratelimit";
+
+impl Global {
+    async fn start(upstream: SocketAddr) -> Result<Global, String> {
+        let bin = which("redis-server").ok_or("redis-server is not installed (scripts/setup installs it)")?;
+        which("redis-cli").ok_or("redis-cli is not installed")?;
+        let (cp, _ca) = mesh::start(&dir()).await;
+        let redis_port = free_port();
+        let child = Command::new(bin)
+            .args([
+                "--port",
+                &redis_port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let redis = Proc { child };
+        wait_port(SocketAddr::from(([127, 0, 0, 1], redis_port))).await;
+        let rls_bin = match std::env::var_os("MYCEL_BENCH_PROXY") {
+            Some(p) => PathBuf::from(p).with_file_name("mycel-ratelimit"),
+            None => PathBuf::from(env!("CARGO_BIN_EXE_mycel-ratelimit")),
+        };
+        let (service_addr, admin) = (
+            SocketAddr::from(([127, 0, 0, 1], free_port())),
+            SocketAddr::from(([127, 0, 0, 1], free_port())),
+        );
+        let d = dir();
+        let child = Command::new(&rls_bin)
+            .args(["--redis", &format!("127.0.0.1:{redis_port}"), "--redis-timeout-ms", "1000"])
+            .args(["--listen", &service_addr.to_string(), "--admin", &admin.to_string()])
+            .args(["--local", &format!("127.0.0.1:{}", free_port())])
+            .args(["--control-plane", &cp.to_string(), "--control-plane-name", mesh::NAME])
+            .arg("--ca-roots")
+            .arg(d.join("ca.pem"))
+            .arg("--token")
+            .arg(d.join("token"))
+            .args([
+                "--pod-namespace",
+                "mycel-system",
+                "--service-account",
+                "mycel-ratelimit",
+                "--pod-name",
+                "rls",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("{}: {e}", rls_bin.display()))?;
+        let service = Proc { child };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while get_status(admin, "/healthz/ready").await != Some(200) {
+            if Instant::now() > deadline {
+                return Err("the rate-limit service was not ready in 30 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (sidecar, sidecar_addr, sidecar_admin) =
+            global_sidecar("rl-global", upstream, cp, service_addr, "bench/rl", 1_000_000_000).await;
+        Ok(Global {
+            redis,
+            redis_port,
+            service,
+            service_addr,
+            cp,
+            upstream,
+            sidecar,
+            sidecar_addr,
+            sidecar_admin,
+        })
+    }
+
+    /// The service's and Redis's CPU seconds, and the scripts Redis ran.
+    fn counters(&self) -> (f64, f64, f64) {
+        (
+            cpu_seconds(self.service.pid()),
+            cpu_seconds(self.redis.pid()),
+            redis_scripts(self.redis_port) as f64,
+        )
+    }
+
+    /// Two sidecars sharing a global limit, loaded at once as fast as they go: (limit, seconds,
+    /// admitted by each, admitted undecided).
+    async fn accuracy(&self, secs: f64) -> (u64, f64, u64, u64, u64) {
+        let limit = 1000;
+        let (a, a_addr, a_admin) =
+            global_sidecar("rl-acc-a", self.upstream, self.cp, self.service_addr, "bench/acc", limit).await;
+        let (b, b_addr, b_admin) =
+            global_sidecar("rl-acc-b", self.upstream, self.cp, self.service_addr, "bench/acc", limit).await;
+        // The burst (a second's worth) first, then the measurement.
+        let _ = tokio::join!(admitted(a_addr, 1.0, 32), admitted(b_addr, 1.0, 32));
+        let (x, y) = tokio::join!(admitted(a_addr, secs, 32), admitted(b_addr, secs, 32));
+        let undecided = undecided(a_admin).await + undecided(b_admin).await;
+        drop((a, b));
+        (limit, secs, x, y, undecided)
+    }
+}
+
+/// A mesh sidecar (inbound, plaintext from the load) in front of `upstream` whose one limit of
+/// `requests` a second, scope global, is counted by the service at `service`.
+async fn global_sidecar(
+    name: &str,
+    upstream: SocketAddr,
+    cp: SocketAddr,
+    service: SocketAddr,
+    policy: &str,
+    requests: u64,
+) -> (Proc, SocketAddr, SocketAddr) {
+    let (addr, admin) =
+        (SocketAddr::from(([127, 0, 0, 1], free_port())), SocketAddr::from(([127, 0, 0, 1], free_port())));
+    let config = format!(
+        "admin: '{admin}'\nlisteners:\n- {{name: inbound, address: '{addr}', protocol: http, direction: inbound, cluster: app}}\nclusters:\n- {{name: app, endpoints: ['{upstream}']}}\n"
+    );
+    // The limit arrives as the control plane streams it: in the pod's inbound policy.
+    use mycel_api::v1alpha1 as pb;
+    let limit = pb::RateLimit {
+        policy: policy.into(),
+        name: "g".into(),
+        requests,
+        per_seconds: 1,
+        burst: requests,
+        key: Some(pb::RateLimitKey::default()),
+        global: true,
+        failure_open: true,
+        ..Default::default()
+    };
+    let inbound = pb::PeerPolicy {
+        mode: pb::MtlsMode::MtlsPermissive as i32,
+        rate_limits: vec![limit],
+        rate_limit_service: Some(pb::RateLimitService {
+            address: service.to_string(),
+            identity: RLS_ID.into(),
+            timeout_ms: 1000,
+        }),
+        ..Default::default()
+    };
+    mesh::POLICIES.lock().unwrap().insert(name.to_string(), inbound);
+    let p = mesh_proxy(name, &config, cp, "server", addr).await;
+    // Until it has its certificate and the service answers it: a request is admitted.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if get_status(addr, "/").await == Some(200) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the global-limit sidecar never answered 200");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (p, addr, admin)
+}
+
+/// Requests a sidecar admitted without a decision (failure mode Open), from its metrics.
+async fn undecided(admin: SocketAddr) -> u64 {
+    let text = get_text(admin, "/metrics").await.unwrap_or_default();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("mycel_ratelimit_decisions_total{") && l.contains("result=\"failure_open\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// The scripts (EVALSHA and EVAL calls) a Redis on `port` has run.
+fn redis_scripts(port: u16) -> u64 {
+    let out = Command::new("redis-cli").args(["-p", &port.to_string(), "info", "commandstats"]).output();
+    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("cmdstat_evalsha:").or_else(|| l.strip_prefix("cmdstat_eval:")))
+        .filter_map(|rest| rest.split(',').find_map(|f| f.strip_prefix("calls="))?.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// Requests answered 200 over `secs` by `conns` connections as fast as they go (a refused one
+/// is answered 429 and not counted).
+async fn admitted(addr: SocketAddr, secs: f64, conns: usize) -> u64 {
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let mut send = connect(addr).await;
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0u64;
+            while Instant::now() < end {
+                if send.ready().await.is_err() {
+                    break;
+                }
+                let req = Request::get("/").header("host", "bench").body(Full::new(Bytes::new())).unwrap();
+                match send.send_request(req).await {
+                    Ok(r) => {
+                        let status = r.status();
+                        let _ = r.into_body().collect().await;
+                        ok += u64::from(status == 200);
+                    }
+                    Err(_) => break,
+                }
+            }
+            ok
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap_or(0);
+    }
+    total
+}
+
+async fn get_text(addr: SocketAddr, path: &str) -> Option<String> {
+    let s = TcpStream::connect(addr).await.ok()?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.ok()?;
+    tokio::spawn(conn);
+    let req = Request::get(path).header("host", "localhost").body(Full::new(Bytes::new())).ok()?;
+    let r = send.send_request(req).await.ok()?;
+    let b = r.into_body().collect().await.ok()?.to_bytes();
+    Some(String::from_utf8_lossy(&b).into_owned())
+}
+
+async fn get_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    let s = TcpStream::connect(addr).await.ok()?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.ok()?;
+    tokio::spawn(conn);
+    let req = Request::get(path).header("host", "localhost").body(Full::new(Bytes::new())).ok()?;
+    Some(send.send_request(req).await.ok()?.status().as_u16())
 }
 
 /// The median of rounds.
@@ -1293,6 +1590,11 @@ mod mesh {
     /// The name its serving certificate carries.
     pub const NAME: &str = "cp.bench.mycel";
 
+    /// The inbound policy each pod (by name) is sent, if any.
+    pub static POLICIES: std::sync::LazyLock<
+        std::sync::Mutex<std::collections::HashMap<String, pb::PeerPolicy>>,
+    > = std::sync::LazyLock::new(Default::default);
+
     pub struct Ca {
         issuer: Issuer<'static, KeyPair>,
         pub pem: String,
@@ -1347,14 +1649,31 @@ mod mesh {
             r: Request<Streaming<pb::DeltaRequest>>,
         ) -> Result<Response<Responses>, Status> {
             let mut nonce = 0u64;
-            // Each subscription's first request gets one empty response (in sync); ACKs nothing.
+            let mut pod = String::new();
+            // Each subscription's first request gets one response (in sync): empty, but for the
+            // inbound policy registered for the pod; ACKs nothing.
             let out = r.into_inner().filter_map(move |req| match req {
                 Ok(req) if req.response_nonce.is_empty() => {
                     nonce += 1;
+                    if let Some(n) = &req.node {
+                        pod = n.pod.clone();
+                    }
+                    let policy = (req.type_url == mycel_api::PEER_POLICY_TYPE)
+                        .then(|| POLICIES.lock().unwrap().get(&pod).cloned())
+                        .flatten();
+                    let resources = policy
+                        .map(|p| pb::Resource {
+                            name: "inbound".into(),
+                            version: "1".into(),
+                            kind: Some(pb::resource::Kind::PeerPolicy(p)),
+                        })
+                        .into_iter()
+                        .collect();
                     Some(Ok(pb::DeltaResponse {
                         type_url: req.type_url,
                         system_version: "1".into(),
                         nonce: nonce.to_string(),
+                        resources,
                         ..Default::default()
                     }))
                 }
