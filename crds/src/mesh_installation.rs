@@ -314,6 +314,19 @@ pub struct RedisSpec {
     /// The Redis password: a key of a Secret in the installation's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret: Option<SecretKeySelector>,
+    /// TLS to Redis (`rediss`), its certificate verified against a CA; plaintext when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RedisTls>,
+}
+
+/// How the rate-limit service verifies Redis's certificate.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisTls {
+    /// The CA certificates (PEM) Redis's certificate must chain to: a key of a Secret in the
+    /// installation's namespace (`ca.crt` of the Secret cert-manager writes, for one). The
+    /// address's host must be a name (or address) the certificate carries.
+    pub ca_secret: SecretKeySelector,
 }
 
 /// `host:port`.

@@ -134,6 +134,7 @@ fn service(redis: &Redis) -> Arc<Service> {
         // Generous: a loaded 2-core machine may take its time (the failure test's bound is the
         // sidecars' timeout, not this one).
         timeout: Duration::from_secs(5),
+        tls_ca: None,
     })
     .unwrap();
     Arc::new(Service::new(Arc::new(store), "mycel-system".into(), DOMAIN.into()))
@@ -514,6 +515,7 @@ async fn a_redis_cluster_of_three_masters_carries_the_counters() {
         cluster: true,
         password: None,
         timeout: Duration::from_millis(1000),
+        tls_ca: None,
     })
     .unwrap();
     let s = Service::new(Arc::new(store), "mycel-system".into(), DOMAIN.into());
@@ -585,6 +587,7 @@ async fn a_silent_connection_to_redis_is_replaced() {
         cluster: false,
         password: None,
         timeout: Duration::from_millis(500),
+        tls_ca: None,
     })
     .unwrap();
     let ask = || store.gcra("mycel:rl:shop/p:l:k", Timestamp::now().as_millisecond() as f64, 10.0, 100);
@@ -684,4 +687,75 @@ async fn a_request_that_stops_halfway_is_ended_and_others_are_served() {
     assert_eq!(resp.headers().get("grpc-status").map(|v| v.as_bytes()), Some(&b"4"[..]), "{resp:?}");
     assert!(waited >= Duration::from_secs(4), "ended by the request bound (5 s), not sooner: {waited:?}");
     drop(tx);
+}
+
+/// A CA and a server certificate for `localhost` and 127.0.0.1 signed by it, as PEM files in a
+/// directory of their own: (directory, CA PEM).
+fn tls_files(tag: &str) -> (std::path::PathBuf, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let d = std::env::temp_dir().join(format!("mycel-redis-tls-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    ca.distinguished_name.push(rcgen::DnType::CommonName, format!("redis test CA {tag}"));
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    leaf.subject_alt_names.push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    std::fs::write(d.join("ca.pem"), &ca_pem).unwrap();
+    std::fs::write(d.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(d.join("server.key"), key.serialize_pem()).unwrap();
+    (d, ca_pem)
+}
+
+#[tokio::test]
+async fn counters_reach_a_redis_over_tls_verified_against_its_ca() {
+    let (d, ca) = tls_files("ok");
+    let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+    let mut child = Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", "0", "--tls-port", &port.to_string()])
+        .arg("--tls-cert-file")
+        .arg(d.join("server.pem"))
+        .arg("--tls-key-file")
+        .arg(d.join("server.key"))
+        .arg("--tls-ca-cert-file")
+        .arg(d.join("ca.pem"))
+        .args(["--tls-auth-clients", "no", "--save", "", "--appendonly", "no", "--dir", "/tmp"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server (scripts/setup installs it)");
+    let store = |tls_ca: Option<Vec<u8>>| {
+        Store::new(&RedisConfig {
+            addresses: vec![format!("127.0.0.1:{port}")],
+            cluster: false,
+            password: None,
+            timeout: Duration::from_secs(2),
+            tls_ca,
+        })
+        .unwrap()
+    };
+    let good = store(Some(ca.into_bytes()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Err(e) = good.ping().await {
+        assert!(Instant::now() < deadline, "no answer over TLS in 20 s: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let now = Timestamp::now().as_millisecond() as f64;
+    let o = good.gcra("mycel:rl:shop/p:l:1/60/1:k", now, 60_000.0, 1).await.unwrap();
+    assert!(o.admitted, "counted over TLS");
+    let o = good.gcra("mycel:rl:shop/p:l:1/60/1:k", now, 60_000.0, 1).await.unwrap();
+    assert!(!o.admitted, "and the count is kept");
+    // A server whose certificate another CA signed is not trusted; plaintext is not answered.
+    let (other_dir, other) = tls_files("other");
+    let e = store(Some(other.into_bytes())).ping().await.unwrap_err();
+    assert!(!e.is_empty());
+    assert!(store(None).ping().await.is_err(), "plaintext to a TLS port");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(d);
+    let _ = std::fs::remove_dir_all(other_dir);
 }

@@ -87,6 +87,8 @@ pub struct RateLimit {
     pub redis_cluster: bool,
     /// `(Secret, key)` of the Redis password.
     pub redis_password_secret: Option<(String, String)>,
+    /// `(Secret, key)` of the CA that Redis's certificate chains to: TLS to Redis.
+    pub redis_tls_ca_secret: Option<(String, String)>,
     /// What proxies wait for a decision.
     pub timeout_ms: u64,
     pub resources: Value,
@@ -176,6 +178,7 @@ impl Effective {
                 redis_addresses: r.redis.addresses.iter().map(|a| a.0.clone()).collect(),
                 redis_cluster: r.redis.cluster.unwrap_or(false),
                 redis_password_secret: r.redis.password_secret.map(|p| (p.name, p.key)),
+                redis_tls_ca_secret: r.redis.tls.map(|t| (t.ca_secret.name, t.ca_secret.key)),
                 // The schema bounds it to (0, 10s].
                 timeout_ms: r
                     .timeout
@@ -604,6 +607,20 @@ pub fn render(eff: &Effective, owner: &Value, ca_bundle_pem: &str) -> Vec<Desire
         if let Some((secret, key)) = &rl.redis_password_secret {
             env.push(json!({"name": "MYCEL_REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}));
         }
+        let mut mounts = vec![
+            json!({"name": "mycel-token", "mountPath": "/var/run/secrets/tokens", "readOnly": true}),
+            json!({"name": "mycel-ca-root", "mountPath": "/etc/mycel/ca", "readOnly": true}),
+        ];
+        let mut volumes = vec![
+            json!({"name": "mycel-token", "projected": {"sources": [{"serviceAccountToken": {"audience": "mycel-ca", "expirationSeconds": 43200, "path": "mycel-token"}}]}}),
+            json!({"name": "mycel-ca-root", "configMap": {"name": ROOT_CONFIGMAP}}),
+        ];
+        if let Some((secret, key)) = &rl.redis_tls_ca_secret {
+            env.push(json!({"name": "MYCEL_REDIS_TLS_CA", "value": "/etc/mycel/redis-tls/ca.pem"}));
+            mounts
+                .push(json!({"name": "redis-tls-ca", "mountPath": "/etc/mycel/redis-tls", "readOnly": true}));
+            volumes.push(json!({"name": "redis-tls-ca", "secret": {"secretName": secret, "items": [{"key": key, "path": "ca.pem"}]}}));
+        }
         push(
             deployment_resource(),
             true,
@@ -626,10 +643,7 @@ pub fn render(eff: &Effective, owner: &Value, ca_bundle_pem: &str) -> Vec<Desire
                                 "imagePullPolicy": pull_policy(eff.pull_policy),
                                 "command": ["/usr/local/bin/mycel-ratelimit"],
                                 "env": env,
-                                "volumeMounts": [
-                                    {"name": "mycel-token", "mountPath": "/var/run/secrets/tokens", "readOnly": true},
-                                    {"name": "mycel-ca-root", "mountPath": "/etc/mycel/ca", "readOnly": true},
-                                ],
+                                "volumeMounts": mounts,
                                 "ports": [
                                     {"name": "grpc", "containerPort": PORT_RATELIMIT},
                                     {"name": "http-admin", "containerPort": 15020},
@@ -640,10 +654,7 @@ pub fn render(eff: &Effective, owner: &Value, ca_bundle_pem: &str) -> Vec<Desire
                                 "resources": rl.resources,
                                 "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}},
                             }],
-                            "volumes": [
-                                {"name": "mycel-token", "projected": {"sources": [{"serviceAccountToken": {"audience": "mycel-ca", "expirationSeconds": 43200, "path": "mycel-token"}}]}},
-                                {"name": "mycel-ca-root", "configMap": {"name": ROOT_CONFIGMAP}},
-                            ]
+                            "volumes": volumes,
                         }
                     }
                 }
@@ -1012,7 +1023,8 @@ mod tests {
             &mi(json!({"revision": "default", "trustDomain": "cluster.local", "rateLimit": {
                 "replicas": 3, "timeout": "300ms",
                 "redis": {"addresses": ["redis-0.redis:6379", "redis-1.redis:6379"], "cluster": true,
-                          "passwordSecret": {"name": "redis-auth", "key": "password"}},
+                          "passwordSecret": {"name": "redis-auth", "key": "password"},
+                          "tls": {"caSecret": {"name": "redis-tls", "key": "ca.crt"}}},
                 "resources": {"requests": {"cpu": "20m"}, "limits": {"memory": "64Mi"}, "claims": [{"name": "gpu", "request": "r"}]}
             }})),
             &images,
@@ -1044,6 +1056,20 @@ mod tests {
             json!({"secretKeyRef": {"name": "redis-auth", "key": "password"}})
         );
         assert_eq!(env("MYCEL_ROOT_NAMESPACE")["value"], "mycel-system");
+        // TLS to Redis: the CA from its Secret, as a file.
+        assert_eq!(env("MYCEL_REDIS_TLS_CA")["value"], "/etc/mycel/redis-tls/ca.pem");
+        let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "redis-tls-ca").unwrap();
+        assert_eq!(
+            volume["secret"],
+            json!({"secretName": "redis-tls", "items": [{"key": "ca.crt", "path": "ca.pem"}]})
+        );
+        assert!(
+            c["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["name"] == "redis-tls-ca" && m["mountPath"] == "/etc/mycel/redis-tls")
+        );
         assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/healthz/ready");
         let svc = body(&out, "Service", "mycel-ratelimit-default");
         assert_eq!(svc["spec"]["ports"][0]["port"], PORT_RATELIMIT);

@@ -29,6 +29,9 @@ struct Args {
     /// Each Redis operation's bound, in milliseconds.
     #[arg(long, env = "MYCEL_REDIS_TIMEOUT_MS", default_value_t = 100)]
     redis_timeout_ms: u64,
+    /// TLS to Redis: the CA certificates (PEM) its certificate is verified against.
+    #[arg(long, env = "MYCEL_REDIS_TLS_CA")]
+    redis_tls_ca: Option<PathBuf>,
     #[arg(long, env = "MYCEL_RATELIMIT_LISTEN", default_value = "0.0.0.0:15090")]
     listen: String,
     #[arg(long, env = "MYCEL_RATELIMIT_LOCAL", default_value = "127.0.0.1:15091")]
@@ -74,11 +77,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         anyhow::bail!("--redis-timeout-ms must be within 1-10000");
     }
     let password = std::env::var("MYCEL_REDIS_PASSWORD").ok().filter(|p| !p.is_empty());
+    let tls_ca = match &args.redis_tls_ca {
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("--redis-tls-ca {}", p.display()))?),
+        None => None,
+    };
     let store = Store::new(&RedisConfig {
         addresses: args.redis.clone(),
         cluster: args.redis_cluster,
         password,
         timeout: Duration::from_millis(args.redis_timeout_ms),
+        tls_ca,
     })
     .map_err(anyhow::Error::msg)
     .context("--redis")?;

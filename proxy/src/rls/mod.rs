@@ -496,6 +496,7 @@ mod tests {
             cluster: false,
             password: None,
             timeout: std::time::Duration::from_millis(100),
+            tls_ca: None,
         })
         .unwrap();
         Service::new(Arc::new(store), "mycel-system".into(), "cluster.local".into())

@@ -25,6 +25,8 @@ pub struct RedisConfig {
     /// Each operation's bound (a decision that waits longer fails, and the proxy's failure
     /// mode applies).
     pub timeout: Duration,
+    /// TLS to Redis, verified against these CA certificates (PEM); plaintext when unset.
+    pub tls_ca: Option<Vec<u8>>,
 }
 
 enum Conn {
@@ -148,7 +150,8 @@ impl Store {
     /// Within a Tokio runtime (the connection task is spawned at once, connected on first use).
     pub fn new(cfg: &RedisConfig) -> Result<Store, String> {
         let info = |a: &str| -> Result<redis::ConnectionInfo, String> {
-            let url = if a.contains("://") { a.to_string() } else { format!("redis://{a}") };
+            let scheme = if cfg.tls_ca.is_some() { "rediss" } else { "redis" };
+            let url = if a.contains("://") { a.to_string() } else { format!("{scheme}://{a}") };
             let info =
                 url.as_str().into_connection_info().map_err(|e| format!("redis address {a:?}: {e}"))?;
             Ok(match &cfg.password {
@@ -159,19 +162,29 @@ impl Store {
                 None => info,
             })
         };
+        let certs = cfg
+            .tls_ca
+            .as_ref()
+            .map(|ca| redis::TlsCertificates { client_tls: None, root_cert: Some(ca.clone()) });
         let conn = if cfg.cluster {
             let nodes = cfg.addresses.iter().map(|a| info(a)).collect::<Result<Vec<_>, _>>()?;
-            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+            let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
                 .connection_timeout(cfg.timeout)
-                .response_timeout(cfg.timeout)
-                .build()
-                .map_err(|e| format!("redis cluster: {e}"))?;
+                .response_timeout(cfg.timeout);
+            if let Some(certs) = certs {
+                builder = builder.certs(certs);
+            }
+            let client = builder.build().map_err(|e| format!("redis cluster: {e}"))?;
             Conn::Cluster(Box::new(Cluster { client, state: Arc::default(), connected: Arc::default() }))
         } else {
             let [address] = cfg.addresses.as_slice() else {
                 return Err("a standalone Redis has one address".into());
             };
-            let client = redis::Client::open(info(address)?).map_err(|e| format!("redis: {e}"))?;
+            let client = match certs {
+                Some(certs) => redis::Client::build_with_tls(info(address)?, certs),
+                None => redis::Client::open(info(address)?),
+            }
+            .map_err(|e| format!("redis: {e}"))?;
             let config = redis::aio::ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(cfg.timeout))
                 .set_response_timeout(Some(cfg.timeout))
