@@ -309,10 +309,12 @@ async fn a_tenant_cannot_spend_another_tenants_counters() {
     // Out of bounds: the field named.
     let e = ask(vec![hit("web/limits"); 65]).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    // A hit it cannot count fails alone, naming the field; the others are counted.
     let mut long = hit("web/limits");
     long.key = "k".repeat(513);
-    let e = ask(vec![long]).await.unwrap_err();
-    assert!(e.message().contains("hits[0]") && e.message().contains("key"), "{}", e.message());
+    let v = ask(vec![hit("web/other"), long]).await.unwrap();
+    assert!(v[0].admitted && v[0].error.is_empty(), "{v:?}");
+    assert!(!v[1].admitted && v[1].error.contains("hits[1]") && v[1].error.contains("key"), "{v:?}");
     // Plaintext gets no answer at all.
     let mut c = TcpStream::connect(rls).await.unwrap();
     c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
@@ -758,4 +760,38 @@ async fn counters_reach_a_redis_over_tls_verified_against_its_ca() {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(d);
     let _ = std::fs::remove_dir_all(other_dir);
+}
+
+#[tokio::test]
+async fn a_limit_the_service_cannot_count_fails_alone_in_its_failure_mode() {
+    let (pki, redis) = (Pki::new(), Redis::start().await);
+    let (rls, _s) = rate_limit_service(&pki, &redis).await;
+    let app = app().await;
+    // A zone name the proxy takes (its form) and the service does not know.
+    let unknown = "global: {window: day, timeZone: Mars/Olympus";
+    let (_a, open) = sidecar(
+        &pki,
+        app,
+        rls,
+        &format!(
+            "- {{policy: shop/a, name: nowhere, requests: 5, perSeconds: 86400, {unknown}, failureOpen: true}}}}\n- {{policy: shop/a, name: two, requests: 2, perSeconds: 3600, global: {{}}}}\n"
+        ),
+    )
+    .await;
+    // The other limit is still counted: 2, then refused by it.
+    let seen: Vec<u16> =
+        futures::future::join_all((0..3).map(|_| get(open, "/", &[]))).await.iter().map(|r| r.0).collect();
+    let mut sorted = seen.clone();
+    sorted.sort();
+    assert_eq!(sorted, [200, 200, 429], "{seen:?}");
+    let (_b, closed) = sidecar(
+        &pki,
+        app,
+        rls,
+        &format!("- {{policy: shop/b, name: nowhere, requests: 5, perSeconds: 86400, {unknown}, failureOpen: false}}}}\n"),
+    )
+    .await;
+    let (status, headers) = get(closed, "/", &[]).await;
+    assert_eq!(status, 503);
+    assert_eq!(headers["x-mycel-error"], "RLSE rate_limit_service_unavailable");
 }

@@ -270,8 +270,19 @@ async fn counted_globally(
         }
     };
     let mut refused = None;
+    let mut closed = None;
     for (h, v) in hits.iter().zip(&verdicts) {
         let c = &h.limit.config;
+        if !v.error.is_empty() {
+            // This limit alone could not be counted: its failure mode applies.
+            let open = c.shadow || c.global.as_ref().is_none_or(|g| g.failure_open);
+            count(&h.limit, if open { Decision::FailureOpen } else { Decision::FailureClosed });
+            tracing::debug!(policy = %c.policy, limit = %c.name, error = %v.error, "rate limit: the rate-limit service could not count this limit");
+            if !open && closed.is_none() {
+                closed = Some(c.name.clone());
+            }
+            continue;
+        }
         let d = match (v.admitted, c.shadow) {
             (true, _) => Decision::Allowed,
             (false, true) => Decision::ShadowLimited,
@@ -285,7 +296,12 @@ async fn counted_globally(
             refused = Some((h, v));
         }
     }
-    let Some((h, v)) = refused else { return Ok(()) };
+    let Some((h, v)) = refused else {
+        return match closed {
+            Some(limit) => Err(ProxyError::RateLimitUnavailable { limit }),
+            None => Ok(()),
+        };
+    };
     let c = &h.limit.config;
     tracing::debug!(policy = %c.policy, limit = %c.name, %peer, %path, "rate limit: refused (global)");
     Err(ProxyError::RateLimited {

@@ -109,6 +109,7 @@ impl Service {
             let ns = self.authorize(caller, &h.policy).inspect_err(|_| {
                 self.metrics.forbidden.fetch_add(1, Ordering::Relaxed);
             })?;
+            // A hit the service cannot count fails alone: the others are decided.
             let c = self
                 .counter(
                     &ns,
@@ -124,22 +125,23 @@ impl Service {
                 )
                 .map_err(|e| {
                     self.metrics.invalid.fetch_add(1, Ordering::Relaxed);
-                    Status::invalid_argument(format!("hits[{i}]: {e}"))
-                })?;
+                    format!("hits[{i}]: {e}")
+                });
             counters.push(c);
         }
         let now_ms = now.as_millisecond();
         let runs = counters.iter().map(|c| async move {
             match c {
-                Counter::Rate { key, interval_ms, burst } => {
-                    self.store.gcra(key, now_ms as f64, *interval_ms, *burst).await
+                Err(e) => Ok(Err(e.clone())),
+                Ok(Counter::Rate { key, interval_ms, burst }) => {
+                    self.store.gcra(key, now_ms as f64, *interval_ms, *burst).await.map(Ok)
                 }
-                Counter::Quota { key, limit, end_ms, .. } => {
+                Ok(Counter::Quota { key, limit, end_ms, .. }) => {
                     self.store.quota(key, *limit, *end_ms + 60_000, true).await.map(|mut o| {
                         if !o.admitted {
                             o.retry_after_ms = (*end_ms - now_ms).max(0) as u64;
                         }
-                        o
+                        Ok(o)
                     })
                 }
             }
@@ -147,16 +149,24 @@ impl Service {
         let outcomes = futures::future::join_all(runs).await;
         let mut verdicts = Vec::with_capacity(outcomes.len());
         for o in outcomes {
-            let o: Outcome = o.map_err(|e| {
+            let o: Result<Outcome, String> = o.map_err(|e| {
                 self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
                 Status::unavailable(format!("the counters' store: {e}"))
             })?;
+            let o = match o {
+                Ok(o) => o,
+                Err(error) => {
+                    verdicts.push(pb::Verdict { error, ..Default::default() });
+                    continue;
+                }
+            };
             let m = if o.admitted { &self.metrics.admitted } else { &self.metrics.refused };
             m.fetch_add(1, Ordering::Relaxed);
             verdicts.push(pb::Verdict {
                 admitted: o.admitted,
                 remaining: o.remaining,
                 retry_after_ms: o.retry_after_ms,
+                error: String::new(),
             });
         }
         Ok(verdicts)
