@@ -37,6 +37,8 @@ pub struct State {
     pub authn: Arc<crate::policy::jwt::Authenticator>,
     /// The rate limits, with their buckets (kept across updates that leave a limit as it was).
     pub ratelimit: Arc<crate::policy::ratelimit::Limiter>,
+    /// The limits of the requests the workload sends.
+    pub ratelimit_outbound: Arc<crate::policy::ratelimit::Limiter>,
 }
 
 impl State {
@@ -114,7 +116,27 @@ impl State {
                 old.map(|o| &*o.ratelimit),
             )),
         };
-        State { config, listeners, clusters, vips, identities, routes, authz, authn, ratelimit }
+        let ratelimit_outbound = match old {
+            Some(o) if o.config.outbound_rate_limits == config.outbound_rate_limits => {
+                o.ratelimit_outbound.clone()
+            }
+            _ => Arc::new(crate::policy::ratelimit::Limiter::compile(
+                &config.outbound_rate_limits,
+                old.map(|o| &*o.ratelimit_outbound),
+            )),
+        };
+        State {
+            config,
+            listeners,
+            clusters,
+            vips,
+            identities,
+            routes,
+            authz,
+            authn,
+            ratelimit,
+            ratelimit_outbound,
+        }
     }
 
     pub fn listener(&self, name: &str) -> Option<&config::Listener> {

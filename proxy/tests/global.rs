@@ -795,3 +795,70 @@ async fn a_limit_the_service_cannot_count_fails_alone_in_its_failure_mode() {
     assert_eq!(status, 503);
     assert_eq!(headers["x-mycel-error"], "RLSE rate_limit_service_unavailable");
 }
+
+/// A client sidecar whose outbound listener sends to `app`, with `limits` on what it sends.
+async fn client_sidecar(pki: &Pki, app: SocketAddr, rls: SocketAddr, limits: &str) -> (Running, SocketAddr) {
+    let yaml = format!(
+        "admin: '127.0.0.1:0'\nlisteners:\n- {{name: out, address: '127.0.0.1:0', protocol: http, cluster: app}}\nclusters:\n- {{name: app, endpoints: ['{app}']}}\nrateLimitService: {{address: '{rls}', identity: '{RLS}', timeoutMs: 1000}}\noutboundRateLimits:\n{limits}"
+    );
+    let proxy = mycel_proxy::start(Config::parse(&yaml).unwrap()).await.unwrap();
+    proxy.shared.mesh.set_identity(&pki.identity(WEB)).unwrap();
+    let addr = proxy.listener("out").await.unwrap();
+    (proxy, addr)
+}
+
+/// GET / through `addr` for `host`: the status and the limit that refused it, if one did.
+async fn get_host(addr: SocketAddr, host: &str) -> (u16, String) {
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder().uri("/").header("host", host).body(Empty::<Bytes>::new()).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), tx.send_request(req)).await.unwrap().unwrap();
+    let limit = resp.headers().get("x-mycel-ratelimit").map(|v| v.to_str().unwrap().to_string());
+    (resp.status().as_u16(), limit.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn outbound_limits_count_what_a_workload_sends_to_the_hosts_they_name() {
+    let (pki, redis) = (Pki::new(), Redis::start().await);
+    let (rls, _s) = rate_limit_service(&pki, &redis).await;
+    let app = app().await;
+    // In this sidecar: 2 an hour to api.example.com and its subdomains, nothing elsewhere.
+    let (_c, out) = client_sidecar(
+        &pki,
+        app,
+        rls,
+        "- {policy: web/egress, name: api, requests: 2, perSeconds: 3600, hosts: [api.example.com, '*.api.example.com']}\n",
+    )
+    .await;
+    let mut seen = Vec::new();
+    for host in
+        ["api.example.com", "eu.api.example.com:8443", "API.example.com", "other.example", "xapi.example.com"]
+    {
+        seen.push(get_host(out, host).await);
+    }
+    assert_eq!(
+        seen,
+        [
+            (200, String::new()),
+            (200, String::new()),
+            (429, "api".to_string()),
+            (200, String::new()),
+            (200, String::new()),
+        ],
+        "the third to the API is refused by the sender's own sidecar; other hosts are not counted"
+    );
+    // A global one: one counter for every replica of the sending workload.
+    let limits = "- {policy: web/egress, name: shared, requests: 3, perSeconds: 3600, global: {}}\n";
+    let (_a, a) = client_sidecar(&pki, app, rls, limits).await;
+    let (_b, b) = client_sidecar(&pki, app, rls, limits).await;
+    let mut admitted = 0;
+    for addr in [a, b, a, b] {
+        admitted += usize::from(get_host(addr, "api.example.com").await.0 == 200);
+    }
+    assert_eq!(admitted, 3, "3 an hour for both replicas together");
+    // A sender's limit is keyed by what its requests carry, not by a caller.
+    let bad = "outboundRateLimits:\n- {policy: web/egress, name: x, requests: 1, key: sourceIp}\n";
+    let e = Config::parse(bad).unwrap_err().to_string();
+    assert!(e.contains("outboundRateLimits[web/egress/x].key"), "{e}");
+}

@@ -53,6 +53,13 @@ pub struct Config {
     /// Where the limits of scope Global are decided (streamed with the inbound policy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit_service: Option<ratelimit::Service>,
+    /// Token buckets on the requests this workload sends (RateLimitPolicy of direction Outbound).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        with = "serde_yaml::with::singleton_map_recursive"
+    )]
+    pub outbound_rate_limits: Vec<ratelimit::RateLimit>,
     /// Set while a streamed proxy has not received its first inbound policy: it then accepts
     /// no inbound connection (no window in which every caller is allowed).
     #[serde(skip)]
@@ -353,6 +360,7 @@ impl Config {
         authz::validate(&self.authorization)?;
         authn::validate(&self.request_authentication)?;
         ratelimit::validate(&self.rate_limits, self.rate_limit_service.as_ref())?;
+        ratelimit::validate_outbound(&self.outbound_rate_limits, self.rate_limit_service.as_ref())?;
         if l.max_header_bytes < 8192 {
             return invalid("limits.maxHeaderBytes".into(), "must be at least 8192".into());
         }

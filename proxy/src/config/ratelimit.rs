@@ -50,6 +50,9 @@ pub struct RateLimit {
     /// the policy selects, instead of in this proxy's buckets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub global: Option<Global>,
+    /// Only requests to these hosts count (exact, or `*.` and a suffix); any when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
 }
 
 fn one() -> u64 {
@@ -141,9 +144,28 @@ pub struct Override {
 /// policy, a status that is an error, matches that compile; `rateLimits[<policy>/<name>]` names
 /// the one that fails.
 pub fn validate(limits: &[RateLimit], service: Option<&Service>) -> Result<(), ConfigError> {
+    validate_in("rateLimits", limits, service)
+}
+
+/// The limits of the requests a workload sends ([`validate`], and keyed by what a sender's
+/// requests carry: no key, a header or the path).
+pub fn validate_outbound(limits: &[RateLimit], service: Option<&Service>) -> Result<(), ConfigError> {
+    validate_in("outboundRateLimits", limits, service)?;
+    for l in limits {
+        if !matches!(l.key, LimitKey::Global | LimitKey::Header(_) | LimitKey::Path) {
+            return Err(ConfigError::Invalid {
+                field: format!("outboundRateLimits[{}/{}].key", l.policy, l.name),
+                message: "an outbound limit is keyed by nothing, a header or the path (its caller is this workload)".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn validate_in(what: &str, limits: &[RateLimit], service: Option<&Service>) -> Result<(), ConfigError> {
     let invalid = |field: String, message: &str| Err(ConfigError::Invalid { field, message: message.into() });
     if limits.len() > MAX_LIMITS {
-        return invalid("rateLimits".into(), &format!("more than {MAX_LIMITS} limits"));
+        return invalid(what.into(), &format!("more than {MAX_LIMITS} limits"));
     }
     if let Some(s) = service {
         if s.address.is_empty() || s.address.len() > 253 || !s.address.contains(':') {
@@ -158,7 +180,22 @@ pub fn validate(limits: &[RateLimit], service: Option<&Service>) -> Result<(), C
     }
     let mut names = std::collections::HashSet::new();
     for l in limits {
-        let at = format!("rateLimits[{}/{}]", l.policy, l.name);
+        let at = format!("{what}[{}/{}]", l.policy, l.name);
+        if l.hosts.len() > 16
+            || l.hosts.iter().any(|h| {
+                let name = h.strip_prefix("*.").unwrap_or(h);
+                name.is_empty()
+                    || name.len() > 253
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            })
+        {
+            return invalid(
+                format!("{at}.hosts"),
+                "at most 16, each a lowercase host name or *. and a suffix, without a port",
+            );
+        }
         if l.name.is_empty() || !names.insert((&l.policy, &l.name)) {
             return invalid(format!("{at}.name"), "must be set and unique within its policy");
         }

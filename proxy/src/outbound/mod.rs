@@ -3,7 +3,7 @@
 //!
 //! - connection: original destination → Service (virtual address) or the address itself (see
 //!   [`crate::transport::target`]) → detect → TCP to the Service's endpoints, or HTTP;
-//! - request: route → filters → fault → (rate limit: not yet outbound) → mirror → timeout → retry → connection-pool
+//! - request: route → filters → rate limits (direction Outbound) → fault → mirror → timeout → retry → connection-pool
 //!   limits → balance → endpoint (mutual TLS dial), the last three in [`crate::http::forward`].
 
 use std::sync::Arc;
@@ -53,7 +53,10 @@ pub async fn request(
         Err(e) => return (None, Err(e)),
     };
     routing::filters(&mut req, &route);
-    // Rate limits of outbound requests go here (RateLimitPolicy's are inbound today).
+    // The workload's own limits on what it sends (RateLimitPolicy of direction Outbound).
+    if let Err(e) = crate::policy::rate_limit_outbound(&req, &conn.conn, shared).await {
+        return (Some(route.backend), Err(e));
+    }
     if let Err(e) = routing::fault(&req, &route).await {
         return (Some(route.backend), Err(e));
     }

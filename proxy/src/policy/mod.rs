@@ -139,14 +139,24 @@ pub async fn rate_limit(
     conn: &Conn,
     shared: &Shared,
 ) -> Result<(), ProxyError> {
-    limited(Some(req), auth, conn, shared).await
+    limited(Some(req), auth, conn, shared, false).await
+}
+
+/// The limits of the requests the workload sends (RateLimitPolicy of direction Outbound):
+/// refused here, before the request leaves, with the same status and headers.
+pub async fn rate_limit_outbound(
+    req: &Request<Body>,
+    conn: &Conn,
+    shared: &Shared,
+) -> Result<(), ProxyError> {
+    limited(Some(req), None, conn, shared, true).await
 }
 
 /// Local rate limits on a connection that is not HTTP: it counts as one request against every
 /// limit on its port (their HTTP parts read as absent), so that no request escapes the limits
 /// by riding a connection the proxy does not parse. Refused: reset.
 pub async fn rate_limit_connection(conn: &Conn, shared: &Shared) -> Result<(), ProxyError> {
-    limited(None, None, conn, shared).await
+    limited(None, None, conn, shared, false).await
 }
 
 async fn limited(
@@ -154,17 +164,24 @@ async fn limited(
     auth: Option<&jwt::Authn>,
     conn: &Conn,
     shared: &Shared,
+    outbound: bool,
 ) -> Result<(), ProxyError> {
     let state = shared.state.load();
-    if state.ratelimit.is_empty() {
+    let limiter = if outbound { &state.ratelimit_outbound } else { &state.ratelimit };
+    if limiter.is_empty() {
         return Ok(());
     }
-    let who = ratelimit::Subject {
-        // The principal authorization sees (a workload identity of the mesh's form).
-        principal: peer_attrs(conn).principal,
-        ip: conn.peer.map(|p| p.ip()),
-        port: conn.target.port().unwrap_or(0),
-        auth,
+    let who = if outbound {
+        // The sender is this workload: its limits are keyed by nothing, a header or the path.
+        ratelimit::Subject { principal: None, ip: None, port: conn.target.port().unwrap_or(0), auth: None }
+    } else {
+        ratelimit::Subject {
+            // The principal authorization sees (a workload identity of the mesh's form).
+            principal: peer_attrs(conn).principal,
+            ip: conn.peer.map(|p| p.ip()),
+            port: conn.target.port().unwrap_or(0),
+            auth,
+        }
     };
     let path = req.map_or("-", |r| r.uri().path());
     let peer = conn.peer_id.as_deref().unwrap_or("-");
@@ -192,7 +209,7 @@ async fn limited(
         }
     };
     let mut count = count;
-    let refused = match state.ratelimit.check(req, &who, std::time::Instant::now(), &mut count) {
+    let refused = match limiter.check(req, &who, std::time::Instant::now(), &mut count) {
         Ok(hits) if hits.is_empty() => return Ok(()),
         Ok(hits) => return counted_globally(&hits, &state, shared, count, peer, path).await,
         Err(r) => r,

@@ -152,6 +152,18 @@ impl Buckets {
     }
 }
 
+/// The host a request is for (its authority, else its Host header), lowercase, without port.
+fn host(req: &Request<Body>) -> Option<String> {
+    let authority = match req.uri().authority() {
+        Some(a) => a.host().to_string(),
+        None => {
+            let h = req.headers().get(hyper::header::HOST)?.to_str().ok()?;
+            h.parse::<hyper::http::uri::Authority>().ok()?.host().to_string()
+        }
+    };
+    Some(authority.trim_end_matches('.').to_ascii_lowercase())
+}
+
 /// Who sent a request, as the keys read it.
 pub struct Subject<'a> {
     /// The peer's SPIFFE ID without `spiffe://`.
@@ -268,6 +280,18 @@ impl Limit {
                 (Some(r), Some(m)) => m.matches(r),
                 _ => true,
             }
+            && (self.config.hosts.is_empty() || req.and_then(host).is_some_and(|h| self.host_matches(&h)))
+    }
+
+    fn host_matches(&self, host: &str) -> bool {
+        self.config.hosts.iter().any(|p| match p.strip_prefix("*.") {
+            Some(suffix) => {
+                host.len() > suffix.len() + 1
+                    && host.ends_with(suffix)
+                    && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+            }
+            None => host == p,
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Buckets> {

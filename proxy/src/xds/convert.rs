@@ -96,6 +96,7 @@ pub struct InboundPolicy {
     pub jwt: Vec<config::authn::JwtRule>,
     pub rate_limits: Vec<config::ratelimit::RateLimit>,
     pub rate_limit_service: Option<config::ratelimit::Service>,
+    pub outbound_rate_limits: Vec<config::ratelimit::RateLimit>,
 }
 
 /// The inbound policy from its streamed form.
@@ -199,22 +200,34 @@ pub fn convert_policy(p: &pb::PeerPolicy) -> Result<InboundPolicy, ConfigError> 
         })
         .collect();
     config::authn::validate(&jwt)?;
-    let rate_limits = convert_rate_limits(p)?;
+    let rate_limits = convert_rate_limits(&p.rate_limits, "rateLimits")?;
+    let outbound_rate_limits = convert_rate_limits(&p.outbound_rate_limits, "outboundRateLimits")?;
     let rate_limit_service = p.rate_limit_service.as_ref().map(|s| config::ratelimit::Service {
         address: s.address.clone(),
         identity: s.identity.clone(),
         timeout_ms: if s.timeout_ms == 0 { 200 } else { u64::from(s.timeout_ms) },
     });
     config::ratelimit::validate(&rate_limits, rate_limit_service.as_ref())?;
-    Ok(InboundPolicy { mtls: convert_mtls(p)?, authz: policies, jwt, rate_limits, rate_limit_service })
+    config::ratelimit::validate_outbound(&outbound_rate_limits, rate_limit_service.as_ref())?;
+    Ok(InboundPolicy {
+        mtls: convert_mtls(p)?,
+        authz: policies,
+        jwt,
+        rate_limits,
+        rate_limit_service,
+        outbound_rate_limits,
+    })
 }
 
 /// The rate limits of an inbound policy from their streamed form.
-fn convert_rate_limits(p: &pb::PeerPolicy) -> Result<Vec<config::ratelimit::RateLimit>, ConfigError> {
+fn convert_rate_limits(
+    limits: &[pb::RateLimit],
+    what: &str,
+) -> Result<Vec<config::ratelimit::RateLimit>, ConfigError> {
     use config::ratelimit::{LimitKey, Override, RateLimit};
-    let mut out = Vec::with_capacity(p.rate_limits.len());
-    for l in &p.rate_limits {
-        let at = format!("rateLimits[{}/{}]", l.policy, l.name);
+    let mut out = Vec::with_capacity(limits.len());
+    for l in limits {
+        let at = format!("{what}[{}/{}]", l.policy, l.name);
         let key = l.key.clone().unwrap_or_default();
         let key = match pb::RateLimitKeyType::try_from(key.r#type) {
             Ok(pb::RateLimitKeyType::RateLimitKeyGlobal) => LimitKey::Global,
@@ -282,6 +295,7 @@ fn convert_rate_limits(p: &pb::PeerPolicy) -> Result<Vec<config::ratelimit::Rate
                 })
                 .collect(),
             global,
+            hosts: l.hosts.clone(),
         });
     }
     Ok(out)

@@ -171,6 +171,7 @@ impl Layers {
             c.request_authentication = p.jwt.clone();
             c.rate_limits = p.rate_limits.clone();
             c.rate_limit_service = p.rate_limit_service.clone();
+            c.outbound_rate_limits = p.outbound_rate_limits.clone();
         }
         for (name, cluster) in &self.clusters {
             if self.base.clusters.iter().any(|b| &b.name == name) {
@@ -611,6 +612,7 @@ mod tests {
             jwt: Vec::new(),
             rate_limits: Vec::new(),
             rate_limit_service: None,
+            outbound_rate_limits: Vec::new(),
         });
         let c = layers.compose().unwrap();
         assert!(!c.inbound_pending, "the first policy is in");
