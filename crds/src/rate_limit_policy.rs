@@ -27,9 +27,21 @@ use crate::{
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.direction) && self.direction == 'Outbound') || self.limits.all(l, !has(l.hosts))")
+    .message("hosts applies to direction Outbound (an inbound limit counts the requests this workload receives)")
+    .field_path(".limits"))]
+#[x_kube(validation = Rule::new("!has(self.direction) || self.direction == 'Inbound' || self.limits.all(l, !has(l.key) || l.key.type in ['Global', 'Header', 'Path'])")
+    .message("an Outbound limit is keyed by nothing (Global), a Header or the Path: its sender is the selected workload itself")
+    .field_path(".limits"))]
 pub struct RateLimitPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<WorkloadSelector>,
+    /// `Inbound` (default): the requests the selected workloads receive, counted in their
+    /// sidecars' inbound side. `Outbound`: the requests they send (to any destination, or to
+    /// the limits' `hosts`), counted and refused by their own sidecars before they leave — to
+    /// protect a dependency from a whole client workload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<Direction>,
     /// Every limit whose match applies is checked; the request is refused if any is exhausted.
     #[schemars(length(min = 1, max = 32))]
     #[x_kube(validation = Rule::new("self.all(l, self.exists_one(m, m.name == l.name))")
@@ -117,6 +129,31 @@ pub struct RateLimit {
     /// admits, `Closed` refuses with 503.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_mode: Option<FailureMode>,
+    /// Direction Outbound only: the destination hosts whose requests it counts (the request's
+    /// authority without port: `api.example.com`, or `*.example.com` for its subdomains); any
+    /// host when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 16))]
+    pub hosts: Option<Vec<LimitHost>>,
+}
+
+/// A host name, or `*.` and a suffix; lowercase, without a port.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(transparent)]
+pub struct LimitHost(
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub String,
+);
+
+/// Which requests of the selected workloads a policy limits.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Direction {
+    #[default]
+    Inbound,
+    Outbound,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]

@@ -342,6 +342,21 @@ async fn wrong_resources_are_rejected_naming_the_field() {
         ),
         (
             "RateLimitPolicy",
+            json!({"limits": [{"name": "a", "requests": 1, "unit": "second", "hosts": ["api.example.com"]}]}),
+            vec!["spec.limits", "direction Outbound"],
+        ),
+        (
+            "RateLimitPolicy",
+            json!({"direction": "Outbound", "limits": [{"name": "a", "requests": 1, "unit": "second", "key": {"type": "SourceIP"}}]}),
+            vec!["spec.limits", "Outbound limit is keyed"],
+        ),
+        (
+            "RateLimitPolicy",
+            json!({"direction": "Outbound", "limits": [{"name": "a", "requests": 1, "unit": "second", "hosts": ["api.example.com:443"]}]}),
+            vec!["spec.limits[0].hosts[0]"],
+        ),
+        (
+            "RateLimitPolicy",
             json!({"limits": [{"name": "a", "requests": 1, "unit": "day", "burst": 32, "scope": "Global"}]}),
             vec!["spec.limits[0].burst", "31 days"],
         ),

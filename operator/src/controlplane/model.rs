@@ -492,11 +492,20 @@ impl Model {
                 ((loser.namespace.clone(), loser.name.clone()), why)
             })
             .collect();
-        let (limits, by, over) = ratelimit::for_workload(namespace, labels, &self.rl_sorted, root);
+        let (limits, mut by, mut over) =
+            ratelimit::for_workload(namespace, labels, &self.rl_sorted, root, false);
+        let (outbound, out_by, out_over) =
+            ratelimit::for_workload(namespace, labels, &self.rl_sorted, root, true);
+        by.extend(out_by);
+        over.extend(out_over);
         // The service only where a limit needs it.
-        policy.rate_limit_service =
-            if limits.iter().any(|l| l.global) { self.opts.rate_limit_service.clone() } else { None };
+        policy.rate_limit_service = if limits.iter().chain(&outbound).any(|l| l.global) {
+            self.opts.rate_limit_service.clone()
+        } else {
+            None
+        };
         policy.rate_limits = limits;
+        policy.outbound_rate_limits = outbound;
         let key = |r: &&Rl| (r.namespace.clone(), r.name.clone());
         let rl_by = by.iter().map(key).collect();
         let rl_over = over.iter().map(key).collect();
@@ -1005,20 +1014,20 @@ impl Model {
                 message: "the installation runs no rate-limit service (spec.rateLimit)".into(),
             };
         };
-        let (mut ready, mut all) = (0, 0);
-        for e in self.slices_of.get(&key).into_iter().flatten().filter_map(|k| self.slices.live.get(k)) {
-            for ep in &e.endpoints {
-                all += 1;
-                ready += usize::from(ep.ready);
-            }
-        }
-        if ready > 0 {
+        let ready = self
+            .slices_of
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.live.get(k))
+            .any(|s| s.endpoints.iter().any(|e| e.ready));
+        if ready {
             return Degraded::No;
         }
         Degraded::Yes {
             reason: "RateLimitServiceUnavailable",
             message: format!(
-                "the rate-limit service {}/{} has no ready replica ({all} not ready): it is not running, or it cannot reach Redis (its readiness pings Redis); until it can, its global limits admit (failureMode: Open) or refuse with 503 (failureMode: Closed) what they cannot decide",
+                "the rate-limit service {}/{} has no ready replica: it is not running, or it cannot reach Redis (its readiness pings Redis); until it can, its global limits admit (failureMode: Open) or refuse with 503 (failureMode: Closed) what they cannot decide",
                 key.0, key.1
             ),
         }
@@ -1620,6 +1629,34 @@ mod tests {
         let c = reach("c");
         assert!(c.workloads.is_empty() && c.conflicts[0].contains("left out"), "{c:?}");
         assert!(c.not_in_effect.as_deref().is_some_and(|w| w.contains("every pod it selects")), "{c:?}");
+    }
+
+    #[test]
+    fn an_outbound_policy_reaches_the_senders_outbound_limits() {
+        let rlp: mycel_crds::rate_limit_policy::RateLimitPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "mycel.io/v1alpha1", "kind": "RateLimitPolicy",
+            "metadata": {"name": "egress", "namespace": "ns", "generation": 1},
+            "spec": {"selector": {"matchLabels": {"app": "web"}}, "direction": "Outbound",
+                     "limits": [{"name": "api", "requests": 10, "unit": "second", "hosts": ["api.example.com"]}]}
+        }))
+        .unwrap();
+        let mut m = synced_model();
+        m.apply(Change::Pod(Box::new(watcher::Event::Apply(meshed_web_pod()))));
+        m.apply(Change::RateLimitPolicy(Box::new(watcher::Event::Apply(rlp))));
+        rebuild(&mut m);
+        let p = match &m.snapshot().collection(mycel_api::PEER_POLICY_TYPE, "ns", "pod-10.0.0.1").entries
+            [peer_policy::NAME]
+            .resource
+            .kind
+        {
+            Some(pb::resource::Kind::PeerPolicy(p)) => p.clone(),
+            _ => panic!("not a policy"),
+        };
+        assert!(p.rate_limits.is_empty(), "not on what it receives");
+        assert_eq!(p.outbound_rate_limits.len(), 1);
+        assert_eq!(p.outbound_rate_limits[0].hosts, ["api.example.com"]);
+        let reach = m.statuses.iter().find(|r| r.kind == "RateLimitPolicy").unwrap();
+        assert_eq!(reach.workloads.len(), 1, "Ready counts the senders' proxies");
     }
 
     #[test]

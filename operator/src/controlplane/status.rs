@@ -404,6 +404,13 @@ pub fn decide(reach: &PolicyReach, held: &Held, writer: &Writer) -> Option<Vec<D
     let mut conditions = vec![accepted, refs, ready];
     match &reach.degraded {
         None => {}
+        // Each revision's control plane knows its own rate-limit service only.
+        Some(_) if other_revisions => conditions.push(Decided {
+            type_: "Degraded",
+            status: "Unknown",
+            reason: "RevisionsNotAggregated",
+            message: "its workloads run sidecars of several revisions, each counted by its own revision's rate-limit service".into(),
+        }),
         Some(Degraded::No) => conditions.push(Decided {
             type_: "Degraded",
             status: "False",

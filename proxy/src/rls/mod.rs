@@ -331,7 +331,8 @@ impl Service {
             _ => "m",
         };
         Ok(Counter::Quota {
-            key: format!("mycel:q:{scope}:{limit}:{requests}:{kind}{}:{key}", start_ms / 1000),
+            // Not named by its size: a quota raised or lowered mid-window keeps what was used.
+            key: format!("mycel:q:{scope}:{limit}:{kind}{}:{key}", start_ms / 1000),
             limit: requests,
             start_ms,
             end_ms,
@@ -553,9 +554,10 @@ mod tests {
             key(c("a/p", "l", "k", 1, 86_400, 31, None, "")),
             key(c("a/p", "l", "k", 10, 1, 10, None, ""))
         );
-        assert_ne!(
+        assert_eq!(
             key(c("a/p", "l", "k", 10, 0, 0, Day, "")),
-            key(c("a/p", "l", "k", 1_000_000, 0, 0, Day, ""))
+            key(c("a/p", "l", "k", 1_000_000, 0, 0, Day, "")),
+            "a quota keeps what was used when its size changes"
         );
         // Braces would choose the Redis Cluster slot: such a value is named by its digest.
         let tagged = key(c("a/p", "l", "{x}", 10, 1, 10, None, ""));
@@ -576,7 +578,7 @@ mod tests {
         assert_eq!(
             c("a/p", "l", "k", 10, 0, 0, Day, "UTC"),
             Ok(Counter::Quota {
-                key: format!("mycel:q:a/p:l:10:d{}:k", now.as_second()),
+                key: format!("mycel:q:a/p:l:d{}:k", now.as_second()),
                 limit: 10,
                 start_ms: now.as_millisecond(),
                 end_ms: now.as_millisecond() + 86_400_000,

@@ -26,14 +26,17 @@ const CONNECTION_WINDOW: u32 = 256 * 1024;
 /// (its body included) has [`REQUEST_TIMEOUT`] in all. So a peer that sends half a message and
 /// stops holds a slot for seconds, and the memory of partial messages is bounded.
 const MAX_IN_FLIGHT: usize = 1024;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Of which one address (a pod, however many connections it opens) decides at most this many.
+const MAX_IN_FLIGHT_PER_ADDRESS: usize = 128;
+/// Longer than a proxy waits for a decision (`rateLimit.timeout`, at most 10 s).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(11);
 
 /// Serves `grpc` on `listener`: over mutual TLS with `mesh`'s identity, or in plaintext when
 /// `mesh` is `None` (the local port).
 pub async fn serve(listener: TcpListener, grpc: Grpc, mesh: Option<Arc<MeshTls>>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let per_address: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>> = Arc::default();
-    let server = bounded(super::server(grpc), Arc::new(Semaphore::new(MAX_IN_FLIGHT)));
+    let per_address: PerAddress = Arc::default();
+    let (server, in_flight) = (super::server(grpc), Arc::new(Semaphore::new(MAX_IN_FLIGHT)));
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -52,7 +55,8 @@ pub async fn serve(listener: TcpListener, grpc: Grpc, mesh: Option<Arc<MeshTls>>
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let (mesh, server) = (mesh.clone(), server.clone());
+        let server = bounded(server.clone(), held.in_flight.clone(), in_flight.clone());
+        let mesh = mesh.clone();
         tokio::spawn(async move {
             let _permit = (permit, held);
             let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -99,9 +103,11 @@ pub async fn serve(listener: TcpListener, grpc: Grpc, mesh: Option<Arc<MeshTls>>
 }
 
 /// `server`, each request within [`REQUEST_TIMEOUT`] (body included; then `DEADLINE_EXCEEDED`)
-/// and at most as many at once as `in_flight` has permits.
+/// and at most as many at once as `of_address` (its peer's) and `in_flight` (everyone's) have
+/// permits.
 fn bounded<S>(
     server: S,
+    of_address: Arc<Semaphore>,
     in_flight: Arc<Semaphore>,
 ) -> impl tower::Service<
     http::Request<hyper::body::Incoming>,
@@ -123,9 +129,10 @@ where
 {
     use tower::ServiceExt;
     tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let (server, in_flight) = (server.clone(), in_flight.clone());
+        let (server, of_address, in_flight) = (server.clone(), of_address.clone(), in_flight.clone());
         async move {
             let decided = tokio::time::timeout(REQUEST_TIMEOUT, async move {
+                let _mine = of_address.acquire_owned().await;
                 let _permit = in_flight.acquire_owned().await;
                 server.oneshot(req).await
             })
@@ -142,27 +149,32 @@ where
 }
 
 /// One connection counted against its address, until dropped.
+/// Per address: its connections, and the requests it may have decided at once.
+type PerAddress = Arc<std::sync::Mutex<HashMap<IpAddr, (usize, Arc<Semaphore>)>>>;
+
 struct Held {
-    counts: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    counts: PerAddress,
     ip: IpAddr,
+    in_flight: Arc<Semaphore>,
 }
 
 impl Held {
-    fn take(counts: &Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<Held> {
+    fn take(counts: &PerAddress, ip: IpAddr) -> Option<Held> {
         let mut m = counts.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(ip).or_default();
+        let (n, in_flight) =
+            m.entry(ip).or_insert_with(|| (0, Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_ADDRESS))));
         if *n >= MAX_CONNECTIONS_PER_ADDRESS {
             return None;
         }
         *n += 1;
-        Some(Held { counts: counts.clone(), ip })
+        Some(Held { counts: counts.clone(), ip, in_flight: in_flight.clone() })
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
         let mut m = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.ip) {
+        if let Some((n, _)) = m.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
                 m.remove(&self.ip);

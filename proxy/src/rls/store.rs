@@ -61,6 +61,13 @@ impl Single {
     }
 }
 
+fn not_connected(last_error: &str) -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::NotConnected,
+        format!("cannot connect to the Redis Cluster: {last_error}"),
+    ))
+}
+
 /// Whether an error says the connection, not the command, failed.
 fn connection_failed(e: &redis::RedisError) -> bool {
     e.is_io_error()
@@ -85,8 +92,24 @@ struct ClusterState {
     connecting: bool,
     /// When the connection was last replaced.
     forgotten: Option<std::time::Instant>,
+    /// When connecting last failed: decisions meanwhile fail at once, not one connect each.
+    failed_at: Option<std::time::Instant>,
     last_error: String,
 }
+
+/// Says a connect task has ended, however it ends (a panic included): the next decision may
+/// start another, and those waiting for it stop waiting.
+struct ConnectEnded(Arc<std::sync::Mutex<ClusterState>>, Arc<tokio::sync::Notify>);
+
+impl Drop for ConnectEnded {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).connecting = false;
+        self.1.notify_waiters();
+    }
+}
+
+/// How long after a failed connect a decision fails without trying again.
+const CONNECT_BACKOFF: Duration = Duration::from_millis(500);
 
 pub struct Store {
     conn: Conn,
@@ -262,7 +285,9 @@ impl Store {
                 Conn::Cluster(_) => {
                     let mut c = self.cluster().await?;
                     let r = c.req_packed_command(&cmd).await.map(drop);
-                    if r.is_err() {
+                    // The client reconnects a node itself; a whole new one after a connection
+                    // fails (it also finds a new topology after every seed was down).
+                    if r.as_ref().is_err_and(connection_failed) {
                         self.forget_cluster();
                     }
                     r
@@ -297,7 +322,9 @@ impl Store {
                 Conn::Cluster(_) => {
                     let mut c = self.cluster().await?;
                     let r = inv.invoke_async(&mut c).await;
-                    if r.is_err() {
+                    // The client reconnects a node itself; a whole new one after a connection
+                    // fails (it also finds a new topology after every seed was down).
+                    if r.as_ref().is_err_and(connection_failed) {
                         self.forget_cluster();
                     }
                     r?
@@ -327,36 +354,41 @@ impl Store {
             if let Some(conn) = &st.conn {
                 return Ok(conn.clone());
             }
+            if !st.connecting && st.failed_at.is_some_and(|t| t.elapsed() < CONNECT_BACKOFF) {
+                return Err(not_connected(&st.last_error));
+            }
             // Made before the task can say it is done, so that its word is not missed.
             let notified = c.connected.clone().notified_owned();
             if !st.connecting {
                 st.connecting = true;
                 let (client, state, connected) = (c.client.clone(), c.state.clone(), c.connected.clone());
                 tokio::spawn(async move {
-                    let r = client.get_async_connection().await;
+                    let _ended = ConnectEnded(state.clone(), connected);
+                    let r =
+                        tokio::time::timeout(Duration::from_secs(30), client.get_async_connection()).await;
                     let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
-                    st.connecting = false;
                     match r {
-                        Ok(conn) => st.conn = Some(conn),
-                        Err(e) => {
+                        Ok(Ok(conn)) => {
+                            st.conn = Some(conn);
+                            st.failed_at = None;
+                        }
+                        Ok(Err(e)) => {
                             tracing::warn!("redis cluster: cannot connect: {e}");
-                            st.last_error = e.to_string();
+                            (st.last_error, st.failed_at) = (e.to_string(), Some(std::time::Instant::now()));
+                        }
+                        Err(_) => {
+                            tracing::warn!("redis cluster: connecting took over 30 s");
+                            st.last_error = "connecting took over 30 s".into();
+                            st.failed_at = Some(std::time::Instant::now());
                         }
                     }
-                    drop(st);
-                    connected.notify_waiters();
                 });
             }
             notified
         };
         notified.await;
         let st = c.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.conn.clone().ok_or_else(|| {
-            redis::RedisError::from(std::io::Error::new(
-                std::io::ErrorKind::NotConnected,
-                format!("cannot connect to the Redis Cluster: {}", st.last_error),
-            ))
-        })
+        st.conn.clone().ok_or_else(|| not_connected(&st.last_error))
     }
 
     fn forget_cluster(&self) {

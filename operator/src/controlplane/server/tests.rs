@@ -406,6 +406,7 @@ fn policy(mode: pb::MtlsMode) -> Arc<Collection> {
         jwt: Vec::new(),
         rate_limits: Vec::new(),
         rate_limit_service: None,
+        outbound_rate_limits: Vec::new(),
     }));
     Arc::new(Collection::of([(e.resource.name.clone(), Arc::new(e))].into()))
 }

@@ -214,6 +214,7 @@ mod tests {
             jwt: Vec::new(),
             rate_limits: Vec::new(),
             rate_limit_service: None,
+            outbound_rate_limits: Vec::new(),
         };
         let disabled_port = pb::PeerPolicy {
             mode: pb::MtlsMode::MtlsStrict as i32,
@@ -222,6 +223,7 @@ mod tests {
             jwt: Vec::new(),
             rate_limits: Vec::new(),
             rate_limit_service: None,
+            outbound_rate_limits: Vec::new(),
         };
         let pod = |k: &Key| match k.1.as_str() {
             "a" => Some(PodView { info: &sidecar, policy: &strict }),
@@ -271,6 +273,7 @@ mod tests {
             jwt: Vec::new(),
             rate_limits: Vec::new(),
             rate_limit_service: None,
+            outbound_rate_limits: Vec::new(),
         };
         let pod = |k: &Key| match k.1.as_str() {
             "v1" => Some(PodView { info: &v1, policy: &strict }),

@@ -94,6 +94,7 @@ pub fn peer_policy(
         jwt: Vec::new(),
         rate_limits: Vec::new(),
         rate_limit_service: None,
+        outbound_rate_limits: Vec::new(),
     }
 }
 

@@ -27,6 +27,8 @@ pub struct Rl {
     pub limits: Vec<pb::RateLimit>,
     /// Values no proxy can use, each naming its field; the limit that has one is not sent.
     pub invalid: Vec<String>,
+    /// `direction: Outbound`: its limits count what the selected workloads send.
+    pub outbound: bool,
 }
 
 impl Rl {
@@ -37,6 +39,7 @@ impl Rl {
         let name = p.metadata.name.clone().unwrap_or_default();
         let policy = format!("{namespace}/{name}");
         let mut invalid = Vec::new();
+        let outbound = p.spec.direction == Some(mycel_crds::rate_limit_policy::Direction::Outbound);
         let mut limits = Vec::new();
         for (i, l) in p.spec.limits.iter().enumerate() {
             let at = format!("spec.limits[{i}]");
@@ -54,6 +57,18 @@ impl Rl {
                 }
             }
             let global = l.scope == Some(LimitScope::Global);
+            if outbound
+                && l.key.as_ref().is_some_and(|k| {
+                    !matches!(k.kind, LimitKeyType::Global | LimitKeyType::Header | LimitKeyType::Path)
+                })
+            {
+                bad.push(format!(
+                    "{at}.key: an Outbound limit is keyed by nothing (Global), a Header or the Path"
+                ));
+            }
+            if !outbound && l.hosts.is_some() {
+                bad.push(format!("{at}.hosts: applies to direction Outbound only"));
+            }
             if global && !service {
                 bad.push(format!(
                     "{at}.scope: Global limits are counted by the mesh's rate-limit service, which this installation does not run: set spec.rateLimit (its Redis) in the MeshInstallation, or scope: Local"
@@ -147,6 +162,7 @@ impl Rl {
                     (true, RateUnit::Month) => pb::QuotaWindow::Month,
                 } as i32,
                 time_zone: if calendar { l.time_zone.clone().unwrap_or_default() } else { String::new() },
+                hosts: l.hosts.iter().flatten().map(|h| h.0.clone()).collect(),
             });
         }
         Rl {
@@ -156,6 +172,7 @@ impl Rl {
             selector: p.spec.selector.map(|s| s.match_labels),
             limits,
             invalid,
+            outbound,
         }
     }
 
@@ -184,11 +201,13 @@ pub fn for_workload<'a>(
     labels: &BTreeMap<String, String>,
     sorted: &'a [Rl],
     root: &str,
+    outbound: bool,
 ) -> (Vec<pb::RateLimit>, Vec<&'a Rl>, Vec<&'a Rl>) {
     let mut limits = Vec::new();
     let mut by = Vec::new();
     let mut over = Vec::new();
-    let mut applying: Vec<&Rl> = sorted.iter().filter(|r| r.applies(namespace, labels, root)).collect();
+    let mut applying: Vec<&Rl> =
+        sorted.iter().filter(|r| r.outbound == outbound && r.applies(namespace, labels, root)).collect();
     applying.sort_by_key(|r| r.namespace != root);
     for rl in applying {
         if limits.len() + rl.limits.len() > MAX_LIMITS_PER_WORKLOAD {
@@ -240,6 +259,33 @@ mod tests {
         assert_eq!(m.path.as_ref().unwrap().kind, Some(pb::string_match::Kind::Prefix("/api".into())));
         assert_eq!((b.requests, b.per_seconds, b.burst, b.status, b.shadow), (5, 86_400, 5, 0, false));
         assert_eq!(b.key.as_ref().unwrap().name, "x-api-key", "header names are lowercased");
+    }
+
+    #[test]
+    fn outbound_policies_limit_what_the_selected_workloads_send_to_their_hosts() {
+        let r = rl(
+            "shop",
+            "egress",
+            r#"{direction: Outbound, limits: [
+                {name: api, requests: 10, unit: second, hosts: [api.example.com, "*.example.org"]},
+                {name: by-path, requests: 5, unit: second, key: {type: Path}, scope: Global},
+                {name: by-caller, requests: 5, unit: second, key: {type: SourcePrincipal}}]}"#,
+        );
+        assert!(r.outbound);
+        let [api, by_path] = &r.limits[..] else { panic!("{:?}", r.limits) };
+        assert_eq!(api.hosts, ["api.example.com", "*.example.org"]);
+        assert!(by_path.global && by_path.hosts.is_empty(), "any host");
+        assert!(r.invalid.len() == 1 && r.invalid[0].starts_with("spec.limits[2].key"), "{:?}", r.invalid);
+        let inbound =
+            rl("shop", "in", "{limits: [{name: a, requests: 1, unit: second, hosts: [x.example]}]}");
+        assert!(!inbound.outbound && inbound.invalid[0].contains("hosts"), "{:?}", inbound.invalid);
+        // A workload counts each direction's limits in its own list.
+        let labels = BTreeMap::new();
+        let sorted = [r.clone(), rl("shop", "local", "{limits: [{name: a, requests: 1, unit: second}]}")];
+        let (inb, ..) = for_workload("shop", &labels, &sorted, "mycel-system", false);
+        let (out, by, _) = for_workload("shop", &labels, &sorted, "mycel-system", true);
+        assert_eq!((inb.len(), out.len()), (1, 2));
+        assert_eq!(by.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["egress"]);
     }
 
     #[test]
@@ -331,7 +377,7 @@ mod tests {
             rl("mycel-system", "mesh", "{limits: [{name: m, requests: 1, unit: second}]}"),
             rl("other", "d", "{limits: [{name: o, requests: 1, unit: second}]}"),
         ];
-        let (limits, by, over) = for_workload("app", &labels, &sorted, "mycel-system");
+        let (limits, by, over) = for_workload("app", &labels, &sorted, "mycel-system", false);
         let names = |v: &[&Rl]| v.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
         assert_eq!(names(&by), ["mesh", "a"], "the mesh's first, then in order, until the bound");
         assert_eq!(names(&over), ["b"], "left out, and it says so");
