@@ -68,7 +68,7 @@ pub fn requests(p: &RateLimitPolicy, ask: &Ask) -> anyhow::Result<Vec<Asked>> {
         let kind = l.key.as_ref().map(|k| k.kind).unwrap_or_default();
         let value = match (kind, ask.key) {
             (LimitKeyType::Global, _) => Ok(String::new()),
-            (_, Some(v)) => Ok(canonical(kind, v)),
+            (_, Some(v)) => Ok(kind.canonical(v)),
             (_, None) => Err(format!("keyed by {kind:?}: give the value with --key")),
         };
         let shown = value.clone().unwrap_or_else(|_| "-".into());
@@ -93,18 +93,6 @@ fn unit(u: RateUnit) -> &'static str {
     }
 }
 
-/// A key's value as the sidecar counts it.
-fn canonical(kind: LimitKeyType, v: &str) -> String {
-    match kind {
-        // Istio's principal form has no scheme; the sidecar counts it so.
-        LimitKeyType::SourcePrincipal => v.strip_prefix("spiffe://").unwrap_or(v).to_string(),
-        LimitKeyType::SourceIP => {
-            v.parse::<std::net::IpAddr>().map_or_else(|_| v.to_string(), |ip| ip.to_string())
-        }
-        _ => v.to_string(),
-    }
-}
-
 fn request(
     p: &RateLimitPolicy,
     l: &RateLimit,
@@ -118,7 +106,7 @@ fn request(
         .overrides
         .iter()
         .flatten()
-        .find(|o| canonical(l.key.as_ref().map(|k| k.kind).unwrap_or_default(), &o.value) == value);
+        .find(|o| l.key.as_ref().map(|k| k.kind).unwrap_or_default().canonical(&o.value) == value);
     let (requests, burst) = match over {
         Some(o) => (o.requests.max(1) as u64, o.burst),
         None => (l.requests.max(1) as u64, l.burst),

@@ -257,3 +257,17 @@ pub enum LimitKeyType {
     /// One bucket per value of a claim of the request's verified JSON Web Token.
     Claim,
 }
+
+impl LimitKeyType {
+    /// A value of this key as sidecars count it: a principal in Istio's form (without
+    /// `spiffe://`), an address in its canonical form; others as written.
+    pub fn canonical(self, v: &str) -> String {
+        match self {
+            LimitKeyType::SourcePrincipal => v.strip_prefix("spiffe://").unwrap_or(v).to_string(),
+            LimitKeyType::SourceIP => {
+                v.parse::<std::net::IpAddr>().map_or_else(|_| v.to_string(), |ip| ip.to_string())
+            }
+            _ => v.to_string(),
+        }
+    }
+}

@@ -165,13 +165,7 @@ async fn local_rate_limits_admit_their_rate_per_caller_and_replica() {
     let mesh = Installation::start(&c, "ratelimit").await;
     let client = mesh.client.clone();
     let n = mesh.app.name.clone();
-    for sa in ["vip", "quiet"] {
-        let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": sa}})).unwrap();
-        Api::<ServiceAccount>::namespaced(client.clone(), &n)
-            .create(&PostParams::default(), &sa)
-            .await
-            .unwrap();
-    }
+    service_accounts(&client, &n, &["vip", "quiet"]).await;
     mesh.apply(&c, &echo("web", "web", "v1", 2));
     mesh.apply(&c, &policies(&n));
     mesh.available("web", 2).await;
@@ -252,16 +246,8 @@ async fn local_rate_limits_admit_their_rate_per_caller_and_replica() {
     for pod in pods.list(&ListParams::default().labels("app=web")).await.unwrap() {
         let name = pod.metadata.name.unwrap();
         let (_, metrics) = port_forward_get(&client, &n, &name, 15020, "/metrics").await.unwrap();
-        let count = |limit: &str, result: &str| -> u64 {
-            let want = format!(
-                r#"mycel_ratelimit_decisions_total{{policy="{n}/web-limits",limit="{limit}",result="{result}"}} "#
-            );
-            metrics
-                .lines()
-                .find_map(|l| l.strip_prefix(&want))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(0.0) as u64
-        };
+        let count =
+            |limit: &str, result: &str| decisions(&metrics, &format!("{n}/web-limits"), limit, result);
         would += count("shadow", "shadow_limited");
         allowed += count("shadow", "allowed");
         assert!(count("per-caller", "limited") > 0, "{name} refused the hammer: {metrics}");
@@ -376,16 +362,8 @@ async fn a_global_limit_admits_its_rate_in_total_across_clients_and_replicas() {
         return;
     }
     let _measuring = MEASURING.lock().await;
-    let mesh = Installation::start_with(
-        &c,
-        "rl-global",
-        json!({"rateLimit": {"replicas": 2, "redis": {"addresses": ["redis:6379"]}, "timeout": "1s"}}),
-    )
-    .await;
-    let (client, n, root) = (mesh.client.clone(), mesh.app.name.clone(), mesh.root.name.clone());
-    c.kubectl_run(&["apply", "-n", &root, "-f", "-"], Some(&redis())).unwrap();
-    mesh.available_in(&root, "redis", 1).await;
-    mesh.available_in(&root, &format!("mycel-ratelimit-{}", mesh.revision), 2).await;
+    let mesh = with_redis(&c, "rl-global", 2).await;
+    let (client, n) = (mesh.client.clone(), mesh.app.name.clone());
     mesh.apply(&c, &echo("web", "web", "v1", 2));
     mesh.apply(&c, GLOBAL);
     mesh.available("web", 2).await;
@@ -428,21 +406,52 @@ async fn a_global_limit_admits_its_rate_in_total_across_clients_and_replicas() {
 /// Requests the web pods' sidecars admitted without a decision (failure mode Open).
 async fn failure_open(client: &kube::Client, n: &str) -> u64 {
     let pods: Api<Pod> = Api::namespaced(client.clone(), n);
-    let want = format!(
-        r#"mycel_ratelimit_decisions_total{{policy="{n}/global",limit="global",result="failure_open"}} "#
-    );
     let mut total = 0;
     for pod in pods.list(&ListParams::default().labels("app=web")).await.unwrap() {
         let name = pod.metadata.name.unwrap_or_default();
         if let Ok((_, metrics)) = port_forward_get(client, n, &name, 15020, "/metrics").await {
-            total += metrics
-                .lines()
-                .find_map(|l| l.strip_prefix(&want))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(0.0) as u64;
+            total += decisions(&metrics, &format!("{n}/global"), "global", "failure_open");
         }
     }
     total
+}
+
+/// `mycel_ratelimit_decisions_total` of one limit and result in a sidecar's metrics (0 if none).
+fn decisions(metrics: &str, policy: &str, limit: &str, result: &str) -> u64 {
+    let want =
+        format!(r#"mycel_ratelimit_decisions_total{{policy="{policy}",limit="{limit}",result="{result}"}} "#);
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&want))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+/// Service accounts `names` in `ns` (callers with identities of their own).
+async fn service_accounts(client: &kube::Client, ns: &str, names: &[&str]) {
+    for sa in names {
+        let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": sa}})).unwrap();
+        Api::<ServiceAccount>::namespaced(client.clone(), ns)
+            .create(&PostParams::default(), &sa)
+            .await
+            .unwrap();
+    }
+}
+
+/// An installation whose rate-limit service (`replicas`) counts in a Redis pod of its namespace,
+/// both running.
+async fn with_redis(c: &TestCluster, prefix: &str, replicas: i32) -> Installation {
+    let mesh = Installation::start_with(
+        c,
+        prefix,
+        json!({"rateLimit": {"replicas": replicas, "redis": {"addresses": ["redis:6379"]}, "timeout": "1s"}}),
+    )
+    .await;
+    let root = mesh.root.name.clone();
+    c.kubectl_run(&["apply", "-n", &root, "-f", "-"], Some(&redis())).unwrap();
+    mesh.available_in(&root, "redis", 1).await;
+    mesh.available_in(&root, &format!("mycel-ratelimit-{}", mesh.revision), replicas).await;
+    mesh
 }
 
 /// A zone where it is about noon now: a day's quota there does not end during the test.
@@ -556,24 +565,9 @@ async fn global_keys_quotas_shadow_and_failure_modes_as_configured() {
         return;
     }
     let _measuring = MEASURING.lock().await;
-    let mesh = Installation::start_with(
-        &c,
-        "rl-keys",
-        json!({"rateLimit": {"replicas": 1, "redis": {"addresses": ["redis:6379"]}, "timeout": "1s"}}),
-    )
-    .await;
+    let mesh = with_redis(&c, "rl-keys", 1).await;
     let (client, n, root) = (mesh.client.clone(), mesh.app.name.clone(), mesh.root.name.clone());
-    let service = format!("mycel-ratelimit-{}", mesh.revision);
-    for sa in ["vip", "quiet"] {
-        let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": sa}})).unwrap();
-        Api::<ServiceAccount>::namespaced(client.clone(), &n)
-            .create(&PostParams::default(), &sa)
-            .await
-            .unwrap();
-    }
-    c.kubectl_run(&["apply", "-n", &root, "-f", "-"], Some(&redis())).unwrap();
-    mesh.available_in(&root, "redis", 1).await;
-    mesh.available_in(&root, &service, 1).await;
+    service_accounts(&client, &n, &["vip", "quiet"]).await;
     mesh.apply(&c, &echo("web", "web", "v1", 1));
     let zone = zone_at_noon();
     mesh.apply(&c, &global_keys(&n, &zone));
@@ -619,16 +613,7 @@ async fn global_keys_quotas_shadow_and_failure_modes_as_configured() {
     let web =
         web.iter().find(|p| p.metadata.deletion_timestamp.is_none()).unwrap().metadata.name.clone().unwrap();
     let (_, metrics) = port_forward_get(&client, &n, &web, 15020, "/metrics").await.unwrap();
-    let count = |limit: &str, result: &str| -> u64 {
-        let want = format!(
-            r#"mycel_ratelimit_decisions_total{{policy="{n}/global-keys",limit="{limit}",result="{result}"}} "#
-        );
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&want))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0) as u64
-    };
+    let count = |limit: &str, result: &str| decisions(&metrics, &format!("{n}/global-keys"), limit, result);
     assert_eq!((count("shadow", "shadow_limited"), count("shadow", "allowed")), (3, 2), "{metrics}");
 
     // Redis goes away: the policy says so, Open admits, Closed refuses with 503; Redis back,

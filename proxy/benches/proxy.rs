@@ -445,7 +445,7 @@ impl Global {
             .map_err(|e| format!("{}: {e}", rls_bin.display()))?;
         let service = Proc { child };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while get_status(admin, "/healthz/ready").await != Some(200) {
+        while get(admin, "/healthz/ready").await.map(|r| r.0) != Some(200) {
             if Instant::now() > deadline {
                 return Err("the rate-limit service was not ready in 30 s".into());
             }
@@ -483,9 +483,10 @@ impl Global {
             global_sidecar("rl-acc-a", self.upstream, self.cp, self.service_addr, "bench/acc", limit).await;
         let (b, b_addr, b_admin) =
             global_sidecar("rl-acc-b", self.upstream, self.cp, self.service_addr, "bench/acc", limit).await;
-        // The burst (a second's worth) first, then the measurement.
-        let _ = tokio::join!(admitted(a_addr, 1.0, 32), admitted(b_addr, 1.0, 32));
-        let (x, y) = tokio::join!(admitted(a_addr, secs, 32), admitted(b_addr, secs, 32));
+        // The burst (a second's worth) first, then the measurement; a closed loop counts the
+        // requests answered 200 (a refused one is answered 429).
+        let _ = tokio::join!(closed_loop(a_addr, 1.0, 32), closed_loop(b_addr, 1.0, 32));
+        let ((x, _), (y, _)) = tokio::join!(closed_loop(a_addr, secs, 32), closed_loop(b_addr, secs, 32));
         let undecided = undecided(a_admin).await + undecided(b_admin).await;
         drop((a, b));
         (limit, secs, x, y, undecided)
@@ -535,7 +536,7 @@ async fn global_sidecar(
     // Until it has its certificate and the service answers it: a request is admitted.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if get_status(addr, "/").await == Some(200) {
+        if get(addr, "/").await.map(|r| r.0) == Some(200) {
             break;
         }
         assert!(Instant::now() < deadline, "the global-limit sidecar never answered 200");
@@ -546,7 +547,7 @@ async fn global_sidecar(
 
 /// Requests a sidecar admitted without a decision (failure mode Open), from its metrics.
 async fn undecided(admin: SocketAddr) -> u64 {
-    let text = get_text(admin, "/metrics").await.unwrap_or_default();
+    let text = get(admin, "/metrics").await.map(|r| r.1).unwrap_or_default();
     text.lines()
         .filter(|l| {
             l.starts_with("mycel_ratelimit_decisions_total{") && l.contains("result=\"failure_open\"")
@@ -565,55 +566,16 @@ fn redis_scripts(port: u16) -> u64 {
         .sum()
 }
 
-/// Requests answered 200 over `secs` by `conns` connections as fast as they go (a refused one
-/// is answered 429 and not counted).
-async fn admitted(addr: SocketAddr, secs: f64, conns: usize) -> u64 {
-    let end = Instant::now() + Duration::from_secs_f64(secs);
-    let mut tasks = Vec::new();
-    for _ in 0..conns {
-        let mut send = connect(addr).await;
-        tasks.push(tokio::spawn(async move {
-            let mut ok = 0u64;
-            while Instant::now() < end {
-                if send.ready().await.is_err() {
-                    break;
-                }
-                let req = Request::get("/").header("host", "bench").body(Full::new(Bytes::new())).unwrap();
-                match send.send_request(req).await {
-                    Ok(r) => {
-                        let status = r.status();
-                        let _ = r.into_body().collect().await;
-                        ok += u64::from(status == 200);
-                    }
-                    Err(_) => break,
-                }
-            }
-            ok
-        }));
-    }
-    let mut total = 0;
-    for t in tasks {
-        total += t.await.unwrap_or(0);
-    }
-    total
-}
-
-async fn get_text(addr: SocketAddr, path: &str) -> Option<String> {
+/// GET `path`: the status and the body, or `None` when nothing answers.
+async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let s = TcpStream::connect(addr).await.ok()?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.ok()?;
     tokio::spawn(conn);
     let req = Request::get(path).header("host", "localhost").body(Full::new(Bytes::new())).ok()?;
     let r = send.send_request(req).await.ok()?;
+    let status = r.status().as_u16();
     let b = r.into_body().collect().await.ok()?.to_bytes();
-    Some(String::from_utf8_lossy(&b).into_owned())
-}
-
-async fn get_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    let s = TcpStream::connect(addr).await.ok()?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.ok()?;
-    tokio::spawn(conn);
-    let req = Request::get(path).header("host", "localhost").body(Full::new(Bytes::new())).ok()?;
-    Some(send.send_request(req).await.ok()?.status().as_u16())
+    Some((status, String::from_utf8_lossy(&b).into_owned()))
 }
 
 /// The median of rounds.

@@ -173,20 +173,45 @@ async fn app() -> SocketAddr {
 /// An inbound sidecar of the shop in front of `app`, counting `limits` (YAML list items) at the
 /// rate-limit service `rls`.
 async fn sidecar(pki: &Pki, app: SocketAddr, rls: SocketAddr, limits: &str) -> (Running, SocketAddr) {
+    let limits = format!("rateLimits:\n{limits}");
+    proxy_of(pki, SHOP, "inbound", "protocol: auto, direction: inbound", app, rls, &limits).await
+}
+
+/// A proxy of identity `id` with one listener, `name` with `attrs`, in front of `app`, the
+/// rate-limit service at `rls`, and `limits` (YAML).
+async fn proxy_of(
+    pki: &Pki,
+    id: &str,
+    name: &str,
+    attrs: &str,
+    app: SocketAddr,
+    rls: SocketAddr,
+    limits: &str,
+) -> (Running, SocketAddr) {
     let yaml = format!(
-        "admin: '127.0.0.1:0'\nlisteners:\n- {{name: inbound, address: '127.0.0.1:0', protocol: auto, direction: inbound, cluster: app}}\nclusters:\n- {{name: app, endpoints: ['{app}']}}\nrateLimitService: {{address: '{rls}', identity: '{RLS}', timeoutMs: 1000}}\nrateLimits:\n{limits}"
+        "admin: '127.0.0.1:0'\nlisteners:\n- {{name: {name}, address: '127.0.0.1:0', cluster: app, {attrs}}}\nclusters:\n- {{name: app, endpoints: ['{app}']}}\nrateLimitService: {{address: '{rls}', identity: '{RLS}', timeoutMs: 1000}}\n{limits}"
     );
     let proxy = mycel_proxy::start(Config::parse(&yaml).unwrap()).await.unwrap();
-    proxy.shared.mesh.set_identity(&pki.identity(SHOP)).unwrap();
-    let addr = proxy.listener("inbound").await.unwrap();
+    proxy.shared.mesh.set_identity(&pki.identity(id)).unwrap();
+    let addr = proxy.listener(name).await.unwrap();
     (proxy, addr)
 }
 
 async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, hyper::HeaderMap) {
+    get_for(addr, "shop", path, headers).await
+}
+
+/// GET `path` of `host` through `addr`: the status and the headers.
+async fn get_for(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, hyper::HeaderMap) {
     let s = TcpStream::connect(addr).await.unwrap();
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
     tokio::spawn(conn);
-    let mut req = Request::builder().uri(path).header("host", "shop");
+    let mut req = Request::builder().uri(path).header("host", host);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -802,24 +827,15 @@ async fn a_limit_the_service_cannot_count_fails_alone_in_its_failure_mode() {
 
 /// A client sidecar whose outbound listener sends to `app`, with `limits` on what it sends.
 async fn client_sidecar(pki: &Pki, app: SocketAddr, rls: SocketAddr, limits: &str) -> (Running, SocketAddr) {
-    let yaml = format!(
-        "admin: '127.0.0.1:0'\nlisteners:\n- {{name: out, address: '127.0.0.1:0', protocol: http, cluster: app}}\nclusters:\n- {{name: app, endpoints: ['{app}']}}\nrateLimitService: {{address: '{rls}', identity: '{RLS}', timeoutMs: 1000}}\noutboundRateLimits:\n{limits}"
-    );
-    let proxy = mycel_proxy::start(Config::parse(&yaml).unwrap()).await.unwrap();
-    proxy.shared.mesh.set_identity(&pki.identity(WEB)).unwrap();
-    let addr = proxy.listener("out").await.unwrap();
-    (proxy, addr)
+    let limits = format!("outboundRateLimits:\n{limits}");
+    proxy_of(pki, WEB, "out", "protocol: http", app, rls, &limits).await
 }
 
 /// GET / through `addr` for `host`: the status and the limit that refused it, if one did.
 async fn get_host(addr: SocketAddr, host: &str) -> (u16, String) {
-    let s = TcpStream::connect(addr).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
-    tokio::spawn(conn);
-    let req = Request::builder().uri("/").header("host", host).body(Empty::<Bytes>::new()).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(10), tx.send_request(req)).await.unwrap().unwrap();
-    let limit = resp.headers().get("x-mycel-ratelimit").map(|v| v.to_str().unwrap().to_string());
-    (resp.status().as_u16(), limit.unwrap_or_default())
+    let (status, headers) = get_for(addr, host, "/", &[]).await;
+    let limit = headers.get("x-mycel-ratelimit").map(|v| v.to_str().unwrap().to_string());
+    (status, limit.unwrap_or_default())
 }
 
 #[tokio::test]

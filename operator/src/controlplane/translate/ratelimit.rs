@@ -122,11 +122,6 @@ impl Rl {
                     key.and_then(|k| k.claim.clone()).unwrap_or_default(),
                 ),
             };
-            let value = |v: &str| match kind {
-                // Istio's principal form has no scheme; one written with it means the same.
-                LimitKeyType::SourcePrincipal => v.strip_prefix("spiffe://").unwrap_or(v).to_string(),
-                _ => v.to_string(),
-            };
             let requests = l.requests.max(1) as u64;
             limits.push(pb::RateLimit {
                 policy: policy.clone(),
@@ -147,7 +142,7 @@ impl Rl {
                     .map(|o| {
                         let requests = o.requests.max(1) as u64;
                         pb::RateLimitOverride {
-                            value: value(&o.value),
+                            value: kind.canonical(&o.value),
                             requests,
                             burst: o.burst.map_or(requests, |b| b.max(1) as u64),
                         }
