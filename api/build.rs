@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/mycel/v1alpha1/config.proto",
         "proto/mycel/v1alpha1/ca.proto",
         "proto/mycel/v1alpha1/ratelimit.proto",
+        "proto/envoy/service/auth/v3/external_auth.proto",
     ];
     let fds = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()

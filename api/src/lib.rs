@@ -30,3 +30,38 @@ pub mod spiffe;
 pub mod v1alpha1 {
     tonic::include_proto!("mycel.v1alpha1");
 }
+
+/// Envoy's external authorization API (`envoy.service.auth.v3.Authorization/Check`), the part a
+/// sidecar sends and reads for an AuthorizationPolicy of action CUSTOM: wire-compatible with
+/// Envoy's protos (same packages, names and field numbers), so an authorizer written for Envoy
+/// answers a Mycel sidecar unchanged.
+#[allow(clippy::all, missing_docs)]
+pub mod envoy {
+    pub mod service {
+        pub mod auth {
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.auth.v3");
+            }
+        }
+    }
+    pub mod config {
+        pub mod core {
+            pub mod v3 {
+                tonic::include_proto!("envoy.config.core.v3");
+            }
+        }
+    }
+    pub mod r#type {
+        pub mod v3 {
+            tonic::include_proto!("envoy.r#type.v3");
+        }
+    }
+}
+
+/// `google.rpc.Status`, as the external authorization API answers with it.
+#[allow(clippy::all, missing_docs)]
+pub mod google {
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
+    }
+}

@@ -24,13 +24,21 @@ use crate::common::{PolicyStatus, WorkloadSelector};
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.action) && self.action == 'CUSTOM') == has(self.provider)")
+    .message("provider names the external authorizer of action CUSTOM: set both, or neither"))]
 pub struct AuthorizationPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<WorkloadSelector>,
     /// `ALLOW` (default): only requests matching a rule pass, once any ALLOW policy applies.
     /// `DENY`: requests matching a rule are refused. `AUDIT`: matches are logged only.
+    /// `CUSTOM`: requests matching a rule are decided by the external authorizer `provider`
+    /// names, before any DENY or ALLOW policy.
     #[serde(default)]
     pub action: AuthorizationAction,
+    /// The external authorizer of a `CUSTOM` policy: one of the installation's
+    /// `extensionProviders`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<ProviderRef>,
     /// A request matches the policy when it matches any rule. An ALLOW policy with no rules
     /// allows nothing; a rule with no fields matches everything.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -45,6 +53,15 @@ pub enum AuthorizationAction {
     Allow,
     Deny,
     Audit,
+    Custom,
+}
+
+/// An extension provider of the installation, by name.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderRef {
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
 }
 
 /// All present parts must match: any `from`, any `to`, and every `when`.

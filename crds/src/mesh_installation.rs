@@ -85,6 +85,55 @@ pub struct MeshInstallationSpec {
     /// limits of `scope: Global` in Redis; deployed when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitSpec>,
+    /// External authorizers that AuthorizationPolicies of action `CUSTOM` name
+    /// (`provider.name`), as Istio's `meshConfig.extensionProviders`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub extension_providers: Vec<ExtensionProvider>,
+}
+
+/// An external authorizer, named for the policies that use it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtensionProvider {
+    /// The name `provider.name` of an AuthorizationPolicy refers to.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub name: String,
+    /// An authorizer speaking Envoy's external authorization gRPC API
+    /// (`envoy.service.auth.v3.Authorization/Check`), such as OPA's Envoy plugin.
+    pub envoy_ext_authz_grpc: ExtAuthzGrpc,
+}
+
+/// Where a sidecar asks, and what it does when no answer comes.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.timeout) || duration(self.timeout) <= duration('30s')")
+    .message("timeout must be at most 30s").field_path(".timeout"))]
+pub struct ExtAuthzGrpc {
+    /// The authorizer's host: a Service's DNS name (`opa.authz.svc.cluster.local`), or
+    /// `127.0.0.1` for a container in each workload's pod. Reached in plaintext gRPC.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(
+            pattern = r"^([A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?\.)*[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?$|^[0-9a-fA-F:]+$"
+        )
+    )]
+    pub service: String,
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// How long a sidecar waits for a decision (default 1s, at most 30s); then `failOpen`
+    /// decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// When the authorizer cannot be asked or does not answer in time: `true` lets the request
+    /// go on (to the DENY and ALLOW policies), `false` (default) refuses it with
+    /// `statusOnError`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_open: Option<bool>,
+    /// The status of a request refused because the authorizer could not decide (default 403).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 200, max = 599))]
+    pub status_on_error: Option<i32>,
 }
 
 fn default_revision() -> String {

@@ -211,6 +211,7 @@ async fn main() -> anyhow::Result<()> {
                     }
                     None => Default::default(),
                 };
+            let ext_authz = mesh.ext_authz();
             let webhook_addr = match webhook_addr.as_str() {
                 "none" => None,
                 a => Some(a.parse().with_context(|| format!("--webhook-addr {a:?}"))?),
@@ -247,6 +248,7 @@ async fn main() -> anyhow::Result<()> {
                     debounce_max: Duration::from_millis(debounce_ms * 10),
                     revision: Some(revision.clone()),
                     rate_limit_service,
+                    ext_authz,
                 },
                 trust_domain,
             };

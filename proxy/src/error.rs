@@ -71,6 +71,16 @@ pub enum ProxyError {
     /// A global limit applies and the rate-limit service could not decide in time; the limit's
     /// failure mode is Closed.
     RateLimitUnavailable { limit: String },
+    /// An external authorizer (AuthorizationPolicy CUSTOM) refused the request: the response it
+    /// asked for.
+    ExtAuthzDenied {
+        status: StatusCode,
+        headers: Vec<(hyper::header::HeaderName, HeaderValue, crate::policy::ext_authz::Change)>,
+        body: Bytes,
+    },
+    /// The external authorizer could not decide in time and its provider fails closed: its
+    /// `statusOnError`.
+    ExtAuthzUnavailable { provider: String, status: StatusCode },
 }
 
 impl ProxyError {
@@ -93,6 +103,9 @@ impl ProxyError {
             ProxyError::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
             ProxyError::RateLimited { status, .. } => *status,
             ProxyError::RateLimitUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ExtAuthzDenied { status, .. } | ProxyError::ExtAuthzUnavailable { status, .. } => {
+                *status
+            }
         }
     }
 
@@ -124,6 +137,8 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "RL",
             // Envoy's: the rate-limit service failed (failure_mode_deny).
             ProxyError::RateLimitUnavailable { .. } => "RLSE",
+            // Envoy's: unauthorized by the external authorization service (or its error).
+            ProxyError::ExtAuthzDenied { .. } | ProxyError::ExtAuthzUnavailable { .. } => "UAEX",
         }
     }
 
@@ -148,6 +163,8 @@ impl ProxyError {
             ProxyError::Unauthenticated { .. } => "jwt_invalid",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::RateLimitUnavailable { .. } => "rate_limit_service_unavailable",
+            ProxyError::ExtAuthzDenied { .. } => "ext_authz_denied",
+            ProxyError::ExtAuthzUnavailable { .. } => "ext_authz_error",
         }
     }
 
@@ -203,6 +220,11 @@ impl ProxyError {
                 format!("redirected to {}", String::from_utf8_lossy(location.as_bytes()))
             }
             ProxyError::Direct { body, .. } => String::from_utf8_lossy(body).into_owned(),
+            ProxyError::ExtAuthzDenied { .. } => "denied by the external authorizer".into(),
+            // Its address and the cause are in the proxy's log.
+            ProxyError::ExtAuthzUnavailable { provider, .. } => {
+                format!("the external authorizer {provider} could not decide")
+            }
         }
     }
 
@@ -222,6 +244,14 @@ impl ProxyError {
                     hyper::header::CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; charset=utf-8"),
                 );
+                return r;
+            }
+            ProxyError::ExtAuthzDenied { status, headers, body } => {
+                // The authorizer's response as it asked for it, and the reason as every refusal has.
+                let mut r = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+                *r.status_mut() = status;
+                crate::policy::ext_authz::apply(r.headers_mut(), &headers);
+                r.headers_mut().insert(ERROR_HEADER, HeaderValue::from_static("UAEX ext_authz_denied"));
                 return r;
             }
             _ => {}

@@ -87,6 +87,8 @@ pub struct Shared {
     pub app_probes: RwLock<std::collections::HashMap<String, serde_json::Value>>,
     /// The client of the rate-limit service the configuration names (global limits).
     pub rate_limit_client: std::sync::Mutex<Option<Arc<policy::global::Client>>>,
+    /// The clients of the external authorizers CUSTOM policies name.
+    pub ext_authz: policy::ext_authz::Clients,
 }
 
 /// A started proxy: where it listens, how to reconfigure it, and how to stop it.
@@ -199,6 +201,7 @@ pub async fn start(config: Config) -> Result<Running, ApplyError> {
         app_probes: RwLock::new(Default::default()),
         mirrors: Arc::new(tokio::sync::Semaphore::new(routing::MIRRORS_IN_FLIGHT)),
         rate_limit_client: std::sync::Mutex::new(None),
+        ext_authz: Default::default(),
     });
     let admin_listener = bind(config.admin).map_err(|source| ApplyError::Bind {
         field: "admin".into(),

@@ -7,7 +7,8 @@
 //! service (unary and server-streaming calls) and `grpc-check` calls it; `ws-echo` echoes WebSocket
 //! messages and `ws-send` sends some and prints the echoes; `jwks-serve` serves JSON Web Key
 //! Sets, rotated on request, and says who fetched them; `load` offers requests at a steady rate
-//! and reports, per second, what was sent and what came back.
+//! and reports, per second, what was sent and what came back; `ext-authz` is an external
+//! authorizer that speaks Envoy's ext_authz gRPC API.
 
 use std::{convert::Infallible, net::SocketAddr, time::Duration};
 
@@ -83,6 +84,17 @@ enum Cmd {
         port: u16,
         #[arg(long)]
         to: String,
+    },
+    /// Serve Envoy's external authorization API (`envoy.service.auth.v3.Authorization/Check`,
+    /// plaintext gRPC) on PORT, deciding by the request header `x-ext-authz`: `allow` allows,
+    /// adding the request header `x-ext-authz-check-result: allowed` and `x-ext-authz-source`
+    /// (the caller's principal, as the sidecar sent it), removing `x-ext-authz-remove`, and adding
+    /// the response header `x-ext-authz-said: yes`; `hang` never answers; anything else is denied
+    /// with 401, the header `x-ext-authz-check-result: denied` and the body `denied by ext-authz`.
+    /// Each check is logged to stderr (`check <method> <path> from <principal>`).
+    ExtAuthz {
+        #[arg(long, default_value_t = 9191)]
+        port: u16,
     },
     /// Serve JSON Web Key Sets on PORT: `GET /jwks` answers the current SET (the first at
     /// start, `max-age=5`) and records who asked; `GET /rotate?to=N` makes SET number N
@@ -176,6 +188,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::HttpRelay { port, to } => http_relay(port, to).await,
         Cmd::WsEcho { port } => ws_echo(port).await,
         Cmd::JwksServe { port, sets } => jwks_serve(port, sets).await,
+        Cmd::ExtAuthz { port } => ext_authz(port).await,
         Cmd::WsSend { url, messages } => ws_send(&url, &messages).await,
         Cmd::Get { urls, count, timeout, no_reuse, interval_ms, headers, report, concurrency } => {
             let opts = GetOptions {
@@ -586,6 +599,69 @@ async fn grpc_echo(port: u16) -> anyhow::Result<()> {
     eprintln!("grpc-echo on :{port}");
     tonic::transport::Server::builder()
         .add_service(service)
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .await?;
+    Ok(())
+}
+
+async fn ext_authz(port: u16) -> anyhow::Result<()> {
+    use mycel_api::envoy::{
+        config::core::v3::{HeaderValue, HeaderValueOption},
+        service::auth::v3::{
+            CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
+            authorization_server::{Authorization, AuthorizationServer},
+            check_response::HttpResponse,
+        },
+        r#type::v3::HttpStatus,
+    };
+    struct Authorizer;
+    fn header(k: &str, v: &str) -> HeaderValueOption {
+        HeaderValueOption {
+            header: Some(HeaderValue { key: k.into(), value: v.into(), ..Default::default() }),
+            ..Default::default()
+        }
+    }
+    #[tonic::async_trait]
+    impl Authorization for Authorizer {
+        async fn check(
+            &self,
+            request: tonic::Request<CheckRequest>,
+        ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+            let attrs = request.into_inner().attributes.unwrap_or_default();
+            let http = attrs.request.and_then(|r| r.http).unwrap_or_default();
+            let principal = attrs.source.map(|s| s.principal).unwrap_or_default();
+            eprintln!("check {} {} from {principal}", http.method, http.path);
+            let said = http.headers.get("x-ext-authz").map(String::as_str).unwrap_or_default();
+            let response = match said {
+                "allow" => CheckResponse {
+                    status: Some(mycel_api::google::rpc::Status { code: 0, ..Default::default() }),
+                    http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                        headers: vec![
+                            header("x-ext-authz-check-result", "allowed"),
+                            header("x-ext-authz-source", &principal),
+                        ],
+                        headers_to_remove: vec!["x-ext-authz-remove".into()],
+                        response_headers_to_add: vec![header("x-ext-authz-said", "yes")],
+                    })),
+                },
+                "hang" => std::future::pending().await,
+                _ => CheckResponse {
+                    // PERMISSION_DENIED
+                    status: Some(mycel_api::google::rpc::Status { code: 7, ..Default::default() }),
+                    http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+                        status: Some(HttpStatus { code: 401 }),
+                        headers: vec![header("x-ext-authz-check-result", "denied")],
+                        body: "denied by ext-authz".into(),
+                    })),
+                },
+            };
+            Ok(tonic::Response::new(response))
+        }
+    }
+    let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?;
+    eprintln!("ext-authz on :{port}");
+    tonic::transport::Server::builder()
+        .add_service(AuthorizationServer::new(Authorizer))
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
         .await?;
     Ok(())

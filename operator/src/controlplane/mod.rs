@@ -95,6 +95,27 @@ pub struct MeshFile {
     pub control_plane_replicas: Option<i32>,
     /// `spec.rateLimit`: the rate-limit service runs (`mycel-ratelimit-<revision>`).
     pub rate_limit: Option<MeshRateLimit>,
+    /// `spec.extensionProviders`: the external authorizers CUSTOM policies name.
+    pub extension_providers: Vec<crate::installation::render::ExtensionProvider>,
+}
+
+impl MeshFile {
+    /// The external authorizers by name, as proxies receive them.
+    pub fn ext_authz(&self) -> std::collections::BTreeMap<String, mycel_api::v1alpha1::ExtAuthzProvider> {
+        self.extension_providers
+            .iter()
+            .map(|p| {
+                let pb = mycel_api::v1alpha1::ExtAuthzProvider {
+                    name: p.name.clone(),
+                    address: p.address.clone(),
+                    timeout_ms: p.timeout_ms.clamp(1, 30_000) as u32,
+                    fail_open: p.fail_open,
+                    status_on_error: u32::from(p.status_on_error.clamp(200, 599)),
+                };
+                (p.name.clone(), pb)
+            })
+            .collect()
+    }
 }
 
 /// The parts of the rate-limit service the control plane tells proxies.

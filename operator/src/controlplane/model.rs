@@ -48,6 +48,9 @@ pub struct Options {
     pub revision: Option<String>,
     /// The installation's rate-limit service (`spec.rateLimit`), which counts global limits.
     pub rate_limit_service: Option<pb::RateLimitService>,
+    /// The installation's external authorizers (`spec.extensionProviders`) by name, which
+    /// AuthorizationPolicies of action CUSTOM name.
+    pub ext_authz: BTreeMap<String, pb::ExtAuthzProvider>,
 }
 
 impl Default for Options {
@@ -61,6 +64,7 @@ impl Default for Options {
             debounce_max: Duration::from_millis(100),
             revision: None,
             rate_limit_service: None,
+            ext_authz: BTreeMap::new(),
         }
     }
 }
@@ -343,7 +347,8 @@ impl Model {
                 self.pods_reached(&touched);
             }
             Change::AuthorizationPolicy(e) => {
-                let touched = self.authz_policies.apply(*e, |p| Some(Az::from_object(p)));
+                let touched =
+                    self.authz_policies.apply(*e, |p| Some(Az::from_object(p, &self.opts.ext_authz)));
                 if touched.is_empty() {
                     return self.dirty();
                 }
@@ -910,6 +915,7 @@ impl Model {
         for (s, az) in v.iter_mut().zip(self.authz_sorted.iter()) {
             self.selects_nothing(s, az.selector.as_ref());
             s.notes = az.notes.clone();
+            s.unresolved = az.unresolved.clone();
         }
         v
     }

@@ -263,6 +263,16 @@ pub fn decide(reach: &PolicyReach, held: &Held, writer: &Writer) -> Option<Vec<D
             reason: "HostNotFound",
             message: format!("{}; it applies to nothing", named_list(&reach.unresolved)),
         }
+    } else if !reach.unresolved.is_empty() && reach.kind == "AuthorizationPolicy" {
+        Decided {
+            type_: "ResolvedRefs",
+            status: "False",
+            reason: "ProviderNotFound",
+            message: format!(
+                "{}; add it to the installation's spec.extensionProviders or name one there",
+                named_list(&reach.unresolved)
+            ),
+        }
     } else if !reach.unresolved.is_empty() {
         Decided {
             type_: "ResolvedRefs",

@@ -77,6 +77,20 @@ pub struct Effective {
     pub webhook_failure_policy: FailurePolicy,
     /// The rate-limit service, when the installation enables it (`spec.rateLimit`).
     pub rate_limit: Option<RateLimit>,
+    /// External authorizers (`spec.extensionProviders`), as the control plane tells proxies.
+    pub extension_providers: Vec<ExtensionProvider>,
+}
+
+/// An external authorizer, with its defaults applied.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtensionProvider {
+    pub name: String,
+    /// `host:port` (an IPv6 host in brackets).
+    pub address: String,
+    pub timeout_ms: u64,
+    pub fail_open: bool,
+    pub status_on_error: u16,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -189,6 +203,27 @@ impl Effective {
                     json!({"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "256Mi"}}),
                 ),
             }),
+            extension_providers: spec
+                .extension_providers
+                .iter()
+                .map(|p| {
+                    let g = &p.envoy_ext_authz_grpc;
+                    let host =
+                        if g.service.contains(':') { format!("[{}]", g.service) } else { g.service.clone() };
+                    ExtensionProvider {
+                        name: p.name.clone(),
+                        address: format!("{host}:{}", g.port),
+                        // The schema bounds it to (0, 30s].
+                        timeout_ms: g
+                            .timeout
+                            .as_ref()
+                            .and_then(|t| t.parse().ok())
+                            .map_or(1000, |d| (d.as_millis() as u64).clamp(1, 30_000)),
+                        fail_open: g.fail_open.unwrap_or(false),
+                        status_on_error: g.status_on_error.map_or(403, |c| c.clamp(200, 599) as u16),
+                    }
+                })
+                .collect(),
         }
     }
 
@@ -819,6 +854,30 @@ mod tests {
         let proxy: crate::controlplane::inject::ProxySettings =
             serde_json::from_value(serde_json::to_value(&default).unwrap()).unwrap();
         assert_eq!(proxy.mtls_mode, "PERMISSIVE");
+    }
+
+    #[test]
+    fn spec_extension_providers_reach_the_control_plane_with_their_defaults() {
+        let eff = Effective::resolve(
+            &mi(json!({"revision": "default", "trustDomain": "cluster.local", "extensionProviders": [
+                {"name": "opa", "envoyExtAuthzGrpc": {"service": "opa.authz.svc.cluster.local", "port": 9191}},
+                {"name": "local", "envoyExtAuthzGrpc": {"service": "::1", "port": 9000, "timeout": "250ms", "failOpen": true, "statusOnError": 503}},
+            ]})),
+            &ImageDefaults::default(),
+        );
+        let file: crate::controlplane::MeshFile =
+            serde_json::from_value(serde_json::to_value(&eff).unwrap()).unwrap();
+        let got = file.ext_authz();
+        let opa = &got["opa"];
+        assert_eq!(
+            (opa.address.as_str(), opa.timeout_ms, opa.fail_open, opa.status_on_error),
+            ("opa.authz.svc.cluster.local:9191", 1000, false, 403)
+        );
+        let local = &got["local"];
+        assert_eq!(
+            (local.address.as_str(), local.timeout_ms, local.fail_open, local.status_on_error),
+            ("[::1]:9000", 250, true, 503)
+        );
     }
 
     /// What the injector makes of a pod under the installation `eff`, through mesh.json as the

@@ -20,6 +20,10 @@ pub struct AuthzPolicy {
     pub dry_run: bool,
     #[serde(default)]
     pub rules: Vec<AuthzRule>,
+    /// The external authorizer of a CUSTOM policy; a CUSTOM policy without one refuses what it
+    /// matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<ExtAuthzProvider>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -29,6 +33,27 @@ pub enum AuthzAction {
     Allow,
     Deny,
     Audit,
+    Custom,
+}
+
+/// An external authorizer speaking Envoy's external authorization gRPC API, in plaintext.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExtAuthzProvider {
+    pub name: String,
+    /// `host:port`.
+    pub address: String,
+    /// How long a decision may take (1 ms to 30 s).
+    pub timeout_ms: u64,
+    /// Without a decision: let the request go on (`true`) or refuse it with `status_on_error`.
+    #[serde(default)]
+    pub fail_open: bool,
+    #[serde(default = "default_status_on_error")]
+    pub status_on_error: u16,
+}
+
+fn default_status_on_error() -> u16 {
+    403
 }
 
 impl AuthzAction {
@@ -37,6 +62,7 @@ impl AuthzAction {
             AuthzAction::Allow => "ALLOW",
             AuthzAction::Deny => "DENY",
             AuthzAction::Audit => "AUDIT",
+            AuthzAction::Custom => "CUSTOM",
         }
     }
 }
@@ -139,6 +165,26 @@ pub fn validate(policies: &[AuthzPolicy]) -> Result<(), ConfigError> {
         let at = format!("authorization[{}]", p.name);
         if p.name.is_empty() || !names.insert(p.name.as_str()) {
             return invalid(format!("{at}.name"), "must be set and unique".into());
+        }
+        if let Some(x) = &p.provider {
+            if p.action != AuthzAction::Custom {
+                return invalid(format!("{at}.provider"), "only a CUSTOM policy has a provider".into());
+            }
+            if x.address.parse::<http::uri::Authority>().ok().and_then(|a| a.port_u16()).is_none() {
+                return invalid(
+                    format!("{at}.provider.address"),
+                    format!("{:?} is not host:port", x.address),
+                );
+            }
+            if !(1..=30_000).contains(&x.timeout_ms) {
+                return invalid(format!("{at}.provider.timeoutMs"), "must be 1 to 30000".into());
+            }
+            if hyper::StatusCode::from_u16(x.status_on_error).is_err() || x.status_on_error < 200 {
+                return invalid(
+                    format!("{at}.provider.statusOnError"),
+                    "must be an HTTP status of 200 to 599".into(),
+                );
+            }
         }
         for (r, rule) in p.rules.iter().enumerate() {
             for (i, s) in rule.from.iter().enumerate() {

@@ -4,8 +4,8 @@
 //! - connection: admitted once the first inbound policy is in → detect → mesh TLS and
 //!   PeerAuthentication → TCP to the app (after connection-level authorization and rate
 //!   limits), or HTTP;
-//! - request: sanitize headers → normalise the path → request authentication → authorization →
-//!   rate limit → app.
+//! - request: sanitize headers → normalise the path → request authentication → authorization
+//!   (external authorizers of CUSTOM policies, then DENY and ALLOW) → rate limit → app.
 
 use std::sync::Arc;
 
@@ -58,7 +58,7 @@ pub async fn connection(
     }
     // Connection-level authorization of what is not HTTP.
     if !matches!(seen, Seen::Http(_))
-        && (policy::authorize_connection(&conn, &shared).is_err()
+        && (policy::authorize_connection(&conn, &shared).await.is_err()
             || policy::rate_limit_connection(&conn, &shared).await.is_err())
     {
         reset(&stream);
@@ -85,7 +85,7 @@ async fn mesh_tls(stream: tokio::net::TcpStream, mut conn: Conn, shared: Arc<Sha
     };
     conn.peer_id = Some(Arc::from(peer_id.as_str()));
     if inner == mtls::Inner::Tcp
-        && (policy::authorize_connection(&conn, &shared).is_err()
+        && (policy::authorize_connection(&conn, &shared).await.is_err()
             || policy::rate_limit_connection(&conn, &shared).await.is_err())
     {
         reset(tls.get_ref().0);
@@ -131,9 +131,10 @@ pub async fn request(
         Ok(a) => a,
         Err(e) => return (None, Err(e)),
     };
-    if let Err(e) = policy::authorize(&req, auth.as_ref(), &conn.conn, shared) {
-        return (None, Err(e));
-    }
+    let granted = match policy::authorize(&mut req, auth.as_ref(), &conn.conn, shared).await {
+        Ok(g) => g,
+        Err(e) => return (None, Err(e)),
+    };
     if let Err(e) = policy::rate_limit(&req, auth.as_ref(), &conn.conn, shared).await {
         return (None, Err(e));
     }
@@ -141,7 +142,11 @@ pub async fn request(
         Ok(e) => e,
         Err(e) => return (None, Err(e)),
     };
-    let resp = http::forward::forward(req, &conn.conn, &app, shared).await;
+    let mut resp = http::forward::forward(req, &conn.conn, &app, shared).await;
+    if let Ok(r) = &mut resp {
+        // What an external authorizer (CUSTOM) put on the response of a request it allowed.
+        policy::ext_authz::apply(r.headers_mut(), &granted);
+    }
     (Some(app), resp)
 }
 

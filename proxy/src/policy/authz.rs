@@ -14,6 +14,7 @@ use mycel_api::net::Cidr;
 
 use crate::config::authz::{
     AuthzAction, AuthzCondition, AuthzOperation, AuthzPolicy, AuthzRule, AuthzSource, ConditionKey,
+    ExtAuthzProvider,
 };
 
 /// A string pattern: exact, `*` (anything present), `prefix*` or `*suffix`.
@@ -403,7 +404,9 @@ impl Rule {
 
 impl Policy {
     fn matches(&self, a: &Attrs) -> bool {
-        let lenient = self.action == AuthzAction::Deny;
+        // A DENY's HTTP parts are left out on a connection that is not HTTP, and so are a
+        // CUSTOM's (the authorizer is asked about the connection): the safe reading of both.
+        let lenient = matches!(self.action, AuthzAction::Deny | AuthzAction::Custom);
         self.rules.iter().any(|r| r.matches(a, lenient))
     }
 }
@@ -411,6 +414,9 @@ impl Policy {
 /// The compiled policies of one workload.
 #[derive(Debug, Default)]
 pub struct Engine {
+    /// CUSTOM policies (dry-run ones too), each with its authorizer (`None`: not one of the
+    /// installation's).
+    custom: Vec<(Policy, Option<Arc<ExtAuthzProvider>>, bool)>,
     deny: Vec<Policy>,
     allow: Vec<Policy>,
     audit: Vec<Policy>,
@@ -564,6 +570,16 @@ impl PathIndex {
     }
 }
 
+/// A CUSTOM policy that matched: whose authorizer to ask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Custom {
+    pub policy: Arc<str>,
+    /// `None`: the policy's provider is not one of the installation's (it refuses).
+    pub provider: Option<Arc<ExtAuthzProvider>>,
+    /// Asked and reported, never enforced.
+    pub dry_run: bool,
+}
+
 /// What the policies decided.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Decision {
@@ -588,6 +604,7 @@ impl Engine {
                 rules: p.rules.iter().map(Rule::compile).collect(),
             };
             match (p.dry_run, p.action) {
+                (_, AuthzAction::Custom) => e.custom.push((c, p.provider.clone().map(Arc::new), p.dry_run)),
                 (_, AuthzAction::Audit) => e.audit.push(c),
                 (true, _) => e.dry_run.push(c),
                 (false, AuthzAction::Deny) => e.deny.push(c),
@@ -608,7 +625,34 @@ impl Engine {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.deny.is_empty() && self.allow.is_empty() && self.audit.is_empty() && self.dry_run.is_empty()
+        self.custom.is_empty()
+            && self.deny.is_empty()
+            && self.allow.is_empty()
+            && self.audit.is_empty()
+            && self.dry_run.is_empty()
+    }
+
+    /// The CUSTOM policies that match, in order: each one's authorizer is asked before the DENY
+    /// and ALLOW policies are evaluated (once per authorizer: a later policy of the same one is
+    /// left out).
+    pub fn custom(&self, a: &Attrs) -> Vec<Custom> {
+        let mut out: Vec<Custom> = Vec::new();
+        for (p, provider, dry_run) in &self.custom {
+            if !p.matches(a) {
+                continue;
+            }
+            let seen = out.iter().any(|c| {
+                c.dry_run == *dry_run
+                    && match (&c.provider, provider) {
+                        (Some(x), Some(y)) => x == y,
+                        _ => false,
+                    }
+            });
+            if !seen {
+                out.push(Custom { policy: p.name.clone(), provider: provider.clone(), dry_run: *dry_run });
+            }
+        }
+        out
     }
 
     pub fn evaluate(&self, a: &Attrs) -> Decision {
@@ -715,7 +759,7 @@ mod tests {
     use crate::config::authz::{AuthzCondition, AuthzOperation, AuthzSource};
 
     fn policy(name: &str, action: AuthzAction, rules: Vec<AuthzRule>) -> AuthzPolicy {
-        AuthzPolicy { name: name.into(), action, dry_run: false, rules }
+        AuthzPolicy { name: name.into(), action, dry_run: false, rules, provider: None }
     }
 
     fn from(s: AuthzSource) -> AuthzRule {

@@ -4,6 +4,7 @@
 //! [`crate::outbound`]).
 
 pub mod authz;
+pub mod ext_authz;
 pub mod global;
 pub mod jwt;
 pub mod ratelimit;
@@ -24,12 +25,18 @@ pub fn admit_connection(conn: &Conn, state: &State) -> Result<(), &'static str> 
 }
 
 /// Connection-level authorization of a connection that is not HTTP (TCP to the app): rules on
-/// identities, namespaces, addresses and ports, before any byte reaches the app. Rules that
-/// need HTTP attributes are read as [`authz`] says.
-pub fn authorize_connection(conn: &Conn, shared: &Shared) -> Result<(), ProxyError> {
+/// identities, namespaces, addresses and ports, before any byte reaches the app (CUSTOM
+/// policies' authorizers asked first, about the connection). Rules that need HTTP attributes
+/// are read as [`authz`] says.
+pub async fn authorize_connection(conn: &Conn, shared: &Shared) -> Result<(), ProxyError> {
     let state = shared.state.load();
     if state.authz.is_empty() {
         return Ok(());
+    }
+    let custom = state.authz.custom(&peer_attrs(conn));
+    for c in &custom {
+        // A connection has no response to carry an authorizer's headers.
+        ask(c, None, conn, shared).await?;
     }
     let attrs = peer_attrs(conn);
     let d = state.authz.evaluate(&attrs);
@@ -70,28 +77,149 @@ pub fn authenticate(
     }
 }
 
+/// Headers an external authorizer (CUSTOM) puts on the response of a request it allowed.
+pub type ResponseHeaders = Vec<(hyper::header::HeaderName, hyper::header::HeaderValue, ext_authz::Change)>;
+
 /// Request-level authorization, on the normalised path ([`authz::normalize_path`], which the
-/// inbound stack applied to the request before).
-pub fn authorize(
-    req: &Request<Body>,
+/// inbound stack applied to the request before): the authorizers of the CUSTOM policies that
+/// match are asked first (their header changes applied to the request, which the DENY and
+/// ALLOW policies then see), then the DENY and ALLOW policies decide. Returns the headers the
+/// authorizers add to the response.
+pub async fn authorize(
+    req: &mut Request<Body>,
     auth: Option<&jwt::Authn>,
     conn: &Conn,
     shared: &Shared,
-) -> Result<(), ProxyError> {
+) -> Result<ResponseHeaders, ProxyError> {
     let state = shared.state.load();
     if state.authz.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    // The inbound stack made `Host` the authority's host and port (without user info) where the
-    // request has both.
-    let host = match req.uri().authority() {
+    let mut response = Vec::new();
+    let custom = {
+        let host = request_host(req);
+        let mut attrs = peer_attrs(conn);
+        attrs.http = Some(authz::HttpAttrs {
+            host: &host,
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            headers: req.headers(),
+            auth,
+        });
+        state.authz.custom(&attrs)
+    };
+    for c in &custom {
+        if let Some(ext_authz::Verdict::Allowed { set, remove, response: add }) =
+            ask(c, Some(&*req), conn, shared).await?
+        {
+            let h = req.headers_mut();
+            for name in &remove {
+                h.remove(name);
+            }
+            ext_authz::apply(h, &set);
+            response.extend(add);
+        }
+    }
+    evaluate(req, auth, conn, &state, shared)?;
+    Ok(response)
+}
+
+/// The host the policies match: the inbound stack made `Host` the authority's host and port
+/// (without user info) where the request has both.
+fn request_host(req: &Request<Body>) -> String {
+    match req.uri().authority() {
         Some(a) => authz::host_of(a),
         None => {
             String::from_utf8_lossy(req.headers().get(hyper::header::HOST).map_or(&b""[..], |h| h.as_bytes()))
                 .into_owned()
         }
     }
-    .to_ascii_lowercase();
+    .to_ascii_lowercase()
+}
+
+/// Asks a CUSTOM policy's authorizer about a request (or, `req` `None`, a connection): `Ok` with
+/// its verdict when it allows (`None`: it was not enforced — a dry run, or failing open), `Err`
+/// with the response the client gets when it refuses, or cannot decide and fails closed.
+async fn ask(
+    c: &authz::Custom,
+    req: Option<&Request<Body>>,
+    conn: &Conn,
+    shared: &Shared,
+) -> Result<Option<ext_authz::Verdict>, ProxyError> {
+    let m = &shared.metrics;
+    let peer = conn.peer_id.as_deref().unwrap_or("-");
+    let path = req.map_or("-", |r| r.uri().path());
+    let Some(provider) = &c.provider else {
+        let result = if c.dry_run { "dry_run_denied" } else { "denied" };
+        m.authz("CUSTOM", &c.policy, result);
+        tracing::info!(policy = %c.policy, %peer, source = ?conn.peer, %path, dry_run = c.dry_run, "authorization: denied (the policy's provider is not one of the installation's extensionProviders)");
+        return if c.dry_run { Ok(None) } else { Err(ProxyError::Denied) };
+    };
+    let own = shared.mesh.own_id();
+    let asked = ext_authz::Asked {
+        source: conn.peer,
+        source_principal: conn.peer_id.as_deref(),
+        destination: match &conn.target {
+            crate::context::Target::Fixed(e) => e.addrs.first().copied(),
+            crate::context::Target::Cluster(_) => None,
+        },
+        destination_principal: own.as_deref(),
+        http: req,
+    };
+    let answer = match shared.ext_authz.get(provider) {
+        Ok(client) => client.check(ext_authz::check_request(&asked)).await,
+        Err(e) => Err(e),
+    };
+    let verdict = match answer {
+        Ok(r) => ext_authz::verdict(r),
+        Err(cause) => {
+            let open = provider.fail_open;
+            let result = match (c.dry_run, open) {
+                (true, _) => "dry_run_error",
+                (false, true) => "error_allowed",
+                (false, false) => "error_denied",
+            };
+            m.authz("CUSTOM", &c.policy, result);
+            tracing::warn!(policy = %c.policy, provider = %provider.name, address = %provider.address, %cause, fail_open = open, dry_run = c.dry_run, "authorization: the external authorizer did not decide");
+            if c.dry_run || open {
+                return Ok(None);
+            }
+            return Err(ProxyError::ExtAuthzUnavailable {
+                provider: provider.name.clone(),
+                status: hyper::StatusCode::from_u16(provider.status_on_error)
+                    .unwrap_or(hyper::StatusCode::FORBIDDEN),
+            });
+        }
+    };
+    let allowed = matches!(verdict, ext_authz::Verdict::Allowed { .. });
+    let result = match (c.dry_run, allowed) {
+        (true, true) => "dry_run_allowed",
+        (true, false) => "dry_run_denied",
+        (false, true) => "allowed",
+        (false, false) => "denied",
+    };
+    m.authz("CUSTOM", &c.policy, result);
+    if !allowed {
+        tracing::info!(policy = %c.policy, provider = %provider.name, %peer, source = ?conn.peer, %path, dry_run = c.dry_run, "authorization: the external authorizer denied");
+    }
+    match verdict {
+        _ if c.dry_run => Ok(None),
+        v @ ext_authz::Verdict::Allowed { .. } => Ok(Some(v)),
+        ext_authz::Verdict::Denied { status, headers, body } => {
+            Err(ProxyError::ExtAuthzDenied { status, headers, body })
+        }
+    }
+}
+
+/// The DENY and ALLOW policies' decision on a request (after the CUSTOM ones').
+fn evaluate(
+    req: &Request<Body>,
+    auth: Option<&jwt::Authn>,
+    conn: &Conn,
+    state: &State,
+    shared: &Shared,
+) -> Result<(), ProxyError> {
+    let host = request_host(req);
     let mut attrs = peer_attrs(conn);
     attrs.http = Some(authz::HttpAttrs {
         host: &host,

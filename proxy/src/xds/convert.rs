@@ -120,6 +120,7 @@ pub fn convert_policy(p: &pb::PeerPolicy) -> Result<InboundPolicy, ConfigError> 
             Ok(pb::AuthzAction::AuthzAllow) => authz::AuthzAction::Allow,
             Ok(pb::AuthzAction::AuthzDeny) => authz::AuthzAction::Deny,
             Ok(pb::AuthzAction::AuthzAudit) => authz::AuthzAction::Audit,
+            Ok(pb::AuthzAction::AuthzCustom) => authz::AuthzAction::Custom,
             Err(_) => {
                 return Err(ConfigError::Invalid {
                     field: format!("{at}.action"),
@@ -172,7 +173,20 @@ pub fn convert_policy(p: &pb::PeerPolicy) -> Result<InboundPolicy, ConfigError> 
                     .collect(),
             });
         }
-        policies.push(authz::AuthzPolicy { name: a.name.clone(), action, dry_run: a.dry_run, rules });
+        let provider = a.provider.as_ref().map(|x| authz::ExtAuthzProvider {
+            name: x.name.clone(),
+            address: x.address.clone(),
+            timeout_ms: u64::from(x.timeout_ms),
+            fail_open: x.fail_open,
+            status_on_error: u16::try_from(x.status_on_error).unwrap_or(0),
+        });
+        policies.push(authz::AuthzPolicy {
+            name: a.name.clone(),
+            action,
+            dry_run: a.dry_run,
+            rules,
+            provider,
+        });
     }
     authz::validate(&policies)?;
     let jwt: Vec<config::authn::JwtRule> = p

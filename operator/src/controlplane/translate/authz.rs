@@ -26,10 +26,14 @@ pub struct Az {
     pub invalid: Vec<String>,
     /// How its rules read on connections that are not HTTP, when that differs (for its status).
     pub notes: Vec<String>,
+    /// A CUSTOM policy whose provider is not one of the installation's (`ResolvedRefs=False`;
+    /// what it matches is refused).
+    pub unresolved: Vec<String>,
 }
 
 impl Az {
-    pub fn from_object(p: AuthorizationPolicy) -> Az {
+    /// `providers`: the installation's external authorizers by name, which CUSTOM policies use.
+    pub fn from_object(p: AuthorizationPolicy, providers: &BTreeMap<String, pb::ExtAuthzProvider>) -> Az {
         let namespace = p.metadata.namespace.clone().unwrap_or_default();
         let name = p.metadata.name.clone().unwrap_or_default();
         // Any other value than "true" enforces the policy.
@@ -40,6 +44,7 @@ impl Az {
             AuthorizationAction::Allow => pb::AuthzAction::AuthzAllow,
             AuthorizationAction::Deny => pb::AuthzAction::AuthzDeny,
             AuthorizationAction::Audit => pb::AuthzAction::AuthzAudit,
+            AuthorizationAction::Custom => pb::AuthzAction::AuthzCustom,
         };
         let strings = |v: &Option<Vec<String>>| v.clone().unwrap_or_default();
         let rules: Vec<pb::AuthzRule> = spec
@@ -124,19 +129,42 @@ impl Az {
             .collect();
         let invalid = invalid_values(&rules);
         let notes = tcp_notes(&spec.rules, spec.action);
+        let mut unresolved = Vec::new();
+        let mut provider = None;
+        if action == pb::AuthzAction::AuthzCustom {
+            let name = spec.provider.as_ref().map_or("", |p| p.name.as_str());
+            match providers.get(name) {
+                Some(p) => provider = Some(p.clone()),
+                None => {
+                    let known: Vec<&str> = providers.keys().map(String::as_str).collect();
+                    unresolved.push(format!(
+                        "spec.provider.name: {name:?} is not an extension provider of the installation ({}): requests its rules match are refused until it is",
+                        if known.is_empty() { "it has none".to_string() } else { format!("it has {}", known.join(", ")) }
+                    ));
+                }
+            }
+        }
         let rules = match (invalid.is_empty(), action) {
             (true, _) => rules,
-            (false, pb::AuthzAction::AuthzDeny) => vec![pb::AuthzRule::default()],
+            // Fail closed: a CUSTOM policy without its provider refuses what it selects.
+            (false, pb::AuthzAction::AuthzDeny | pb::AuthzAction::AuthzCustom) => {
+                vec![pb::AuthzRule::default()]
+            }
             (false, _) => Vec::new(),
         };
+        if !invalid.is_empty() {
+            provider = None;
+        }
         Az {
             invalid,
             notes,
+            unresolved,
             policy: pb::AuthzPolicy {
                 name: format!("{namespace}/{name}"),
                 action: action as i32,
                 dry_run,
                 rules,
+                provider,
             },
             namespace,
             name,
@@ -229,6 +257,9 @@ fn tcp_notes(
         AuthorizationAction::Deny => {
             "on a connection that is not HTTP (TCP) their HTTP attributes are left out, so each denies the whole connection when the rest of it matches"
         }
+        AuthorizationAction::Custom => {
+            "on a connection that is not HTTP (TCP) their HTTP attributes are left out, so the authorizer is asked about each connection the rest of it matches"
+        }
         AuthorizationAction::Audit => {
             "on a connection that is not HTTP (TCP) they match nothing, so they audit no TCP connection"
         }
@@ -310,6 +341,7 @@ pub fn not_known_yet() -> pb::AuthzPolicy {
         action: pb::AuthzAction::AuthzDeny as i32,
         dry_run: false,
         rules: vec![pb::AuthzRule::default()],
+        provider: None,
     }
 }
 
@@ -326,7 +358,50 @@ mod tests {
             policy: pb::AuthzPolicy { name: format!("{ns}/{name}"), ..Default::default() },
             invalid: Vec::new(),
             notes: Vec::new(),
+            unresolved: Vec::new(),
         }
+    }
+
+    fn custom(provider: &str, rules: &str) -> AuthorizationPolicy {
+        serde_yaml::from_str(&format!(
+            "apiVersion: mycel.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: ext, namespace: shop}}\nspec:\n  action: CUSTOM\n  provider: {{name: {provider}}}\n  rules: {rules}\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn custom_policies_carry_their_provider_or_fail_closed() {
+        let opa = pb::ExtAuthzProvider {
+            name: "opa".into(),
+            address: "opa.authz:9191".into(),
+            timeout_ms: 500,
+            fail_open: false,
+            status_on_error: 403,
+        };
+        let providers: BTreeMap<String, pb::ExtAuthzProvider> = [("opa".to_string(), opa.clone())].into();
+        let ok = Az::from_object(custom("opa", "[{to: [{operation: {paths: [\"/api/*\"]}}]}]"), &providers);
+        assert_eq!(ok.policy.action, pb::AuthzAction::AuthzCustom as i32);
+        assert_eq!(ok.policy.provider, Some(opa));
+        assert_eq!(ok.policy.rules.len(), 1);
+        assert!(ok.unresolved.is_empty() && ok.invalid.is_empty());
+
+        // A provider the installation does not name: reported, and the proxy refuses what the
+        // rules match (a CUSTOM policy without a provider).
+        let missing = Az::from_object(custom("nope", "[{}]"), &providers);
+        assert_eq!(missing.policy.provider, None);
+        assert_eq!(missing.unresolved.len(), 1);
+        assert!(
+            missing.unresolved[0].contains("spec.provider.name") && missing.unresolved[0].contains("opa")
+        );
+
+        // Values the proxy cannot use: every request it selects is refused.
+        let bad = Az::from_object(
+            custom("opa", "[{to: [{operation: {paths: [\"/a/{**}/b/{**}\"]}}]}]"),
+            &providers,
+        );
+        assert!(!bad.invalid.is_empty());
+        assert_eq!(bad.policy.provider, None);
+        assert_eq!(bad.policy.rules, vec![pb::AuthzRule::default()]);
     }
 
     #[test]
@@ -368,7 +443,7 @@ mod tests {
             p.metadata.namespace = Some("shop".into());
             p
         };
-        let deny = Az::from_object(object("DENY"));
+        let deny = Az::from_object(object("DENY"), &BTreeMap::new());
         assert!(deny.notes.is_empty(), "no HTTP attribute: {:?}", deny.notes);
         let mut http = object("ALLOW");
         http.spec.rules[0].to = vec![
@@ -379,9 +454,12 @@ mod tests {
         either.spec.rules[0]
             .to
             .push(serde_json::from_value(serde_json::json!({"operation": {"ports": [5432]}})).unwrap());
-        assert!(Az::from_object(either).notes.is_empty(), "its port-only operation admits TCP");
+        assert!(
+            Az::from_object(either, &BTreeMap::new()).notes.is_empty(),
+            "its port-only operation admits TCP"
+        );
         assert_eq!(
-            Az::from_object(http).notes,
+            Az::from_object(http, &BTreeMap::new()).notes,
             [
                 "spec.rules[0] (paths) need HTTP attributes: on a connection that is not HTTP (TCP) they match nothing, so they let no TCP client in"
             ]
@@ -391,11 +469,11 @@ mod tests {
             ["spec.rules[1].when[0].values[0]: \"http\" is not a value destination.port can have"]
         );
         assert_eq!(deny.policy.rules, [pb::AuthzRule::default()], "a DENY denies everything it selects");
-        let allow = Az::from_object(object("ALLOW"));
+        let allow = Az::from_object(object("ALLOW"), &BTreeMap::new());
         assert!(allow.policy.rules.is_empty(), "an ALLOW allows nothing");
         let mut fine = object("DENY");
         fine.spec.rules.truncate(1);
-        let fine = Az::from_object(fine);
+        let fine = Az::from_object(fine, &BTreeMap::new());
         assert!(fine.invalid.is_empty());
         assert_eq!(
             fine.policy.rules[0].from[0].principals,
